@@ -1,0 +1,4 @@
+"""
+skynet: massively distributed services on Twisted, byte compatible with Go
+Skynet.
+"""

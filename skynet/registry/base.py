@@ -1,0 +1,451 @@
+"""
+The registry's records and interfaces, shared by every backend.
+
+A registry holds one node per service instance, laid out as the tree of the
+Go Skynet protocol (see C{docs/architecture.md}):
+
+    /services/<Name>/<Version>/<Region>/<Host>/<Port>     the instance (JSON)
+    /statistics/<Name>/<Version>/<Region>/<Host>/<Port>   its statistics (JSON)
+
+Every backend (L{skynet.registry.memory.MemoryRegistry}, the embedded
+L{skynet.registry.files.FileRegistry} and ZooKeeper) implements L{IRegistry}
+and delivers the same events to an L{IInstanceListener}.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Iterable, Optional
+
+import attr
+from zope.interface import Attribute, Interface
+
+#: Go Skynet's defaults for the load balancer's critical thresholds.
+DEFAULT_CRITICAL_CLIENT_COUNT = 100
+DEFAULT_CRITICAL_AVERAGE_RESPONSE_TIME = 5.0  # seconds
+
+#: Characters that cannot appear in one path component of the tree.
+_FORBIDDEN_IN_COMPONENT = ("/", "\x00")
+
+
+class RegistryError(Exception):
+    """
+    The registry could not do what was asked: it is unreachable, a node is
+    malformed, or a URL is wrong.  The message says which.
+    """
+
+
+def check_component(what: str, value: str) -> str:
+    """
+    Check that C{value} can be one component of a registry path.
+
+    @raise ValueError: if it is empty, C{.}, C{..} or holds a slash or NUL.
+    """
+    if not isinstance(value, str) or not value or value in (".", ".."):
+        raise ValueError(f"{what} must be a non-empty name, not {value!r}")
+    for bad in _FORBIDDEN_IN_COMPONENT:
+        if bad in value:
+            raise ValueError(f"{what} may not contain {bad!r}: {value!r}")
+    return value
+
+
+@attr.frozen
+class Address:
+    """
+    A network address in the Go shape C{{"IPAddress", "Port", "MaxPort"}}.
+    """
+
+    ip_address: str
+    port: int
+    max_port: int = 0
+
+    def to_go(self) -> dict[str, Any]:
+        return {"IPAddress": self.ip_address, "Port": self.port, "MaxPort": self.max_port}
+
+    @classmethod
+    def from_go(cls, data: Optional[dict[str, Any]]) -> Optional["Address"]:
+        if not data:
+            return None
+        return cls(
+            ip_address=str(data.get("IPAddress", "")),
+            port=int(data.get("Port", 0)),
+            max_port=int(data.get("MaxPort", 0) or 0),
+        )
+
+    def __str__(self) -> str:
+        return f"{self.ip_address}:{self.port}"
+
+
+@attr.frozen
+class Instance:
+    """
+    One running service instance, as the registry stores it.
+
+    @ivar uuid: unique id of the instance (stable across its registrations).
+    @ivar host: the IP address clients connect to.
+    @ivar admin: the admin endpoint's address, or L{None}.
+    @ivar registered: whether it accepts new clients.
+    @ivar critical_average_response_time: seconds (nanoseconds on the wire).
+    @ivar pid: the process id of the instance (an extra key of ours).
+    @ivar extra: further keys of ours, kept as they are.
+    """
+
+    uuid: str
+    name: str
+    version: str
+    region: str
+    host: str
+    port: int
+    admin: Optional[Address] = None
+    registered: bool = True
+    critical_client_count: int = DEFAULT_CRITICAL_CLIENT_COUNT
+    critical_average_response_time: float = DEFAULT_CRITICAL_AVERAGE_RESPONSE_TIME
+    pid: Optional[int] = None
+    extra: dict[str, Any] = attr.field(factory=dict, eq=False, hash=False)
+
+    @property
+    def address(self) -> Address:
+        return Address(self.host, self.port)
+
+    @property
+    def path(self) -> str:
+        """
+        The node's path below C{/services} (and C{/statistics}), starting
+        with a slash: C{/<Name>/<Version>/<Region>/<Host>/<Port>}.
+        """
+        return instance_path(self.name, self.version, self.region, self.host, self.port)
+
+    def to_go(self) -> dict[str, Any]:
+        """
+        The instance in the Go Skynet JSON shape, plus our own keys.
+        """
+        doc: dict[str, Any] = {
+            "Config": {
+                "UUID": self.uuid,
+                "Name": self.name,
+                "Version": self.version,
+                "Region": self.region,
+                "ServiceAddr": Address(self.host, self.port).to_go(),
+                "AdminAddr": self.admin.to_go() if self.admin is not None else None,
+                "CriticalClientCount": self.critical_client_count,
+                "CriticalAverageResponseTime": int(self.critical_average_response_time * 1e9),
+            },
+            "Registered": self.registered,
+        }
+        if self.pid is not None:
+            doc["PID"] = self.pid
+        if self.extra:
+            doc["Extra"] = self.extra
+        return doc
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_go(), sort_keys=False).encode("utf-8")
+
+    @classmethod
+    def from_go(cls, doc: dict[str, Any]) -> "Instance":
+        """
+        Read an instance from its Go-shaped JSON document.
+
+        @raise RegistryError: if required keys are missing or mistyped.
+        """
+        try:
+            config = doc["Config"]
+            addr = config["ServiceAddr"]
+            return cls(
+                uuid=str(config["UUID"]),
+                name=str(config["Name"]),
+                version=str(config["Version"]),
+                region=str(config["Region"]),
+                host=str(addr["IPAddress"]),
+                port=int(addr["Port"]),
+                admin=Address.from_go(config.get("AdminAddr")),
+                registered=bool(doc.get("Registered", False)),
+                critical_client_count=int(
+                    config.get("CriticalClientCount", DEFAULT_CRITICAL_CLIENT_COUNT)
+                ),
+                critical_average_response_time=int(
+                    config.get(
+                        "CriticalAverageResponseTime",
+                        DEFAULT_CRITICAL_AVERAGE_RESPONSE_TIME * 1e9,
+                    )
+                )
+                / 1e9,
+                pid=int(doc["PID"]) if doc.get("PID") is not None else None,
+                extra=dict(doc.get("Extra") or {}),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise RegistryError(f"malformed instance node: {e!r}") from e
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "Instance":
+        try:
+            doc = json.loads(data)
+        except ValueError as e:
+            raise RegistryError(f"instance node is not JSON: {e}") from e
+        if not isinstance(doc, dict):
+            raise RegistryError("instance node is not a JSON object")
+        return cls.from_go(doc)
+
+
+def instance_path(name: str, version: str, region: str, host: str, port: int) -> str:
+    """
+    The path of an instance below C{/services}, checking each component.
+    """
+    parts = [
+        check_component("service name", name),
+        check_component("version", version),
+        check_component("region", region),
+        check_component("host", host),
+        check_component("port", str(int(port))),
+    ]
+    return "/" + "/".join(parts)
+
+
+@attr.frozen
+class Query:
+    """
+    Which instances to find.  L{None} matches anything; other values match
+    exactly.
+    """
+
+    service: Optional[str] = None
+    version: Optional[str] = None
+    region: Optional[str] = None
+    host: Optional[str] = None
+    port: Optional[int] = None
+    uuid: Optional[str] = None
+    registered: Optional[bool] = None
+
+    def matches(self, instance: Instance) -> bool:
+        return (
+            (self.service is None or self.service == instance.name)
+            and (self.version is None or self.version == instance.version)
+            and (self.region is None or self.region == instance.region)
+            and (self.host is None or self.host == instance.host)
+            and (self.port is None or self.port == instance.port)
+            and (self.uuid is None or self.uuid == instance.uuid)
+            and (self.registered is None or self.registered == instance.registered)
+        )
+
+    def filter(self, instances: Iterable[Instance]) -> list[Instance]:
+        return [i for i in instances if self.matches(i)]
+
+
+class IInstanceListener(Interface):
+    """
+    Receives a watch's view of the instances matching its query.  All calls
+    arrive in the reactor thread, in order per instance.  Changes may be
+    coalesced: a listener sees the latest state, not every intermediate one.
+    """
+
+    def snapshot(instances: list[Instance]) -> None:
+        """
+        The instances matching the query when the watch started.  Called once,
+        before any other method.
+        """
+
+    def added(instance: Instance) -> None:
+        """
+        An instance now matches (it is new, or it changed to match).
+        """
+
+    def updated(instance: Instance) -> None:
+        """
+        An instance that matched and still matches changed.
+        """
+
+    def removed(instance: Instance) -> None:
+        """
+        An instance no longer matches: it is gone, died, or changed so that it
+        does not match (for example it unregistered under a C{registered=True}
+        query).  C{instance} is its last known state.
+        """
+
+
+class IWatch(Interface):
+    """
+    A running watch.
+    """
+
+    def stop() -> None:
+        """
+        Stop delivering events.  Idempotent.
+        """
+
+
+class IRegistry(Interface):
+    """
+    Where service instances are registered and found.
+
+    Nodes written through one registry object are owned by it, as a ZooKeeper
+    session owns its ephemeral nodes: they vanish when its process dies, and
+    L{stop} removes them.
+    """
+
+    url = Attribute("The registry URL, for messages and for child processes.")
+
+    def start():
+        """
+        Connect.  @return: a Deferred firing when the registry is usable.
+        """
+
+    def stop():
+        """
+        Remove the nodes this object owns and disconnect; stop all watches.
+        @return: a Deferred firing when done.
+        """
+
+    def add(instance: Instance):
+        """
+        Create (or overwrite) the node of C{instance}, owned by this registry.
+        @return: a Deferred firing with L{None}.
+        """
+
+    def update(instance: Instance):
+        """
+        Rewrite the node of C{instance} (for example its C{registered} flag).
+        @return: a Deferred firing with L{None}.
+        """
+
+    def remove(instance: Instance):
+        """
+        Delete the instance's node and its statistics; prune empty parents.
+        Removing an absent instance is not an error.
+        @return: a Deferred firing with L{None}.
+        """
+
+    def publish_stats(instance: Instance, stats: dict[str, Any]):
+        """
+        Write the statistics node of C{instance} (a JSON object).
+        @return: a Deferred firing with L{None}.
+        """
+
+    def get_stats(instance: Instance):
+        """
+        @return: a Deferred firing with the statistics of C{instance} as a
+            dict, or L{None} if it has none.
+        """
+
+    def query(query: Query):
+        """
+        @return: a Deferred firing with a list of the live L{Instance}s
+            matching C{query}, sorted by path.
+        """
+
+    def watch(query: Query, listener: IInstanceListener) -> IWatch:
+        """
+        Deliver the instances matching C{query} to C{listener}: first a
+        snapshot, then added/updated/removed events.
+        """
+
+
+class ListingMixin:
+    """
+    The listing calls every registry offers, built on C{query}.
+    """
+
+    query: Callable[..., Any]
+
+    def instances(self, query: Optional[Query] = None):
+        return self.query(query or Query())
+
+    def _distinct(self, field: str, query: Optional[Query]):
+        d = self.query(query or Query())
+        d.addCallback(lambda found: sorted({getattr(i, field) for i in found}))
+        return d
+
+    def services(self, query: Optional[Query] = None):
+        """@return: Deferred firing with the sorted distinct service names."""
+        return self._distinct("name", query)
+
+    def versions(self, query: Optional[Query] = None):
+        """@return: Deferred firing with the sorted distinct versions."""
+        return self._distinct("version", query)
+
+    def regions(self, query: Optional[Query] = None):
+        """@return: Deferred firing with the sorted distinct regions."""
+        return self._distinct("region", query)
+
+    def hosts(self, query: Optional[Query] = None):
+        """@return: Deferred firing with the sorted distinct hosts."""
+        return self._distinct("host", query)
+
+
+class InstanceDiff:
+    """
+    Turns successive full views of a registry into listener events.
+
+    Backends that learn about changes by re-reading (the file registry) or by
+    per-node notifications (ZooKeeper) feed their current view here; it
+    delivers a snapshot first and then only the differences, keyed by uuid.
+    """
+
+    def __init__(self, query: Query, listener: IInstanceListener) -> None:
+        self.query = query
+        self.listener = listener
+        self.known: Optional[dict[str, Instance]] = None
+        self.stopped = False
+
+    def feed(self, instances: Iterable[Instance]) -> None:
+        """
+        The full current set of live instances (unfiltered is fine).
+        """
+        if self.stopped:
+            return
+        current = {i.uuid: i for i in instances if self.query.matches(i)}
+        if self.known is None:
+            self.known = current
+            self.listener.snapshot(sorted(current.values(), key=_sort_key))
+            return
+        previous = self.known
+        self.known = current
+        for uuid, old in previous.items():
+            if uuid not in current:
+                self.listener.removed(old)
+        for uuid, new in current.items():
+            old = previous.get(uuid)
+            if old is None:
+                self.listener.added(new)
+            elif _differs(old, new):
+                self.listener.updated(new)
+
+    def change(self, old: Optional[Instance], new: Optional[Instance]) -> None:
+        """
+        One instance changed from C{old} to C{new} (either may be L{None}).
+        Only valid after the first L{feed}.
+        """
+        if self.stopped or self.known is None:
+            return
+        uuid = (new or old).uuid  # type: ignore[union-attr]
+        was = self.known.get(uuid)
+        if new is not None and self.query.matches(new):
+            self.known[uuid] = new
+            if was is None:
+                self.listener.added(new)
+            elif _differs(was, new):
+                self.listener.updated(new)
+        elif was is not None:
+            del self.known[uuid]
+            self.listener.removed(was)
+
+
+def _differs(a: Instance, b: Instance) -> bool:
+    return a != b or a.extra != b.extra
+
+
+def _sort_key(instance: Instance) -> tuple[str, str, str, str, int, str]:
+    return (
+        instance.name,
+        instance.version,
+        instance.region,
+        instance.host,
+        instance.port,
+        instance.uuid,
+    )
+
+
+def sort_instances(instances: Iterable[Instance]) -> list[Instance]:
+    """
+    Sort instances by their registry path (then uuid).
+    """
+    return sorted(instances, key=_sort_key)
