@@ -1,0 +1,852 @@
+"""
+Clients: find instances of a service through the registry, keep a pool of
+connections to each, balance calls over them, retry and time out.
+
+    client = Client()
+    fib = client.service("Fibonacci")
+    result = await fib.call("Index", {"index": 10})
+
+A call goes to the best instance (see L{GoScoreBalancer}).  If no answer
+comes within the retry interval, an extra attempt goes to another instance
+and the first answer wins; a connection that fails takes its instance out of
+rotation at once and the call moves on; after the give-up timeout the call
+fails with L{RequestTimeout}.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Iterable, Optional
+
+import bson
+from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.error import ConnectError, ConnectionLost, TimeoutError as TxTimeoutError
+from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
+
+from skynet.errors import (
+    ConnectionFailed,
+    NoInstances,
+    RemoteCallError,
+    RequestTimeout,
+    ServiceError,
+    ServiceUnregistered,
+)
+from skynet.protocol import DEFAULT_MAX_FRAME, ClientProtocol, RequestInfo, new_id
+from skynet.registry.base import IInstanceListener, Instance, Query
+
+DEFAULT_RETRY_INTERVAL = 2.0
+DEFAULT_GIVEUP_TIMEOUT = 10.0
+
+_encode = bson.encode
+
+
+class ILoadBalancer(Interface):
+    """
+    Chooses the instance for the next attempt of a call.
+    """
+
+    def choose(candidates: list["InstanceHandle"]) -> "InstanceHandle":
+        """
+        @param candidates: a non-empty list of handles.
+        @return: one of them.
+        """
+
+
+@implementer(ILoadBalancer)
+class GoScoreBalancer:
+    """
+    Go Skynet's scoring: same region +10, same host +3, at or over the
+    critical client count -15, at or over the critical average response
+    time -17; the best score wins, and among equals the one whose last
+    request is oldest (so equals take turns).
+    """
+
+    def __init__(self, region: Optional[str] = None, host: Optional[str] = None) -> None:
+        self.region = region
+        self.host = host
+
+    def score(self, handle: "InstanceHandle") -> int:
+        instance = handle.instance
+        score = 0
+        if self.region is not None and instance.region == self.region:
+            score += 10
+        if self.host is not None and instance.host == self.host:
+            score += 3
+        if handle.clients >= instance.critical_client_count:
+            score -= 15
+        if handle.average_response_time >= instance.critical_average_response_time:
+            score -= 17
+        return score
+
+    def choose(self, candidates: list["InstanceHandle"]) -> "InstanceHandle":
+        if len(candidates) == 1:
+            return candidates[0]
+        score = self.score
+        best = candidates[0]
+        best_key = (score(best), -best.last_request)
+        for handle in candidates[1:]:
+            key = (score(handle), -handle.last_request)
+            if key > best_key:
+                best, best_key = handle, key
+        return best
+
+
+@implementer(ILoadBalancer)
+class RoundRobinBalancer:
+    """
+    Each instance in turn.
+    """
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def choose(self, candidates: list["InstanceHandle"]) -> "InstanceHandle":
+        self._next += 1
+        return candidates[self._next % len(candidates)]
+
+
+class _ClientFactory(Factory):
+    def __init__(self, service_name: str, max_frame: int) -> None:
+        self.service_name = service_name
+        self.max_frame = max_frame
+
+    def buildProtocol(self, addr: Any) -> ClientProtocol:
+        return ClientProtocol(self.service_name, self.max_frame)
+
+
+def tcp_connector(reactor: Any, connect_timeout: float, max_frame: int) -> Callable[..., Deferred]:
+    """
+    The default way to reach an instance: TCP, then the handshake, both
+    within C{connect_timeout}.
+    """
+
+    def connect(instance: Instance) -> Deferred:
+        endpoint = TCP4ClientEndpoint(reactor, instance.host, instance.port, timeout=connect_timeout)
+        d = endpoint.connect(_ClientFactory(instance.name, max_frame))
+
+        def connected(protocol: ClientProtocol) -> Deferred:
+            if protocol.ready.called:
+                return protocol.ready
+            timer = reactor.callLater(connect_timeout, protocol.ready.cancel)
+
+            def done(result: Any) -> Any:
+                if timer.active():
+                    timer.cancel()
+                if isinstance(result, Failure) and result.check(CancelledError):
+                    protocol.transport.abortConnection()
+                    return Failure(ConnectionFailed(f"no handshake from {instance.address}"))
+                return result
+
+            return protocol.ready.addBoth(done)
+
+        return d.addCallback(connected)
+
+    return connect
+
+
+class InstanceHandle:
+    """
+    A client's view of one instance: its pool of connections and what this
+    client has measured of it.
+
+    @ivar clients: connected clients, from the instance's statistics when
+        known (else this client's calls in flight).
+    @ivar average_response_time: moving average of this client's calls.
+    @ivar last_request: when this client last sent it a call.
+    """
+
+    log = Logger()
+
+    def __init__(self, owner: "ServiceClient", instance: Instance) -> None:
+        self.owner = owner
+        self.instance = instance
+        self.connections: list[ClientProtocol] = []
+        self.remote_clients: Optional[int] = None
+        self.average_response_time = 0.0
+        self.last_request = 0.0
+        self.evicted_until = 0.0
+        self.backoff = 0.0
+        self.retired = False
+        self._connecting: Optional[Deferred] = None
+        self._waiting: list[Deferred] = []
+
+    @property
+    def uuid(self) -> str:
+        return self.instance.uuid
+
+    @property
+    def clients(self) -> int:
+        if self.remote_clients is not None:
+            return self.remote_clients
+        return sum(c.in_flight for c in self.connections)
+
+    def available(self, now: float) -> bool:
+        return now >= self.evicted_until
+
+    def send(self, method: str, encoded: bytes, info: RequestInfo, now: float) -> Deferred:
+        """
+        Send one attempt of a call on a pooled connection.
+        """
+        self.last_request = now
+        connection = self._pick_connection()
+        if connection is not None:
+            return connection.call(method, encoded, info, encoded=True)
+        d = self._connection()
+        d.addCallback(lambda c: c.call(method, encoded, info, encoded=True))
+        return d
+
+    def _pick_connection(self) -> Optional[ClientProtocol]:
+        connections = self.connections
+        if not connections:
+            return None
+        limit = self.owner.client.max_in_flight_per_connection
+        best = connections[0]
+        if best.in_flight < limit:
+            return best
+        for c in connections[1:]:
+            if c.in_flight < best.in_flight:
+                best = c
+                if c.in_flight < limit:
+                    return c
+        if len(connections) < self.owner.client.max_connections and self._connecting is None:
+            self._connect()
+        return best
+
+    def _connection(self) -> Deferred:
+        d: Deferred = Deferred()
+        self._waiting.append(d)
+        if self._connecting is None:
+            self._connect()
+        return d
+
+    def _connect(self) -> None:
+        client = self.owner.client
+        self._connecting = maybeDeferred(client.connector, self.instance)
+        self._connecting.addCallbacks(self._connected, self._connect_failed)
+
+    def _connected(self, protocol: ClientProtocol) -> None:
+        self._connecting = None
+        if self.retired or self.owner.stopped:
+            protocol.transport.loseConnection()  # type: ignore[union-attr]
+            self._fail_waiting(ConnectionFailed(f"{self.instance.address} left rotation"))
+            return
+        protocol.on_lost = self._lost
+        self.connections.append(protocol)
+        self.backoff = 0.0
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(protocol)
+
+    def _connect_failed(self, failure: Failure) -> None:
+        self._connecting = None
+        error = failure.value
+        if not isinstance(error, ConnectionFailed):
+            error = ConnectionFailed(
+                f"cannot connect to {self.instance.name} at {self.instance.address}: "
+                f"{failure.getErrorMessage()}"
+            )
+        self.evict(str(error))
+        self._fail_waiting(error)
+
+    def _fail_waiting(self, error: Exception) -> None:
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.errback(error)
+
+    def _lost(self, protocol: ClientProtocol) -> None:
+        try:
+            self.connections.remove(protocol)
+        except ValueError:
+            return
+        if not protocol.closed_by_us:
+            self.evict("connection lost")
+
+    def evict(self, why: str) -> None:
+        """
+        Take this instance out of rotation for a while (1 s, doubling up to
+        30 s while it keeps failing), without waiting for the registry.
+        """
+        now = self.owner.client.reactor.seconds()
+        self.backoff = min(self.backoff * 2 or 1.0, 30.0)
+        self.evicted_until = now + self.backoff
+        self.log.info(
+            "{service} instance {uuid} at {address} out of rotation for {backoff}s: {why}",
+            service=self.instance.name,
+            uuid=self.instance.uuid,
+            address=self.instance.address,
+            backoff=self.backoff,
+            why=why,
+        )
+
+    def record(self, elapsed: float) -> None:
+        if self.average_response_time:
+            self.average_response_time += (elapsed - self.average_response_time) * 0.1
+        else:
+            self.average_response_time = elapsed
+
+    def trim(self, max_idle: int) -> None:
+        """
+        Close idle connections beyond C{max_idle} (all of them if retired).
+        """
+        keep = 0 if self.retired else max_idle
+        idle = [c for c in self.connections if not c.in_flight]
+        for c in idle[keep:]:
+            self.close(c)
+
+    def close(self, protocol: ClientProtocol) -> None:
+        protocol.closed_by_us = True
+        if protocol in self.connections:
+            self.connections.remove(protocol)
+        if protocol.transport is not None:
+            protocol.transport.loseConnection()
+
+    def close_all(self) -> None:
+        for c in list(self.connections):
+            self.close(c)
+        self._fail_waiting(ConnectionFailed("client stopped"))
+
+
+_CONNECTION_ERRORS = (ConnectionFailed, ConnectError, ConnectionLost, TxTimeoutError, OSError)
+
+
+class _Call:
+    """
+    One call with its attempts, retries, hedging and give-up.
+    """
+
+    __slots__ = (
+        "service",
+        "method",
+        "encoded",
+        "info",
+        "retry_interval",
+        "deadline",
+        "result",
+        "outstanding",
+        "tried",
+        "attempts",
+        "timer",
+        "done",
+        "saw_instance",
+        "last_error",
+        "hedge",
+    )
+
+    def __init__(
+        self,
+        service: "ServiceClient",
+        method: str,
+        encoded: bytes,
+        info: RequestInfo,
+        retry_interval: float,
+        timeout: float,
+        hedge: bool,
+    ) -> None:
+        self.service = service
+        self.method = method
+        self.encoded = encoded
+        self.info = info
+        self.retry_interval = retry_interval
+        self.hedge = hedge
+        reactor = service.client.reactor
+        self.deadline = reactor.seconds() + timeout
+        self.result: Deferred = Deferred(self._cancelled)
+        self.outstanding: dict[Deferred, tuple[InstanceHandle, float]] = {}
+        self.tried: set[str] = set()
+        self.attempts = 0
+        self.done = False
+        self.saw_instance = False
+        self.last_error: Optional[Exception] = None
+        self.timer = reactor.callLater(min(retry_interval, timeout), self._tick)
+
+    def start(self) -> Deferred:
+        self._attempt()
+        return self.result
+
+    def _attempt(self) -> None:
+        service = self.service
+        now = service.client.reactor.seconds()
+        handle = service.pick(self.tried, now)
+        if handle is None and self.tried:
+            busy = {h.uuid for h, _ in self.outstanding.values()}
+            handle = service.pick(busy, now, fresh_only=True)
+        if handle is None:
+            if not self.outstanding:
+                # Nothing to try now: look again soon, and at once on news.
+                service.waiters.append(self._wake)
+                if self.timer is not None and self.timer.getTime() - now > 0.1:
+                    self.timer.reset(0.1)
+            return
+        self.saw_instance = True
+        self.tried.add(handle.uuid)
+        info = self.info
+        if self.attempts:
+            info = RequestInfo(
+                info.request_id,
+                info.retry_count + self.attempts,
+                info.origin_address,
+                info.connection_address,
+            )
+        self.attempts += 1
+        try:
+            d = handle.send(self.method, self.encoded, info, now)
+        except ConnectionFailed as e:
+            d = fail(e)
+        self.outstanding[d] = (handle, now)
+        d.addCallbacks(self._succeeded, self._failed, callbackArgs=(d,), errbackArgs=(d,))
+
+    def _wake(self) -> None:
+        if not self.done and not self.outstanding:
+            self._attempt()
+
+    def _succeeded(self, result: dict[str, Any], d: Deferred) -> None:
+        handle, started = self.outstanding.pop(d)
+        if self.done:
+            return
+        handle.record(self.service.client.reactor.seconds() - started)
+        self._finish()
+        self.result.callback(result)
+
+    def _failed(self, failure: Failure, d: Deferred) -> None:
+        handle, started = self.outstanding.pop(d)
+        if self.done:
+            return
+        error = failure.value
+        if isinstance(error, (ServiceError, RemoteCallError)):
+            handle.record(self.service.client.reactor.seconds() - started)
+            self._finish()
+            self.result.errback(failure)
+            return
+        if not isinstance(error, _CONNECTION_ERRORS):
+            self._finish()
+            self.result.errback(failure)
+            return
+        if not isinstance(error, ServiceUnregistered):
+            handle.evict(str(error))
+        else:
+            handle.evict("unregistered")
+        self.last_error = error
+        if not self.outstanding:
+            self._attempt()
+
+    def _tick(self) -> None:
+        self.timer = None
+        if self.done:
+            return
+        reactor = self.service.client.reactor
+        now = reactor.seconds()
+        remaining = self.deadline - now
+        if remaining <= 1e-6:
+            self._give_up()
+            return
+        if self.outstanding:
+            if self.hedge:
+                self._attempt()
+            delay = self.retry_interval
+        else:
+            self._attempt()
+            delay = 0.1 if not self.outstanding else self.retry_interval
+        if not self.done and self.timer is None:
+            self.timer = reactor.callLater(min(delay, remaining), self._tick)
+
+    def _give_up(self) -> None:
+        service = self.service
+        if not self.saw_instance:
+            error: Exception = NoInstances(f"no instance of {service.describe()} found")
+        else:
+            error = RequestTimeout(
+                f"{service.query.service}.{self.method}: no answer after "
+                f"{self.attempts} attempt(s)"
+                + (f"; last error: {self.last_error}" if self.last_error else "")
+            )
+        self._finish()
+        self.result.errback(error)
+
+    def _finish(self) -> None:
+        self.done = True
+        if self.timer is not None:
+            if self.timer.active():
+                self.timer.cancel()
+            self.timer = None
+        outstanding = list(self.outstanding)
+        for d in outstanding:
+            d.cancel()
+        try:
+            self.service.waiters.remove(self._wake)
+        except ValueError:
+            pass
+
+    def _cancelled(self, d: Deferred) -> None:
+        if not self.done:
+            self._finish()
+
+
+@implementer(IInstanceListener)
+class ServiceClient:
+    """
+    Calls one service, on the registered instances matching a query.
+
+    Obtain one from L{Client.service}.  It follows the registry live:
+    instances joining, changing and leaving.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        client: "Client",
+        query: Query,
+        retry_interval: float,
+        giveup_timeout: float,
+        balancer: ILoadBalancer,
+    ) -> None:
+        self.client = client
+        self.query = query
+        self.retry_interval = retry_interval
+        self.giveup_timeout = giveup_timeout
+        self.balancer = balancer
+        self.handles: dict[str, InstanceHandle] = {}
+        self.retired: list[InstanceHandle] = []
+        self.waiters: list[Callable[[], None]] = []
+        self.stopped = False
+        self.has_snapshot = False
+        self._watch: Any = None
+
+    def describe(self) -> str:
+        q = self.query
+        parts = [f"{k}={v}" for k, v in (("version", q.version), ("region", q.region),
+                                            ("host", q.host)) if v is not None]  # fmt: skip
+        return q.service + (f" ({', '.join(parts)})" if parts else "")  # type: ignore[operator]
+
+    def start_watch(self) -> None:
+        if not self.stopped and self._watch is None:
+            self._watch = self.client.registry.watch(self.query, self)
+
+    # IInstanceListener
+
+    def snapshot(self, instances: list[Instance]) -> None:
+        self.has_snapshot = True
+        for instance in instances:
+            self._add(instance)
+        self._wake_waiters()
+
+    def added(self, instance: Instance) -> None:
+        self._add(instance)
+        self._wake_waiters()
+
+    def updated(self, instance: Instance) -> None:
+        handle = self.handles.get(instance.uuid)
+        if handle is None:
+            self._add(instance)
+        else:
+            if handle.instance.address != instance.address:
+                handle.retired = True
+                self.retired.append(handle)
+                self.handles[instance.uuid] = InstanceHandle(self, instance)
+            else:
+                handle.instance = instance
+                handle.evicted_until = 0.0
+        self._wake_waiters()
+
+    def removed(self, instance: Instance) -> None:
+        handle = self.handles.pop(instance.uuid, None)
+        if handle is not None:
+            self.log.debug(
+                "{service} instance {uuid} left rotation", service=instance.name, uuid=instance.uuid
+            )
+            handle.retired = True
+            handle.trim(0)
+            if handle.connections:
+                self.retired.append(handle)
+
+    def _add(self, instance: Instance) -> None:
+        if instance.uuid not in self.handles:
+            self.handles[instance.uuid] = InstanceHandle(self, instance)
+        else:
+            self.handles[instance.uuid].instance = instance
+
+    def _wake_waiters(self) -> None:
+        waiters, self.waiters = self.waiters, []
+        for wake in waiters:
+            wake()
+
+    # Choosing
+
+    def pick(
+        self, exclude: Iterable[str], now: float, fresh_only: bool = False
+    ) -> Optional[InstanceHandle]:
+        """
+        The balancer's choice among the instances in rotation and not in
+        C{exclude}; failing that, among those evicted (unless
+        C{fresh_only}).
+        """
+        handles = self.handles
+        if not handles:
+            return None
+        if not exclude and len(handles) == 1:
+            (only,) = handles.values()
+            return only if only.available(now) or not fresh_only else None
+        candidates = [h for h in handles.values() if h.uuid not in exclude and h.available(now)]
+        if not candidates:
+            if fresh_only:
+                return None
+            candidates = [h for h in handles.values() if h.uuid not in exclude]
+            if not candidates:
+                return None
+            return min(candidates, key=lambda h: h.evicted_until)
+        return self.balancer.choose(candidates)
+
+    # Calls
+
+    def call(
+        self,
+        method: str,
+        params: Optional[dict[str, Any]] = None,
+        request_info: Optional[RequestInfo] = None,
+        *,
+        timeout: Optional[float] = None,
+        retry_interval: Optional[float] = None,
+    ) -> Deferred:
+        """
+        Call C{method} with C{params} on some instance, retrying as needed.
+
+        @param request_info: passed on from a calling service so that one
+            request id follows the request through the cluster.
+        @return: a Deferred firing with the result dict, or failing with
+            L{ServiceError}, L{RemoteCallError}, L{RequestTimeout} or
+            L{NoInstances}.
+        """
+        return self._call(method, params, request_info, timeout, retry_interval, hedge=True)
+
+    def call_once(
+        self,
+        method: str,
+        params: Optional[dict[str, Any]] = None,
+        request_info: Optional[RequestInfo] = None,
+        *,
+        timeout: Optional[float] = None,
+    ) -> Deferred:
+        """
+        Like L{call}, with one attempt only: no retry, no hedging.  A failed
+        connection fails the call with L{skynet.errors.ConnectionFailed}.
+        """
+        d = self._call(method, params, request_info, timeout, None, hedge=False, once=True)
+        return d
+
+    def _call(
+        self,
+        method: str,
+        params: Optional[dict[str, Any]],
+        request_info: Optional[RequestInfo],
+        timeout: Optional[float],
+        retry_interval: Optional[float],
+        hedge: bool,
+        once: bool = False,
+    ) -> Deferred:
+        if self.stopped:
+            return fail(ConnectionFailed("the client is stopped"))
+        try:
+            encoded = _encode(params if params is not None else {})
+        except Exception as e:
+            return fail(TypeError(f"parameters of {method} cannot be encoded as BSON: {e}"))
+        if request_info is None:
+            info = RequestInfo(new_id())
+        else:
+            info = request_info.copy()
+            if not info.request_id:
+                info.request_id = new_id()
+        call = (_OnceCall if once else _Call)(
+            self,
+            method,
+            encoded,
+            info,
+            retry_interval or self.retry_interval,
+            timeout or self.giveup_timeout,
+            hedge,
+        )
+        return call.start()
+
+    def sweep(self, max_idle: int) -> None:
+        for handle in self.handles.values():
+            handle.trim(max_idle)
+        for handle in self.retired:
+            handle.trim(0)
+        self.retired = [h for h in self.retired if h.connections]
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
+        for handle in list(self.handles.values()) + self.retired:
+            handle.retired = True
+            handle.close_all()
+        self.handles.clear()
+        self.retired = []
+
+
+class _OnceCall(_Call):
+    """
+    One attempt only; connection failures fail the call.
+    """
+
+    __slots__ = ()
+
+    def _failed(self, failure: Failure, d: Deferred) -> None:
+        handle, started = self.outstanding.pop(d)
+        if self.done:
+            return
+        if isinstance(failure.value, _CONNECTION_ERRORS) and not isinstance(
+            failure.value, ServiceUnregistered
+        ):
+            handle.evict(str(failure.value))
+        self._finish()
+        self.result.errback(failure)
+
+    def _attempt(self) -> None:
+        if self.attempts:
+            return
+        super()._attempt()
+
+
+class Client:
+    """
+    The entry point for calling services.
+
+    @param registry: an L{skynet.registry.IRegistry}, a registry URL, or
+        L{None} for C{$SKYNET_REGISTRY} or the embedded registry.  A
+        registry given as an object is used as it is (start it first); one
+        made from a URL belongs to this client.
+    @param balancer: an L{ILoadBalancer} (default L{GoScoreBalancer} for
+        this client's region and host).
+    @param connector: how to reach an instance: a callable taking an
+        L{Instance} and returning a Deferred firing with a ready
+        L{ClientProtocol} (default TCP; L{skynet.testing} has an in-memory
+        one).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        registry: Any = None,
+        reactor: Any = None,
+        *,
+        retry_interval: float = DEFAULT_RETRY_INTERVAL,
+        giveup_timeout: float = DEFAULT_GIVEUP_TIMEOUT,
+        balancer: Optional[Callable[[], ILoadBalancer]] = None,
+        region: Optional[str] = None,
+        host: Optional[str] = None,
+        max_connections: int = 4,
+        max_idle: int = 2,
+        max_in_flight_per_connection: int = 32,
+        connect_timeout: float = 2.0,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        sweep_interval: float = 5.0,
+        connector: Optional[Callable[[Instance], Deferred]] = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.reactor = reactor
+        self.own_registry = registry is None or isinstance(registry, str)
+        if self.own_registry:
+            from skynet.registry import registry_from_url
+
+            registry = registry_from_url(registry, reactor=reactor)
+        self.registry = registry
+        self.retry_interval = retry_interval
+        self.giveup_timeout = giveup_timeout
+        self.region = region if region is not None else os.environ.get("SKYNET_REGION")
+        self.host = host if host is not None else os.environ.get("SKYNET_BIND_IP")
+        self.balancer_factory = balancer or (lambda: GoScoreBalancer(self.region, self.host))
+        self.max_connections = max_connections
+        self.max_idle = max_idle
+        self.max_in_flight_per_connection = max_in_flight_per_connection
+        self.connector = connector or tcp_connector(reactor, connect_timeout, max_frame)
+        self.services: dict[Query, ServiceClient] = {}
+        self._sweeper = LoopingCall(self._sweep)
+        self._sweeper.clock = reactor
+        self._sweep_interval = sweep_interval
+        self._ready: Optional[Deferred] = None
+        self.stopped = False
+
+    def _start(self) -> None:
+        if self._ready is not None:
+            return
+        self._sweeper.start(self._sweep_interval, now=False)
+        if self.own_registry:
+            self._ready = maybeDeferred(self.registry.start)
+            self._ready.addErrback(
+                lambda f: self.log.failure("cannot start the registry {url}", f,
+                                           url=getattr(self.registry, "url", None))  # fmt: skip
+            )
+        else:
+            self._ready = succeed(None)
+
+    def service(
+        self,
+        name: str,
+        version: Optional[str] = None,
+        region: Optional[str] = None,
+        host: Optional[str] = None,
+        *,
+        retry_interval: Optional[float] = None,
+        giveup_timeout: Optional[float] = None,
+    ) -> ServiceClient:
+        """
+        A client for the registered instances of C{name} matching the other
+        arguments (L{None}: any).  It does not fail when none exist yet:
+        calls wait for one until they give up.
+        """
+        query = Query(service=name, version=version, region=region, host=host, registered=True)
+        existing = self.services.get(query)
+        if existing is not None and retry_interval is None and giveup_timeout is None:
+            return existing
+        self._start()
+        sc = ServiceClient(
+            self,
+            query,
+            retry_interval or self.retry_interval,
+            giveup_timeout or self.giveup_timeout,
+            self.balancer_factory(),
+        )
+        if existing is None:
+            self.services[query] = sc
+        self._ready.addCallback(lambda _: sc.start_watch())  # type: ignore[union-attr]
+        return sc
+
+    def _sweep(self) -> None:
+        for sc in self.services.values():
+            sc.sweep(self.max_idle)
+
+    def stop(self) -> Deferred:
+        """
+        Stop watching, close every connection, and stop the registry if this
+        client made it.
+        """
+        self.stopped = True
+        if self._sweeper.running:
+            self._sweeper.stop()
+        for sc in self.services.values():
+            sc.stop()
+        self.services.clear()
+        if self.own_registry and self._ready is not None:
+            return maybeDeferred(self.registry.stop)
+        return succeed(None)
+
+
+__all__ = [
+    "Client",
+    "GoScoreBalancer",
+    "ILoadBalancer",
+    "InstanceHandle",
+    "RoundRobinBalancer",
+    "ServiceClient",
+]

@@ -1,0 +1,731 @@
+"""
+The Go Skynet wire protocol: BSON documents framed by their own length,
+a handshake, then pipelined header/body request and response pairs.
+
+Byte compatible with Go Skynet's C{rpc/bsonrpc} codec over C{net/rpc}; see
+C{docs/architecture.md} and the captured vectors the tests replay.
+
+    - L{FrameProtocol}: exact-length framing with a maximum frame size.
+    - L{ServerProtocol}: one service connection (handshake, dispatch).
+    - L{AdminProtocol}: the admin listener (no handshake).
+    - L{ClientProtocol}: one client connection, pipelining calls by C{seq}.
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid
+from typing import Any, Callable, Optional, Protocol as TypingProtocol
+
+import attr
+import bson
+from bson.errors import BSONError
+from bson.int64 import Int64
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from skynet.errors import (
+    ConnectionFailed,
+    ProtocolError,
+    RemoteCallError,
+    ServiceError,
+    ServiceUnregistered,
+)
+
+#: The largest frame accepted by default, as MongoDB's (16 MiB).
+DEFAULT_MAX_FRAME = 16 * 1024 * 1024
+
+#: The empty BSON document, the client handshake and error response body.
+EMPTY_DOCUMENT = b"\x05\x00\x00\x00\x00"
+
+_length = struct.Struct("<i")
+_unpack_length = _length.unpack_from
+
+_encode = bson.encode
+_decode = bson.decode
+
+
+@attr.s(slots=True, auto_attribs=True)
+class RequestInfo:
+    """
+    What follows one request through the cluster.
+
+    @ivar request_id: a UUID4 string made by the first client, kept across
+        retries and passed on by services calling other services.
+    @ivar retry_count: how many extra attempts preceded this one.
+    @ivar origin_address: C{ip:port} of the originating client.
+    @ivar connection_address: C{ip:port} of the peer of this connection.
+    """
+
+    request_id: str = ""
+    retry_count: int = 0
+    origin_address: str = ""
+    connection_address: str = ""
+
+    def to_bson(self) -> dict[str, Any]:
+        """
+        The Go C{RequestInfo} document, fields in the Go order.
+        """
+        return {
+            "originaddress": self.origin_address,
+            "connectionaddress": self.connection_address,
+            "requestid": self.request_id,
+            "retrycount": self.retry_count,
+        }
+
+    @classmethod
+    def from_bson(cls, doc: Any) -> "RequestInfo":
+        """
+        Read a C{RequestInfo} leniently: missing, null or mistyped fields are
+        empty (the Go seed crashed on a missing one; we must not).
+        """
+        if not isinstance(doc, dict):
+            return cls()
+        retry = doc.get("retrycount", 0)
+        return cls(
+            request_id=_str(doc.get("requestid")),
+            retry_count=retry if isinstance(retry, int) else 0,
+            origin_address=_str(doc.get("originaddress")),
+            connection_address=_str(doc.get("connectionaddress")),
+        )
+
+    def copy(self) -> "RequestInfo":
+        return RequestInfo(
+            self.request_id, self.retry_count, self.origin_address, self.connection_address
+        )
+
+
+def _str(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def new_id() -> str:
+    """
+    A fresh UUID4 string, as used for client ids and request ids.
+    """
+    return str(uuid.uuid4())
+
+
+def go_quote(text: str) -> str:
+    """
+    Quote C{text} as Go's C{%q} does for the strings skynet sees.
+    """
+    out = ['"']
+    for ch in text:
+        if ch in ('"', "\\"):
+            out.append("\\" + ch)
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ch == "\r":
+            out.append("\\r")
+        elif not ch.isprintable():
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x80 else f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def encode_header(servicemethod: str, seq: int, error: Optional[str] = None) -> bytes:
+    """
+    A request header (C{error} is L{None}) or a response header.
+    """
+    if error is None:
+        return _encode({"servicemethod": servicemethod, "seq": Int64(seq)})
+    return _encode({"servicemethod": servicemethod, "seq": Int64(seq), "error": error})
+
+
+def error_text(failure: BaseException) -> str:
+    """
+    The C{errstring} for an exception raised by a service method.
+    """
+    if isinstance(failure, ServiceError):
+        return str(failure)
+    message = str(failure)
+    name = type(failure).__name__
+    return f"{name}: {message}" if message else name
+
+
+class FrameProtocol(Protocol):
+    """
+    Splits a TCP stream into whole BSON documents, whatever the segmentation.
+
+    Each document starts with its little-endian int32 length, which counts
+    itself and the trailing NUL.  A length below 5 or above L{max_frame}
+    closes the connection with a logged error before anything is allocated.
+    """
+
+    log = Logger()
+    max_frame = DEFAULT_MAX_FRAME
+
+    _buffer: Any = b""
+    _needed = 0
+    _closing = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        buf = self._buffer
+        if buf:
+            buf += data
+            # Still short of the frame being waited for: no re-scan, no copy.
+            if len(buf) < self._needed:
+                return
+            data = buf
+        end = len(data)
+        offset = 0
+        while True:
+            remaining = end - offset
+            if remaining < 4:
+                needed = 4
+                break
+            length = _unpack_length(data, offset)[0]
+            if length < 5 or length > self.max_frame:
+                self._buffer = b""
+                self.bad_frame_length(length)
+                return
+            if remaining < length:
+                needed = length
+                break
+            if offset == 0 and length == end and type(data) is bytes:
+                frame = data
+            else:
+                frame = bytes(memoryview(data)[offset : offset + length])
+            offset += length
+            self.frame_received(frame)
+            if self._closing:
+                self._buffer = b""
+                return
+        self._needed = needed
+        if offset == end:
+            self._buffer = b""
+        elif offset == 0 and data is buf:
+            self._buffer = buf
+        else:
+            self._buffer = bytearray(memoryview(data)[offset:])
+
+    def frame_received(self, frame: bytes) -> None:
+        """
+        One whole document, length prefix included.
+        """
+        raise NotImplementedError()
+
+    def bad_frame_length(self, length: int) -> None:
+        self.log.error(
+            "closing connection from {peer}: frame length {length} is outside 5..{maximum}",
+            peer=self.peer_address(),
+            length=length,
+            maximum=self.max_frame,
+        )
+        self.close_connection(ProtocolError(f"bad frame length {length}"))
+
+    def close_connection(self, reason: Optional[Exception] = None) -> None:
+        """
+        Stop reading and close, flushing what was written.
+        """
+        self._closing = True
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def peer_address(self) -> str:
+        """
+        The peer as C{ip:port}, or C{""} for transports without one.
+        """
+        try:
+            peer = self.transport.getPeer()  # type: ignore[union-attr]
+            return f"{peer.host}:{peer.port}"
+        except (AttributeError, NotImplementedError):
+            return ""
+
+
+class IDispatcher(TypingProtocol):
+    """
+    What a L{ServerProtocol} serves: the service host implements this.
+    """
+
+    name: str
+    registered: bool
+    max_frame: int
+    handshake_timeout: Optional[float]
+
+    def client_connected(self, protocol: "ServerProtocol") -> None: ...
+
+    def client_disconnected(self, protocol: "ServerProtocol") -> None: ...
+
+    def knows_client(self, clientid: str) -> bool: ...
+
+    def find_method(self, name: str) -> Optional[Callable[..., Any]]: ...
+
+    def request_started(self) -> float: ...
+
+    def request_finished(self, started: float, failed: bool) -> None: ...
+
+    def call_later(self, delay: float, f: Callable[..., Any]) -> Any: ...
+
+
+_HEADER, _BODY, _HANDSHAKE, _CLOSED = range(4)
+
+
+class ServerProtocol(FrameProtocol):
+    """
+    One client connection to a service.
+
+    Sends the service handshake, ignores the client's, then reads header and
+    body pairs.  Requests are dispatched as they arrive, so pipelined calls
+    run concurrently and their responses go out as each finishes.
+    """
+
+    def __init__(self, dispatcher: IDispatcher) -> None:
+        self.dispatcher = dispatcher
+        self.max_frame = dispatcher.max_frame
+        self.clientid = new_id()
+        self.in_flight = 0
+        self._state = _HANDSHAKE
+        self._servicemethod = ""
+        self._seq = 0
+        self._timeout: Any = None
+        self._peer = ""
+
+    def connectionMade(self) -> None:
+        self._peer = self.peer_address()
+        registered = self.dispatcher.registered
+        self.transport.write(  # type: ignore[union-attr]
+            _encode(
+                {
+                    "name": self.dispatcher.name,
+                    "registered": registered,
+                    "clientid": self.clientid,
+                }
+            )
+        )
+        if not registered:
+            self._state = _CLOSED
+            self.close_connection()
+            return
+        self.dispatcher.client_connected(self)
+        timeout = self.dispatcher.handshake_timeout
+        if timeout:
+            self._timeout = self.dispatcher.call_later(timeout, self._handshake_timed_out)
+
+    def _handshake_timed_out(self) -> None:
+        self._timeout = None
+        self.log.warn("closing connection from {peer}: no client handshake", peer=self._peer)
+        self.close_connection()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self._closing = True
+        if self._timeout is not None and self._timeout.active():
+            self._timeout.cancel()
+        self._timeout = None
+        if self._state != _CLOSED:
+            self._state = _CLOSED
+            self.dispatcher.client_disconnected(self)
+
+    def frame_received(self, frame: bytes) -> None:
+        state = self._state
+        if state == _HEADER:
+            try:
+                header = _decode(frame)
+            except (BSONError, ValueError) as e:
+                self._broken(f"undecodable request header: {e}")
+                return
+            servicemethod = header.get("servicemethod")
+            seq = header.get("seq")
+            if isinstance(seq, float) and seq.is_integer():
+                seq = int(seq)
+            if not isinstance(servicemethod, str) or not isinstance(seq, int):
+                self._broken(f"request header lacks servicemethod or seq: {header!r}")
+                return
+            self._servicemethod = servicemethod
+            self._seq = seq
+            self._state = _BODY
+        elif state == _BODY:
+            self._state = _HEADER
+            self._dispatch(self._servicemethod, self._seq, frame)
+        elif state == _HANDSHAKE:
+            # The client handshake's content is ignored, as in Go Skynet.
+            self._state = _HEADER
+            if self._timeout is not None:
+                if self._timeout.active():
+                    self._timeout.cancel()
+                self._timeout = None
+
+    def _broken(self, why: str) -> None:
+        self.log.error("closing connection from {peer}: {why}", peer=self._peer, why=why)
+        self.close_connection()
+
+    def _dispatch(self, servicemethod: str, seq: int, frame: bytes) -> None:
+        dispatcher = self.dispatcher
+        dot = servicemethod.rfind(".")
+        if dot < 0:
+            self._send_error(
+                servicemethod, seq, f"rpc: service/method request ill-formed: {servicemethod}"
+            )
+            return
+        if servicemethod[:dot] != dispatcher.name:
+            self._send_error(servicemethod, seq, f"rpc: can't find service {servicemethod}")
+            return
+        if servicemethod[dot + 1 :] != "Forward":
+            self._send_error(servicemethod, seq, f"rpc: can't find method {servicemethod}")
+            return
+        try:
+            body = _decode(frame)
+        except (BSONError, ValueError) as e:
+            self._send_error(servicemethod, seq, str(e) or "Document is corrupted")
+            return
+        clientid = body.get("clientid")
+        if clientid != self.clientid and not (
+            isinstance(clientid, str) and dispatcher.knows_client(clientid)
+        ):
+            self._send_error(servicemethod, seq, "did not provide the ClientID")
+            return
+        method_name = body.get("method")
+        if not isinstance(method_name, str):
+            method_name = ""
+        method = dispatcher.find_method(method_name)
+        if method is None:
+            self._send_error(servicemethod, seq, f"No such method {go_quote(method_name)}")
+            return
+        raw_in = body.get("in")
+        if raw_in is None:
+            params: dict[str, Any] = {}
+        elif isinstance(raw_in, bytes):
+            try:
+                params = _decode(raw_in)
+            except (BSONError, ValueError) as e:
+                self._send_error(servicemethod, seq, f"in: {e}")
+                return
+        else:
+            self._send_error(servicemethod, seq, "in: not a binary BSON document")
+            return
+        info = RequestInfo.from_bson(body.get("requestinfo"))
+        info.connection_address = self._peer
+        info.origin_address = self._peer
+        self._invoke(method, info, params, servicemethod, seq)
+
+    def _invoke(
+        self,
+        method: Callable[..., Any],
+        info: RequestInfo,
+        params: dict[str, Any],
+        servicemethod: str,
+        seq: int,
+    ) -> None:
+        dispatcher = self.dispatcher
+        started = dispatcher.request_started()
+        self.in_flight += 1
+        try:
+            result = method(info, params)
+        except Exception as e:
+            self._method_failed(e, servicemethod, seq, started)
+            return
+        if isinstance(result, Deferred) or hasattr(result, "__await__"):
+            d = ensureDeferred(result) if not isinstance(result, Deferred) else result
+            d.addCallbacks(
+                self._method_returned,
+                self._method_errback,
+                callbackArgs=(servicemethod, seq, started),
+                errbackArgs=(servicemethod, seq, started),
+            )
+        else:
+            self._method_returned(result, servicemethod, seq, started)
+
+    def _method_errback(self, failure: Failure, servicemethod: str, seq: int, started: float):
+        self._method_failed(failure.value, servicemethod, seq, started, failure)
+
+    def _method_failed(
+        self,
+        exc: BaseException,
+        servicemethod: str,
+        seq: int,
+        started: float,
+        failure: Optional[Failure] = None,
+    ) -> None:
+        if not isinstance(exc, ServiceError):
+            self.log.failure(
+                "method of {service} failed (seq {seq})",
+                failure=failure or Failure(exc),
+                service=self.dispatcher.name,
+                seq=seq,
+            )
+        self._respond(servicemethod, seq, EMPTY_DOCUMENT, error_text(exc), started, True)
+
+    def _method_returned(self, result: Any, servicemethod: str, seq: int, started: float):
+        if result is None:
+            out = EMPTY_DOCUMENT
+        else:
+            try:
+                out = _encode(result)
+            except Exception as e:
+                self._respond(
+                    servicemethod,
+                    seq,
+                    EMPTY_DOCUMENT,
+                    f"cannot encode the result as BSON: {e}",
+                    started,
+                    True,
+                )
+                return
+        self._respond(servicemethod, seq, out, "", started, False)
+
+    def _respond(
+        self, servicemethod: str, seq: int, out: bytes, errstring: str, started: float, failed: bool
+    ) -> None:
+        self.in_flight -= 1
+        self.dispatcher.request_finished(started, failed)
+        if self._state == _CLOSED:
+            return
+        self.transport.write(  # type: ignore[union-attr]
+            encode_header(servicemethod, seq, "") + _encode({"out": out, "errstring": errstring})
+        )
+
+    def _send_error(self, servicemethod: str, seq: int, error: str) -> None:
+        self.transport.write(  # type: ignore[union-attr]
+            encode_header(servicemethod, seq, error) + EMPTY_DOCUMENT
+        )
+
+
+class IAdminTarget(TypingProtocol):
+    """
+    What the admin listener acts on: the service host implements this.
+    """
+
+    max_frame: int
+
+    def admin_register(self) -> Deferred: ...
+
+    def admin_unregister(self) -> Deferred: ...
+
+    def admin_stop(self, wait_for_clients: bool) -> Deferred: ...
+
+
+class AdminProtocol(FrameProtocol):
+    """
+    The admin listener of a service: raw header and body pairs, no
+    handshake.  C{Admin.Register {}}, C{Admin.Unregister {}} and
+    C{Admin.Stop {waitforclients}} are each answered with C{{}}.
+    """
+
+    def __init__(self, target: IAdminTarget) -> None:
+        self.target = target
+        self.max_frame = target.max_frame
+        self._header: Optional[tuple[str, int]] = None
+
+    def frame_received(self, frame: bytes) -> None:
+        try:
+            doc = _decode(frame)
+        except (BSONError, ValueError) as e:
+            self.log.error("closing admin connection: undecodable document: {e}", e=e)
+            self.close_connection()
+            return
+        if self._header is None:
+            servicemethod, seq = doc.get("servicemethod"), doc.get("seq")
+            if not isinstance(servicemethod, str) or not isinstance(seq, int):
+                self.log.error("closing admin connection: bad header {doc!r}", doc=doc)
+                self.close_connection()
+                return
+            self._header = (servicemethod, seq)
+            return
+        servicemethod, seq = self._header
+        self._header = None
+        if servicemethod == "Admin.Register":
+            d = self.target.admin_register()
+        elif servicemethod == "Admin.Unregister":
+            d = self.target.admin_unregister()
+        elif servicemethod == "Admin.Stop":
+            self._reply(servicemethod, seq, "")
+            self.target.admin_stop(bool(doc.get("waitforclients", False)))
+            return
+        elif "." not in servicemethod:
+            self._reply(
+                servicemethod, seq, f"rpc: service/method request ill-formed: {servicemethod}"
+            )
+            return
+        elif not servicemethod.startswith("Admin."):
+            self._reply(servicemethod, seq, f"rpc: can't find service {servicemethod}")
+            return
+        else:
+            self._reply(servicemethod, seq, f"rpc: can't find method {servicemethod}")
+            return
+        d.addCallbacks(
+            lambda _: self._reply(servicemethod, seq, ""),
+            lambda f: self._reply(servicemethod, seq, error_text(f.value)),
+        )
+
+    def _reply(self, servicemethod: str, seq: int, error: str) -> None:
+        if self.transport is not None and not self._closing:
+            self.transport.write(encode_header(servicemethod, seq, error) + EMPTY_DOCUMENT)
+
+
+class ClientProtocol(FrameProtocol):
+    """
+    One connection from a client to a service instance.
+
+    L{ready} fires with this protocol once the handshake is done (or fails
+    with L{ServiceUnregistered}).  L{call} may be used any number of times
+    concurrently; responses are matched to calls by C{seq}.
+    """
+
+    def __init__(self, service_name: str, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.service_name = service_name
+        self.max_frame = max_frame
+        self.servicemethod = f"{service_name}.Forward"
+        self.ready: Deferred = Deferred()
+        self.clientid = ""
+        self.pending: dict[int, Deferred] = {}
+        self.lost = False
+        self.closed_by_us = False
+        self.on_lost: Optional[Callable[["ClientProtocol"], None]] = None
+        self._next_seq = 0
+        self._state = _HANDSHAKE
+        self._response: Optional[tuple[int, str]] = None
+        self._failure: Optional[Exception] = None
+
+    def frame_received(self, frame: bytes) -> None:
+        state = self._state
+        if state == _HEADER:
+            try:
+                header = _decode(frame)
+            except (BSONError, ValueError) as e:
+                self._fail_connection(ProtocolError(f"undecodable response header: {e}"))
+                return
+            seq = header.get("seq")
+            error = header.get("error")
+            if not isinstance(seq, int):
+                self._fail_connection(ProtocolError(f"response header without seq: {header!r}"))
+                return
+            self._response = (seq, error if isinstance(error, str) else "")
+            self._state = _BODY
+        elif state == _BODY:
+            self._state = _HEADER
+            seq, error = self._response  # type: ignore[misc]
+            self._response = None
+            d = self.pending.pop(seq, None)
+            if d is None:
+                return  # cancelled, or a response for nobody
+            if error:
+                d.errback(RemoteCallError(error))
+                return
+            try:
+                body = _decode(frame)
+                errstring = body.get("errstring") or ""
+                if errstring:
+                    d.errback(ServiceError(errstring))
+                    return
+                out = body.get("out")
+                result = _decode(out) if out else {}
+            except (BSONError, ValueError, TypeError) as e:
+                d.errback(RemoteCallError(f"undecodable response body: {e}"))
+                return
+            d.callback(result)
+        elif state == _HANDSHAKE:
+            self._handshake(frame)
+
+    def _handshake(self, frame: bytes) -> None:
+        try:
+            doc = _decode(frame)
+        except (BSONError, ValueError) as e:
+            self._fail_connection(ProtocolError(f"undecodable service handshake: {e}"))
+            return
+        # The Go seed writes its handshake before looking at the service's.
+        self.transport.write(EMPTY_DOCUMENT)  # type: ignore[union-attr]
+        name = doc.get("name")
+        if isinstance(name, str) and name and name != self.service_name:
+            self._fail_connection(
+                ProtocolError(f"expected service {self.service_name!r}, reached {name!r}")
+            )
+            return
+        if not doc.get("registered", False):
+            self._fail_connection(ServiceUnregistered(f"{self.service_name} is not registered"))
+            return
+        clientid = doc.get("clientid")
+        self.clientid = clientid if isinstance(clientid, str) else ""
+        self._state = _HEADER
+        self.ready.callback(self)
+
+    def call(
+        self, method: str, params: Any, request_info: RequestInfo, encoded: bool = False
+    ) -> Deferred:
+        """
+        Send one request.
+
+        @param params: a dict (or the encoded BSON bytes if C{encoded}).
+        @return: a Deferred firing with the result dict, or failing with
+            L{ServiceError}, L{RemoteCallError} or L{ConnectionFailed}.
+            Cancelling it forgets the call (the answer is dropped).
+        """
+        if self.lost or self._state != _HEADER and self._state != _BODY:
+            raise ConnectionFailed("connection is not ready")
+        seq = self._next_seq
+        self._next_seq = seq + 1
+        pending = self.pending
+
+        def forget(d: Deferred) -> None:
+            pending.pop(seq, None)
+
+        d = Deferred(forget)
+        pending[seq] = d
+        self.transport.write(  # type: ignore[union-attr]
+            _encode({"servicemethod": self.servicemethod, "seq": Int64(seq)})
+            + _encode(
+                {
+                    "clientid": self.clientid,
+                    "method": method,
+                    "requestinfo": request_info.to_bson(),
+                    "in": params if encoded else _encode(params),
+                }
+            )
+        )
+        return d
+
+    def _fail_connection(self, error: Exception) -> None:
+        self._failure = error
+        if not self.ready.called:
+            self.ready.errback(error)
+        self.close_connection()
+        if self.transport is not None and hasattr(self.transport, "abortConnection"):
+            # A broken peer gets no chance to keep the connection half open.
+            self.transport.abortConnection()
+
+    def bad_frame_length(self, length: int) -> None:
+        self._failure = ProtocolError(f"bad frame length {length} from the service")
+        super().bad_frame_length(length)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self.lost = True
+        self._closing = True
+        error = self._failure or ConnectionFailed(
+            f"connection to {self.service_name} lost: {reason.getErrorMessage()}"
+        )
+        if not self.ready.called:
+            self.ready.errback(error)
+        pending, self.pending = self.pending, {}
+        for d in pending.values():
+            d.errback(error)
+        if self.on_lost is not None:
+            self.on_lost(self)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.pending)
+
+
+__all__ = [
+    "AdminProtocol",
+    "CancelledError",
+    "ClientProtocol",
+    "DEFAULT_MAX_FRAME",
+    "EMPTY_DOCUMENT",
+    "FrameProtocol",
+    "RequestInfo",
+    "ServerProtocol",
+    "encode_header",
+    "go_quote",
+    "new_id",
+]
