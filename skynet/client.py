@@ -88,9 +88,9 @@ class GoScoreBalancer:
             return candidates[0]
         score = self.score
         best = candidates[0]
-        best_key = (score(best), -best.last_request)
+        best_key = (score(best), -best.last_used)
         for handle in candidates[1:]:
-            key = (score(handle), -handle.last_request)
+            key = (score(handle), -handle.last_used)
             if key > best_key:
                 best, best_key = handle, key
         return best
@@ -158,7 +158,11 @@ class InstanceHandle:
         known (else this client's calls in flight).
     @ivar average_response_time: moving average of this client's calls.
     @ivar last_request: when this client last sent it a call.
+    @ivar last_used: the order of that call among all of this process's
+        calls (a tie-breaker finer than the clock).
     """
+
+    _uses = 0
 
     log = Logger()
 
@@ -169,6 +173,7 @@ class InstanceHandle:
         self.remote_clients: Optional[int] = None
         self.average_response_time = 0.0
         self.last_request = 0.0
+        self.last_used = 0
         self.evicted_until = 0.0
         self.backoff = 0.0
         self.retired = False
@@ -193,6 +198,8 @@ class InstanceHandle:
         Send one attempt of a call on a pooled connection.
         """
         self.last_request = now
+        InstanceHandle._uses += 1
+        self.last_used = InstanceHandle._uses
         connection = self._pick_connection()
         if connection is not None:
             return connection.call(method, encoded, info, encoded=True)

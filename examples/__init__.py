@@ -1,0 +1,3 @@
+"""
+Example skynet services, ported from Go Skynet, and a client for each.
+"""

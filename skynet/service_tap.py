@@ -1,0 +1,172 @@
+"""
+C{twistd skynet-service}: run one service instance.
+
+    twistd -n skynet-service --service examples.tutorial:TutorialService \\
+        [--name N] [--version V] [--region R] \\
+        [--listen tcp:0:interface=127.0.0.1] [--admin ENDPOINT] \\
+        [--registry URL] [--unregistered] [--uuid UUID]
+
+Defaults follow Go Skynet's environment: C{SKYNET_BIND_IP} (127.0.0.1) and
+the port range C{SKYNET_MIN_PORT}..C{SKYNET_MAX_PORT} (9000..9999) for the
+listener, C{SKYNET_REGION}, C{SKYNET_VERSION}, and C{SKYNET_REGISTRY}.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Any, Optional
+
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+
+from skynet.protocol import DEFAULT_MAX_FRAME
+from skynet.registry.base import RegistryError
+from skynet.service import Service, ServiceHost
+
+
+def load_service_class(spec: str) -> type[Service]:
+    """
+    Import C{module:Class}; the working directory is importable, so
+    services in the current tree (like C{examples.tutorial}) load.
+
+    @raise usage.UsageError: with what went wrong.
+    """
+    module_name, sep, class_name = spec.partition(":")
+    if not sep or not module_name or not class_name:
+        raise usage.UsageError(f"--service must look like module:Class, not {spec!r}")
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:
+        raise usage.UsageError(f"cannot import {module_name!r}: {e}") from e
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise usage.UsageError(f"module {module_name!r} has no {class_name!r}")
+    if not (isinstance(cls, type) and issubclass(cls, Service)):
+        raise usage.UsageError(f"{spec} is not a subclass of skynet.service.Service")
+    return cls
+
+
+def _port_range() -> tuple[int, int]:
+    try:
+        low = int(os.environ.get("SKYNET_MIN_PORT", "9000"))
+        high = int(os.environ.get("SKYNET_MAX_PORT", "9999"))
+    except ValueError as e:
+        raise usage.UsageError(f"SKYNET_MIN_PORT/SKYNET_MAX_PORT must be integers: {e}") from e
+    if not (0 < low <= high < 65536):
+        raise usage.UsageError(f"bad port range SKYNET_MIN_PORT={low} SKYNET_MAX_PORT={high}")
+    return low, high
+
+
+def _positive(name: str, value: Any, kind: type = float) -> Any:
+    try:
+        number = kind(value)
+    except (TypeError, ValueError) as e:
+        raise usage.UsageError(f"--{name} must be a number, not {value!r}") from e
+    if number < 0:
+        raise usage.UsageError(f"--{name} must not be negative")
+    return number
+
+
+class Options(usage.Options):
+    synopsis = "--service module:Class [options]"
+    longdesc = "Run one skynet service instance, registered in the registry."
+
+    optParameters = [
+        ["service", "s", None, "The service class, as module:Class."],
+        ["name", None, None, "Service name (default: the class's name)."],
+        ["version", None, None, "Version (default: the class's, else $SKYNET_VERSION)."],
+        ["region", None, None, "Region (default: the class's, else $SKYNET_REGION)."],
+        ["listen", "l", None,
+         "Endpoint to serve on (default: $SKYNET_BIND_IP and the first free port of "
+         "$SKYNET_MIN_PORT..$SKYNET_MAX_PORT)."],
+        ["admin", None, "tcp:0:interface=127.0.0.1",
+         "Endpoint of the admin listener, or 'none'."],
+        ["registry", "r", None,
+         "Registry URL: file:///path, zk://host:port,.../chroot (default $SKYNET_REGISTRY, "
+         "else the embedded registry)."],
+        ["uuid", None, None, "Instance uuid (default: a new one; the daemon passes its own)."],
+        ["host", None, None, "Address to advertise (default: the listener's interface)."],
+        ["max-frame", None, DEFAULT_MAX_FRAME, "Largest accepted BSON document, in bytes."],
+        ["drain-timeout", None, 10.0, "Seconds to let requests in flight finish on stop."],
+        ["stats-interval", None, 5.0, "Seconds between statistics updates in the registry."],
+    ]  # fmt: skip
+    optFlags = [["unregistered", "u", "Start unregistered (not taking new clients)."]]
+
+    service_class: type[Service]
+    registry: Any
+
+    def postOptions(self) -> None:
+        if not self["service"]:
+            raise usage.UsageError("--service module:Class is required")
+        self.service_class = load_service_class(self["service"])
+        self["max-frame"] = _positive("max-frame", self["max-frame"], int)
+        if self["max-frame"] < 5:
+            raise usage.UsageError("--max-frame must be at least 5")
+        self["drain-timeout"] = _positive("drain-timeout", self["drain-timeout"])
+        self["stats-interval"] = _positive("stats-interval", self["stats-interval"])
+        if self["stats-interval"] <= 0:
+            raise usage.UsageError("--stats-interval must be positive")
+        if self["listen"]:
+            self.listen_specs = [self["listen"]]
+        else:
+            ip = os.environ.get("SKYNET_BIND_IP", "127.0.0.1")
+            low, high = _port_range()
+            self.listen_specs = [f"tcp:{p}:interface={ip}" for p in range(low, high + 1)]
+        self.admin_specs = [] if self["admin"].lower() == "none" else [self["admin"]]
+        from twisted.internet import reactor
+
+        try:
+            self.endpoints = [serverFromString(reactor, s) for s in self.listen_specs]
+            self.admin_endpoints = [serverFromString(reactor, s) for s in self.admin_specs]
+        except (ValueError, TypeError, KeyError) as e:
+            raise usage.UsageError(f"bad endpoint: {e}") from e
+        from skynet.registry import registry_from_url
+
+        try:
+            self.registry = registry_from_url(self["registry"], reactor=reactor)
+        except (RegistryError, ValueError) as e:
+            raise usage.UsageError(str(e)) from e
+
+
+def makeService(options: Options) -> ServiceHost:
+    from twisted.internet import reactor
+
+    service = options.service_class()
+    return ServiceHost(
+        service,
+        options.registry,
+        options.endpoints,
+        options.admin_endpoints,
+        reactor=reactor,
+        name=options["name"],
+        version=options["version"],
+        region=options["region"],
+        uuid=options["uuid"],
+        registered=not options["unregistered"],
+        advertise_host=options["host"],
+        max_frame=options["max-frame"],
+        drain_timeout=options["drain-timeout"],
+        stats_interval=options["stats-interval"],
+        own_registry=True,
+    )
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """
+    Run as C{python -m skynet.service_tap ...}: the same as C{twistd -n}.
+    """
+    from twisted.scripts.twistd import run
+
+    sys.argv = ["twistd", "-n", "--pidfile=", "skynet-service"] + list(
+        sys.argv[1:] if argv is None else argv
+    )
+    run()
+
+
+if __name__ == "__main__":
+    main()

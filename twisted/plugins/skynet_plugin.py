@@ -1,0 +1,13 @@
+"""
+The twistd plugins of skynet.  Declarative only: the tap modules are named
+as strings, so C{twistd --help} imports nothing heavy.
+"""
+
+from twisted.application.service import ServiceMaker
+
+skynet_service = ServiceMaker(
+    "skynet-service",
+    "skynet.service_tap",
+    "Run a skynet service instance (BSON-RPC, registered for discovery).",
+    "skynet-service",
+)
