@@ -478,12 +478,13 @@ class ServerProtocol(FrameProtocol):
         self, servicemethod: str, seq: int, out: bytes, errstring: str, started: float, failed: bool
     ) -> None:
         self.in_flight -= 1
+        if self._state != _CLOSED:
+            self.transport.write(  # type: ignore[union-attr]
+                encode_header(servicemethod, seq, "")
+                + _encode({"out": out, "errstring": errstring})
+            )
+        # Last: this may finish a drain, which closes the connection.
         self.dispatcher.request_finished(started, failed)
-        if self._state == _CLOSED:
-            return
-        self.transport.write(  # type: ignore[union-attr]
-            encode_header(servicemethod, seq, "") + _encode({"out": out, "errstring": errstring})
-        )
 
     def _send_error(self, servicemethod: str, seq: int, error: str) -> None:
         self.transport.write(  # type: ignore[union-attr]
