@@ -1,0 +1,3 @@
+"""
+Benchmarks: scripts that print numbers.
+"""
