@@ -1,0 +1,1126 @@
+"""
+The ZooKeeper registry: the tree of the Go Skynet protocol kept in a
+ZooKeeper ensemble, readable by any ZooKeeper client in any language.
+
+Under a chroot (default C{/skynet}):
+
+    /services/<Name>/<Version>/<Region>/<Host>/<Port>     the instance (JSON)
+    /statistics/<Name>/<Version>/<Region>/<Host>/<Port>   its statistics (JSON)
+
+Both leaves are ephemeral nodes of this registry's session: they vanish when
+the process dies (after the session timeout) or closes its session.  Parent
+nodes are created as needed and pruned when a removal leaves them empty.
+
+Threads
+=======
+This is the only module of skynet that touches threads.  kazoo runs its
+connection and its callbacks on threads of its own; everything that comes
+back from kazoo is hopped onto the reactor thread with C{callFromThread}:
+
+  - data calls use kazoo's C{*_async} methods, whose results fire a
+    L{Deferred} through C{IAsyncResult.rawlink} and C{callFromThread};
+  - kazoo's blocking C{start_async} and C{stop} run in a thread pool (given,
+    or owned by the registry and stopped with it);
+  - every watch and connection-state callback is hopped to the reactor.
+
+Sessions
+========
+The registry remembers what it wrote (the nodes it owns and their latest
+contents), so it can rewrite them whenever ZooKeeper has lost them:
+
+  - While the connection is I{suspended} (a server died, the client is
+    moving to another one) nothing is forgotten: watches keep their known
+    instances and report no removals; writes wait for the connection and are
+    retried.
+  - When the session has I{expired}, kazoo opens a new one and the registry
+    re-creates every node it owns on it, then re-reads its watches and
+    reports only the differences.
+  - When ZooKeeper stays unreachable for longer than the session timeout,
+    the registry goes I{offline}: writes are recorded and their Deferreds fire
+    at once (they are applied when ZooKeeper is back), and queries fail with
+    L{RegistryError}.
+
+L{ZooKeeperRegistry.start} waits at most C{connect_timeout} seconds (2 by
+default) for a session.  If ZooKeeper is unreachable it logs
+C{"ZooKeeper at {hosts} unreachable; waiting to register"}, goes offline
+and fires anyway, so a service can serve direct connections while kazoo
+keeps trying; its nodes are written as soon as a session is established.
+"""
+
+# twisted.logger.Logger spells it warn(), not warning():
+# ruff: noqa: G010
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from kazoo.client import KazooClient, KazooState  # type: ignore[import-untyped]
+from kazoo.exceptions import (  # type: ignore[import-untyped]
+    BadVersionError,
+    ConnectionClosedError,
+    ConnectionLoss,
+    KazooException,
+    NodeExistsError,
+    NoNodeError,
+    NotEmptyError,
+    OperationTimeoutError,
+    SessionExpiredError,
+)
+from kazoo.protocol.states import EventType  # type: ignore[import-untyped]
+from kazoo.retry import KazooRetry  # type: ignore[import-untyped]
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, succeed
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from skynet.registry.base import (
+    IInstanceListener,
+    Instance,
+    InstanceDiff,
+    IRegistry,
+    IWatch,
+    ListingMixin,
+    Query,
+    RegistryError,
+    check_component,
+    sort_instances,
+)
+
+__all__ = ["DEFAULT_CHROOT", "DEFAULT_SESSION_TIMEOUT", "ZooKeeperRegistry"]
+
+DEFAULT_CHROOT = "/skynet"
+DEFAULT_SESSION_TIMEOUT = 4.0
+DEFAULT_CONNECT_TIMEOUT = 2.0
+DEFAULT_PORT = 2181
+
+#: Depth of an instance node below C{/services}: Name/Version/Region/Host/Port.
+LEAF_DEPTH = 5
+
+#: Errors that mean "the connection is gone for now": retry once it is back.
+_CONNECTION_ERRORS = (
+    ConnectionLoss,
+    ConnectionClosedError,
+    OperationTimeoutError,
+    SessionExpiredError,
+)
+
+#: kazoo logs every failed reconnection attempt as a warning; the registry
+#: reports connection changes itself through twisted.logger, so kazoo's own
+#: logger only shows errors unless the application configures it.
+_kazoo_log = logging.getLogger("skynet.registry.zookeeper.kazoo")
+if _kazoo_log.level == logging.NOTSET:
+    _kazoo_log.setLevel(logging.ERROR)
+
+
+def _parse_hosts(hosts: str) -> str:
+    """
+    Check a kazoo host list C{h1:2181,h2:2181} and return it normalized.
+
+    @raise ValueError: if it is empty or a port is not a number.
+    """
+    if not isinstance(hosts, str) or not hosts.strip():
+        raise ValueError("no ZooKeeper hosts given")
+    result = []
+    for item in hosts.split(","):
+        item = item.strip()
+        if not item:
+            raise ValueError(f"empty host in {hosts!r}")
+        if item.startswith("["):
+            host, sep, rest = item[1:].partition("]")
+            if not sep or not host or (rest and not rest.startswith(":")):
+                raise ValueError(f"bad IPv6 host {item!r}")
+            port_text = rest[1:] if rest else ""
+            host = f"[{host}]"
+        else:
+            host, _, port_text = item.partition(":")
+            if not host or "/" in host or "@" in host:
+                raise ValueError(f"bad host {item!r}")
+        if port_text:
+            if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+                raise ValueError(f"bad port in {item!r}")
+            port = int(port_text)
+        else:
+            port = DEFAULT_PORT
+        result.append(f"{host}:{port}")
+    return ",".join(result)
+
+
+def _parse_chroot(chroot: str) -> str:
+    """
+    Check a chroot path and return it without a trailing slash (C{""} for
+    the root itself).
+
+    @raise ValueError: if it is not an absolute path of valid components.
+    """
+    if not isinstance(chroot, str) or not chroot.startswith("/"):
+        raise ValueError(f"chroot must be an absolute path, not {chroot!r}")
+    parts = [p for p in chroot.split("/") if p]
+    for part in parts:
+        check_component("chroot component", part)
+    return "".join("/" + p for p in parts)
+
+
+def _parse_timeout(what: str, value: Any) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number of seconds, not {value!r}") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"{what} must be positive, not {value!r}")
+    return seconds
+
+
+def _prefix_of(query: Query) -> list[str]:
+    """
+    The path components below C{/services} that C{query} fixes, in order
+    (Name, Version, Region, Host, Port), up to the first one it leaves open.
+    """
+    parts = []
+    values = (query.service, query.version, query.region, query.host, query.port)
+    names = ("service name", "version", "region", "host", "port")
+    for name, value in zip(names, values):
+        if value is None:
+            break
+        parts.append(check_component(name, str(value)))
+    return parts
+
+
+def _wanted(query: Query, depth: int, name: str) -> bool:
+    """
+    Whether a child called C{name} at C{depth} below C{/services} (1 for a
+    service name, 5 for a port) can hold instances matching C{query}.
+    """
+    values = (query.service, query.version, query.region, query.host, query.port)
+    value = values[depth - 1]
+    return value is None or str(value) == name
+
+
+def _first_error(results: list[tuple[bool, Any]]) -> list[Any]:
+    """
+    The values of a consumed L{DeferredList}, raising its first failure.
+    """
+    for ok, value in results:
+        if not ok:
+            value.raiseException()
+    return [value for _, value in results]
+
+
+@implementer(IRegistry)
+class ZooKeeperRegistry(ListingMixin):
+    """
+    A registry kept in ZooKeeper through kazoo.
+
+    @ivar url: C{zk://hosts/chroot}, for messages and for child processes.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        hosts: str,
+        chroot: str = DEFAULT_CHROOT,
+        reactor: Any = None,
+        session_timeout: float = DEFAULT_SESSION_TIMEOUT,
+        threadpool: ThreadPool | None = None,
+        *,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    ) -> None:
+        """
+        @param hosts: kazoo's host list, C{"h1:2181,h2:2181"}.
+        @param chroot: the root of the registry tree in ZooKeeper.
+        @param reactor: the reactor; the global one by default.
+        @param session_timeout: the ZooKeeper session timeout in seconds;
+            the server may clamp it (to at least 2 ticks).
+        @param threadpool: the pool for kazoo's blocking start and stop; by
+            default the registry makes one and stops it in L{stop}.
+        @param connect_timeout: how long L{start} waits for a session
+            before it fires anyway and keeps trying in the background.
+        @raise ValueError: if an argument is malformed.
+        """
+        if reactor is None:
+            from twisted.internet import reactor  # type: ignore[no-redef]
+        self._reactor = reactor
+        self.hosts = _parse_hosts(hosts)
+        self.chroot = _parse_chroot(chroot) or "/"
+        self._root = _parse_chroot(chroot)
+        self.session_timeout = _parse_timeout("session_timeout", session_timeout)
+        self.connect_timeout = _parse_timeout("connect_timeout", connect_timeout)
+        self.url = f"zk://{self.hosts}{self.chroot}"
+        if self.session_timeout != DEFAULT_SESSION_TIMEOUT:
+            self.url += f"?session_timeout={self.session_timeout:g}"
+
+        if threadpool is None:
+            threadpool = ThreadPool(minthreads=0, maxthreads=1, name="skynet-zookeeper")
+            self._own_pool = True
+        else:
+            self._own_pool = False
+        self._pool = threadpool
+
+        self._zk = KazooClient(
+            hosts=self.hosts,
+            timeout=self.session_timeout,
+            connection_retry=KazooRetry(
+                max_tries=-1, delay=0.1, backoff=2, max_delay=1.0
+            ),
+            logger=_kazoo_log,
+        )
+
+        #: Nodes this registry owns, full path -> contents.
+        self._desired: dict[str, bytes] = {}
+        #: Paths whose write has not reached ZooKeeper yet.
+        self._dirty: set[str] = set()
+        #: Full path -> the session id that wrote it (the fast path of updates).
+        self._written: dict[str, int] = {}
+        self._syncs: dict[str, list[Deferred]] = {}
+        self._running: set[str] = set()
+
+        self._watches: set[_ZooKeeperWatch] = set()
+        self._waiters: list[Deferred] = []
+        self._sleeps: set[Deferred] = set()
+        self._connected = False
+        self._offline = False
+        self._session_id: int | None = None
+        self._offline_call: Any = None
+        self._started = False
+        self._stopping = False
+        self._stop_d: Deferred | None = None
+        self._shutdown_trigger: Any = None
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        reactor: Any = None,
+        session_timeout: float | None = None,
+    ) -> ZooKeeperRegistry:
+        """
+        Make a registry from C{zk://h1:2181,h2:2181/chroot?session_timeout=4}.
+
+        The chroot defaults to C{/skynet}, the port to 2181.  An explicit
+        C{session_timeout} argument wins over the URL's.
+
+        @raise RegistryError: if the URL is malformed.
+        """
+        try:
+            parts = urlsplit(url)
+        except (TypeError, ValueError, AttributeError) as e:
+            raise RegistryError(f"bad ZooKeeper URL {url!r}: {e}") from None
+        if parts.scheme != "zk":
+            raise RegistryError(f"bad ZooKeeper URL {url!r}: the scheme must be zk://")
+        if parts.fragment:
+            raise RegistryError(f"bad ZooKeeper URL {url!r}: unexpected #fragment")
+        try:
+            options = parse_qs(
+                parts.query, keep_blank_values=True, strict_parsing=bool(parts.query)
+            )
+        except ValueError as e:
+            raise RegistryError(f"bad ZooKeeper URL {url!r}: {e}") from None
+        unknown = set(options) - {"session_timeout"}
+        if unknown:
+            raise RegistryError(
+                f"bad ZooKeeper URL {url!r}: unknown option(s) {', '.join(sorted(unknown))}"
+            )
+        timeout: Any = DEFAULT_SESSION_TIMEOUT
+        if "session_timeout" in options:
+            if len(options["session_timeout"]) != 1:
+                raise RegistryError(
+                    f"bad ZooKeeper URL {url!r}: session_timeout given twice"
+                )
+            timeout = options["session_timeout"][0]
+        if session_timeout is not None:
+            timeout = session_timeout
+        chroot = parts.path if parts.path not in ("", "/") else DEFAULT_CHROOT
+        try:
+            return cls(parts.netloc, chroot, reactor=reactor, session_timeout=timeout)
+        except ValueError as e:
+            raise RegistryError(f"bad ZooKeeper URL {url!r}: {e}") from None
+
+    def __repr__(self) -> str:
+        return f"<ZooKeeperRegistry {self.url}>"
+
+    # -- state, for callers and tests
+
+    @property
+    def connected(self) -> bool:
+        """
+        Whether the registry has a live session right now.
+        """
+        return self._connected
+
+    @property
+    def session_id(self) -> int | None:
+        """
+        The id of the current (or last) ZooKeeper session, the
+        C{ephemeralOwner} of the nodes this registry owns.
+        """
+        return self._session_id
+
+    # -- lifecycle
+
+    def start(self) -> Deferred:
+        """
+        Connect to ZooKeeper.
+
+        @return: a Deferred firing with L{None} once a session is
+            established, or after C{connect_timeout} seconds if ZooKeeper
+            is unreachable; the registry then keeps trying and writes its
+            nodes as soon as it connects.
+        """
+        if self._stopping:
+            return fail(RegistryError(f"{self.url} is stopped"))
+        if self._started:
+            return succeed(None)
+        self._started = True
+        return Deferred.fromCoroutine(self._start())
+
+    async def _start(self) -> None:
+        if self._own_pool:
+            self._pool.start()
+        self._shutdown_trigger = self._reactor.addSystemEventTrigger(
+            "before", "shutdown", self._stop_at_shutdown
+        )
+        self._zk.add_listener(self._state_from_kazoo)
+        await deferToThreadPool(self._reactor, self._pool, self._zk.start_async)
+        if self._connected or self._stopping:
+            return
+        timer = self._reactor.callLater(self.connect_timeout, self._start_timed_out)
+        try:
+            await self._when_connected()
+        finally:
+            if timer.active():
+                timer.cancel()
+
+    def _start_timed_out(self) -> None:
+        self.log.warn(
+            "ZooKeeper at {hosts} unreachable; waiting to register",
+            hosts=self.hosts,
+            registry=self.url,
+        )
+        self._go_offline()
+
+    def stop(self) -> Deferred:
+        """
+        Delete the nodes this registry owns (pruning empty parents), stop
+        every watch and close the session.
+
+        @return: a Deferred firing when kazoo and the owned thread pool
+            have stopped.
+        """
+        if self._stop_d is None:
+            self._stop_d = Deferred.fromCoroutine(self._stop())
+        d: Deferred = Deferred()
+
+        def chain(result: Any) -> None:
+            d.callback(result)
+
+        self._stop_d.addBoth(chain)
+        return d
+
+    def _stop_at_shutdown(self) -> Deferred:
+        self._shutdown_trigger = None
+        return self.stop()
+
+    async def _stop(self) -> None:
+        self._stopping = True
+        if self._shutdown_trigger is not None:
+            self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
+            self._shutdown_trigger = None
+        if self._offline_call is not None and self._offline_call.active():
+            self._offline_call.cancel()
+        for watch in list(self._watches):
+            watch.stop()
+        if not self._started:
+            return
+        owned = list(self._desired)
+        self._desired.clear()
+        if self._connected and owned:
+            # Closing the session would remove the nodes too; deleting them
+            # first also prunes their empty parents.  Connection trouble ends
+            # this early (_apply gives up while stopping).
+            await DeferredList([self._sync(path) for path in owned], consumeErrors=True)
+        self._fire_waiters(False)
+        for sleep in list(self._sleeps):
+            sleep.cancel()
+        self._zk.remove_listener(self._state_from_kazoo)
+        self._connected = False
+        try:
+            await deferToThreadPool(self._reactor, self._pool, self._close_kazoo)
+        finally:
+            if self._own_pool:
+                self._pool.stop()
+
+    def _close_kazoo(self) -> None:
+        # In the thread pool: kazoo's stop joins its threads.
+        self._zk.stop()
+        self._zk.close()
+
+    # -- the bridge from kazoo's threads to the reactor
+
+    def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred:
+        """
+        Call one of kazoo's C{*_async} methods and return a Deferred that
+        fires in the reactor thread with its result.
+        """
+        d: Deferred = Deferred()
+        call_from_thread = self._reactor.callFromThread
+
+        def done(result: Any) -> None:
+            # In one of kazoo's threads.
+            if result.successful():
+                call_from_thread(d.callback, result.value)
+            else:
+                call_from_thread(d.errback, Failure(result.exception))
+
+        try:
+            method(*args, **kwargs).rawlink(done)
+        except Exception:  # noqa: BLE001 - reported through the Deferred
+            return fail()
+        return d
+
+    def _state_from_kazoo(self, state: str) -> None:
+        # In kazoo's connection thread; the session id is read here because
+        # it is the one the new state belongs to.
+        self._reactor.callFromThread(self._state_changed, state, self._zk._session_id)
+
+    def _state_changed(self, state: str, session_id: int | None) -> None:
+        if self._stopping:
+            return
+        if state == KazooState.CONNECTED:
+            self._connected_to(session_id)
+        elif state == KazooState.SUSPENDED:
+            self._connected = False
+            self.log.warn(
+                "Connection to ZooKeeper at {hosts} lost; session {session} suspended,"
+                " reconnecting",
+                hosts=self.hosts,
+                session=_hex(self._session_id),
+                registry=self.url,
+            )
+            self._start_offline_timer()
+        elif state == KazooState.LOST:
+            self._connected = False
+            self.log.warn(
+                "ZooKeeper session {session} expired; {count} nodes will be re-created"
+                " on a new session",
+                session=_hex(self._session_id),
+                count=len(self._desired),
+                hosts=self.hosts,
+                registry=self.url,
+            )
+            self._start_offline_timer()
+
+    def _connected_to(self, session_id: int | None) -> None:
+        new_session = session_id != self._session_id
+        was_offline = self._offline
+        self._connected = True
+        self._offline = False
+        self._session_id = session_id
+        if self._offline_call is not None and self._offline_call.active():
+            self._offline_call.cancel()
+        self._offline_call = None
+        self.log.info(
+            "Connected to ZooKeeper at {hosts}, {which} session {session}",
+            hosts=self.hosts,
+            which="new" if new_session else "resumed",
+            session=_hex(session_id),
+            registry=self.url,
+            was_offline=was_offline,
+        )
+        # Before the waiters run: what they write now is not a re-creation.
+        Deferred.fromCoroutine(self._after_connect(new_session)).addErrback(
+            lambda f: self.log.failure("resynchronising with ZooKeeper failed", f)
+        )
+        self._fire_waiters(True)
+
+    async def _after_connect(self, new_session: bool) -> None:
+        paths = set(self._dirty)
+        if new_session:
+            self._written.clear()
+            paths.update(self._desired)
+            if self._desired:
+                self.log.info(
+                    "Re-creating {count} nodes on ZooKeeper session {session}",
+                    count=len(self._desired),
+                    session=_hex(self._session_id),
+                    registry=self.url,
+                )
+        writes = [self._sync(path) for path in sorted(paths)]
+        if new_session:
+            # Our own nodes first, so that our watches do not see them missing.
+            await DeferredList(writes, consumeErrors=True)
+        if self._connected:
+            for watch in list(self._watches):
+                watch.resync()
+
+    def _start_offline_timer(self) -> None:
+        if self._offline or (
+            self._offline_call is not None and self._offline_call.active()
+        ):
+            return
+        self._offline_call = self._reactor.callLater(
+            self.session_timeout, self._went_offline
+        )
+
+    def _went_offline(self) -> None:
+        self._offline_call = None
+        self.log.warn(
+            "ZooKeeper at {hosts} unreachable for {seconds}s; writes are queued until it"
+            " is back",
+            hosts=self.hosts,
+            seconds=self.session_timeout,
+            registry=self.url,
+        )
+        self._go_offline()
+
+    def _go_offline(self) -> None:
+        self._offline = True
+        self._fire_waiters(False)
+
+    def _when_connected(self) -> Deferred:
+        """
+        @return: a Deferred firing with C{True} when the registry is
+            connected, or C{False} if it is offline or stopping.
+        """
+        if self._connected:
+            return succeed(True)
+        if self._offline or self._stopping:
+            return succeed(False)
+        d: Deferred = Deferred()
+        self._waiters.append(d)
+        return d
+
+    def _fire_waiters(self, connected: bool) -> None:
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(connected)
+
+    async def _sleep(self, seconds: float) -> None:
+        d = deferLater(self._reactor, seconds, lambda: None)
+        self._sleeps.add(d)
+        try:
+            await d
+        finally:
+            self._sleeps.discard(d)
+
+    # -- writes
+
+    def _paths(self, instance: Instance) -> tuple[str, str]:
+        path = instance.path
+        return (f"{self._root}/services{path}", f"{self._root}/statistics{path}")
+
+    def add(self, instance: Instance) -> Deferred:
+        """
+        Create (or overwrite) the ephemeral node of C{instance}.
+
+        @return: a Deferred firing when ZooKeeper has it, or at once if
+            ZooKeeper is unreachable (it is then written on reconnection).
+        """
+        try:
+            path, _ = self._paths(instance)
+        except ValueError:
+            return fail()
+        return self._set(path, instance.to_json())
+
+    def update(self, instance: Instance) -> Deferred:
+        """
+        Rewrite the node of C{instance}; the same as L{add}.
+        """
+        return self.add(instance)
+
+    def publish_stats(self, instance: Instance, stats: dict[str, Any]) -> Deferred:
+        """
+        Write the ephemeral statistics node of C{instance}.
+        """
+        try:
+            _, path = self._paths(instance)
+            data = json.dumps(stats, default=str).encode("utf-8")
+        except (TypeError, ValueError):
+            return fail()
+        return self._set(path, data)
+
+    def remove(self, instance: Instance) -> Deferred:
+        """
+        Delete the nodes of C{instance} (whoever owns them) and prune their
+        empty parents.
+        """
+        try:
+            paths = self._paths(instance)
+        except ValueError:
+            return fail()
+        for path in paths:
+            self._desired.pop(path, None)
+        d = DeferredList([self._sync(path) for path in paths], consumeErrors=True)
+        d.addCallback(_first_error)
+        d.addCallback(lambda _: None)
+        return d
+
+    def _set(self, path: str, data: bytes) -> Deferred:
+        if self._stopping:
+            return fail(RegistryError(f"{self.url} is stopped"))
+        self._desired[path] = data
+        return self._sync(path)
+
+    def _sync(self, path: str) -> Deferred:
+        """
+        Make ZooKeeper's node at C{path} match C{self._desired}.  Calls for
+        one path run one at a time; those made while one runs share the
+        next run (which writes the latest contents).
+        """
+        d: Deferred = Deferred()
+        self._syncs.setdefault(path, []).append(d)
+        if path not in self._running:
+            self._running.add(path)
+            Deferred.fromCoroutine(self._sync_loop(path))
+        return d
+
+    async def _sync_loop(self, path: str) -> None:
+        try:
+            while self._syncs.get(path):
+                waiters = self._syncs.pop(path)
+                try:
+                    await self._apply(path)
+                except Exception:  # noqa: BLE001 - reported to every waiter
+                    failure = Failure()
+                    self.log.failure(
+                        "could not write {path} in ZooKeeper", failure, path=path
+                    )
+                    error = RegistryError(f"could not write {path}: {failure.value!r}")
+                    for d in waiters:
+                        d.errback(error)
+                else:
+                    for d in waiters:
+                        d.callback(None)
+        finally:
+            self._running.discard(path)
+            self._syncs.pop(path, None)
+
+    async def _apply(self, path: str) -> None:
+        delay = 0.05
+        while True:
+            if not self._connected and not await self._when_connected():
+                # Offline or stopping: written again on the next session.
+                if not self._stopping:
+                    self._dirty.add(path)
+                return
+            try:
+                if path in self._desired:
+                    await self._write(path)
+                else:
+                    await self._delete(path)
+            except _CONNECTION_ERRORS:
+                if self._stopping:
+                    return
+                self._dirty.add(path)
+                try:
+                    await self._sleep(delay)
+                except CancelledError:
+                    return
+                delay = min(delay * 2, 1.0)
+                continue
+            self._dirty.discard(path)
+            return
+
+    async def _write(self, path: str) -> None:
+        zk = self._zk
+        while path in self._desired:
+            data = self._desired[path]
+            session = self._session_id
+            if self._written.get(path) == session:
+                try:
+                    await self._call(zk.set_async, path, data)
+                    return
+                except NoNodeError:
+                    del self._written[path]
+            try:
+                await self._call(
+                    zk.create_async, path, data, ephemeral=True, makepath=True
+                )
+                self._written[path] = session  # type: ignore[assignment]
+                return
+            except NodeExistsError:
+                pass
+            stat = await self._call(zk.exists_async, path)
+            if stat is None:
+                continue
+            if stat.ephemeralOwner == self._session_id:
+                self._written[path] = stat.ephemeralOwner
+                continue
+            # Left by another session (a previous run of this instance whose
+            # session has not expired yet): ours replaces it.
+            self.log.info(
+                "Replacing {path}, owned by ZooKeeper session {owner}",
+                path=path,
+                owner=_hex(stat.ephemeralOwner),
+            )
+            try:
+                await self._call(zk.delete_async, path, version=stat.version)
+            except (NoNodeError, BadVersionError):
+                pass
+
+    async def _delete(self, path: str) -> None:
+        try:
+            await self._call(self._zk.delete_async, path)
+        except NoNodeError:
+            pass
+        self._written.pop(path, None)
+        await self._prune(path.rpartition("/")[0])
+
+    async def _prune(self, path: str) -> None:
+        """
+        Delete C{path} and its ancestors while they are empty, up to (not
+        including) C{/services} and C{/statistics}.
+        """
+        stops = {f"{self._root}/services", f"{self._root}/statistics"}
+        while (
+            path
+            and path not in stops
+            and path.startswith(tuple(s + "/" for s in stops))
+        ):
+            try:
+                await self._call(self._zk.delete_async, path)
+            except NoNodeError:
+                pass
+            except (NotEmptyError, KazooException):
+                # Someone registered beside us, or the connection went:
+                # an empty parent left behind is harmless.
+                return
+            path = path.rpartition("/")[0]
+
+    # -- reads
+
+    async def _read(self, operation: Callable[[], Any]) -> Any:
+        """
+        Run a read, retrying it across connection losses, failing at once
+        while ZooKeeper is unreachable.
+        """
+        delay = 0.05
+        while True:
+            if not self._connected and not await self._when_connected():
+                raise RegistryError(f"ZooKeeper at {self.hosts} unreachable")
+            try:
+                return await operation()
+            except _CONNECTION_ERRORS:
+                await self._sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    def query(self, query: Query) -> Deferred:
+        """
+        @return: a Deferred firing with the instances matching C{query},
+            sorted by path.
+        """
+        try:
+            parts = _prefix_of(query)
+        except ValueError:
+            return fail()
+        base = f"{self._root}/services" + "".join("/" + p for p in parts)
+
+        async def collect() -> list[Instance]:
+            found = await self._collect(base, len(parts), query)
+            return sort_instances(query.filter(found))
+
+        return Deferred.fromCoroutine(self._read(collect))
+
+    async def _collect(self, path: str, depth: int, query: Query) -> list[Instance]:
+        if depth == LEAF_DEPTH:
+            try:
+                data, _ = await self._call(self._zk.get_async, path)
+            except NoNodeError:
+                return []
+            try:
+                return [Instance.from_json(data)]
+            except RegistryError as e:
+                self.log.warn("Ignoring {path}: {error}", path=path, error=e)
+                return []
+        try:
+            children = await self._call(self._zk.get_children_async, path)
+        except NoNodeError:
+            return []
+        results = await DeferredList(
+            [
+                Deferred.fromCoroutine(
+                    self._collect(f"{path}/{child}", depth + 1, query)
+                )
+                for child in children
+                if _wanted(query, depth + 1, child)
+            ],
+            consumeErrors=True,
+        )
+        return [instance for found in _first_error(results) for instance in found]
+
+    def get_stats(self, instance: Instance) -> Deferred:
+        """
+        @return: a Deferred firing with the statistics of C{instance} as a
+            dict, or L{None} if it has none.
+        """
+        try:
+            _, path = self._paths(instance)
+        except ValueError:
+            return fail()
+
+        async def get() -> dict[str, Any] | None:
+            try:
+                data, _ = await self._call(self._zk.get_async, path)
+            except NoNodeError:
+                return None
+            try:
+                stats = json.loads(data)
+            except ValueError as e:
+                raise RegistryError(
+                    f"statistics node {path} is not JSON: {e}"
+                ) from None
+            return stats if isinstance(stats, dict) else None
+
+        return Deferred.fromCoroutine(self._read(get))
+
+    def watch(self, query: Query, listener: IInstanceListener) -> IWatch:
+        """
+        Deliver the instances matching C{query} to C{listener}: a snapshot
+        once the subtree has been read, then changes.  Only the subtree
+        C{query} can match is read and watched.
+
+        @raise ValueError: if the query names an impossible path component.
+        """
+        watch = _ZooKeeperWatch(self, query, listener)
+        if not self._stopping:
+            self._watches.add(watch)
+            watch.resync()
+        return watch
+
+
+def _hex(session_id: int | None) -> str:
+    return "none" if session_id is None else f"0x{session_id:x}"
+
+
+@implementer(IWatch)
+class _ZooKeeperWatch:
+    """
+    A mirror of the part of C{/services} one query can match, kept up to
+    date with ZooKeeper watches: a child watch on every interior node and a
+    data watch on every instance node.
+
+    ZooKeeper forgets a connection's watches when it drops; the registry
+    calls L{resync} on every reconnection, which reads the subtree again and
+    feeds the result to the L{InstanceDiff}, so the listener sees only what
+    changed meanwhile.  While disconnected, the mirror is left alone: no
+    removals are reported for a mere suspension.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self, registry: ZooKeeperRegistry, query: Query, listener: IInstanceListener
+    ) -> None:
+        self._registry = registry
+        self._query = query
+        self._diff = InstanceDiff(query, listener)
+        parts = _prefix_of(query)
+        self._services = f"{registry._root}/services"
+        self._base = self._services + "".join("/" + p for p in parts)
+        #: Interior nodes read so far -> names of their wanted children.
+        self._children: dict[str, set[str]] = {}
+        #: Instance nodes read so far -> their instance (None if malformed).
+        self._leaves: dict[str, Instance | None] = {}
+        self._generation = 0
+        self._pending = 0
+        self._synced = False
+        self._stopped = False
+        # One bound method, so kazoo keeps one watcher per path for us.
+        self._watcher = self._event_from_kazoo
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._diff.stopped = True
+        self._registry._watches.discard(self)
+
+    # -- reading the tree
+
+    def resync(self) -> None:
+        """
+        Read the subtree afresh (a new generation: answers to older reads
+        are ignored); once read, report the differences.
+        """
+        if self._stopped or not self._registry._connected:
+            return
+        self._generation += 1
+        self._pending = 0
+        self._synced = False
+        self._children = {}
+        self._leaves = {}
+        self._explore(self._base, root=True)
+
+    def _depth(self, path: str) -> int:
+        return path[len(self._services) :].count("/")
+
+    def _explore(self, path: str, root: bool = False) -> None:
+        if self._depth(path) == LEAF_DEPTH:
+            self._read_leaf(path)
+        else:
+            self._list(path, root)
+
+    def _request(
+        self,
+        method: Callable[..., Any],
+        path: str,
+        on_result: Callable[..., None],
+        on_error: Callable[..., None],
+    ) -> None:
+        generation = self._generation
+        self._pending += 1
+
+        def result(value: Any) -> None:
+            if generation == self._generation and not self._stopped:
+                self._pending -= 1
+                on_result(path, value)
+                self._check_synced()
+
+        def error(failure: Failure) -> None:
+            if generation != self._generation or self._stopped:
+                return
+            self._pending -= 1
+            if failure.check(*_CONNECTION_ERRORS):
+                # The reconnection's resync reads the subtree again.
+                return
+            if not failure.check(NoNodeError):
+                self.log.failure("reading {path} from ZooKeeper", failure, path=path)
+            on_error(path)
+            self._check_synced()
+
+        d = self._registry._call(method, path, watch=self._watcher)
+        d.addCallbacks(result, error)
+        d.addErrback(lambda f: self.log.failure("watch of {path}", f, path=self._base))
+
+    def _list(self, path: str, root: bool = False) -> None:
+        on_missing = self._base_missing if root or path == self._base else self._drop
+        self._request(
+            self._registry._zk.get_children_async, path, self._listed, on_missing
+        )
+
+    def _tracked(self, path: str) -> bool:
+        """
+        Whether C{path} is part of the mirror: the base, or a wanted child of
+        a node we listed (not dropped since).
+        """
+        if path == self._base:
+            return True
+        parent, _, name = path.rpartition("/")
+        return name in self._children.get(parent, ())
+
+    def _listed(self, path: str, children: list[str]) -> None:
+        if not self._tracked(path):
+            return  # dropped meanwhile
+        depth = self._depth(path) + 1
+        wanted = {c for c in children if _wanted(self._query, depth, c)}
+        known = self._children.get(path, set())
+        self._children[path] = wanted
+        for name in sorted(wanted - known):
+            self._explore(f"{path}/{name}")
+        for name in known - wanted:
+            self._drop(f"{path}/{name}")
+
+    def _base_missing(self, path: str) -> None:
+        # The query's subtree does not exist (yet): drop what we knew and
+        # wait for it to be created.
+        self._drop(self._base)
+        self._request(
+            self._registry._zk.exists_async, self._base, self._base_exists, _ignore
+        )
+
+    def _base_exists(self, path: str, stat: Any) -> None:
+        if stat is not None:
+            self._explore(self._base, root=True)
+
+    def _read_leaf(self, path: str) -> None:
+        # A read of a missing node leaves no watch: the base, which has no
+        # parent watched, needs an exists watch instead.
+        on_missing = self._base_missing if path == self._base else self._drop
+        self._request(self._registry._zk.get_async, path, self._leaf_read, on_missing)
+
+    def _leaf_read(self, path: str, value: tuple[bytes, Any]) -> None:
+        if not self._tracked(path):
+            return  # dropped meanwhile
+        try:
+            instance: Instance | None = Instance.from_json(value[0])
+        except RegistryError as e:
+            self.log.warn("Ignoring {path}: {error}", path=path, error=e)
+            instance = None
+        old = self._leaves.get(path)
+        self._leaves[path] = instance
+        self._changed(old, instance)
+
+    def _drop(self, path: str) -> None:
+        """
+        Forget C{path} and everything below it, reporting the instances.
+        """
+        if self._depth(path) == LEAF_DEPTH:
+            doomed = [path] if path in self._leaves else []
+        else:
+            prefix = path + "/"
+            for node in [
+                n for n in self._children if n == path or n.startswith(prefix)
+            ]:
+                del self._children[node]
+            doomed = [n for n in self._leaves if n.startswith(prefix)]
+        for node in doomed:
+            self._changed(self._leaves.pop(node), None)
+        parent, _, name = path.rpartition("/")
+        if parent in self._children:
+            self._children[parent].discard(name)
+
+    # -- events
+
+    def _event_from_kazoo(self, event: Any) -> None:
+        # In one of kazoo's threads.
+        self._registry._reactor.callFromThread(self._event, event)
+
+    def _event(self, event: Any) -> None:
+        if self._stopped or event.type == EventType.NONE:
+            # NONE: the connection dropped; resync() follows reconnection.
+            return
+        if not self._registry._connected:
+            return
+        path = event.path
+        if path == self._base:
+            self._explore(self._base, root=True)
+        elif not self._tracked(path):
+            return
+        elif self._depth(path) == LEAF_DEPTH:
+            self._read_leaf(path)
+        elif event.type == EventType.DELETED:
+            self._drop(path)
+        else:
+            self._list(path)
+
+    # -- delivering
+
+    def _changed(self, old: Instance | None, new: Instance | None) -> None:
+        if not self._synced:
+            return
+        try:
+            if old is not None and new is not None and old.uuid != new.uuid:
+                # Another instance took this host:port.
+                self._diff.change(old, None)
+                self._diff.change(None, new)
+            elif old is not None or new is not None:
+                self._diff.change(old, new)
+        except Exception:  # noqa: BLE001 - a listener's bug must not stop the watch
+            self.log.failure("instance listener failed")
+
+    def _check_synced(self) -> None:
+        if self._pending == 0 and not self._synced:
+            self._synced = True
+            try:
+                self._diff.feed(i for i in self._leaves.values() if i is not None)
+            except Exception:  # noqa: BLE001 - a listener's bug must not stop the watch
+                self.log.failure("instance listener failed")
+
+
+def _ignore(*args: Any) -> None:
+    pass
