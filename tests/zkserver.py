@@ -10,15 +10,15 @@ running under the reactor poll the quick checks with C{deferLater} instead.
 Every server started here is killed at interpreter exit, and gets SIGKILL
 from the kernel if the test process dies (C{setpriv --pdeathsig}).
 
-Run C{python -m tests.zkserver hold URL NAME PORT} to get a process that
-registers one instance through L{skynet.registry.zookeeper.ZooKeeperRegistry},
+Run C{python -m tests.zkserver hold URL JSON} to get a process that
+registers instances through L{skynet.registry.zookeeper.ZooKeeperRegistry},
 prints C{READY <session id>} and runs until killed.
 """
 
 from __future__ import annotations
 
 import atexit
-import os
+import json
 import shutil
 import signal
 import socket
@@ -149,7 +149,7 @@ class ZooKeeperServer:
             "minSessionTimeout=1000",
             "maxClientCnxns=0",
             "admin.enableServer=false",
-            "4lw.commands.whitelist=srvr,ruok,mntr,stat,cons",
+            "4lw.commands.whitelist=srvr,ruok,mntr,stat,cons,wchs",
         ]
         if self.peers:
             lines += ["initLimit=20", "syncLimit=5"]
@@ -386,33 +386,29 @@ def _kill_leftovers() -> None:
         server.kill()
 
 
-def hold(url: str, name: str, port: int) -> None:
+def hold(url: str, documents: str) -> None:
     """
-    Register one instance and run until killed: the process a C{kill -9}
-    test kills.
+    Register instances (a JSON list of Go-shaped documents), publish their
+    statistics, print C{READY <session id>} and run until killed: the
+    process a C{kill -9} test kills.
     """
     from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
 
     from skynet.registry.base import Instance
     from skynet.registry.zookeeper import ZooKeeperRegistry
 
     registry = ZooKeeperRegistry.from_url(url, reactor=reactor)
-    instance = Instance(
-        uuid=f"holder-{os.getpid()}",
-        name=name,
-        version="1",
-        region="Test",
-        host="127.0.0.1",
-        port=port,
-        pid=os.getpid(),
-    )
+    instances = [Instance.from_go(doc) for doc in json.loads(documents)]
 
     async def main() -> None:
         await registry.start()
-        await registry.add(instance)
+        if not registry.connected:
+            raise RuntimeError(f"{url} unreachable")
+        for instance in instances:
+            await registry.add(instance)
+            await registry.publish_stats(instance, {"Clients": 0})
         print(f"READY {registry.session_id}", flush=True)
-
-    from twisted.internet.defer import Deferred
 
     def failed(f: object) -> None:
         print(f"FAILED {f}", flush=True)
@@ -422,8 +418,16 @@ def hold(url: str, name: str, port: int) -> None:
     reactor.run()
 
 
+def hold_command(url: str, instances: list) -> list[str]:
+    """
+    The command line of a L{hold} child registering C{instances}.
+    """
+    documents = json.dumps([i.to_go() for i in instances])
+    return [sys.executable, "-m", "tests.zkserver", "hold", url, documents]
+
+
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "hold":
-        hold(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    if len(sys.argv) == 4 and sys.argv[1] == "hold":
+        hold(sys.argv[2], sys.argv[3])
     else:
-        sys.exit(f"usage: {sys.argv[0]} hold URL NAME PORT")
+        sys.exit(f"usage: {sys.argv[0]} hold URL JSON-LIST-OF-INSTANCES")

@@ -219,6 +219,10 @@ class ZooKeeperRegistry(ListingMixin):
     A registry kept in ZooKeeper through kazoo.
 
     @ivar url: C{zk://hosts/chroot}, for messages and for child processes.
+    @ivar zk_hosts: the normalized ZooKeeper host list (C{hosts()} is the
+        listing of instance hosts every registry offers).
+    @ivar chroot: the root of the tree, C{/skynet} by default.
+    @ivar session_timeout: the requested session timeout in seconds.
     """
 
     log = Logger()
@@ -248,12 +252,12 @@ class ZooKeeperRegistry(ListingMixin):
         if reactor is None:
             from twisted.internet import reactor  # type: ignore[no-redef]
         self._reactor = reactor
-        self.hosts = _parse_hosts(hosts)
+        self.zk_hosts = _parse_hosts(hosts)
         self.chroot = _parse_chroot(chroot) or "/"
         self._root = _parse_chroot(chroot)
         self.session_timeout = _parse_timeout("session_timeout", session_timeout)
         self.connect_timeout = _parse_timeout("connect_timeout", connect_timeout)
-        self.url = f"zk://{self.hosts}{self.chroot}"
+        self.url = f"zk://{self.zk_hosts}{self.chroot}"
         if self.session_timeout != DEFAULT_SESSION_TIMEOUT:
             self.url += f"?session_timeout={self.session_timeout:g}"
 
@@ -265,7 +269,7 @@ class ZooKeeperRegistry(ListingMixin):
         self._pool = threadpool
 
         self._zk = KazooClient(
-            hosts=self.hosts,
+            hosts=self.zk_hosts,
             timeout=self.session_timeout,
             connection_retry=KazooRetry(
                 max_tries=-1, delay=0.1, backoff=2, max_delay=1.0
@@ -279,6 +283,8 @@ class ZooKeeperRegistry(ListingMixin):
         self._dirty: set[str] = set()
         #: Full path -> the session id that wrote it (the fast path of updates).
         self._written: dict[str, int] = {}
+        #: Full path -> uuid of the instance an explicit remove() deletes.
+        self._removing: dict[str, str] = {}
         self._syncs: dict[str, list[Deferred]] = {}
         self._running: set[str] = set()
 
@@ -401,7 +407,7 @@ class ZooKeeperRegistry(ListingMixin):
     def _start_timed_out(self) -> None:
         self.log.warn(
             "ZooKeeper at {hosts} unreachable; waiting to register",
-            hosts=self.hosts,
+            hosts=self.zk_hosts,
             registry=self.url,
         )
         self._go_offline()
@@ -500,7 +506,7 @@ class ZooKeeperRegistry(ListingMixin):
             self.log.warn(
                 "Connection to ZooKeeper at {hosts} lost; session {session} suspended,"
                 " reconnecting",
-                hosts=self.hosts,
+                hosts=self.zk_hosts,
                 session=_hex(self._session_id),
                 registry=self.url,
             )
@@ -512,7 +518,7 @@ class ZooKeeperRegistry(ListingMixin):
                 " on a new session",
                 session=_hex(self._session_id),
                 count=len(self._desired),
-                hosts=self.hosts,
+                hosts=self.zk_hosts,
                 registry=self.url,
             )
             self._start_offline_timer()
@@ -528,7 +534,7 @@ class ZooKeeperRegistry(ListingMixin):
         self._offline_call = None
         self.log.info(
             "Connected to ZooKeeper at {hosts}, {which} session {session}",
-            hosts=self.hosts,
+            hosts=self.zk_hosts,
             which="new" if new_session else "resumed",
             session=_hex(session_id),
             registry=self.url,
@@ -574,7 +580,7 @@ class ZooKeeperRegistry(ListingMixin):
         self.log.warn(
             "ZooKeeper at {hosts} unreachable for {seconds}s; writes are queued until it"
             " is back",
-            hosts=self.hosts,
+            hosts=self.zk_hosts,
             seconds=self.session_timeout,
             registry=self.url,
         )
@@ -648,8 +654,10 @@ class ZooKeeperRegistry(ListingMixin):
 
     def remove(self, instance: Instance) -> Deferred:
         """
-        Delete the nodes of C{instance} (whoever owns them) and prune their
-        empty parents.
+        Delete the nodes of C{instance} and prune their empty parents.  A
+        node now owned by another session is deleted only if it holds this
+        instance (same uuid), so a replacement on the same host and port
+        survives.
         """
         try:
             paths = self._paths(instance)
@@ -657,6 +665,7 @@ class ZooKeeperRegistry(ListingMixin):
             return fail()
         for path in paths:
             self._desired.pop(path, None)
+            self._removing[path] = instance.uuid
         d = DeferredList([self._sync(path) for path in paths], consumeErrors=True)
         d.addCallback(_first_error)
         d.addCallback(lambda _: None)
@@ -666,6 +675,7 @@ class ZooKeeperRegistry(ListingMixin):
         if self._stopping:
             return fail(RegistryError(f"{self.url} is stopped"))
         self._desired[path] = data
+        self._removing.pop(path, None)
         return self._sync(path)
 
     def _sync(self, path: str) -> Deferred:
@@ -710,11 +720,12 @@ class ZooKeeperRegistry(ListingMixin):
                 if not self._stopping:
                     self._dirty.add(path)
                 return
+            deleting = path not in self._desired
             try:
-                if path in self._desired:
-                    await self._write(path)
-                else:
+                if deleting:
                     await self._delete(path)
+                else:
+                    await self._write(path)
             except _CONNECTION_ERRORS:
                 if self._stopping:
                     return
@@ -726,6 +737,8 @@ class ZooKeeperRegistry(ListingMixin):
                 delay = min(delay * 2, 1.0)
                 continue
             self._dirty.discard(path)
+            if deleting:
+                self._removing.pop(path, None)
             return
 
     async def _write(self, path: str) -> None:
@@ -766,12 +779,50 @@ class ZooKeeperRegistry(ListingMixin):
                 pass
 
     async def _delete(self, path: str) -> None:
-        try:
-            await self._call(self._zk.delete_async, path)
-        except NoNodeError:
-            pass
+        """
+        Delete the node at C{path} unless it now belongs to someone else: an
+        ephemeral node of another session is deleted only if it holds the
+        instance being removed (L{remove} names it in C{self._removing}).
+        A new process on the same host and port keeps its registration when
+        the old one stops.
+        """
         self._written.pop(path, None)
+        while True:
+            try:
+                data, stat = await self._call(self._zk.get_async, path)
+            except NoNodeError:
+                break
+            owner = stat.ephemeralOwner
+            if (
+                owner
+                and owner != self._session_id
+                and not self._holds_removed(path, data)
+            ):
+                self.log.info(
+                    "Leaving {path} alone: ZooKeeper session {owner} owns it now",
+                    path=path,
+                    owner=_hex(owner),
+                )
+                return
+            try:
+                await self._call(self._zk.delete_async, path, version=stat.version)
+            except BadVersionError:
+                continue  # rewritten meanwhile: look again
+            except NoNodeError:
+                pass
+            break
         await self._prune(path.rpartition("/")[0])
+
+    def _holds_removed(self, path: str, data: bytes) -> bool:
+        uuid = self._removing.get(path)
+        if uuid is None:
+            return False
+        if path.startswith(f"{self._root}/statistics/"):
+            return True  # named by an explicit remove(); stats carry no uuid
+        try:
+            return Instance.from_json(data).uuid == uuid
+        except RegistryError:
+            return False
 
     async def _prune(self, path: str) -> None:
         """
@@ -804,7 +855,7 @@ class ZooKeeperRegistry(ListingMixin):
         delay = 0.05
         while True:
             if not self._connected and not await self._when_connected():
-                raise RegistryError(f"ZooKeeper at {self.hosts} unreachable")
+                raise RegistryError(f"ZooKeeper at {self.zk_hosts} unreachable")
             try:
                 return await operation()
             except _CONNECTION_ERRORS:

@@ -1,0 +1,939 @@
+"""
+The ZooKeeper registry against real ZooKeeper servers (see L{tests.zkserver}):
+the tree other languages read, ephemeral nodes and their owners, pruning,
+watches, a SIGKILLed holder, failover in a 3-node ensemble, session expiry,
+a whole-ensemble outage, and starting while ZooKeeper is down.
+
+The ZooKeeper server must be installed (C{apt-get install -y zookeeper});
+without it every test here fails with that instruction.
+
+Figures (failover pauses, kill -9 to node gone) are printed; run pytest with
+C{-s} to see them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import attr
+from kazoo.client import KazooClient
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import TestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from skynet.registry.base import (
+    Address,
+    IInstanceListener,
+    Instance,
+    IRegistry,
+    IWatch,
+    Query,
+    RegistryError,
+)
+from skynet.registry.zookeeper import ZooKeeperRegistry
+from tests.registry_conformance import RegistryConformanceMixin
+from tests.zkserver import ZooKeeperCluster, four_letter_word, hold_command
+
+ROOT = Path(__file__).resolve().parent.parent
+SESSION_TIMEOUT = 4.0
+_chroots = itertools.count(1)
+
+GO_CONFIG_KEYS = {
+    "UUID",
+    "Name",
+    "Version",
+    "Region",
+    "ServiceAddr",
+    "AdminAddr",
+    "CriticalClientCount",
+    "CriticalAverageResponseTime",
+}
+
+
+def figure(text: str) -> None:
+    """
+    Print a measured figure (visible with C{pytest -s}).
+    """
+    print(f"\n[zookeeper figure] {text}", file=sys.stderr)
+
+
+def instance(name: str, port: int, uuid: str | None = None, **kw: Any) -> Instance:
+    fields: dict[str, Any] = {
+        "version": "1",
+        "region": "Test",
+        "host": "127.0.0.1",
+    }
+    fields.update(kw)
+    return Instance(uuid=uuid or f"{name}-{port}", name=name, port=port, **fields)
+
+
+async def sleep(seconds: float) -> None:
+    await deferLater(reactor, seconds, lambda: None)
+
+
+async def poll(predicate: Any, timeout: float = 15.0, what: str = "condition") -> float:
+    """
+    Poll C{predicate} every 20 ms until it is true.
+
+    @return: the seconds it took.
+    """
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await sleep(0.02)
+    return time.monotonic() - start
+
+
+@implementer(IInstanceListener)
+class Recorder:
+    """
+    Records a watch's events and keeps the view they describe.
+    """
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Any]] = []
+        self.view: dict[str, Instance] = {}
+        self.snapshotted: Deferred = Deferred()
+
+    def snapshot(self, instances: list[Instance]) -> None:
+        self.events.append(("snapshot", [i.uuid for i in instances]))
+        self.view = {i.uuid: i for i in instances}
+        self.snapshotted.callback(instances)
+
+    def added(self, instance: Instance) -> None:
+        self.events.append(("added", instance.uuid))
+        self.view[instance.uuid] = instance
+
+    def updated(self, instance: Instance) -> None:
+        self.events.append(("updated", instance.uuid))
+        self.view[instance.uuid] = instance
+
+    def removed(self, instance: Instance) -> None:
+        self.events.append(("removed", instance.uuid))
+        self.view.pop(instance.uuid, None)
+
+    def removals(self) -> list[str]:
+        return [uuid for kind, uuid in self.events if kind == "removed"]
+
+
+class _ZooKeeperTestCase(TestCase):
+    """
+    Shared servers for a class, a fresh chroot per test, and helpers that
+    stop every registry and client a test makes.
+    """
+
+    cluster: ZooKeeperCluster
+    size = 1
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.cluster = ZooKeeperCluster(cls.size)
+        try:
+            cls.cluster.start()
+        except BaseException:
+            cls.cluster.close()
+            raise
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.cluster.close()
+
+    def setUp(self) -> None:
+        self.chroot = f"/test{next(_chroots)}/skynet"
+        if not self.cluster.serving():
+            # A previous test left a member down: bring it back.
+            self.cluster.start()
+
+    def registry(self, hosts: str | None = None, **kwargs: Any) -> ZooKeeperRegistry:
+        kwargs.setdefault("session_timeout", SESSION_TIMEOUT)
+        registry = ZooKeeperRegistry(
+            hosts or self.cluster.hosts,
+            kwargs.pop("chroot", self.chroot),
+            reactor=reactor,
+            **kwargs,
+        )
+        self.addCleanup(registry.stop)
+        return registry
+
+    async def started(self, **kwargs: Any) -> ZooKeeperRegistry:
+        registry = self.registry(**kwargs)
+        await registry.start()
+        self.assertTrue(registry.connected)
+        return registry
+
+    def kazoo(self, hosts: str | None = None) -> KazooClient:
+        """
+        A plain kazoo client, blocking: the view of another language.
+        """
+        client = KazooClient(hosts or self.cluster.hosts, timeout=SESSION_TIMEOUT)
+        client.start(timeout=15)
+
+        def close() -> None:
+            client.stop()
+            client.close()
+
+        self.addCleanup(close)
+        return client
+
+    def walk(self, client: KazooClient, path: str) -> list[str]:
+        """
+        Every instance node below C{path} (a C{/services} tree), by path.
+        """
+        found = []
+        for child in sorted(client.get_children(path)):
+            node = f"{path}/{child}"
+            if node.count("/") - self.chroot.count("/") - 1 == 5:
+                found.append(node)
+            else:
+                found.extend(self.walk(client, node))
+        return found
+
+    async def spawn_holder(self, instances: list[Instance]) -> Holder:
+        """
+        A child process that registers C{instances} in this test's tree
+        through its own ZooKeeperRegistry (own session) and waits to be
+        killed.
+        """
+        holder = Holder()
+        reactor.spawnProcess(
+            holder,
+            sys.executable,
+            hold_command(f"zk://{self.cluster.hosts}{self.chroot}", instances),
+            env=dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1"),
+            path=str(ROOT),
+        )
+        self.addCleanup(holder.kill)
+        await poll(
+            lambda: holder.ready is not None or holder.ended.called,
+            timeout=30,
+            what="the holder",
+        )
+        if holder.ready is None:
+            self.fail(f"the holder failed: {holder.output.decode(errors='replace')}")
+        return holder
+
+    async def watching(self, registry: ZooKeeperRegistry, query: Query) -> Recorder:
+        recorder = Recorder()
+        watch = registry.watch(query, recorder)
+        self.addCleanup(watch.stop)
+        await recorder.snapshotted
+        return recorder
+
+
+class StandaloneTests(_ZooKeeperTestCase):
+    """
+    One standalone server shared by the tests of this class.
+    """
+
+    async def test_interfaces(self) -> None:
+        registry = await self.started()
+        self.assertTrue(verifyObject(IRegistry, registry))
+        watch = registry.watch(Query(), Recorder())
+        self.assertTrue(verifyObject(IWatch, watch))
+        watch.stop()
+
+    async def test_tree_is_ephemeral_and_walkable(self) -> None:
+        """
+        A plain ZooKeeper client finds the Go-shaped JSON at
+        C{/services/<Name>/<Version>/<Region>/<Host>/<Port>}, and the
+        statistics beside it; both leaves are ephemeral nodes of the
+        registry's session, the parents are not.
+        """
+        registry = await self.started()
+        a = instance("Walk", 9001, admin=Address("127.0.0.1", 9002), pid=123)
+        b = instance("Other", 9003, version="2", region="Elsewhere", host="10.0.0.7")
+        await registry.add(a)
+        await registry.add(b)
+        await registry.publish_stats(a, {"Clients": 3, "RequestsServed": 10})
+
+        zk = self.kazoo()
+        services = f"{self.chroot}/services"
+        self.assertEqual(
+            self.walk(zk, services),
+            [
+                f"{services}/Other/2/Elsewhere/10.0.0.7/9003",
+                f"{services}/Walk/1/Test/127.0.0.1/9001",
+            ],
+        )
+        data, stat = zk.get(f"{services}/Walk/1/Test/127.0.0.1/9001")
+        doc = json.loads(data)
+        self.assertEqual(GO_CONFIG_KEYS, set(doc["Config"]))
+        self.assertEqual(doc["Registered"], True)
+        self.assertEqual(
+            doc["Config"]["ServiceAddr"],
+            {"IPAddress": "127.0.0.1", "Port": 9001, "MaxPort": 0},
+        )
+        self.assertEqual(doc["Config"]["AdminAddr"]["Port"], 9002)
+        self.assertEqual(doc["Config"]["CriticalAverageResponseTime"], 5_000_000_000)
+        self.assertEqual(Instance.from_go(doc), a)
+        self.assertEqual(stat.ephemeralOwner, registry.session_id)
+        self.assertNotEqual(registry.session_id, 0)
+        _, parent = zk.get(f"{services}/Walk/1/Test/127.0.0.1")
+        self.assertEqual(parent.ephemeralOwner, 0)
+
+        data, stat = zk.get(f"{self.chroot}/statistics/Walk/1/Test/127.0.0.1/9001")
+        self.assertEqual(json.loads(data), {"Clients": 3, "RequestsServed": 10})
+        self.assertEqual(stat.ephemeralOwner, registry.session_id)
+
+        self.assertEqual(await registry.query(Query()), [b, a])
+        self.assertEqual(await registry.query(Query(service="Walk")), [a])
+        self.assertEqual(await registry.query(Query(region="Elsewhere")), [b])
+        self.assertEqual(await registry.services(), ["Other", "Walk"])
+        self.assertEqual(await registry.hosts(), ["10.0.0.7", "127.0.0.1"])
+        self.assertEqual(
+            await registry.get_stats(a), {"Clients": 3, "RequestsServed": 10}
+        )
+        self.assertIsNone(await registry.get_stats(b))
+
+    async def test_default_chroot(self) -> None:
+        registry = ZooKeeperRegistry.from_url(
+            f"zk://{self.cluster.hosts}", reactor=reactor
+        )
+        self.addCleanup(registry.stop)
+        self.assertEqual(registry.chroot, "/skynet")
+        await registry.start()
+        await registry.add(instance("Rooted", 9100))
+        zk = self.kazoo()
+        self.assertTrue(zk.exists("/skynet/services/Rooted/1/Test/127.0.0.1/9100"))
+        await registry.stop()
+        self.assertIsNone(zk.exists("/skynet/services/Rooted"))
+
+    async def test_update_rewrites_in_place(self) -> None:
+        registry = await self.started()
+        a = instance("Flag", 9200)
+        await registry.add(a)
+        await registry.update(_with(a, registered=False))
+        zk = self.kazoo()
+        data, stat = zk.get(f"{self.chroot}/services{a.path}")
+        self.assertFalse(json.loads(data)["Registered"])
+        self.assertEqual(stat.ephemeralOwner, registry.session_id)
+        self.assertEqual(stat.version, 1)
+
+    async def test_remove_prunes_empty_parents(self) -> None:
+        registry = await self.started()
+        one = instance("Prune", 9301, region="One")
+        two = instance("Prune", 9302, region="Two")
+        for i in (one, two):
+            await registry.add(i)
+            await registry.publish_stats(i, {"Clients": 0})
+        zk = self.kazoo()
+        root = self.chroot
+
+        await registry.remove(one)
+        self.assertIsNone(zk.exists(f"{root}/services/Prune/1/One"))
+        self.assertIsNone(zk.exists(f"{root}/statistics/Prune/1/One"))
+        self.assertTrue(zk.exists(f"{root}/services/Prune/1/Two/127.0.0.1/9302"))
+
+        await registry.remove(two)
+        self.assertIsNone(zk.exists(f"{root}/services/Prune"))
+        self.assertIsNone(zk.exists(f"{root}/statistics/Prune"))
+        self.assertTrue(zk.exists(f"{root}/services"))
+        # Removing what is gone is fine.
+        await registry.remove(two)
+
+    async def test_stop_deletes_only_own_nodes(self) -> None:
+        owner = await self.started()
+        other = await self.started()
+        await owner.add(instance("Mine", 9401))
+        await other.add(instance("Theirs", 9402))
+        await owner.stop()
+        zk = self.kazoo()
+        self.assertIsNone(zk.exists(f"{self.chroot}/services/Mine"))
+        self.assertTrue(
+            zk.exists(f"{self.chroot}/services/Theirs/1/Test/127.0.0.1/9402")
+        )
+        self.assertFalse(owner.connected)
+
+    async def test_replacement_on_same_port_survives_old_owner(self) -> None:
+        """
+        A new process on the host and port of one whose session is still
+        alive takes the node over; the old one stopping does not delete it.
+        """
+        old = await self.started()
+        new = await self.started()
+        watcher = await self.started()
+        first = instance("Restarted", 9500, uuid="first")
+        second = instance("Restarted", 9500, uuid="second")
+        await old.add(first)
+        recorder = await self.watching(watcher, Query(service="Restarted"))
+        await new.add(second)
+        await old.stop()
+        zk = self.kazoo()
+        data, stat = zk.get(f"{self.chroot}/services{second.path}")
+        self.assertEqual(Instance.from_json(data).uuid, "second")
+        self.assertEqual(stat.ephemeralOwner, new.session_id)
+        await poll(lambda: "second" in recorder.view, what="the replacement")
+        self.assertEqual(
+            recorder.events[:3],
+            [("snapshot", ["first"]), ("removed", "first"), ("added", "second")],
+        )
+        self.assertEqual(list(recorder.view), ["second"])
+
+    async def test_watch_snapshot_then_changes(self) -> None:
+        owner = await self.started()
+        watcher = await self.started()
+        a1 = instance("Watched", 9601)
+        a2 = instance("Watched", 9602, region="Far")
+        await owner.add(a1)
+        recorder = await self.watching(watcher, Query(service="Watched"))
+        registered = await self.watching(
+            watcher, Query(service="Watched", registered=True)
+        )
+        self.assertEqual(recorder.events, [("snapshot", [a1.uuid])])
+
+        await owner.add(a2)
+        await owner.add(instance("Unwatched", 9603))
+        await poll(lambda: len(recorder.events) == 2, what="added")
+        await owner.update(_with(a1, registered=False))
+        await poll(lambda: len(recorder.events) == 3, what="updated")
+        await owner.remove(a2)
+        await poll(lambda: len(recorder.events) == 4, what="removed")
+        self.assertEqual(
+            recorder.events,
+            [
+                ("snapshot", [a1.uuid]),
+                ("added", a2.uuid),
+                ("updated", a1.uuid),
+                ("removed", a2.uuid),
+            ],
+        )
+        self.assertFalse(recorder.view[a1.uuid].registered)
+        await poll(lambda: len(registered.events) == 4, what="registered-only events")
+        self.assertEqual(
+            registered.events,
+            [
+                ("snapshot", [a1.uuid]),
+                ("added", a2.uuid),
+                ("removed", a1.uuid),
+                ("removed", a2.uuid),
+            ],
+        )
+
+    async def test_watch_of_a_service_not_there_yet(self) -> None:
+        """
+        A watch on a service nobody registered waits for its subtree to
+        appear, and again after the last instance pruned it.
+        """
+        owner = await self.started()
+        watcher = await self.started()
+        recorder = await self.watching(watcher, Query(service="Later"))
+        self.assertEqual(recorder.events, [("snapshot", [])])
+        first = instance("Later", 9701)
+        await owner.add(first)
+        await poll(lambda: first.uuid in recorder.view, what="first")
+        await owner.remove(first)
+        await poll(lambda: not recorder.view, what="removal")
+        second = instance("Later", 9702, host="10.1.1.1")
+        await owner.add(second)
+        await poll(lambda: second.uuid in recorder.view, what="second")
+        self.assertEqual(
+            recorder.events,
+            [
+                ("snapshot", []),
+                ("added", first.uuid),
+                ("removed", first.uuid),
+                ("added", second.uuid),
+            ],
+        )
+
+    async def test_watch_of_one_instance_path(self) -> None:
+        owner = await self.started()
+        watcher = await self.started()
+        target = instance("Exact", 9801)
+        query = Query(
+            service="Exact", version="1", region="Test", host="127.0.0.1", port=9801
+        )
+        recorder = await self.watching(watcher, query)
+        await owner.add(instance("Exact", 9802))
+        await owner.add(target)
+        await poll(lambda: target.uuid in recorder.view, what="the instance")
+        await owner.remove(target)
+        await poll(lambda: not recorder.view, what="its removal")
+        self.assertEqual(
+            recorder.events,
+            [("snapshot", []), ("added", target.uuid), ("removed", target.uuid)],
+        )
+
+    async def test_kill_minus_9_holder_vanishes_within_session_timeout(self) -> None:
+        """
+        A process that registered through ZooKeeperRegistry and is SIGKILLed
+        leaves no node behind once its session expires.
+        """
+        watcher = await self.started()
+        recorder = await self.watching(watcher, Query(service="Holder"))
+        held = instance("Holder", 9900)
+        holder = await self.spawn_holder([held])
+        await poll(lambda: len(recorder.view) == 1, what="the holder's instance")
+        zk = self.kazoo()
+        path = f"{self.chroot}/services/Holder/1/Test/127.0.0.1/9900"
+        self.assertEqual(zk.exists(path).ephemeralOwner, holder.ready)
+
+        killed = time.monotonic()
+        os.kill(holder.pid, signal.SIGKILL)
+        await holder.ended
+        await poll(
+            lambda: not recorder.view, timeout=SESSION_TIMEOUT + 10, what="the removal"
+        )
+        elapsed = time.monotonic() - killed
+        figure(
+            f"kill -9 -> removal seen by a watch: {elapsed:.2f}s (session timeout {SESSION_TIMEOUT}s)"
+        )
+        self.assertIsNone(zk.exists(path))
+        self.assertEqual(recorder.removals(), [held.uuid])
+        # The target is session timeout + 1 s; 1 s more of slack for a busy machine.
+        self.assertLess(elapsed, SESSION_TIMEOUT + 1.0 + 1.0)
+
+    async def test_session_expiry_recreates_own_nodes(self) -> None:
+        """
+        When the session expires the registry re-creates its nodes (and the
+        latest statistics) on a new session.
+        """
+        owner = await self.started()
+        watcher = await self.started()
+        mine = instance("Expiring", 9950)
+        await owner.add(mine)
+        await owner.publish_stats(mine, {"Clients": 1})
+        await owner.publish_stats(mine, {"Clients": 2})
+        recorder = await self.watching(watcher, Query(service="Expiring"))
+        old_session = owner.session_id
+
+        # kazoo's client_id trick: a second client takes the session over
+        # and closes it, which expires it for its owner.
+        thief = KazooClient(
+            self.cluster.hosts, client_id=owner._zk.client_id, timeout=SESSION_TIMEOUT
+        )
+        thief.start(timeout=15)
+
+        thief.stop()
+        thief.close()
+
+        zk = self.kazoo()
+        path = f"{self.chroot}/services{mine.path}"
+        stats = f"{self.chroot}/statistics{mine.path}"
+
+        def recreated() -> bool:
+            stat = zk.exists(path)
+            return bool(
+                owner.session_id != old_session
+                and stat is not None
+                and stat.ephemeralOwner == owner.session_id
+                and zk.exists(stats) is not None
+            )
+
+        took = await poll(recreated, what="the nodes on a new session")
+        figure(f"session expiry -> own nodes re-created after {took:.2f}s")
+        self.assertEqual(json.loads(zk.get(stats)[0]), {"Clients": 2})
+        self.assertEqual(Instance.from_json(zk.get(path)[0]), mine)
+        await poll(lambda: mine.uuid in recorder.view, what="the watch's view")
+        figure(f"watch events across the expiry: {recorder.events}")
+        # Writes keep working on the new session.
+        await owner.update(_with(mine, registered=False))
+        self.assertFalse(json.loads(zk.get(path)[0])["Registered"])
+
+    async def test_scale_watch_reads_only_the_queried_service(self) -> None:
+        """
+        2,000 instances across 50 services: a watch on one service reads and
+        watches only that subtree.
+        """
+        zk = self.kazoo()
+        services = f"{self.chroot}/services"
+        paths = []
+        for n in range(2000):
+            paths.append(
+                f"{services}/S{n % 50}/1/Test/10.{n // 250}.{n % 250}.1/{2000 + n}"
+            )
+        started = time.monotonic()
+        parents = {p.rsplit("/", 1)[0] for p in paths}
+        levels: set[str] = set()
+        for parent in parents:
+            while parent.count("/") > services.count("/"):
+                levels.add(parent)
+                parent = parent.rsplit("/", 1)[0]
+        zk.ensure_path(services)
+        for depth in sorted({p.count("/") for p in levels}):
+            batch = [
+                zk.create_async(p) for p in sorted(levels) if p.count("/") == depth
+            ]
+            for result in batch:
+                result.get(timeout=60)
+        body = [
+            zk.create_async(
+                p,
+                instance(
+                    f"S{n % 50}", 2000 + n, uuid=f"u{n}", host=p.split("/")[-2]
+                ).to_json(),
+                ephemeral=True,
+            )
+            for n, p in enumerate(paths)
+        ]
+        for result in body:
+            result.get(timeout=60)
+        figure(
+            f"2,000 instances created by a plain client in {time.monotonic() - started:.2f}s"
+        )
+
+        watcher = await self.started()
+        before = _watch_count(self.cluster)
+        started = time.monotonic()
+        one = await self.watching(watcher, Query(service="S7"))
+        took_one = time.monotonic() - started
+        self.assertEqual(len(one.view), 40)
+        watches_one = _watch_count(self.cluster) - before
+        started = time.monotonic()
+        everything = await self.watching(watcher, Query())
+        took_all = time.monotonic() - started
+        self.assertEqual(len(everything.view), 2000)
+        started = time.monotonic()
+        found = await watcher.query(Query())
+        took_query = time.monotonic() - started
+        self.assertEqual(len(found), 2000)
+        figure(
+            f"2,000 instances / 50 services: one-service watch snapshot {took_one * 1000:.0f} ms"
+            f" ({watches_one} server watches), all-services watch snapshot {took_all:.2f}s,"
+            f" one-shot query of all {took_query:.2f}s"
+        )
+        # 40 instances: 40 data watches, 40 host nodes, service/version/region.
+        self.assertLessEqual(watches_one, 40 + 40 + 3)
+
+        zk.set(
+            paths[7],
+            _with(
+                instance("S7", 2007, uuid="u7", host=paths[7].split("/")[-2]),
+                registered=False,
+            ).to_json(),
+        )
+        zk.delete(paths[57])
+        await poll(
+            lambda: "u57" not in one.view and not one.view["u7"].registered,
+            what="the changes",
+        )
+        self.assertEqual(one.events[1:], [("updated", "u7"), ("removed", "u57")])
+        await poll(
+            lambda: len(everything.view) == 1999,
+            what="the removal in the all-services watch",
+        )
+
+
+class StartWhileDownTests(_ZooKeeperTestCase):
+    """
+    A registry started while its ZooKeeper is down (a server of its own,
+    started late).
+    """
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.cluster = ZooKeeperCluster(1)  # not started
+
+    def setUp(self) -> None:
+        self.chroot = f"/test{next(_chroots)}/skynet"
+
+    async def test_start_while_down_registers_when_it_comes_back(self) -> None:
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
+        registry = self.registry()
+        started = time.monotonic()
+        await registry.start()
+        took = time.monotonic() - started
+        figure(f"start() with ZooKeeper down returned after {took:.2f}s")
+        self.assertLess(took, registry.connect_timeout + 1.0)
+        self.assertFalse(registry.connected)
+        waiting = [
+            e
+            for e in events
+            if e.get("log_format")
+            == "ZooKeeper at {hosts} unreachable; waiting to register"
+        ]
+        self.assertEqual([e["hosts"] for e in waiting], [self.cluster.hosts])
+
+        mine = instance("Late", 9990)
+        started = time.monotonic()
+        await registry.add(mine)
+        await registry.publish_stats(mine, {"Clients": 0})
+        self.assertLess(time.monotonic() - started, 0.5)
+        with self.assertRaises(RegistryError):
+            await registry.query(Query())
+
+        self.cluster.start(wait=False)
+        up = time.monotonic()
+        await poll(self.cluster.serving, timeout=30, what="ZooKeeper")
+        zk = self.kazoo()
+        path = f"{self.chroot}/services{mine.path}"
+        await poll(lambda: zk.exists(path) is not None, what="the late registration")
+        figure(
+            f"ZooKeeper back -> queued registration written after {time.monotonic() - up:.2f}s"
+        )
+        self.assertTrue(registry.connected)
+        self.assertEqual(zk.exists(path).ephemeralOwner, registry.session_id)
+        self.assertTrue(zk.exists(f"{self.chroot}/statistics{mine.path}"))
+        self.assertEqual(await registry.query(Query()), [mine])
+
+
+class EnsembleTests(_ZooKeeperTestCase):
+    """
+    A 3-node ensemble shared by the tests of this class; each test leaves
+    every member running.
+    """
+
+    size = 3
+
+    async def _write_pause(
+        self, registry: ZooKeeperRegistry, target: Instance, n: int
+    ) -> float:
+        started = time.monotonic()
+        await registry.update(_with(target, extra={"n": n}))
+        return time.monotonic() - started
+
+    async def test_failover_is_a_suspension_not_a_removal(self) -> None:
+        """
+        Killing the member a client uses, then the leader: the session and
+        its nodes survive, writes resume, watches report no removal.
+        """
+        owner = await self.started()
+        watcher = await self.started()
+        mine = instance("Failover", 9501)
+        await owner.add(mine)
+        recorder = await self.watching(watcher, Query(service="Failover"))
+        session = owner.session_id
+        zk_path = f"{self.chroot}/services{mine.path}"
+
+        member = self.cluster.member_with_session(session)
+        self.assertIsNotNone(member)
+        role = member.mode()
+        member.kill()
+        pause_member = await self._write_pause(owner, mine, 1)
+        figure(
+            f"kill -9 of the member the client used ({role}): a write completed {pause_member:.2f}s later"
+        )
+        self.assertEqual(owner.session_id, session)
+        member.start()
+        await poll(self.cluster.serving, timeout=30, what="the member back")
+
+        leader = self.cluster.leader()
+        self.assertIsNotNone(leader)
+        leader.kill()
+        pause_leader = await self._write_pause(owner, mine, 2)
+        figure(f"kill -9 of the leader: a write completed {pause_leader:.2f}s later")
+        self.assertEqual(owner.session_id, session)
+        leader.start()
+        await poll(self.cluster.serving, timeout=30, what="the leader back")
+
+        await poll(
+            lambda: recorder.view[mine.uuid].extra == {"n": 2}, what="the last update"
+        )
+        self.assertEqual(recorder.removals(), [])
+        zk = self.kazoo()
+        data, stat = zk.get(zk_path)
+        self.assertEqual(stat.ephemeralOwner, session)
+        self.assertEqual(json.loads(data)["Extra"], {"n": 2})
+        self.assertLess(pause_member, SESSION_TIMEOUT)
+        self.assertLess(pause_leader, SESSION_TIMEOUT)
+
+    async def test_whole_ensemble_down_for_10s(self) -> None:
+        """
+        Every member stopped for 10 s, then restarted: nodes are back (their
+        sessions survive: a new leader gives every session a fresh timeout),
+        writes made during the outage land, the watch sees them.
+        """
+        owner = await self.started()
+        watcher = await self.started()
+        mine = instance("Outage", 9601)
+        await owner.add(mine)
+        recorder = await self.watching(watcher, Query(service="Outage"))
+        session = owner.session_id
+
+        down = time.monotonic()
+        for member in self.cluster.members:
+            member.kill()
+        await sleep(1.0)
+        # A write during the outage: queued, its Deferred fires once the
+        # registry gives up waiting (the session timeout).
+        during = owner.update(_with(mine, registered=False))
+        await sleep(10.0 - (time.monotonic() - down))
+        self.assertTrue(during.called, "a write during the outage is still waiting")
+        await during
+        self.assertEqual(recorder.removals(), [])
+        self.assertFalse(owner.connected)
+
+        self.cluster.start(wait=False)
+        up = time.monotonic()
+        await poll(self.cluster.serving, timeout=30, what="the ensemble")
+        serving = time.monotonic() - up
+        took = await poll(
+            lambda: owner.connected and watcher.connected, what="reconnection"
+        )
+        zk = self.kazoo()
+        path = f"{self.chroot}/services{mine.path}"
+
+        def landed() -> bool:
+            stat = zk.exists(path)
+            return stat is not None and not json.loads(zk.get(path)[0])["Registered"]
+
+        await poll(landed, what="the outage's write")
+        await poll(lambda: not recorder.view[mine.uuid].registered, what="the watch")
+        figure(
+            f"whole ensemble down 10s: quorum {serving:.2f}s after restart, clients"
+            f" reconnected {took:.2f}s later; session kept: {owner.session_id == session};"
+            f" watch events {recorder.events}"
+        )
+        self.assertEqual(zk.exists(path).ephemeralOwner, owner.session_id)
+        self.assertEqual(recorder.removals(), [])
+
+
+class ZooKeeperConformanceTests(RegistryConformanceMixin, _ZooKeeperTestCase):
+    """
+    The conformance suite on a standalone ZooKeeper server: a fresh chroot
+    per test, peers on sessions of their own, owners crashed by SIGKILL of
+    a child process (detected when its session expires).
+    """
+
+    max_settles = int((SESSION_TIMEOUT + 6.0) / 0.05)
+
+    async def make_registry(self) -> ZooKeeperRegistry:
+        return await self.started()
+
+    async def make_peer_registry(
+        self, registry: ZooKeeperRegistry
+    ) -> ZooKeeperRegistry:
+        return await self.started(chroot=registry.chroot)
+
+    async def add_doomed(
+        self, registry: ZooKeeperRegistry, instances: list[Instance]
+    ) -> Holder:
+        self.assertEqual(registry.chroot, self.chroot)
+        return await self.spawn_holder(instances)
+
+    async def crash_owner(self, owner: Holder) -> None:
+        await owner.kill()
+
+    async def settle(self) -> None:
+        await sleep(0.05)
+
+
+class URLTests(TestCase):
+    """
+    L{ZooKeeperRegistry.from_url}, without a server.
+    """
+
+    def test_parses(self) -> None:
+        registry = ZooKeeperRegistry.from_url(
+            "zk://127.0.0.1:2181,127.0.0.2:2182/apps/skynet?session_timeout=2.5",
+            reactor=reactor,
+        )
+        self.assertEqual(registry.zk_hosts, "127.0.0.1:2181,127.0.0.2:2182")
+        self.assertEqual(registry.chroot, "/apps/skynet")
+        self.assertEqual(registry.session_timeout, 2.5)
+        self.assertEqual(
+            registry.url,
+            "zk://127.0.0.1:2181,127.0.0.2:2182/apps/skynet?session_timeout=2.5",
+        )
+        self.assertEqual(ZooKeeperRegistry.from_url(registry.url).url, registry.url)
+
+    def test_defaults(self) -> None:
+        registry = ZooKeeperRegistry.from_url("zk://localhost", reactor=reactor)
+        self.assertEqual(registry.zk_hosts, "localhost:2181")
+        self.assertEqual(registry.chroot, "/skynet")
+        self.assertEqual(registry.session_timeout, 4.0)
+        self.assertEqual(registry.url, "zk://localhost:2181/skynet")
+        self.assertEqual(
+            ZooKeeperRegistry.from_url("zk://[::1]:2182/").zk_hosts, "[::1]:2182"
+        )
+        explicit = ZooKeeperRegistry.from_url(
+            "zk://h?session_timeout=9", session_timeout=3
+        )
+        self.assertEqual(explicit.session_timeout, 3.0)
+
+    def test_bad_urls(self) -> None:
+        for url in [
+            "http://127.0.0.1:2181/skynet",
+            "127.0.0.1:2181",
+            "zk://",
+            "zk:///skynet",
+            "zk://h:port/skynet",
+            "zk://h:99999/skynet",
+            "zk://h1:2181,,h2:2181/skynet",
+            "zk://h/sky/../net",
+            "zk://h/skynet?session_timeout=abc",
+            "zk://h/skynet?session_timeout=0",
+            "zk://h/skynet?session_timeout=-1",
+            "zk://h/skynet?session_timeout=nan",
+            "zk://h/skynet?session_timeout=1&session_timeout=2",
+            "zk://h/skynet?chroot=/x",
+            "zk://h/skynet#frag",
+            "zk://user@h/skynet",
+            "zk://[::1/skynet",
+        ]:
+            with self.assertRaises(RegistryError, msg=url) as caught:
+                ZooKeeperRegistry.from_url(url)
+            self.assertIn("ZooKeeper URL", str(caught.exception))
+
+
+class Holder(ProcessProtocol):
+    """
+    The C{python -m tests.zkserver hold} child.
+    """
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.ready: int | None = None
+        self.ended: Deferred = Deferred()
+        self.pid: int = 0
+
+    def connectionMade(self) -> None:
+        self.pid = self.transport.pid
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        for line in self.output.splitlines():
+            if line.startswith(b"READY "):
+                self.ready = int(line.split()[1])
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.callback(None)
+
+    def kill(self) -> Deferred | None:
+        """
+        SIGKILL the child (if still running); fires when it is reaped.
+        """
+        if self.ended.called:
+            return None
+        try:
+            self.transport.signalProcess("KILL")
+        except ProcessExitedAlready:
+            pass
+        return self.ended
+
+
+def _with(instance: Instance, **changes: Any) -> Instance:
+    return attr.evolve(instance, **changes)
+
+
+def _watch_count(cluster: ZooKeeperCluster) -> int:
+    """
+    The watches every server holds (C{wchs}: "N connections watching M
+    paths / Total watches:W").
+    """
+    total = 0
+    for member in cluster.members:
+        answer = four_letter_word(member.client_port, "wchs") or ""
+        for line in answer.splitlines():
+            if line.startswith("Total watches:"):
+                total += int(line.split(":")[1])
+    return total
