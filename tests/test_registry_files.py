@@ -516,6 +516,43 @@ class FileRegistryTests(FileTestMixin, TestCase):
             [("snapshot", []), ("added", first), ("removed", first), ("added", again)],
         )
 
+    async def test_unwatchable_directory_is_polled(self) -> None:
+        """
+        A directory inotify cannot watch (out of watches) is still listed,
+        and the scanner polls so that changes in it are seen.
+        """
+        if files.inotify is None:
+            self.skipTest("no inotify here")
+        registry = await self.started(
+            FileRegistry(self.root, reactor=reactor, poll_interval=0.1)
+        )
+        listener = RecordingListener()
+        watch = registry.watch(Query(), listener)
+        await self.wait_until(lambda: listener.events, "the snapshot")
+        notifier = watch.scanner.notifier
+        ensure_watched = notifier.ensure_watched
+        blind = os.path.join(self.root, "services", "Blind")
+
+        def refuse(path: str) -> None:
+            if path.startswith(blind):
+                raise files.inotify.INotifyError("no more watches")
+            ensure_watched(path)
+
+        self.patch(notifier, "ensure_watched", refuse)
+        self.patch(notifier, "_watch_subtree", lambda path: None)
+        self.patch(files, "SAFETY_RESCAN_TICKS", 10**9)
+        owner = current_owner().to_json()
+        first = make_instance(name="Blind")
+        self.write_node(first, owner)
+        await self.wait_until(lambda: len(listener.events) > 1, "the addition")
+        self.assertTrue(watch.scanner._unwatched)
+        second = make_instance(name="Blind")
+        self.write_node(second, owner)
+        await self.wait_until(lambda: len(listener.events) > 2, "the second addition")
+        self.assertEqual(
+            listener.events, [("snapshot", []), ("added", first), ("added", second)]
+        )
+
     async def test_two_registries_one_process(self) -> None:
         """
         Two registry objects in one process on one root see each other's

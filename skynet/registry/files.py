@@ -20,6 +20,9 @@ owners and deletes them (with their statistics).  Readers learn about
 changes from inotify where Linux offers it, and by polling otherwise; process
 deaths make no file event, so owners' liveness is swept every
 C{poll_interval} either way.
+
+Every process sharing a root must see the same process ids (one host, one
+PID namespace): a node whose owner's pid is not visible counts as dead.
 """
 
 from __future__ import annotations
@@ -221,15 +224,15 @@ def write_atomically(path: str, data: bytes, attempts: int = 5) -> None:
     """
     directory, name = os.path.split(path)
     for attempt in range(attempts):
-        os.makedirs(directory, exist_ok=True)
         temporary = os.path.join(
             directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         )
         try:
+            os.makedirs(directory, exist_ok=True)
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileNotFoundError:
-            # Another process pruned the directory, empty a moment ago,
-            # between our makedirs and open: make it again.
+            # Another process pruned a directory of the path, empty a moment
+            # ago, while we were making it or before we opened: again.
             if attempt == attempts - 1:
                 raise
             continue
@@ -449,6 +452,9 @@ class _Scanner:
         self._pending = None
         self._loop: LoopingCall | None = None
         self._ticks = 0
+        self._unwatched = False
+        self._warned_unwatched = False
+        self._unprunable: set[tuple[str, tuple[int, int, int]]] = set()
         self.notifier = None
 
     # Scanning.
@@ -460,6 +466,7 @@ class _Scanner:
         directory is watched before it is listed, so that nothing created in
         it afterwards goes unnoticed.
         """
+        self._unwatched = False
         stack = [(self.services, 0, "")]
         while stack:
             directory, depth, rel = stack.pop()
@@ -467,7 +474,16 @@ class _Scanner:
                 try:
                     self.notifier.ensure_watched(directory)
                 except inotify.INotifyError:
-                    continue  # it vanished
+                    # Gone (then listing fails too), or out of inotify
+                    # watches: then poll, as without inotify.
+                    if os.path.isdir(directory):
+                        self._unwatched = True
+                    if self._unwatched and not self._warned_unwatched:
+                        self._warned_unwatched = True
+                        self.log.warn(  # noqa: G010 (twisted.logger's name)
+                            "Cannot watch {directory} with inotify: polling",
+                            directory=directory,
+                        )
             try:
                 entries = os.scandir(directory)
             except (FileNotFoundError, NotADirectoryError):
@@ -489,17 +505,22 @@ class _Scanner:
                                 stack.append(
                                     (entry.path, depth + 1, f"{rel}/{entry.name}")
                                 )
-                        elif entry.is_file(follow_symlinks=False):
-                            yield (
-                                f"{rel}/{entry.name}",
-                                entry.path,
-                                entry.stat(follow_symlinks=False),
-                            )
-                    except FileNotFoundError:
-                        continue
+                            continue
+                        if not entry.is_file(follow_symlinks=False):
+                            continue
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue  # gone meanwhile, or not ours to see
+                    yield f"{rel}/{entry.name}", entry.path, st
 
-    def _parse(self, rel: str, path: str) -> _Entry | None:
-        found = _read_file(path)
+    def _parse(self, rel: str, path: str, st: os.stat_result) -> _Entry | None:
+        try:
+            found = _read_file(path)
+        except OSError as e:
+            self.log.warn(  # noqa: G010 (twisted.logger's name)
+                "Cannot read registry node {path}: {error}", path=path, error=e
+            )
+            return _Entry((st.st_ino, st.st_mtime_ns, st.st_size), None, None)
         if found is None:
             return None
         key, data = found
@@ -532,7 +553,7 @@ class _Scanner:
         for rel, path, st in self._walk():
             entry = self._cache.get(rel)
             if entry is None or entry.key != (st.st_ino, st.st_mtime_ns, st.st_size):
-                entry = self._parse(rel, path)
+                entry = self._parse(rel, path, st)
                 if entry is None:
                     continue
                 changed = True
@@ -587,9 +608,11 @@ class _Scanner:
                     )
                 prune_empty_dirs(self.services, os.path.dirname(path))
             except OSError as e:
-                self.log.warn(  # noqa: G010 (twisted.logger's name)
-                    "Cannot prune {path}: {error}", path=path, error=e
-                )
+                if (rel, entry.key) not in self._unprunable:
+                    self._unprunable.add((rel, entry.key))
+                    self.log.warn(  # noqa: G010 (twisted.logger's name)
+                        "Cannot prune {path}: {error}", path=path, error=e
+                    )
         prune_dead_stats(self.statistics + rel, self.statistics, liveness)
 
     # Watches and timers.
@@ -623,7 +646,11 @@ class _Scanner:
             if self._pending.active():
                 self._pending.cancel()
             self._pending = None
-        live, _ = self.scan()
+        try:
+            live, _ = self.scan()
+        except Exception:  # noqa: BLE001 (keep watching; the next scan may do)
+            self.log.failure("Scanning registry {root} failed", root=self.root)
+            return
         for watch in list(self._watches):
             if watch.diff.stopped or watch.fed_generation == self.generation:
                 continue
@@ -645,6 +672,7 @@ class _Scanner:
         self._ticks += 1
         if (
             self.notifier is None
+            or self._unwatched
             or self._ticks % SAFETY_RESCAN_TICKS == 0
             or self._an_owner_died()
         ):
@@ -849,6 +877,7 @@ class FileRegistry(ListingMixin):
             os.makedirs(self.services_dir, exist_ok=True)
             os.makedirs(self.statistics_dir, exist_ok=True)
 
+        self._stopped = False
         return self._io(make)
 
     def stop(self) -> Deferred[None]:
