@@ -291,6 +291,7 @@ class ServerProtocol(FrameProtocol):
         self._seq = 0
         self._timeout: Any = None
         self._peer = ""
+        self._closed_waiters: list[Deferred] = []
 
     def connectionMade(self) -> None:
         self._peer = self.peer_address()
@@ -326,6 +327,21 @@ class ServerProtocol(FrameProtocol):
         if self._state != _CLOSED:
             self._state = _CLOSED
             self.dispatcher.client_disconnected(self)
+        waiters, self._closed_waiters = self._closed_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def when_closed(self) -> Deferred:
+        """
+        A Deferred firing once the connection is closed (its written data
+        flushed or abandoned).
+        """
+        d: Deferred = Deferred()
+        if self._state == _CLOSED:
+            d.callback(None)
+        else:
+            self._closed_waiters.append(d)
+        return d
 
     def frame_received(self, frame: bytes) -> None:
         state = self._state

@@ -524,6 +524,23 @@ class ServiceHost(MultiService):
         self._drained.append(d)
         return d
 
+    async def _close_connections(self, grace: float = 2.0) -> None:
+        """
+        Close every client connection and wait until each is really closed,
+        so that answers already written reach their clients before the
+        process ends (an unflushed write dies with the reactor).
+        """
+        protocols = list(self.connections.values())
+        if not protocols:
+            return
+        closed = DeferredList([p.when_closed() for p in protocols])
+        for protocol in protocols:
+            protocol.close_connection()
+        timer = self.reactor.callLater(grace, lambda: [_abort_if_open(p) for p in protocols])
+        await closed
+        if timer.active():
+            timer.cancel()
+
     async def _stop(self) -> None:
         if self._retry_call is not None and self._retry_call.active():
             self._retry_call.cancel()
@@ -560,8 +577,7 @@ class ServiceHost(MultiService):
             except Exception:
                 self.log.failure("could not remove {uuid} from the registry", uuid=self.uuid)
             self.in_registry = False
-        for protocol in list(self.connections.values()):
-            protocol.close_connection()
+        await self._close_connections()
         await self._hook(self.service.on_stopped)
         if self._own_client and self._client is not None:
             await self._client.stop()
@@ -569,6 +585,12 @@ class ServiceHost(MultiService):
             await self.registry.stop()
         await super().stopService()
         self.log.info("{service} instance {uuid} stopped", service=self.name, uuid=self.uuid)
+
+
+def _abort_if_open(protocol: ServerProtocol) -> None:
+    transport = protocol.transport
+    if transport is not None and hasattr(transport, "abortConnection"):
+        transport.abortConnection()
 
 
 def ensure(result: Any) -> Any:

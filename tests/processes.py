@@ -5,6 +5,7 @@ started the way an operator starts them.
 
 from __future__ import annotations
 
+import inspect
 import os
 import signal
 import subprocess
@@ -110,7 +111,7 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, interval
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
-        if hasattr(value, "addCallback"):
+        if inspect.isawaitable(value):
             value = await value
         if value:
             return value
