@@ -297,6 +297,8 @@ class ZooKeeperRegistry(ListingMixin):
         self._offline_call: Any = None
         self._started = False
         self._stopping = False
+        self._start_d: Deferred | None = None
+        self._kazoo_starting: Deferred | None = None
         self._stop_d: Deferred | None = None
         self._shutdown_trigger: Any = None
 
@@ -382,10 +384,10 @@ class ZooKeeperRegistry(ListingMixin):
         """
         if self._stopping:
             return fail(RegistryError(f"{self.url} is stopped"))
-        if self._started:
-            return succeed(None)
-        self._started = True
-        return Deferred.fromCoroutine(self._start())
+        if self._start_d is None:
+            self._started = True
+            self._start_d = Deferred.fromCoroutine(self._start())
+        return _follow(self._start_d)
 
     async def _start(self) -> None:
         if self._own_pool:
@@ -394,7 +396,10 @@ class ZooKeeperRegistry(ListingMixin):
             "before", "shutdown", self._stop_at_shutdown
         )
         self._zk.add_listener(self._state_from_kazoo)
-        await deferToThreadPool(self._reactor, self._pool, self._zk.start_async)
+        self._kazoo_starting = deferToThreadPool(
+            self._reactor, self._pool, self._zk.start_async
+        )
+        await self._kazoo_starting
         if self._connected or self._stopping:
             return
         timer = self._reactor.callLater(self.connect_timeout, self._start_timed_out)
@@ -422,13 +427,7 @@ class ZooKeeperRegistry(ListingMixin):
         """
         if self._stop_d is None:
             self._stop_d = Deferred.fromCoroutine(self._stop())
-        d: Deferred = Deferred()
-
-        def chain(result: Any) -> None:
-            d.callback(result)
-
-        self._stop_d.addBoth(chain)
-        return d
+        return _follow(self._stop_d)
 
     def _stop_at_shutdown(self) -> Deferred:
         self._shutdown_trigger = None
@@ -458,6 +457,10 @@ class ZooKeeperRegistry(ListingMixin):
         self._zk.remove_listener(self._state_from_kazoo)
         self._connected = False
         try:
+            if self._kazoo_starting is not None:
+                # Never close kazoo while its start runs (a pool may have
+                # several threads).
+                await DeferredList([_follow(self._kazoo_starting)], consumeErrors=True)
             await deferToThreadPool(self._reactor, self._pool, self._close_kazoo)
         finally:
             if self._own_pool:
@@ -944,6 +947,21 @@ class ZooKeeperRegistry(ListingMixin):
             self._watches.add(watch)
             watch.resync()
         return watch
+
+
+def _follow(d: Deferred) -> Deferred:
+    """
+    A new Deferred with the result of C{d}, leaving C{d}'s own result alone
+    (for results several callers wait for).
+    """
+    follower: Deferred = Deferred()
+
+    def chain(result: Any) -> Any:
+        follower.callback(result)
+        return None if isinstance(result, Failure) else result
+
+    d.addBoth(chain)
+    return follower
 
 
 def _hex(session_id: int | None) -> str:
