@@ -247,7 +247,11 @@ class ZooKeeperServer:
         return None
 
     def serving(self) -> bool:
-        return self.running and self.mode() is not None
+        """
+        Running, answering C{ruok} with C{imok}, and serving requests (an
+        ensemble member in a quorum: C{srvr} shows its mode).
+        """
+        return self.running and self.ruok() and self.mode() is not None
 
     def session_ids(self) -> set[int]:
         """
