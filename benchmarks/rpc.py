@@ -19,8 +19,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
@@ -53,10 +54,13 @@ async def sequential(call: Callable[[], Deferred], seconds: float) -> dict[str, 
     }
 
 
-async def concurrent(call: Callable[[], Deferred], seconds: float, width: int) -> dict[str, float]:
+async def concurrent(call: Callable[[], Deferred], seconds: float, width: int,
+                     server: "psutil.Process | None" = None) -> dict[str, float]:  # fmt: skip
     done = 0
     clock = time.perf_counter
     end = clock() + seconds
+    cpu = time.process_time()
+    server_cpu = _cpu(server)
 
     async def worker() -> None:
         nonlocal done
@@ -66,7 +70,18 @@ async def concurrent(call: Callable[[], Deferred], seconds: float, width: int) -
 
     started = clock()
     await DeferredList([ensureDeferred(worker()) for _ in range(width)], fireOnOneErrback=True)
-    return {"calls/s": done / (clock() - started)}
+    return {
+        "calls/s": done / (clock() - started),
+        "client us/call": (time.process_time() - cpu) / done * 1e6,
+        "server us/call": (_cpu(server) - server_cpu) / done * 1e6,
+    }
+
+
+def _cpu(process: "psutil.Process | None") -> float:
+    if process is None:
+        return 0.0
+    times = process.cpu_times()
+    return times.user + times.system
 
 
 def twistd() -> str:
@@ -104,7 +119,7 @@ async def bench_skynet(reactor: Any, args: argparse.Namespace) -> dict[str, Any]
         call = lambda: adder.call("Add", params)  # noqa: E731
         await sequential(call, min(1.0, args.seconds))  # warm up
         seq = await sequential(call, args.seconds)
-        conc = await concurrent(call, args.seconds, args.concurrency)
+        conc = await concurrent(call, args.seconds, args.concurrency, psutil.Process(service.pid))
         rss_busy = psutil.Process(service.pid).memory_info().rss
     finally:
         await client.stop()
@@ -126,7 +141,7 @@ async def bench_bare(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
         call = lambda: client.call(1, 2)  # noqa: E731
         await sequential(call, min(1.0, args.seconds))
         seq = await sequential(call, args.seconds)
-        conc = await concurrent(call, args.seconds, args.concurrency)
+        conc = await concurrent(call, args.seconds, args.concurrency, psutil.Process(server.pid))
         client.transport.loseConnection()
     finally:
         server.terminate()
@@ -140,12 +155,13 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     sky = await bench_skynet(reactor, args)
     bare = await bench_bare(reactor, args)
     rows = [("skynet (client -> service, via registry)", sky), ("bare Twisted BSON loop", bare)]
-    print(f"{'':44} {'seq calls/s':>12} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'conc calls/s':>13}")  # fmt: skip
+    print(f"{'':42} {'seq calls/s':>11} {'p50 ms':>7} {'p99 ms':>7} "
+          f"{'conc calls/s':>12} {'client us':>9} {'server us':>9}")  # fmt: skip
     for label, r in rows:
         s, c = r["sequential"], r["concurrent"]
-        print(f"{label:44} {s['calls/s']:12.0f} {s['p50 ms']:8.3f} {s['p99 ms']:8.3f} "
-              f"{c['calls/s']:13.0f}")  # fmt: skip
+        print(f"{label:42} {s['calls/s']:11.0f} {s['p50 ms']:7.3f} {s['p99 ms']:7.3f} "
+              f"{c['calls/s']:12.0f} {c['client us/call']:9.1f} {c['server us/call']:9.1f}")  # fmt: skip
+    print("(client us / server us: CPU microseconds per call, concurrent phase)")
     print(f"skynet / bare: sequential {sky['sequential']['calls/s'] / bare['sequential']['calls/s']:.2f}, "
           f"concurrent {sky['concurrent']['calls/s'] / bare['concurrent']['calls/s']:.2f}")  # fmt: skip
     print(f"service RSS: idle {sky['rss_idle'] / 2**20:.1f} MiB, "

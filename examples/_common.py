@@ -5,7 +5,8 @@ on the reactor with a client.
 
 import argparse
 import sys
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import react
@@ -33,7 +34,7 @@ def run(
             await body(client, args)
         except SkynetError as e:
             print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-            raise SystemExit(1)
+            raise SystemExit(1) from None
         finally:
             await client.stop()
 

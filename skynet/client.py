@@ -16,12 +16,14 @@ fails with L{RequestTimeout}.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import bson
 from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.error import ConnectError, ConnectionLost, TimeoutError as TxTimeoutError
+from twisted.internet.error import ConnectError, ConnectionLost
+from twisted.internet.error import TimeoutError as TxTimeoutError
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -66,7 +68,7 @@ class GoScoreBalancer:
     request is oldest (so equals take turns).
     """
 
-    def __init__(self, region: Optional[str] = None, host: Optional[str] = None) -> None:
+    def __init__(self, region: str | None = None, host: str | None = None) -> None:
         self.region = region
         self.host = host
 
@@ -126,7 +128,9 @@ def tcp_connector(reactor: Any, connect_timeout: float, max_frame: int) -> Calla
     """
 
     def connect(instance: Instance) -> Deferred:
-        endpoint = TCP4ClientEndpoint(reactor, instance.host, instance.port, timeout=connect_timeout)
+        endpoint = TCP4ClientEndpoint(
+            reactor, instance.host, instance.port, timeout=connect_timeout
+        )
         d = endpoint.connect(_ClientFactory(instance.name, max_frame))
 
         def connected(protocol: ClientProtocol) -> Deferred:
@@ -170,15 +174,15 @@ class InstanceHandle:
         self.owner = owner
         self.instance = instance
         self.connections: list[ClientProtocol] = []
-        self.remote_clients: Optional[int] = None
+        self.remote_clients: int | None = None
         self.average_response_time = 0.0
         self.last_request = 0.0
         self.last_used = 0
         self.evicted_until = 0.0
         self.backoff = 0.0
         self.retired = False
-        self._connecting: Optional[Deferred] = None
-        self._waiting: list[Deferred] = []
+        self._connecting: Deferred | None = None
+        self._waiting: list[tuple[_Attempt, str, bytes, RequestInfo]] = []
 
     @property
     def uuid(self) -> str:
@@ -193,21 +197,26 @@ class InstanceHandle:
     def available(self, now: float) -> bool:
         return now >= self.evicted_until
 
-    def send(self, method: str, encoded: bytes, info: RequestInfo, now: float) -> Deferred:
+    def send(self, attempt: "_Attempt", method: str, encoded: bytes, info: RequestInfo) -> None:
         """
-        Send one attempt of a call on a pooled connection.
+        Send one attempt of a call on a pooled connection (connecting first
+        if there is none); its answer goes to C{attempt}.
+
+        @raise ConnectionFailed: if the chosen connection is already gone.
         """
-        self.last_request = now
+        self.last_request = attempt.started
         InstanceHandle._uses += 1
         self.last_used = InstanceHandle._uses
         connection = self._pick_connection()
         if connection is not None:
-            return connection.call(method, encoded, info, encoded=True)
-        d = self._connection()
-        d.addCallback(lambda c: c.call(method, encoded, info, encoded=True))
-        return d
+            attempt.connection = connection
+            attempt.seq = connection.send(method, encoded, info, attempt)
+            return
+        self._waiting.append((attempt, method, encoded, info))
+        if self._connecting is None:
+            self._connect()
 
-    def _pick_connection(self) -> Optional[ClientProtocol]:
+    def _pick_connection(self) -> ClientProtocol | None:
         connections = self.connections
         if not connections:
             return None
@@ -224,13 +233,6 @@ class InstanceHandle:
             self._connect()
         return best
 
-    def _connection(self) -> Deferred:
-        d: Deferred = Deferred()
-        self._waiting.append(d)
-        if self._connecting is None:
-            self._connect()
-        return d
-
     def _connect(self) -> None:
         client = self.owner.client
         self._connecting = maybeDeferred(client.connector, self.instance)
@@ -246,8 +248,14 @@ class InstanceHandle:
         self.connections.append(protocol)
         self.backoff = 0.0
         waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.callback(protocol)
+        for attempt, method, encoded, info in waiting:
+            if attempt.done:
+                continue
+            try:
+                attempt.connection = protocol
+                attempt.seq = protocol.send(method, encoded, info, attempt)
+            except ConnectionFailed as e:
+                attempt.errback(e)
 
     def _connect_failed(self, failure: Failure) -> None:
         self._connecting = None
@@ -262,8 +270,9 @@ class InstanceHandle:
 
     def _fail_waiting(self, error: Exception) -> None:
         waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.errback(error)
+        for attempt, _, _, _ in waiting:
+            if not attempt.done:
+                attempt.errback(error)
 
     def _lost(self, protocol: ClientProtocol) -> None:
         try:
@@ -321,6 +330,43 @@ class InstanceHandle:
 _CONNECTION_ERRORS = (ConnectionFailed, ConnectError, ConnectionLost, TxTimeoutError, OSError)
 
 
+class _Attempt:
+    """
+    One attempt of a call on one instance; the connection answers it
+    directly (C{callback}/C{errback}), without a Deferred of its own.
+    """
+
+    __slots__ = ("call", "handle", "started", "connection", "seq", "done")
+
+    def __init__(self, call: "_Call", handle: InstanceHandle, started: float) -> None:
+        self.call = call
+        self.handle = handle
+        self.started = started
+        self.connection: ClientProtocol | None = None
+        self.seq = -1
+        self.done = False
+
+    def callback(self, result: dict[str, Any]) -> None:
+        if not self.done:
+            self.done = True
+            self.call._succeeded(self, result)
+
+    def errback(self, error: Any) -> None:
+        if not self.done:
+            self.done = True
+            if isinstance(error, Failure):
+                error = error.value
+            self.call._failed(self, error)
+
+    def cancel(self) -> None:
+        """
+        Forget this attempt: a late answer is dropped.
+        """
+        self.done = True
+        if self.connection is not None:
+            self.connection.forget(self.seq)
+
+
 class _Call:
     """
     One call with its attempts, retries, hedging and give-up.
@@ -342,6 +388,7 @@ class _Call:
         "saw_instance",
         "last_error",
         "hedge",
+        "waiting",
     )
 
     def __init__(
@@ -363,12 +410,13 @@ class _Call:
         reactor = service.client.reactor
         self.deadline = reactor.seconds() + timeout
         self.result: Deferred = Deferred(self._cancelled)
-        self.outstanding: dict[Deferred, tuple[InstanceHandle, float]] = {}
+        self.outstanding: list[_Attempt] = []
         self.tried: set[str] = set()
         self.attempts = 0
         self.done = False
         self.saw_instance = False
-        self.last_error: Optional[Exception] = None
+        self.waiting = False
+        self.last_error: Exception | None = None
         self.timer = reactor.callLater(min(retry_interval, timeout), self._tick)
 
     def start(self) -> Deferred:
@@ -380,11 +428,12 @@ class _Call:
         now = service.client.reactor.seconds()
         handle = service.pick(self.tried, now)
         if handle is None and self.tried:
-            busy = {h.uuid for h, _ in self.outstanding.values()}
+            busy = {a.handle.uuid for a in self.outstanding}
             handle = service.pick(busy, now, fresh_only=True)
         if handle is None:
-            if not self.outstanding:
+            if not self.outstanding and not self.waiting:
                 # Nothing to try now: look again soon, and at once on news.
+                self.waiting = True
                 service.waiters.append(self._wake)
                 if self.timer is not None and self.timer.getTime() - now > 0.1:
                     self.timer.reset(0.1)
@@ -400,44 +449,42 @@ class _Call:
                 info.connection_address,
             )
         self.attempts += 1
+        attempt = _Attempt(self, handle, now)
+        self.outstanding.append(attempt)
         try:
-            d = handle.send(self.method, self.encoded, info, now)
+            handle.send(attempt, self.method, self.encoded, info)
         except ConnectionFailed as e:
-            d = fail(e)
-        self.outstanding[d] = (handle, now)
-        d.addCallbacks(self._succeeded, self._failed, callbackArgs=(d,), errbackArgs=(d,))
+            attempt.errback(e)
 
     def _wake(self) -> None:
+        self.waiting = False
         if not self.done and not self.outstanding:
             self._attempt()
 
-    def _succeeded(self, result: dict[str, Any], d: Deferred) -> None:
-        handle, started = self.outstanding.pop(d)
+    def _succeeded(self, attempt: _Attempt, result: dict[str, Any]) -> None:
+        self.outstanding.remove(attempt)
         if self.done:
             return
-        handle.record(self.service.client.reactor.seconds() - started)
+        attempt.handle.record(self.service.client.reactor.seconds() - attempt.started)
         self._finish()
         self.result.callback(result)
 
-    def _failed(self, failure: Failure, d: Deferred) -> None:
-        handle, started = self.outstanding.pop(d)
+    def _failed(self, attempt: _Attempt, error: BaseException) -> None:
+        self.outstanding.remove(attempt)
         if self.done:
             return
-        error = failure.value
+        handle = attempt.handle
         if isinstance(error, (ServiceError, RemoteCallError)):
-            handle.record(self.service.client.reactor.seconds() - started)
+            handle.record(self.service.client.reactor.seconds() - attempt.started)
             self._finish()
-            self.result.errback(failure)
+            self.result.errback(error)
             return
         if not isinstance(error, _CONNECTION_ERRORS):
             self._finish()
-            self.result.errback(failure)
+            self.result.errback(error)
             return
-        if not isinstance(error, ServiceUnregistered):
-            handle.evict(str(error))
-        else:
-            handle.evict("unregistered")
-        self.last_error = error
+        handle.evict("unregistered" if isinstance(error, ServiceUnregistered) else str(error))
+        self.last_error = error  # type: ignore[assignment]
         if not self.outstanding:
             self._attempt()
 
@@ -476,17 +523,18 @@ class _Call:
 
     def _finish(self) -> None:
         self.done = True
-        if self.timer is not None:
-            if self.timer.active():
-                self.timer.cancel()
+        timer = self.timer
+        if timer is not None:
             self.timer = None
-        outstanding = list(self.outstanding)
-        for d in outstanding:
-            d.cancel()
-        try:
+            if timer.active():
+                timer.cancel()
+        if self.outstanding:
+            for attempt in self.outstanding:
+                attempt.cancel()
+            self.outstanding.clear()
+        if self.waiting:
+            self.waiting = False
             self.service.waiters.remove(self._wake)
-        except ValueError:
-            pass
 
     def _cancelled(self, d: Deferred) -> None:
         if not self.done:
@@ -586,7 +634,7 @@ class ServiceClient:
 
     def pick(
         self, exclude: Iterable[str], now: float, fresh_only: bool = False
-    ) -> Optional[InstanceHandle]:
+    ) -> InstanceHandle | None:
         """
         The balancer's choice among the instances in rotation and not in
         C{exclude}; failing that, among those evicted (unless
@@ -613,11 +661,11 @@ class ServiceClient:
     def call(
         self,
         method: str,
-        params: Optional[dict[str, Any]] = None,
-        request_info: Optional[RequestInfo] = None,
+        params: dict[str, Any] | None = None,
+        request_info: RequestInfo | None = None,
         *,
-        timeout: Optional[float] = None,
-        retry_interval: Optional[float] = None,
+        timeout: float | None = None,
+        retry_interval: float | None = None,
     ) -> Deferred:
         """
         Call C{method} with C{params} on some instance, retrying as needed.
@@ -633,10 +681,10 @@ class ServiceClient:
     def call_once(
         self,
         method: str,
-        params: Optional[dict[str, Any]] = None,
-        request_info: Optional[RequestInfo] = None,
+        params: dict[str, Any] | None = None,
+        request_info: RequestInfo | None = None,
         *,
-        timeout: Optional[float] = None,
+        timeout: float | None = None,
     ) -> Deferred:
         """
         Like L{call}, with one attempt only: no retry, no hedging.  A failed
@@ -648,10 +696,10 @@ class ServiceClient:
     def _call(
         self,
         method: str,
-        params: Optional[dict[str, Any]],
-        request_info: Optional[RequestInfo],
-        timeout: Optional[float],
-        retry_interval: Optional[float],
+        params: dict[str, Any] | None,
+        request_info: RequestInfo | None,
+        timeout: float | None,
+        retry_interval: float | None,
         hedge: bool,
         once: bool = False,
     ) -> Deferred:
@@ -704,16 +752,14 @@ class _OnceCall(_Call):
 
     __slots__ = ()
 
-    def _failed(self, failure: Failure, d: Deferred) -> None:
-        handle, started = self.outstanding.pop(d)
+    def _failed(self, attempt: _Attempt, error: BaseException) -> None:
+        self.outstanding.remove(attempt)
         if self.done:
             return
-        if isinstance(failure.value, _CONNECTION_ERRORS) and not isinstance(
-            failure.value, ServiceUnregistered
-        ):
-            handle.evict(str(failure.value))
+        if isinstance(error, _CONNECTION_ERRORS) and not isinstance(error, ServiceUnregistered):
+            attempt.handle.evict(str(error))
         self._finish()
-        self.result.errback(failure)
+        self.result.errback(error)
 
     def _attempt(self) -> None:
         if self.attempts:
@@ -746,16 +792,16 @@ class Client:
         *,
         retry_interval: float = DEFAULT_RETRY_INTERVAL,
         giveup_timeout: float = DEFAULT_GIVEUP_TIMEOUT,
-        balancer: Optional[Callable[[], ILoadBalancer]] = None,
-        region: Optional[str] = None,
-        host: Optional[str] = None,
+        balancer: Callable[[], ILoadBalancer] | None = None,
+        region: str | None = None,
+        host: str | None = None,
         max_connections: int = 4,
         max_idle: int = 2,
         max_in_flight_per_connection: int = 32,
         connect_timeout: float = 2.0,
         max_frame: int = DEFAULT_MAX_FRAME,
         sweep_interval: float = 5.0,
-        connector: Optional[Callable[[Instance], Deferred]] = None,
+        connector: Callable[[Instance], Deferred] | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as _reactor
@@ -781,7 +827,7 @@ class Client:
         self._sweeper = LoopingCall(self._sweep)
         self._sweeper.clock = reactor
         self._sweep_interval = sweep_interval
-        self._ready: Optional[Deferred] = None
+        self._ready: Deferred | None = None
         self.stopped = False
 
     def _start(self) -> None:
@@ -791,8 +837,9 @@ class Client:
         if self.own_registry:
             self._ready = maybeDeferred(self.registry.start)
             self._ready.addErrback(
-                lambda f: self.log.failure("cannot start the registry {url}", f,
-                                           url=getattr(self.registry, "url", None))  # fmt: skip
+                lambda f: self.log.failure(
+                    "cannot start the registry {url}", f, url=getattr(self.registry, "url", None)
+                )  # fmt: skip
             )
         else:
             self._ready = succeed(None)
@@ -800,12 +847,12 @@ class Client:
     def service(
         self,
         name: str,
-        version: Optional[str] = None,
-        region: Optional[str] = None,
-        host: Optional[str] = None,
+        version: str | None = None,
+        region: str | None = None,
+        host: str | None = None,
         *,
-        retry_interval: Optional[float] = None,
-        giveup_timeout: Optional[float] = None,
+        retry_interval: float | None = None,
+        giveup_timeout: float | None = None,
     ) -> ServiceClient:
         """
         A client for the registered instances of C{name} matching the other

@@ -17,7 +17,8 @@ import os
 import socket
 import time
 from collections import deque
-from typing import Any, Callable, ClassVar, Iterable, Optional
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred, succeed
@@ -86,9 +87,9 @@ class Service:
         L{on_started}.
     """
 
-    name: ClassVar[Optional[str]] = None
-    version: ClassVar[Optional[str]] = None
-    region: ClassVar[Optional[str]] = None
+    name: ClassVar[str | None] = None
+    version: ClassVar[str | None] = None
+    region: ClassVar[str | None] = None
     critical_client_count: ClassVar[int] = DEFAULT_CRITICAL_CLIENT_COUNT
     critical_average_response_time: ClassVar[float] = DEFAULT_CRITICAL_AVERAGE_RESPONSE_TIME
 
@@ -141,7 +142,7 @@ class ServiceStats:
     def __init__(self, now: Callable[[], float], window: int = RESPONSE_TIME_WINDOW) -> None:
         self.now = now
         self.start_time = now()
-        self.last_request: Optional[float] = None
+        self.last_request: float | None = None
         self.requests_served = 0
         self.errors = 0
         self.in_flight = 0
@@ -253,17 +254,17 @@ class ServiceHost(MultiService):
         admin_endpoints: Iterable[IStreamServerEndpoint] = (),
         *,
         reactor: Any = None,
-        name: Optional[str] = None,
-        version: Optional[str] = None,
-        region: Optional[str] = None,
-        uuid: Optional[str] = None,
+        name: str | None = None,
+        version: str | None = None,
+        region: str | None = None,
+        uuid: str | None = None,
         registered: bool = True,
-        advertise_host: Optional[str] = None,
+        advertise_host: str | None = None,
         max_frame: int = DEFAULT_MAX_FRAME,
-        handshake_timeout: Optional[float] = 60.0,
+        handshake_timeout: float | None = 60.0,
         stats_interval: float = 5.0,
         drain_timeout: float = 10.0,
-        stop_process: Optional[Callable[[], Any]] = None,
+        stop_process: Callable[[], Any] | None = None,
         own_registry: bool = False,
         client: Any = None,
     ) -> None:
@@ -293,8 +294,8 @@ class ServiceHost(MultiService):
         self.connections: dict[str, ServerProtocol] = {}
         self.stats = ServiceStats(reactor.seconds)
         self.methods = {n: getattr(service, n) for n in remote_method_names(cls)}
-        self.port: Optional[IListeningPort] = None
-        self.admin_port: Optional[IListeningPort] = None
+        self.port: IListeningPort | None = None
+        self.admin_port: IListeningPort | None = None
         self.instance: Instance = Instance(
             uuid=self.uuid, name=self.name, version=self.version, region=self.region,
             host="", port=0, registered=registered,
@@ -303,9 +304,9 @@ class ServiceHost(MultiService):
         self._client = client
         self._own_client = False
         self._drained: list[Deferred] = []
-        self._stats_loop: Optional[LoopingCall] = None
-        self._stopping: Optional[Deferred] = None
-        self._started: Optional[Deferred] = None
+        self._stats_loop: LoopingCall | None = None
+        self._stopping: Deferred | None = None
+        self._started: Deferred | None = None
         self._retry_call: Any = None
         service.host = self
 
@@ -320,7 +321,7 @@ class ServiceHost(MultiService):
     def knows_client(self, clientid: str) -> bool:
         return clientid in self.connections
 
-    def find_method(self, name: str) -> Optional[Callable[..., Any]]:
+    def find_method(self, name: str) -> Callable[..., Any] | None:
         return self.methods.get(name)
 
     def request_started(self) -> float:
@@ -607,7 +608,7 @@ async def listen_first(endpoints: list[IStreamServerEndpoint], factory: Factory)
     Listen on the first endpoint that can, as Go Skynet picks the first
     free port of its range.
     """
-    last: Optional[Exception] = None
+    last: Exception | None = None
     for endpoint in endpoints:
         try:
             return await endpoint.listen(factory)

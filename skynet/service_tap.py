@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from typing import Any, Optional
+from typing import Any
 
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
@@ -156,7 +156,7 @@ def makeService(options: Options) -> ServiceHost:
     )
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     """
     Run as C{python -m skynet.service_tap ...}: the same as C{twistd -n}.
     """

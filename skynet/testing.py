@@ -21,16 +21,16 @@ tested without waiting.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint, ITransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from zope.interface import implementer
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint, ITransport
 
 from skynet.client import Client
 from skynet.protocol import ClientProtocol, RequestInfo
@@ -70,14 +70,12 @@ class MemoryTransport:
     One end of an in-memory connection.
     """
 
-    def __init__(
-        self, board: _Switchboard, host: IPv4Address, peer: IPv4Address
-    ) -> None:
+    def __init__(self, board: _Switchboard, host: IPv4Address, peer: IPv4Address) -> None:
         self.board = board
         self.host = host
         self.peer = peer
-        self.protocol: Optional[Protocol] = None
-        self.other: Optional["MemoryTransport"] = None
+        self.protocol: Protocol | None = None
+        self.other: "MemoryTransport" | None = None
         self.disconnecting = False
         self.disconnected = False
 
@@ -205,7 +203,7 @@ class LocalCluster:
         self.hosts: list[ServiceHost] = []
         self.clients: list[Client] = []
         self.next_port = 9000
-        self._client: Optional[Client] = None
+        self._client: Client | None = None
         self._client_port = 40000
 
     def settle(self) -> None:
@@ -220,9 +218,9 @@ class LocalCluster:
         self,
         service: Service,
         *,
-        name: Optional[str] = None,
-        version: Optional[str] = None,
-        region: Optional[str] = None,
+        name: str | None = None,
+        version: str | None = None,
+        region: str | None = None,
         registered: bool = True,
     ) -> ServiceHost:
         """
@@ -280,8 +278,8 @@ class LocalCluster:
         self,
         service: str,
         method: str,
-        params: Optional[dict[str, Any]] = None,
-        request_info: Optional[RequestInfo] = None,
+        params: dict[str, Any] | None = None,
+        request_info: RequestInfo | None = None,
         **query: Any,
     ) -> Deferred:
         """

@@ -12,8 +12,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
@@ -43,15 +44,15 @@ class ServiceProcess:
     One C{twistd -n skynet-service} child, its output in a log file.
     """
 
-    def __init__(self, service: str, registry: str, *args: str, log_dir: Optional[str] = None,
-                 env: Optional[dict[str, str]] = None) -> None:  # fmt: skip
+    def __init__(self, service: str, registry: str, *args: str, log_dir: str | None = None,
+                 env: dict[str, str] | None = None) -> None:  # fmt: skip
         self.service = service
         self.registry = registry
         self.args = list(args)
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="skynet-proc-")
         self.log_path = Path(self.log_dir) / f"{service.replace(':', '.')}-{id(self)}.log"
         self.env = env or {}
-        self.popen: Optional[subprocess.Popen] = None
+        self.popen: subprocess.Popen | None = None
 
     def start(self) -> "ServiceProcess":
         command = [

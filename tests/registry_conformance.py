@@ -236,9 +236,7 @@ class RegistryConformanceMixin:
 
     def _four(self) -> list[Instance]:
         return [
-            make_instance(
-                name="A", version="v1", region="r1", host="10.0.0.1", port=1001
-            ),
+            make_instance(name="A", version="v1", region="r1", host="10.0.0.1", port=1001),
             make_instance(
                 name="A",
                 version="v2",
@@ -247,12 +245,8 @@ class RegistryConformanceMixin:
                 port=1002,
                 registered=False,
             ),
-            make_instance(
-                name="B", version="v1", region="r2", host="10.0.0.1", port=1003
-            ),
-            make_instance(
-                name="B", version="v2", region="r2", host="10.0.0.3", port=1001
-            ),
+            make_instance(name="B", version="v1", region="r2", host="10.0.0.1", port=1003),
+            make_instance(name="B", version="v2", region="r2", host="10.0.0.3", port=1001),
         ]
 
     async def test_query_by_each_field(self) -> None:
@@ -292,15 +286,11 @@ class RegistryConformanceMixin:
             await registry.add(instance)
         self.assertEqual(await registry.services(), ["A", "B"])
         self.assertEqual(await registry.versions(), ["v1", "v2"])
-        self.assertEqual(
-            await registry.versions(Query(service="B", region="r2")), ["v1", "v2"]
-        )
+        self.assertEqual(await registry.versions(Query(service="B", region="r2")), ["v1", "v2"])
         self.assertEqual(await registry.regions(), ["r1", "r2"])
         self.assertEqual(await registry.regions(Query(service="A")), ["r1"])
         self.assertEqual(await registry.hosts(), ["10.0.0.1", "10.0.0.2", "10.0.0.3"])
-        self.assertEqual(
-            await registry.hosts(Query(registered=True)), ["10.0.0.1", "10.0.0.3"]
-        )
+        self.assertEqual(await registry.hosts(Query(registered=True)), ["10.0.0.1", "10.0.0.3"])
         self.assertEqual(await registry.instances(Query(service="B")), [c, d])
 
     async def test_stats(self) -> None:
@@ -382,9 +372,7 @@ class RegistryConformanceMixin:
         registry = await self.make_registry()
         instance = make_instance()
         await registry.add(instance)
-        listener = await self.snapshot_of(
-            registry, Query(service=instance.name, registered=True)
-        )
+        listener = await self.snapshot_of(registry, Query(service=instance.name, registered=True))
         unregistered = attr.evolve(instance, registered=False)
         await registry.update(unregistered)
         await self.wait_for(lambda: len(listener.events) >= 2, "removal")
@@ -458,9 +446,7 @@ class RegistryConformanceMixin:
         await peer.add(theirs)
         await peer.publish_stats(theirs, {"Clients": 2})
         listener = await self.snapshot_of(peer, Query())
-        self.assertEqual(
-            listener.events, [("snapshot", sort_instances([mine, theirs]))]
-        )
+        self.assertEqual(listener.events, [("snapshot", sort_instances([mine, theirs]))])
         await registry.stop()
         events = await self.events_after(listener, 2)
         self.assertEqual(events[1:], [("removed", mine)])
@@ -478,13 +464,9 @@ class RegistryConformanceMixin:
         await registry.add(survivor)
         doomed = [make_instance(name="Doomed"), make_instance(name="Doomed")]
         owner = await self.add_doomed(registry, doomed)
-        self.assertEqual(
-            await registry.query(Query(service="Doomed")), sort_instances(doomed)
-        )
+        self.assertEqual(await registry.query(Query(service="Doomed")), sort_instances(doomed))
         listener = await self.snapshot_of(registry, Query())
-        self.assertEqual(
-            listener.events, [("snapshot", sort_instances([survivor, *doomed]))]
-        )
+        self.assertEqual(listener.events, [("snapshot", sort_instances([survivor, *doomed]))])
 
         await self.crash_owner(owner)
         crashed_at = time.monotonic()

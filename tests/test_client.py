@@ -162,9 +162,7 @@ class ClientTests(SynchronousTestCase):
 
     def test_configurable_intervals(self) -> None:
         self.cluster.add(Recorder(hang=True))
-        service = self.service(
-            "Recorder", retry_interval=0.5, giveup_timeout=1.5
-        )
+        service = self.service("Recorder", retry_interval=0.5, giveup_timeout=1.5)
         d = service.call("Hello")
         self.clock.advance(1.5)
         self.failureResultOf(d, RequestTimeout)
@@ -191,7 +189,6 @@ class ClientTests(SynchronousTestCase):
     def test_version_and_region_filters(self) -> None:
         v1 = self.cluster.add(Recorder(), version="1", region="east")
         v2 = self.cluster.add(Recorder(), version="2", region="west")
-        client = self.cluster.client()
         for _ in range(3):
             d = self.service("Recorder", version="2").call("Hello")
             self.assertEqual(self.successResultOf(d)["from"], v2.uuid)

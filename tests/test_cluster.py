@@ -118,7 +118,7 @@ class ClusterTests(TestCase):
                     r = await fib.call("Index", {"index": i})
                     assert r["index"] == i
                     results["ok"] += 1
-                except Exception as e:  # noqa: BLE001 - every failure is counted
+                except Exception as e:
                     results["failed"].append(repr(e))
 
         callers = [ensureDeferred(caller(n)) for n in range(16)]
@@ -245,12 +245,36 @@ class CommandLineTests(TestCase):
             (["skynet-service", "--service", "nope"], "module:Class"),
             (["skynet-service", "--service", "no.such.module:X"], "cannot import"),
             (["skynet-service", "--service", "examples.tutorial:Nope"], "has no 'Nope'"),
-            (["skynet-service", "--service", "examples.tutorial:TutorialService",
-              "--listen", "bogus:1"], "bad endpoint"),  # fmt: skip
-            (["skynet-service", "--service", "examples.tutorial:TutorialService",
-              "--registry", "ftp://x"], "registry"),  # fmt: skip
-            (["skynet-service", "--service", "examples.tutorial:TutorialService",
-              "--max-frame", "lots"], "--max-frame must be a number"),  # fmt: skip
+            (
+                [
+                    "skynet-service",
+                    "--service",
+                    "examples.tutorial:TutorialService",
+                    "--listen",
+                    "bogus:1",
+                ],
+                "bad endpoint",
+            ),  # fmt: skip
+            (
+                [
+                    "skynet-service",
+                    "--service",
+                    "examples.tutorial:TutorialService",
+                    "--registry",
+                    "ftp://x",
+                ],
+                "registry",
+            ),  # fmt: skip
+            (
+                [
+                    "skynet-service",
+                    "--service",
+                    "examples.tutorial:TutorialService",
+                    "--max-frame",
+                    "lots",
+                ],
+                "--max-frame must be a number",
+            ),  # fmt: skip
         ]
         for args, message in cases:
             with self.subTest(args=args):

@@ -27,7 +27,14 @@ from skynet.protocol import (
     FrameProtocol,
     RequestInfo,
     ServerProtocol,
+    decode_header,
+    decode_response_body,
+    decode_response_header,
+    encode_header,
+    encode_request_body,
+    encode_response_body,
     go_quote,
+    new_id,
 )
 from skynet.service import Service, ServiceHost
 from tests import vectors
@@ -210,7 +217,7 @@ class ClientConformanceTests(SynchronousTestCase):
         docs = [d for d in vector["decoded"] if d["direction"] == "client->server"][1:]
         return [
             (bson.decode(bytes.fromhex(h["hex"])), bson.decode(bytes.fromhex(b["hex"])))
-            for h, b in zip(docs[::2], docs[1::2])
+            for h, b in zip(docs[::2], docs[1::2], strict=True)
         ]
 
     def replay(self, name: str) -> list:
@@ -219,7 +226,7 @@ class ClientConformanceTests(SynchronousTestCase):
         self.protocol.dataReceived(server[0])
         results: list = []
         deferreds = []
-        for header, body in self.requests(vector):
+        for _header, body in self.requests(vector):
             info = RequestInfo.from_bson(body["requestinfo"])
             params = bson.decode(body["in"])
             d = self.protocol.call(body["method"], params, info)
@@ -281,8 +288,8 @@ class ClientConformanceTests(SynchronousTestCase):
     def test_bad_clientid(self) -> None:
         vector = vectors.load("bad_clientid")
         server = vectors.split_documents(vectors.s2c(vector))
-        self.protocol.dataReceived(server[0])
-        self.protocol.clientid = "bogus"
+        # A service that issued "bogus": our client sends what it was given.
+        self.protocol.dataReceived(bson.encode({"registered": True, "clientid": "bogus"}))
         [(header, body)] = self.requests(vector)
         d = self.protocol.call(body["method"], bson.decode(body["in"]),
                                RequestInfo.from_bson(body["requestinfo"]))  # fmt: skip
@@ -353,8 +360,13 @@ class Collector(FrameProtocol):
 
 documents = st.dictionaries(
     st.text(min_size=1, max_size=8).filter(lambda k: "\x00" not in k),
-    st.one_of(st.integers(-(2**63), 2**63 - 1), st.text(max_size=50), st.binary(max_size=300),
-              st.booleans(), st.none()),  # fmt: skip
+    st.one_of(
+        st.integers(-(2**63), 2**63 - 1),
+        st.text(max_size=50),
+        st.binary(max_size=300),
+        st.booleans(),
+        st.none(),
+    ),  # fmt: skip
     max_size=6,
 )
 
@@ -449,8 +461,14 @@ class ServerBehaviourTests(SynchronousTestCase):
         self.request("Echo", {"a": 1}, requestinfo=False, requestinfo_=None)
         self.protocol.dataReceived(
             bson.encode({"servicemethod": "Echo.Forward", "seq": Int64(1)})
-            + bson.encode({"clientid": self.clientid, "method": "Echo", "requestinfo": None,
-                           "in": bson.encode({"b": 2})})  # fmt: skip
+            + bson.encode(
+                {
+                    "clientid": self.clientid,
+                    "method": "Echo",
+                    "requestinfo": None,
+                    "in": bson.encode({"b": 2}),
+                }
+            )  # fmt: skip
         )
         results = self.responses()
         self.assertEqual([bson.decode(b["out"]) for _, b in results], [{"a": 1}, {"b": 2}])
@@ -461,11 +479,12 @@ class ServerBehaviourTests(SynchronousTestCase):
             ("Other.Forward", "rpc: can't find service Other.Forward"),
             ("Echo.Backward", "rpc: can't find method Echo.Backward"),
         ]
-        for seq, (servicemethod, error) in enumerate(cases):
+        for seq, (servicemethod, _error) in enumerate(cases):
             self.protocol.dataReceived(
                 bson.encode({"servicemethod": servicemethod, "seq": Int64(seq)})
-                + bson.encode({"clientid": self.clientid, "method": "Echo",
-                               "in": EMPTY_DOCUMENT})  # fmt: skip
+                + bson.encode(
+                    {"clientid": self.clientid, "method": "Echo", "in": EMPTY_DOCUMENT}
+                )  # fmt: skip
             )
         got = self.responses()
         self.assertEqual([h["error"] for h, _ in got], [e for _, e in cases])
@@ -522,8 +541,13 @@ class ServerBehaviourTests(SynchronousTestCase):
         self.transport.clear()
         self.protocol.dataReceived(
             bson.encode({"servicemethod": "Echo.Forward", "seq": Int64(1)})
-            + bson.encode({"clientid": self.clientid, "method": "Echo",
-                           "in": bson.Binary(bson.encode({"k": "v"}), 2)})  # fmt: skip
+            + bson.encode(
+                {
+                    "clientid": self.clientid,
+                    "method": "Echo",
+                    "in": bson.Binary(bson.encode({"k": "v"}), 2),
+                }
+            )  # fmt: skip
         )
         [(_, body)] = self.responses()
         self.assertEqual(bson.decode(body["out"]), {"k": "v"})
@@ -612,3 +636,90 @@ class AdminTests(SynchronousTestCase):
         self.assertEqual(headers[3]["error"], "rpc: can't find method Admin.Explode")
         self.assertEqual(docs[1::2], [EMPTY_DOCUMENT] * 4)
         self.assertEqual(self.calls, ["register", "unregister", ("stop", True)])
+
+
+def _bson_or_error(frame: bytes, keys: tuple[str, ...]):
+    try:
+        doc = bson.decode(frame)
+    except Exception as e:
+        return ("error", type(e).__name__)
+    return tuple(doc.get(k) for k in keys)
+
+
+def _ours_or_error(f, frame: bytes):
+    try:
+        return f(frame)
+    except Exception as e:
+        return ("error", type(e).__name__)
+
+
+texts = st.text(max_size=40)
+int64s = st.integers(-(2**63), 2**63 - 1)
+
+
+class FastCodecTests(SynchronousTestCase):
+    """
+    The hand-written encoders produce exactly pymongo's bytes, and the fast
+    readers agree with bson.decode on every input, valid or not.
+    """
+
+    @settings(max_examples=300, deadline=None)
+    @given(texts, int64s, st.one_of(st.none(), texts))
+    def test_encode_header(self, servicemethod, seq, error) -> None:
+        doc = {"servicemethod": servicemethod, "seq": Int64(seq)}
+        if error is not None:
+            doc["error"] = error
+        self.assertEqual(encode_header(servicemethod, seq, error), bson.encode(doc))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.binary(max_size=200), texts)
+    def test_encode_response_body(self, out, errstring) -> None:
+        self.assertEqual(encode_response_body(out, errstring),
+                         bson.encode({"out": out, "errstring": errstring}))  # fmt: skip
+
+    @settings(max_examples=300, deadline=None)
+    @given(texts, texts, texts, texts, st.integers(0, 2**31 - 1), documents)
+    def test_encode_request_body(self, clientid, method, rid, origin, retry, params) -> None:
+        info = RequestInfo(rid, retry, origin, "")
+        encoded = bson.encode(params)
+        expected = bson.encode({"clientid": clientid, "method": method,
+                                "requestinfo": info.to_bson(), "in": encoded})  # fmt: skip
+        self.assertEqual(encode_request_body(clientid, method, info, encoded), expected)
+
+    @settings(max_examples=500, deadline=None)
+    @given(texts, int64s, st.one_of(st.none(), texts), st.booleans(),
+           st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=3))  # fmt: skip
+    def test_decode_headers_like_bson(self, sm, seq, error, as_int32, mutations) -> None:
+        doc = {"servicemethod": sm, "seq": (seq & 0x7FFFFFFF) if as_int32 else Int64(seq)}
+        if error is not None:
+            doc["error"] = error
+        frame = bytearray(bson.encode(doc))
+        for position, value in mutations:
+            if 4 <= position < len(frame):
+                frame[position] = value
+        frame = bytes(frame)
+        keys = ("servicemethod", "seq", "error")
+        self.assertEqual(_ours_or_error(decode_header, frame), _bson_or_error(frame, keys))
+        expected = _bson_or_error(frame, keys)
+        ours = _ours_or_error(decode_response_header, frame)
+        self.assertEqual(ours, expected if expected[0] == "error" else expected[1:])
+
+    @settings(max_examples=500, deadline=None)
+    @given(st.binary(max_size=100), texts,
+           st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=3))  # fmt: skip
+    def test_decode_response_body_like_bson(self, out, errstring, mutations) -> None:
+        frame = bytearray(bson.encode({"out": out, "errstring": errstring}))
+        for position, value in mutations:
+            if 4 <= position < len(frame):
+                frame[position] = value
+        frame = bytes(frame)
+        self.assertEqual(_ours_or_error(decode_response_body, frame),
+                         _bson_or_error(frame, ("out", "errstring")))  # fmt: skip
+
+    def test_new_id_is_uuid4(self) -> None:
+        ids = {new_id() for _ in range(1000)}
+        self.assertEqual(len(ids), 1000)
+        for i in list(ids)[:50]:
+            parsed = uuid.UUID(i)
+            self.assertEqual((parsed.version, str(parsed)), (4, i))
+            self.assertEqual(parsed.variant, uuid.RFC_4122)

@@ -194,9 +194,7 @@ class FileRegistryConformanceTests(FileTestMixin, RegistryConformanceMixin, Test
     async def make_peer_registry(self, registry: FileRegistry) -> FileRegistry:
         return await self.started(FileRegistry(registry.root, reactor=reactor))
 
-    async def add_doomed(
-        self, registry: FileRegistry, instances: list[Instance]
-    ) -> _Child:
+    async def add_doomed(self, registry: FileRegistry, instances: list[Instance]) -> _Child:
         return await self.spawn_owner(registry.root, instances)
 
     async def crash_owner(self, owner: _Child) -> None:
@@ -295,9 +293,7 @@ class FileRegistryTests(FileTestMixin, TestCase):
             doc["Config"]["ServiceAddr"],
             {"IPAddress": "127.0.0.1", "Port": 9000, "MaxPort": 0},
         )
-        self.assertEqual(
-            set(doc["Config"]["AdminAddr"]), {"IPAddress", "Port", "MaxPort"}
-        )
+        self.assertEqual(set(doc["Config"]["AdminAddr"]), {"IPAddress", "Port", "MaxPort"})
         self.assertEqual(doc["Config"]["CriticalAverageResponseTime"], 5_000_000_000)
         self.assertIs(doc["Registered"], True)
         owner = current_owner()
@@ -306,9 +302,7 @@ class FileRegistryTests(FileTestMixin, TestCase):
         stats = read_json(os.path.join(self.root, "statistics", path))
         self.assertEqual(stats["Clients"], 2)
         self.assertEqual(stats["Owner"]["pid"], os.getpid())
-        self.assertEqual(
-            await registry.get_stats(instance), {"Clients": 2, "RequestsServed": 5}
-        )
+        self.assertEqual(await registry.get_stats(instance), {"Clients": 2, "RequestsServed": 5})
 
         await registry.remove(instance)
         self.assertEqual(tree(self.root), ["services", "statistics"])
@@ -320,8 +314,7 @@ class FileRegistryTests(FileTestMixin, TestCase):
         """
         registry = await self.started(FileRegistry(self.root, reactor=reactor))
         versions = [
-            make_instance(port=9000, uuid="u", extra={"blob": letter * 400_000})
-            for letter in "ab"
+            make_instance(port=9000, uuid="u", extra={"blob": letter * 400_000}) for letter in "ab"
         ]
         await registry.add(versions[0])
         path = self.node_path(versions[0])
@@ -403,9 +396,7 @@ class FileRegistryTests(FileTestMixin, TestCase):
         reused = make_instance(name="Reused")
         alive = make_instance(name="Alive")
         unowned = make_instance(name="Unowned")
-        self.write_node(
-            reused, {"pid": os.getpid(), "start_time": me.start_time + 1234}
-        )
+        self.write_node(reused, {"pid": os.getpid(), "start_time": me.start_time + 1234})
         self.write_node(alive, {"pid": os.getpid(), "start_time": me.start_time})
         self.write_node(unowned)
         self.assertEqual(await registry.services(), ["Alive", "Unowned"])
@@ -435,9 +426,7 @@ class FileRegistryTests(FileTestMixin, TestCase):
             registry.watch(Query(), listener)
             await self.wait_until(lambda: listener.events, "the snapshot")
         self.assertEqual(listener.events, [("snapshot", [good])])
-        warned = {
-            e.get("path") for e in events if "malformed" in e.get("log_format", "")
-        }
+        warned = {e.get("path") for e in events if "malformed" in e.get("log_format", "")}
         self.assertEqual(
             warned, {garbage, partial, misplaced, os.path.join(services, "Bad/1/r/h/4")}
         )
@@ -453,9 +442,7 @@ class FileRegistryTests(FileTestMixin, TestCase):
         by polling.
         """
         registry = await self.started(
-            FileRegistry(
-                self.root, reactor=reactor, use_inotify=False, poll_interval=0.1
-            )
+            FileRegistry(self.root, reactor=reactor, use_inotify=False, poll_interval=0.1)
         )
         listener = RecordingListener()
         watch = registry.watch(Query(), listener)
@@ -463,13 +450,9 @@ class FileRegistryTests(FileTestMixin, TestCase):
         self.assertIsNone(watch.scanner.notifier)
         instance = make_instance()
         path = self.write_node(instance, current_owner().to_json())
-        await self.wait_until(
-            lambda: len(listener.events) > 1, "the addition", timeout=3
-        )
+        await self.wait_until(lambda: len(listener.events) > 1, "the addition", timeout=3)
         os.unlink(path)
-        await self.wait_until(
-            lambda: len(listener.events) > 2, "the removal", timeout=3
-        )
+        await self.wait_until(lambda: len(listener.events) > 2, "the removal", timeout=3)
         self.assertEqual(
             listener.events,
             [("snapshot", []), ("added", instance), ("removed", instance)],
@@ -483,9 +466,7 @@ class FileRegistryTests(FileTestMixin, TestCase):
         """
         if files.inotify is None:
             self.skipTest("no inotify here")
-        registry = await self.started(
-            FileRegistry(self.root, reactor=reactor, poll_interval=60)
-        )
+        registry = await self.started(FileRegistry(self.root, reactor=reactor, poll_interval=60))
         listener = RecordingListener()
         watch = registry.watch(Query(), listener)
         await self.wait_until(lambda: listener.events, "the snapshot")
@@ -494,22 +475,14 @@ class FileRegistryTests(FileTestMixin, TestCase):
         first = make_instance(name="New", version="9")
         path = self.write_node(first, owner)
         start = time.monotonic()
-        await self.wait_until(
-            lambda: len(listener.events) > 1, "the addition", timeout=2
-        )
+        await self.wait_until(lambda: len(listener.events) > 1, "the addition", timeout=2)
         os.unlink(path)
-        files.prune_empty_dirs(
-            os.path.join(self.root, "services"), os.path.dirname(path)
-        )
-        await self.wait_until(
-            lambda: len(listener.events) > 2, "the removal", timeout=2
-        )
+        files.prune_empty_dirs(os.path.join(self.root, "services"), os.path.dirname(path))
+        await self.wait_until(lambda: len(listener.events) > 2, "the removal", timeout=2)
         self.assertFalse(os.path.exists(os.path.join(self.root, "services", "New")))
         again = attr.evolve(first, uuid="again")
         self.write_node(again, owner)
-        await self.wait_until(
-            lambda: len(listener.events) > 3, "the re-addition", timeout=2
-        )
+        await self.wait_until(lambda: len(listener.events) > 3, "the re-addition", timeout=2)
         self.assertLess(time.monotonic() - start, 5)
         self.assertEqual(
             listener.events,
@@ -523,9 +496,7 @@ class FileRegistryTests(FileTestMixin, TestCase):
         """
         if files.inotify is None:
             self.skipTest("no inotify here")
-        registry = await self.started(
-            FileRegistry(self.root, reactor=reactor, poll_interval=0.1)
-        )
+        registry = await self.started(FileRegistry(self.root, reactor=reactor, poll_interval=0.1))
         listener = RecordingListener()
         watch = registry.watch(Query(), listener)
         await self.wait_until(lambda: listener.events, "the snapshot")
@@ -549,9 +520,7 @@ class FileRegistryTests(FileTestMixin, TestCase):
         second = make_instance(name="Blind")
         self.write_node(second, owner)
         await self.wait_until(lambda: len(listener.events) > 2, "the second addition")
-        self.assertEqual(
-            listener.events, [("snapshot", []), ("added", first), ("added", second)]
-        )
+        self.assertEqual(listener.events, [("snapshot", []), ("added", first), ("added", second)])
 
     async def test_two_registries_one_process(self) -> None:
         """
@@ -576,9 +545,7 @@ class FileRegistryTests(FileTestMixin, TestCase):
         seen_by_two = RecordingListener()
         one.watch(Query(), seen_by_one)
         two.watch(Query(), seen_by_two)
-        await self.wait_until(
-            lambda: seen_by_one.events and seen_by_two.events, "snapshots"
-        )
+        await self.wait_until(lambda: seen_by_one.events and seen_by_two.events, "snapshots")
         a = make_instance()
         b = make_instance()
         await one.add(a)
@@ -604,9 +571,7 @@ class FileRegistryTests(FileTestMixin, TestCase):
         """
         registry = await self.started(FileRegistry(self.root, reactor=reactor))
         owner = current_owner().to_json()
-        instances = [
-            make_instance(name=f"S{n % 10}", port=10000 + n) for n in range(1000)
-        ]
+        instances = [make_instance(name=f"S{n % 10}", port=10000 + n) for n in range(1000)]
         for instance in instances:
             self.write_node(instance, owner)
         started = time.monotonic()
@@ -618,9 +583,7 @@ class FileRegistryTests(FileTestMixin, TestCase):
         self.assertEqual(len(await registry.query(Query())), 1000)
         again = time.monotonic() - started
         self.assertEqual(scanner.reads, 1000)
-        print(
-            f"\n1000 instances: first scan {first * 1000:.0f} ms, rescan {again * 1000:.0f} ms"
-        )
+        print(f"\n1000 instances: first scan {first * 1000:.0f} ms, rescan {again * 1000:.0f} ms")
         await registry.update(attr.evolve(instances[0], registered=False))
         self.assertEqual(len(await registry.query(Query(registered=True))), 999)
         self.assertEqual(scanner.reads, 1001)
@@ -630,9 +593,7 @@ class FileRegistryTests(FileTestMixin, TestCase):
         C{stop} deletes this object's nodes (not a node another object has
         since overwritten), stops its watches and leaves no timers.
         """
-        registry = await self.started(
-            FileRegistry(self.root, reactor=reactor, poll_interval=0.05)
-        )
+        registry = await self.started(FileRegistry(self.root, reactor=reactor, poll_interval=0.05))
         other = await self.started(FileRegistry(self.root, reactor=reactor))
         mine = make_instance()
         taken = make_instance()
@@ -690,20 +651,14 @@ class RegistryFromURLTests(TestCase):
     setenv = FileRegistryTests.setenv
 
     def test_file(self) -> None:
-        registry = registry_from_url(
-            "file:///tmp/some%20where/registry", reactor=reactor
-        )
+        registry = registry_from_url("file:///tmp/some%20where/registry", reactor=reactor)
         self.assertIsInstance(registry, FileRegistry)
         self.assertEqual(registry.root, "/tmp/some where/registry")
-        self.assertEqual(
-            registry_from_url(registry.url, reactor=reactor).root, registry.root
-        )
+        self.assertEqual(registry_from_url(registry.url, reactor=reactor).root, registry.root)
         self.assertTrue(registry.use_inotify)
 
     def test_file_options(self) -> None:
-        registry = registry_from_url(
-            "file:///srv/r?poll_interval=0.25&inotify=0", reactor=reactor
-        )
+        registry = registry_from_url("file:///srv/r?poll_interval=0.25&inotify=0", reactor=reactor)
         self.assertEqual((registry.poll_interval, registry.use_inotify), (0.25, False))
 
     def test_default(self) -> None:
@@ -747,11 +702,7 @@ class RegistryFromURLTests(TestCase):
         old = sys.modules.get(name)
         sys.modules[name] = fake
         self.addCleanup(
-            lambda: (
-                sys.modules.pop(name)
-                if old is None
-                else sys.modules.update({name: old})
-            )
+            lambda: sys.modules.pop(name) if old is None else sys.modules.update({name: old})
         )
         url = "zk://10.0.0.1:2181,10.0.0.2:2181/skynet"
         self.assertEqual(registry_from_url(url, reactor=reactor), "the zk registry")

@@ -44,9 +44,7 @@ class MemoryRegistryConformanceTests(RegistryConformanceMixin, TestCase):
         return await self._started(MemoryRegistry(reactor=self.clock))
 
     async def make_peer_registry(self, registry) -> MemoryRegistry:
-        return await self._started(
-            MemoryRegistry(reactor=self.clock, store=registry.store)
-        )
+        return await self._started(MemoryRegistry(reactor=self.clock, store=registry.store))
 
     async def add_doomed(self, registry, instances) -> MemoryRegistry:
         owner = await self.make_peer_registry(registry)
@@ -139,9 +137,7 @@ class MemoryRegistryTests(TestCase):
         self.clock.advance(0)
         self.registry.add(new)
         self.clock.advance(0)
-        self.assertEqual(
-            listener.events, [("snapshot", [old]), ("removed", old), ("added", new)]
-        )
+        self.assertEqual(listener.events, [("snapshot", [old]), ("removed", old), ("added", new)])
 
     def test_crash(self) -> None:
         """
@@ -157,9 +153,7 @@ class MemoryRegistryTests(TestCase):
         self.clock.advance(0)
         service.crash()
         self.clock.advance(0)
-        self.assertEqual(
-            listener.events, [("snapshot", [instance]), ("removed", instance)]
-        )
+        self.assertEqual(listener.events, [("snapshot", [instance]), ("removed", instance)])
         self.assertEqual(self.successResultOf(self.registry.query(Query())), [])
         self.assertIsNone(self.successResultOf(self.registry.get_stats(instance)))
         self.failureResultOf(service.add(instance), RegistryError)
@@ -225,9 +219,7 @@ class MemoryRegistryTests(TestCase):
         """
         first = registry_from_url("memory://test_named_store_url", reactor=self.clock)
         second = registry_from_url(first.url, reactor=self.clock)
-        other = registry_from_url(
-            "memory://test_named_store_url-other", reactor=self.clock
-        )
+        other = registry_from_url("memory://test_named_store_url-other", reactor=self.clock)
         self.assertIsInstance(first, MemoryRegistry)
         self.assertIsNot(first, second)
         self.assertIs(first.store, second.store)

@@ -294,15 +294,11 @@ class StandaloneTests(_ZooKeeperTestCase):
         self.assertEqual(await registry.query(Query(region="Elsewhere")), [b])
         self.assertEqual(await registry.services(), ["Other", "Walk"])
         self.assertEqual(await registry.hosts(), ["10.0.0.7", "127.0.0.1"])
-        self.assertEqual(
-            await registry.get_stats(a), {"Clients": 3, "RequestsServed": 10}
-        )
+        self.assertEqual(await registry.get_stats(a), {"Clients": 3, "RequestsServed": 10})
         self.assertIsNone(await registry.get_stats(b))
 
     async def test_default_chroot(self) -> None:
-        registry = ZooKeeperRegistry.from_url(
-            f"zk://{self.cluster.hosts}", reactor=reactor
-        )
+        registry = ZooKeeperRegistry.from_url(f"zk://{self.cluster.hosts}", reactor=reactor)
         self.addCleanup(registry.stop)
         self.assertEqual(registry.chroot, "/skynet")
         await registry.start()
@@ -353,9 +349,7 @@ class StandaloneTests(_ZooKeeperTestCase):
         await owner.stop()
         zk = self.kazoo()
         self.assertIsNone(zk.exists(f"{self.chroot}/services/Mine"))
-        self.assertTrue(
-            zk.exists(f"{self.chroot}/services/Theirs/1/Test/127.0.0.1/9402")
-        )
+        self.assertTrue(zk.exists(f"{self.chroot}/services/Theirs/1/Test/127.0.0.1/9402"))
         self.assertFalse(owner.connected)
 
     async def test_replacement_on_same_port_survives_old_owner(self) -> None:
@@ -390,9 +384,7 @@ class StandaloneTests(_ZooKeeperTestCase):
         a2 = instance("Watched", 9602, region="Far")
         await owner.add(a1)
         recorder = await self.watching(watcher, Query(service="Watched"))
-        registered = await self.watching(
-            watcher, Query(service="Watched", registered=True)
-        )
+        registered = await self.watching(watcher, Query(service="Watched", registered=True))
         self.assertEqual(recorder.events, [("snapshot", [a1.uuid])])
 
         await owner.add(a2)
@@ -454,9 +446,7 @@ class StandaloneTests(_ZooKeeperTestCase):
         owner = await self.started()
         watcher = await self.started()
         target = instance("Exact", 9801)
-        query = Query(
-            service="Exact", version="1", region="Test", host="127.0.0.1", port=9801
-        )
+        query = Query(service="Exact", version="1", region="Test", host="127.0.0.1", port=9801)
         recorder = await self.watching(watcher, query)
         await owner.add(instance("Exact", 9802))
         await owner.add(target)
@@ -485,9 +475,7 @@ class StandaloneTests(_ZooKeeperTestCase):
         killed = time.monotonic()
         os.kill(holder.pid, signal.SIGKILL)
         await holder.ended
-        await poll(
-            lambda: not recorder.view, timeout=SESSION_TIMEOUT + 10, what="the removal"
-        )
+        await poll(lambda: not recorder.view, timeout=SESSION_TIMEOUT + 10, what="the removal")
         elapsed = time.monotonic() - killed
         figure(
             f"kill -9 -> removal seen by a watch: {elapsed:.2f}s (session timeout {SESSION_TIMEOUT}s)"
@@ -575,9 +563,7 @@ class StandaloneTests(_ZooKeeperTestCase):
         services = f"{self.chroot}/services"
         paths = []
         for n in range(2000):
-            paths.append(
-                f"{services}/S{n % 50}/1/Test/10.{n // 250}.{n % 250}.1/{2000 + n}"
-            )
+            paths.append(f"{services}/S{n % 50}/1/Test/10.{n // 250}.{n % 250}.1/{2000 + n}")
         started = time.monotonic()
         parents = {p.rsplit("/", 1)[0] for p in paths}
         levels: set[str] = set()
@@ -587,26 +573,20 @@ class StandaloneTests(_ZooKeeperTestCase):
                 parent = parent.rsplit("/", 1)[0]
         zk.ensure_path(services)
         for depth in sorted({p.count("/") for p in levels}):
-            batch = [
-                zk.create_async(p) for p in sorted(levels) if p.count("/") == depth
-            ]
+            batch = [zk.create_async(p) for p in sorted(levels) if p.count("/") == depth]
             for result in batch:
                 result.get(timeout=60)
         body = [
             zk.create_async(
                 p,
-                instance(
-                    f"S{n % 50}", 2000 + n, uuid=f"u{n}", host=p.split("/")[-2]
-                ).to_json(),
+                instance(f"S{n % 50}", 2000 + n, uuid=f"u{n}", host=p.split("/")[-2]).to_json(),
                 ephemeral=True,
             )
             for n, p in enumerate(paths)
         ]
         for result in body:
             result.get(timeout=60)
-        figure(
-            f"2,000 instances created by a plain client in {time.monotonic() - started:.2f}s"
-        )
+        figure(f"2,000 instances created by a plain client in {time.monotonic() - started:.2f}s")
 
         watcher = await self.started()
         before = _watch_count(self.cluster)
@@ -680,8 +660,7 @@ class StartWhileDownTests(_ZooKeeperTestCase):
         waiting = [
             e
             for e in events
-            if e.get("log_format")
-            == "ZooKeeper at {hosts} unreachable; waiting to register"
+            if e.get("log_format") == "ZooKeeper at {hosts} unreachable; waiting to register"
         ]
         self.assertEqual([e["hosts"] for e in waiting], [self.cluster.hosts])
 
@@ -699,9 +678,7 @@ class StartWhileDownTests(_ZooKeeperTestCase):
         zk = self.kazoo()
         path = f"{self.chroot}/services{mine.path}"
         await poll(lambda: zk.exists(path) is not None, what="the late registration")
-        figure(
-            f"ZooKeeper back -> queued registration written after {time.monotonic() - up:.2f}s"
-        )
+        figure(f"ZooKeeper back -> queued registration written after {time.monotonic() - up:.2f}s")
         self.assertTrue(registry.connected)
         self.assertEqual(zk.exists(path).ephemeralOwner, registry.session_id)
         self.assertTrue(zk.exists(f"{self.chroot}/statistics{mine.path}"))
@@ -716,9 +693,7 @@ class EnsembleTests(_ZooKeeperTestCase):
 
     size = 3
 
-    async def _write_pause(
-        self, registry: ZooKeeperRegistry, target: Instance, n: int
-    ) -> float:
+    async def _write_pause(self, registry: ZooKeeperRegistry, target: Instance, n: int) -> float:
         started = time.monotonic()
         await registry.update(_with(target, extra={"n": n}))
         return time.monotonic() - started
@@ -757,9 +732,7 @@ class EnsembleTests(_ZooKeeperTestCase):
         leader.start()
         await poll(self.cluster.serving, timeout=30, what="the leader back")
 
-        await poll(
-            lambda: recorder.view[mine.uuid].extra == {"n": 2}, what="the last update"
-        )
+        await poll(lambda: recorder.view[mine.uuid].extra == {"n": 2}, what="the last update")
         self.assertEqual(recorder.removals(), [])
         zk = self.kazoo()
         data, stat = zk.get(zk_path)
@@ -798,9 +771,7 @@ class EnsembleTests(_ZooKeeperTestCase):
         up = time.monotonic()
         await poll(self.cluster.serving, timeout=30, what="the ensemble")
         serving = time.monotonic() - up
-        took = await poll(
-            lambda: owner.connected and watcher.connected, what="reconnection"
-        )
+        took = await poll(lambda: owner.connected and watcher.connected, what="reconnection")
         zk = self.kazoo()
         path = f"{self.chroot}/services{mine.path}"
 
@@ -831,14 +802,10 @@ class ZooKeeperConformanceTests(RegistryConformanceMixin, _ZooKeeperTestCase):
     async def make_registry(self) -> ZooKeeperRegistry:
         return await self.started()
 
-    async def make_peer_registry(
-        self, registry: ZooKeeperRegistry
-    ) -> ZooKeeperRegistry:
+    async def make_peer_registry(self, registry: ZooKeeperRegistry) -> ZooKeeperRegistry:
         return await self.started(chroot=registry.chroot)
 
-    async def add_doomed(
-        self, registry: ZooKeeperRegistry, instances: list[Instance]
-    ) -> Holder:
+    async def add_doomed(self, registry: ZooKeeperRegistry, instances: list[Instance]) -> Holder:
         self.assertEqual(registry.chroot, self.chroot)
         return await self.spawn_holder(instances)
 
@@ -874,12 +841,8 @@ class URLTests(TestCase):
         self.assertEqual(registry.chroot, "/skynet")
         self.assertEqual(registry.session_timeout, 4.0)
         self.assertEqual(registry.url, "zk://localhost:2181/skynet")
-        self.assertEqual(
-            ZooKeeperRegistry.from_url("zk://[::1]:2182/").zk_hosts, "[::1]:2182"
-        )
-        explicit = ZooKeeperRegistry.from_url(
-            "zk://h?session_timeout=9", session_timeout=3
-        )
+        self.assertEqual(ZooKeeperRegistry.from_url("zk://[::1]:2182/").zk_hosts, "[::1]:2182")
+        explicit = ZooKeeperRegistry.from_url("zk://h?session_timeout=9", session_timeout=3)
         self.assertEqual(explicit.session_timeout, 3.0)
 
     def test_bad_urls(self) -> None:

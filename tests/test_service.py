@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -237,5 +237,3 @@ class StatisticsTests(SynchronousTestCase):
                     "P99ResponseTime"):  # fmt: skip
             self.assertIn(key, stats)
         self.successResultOf(cluster.stop())
-
-

@@ -271,9 +271,7 @@ class ZooKeeperServer:
             if not self.running:
                 raise RuntimeError(f"{self} exited:\n{self.log_tail()}")
             if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"{self} not serving after {timeout}s:\n{self.log_tail()}"
-                )
+                raise RuntimeError(f"{self} not serving after {timeout}s:\n{self.log_tail()}")
             time.sleep(0.05)
 
     def log_tail(self, lines: int = 30) -> str:
@@ -297,14 +295,9 @@ class ZooKeeperCluster:
         self.directory = Path(tempfile.mkdtemp(prefix="skynet-zk-"))
         ports = free_ports(3 * size)
         if size == 1:
-            self.members = [
-                ZooKeeperServer(self.directory / "zk1", ports[0], tick_time=tick_time)
-            ]
+            self.members = [ZooKeeperServer(self.directory / "zk1", ports[0], tick_time=tick_time)]
         else:
-            peers = [
-                (i + 1, ports[size + 2 * i], ports[size + 2 * i + 1])
-                for i in range(size)
-            ]
+            peers = [(i + 1, ports[size + 2 * i], ports[size + 2 * i + 1]) for i in range(size)]
             self.members = [
                 ZooKeeperServer(
                     self.directory / f"zk{i + 1}",

@@ -15,7 +15,8 @@ and delivers the same events to an L{IInstanceListener}.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import attr
 from zope.interface import Attribute, Interface
@@ -63,7 +64,7 @@ class Address:
         return {"IPAddress": self.ip_address, "Port": self.port, "MaxPort": self.max_port}
 
     @classmethod
-    def from_go(cls, data: Optional[dict[str, Any]]) -> Optional["Address"]:
+    def from_go(cls, data: dict[str, Any] | None) -> "Address" | None:
         if not data:
             return None
         return cls(
@@ -96,11 +97,11 @@ class Instance:
     region: str
     host: str
     port: int
-    admin: Optional[Address] = None
+    admin: Address | None = None
     registered: bool = True
     critical_client_count: int = DEFAULT_CRITICAL_CLIENT_COUNT
     critical_average_response_time: float = DEFAULT_CRITICAL_AVERAGE_RESPONSE_TIME
-    pid: Optional[int] = None
+    pid: int | None = None
     extra: dict[str, Any] = attr.field(factory=dict, eq=False, hash=False)
 
     @property
@@ -208,13 +209,13 @@ class Query:
     exactly.
     """
 
-    service: Optional[str] = None
-    version: Optional[str] = None
-    region: Optional[str] = None
-    host: Optional[str] = None
-    port: Optional[int] = None
-    uuid: Optional[str] = None
-    registered: Optional[bool] = None
+    service: str | None = None
+    version: str | None = None
+    region: str | None = None
+    host: str | None = None
+    port: int | None = None
+    uuid: str | None = None
+    registered: bool | None = None
 
     def matches(self, instance: Instance) -> bool:
         return (
@@ -346,27 +347,27 @@ class ListingMixin:
 
     query: Callable[..., Any]
 
-    def instances(self, query: Optional[Query] = None):
+    def instances(self, query: Query | None = None):
         return self.query(query or Query())
 
-    def _distinct(self, field: str, query: Optional[Query]):
+    def _distinct(self, field: str, query: Query | None):
         d = self.query(query or Query())
         d.addCallback(lambda found: sorted({getattr(i, field) for i in found}))
         return d
 
-    def services(self, query: Optional[Query] = None):
+    def services(self, query: Query | None = None):
         """@return: Deferred firing with the sorted distinct service names."""
         return self._distinct("name", query)
 
-    def versions(self, query: Optional[Query] = None):
+    def versions(self, query: Query | None = None):
         """@return: Deferred firing with the sorted distinct versions."""
         return self._distinct("version", query)
 
-    def regions(self, query: Optional[Query] = None):
+    def regions(self, query: Query | None = None):
         """@return: Deferred firing with the sorted distinct regions."""
         return self._distinct("region", query)
 
-    def hosts(self, query: Optional[Query] = None):
+    def hosts(self, query: Query | None = None):
         """@return: Deferred firing with the sorted distinct hosts."""
         return self._distinct("host", query)
 
@@ -383,7 +384,7 @@ class InstanceDiff:
     def __init__(self, query: Query, listener: IInstanceListener) -> None:
         self.query = query
         self.listener = listener
-        self.known: Optional[dict[str, Instance]] = None
+        self.known: dict[str, Instance] | None = None
         self.stopped = False
 
     def feed(self, instances: Iterable[Instance]) -> None:
@@ -409,12 +410,18 @@ class InstanceDiff:
             elif _differs(old, new):
                 self.listener.updated(new)
 
-    def change(self, old: Optional[Instance], new: Optional[Instance]) -> None:
+    def change(self, old: Instance | None, new: Instance | None) -> None:
         """
         One instance changed from C{old} to C{new} (either may be L{None}).
         Only valid after the first L{feed}.
         """
         if self.stopped or self.known is None:
+            return
+        if old is not None and new is not None and old.uuid != new.uuid:
+            # Another instance took over the node (a new process on the same
+            # host and port): the old one left, the new one arrived.
+            self.change(old, None)
+            self.change(None, new)
             return
         uuid = (new or old).uuid  # type: ignore[union-attr]
         was = self.known.get(uuid)

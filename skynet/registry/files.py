@@ -224,9 +224,7 @@ def write_atomically(path: str, data: bytes, attempts: int = 5) -> None:
     """
     directory, name = os.path.split(path)
     for attempt in range(attempts):
-        temporary = os.path.join(
-            directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-        )
+        temporary = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         try:
             os.makedirs(directory, exist_ok=True)
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -406,9 +404,7 @@ if inotify is not None:
 
 @implementer(IWatch)
 class _FileWatch:
-    def __init__(
-        self, scanner: _Scanner, registry: FileRegistry, diff: InstanceDiff
-    ) -> None:
+    def __init__(self, scanner: _Scanner, registry: FileRegistry, diff: InstanceDiff) -> None:
         self.scanner = scanner
         self.registry = registry
         self.diff = diff
@@ -433,9 +429,7 @@ class _Scanner:
 
     log = Logger()
 
-    def __init__(
-        self, root: str, reactor, poll_interval: float, use_inotify: bool
-    ) -> None:
+    def __init__(self, root: str, reactor, poll_interval: float, use_inotify: bool) -> None:
         self.root = root
         self.services = os.path.join(root, "services")
         self.statistics = os.path.join(root, "statistics")
@@ -502,9 +496,7 @@ class _Scanner:
                     try:
                         if depth < 4:
                             if entry.is_dir(follow_symlinks=False):
-                                stack.append(
-                                    (entry.path, depth + 1, f"{rel}/{entry.name}")
-                                )
+                                stack.append((entry.path, depth + 1, f"{rel}/{entry.name}"))
                             continue
                         if not entry.is_file(follow_symlinks=False):
                             continue
@@ -770,9 +762,7 @@ def prune_dead_stats(path: str, top: str, liveness: Liveness) -> bool:
 _scanners: dict[tuple[Any, str, float, bool], _Scanner] = {}
 
 
-def _acquire_scanner(
-    reactor, root: str, poll_interval: float, use_inotify: bool
-) -> _Scanner:
+def _acquire_scanner(reactor, root: str, poll_interval: float, use_inotify: bool) -> _Scanner:
     key = (reactor, os.path.realpath(root), poll_interval, use_inotify)
     scanner = _scanners.get(key)
     if scanner is None:
@@ -968,9 +958,7 @@ class FileRegistry(ListingMixin):
 
         return self._io(remove)
 
-    def publish_stats(
-        self, instance: Instance, stats: dict[str, Any]
-    ) -> Deferred[None]:
+    def publish_stats(self, instance: Instance, stats: dict[str, Any]) -> Deferred[None]:
         """
         Write the statistics of C{instance}.  A C{"Owner"} key in C{stats} is
         replaced by ours.
@@ -978,9 +966,7 @@ class FileRegistry(ListingMixin):
 
         def publish() -> None:
             rel = instance.path
-            write_atomically(
-                self.statistics_dir + rel, encode_node(dict(stats), self._owner())
-            )
+            write_atomically(self.statistics_dir + rel, encode_node(dict(stats), self._owner()))
             self._owned_stats.add(rel)
 
         return self._io(publish)

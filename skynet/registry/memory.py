@@ -117,9 +117,7 @@ class _MemoryWatch:
 
     log = Logger()
 
-    def __init__(
-        self, store: MemoryStore, query: Query, listener: IInstanceListener, reactor
-    ):
+    def __init__(self, store: MemoryStore, query: Query, listener: IInstanceListener, reactor):
         self._store = store
         self._reactor = reactor
         self._diff = InstanceDiff(query, listener)
@@ -240,9 +238,7 @@ class MemoryRegistry(ListingMixin):
 
         return maybeDeferred(remove)
 
-    def publish_stats(
-        self, instance: Instance, stats: dict[str, Any]
-    ) -> Deferred[None]:
+    def publish_stats(self, instance: Instance, stats: dict[str, Any]) -> Deferred[None]:
         def publish() -> None:
             self._check()
             path = instance.path

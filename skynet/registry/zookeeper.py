@@ -186,7 +186,7 @@ def _prefix_of(query: Query) -> list[str]:
     parts = []
     values = (query.service, query.version, query.region, query.host, query.port)
     names = ("service name", "version", "region", "host", "port")
-    for name, value in zip(names, values):
+    for name, value in zip(names, values, strict=True):
         if value is None:
             break
         parts.append(check_component(name, str(value)))
@@ -271,9 +271,7 @@ class ZooKeeperRegistry(ListingMixin):
         self._zk = KazooClient(
             hosts=self.zk_hosts,
             timeout=self.session_timeout,
-            connection_retry=KazooRetry(
-                max_tries=-1, delay=0.1, backoff=2, max_delay=1.0
-            ),
+            connection_retry=KazooRetry(max_tries=-1, delay=0.1, backoff=2, max_delay=1.0),
             logger=_kazoo_log,
         )
 
@@ -339,9 +337,7 @@ class ZooKeeperRegistry(ListingMixin):
         timeout: Any = DEFAULT_SESSION_TIMEOUT
         if "session_timeout" in options:
             if len(options["session_timeout"]) != 1:
-                raise RegistryError(
-                    f"bad ZooKeeper URL {url!r}: session_timeout given twice"
-                )
+                raise RegistryError(f"bad ZooKeeper URL {url!r}: session_timeout given twice")
             timeout = options["session_timeout"][0]
         if session_timeout is not None:
             timeout = session_timeout
@@ -396,9 +392,7 @@ class ZooKeeperRegistry(ListingMixin):
             "before", "shutdown", self._stop_at_shutdown
         )
         self._zk.add_listener(self._state_from_kazoo)
-        self._kazoo_starting = deferToThreadPool(
-            self._reactor, self._pool, self._zk.start_async
-        )
+        self._kazoo_starting = deferToThreadPool(self._reactor, self._pool, self._zk.start_async)
         await self._kazoo_starting
         if self._connected or self._stopping:
             return
@@ -570,19 +564,14 @@ class ZooKeeperRegistry(ListingMixin):
                 watch.resync()
 
     def _start_offline_timer(self) -> None:
-        if self._offline or (
-            self._offline_call is not None and self._offline_call.active()
-        ):
+        if self._offline or (self._offline_call is not None and self._offline_call.active()):
             return
-        self._offline_call = self._reactor.callLater(
-            self.session_timeout, self._went_offline
-        )
+        self._offline_call = self._reactor.callLater(self.session_timeout, self._went_offline)
 
     def _went_offline(self) -> None:
         self._offline_call = None
         self.log.warn(
-            "ZooKeeper at {hosts} unreachable for {seconds}s; writes are queued until it"
-            " is back",
+            "ZooKeeper at {hosts} unreachable for {seconds}s; writes are queued until it is back",
             hosts=self.zk_hosts,
             seconds=self.session_timeout,
             registry=self.url,
@@ -702,9 +691,7 @@ class ZooKeeperRegistry(ListingMixin):
                     await self._apply(path)
                 except Exception:  # noqa: BLE001 - reported to every waiter
                     failure = Failure()
-                    self.log.failure(
-                        "could not write {path} in ZooKeeper", failure, path=path
-                    )
+                    self.log.failure("could not write {path} in ZooKeeper", failure, path=path)
                     error = RegistryError(f"could not write {path}: {failure.value!r}")
                     for d in waiters:
                         d.errback(error)
@@ -756,9 +743,7 @@ class ZooKeeperRegistry(ListingMixin):
                 except NoNodeError:
                     del self._written[path]
             try:
-                await self._call(
-                    zk.create_async, path, data, ephemeral=True, makepath=True
-                )
+                await self._call(zk.create_async, path, data, ephemeral=True, makepath=True)
                 self._written[path] = session  # type: ignore[assignment]
                 return
             except NodeExistsError:
@@ -796,11 +781,7 @@ class ZooKeeperRegistry(ListingMixin):
             except NoNodeError:
                 break
             owner = stat.ephemeralOwner
-            if (
-                owner
-                and owner != self._session_id
-                and not self._holds_removed(path, data)
-            ):
+            if owner and owner != self._session_id and not self._holds_removed(path, data):
                 self.log.info(
                     "Leaving {path} alone: ZooKeeper session {owner} owns it now",
                     path=path,
@@ -833,11 +814,7 @@ class ZooKeeperRegistry(ListingMixin):
         including) C{/services} and C{/statistics}.
         """
         stops = {f"{self._root}/services", f"{self._root}/statistics"}
-        while (
-            path
-            and path not in stops
-            and path.startswith(tuple(s + "/" for s in stops))
-        ):
+        while path and path not in stops and path.startswith(tuple(s + "/" for s in stops)):
             try:
                 await self._call(self._zk.delete_async, path)
             except NoNodeError:
@@ -899,9 +876,7 @@ class ZooKeeperRegistry(ListingMixin):
             return []
         results = await DeferredList(
             [
-                Deferred.fromCoroutine(
-                    self._collect(f"{path}/{child}", depth + 1, query)
-                )
+                Deferred.fromCoroutine(self._collect(f"{path}/{child}", depth + 1, query))
                 for child in children
                 if _wanted(query, depth + 1, child)
             ],
@@ -927,9 +902,7 @@ class ZooKeeperRegistry(ListingMixin):
             try:
                 stats = json.loads(data)
             except ValueError as e:
-                raise RegistryError(
-                    f"statistics node {path} is not JSON: {e}"
-                ) from None
+                raise RegistryError(f"statistics node {path} is not JSON: {e}") from None
             return stats if isinstance(stats, dict) else None
 
         return Deferred.fromCoroutine(self._read(get))
@@ -1068,9 +1041,7 @@ class _ZooKeeperWatch:
 
     def _list(self, path: str, root: bool = False) -> None:
         on_missing = self._base_missing if root or path == self._base else self._drop
-        self._request(
-            self._registry._zk.get_children_async, path, self._listed, on_missing
-        )
+        self._request(self._registry._zk.get_children_async, path, self._listed, on_missing)
 
     def _tracked(self, path: str) -> bool:
         """
@@ -1098,9 +1069,7 @@ class _ZooKeeperWatch:
         # The query's subtree does not exist (yet): drop what we knew and
         # wait for it to be created.
         self._drop(self._base)
-        self._request(
-            self._registry._zk.exists_async, self._base, self._base_exists, _ignore
-        )
+        self._request(self._registry._zk.exists_async, self._base, self._base_exists, _ignore)
 
     def _base_exists(self, path: str, stat: Any) -> None:
         if stat is not None:
@@ -1132,9 +1101,7 @@ class _ZooKeeperWatch:
             doomed = [path] if path in self._leaves else []
         else:
             prefix = path + "/"
-            for node in [
-                n for n in self._children if n == path or n.startswith(prefix)
-            ]:
+            for node in [n for n in self._children if n == path or n.startswith(prefix)]:
                 del self._children[node]
             doomed = [n for n in self._leaves if n.startswith(prefix)]
         for node in doomed:
