@@ -4,16 +4,21 @@ C{twistd skynet-service}: run one service instance.
     twistd -n skynet-service --service examples.tutorial:TutorialService \\
         [--name N] [--version V] [--region R] \\
         [--listen tcp:0:interface=127.0.0.1] [--admin ENDPOINT] \\
-        [--registry URL] [--unregistered] [--uuid UUID]
+        [--registry URL] [--zk-session-timeout SECONDS] [--unregistered] [--uuid UUID]
 
 Defaults follow Go Skynet's environment: C{SKYNET_BIND_IP} (127.0.0.1) and
 the port range C{SKYNET_MIN_PORT}..C{SKYNET_MAX_PORT} (9000..9999) for the
 listener, C{SKYNET_REGION}, C{SKYNET_VERSION}, and C{SKYNET_REGISTRY}.
+
+C{--zk-session-timeout} sets the ZooKeeper session timeout of a C{zk://}
+registry (winning over the URL's C{?session_timeout=}; 4 s if neither says);
+other registries have no sessions and ignore it.
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import sys
 from typing import Any
@@ -89,6 +94,9 @@ class Options(usage.Options):
         ["registry", "r", None,
          "Registry URL: file:///path, zk://host:port,.../chroot (default $SKYNET_REGISTRY, "
          "else the embedded registry)."],
+        ["zk-session-timeout", None, None,
+         "ZooKeeper session timeout in seconds, for a zk:// registry (default: the URL's "
+         "session_timeout, else 4); ignored by other registries."],
         ["uuid", None, None, "Instance uuid (default: a new one; the daemon passes its own)."],
         ["host", None, None, "Address to advertise (default: the listener's interface)."],
         ["max-frame", None, DEFAULT_MAX_FRAME, "Largest accepted BSON document, in bytes."],
@@ -125,10 +133,17 @@ class Options(usage.Options):
             self.admin_endpoints = [serverFromString(reactor, s) for s in self.admin_specs]
         except (ValueError, TypeError, KeyError) as e:
             raise usage.UsageError(f"bad endpoint: {e}") from e
+        if self["zk-session-timeout"] is not None:
+            timeout = _positive("zk-session-timeout", self["zk-session-timeout"])
+            if not (math.isfinite(timeout) and timeout > 0):
+                raise usage.UsageError("--zk-session-timeout must be a positive number of seconds")
+            self["zk-session-timeout"] = timeout
         from skynet.registry import registry_from_url
 
         try:
-            self.registry = registry_from_url(self["registry"], reactor=reactor)
+            self.registry = registry_from_url(
+                self["registry"], reactor=reactor, zk_session_timeout=self["zk-session-timeout"]
+            )
         except (RegistryError, ValueError) as e:
             raise usage.UsageError(str(e)) from e
 

@@ -38,7 +38,9 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
 
-def registry_from_url(url: str | None, reactor: Any = None) -> IRegistry:
+def registry_from_url(
+    url: str | None, reactor: Any = None, *, zk_session_timeout: float | None = None
+) -> IRegistry:
     """
     Make the registry a URL names (not started).
 
@@ -47,6 +49,9 @@ def registry_from_url(url: str | None, reactor: Any = None) -> IRegistry:
         C{zk://host:port,host:port/chroot}; L{None} or C{""} for
         C{$SKYNET_REGISTRY} if set, else the embedded registry at
         L{default_registry_root}.
+    @param zk_session_timeout: the session timeout, in seconds, of a
+        ZooKeeper registry (winning over the URL's C{session_timeout});
+        ignored by registries without sessions.
     @raise RegistryError: if the URL is not one of those.
     """
     if not url:
@@ -69,7 +74,7 @@ def registry_from_url(url: str | None, reactor: Any = None) -> IRegistry:
             from skynet.registry.zookeeper import ZooKeeperRegistry
         except ImportError as e:
             raise RegistryError(f"cannot use {url!r}: ZooKeeper support: {e}") from e
-        return ZooKeeperRegistry.from_url(url, reactor=reactor)
+        return ZooKeeperRegistry.from_url(url, reactor=reactor, session_timeout=zk_session_timeout)
     raise RegistryError(f"unsupported registry URL {url!r}; use {_SCHEMES}")
 
 
