@@ -21,9 +21,14 @@ import importlib
 import math
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
+from twisted.application.service import MultiService
+from twisted.application.service import Service as Service_
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 from twisted.python import usage
 
 from skynet.protocol import DEFAULT_MAX_FRAME
@@ -103,7 +108,12 @@ class Options(usage.Options):
         ["drain-timeout", None, 10.0, "Seconds to let requests in flight finish on stop."],
         ["stats-interval", None, 5.0, "Seconds between statistics updates in the registry."],
     ]  # fmt: skip
-    optFlags = [["unregistered", "u", "Start unregistered (not taking new clients)."]]
+    optFlags = [
+        ["unregistered", "u", "Start unregistered (not taking new clients)."],
+        ["supervised", None,
+         "Run under a skynet daemon: stdin is a pipe from it, and its end (the daemon "
+         "died) stops this service."],
+    ]  # fmt: skip
 
     service_class: type[Service]
     registry: Any
@@ -148,11 +158,56 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from e
 
 
-def makeService(options: Options) -> ServiceHost:
+class _SupervisorPipe(Protocol):
+    """
+    Reads the supervising daemon's pipe on stdin; its end means the daemon
+    is gone, and this service stops (gracefully) rather than outlive it.
+    """
+
+    log = Logger()
+
+    def __init__(self, stop: Callable[[], Any]) -> None:
+        self.stop = stop
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.log.warn("supervisor pipe closed: the daemon is gone; stopping")
+        self.stop()
+
+
+class SupervisorWatch(Service_):
+    """
+    Watches stdin while running (see C{--supervised}).
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.stdio: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        from twisted.internet.stdio import StandardIO
+
+        self.stdio = StandardIO(_SupervisorPipe(self._stop), reactor=self.reactor)
+
+    def _stop(self) -> None:
+        if self.running and self.reactor.running:
+            self.reactor.stop()
+
+
+def makeService(options: Options) -> MultiService:
+    """
+    The service host (and, if supervised, the pipe watch) for twistd.
+    """
     from twisted.internet import reactor
 
     service = options.service_class()
-    return ServiceHost(
+    top = MultiService()
+    if options["supervised"]:
+        SupervisorWatch(reactor).setServiceParent(top)
+    host = ServiceHost(
         service,
         options.registry,
         options.endpoints,
@@ -169,6 +224,8 @@ def makeService(options: Options) -> ServiceHost:
         stats_interval=options["stats-interval"],
         own_registry=True,
     )
+    host.setServiceParent(top)
+    return top
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -53,6 +53,7 @@ class ServiceProcess:
         self.log_path = Path(self.log_dir) / f"{service.replace(':', '.')}-{id(self)}.log"
         self.env = env or {}
         self.popen: subprocess.Popen | None = None
+        self.stdin: Any = subprocess.DEVNULL
 
     def start(self) -> "ServiceProcess":
         command = [
@@ -64,7 +65,7 @@ class ServiceProcess:
         ] + self.args  # fmt: skip
         self.log = open(self.log_path, "wb")
         self.popen = subprocess.Popen(
-            command, cwd=ROOT, env=child_env(**self.env), stdout=self.log,
+            command, cwd=ROOT, env=child_env(**self.env), stdin=self.stdin, stdout=self.log,
             stderr=subprocess.STDOUT,
         )  # fmt: skip
         return self

@@ -225,6 +225,36 @@ class ClusterTests(TestCase):
         self.assertEqual(await self.instances("Sleeper"), [])
 
 
+class SupervisedTests(TestCase):
+    timeout = 60
+
+    async def test_supervisor_pipe_end_stops_the_service(self) -> None:
+        """
+        With C{--supervised}, the end of stdin (the daemon died) stops the
+        service gracefully: it leaves the registry and exits.
+        """
+        root = tempfile.mkdtemp(prefix="skynet-registry-")
+        registry = FileRegistry(root, reactor=reactor)
+        await registry.start()
+        self.addCleanup(registry.stop)
+        process = ServiceProcess("examples.testservice:TestService", f"file://{root}",
+                                 "--supervised")  # fmt: skip
+        process.stdin = subprocess.PIPE
+        process.start()
+        self.addCleanup(process.stop)
+        await wait_for(lambda: _count(registry, "TestService", 1), what="registered")
+        await sleep(0.5)
+        self.assertIsNone(process.popen.poll())
+        process.popen.stdin.close()
+        await wait_for(lambda: process.popen.poll() is not None, timeout=10, what="exit")
+        self.assertEqual(await registry.query(Query(service="TestService")), [])
+        self.assertIn("supervisor pipe closed", process.output())
+
+
+async def _count(registry, name: str, n: int) -> bool:
+    return len(await registry.query(Query(service=name, registered=True))) == n
+
+
 async def _wait_exit(process: ServiceProcess) -> int:
     await wait_for(lambda: process.popen.poll() is not None, timeout=15, what="exit")
     return process.popen.returncode
