@@ -1,0 +1,147 @@
+"""
+The examples as a user runs them: the local cluster command of the README,
+each example client against real services, and the Go defaults from the
+environment.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+
+from twisted.internet import reactor
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from skynet.client import Client
+from skynet.registry import Query
+from skynet.registry.files import FileRegistry
+from tests.processes import ROOT, ServiceProcess, child_env, twistd, wait_for
+
+
+def run_python(*args: str, env: dict[str, str] | None = None, timeout: float = 120):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=child_env(**(env or {})))  # fmt: skip
+
+
+class LocalClusterCommandTests(TestCase):
+    timeout = 180
+
+    async def test_local_cluster_once(self) -> None:
+        """
+        The README's run command starts the examples on the embedded
+        registry, calls them through discovery, and (with --once) stops.
+        """
+        home = tempfile.mkdtemp(prefix="skynet-home-")
+        result = await deferToThread(
+            run_python, "-m", "examples.local_cluster", "--once", env={"SKYNET_HOME": home}
+        )
+        output = result.stdout + result.stderr
+        self.assertEqual(result.returncode, 0, output)
+        self.assertIn("TestService.Upcase('hello skynet') = 'HELLO SKYNET'", output)
+        self.assertIn("Fibonacci.Index(50) = 12586269025", output)
+        self.assertIn("TutorialService.AddOne(41) = 42", output)
+        # Everything it started has stopped and left the registry.
+        registry = FileRegistry(os.path.join(home, "registry"), reactor=reactor)
+        await registry.start()
+        self.addCleanup(registry.stop)
+        await wait_for(lambda: _empty(registry), timeout=10, what="registry emptied")
+
+
+async def _empty(registry) -> bool:
+    return not await registry.query(Query())
+
+
+class ExampleClientTests(TestCase):
+    """
+    Each example service with its client script.
+    """
+
+    timeout = 120
+
+    async def test_clients(self) -> None:
+        root = tempfile.mkdtemp(prefix="skynet-registry-")
+        url = f"file://{root}"
+        specs = ["examples.testservice:TestService", "examples.tutorial:TutorialService",
+                 "examples.fibonacci:Fibonacci", "examples.sleeper:Sleeper"]  # fmt: skip
+        for spec in specs:
+            process = ServiceProcess(spec, url).start()
+            self.addCleanup(process.stop)
+        registry = FileRegistry(root, reactor=reactor)
+        await registry.start()
+        self.addCleanup(registry.stop)
+
+        async def all_up() -> bool:
+            return len(await registry.query(Query(registered=True))) == len(specs)
+
+        await wait_for(all_up, timeout=30, what="examples registered")
+        cases = [
+            (["examples.testservice_client", "hello"], "hello -> HELLO"),
+            (["examples.tutorial_client", "--times", "2"], "AddOne(2) = 3"),
+            (["examples.fibonacci_client", "10", "40"], "F(40) = 102334155"),
+            (["examples.sleeper_client", "--seconds", "0.1", "--message", "zzz"], "zzz"),
+        ]
+        for args, expected in cases:
+            result = await deferToThread(run_python, "-m", *args, "--registry", url)
+            self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+            self.assertIn(expected, result.stdout)
+        # A client error is one line on stderr and a non-zero exit.
+        result = await deferToThread(
+            run_python, "-m", "examples.fibonacci_client", "-5", "--registry", url
+        )
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("ServiceError: negative index -5", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+
+
+class EnvironmentDefaultsTests(TestCase):
+    timeout = 60
+
+    async def test_go_environment(self) -> None:
+        """
+        Without --listen, the service takes the first free port of
+        SKYNET_MIN_PORT..SKYNET_MAX_PORT on SKYNET_BIND_IP, and its region
+        and version come from SKYNET_REGION and SKYNET_VERSION.
+        """
+        blocker = socket.socket()
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        self.addCleanup(blocker.close)
+        low = blocker.getsockname()[1]
+        root = tempfile.mkdtemp(prefix="skynet-registry-")
+        env = child_env(SKYNET_MIN_PORT=str(low), SKYNET_MAX_PORT=str(low + 50),
+                        SKYNET_BIND_IP="127.0.0.1", SKYNET_REGION="Mars",
+                        SKYNET_VERSION="7")  # fmt: skip
+        process = subprocess.Popen(
+            [twistd(), "-n", "--pidfile=", "skynet-service", "--service",
+             "examples.testservice:TestService", "--registry", f"file://{root}"],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        self.addCleanup(_stop, process)
+        registry = FileRegistry(root, reactor=reactor)
+        await registry.start()
+        self.addCleanup(registry.stop)
+
+        async def found():
+            return await registry.query(Query(service="TestService"))
+
+        [instance] = await wait_for(found, timeout=30, what="instance")
+        self.assertTrue(low < instance.port <= low + 50)
+        self.assertEqual((instance.host, instance.region, instance.version),
+                         ("127.0.0.1", "Mars", "7"))  # fmt: skip
+        # A client that connects and never sends its handshake holds up nobody.
+        silent = socket.create_connection((instance.host, instance.port))
+        self.addCleanup(silent.close)
+        client = Client(registry=registry, reactor=reactor)
+        self.addCleanup(client.stop)
+        result = await client.service("TestService").call("Upcase", {"data": "go"})
+        self.assertEqual(result, {"data": "GO"})
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        process.wait(10)
