@@ -466,6 +466,11 @@ class _Call:
         if self.done:
             return
         attempt.handle.record(self.service.client.reactor.seconds() - attempt.started)
+        for overtaken in self.outstanding:
+            # An instance that a later retry beat is hung or overloaded:
+            # keep new calls away from it for a while.
+            if overtaken.started < attempt.started:
+                overtaken.handle.evict("overtaken by a retry on another instance")
         self._finish()
         self.result.callback(result)
 

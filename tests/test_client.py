@@ -149,6 +149,12 @@ class ClientTests(SynchronousTestCase):
         self.assertEqual(fast.service.seen[0].retry_count, 1)
         # The slow answer arriving later changes nothing.
         slow.service.pending[0].callback({"late": True})
+        # The overtaken instance is avoided for a while: the next calls go
+        # straight to the other one.
+        self.assertFalse(service.handles[slow.uuid].available(self.clock.seconds()))
+        for _ in range(3):
+            self.assertEqual(self.successResultOf(service.call("Hello"))["from"], fast.uuid)
+        self.assertEqual(len(slow.service.seen), 1)
 
     def test_request_timeout(self) -> None:
         self.cluster.add(Recorder(hang=True))
