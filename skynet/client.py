@@ -15,6 +15,7 @@ fails with L{RequestTimeout}.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -330,6 +331,69 @@ class InstanceHandle:
 _CONNECTION_ERRORS = (ConnectionFailed, ConnectError, ConnectionLost, TxTimeoutError, OSError)
 
 
+class _Wheel:
+    """
+    The timers of all calls of a client: retry and give-up times, rounded up
+    to 1/32 s, in buckets served by one reactor timer.  Adding and removing
+    a timer is a set operation, where a DelayedCall per call would cost a
+    heap push, a cancel and a heap rebuild now and then.
+    """
+
+    RESOLUTION = 32  # ticks per second; a power of two, so times are exact
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.buckets: dict[int, set[Any]] = {}
+        self.timer: Any = None
+        self.timer_key = 0
+
+    def add(self, call: Any, due: float) -> int:
+        """
+        Call C{call._tick()} at C{due} (or up to 1/32 s later).
+        @return: the key to L{discard} it with.
+        """
+        key = math.ceil(due * self.RESOLUTION)
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            bucket = self.buckets[key] = set()
+            if self.timer is None or key < self.timer_key:
+                self._schedule(key)
+        bucket.add(call)
+        return key
+
+    def discard(self, call: Any, key: int) -> None:
+        bucket = self.buckets.get(key)
+        if bucket is not None:
+            bucket.discard(call)
+
+    def _schedule(self, key: int) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer_key = key
+        delay = max(0.0, key / self.RESOLUTION - self.reactor.seconds())
+        self.timer = self.reactor.callLater(delay, self._fire)
+
+    def _fire(self) -> None:
+        self.timer = None
+        now = math.floor(self.reactor.seconds() * self.RESOLUTION + 1e-6)
+        for key in sorted(k for k in self.buckets if k <= now):
+            for call in self.buckets.pop(key):
+                call._tick()
+        if self.buckets and self.timer is None:
+            self._schedule(min(self.buckets))
+
+    def stop(self) -> list[Any]:
+        """
+        Stop; return the calls that had timers (every call not finished).
+        """
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        calls = [call for bucket in self.buckets.values() for call in bucket]
+        self.buckets.clear()
+        return calls
+
+
 class _Attempt:
     """
     One attempt of a call on one instance; the connection answers it
@@ -384,6 +448,7 @@ class _Call:
         "tried",
         "attempts",
         "timer",
+        "wheel",
         "done",
         "saw_instance",
         "last_error",
@@ -417,7 +482,9 @@ class _Call:
         self.saw_instance = False
         self.waiting = False
         self.last_error: Exception | None = None
-        self.timer = reactor.callLater(min(retry_interval, timeout), self._tick)
+        self.wheel = service.client.wheel
+        self.timer: int | None = self.wheel.add(self, self.deadline - timeout
+                                                   + min(retry_interval, timeout))  # fmt: skip
 
     def start(self) -> Deferred:
         self._attempt()
@@ -435,8 +502,10 @@ class _Call:
                 # Nothing to try now: look again soon, and at once on news.
                 self.waiting = True
                 service.waiters.append(self._wake)
-                if self.timer is not None and self.timer.getTime() - now > 0.1:
-                    self.timer.reset(0.1)
+                soon = math.ceil((now + 0.1) * _Wheel.RESOLUTION)
+                if self.timer is not None and self.timer > soon:
+                    self.wheel.discard(self, self.timer)
+                    self.timer = self.wheel.add(self, now + 0.1)
             return
         self.saw_instance = True
         self.tried.add(handle.uuid)
@@ -511,7 +580,7 @@ class _Call:
             self._attempt()
             delay = 0.1 if not self.outstanding else self.retry_interval
         if not self.done and self.timer is None:
-            self.timer = reactor.callLater(min(delay, remaining), self._tick)
+            self.timer = self.wheel.add(self, now + min(delay, remaining))
 
     def _give_up(self) -> None:
         service = self.service
@@ -528,11 +597,9 @@ class _Call:
 
     def _finish(self) -> None:
         self.done = True
-        timer = self.timer
-        if timer is not None:
+        if self.timer is not None:
+            self.wheel.discard(self, self.timer)
             self.timer = None
-            if timer.active():
-                timer.cancel()
         if self.outstanding:
             for attempt in self.outstanding:
                 attempt.cancel()
@@ -544,6 +611,15 @@ class _Call:
     def _cancelled(self, d: Deferred) -> None:
         if not self.done:
             self._finish()
+
+    def abort(self, error: Exception) -> None:
+        """
+        Fail the call now with C{error}, unless it is finished.
+        """
+        if not self.done:
+            self.timer = None
+            self._finish()
+            self.result.errback(error)
 
 
 @implementer(IInstanceListener)
@@ -829,6 +905,7 @@ class Client:
         self.max_in_flight_per_connection = max_in_flight_per_connection
         self.connector = connector or tcp_connector(reactor, connect_timeout, max_frame)
         self.services: dict[Query, ServiceClient] = {}
+        self.wheel = _Wheel(reactor)
         self._sweeper = LoopingCall(self._sweep)
         self._sweeper.clock = reactor
         self._sweep_interval = sweep_interval
@@ -893,6 +970,8 @@ class Client:
         self.stopped = True
         if self._sweeper.running:
             self._sweeper.stop()
+        for call in self.wheel.stop():
+            call.abort(ConnectionFailed("the client was stopped"))
         for sc in self.services.values():
             sc.stop()
         self.services.clear()

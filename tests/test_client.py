@@ -172,8 +172,12 @@ class ClientTests(SynchronousTestCase):
         d = service.call("Hello")
         self.clock.advance(1.5)
         self.failureResultOf(d, RequestTimeout)
+        self.clock.advance(0.01)
         d = service.call("Hello", timeout=0.2)
-        self.clock.advance(0.2)
+        self.clock.advance(0.18)
+        self.assertNoResult(d)
+        # Timers have a resolution of 1/32 s.
+        self.clock.advance(0.02 + 1 / 32)
         self.failureResultOf(d, RequestTimeout)
 
     def test_unregistered_instance_gets_no_new_calls(self) -> None:
