@@ -26,6 +26,7 @@ test: setup
 lint: setup
 	$(BIN)/ruff check skynet tests examples benchmarks
 	$(BIN)/ruff format --check skynet tests examples benchmarks
+	$(BIN)/mypy skynet
 
 bench: setup
 	$(BIN)/python -m benchmarks.rpc

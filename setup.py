@@ -31,7 +31,7 @@ setup(
             "hypothesis>=6.100",
             "treq>=23.11",
         ],
-        "dev": ["ruff", "mypy"],
+        "dev": ["ruff", "mypy", "mypy-zope", "types-psutil"],
     },
     entry_points={"console_scripts": []},
     classifiers=[

@@ -143,13 +143,13 @@ def tcp_connector(reactor: Any, connect_timeout: float, max_frame: int) -> Calla
                 if timer.active():
                     timer.cancel()
                 if isinstance(result, Failure) and result.check(CancelledError):
-                    protocol.transport.abortConnection()
+                    protocol.transport.abortConnection()  # type: ignore[union-attr]
                     return Failure(ConnectionFailed(f"no handshake from {instance.address}"))
                 return result
 
             return protocol.ready.addBoth(done)
 
-        return d.addCallback(connected)
+        return d.addCallback(connected)  # type: ignore[call-overload]
 
     return connect
 

@@ -424,7 +424,7 @@ class FrameProtocol(Protocol):
         The peer as C{ip:port}, or C{""} for transports without one.
         """
         try:
-            peer = self.transport.getPeer()  # type: ignore[union-attr]
+            peer: Any = self.transport.getPeer()  # type: ignore[union-attr]
             return f"{peer.host}:{peer.port}"
         except (AttributeError, NotImplementedError):
             return ""
@@ -435,7 +435,7 @@ class IDispatcher(TypingProtocol):
     What a L{ServerProtocol} serves: the service host implements this.
     """
 
-    name: str
+    service_name: str
     registered: bool
     max_frame: int
     handshake_timeout: float | None
@@ -478,7 +478,7 @@ class ServerProtocol(FrameProtocol):
         self._timeout: Any = None
         self._peer = ""
         self._closed_waiters: list[Deferred] = []
-        self._forward = f"{dispatcher.name}.Forward"
+        self._forward = f"{dispatcher.service_name}.Forward"
 
     def connectionMade(self) -> None:
         self._peer = self.peer_address()
@@ -486,7 +486,7 @@ class ServerProtocol(FrameProtocol):
         self.transport.write(  # type: ignore[union-attr]
             _encode(
                 {
-                    "name": self.dispatcher.name,
+                    "name": self.dispatcher.service_name,
                     "registered": registered,
                     "clientid": self.clientid,
                 }
@@ -574,7 +574,7 @@ class ServerProtocol(FrameProtocol):
                 f"rpc: service/method request ill-formed: {servicemethod}",
             )
             return
-        elif servicemethod[:dot] != dispatcher.name:
+        elif servicemethod[:dot] != dispatcher.service_name:
             self._send_error(servicemethod, seq, f"rpc: can't find service {servicemethod}")
             return
         else:
@@ -666,7 +666,7 @@ class ServerProtocol(FrameProtocol):
             self.log.failure(
                 "method of {service} failed (seq {seq})",
                 failure=failure or Failure(exc),
-                service=self.dispatcher.name,
+                service=self.dispatcher.service_name,
                 seq=seq,
             )
         self._respond(servicemethod, seq, EMPTY_DOCUMENT, error_text(exc), started, True)

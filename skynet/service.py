@@ -279,7 +279,7 @@ class ServiceHost(MultiService):
         self.endpoints = list(endpoints)
         self.admin_endpoints = list(admin_endpoints)
         cls = type(service)
-        self.name = name or cls.name or cls.__name__
+        self.service_name: str = name or cls.name or cls.__name__
         self.version = version or cls.version or os.environ.get("SKYNET_VERSION") or "unknown"
         self.region = region or cls.region or os.environ.get("SKYNET_REGION") or "unknown"
         self.uuid = uuid or new_id()
@@ -297,7 +297,7 @@ class ServiceHost(MultiService):
         self.port: IListeningPort | None = None
         self.admin_port: IListeningPort | None = None
         self.instance: Instance = Instance(
-            uuid=self.uuid, name=self.name, version=self.version, region=self.region,
+            uuid=self.uuid, name=self.service_name, version=self.version, region=self.region,
             host="", port=0, registered=registered,
         )  # fmt: skip
         self.in_registry = False
@@ -351,7 +351,7 @@ class ServiceHost(MultiService):
     def admin_stop(self, wait_for_clients: bool) -> Deferred:
         self.log.info(
             "{service} asked to stop (wait for clients: {wait})",
-            service=self.name,
+            service=self.service_name,
             wait=wait_for_clients,
         )
         if not wait_for_clients:
@@ -403,7 +403,7 @@ class ServiceHost(MultiService):
         self.instance = self._make_instance()
         self.log.info(
             "{service} instance {uuid} {what}",
-            service=self.name,
+            service=self.service_name,
             uuid=self.uuid,
             what="registered" if registered else "unregistered",
         )
@@ -419,15 +419,17 @@ class ServiceHost(MultiService):
         try:
             await maybeDeferred(lambda: ensure(hook()))
         except Exception:
-            self.log.failure("{hook} of {service} failed", hook=hook.__name__, service=self.name)
+            self.log.failure(
+                "{hook} of {service} failed", hook=hook.__name__, service=self.service_name
+            )
 
     def _make_instance(self) -> Instance:
-        port = self.port.getHost() if self.port is not None else None
-        admin = self.admin_port.getHost() if self.admin_port is not None else None
+        port: Any = self.port.getHost() if self.port is not None else None
+        admin: Any = self.admin_port.getHost() if self.admin_port is not None else None
         host = self.advertise_host or (advertised_address(port.host) if port else "")
         return Instance(
             uuid=self.uuid,
-            name=self.name,
+            name=self.service_name,
             version=self.version,
             region=self.region,
             host=host,
@@ -448,7 +450,7 @@ class ServiceHost(MultiService):
         return self._started
 
     def _start_failed(self, failure: Failure) -> None:
-        self.log.failure("{service} failed to start", failure, service=self.name)
+        self.log.failure("{service} failed to start", failure, service=self.service_name)
         self.reactor.callLater(0, self.stop_process)
 
     async def _start(self) -> None:
@@ -459,7 +461,7 @@ class ServiceHost(MultiService):
         self.log.info(
             "{service} {version} ({region}) instance {uuid} listening on {host}:{port}"
             " (admin {admin})",
-            service=self.name,
+            service=self.service_name,
             version=self.version,
             region=self.region,
             uuid=self.uuid,
@@ -485,7 +487,7 @@ class ServiceHost(MultiService):
         except Exception as e:
             self.log.warn(
                 "{service} could not register in {registry} ({error}); retrying in {delay}s",
-                service=self.name,
+                service=self.service_name,
                 registry=getattr(self.registry, "url", self.registry),
                 error=e,
                 delay=delay,
@@ -537,7 +539,12 @@ class ServiceHost(MultiService):
         closed = DeferredList([p.when_closed() for p in protocols])
         for protocol in protocols:
             protocol.close_connection()
-        timer = self.reactor.callLater(grace, lambda: [_abort_if_open(p) for p in protocols])
+
+        def abort() -> None:
+            for p in protocols:
+                _abort_if_open(p)
+
+        timer = self.reactor.callLater(grace, abort)
         await closed
         if timer.active():
             timer.cancel()
@@ -556,7 +563,7 @@ class ServiceHost(MultiService):
         if self.stats.in_flight and self.drain_timeout > 0:
             self.log.info(
                 "{service} draining {count} requests (at most {timeout}s)",
-                service=self.name,
+                service=self.service_name,
                 count=self.stats.in_flight,
                 timeout=self.drain_timeout,
             )
@@ -567,7 +574,7 @@ class ServiceHost(MultiService):
             except Exception:
                 self.log.warn(
                     "{service} stopping with {count} requests still in flight",
-                    service=self.name,
+                    service=self.service_name,
                     count=self.stats.in_flight,
                 )
             else:
@@ -585,7 +592,9 @@ class ServiceHost(MultiService):
         if self.own_registry:
             await self.registry.stop()
         await super().stopService()
-        self.log.info("{service} instance {uuid} stopped", service=self.name, uuid=self.uuid)
+        self.log.info(
+            "{service} instance {uuid} stopped", service=self.service_name, uuid=self.uuid
+        )
 
 
 def _abort_if_open(protocol: ServerProtocol) -> None:

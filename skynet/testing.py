@@ -21,13 +21,19 @@ tested without waiting.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint, ITransport
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IStreamServerEndpoint,
+    ITransport,
+)
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -85,7 +91,7 @@ class MemoryTransport:
         other = self.other
         self.board.post(lambda: other._receive(data))  # type: ignore[union-attr]
 
-    def writeSequence(self, data: list[bytes]) -> None:
+    def writeSequence(self, data: Iterable[bytes]) -> None:
         self.write(b"".join(data))
 
     def _receive(self, data: bytes) -> None:
@@ -151,7 +157,9 @@ def connect_pair(
 
 @implementer(IListeningPort)
 class _MemoryPort:
-    def __init__(self, cluster: "LocalCluster", factory: Factory, address: IPv4Address) -> None:
+    def __init__(
+        self, cluster: "LocalCluster", factory: IProtocolFactory, address: IPv4Address
+    ) -> None:
         self.cluster = cluster
         self.factory = factory
         self.address = address
@@ -177,7 +185,7 @@ class MemoryServerEndpoint:
     def __init__(self, cluster: "LocalCluster") -> None:
         self.cluster = cluster
 
-    def listen(self, factory: Factory) -> Deferred:
+    def listen(self, factory: IProtocolFactory) -> Deferred:
         cluster = self.cluster
         cluster.next_port += 1
         address = IPv4Address("TCP", cluster.host, cluster.next_port)
@@ -270,8 +278,10 @@ class LocalCluster:
         self._client_port += 1
         client_address = IPv4Address("TCP", "10.0.0.254", self._client_port)
         server = port.factory.buildProtocol(client_address)
+        if server is None:
+            return fail(ConnectionRefusedError(f"{instance.host}:{instance.port} refused"))
         client = ClientProtocol(instance.name)
-        connect_pair(server, client, port.address, client_address)
+        connect_pair(server, client, port.address, client_address)  # type: ignore[arg-type]
         return client.ready
 
     def call(

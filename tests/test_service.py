@@ -70,7 +70,7 @@ class RemoteMethodTests(SynchronousTestCase):
         self.assertTrue(info.registered)
         self.assertEqual(len(info.uuid), 36)
         named = cluster.add(TestService(), name="Upper", version="2", region="north")
-        self.assertEqual((named.name, named.version, named.region), ("Upper", "2", "north"))
+        self.assertEqual((named.service_name, named.version, named.region), ("Upper", "2", "north"))
 
 
 class LifecycleTests(SynchronousTestCase):

@@ -404,10 +404,10 @@ class InstanceDiff:
             if uuid not in current:
                 self.listener.removed(old)
         for uuid, new in current.items():
-            old = previous.get(uuid)
-            if old is None:
+            known = previous.get(uuid)
+            if known is None:
                 self.listener.added(new)
-            elif _differs(old, new):
+            elif _differs(known, new):
                 self.listener.updated(new)
 
     def change(self, old: Instance | None, new: Instance | None) -> None:
