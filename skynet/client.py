@@ -905,6 +905,7 @@ class Client:
         self.max_in_flight_per_connection = max_in_flight_per_connection
         self.connector = connector or tcp_connector(reactor, connect_timeout, max_frame)
         self.services: dict[Query, ServiceClient] = {}
+        self._tuned: list[ServiceClient] = []  # made with their own intervals
         self.wheel = _Wheel(reactor)
         self._sweeper = LoopingCall(self._sweep)
         self._sweeper.clock = reactor
@@ -955,12 +956,17 @@ class Client:
         )
         if existing is None:
             self.services[query] = sc
+        else:
+            self._tuned.append(sc)
         self._ready.addCallback(lambda _: sc.start_watch())  # type: ignore[union-attr]
         return sc
 
     def _sweep(self) -> None:
-        for sc in self.services.values():
+        for sc in self._all_services():
             sc.sweep(self.max_idle)
+
+    def _all_services(self) -> list[ServiceClient]:
+        return list(self.services.values()) + self._tuned
 
     def stop(self) -> Deferred:
         """
@@ -972,9 +978,10 @@ class Client:
             self._sweeper.stop()
         for call in self.wheel.stop():
             call.abort(ConnectionFailed("the client was stopped"))
-        for sc in self.services.values():
+        for sc in self._all_services():
             sc.stop()
         self.services.clear()
+        self._tuned.clear()
         if self.own_registry and self._ready is not None:
             return maybeDeferred(self.registry.stop)
         return succeed(None)
