@@ -301,6 +301,7 @@ class ServiceHost(MultiService):
             host="", port=0, registered=registered,
         )  # fmt: skip
         self.in_registry = False
+        self.registry_started = False
         self._client = client
         self._own_client = False
         self._drained: list[Deferred] = []
@@ -470,8 +471,6 @@ class ServiceHost(MultiService):
             admin=self.instance.admin,
         )
         await self._hook(self.service.on_started)
-        if self.own_registry:
-            await self.registry.start()
         await self._register_instance()
         self._stats_loop = LoopingCall(self.publish_statistics)
         self._stats_loop.clock = self.reactor
@@ -483,6 +482,9 @@ class ServiceHost(MultiService):
         if self._stopping is not None:
             return
         try:
+            if self.own_registry and not self.registry_started:
+                await self.registry.start()
+                self.registry_started = True
             await self.registry.add(self.instance)
         except Exception as e:
             self.log.warn(
@@ -589,7 +591,7 @@ class ServiceHost(MultiService):
         await self._hook(self.service.on_stopped)
         if self._own_client and self._client is not None:
             await self._client.stop()
-        if self.own_registry:
+        if self.own_registry and self.registry_started:
             await self.registry.stop()
         await super().stopService()
         self.log.info(

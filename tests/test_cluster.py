@@ -6,7 +6,9 @@ unregister and get fed garbage.
 
 from __future__ import annotations
 
+import os
 import random
+import re
 import signal
 import socket
 import struct
@@ -18,6 +20,7 @@ import bson
 from bson.int64 import Int64
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, ensureDeferred
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from skynet.client import Client
@@ -249,6 +252,40 @@ class SupervisedTests(TestCase):
         await wait_for(lambda: process.popen.poll() is not None, timeout=10, what="exit")
         self.assertEqual(await registry.query(Query(service="TestService")), [])
         self.assertIn("supervisor pipe closed", process.output())
+
+
+class RegistryDownTests(TestCase):
+    timeout = 90
+
+    async def test_serves_while_the_registry_is_unusable(self) -> None:
+        """
+        A service whose registry cannot be used serves direct connections,
+        says so clearly, and registers once the registry can be used.
+        """
+        top = tempfile.mkdtemp(prefix="skynet-down-")
+        blocker = os.path.join(top, "blocker")
+        with open(blocker, "w") as f:
+            f.write("a file where the registry's directory should be")
+        root = os.path.join(blocker, "registry")
+        process = ServiceProcess("examples.testservice:TestService", f"file://{root}").start()
+        self.addCleanup(process.stop)
+        await wait_for(lambda: "could not register" in process.output(), timeout=20,
+                       what="the log line about the registry")  # fmt: skip
+        port = int(re.search(r"listening on 127.0.0.1:(\d+)", process.output()).group(1))
+        handshake = await deferToThread(_raw_handshake, port)
+        self.assertEqual((handshake["name"], handshake["registered"]), ("TestService", True))
+        os.unlink(blocker)
+        registry = FileRegistry(root, reactor=reactor)
+        await registry.start()
+        self.addCleanup(registry.stop)
+        await wait_for(lambda: _count(registry, "TestService", 1), timeout=30,
+                       what="registered after the registry came back")  # fmt: skip
+
+
+def _raw_handshake(port: int) -> dict:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        data = s.recv(4096)
+    return bson.decode(data[: struct.unpack_from("<i", data)[0]])
 
 
 async def _count(registry, name: str, n: int) -> bool:
