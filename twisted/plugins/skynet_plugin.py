@@ -11,3 +11,10 @@ skynet_service = ServiceMaker(
     "Run a skynet service instance (BSON-RPC, registered for discovery).",
     "skynet-service",
 )
+
+skynet_dashboard = ServiceMaker(
+    "skynet-dashboard",
+    "skynet.dashboard_tap",
+    "Serve the live web dashboard and Prometheus metrics of a skynet cluster.",
+    "skynet-dashboard",
+)
