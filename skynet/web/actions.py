@@ -96,7 +96,8 @@ async def admin_call(
     One raw admin call to C{address}.  @return: the answer's header.
     """
     endpoint = TCP4ClientEndpoint(reactor, address.ip_address, address.port, timeout=timeout)
-    protocol: _AdminCall = await endpoint.connect(_AdminFactory(servicemethod, params))
+    protocol = await endpoint.connect(_AdminFactory(servicemethod, params))
+    assert isinstance(protocol, _AdminCall)
     timer = reactor.callLater(timeout, protocol.done.cancel)
     try:
         return await protocol.done

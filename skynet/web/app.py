@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hmac
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -95,6 +96,7 @@ class _StaticFiles(File):
     """
 
     contentTypes = dict(File.contentTypes, **{".js": "text/javascript", ".css": "text/css"})
+    indexNames: list[str] = []
 
     def directoryListing(self) -> Resource:
         return self.childNotFound
@@ -108,6 +110,7 @@ class DashboardSocket(WebSocketServerProtocol):
 
     log = Logger()
     factory: DashboardSocketFactory
+    _unsubscribe: Callable[[], None] | None = None
 
     def onConnect(self, request: Any) -> None:
         if not same_origin(request.origin, request.headers.get("host")):
@@ -134,9 +137,8 @@ class DashboardSocket(WebSocketServerProtocol):
             self.send_json({"type": "pong", "time": self.factory.model.reactor.seconds()})
 
     def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
-        unsubscribe = getattr(self, "_unsubscribe", None)
-        if unsubscribe is not None:
-            unsubscribe()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
             self._unsubscribe = None
 
     def send_json(self, message: dict[str, Any]) -> None:
@@ -144,7 +146,7 @@ class DashboardSocket(WebSocketServerProtocol):
 
 
 class DashboardSocketFactory(WebSocketServerFactory):
-    protocol = DashboardSocket
+    protocol = DashboardSocket  # type: ignore[assignment]
 
     def __init__(self, app: DashboardApp) -> None:
         super().__init__()

@@ -89,10 +89,10 @@ def _host(doc: Any) -> dict[str, Any]:
     found: dict[str, Any] = {}
     memory = _first(doc, "memory", "Memory")
     if isinstance(memory, dict):
-        for key, names in (("mem_total", ("total", "Total")), ("mem_used", ("used", "Used")),
-                           ("mem_available", ("available", "Available")),
-                           ("mem_percent", ("percent", "Percent"))):  # fmt: skip
-            value = _num(_first(memory, *names))
+        for key, keys in (("mem_total", ("total", "Total")), ("mem_used", ("used", "Used")),
+                          ("mem_available", ("available", "Available")),
+                          ("mem_percent", ("percent", "Percent"))):  # fmt: skip
+            value = _num(_first(memory, *keys))
             if value is not None:
                 found[key] = value
     load = _first(doc, "LoadAverage", "Load", "load")
@@ -100,7 +100,7 @@ def _host(doc: Any) -> dict[str, Any]:
         for name, value in zip(("load1", "load5", "load15"), load, strict=False):
             if _num(value) is not None:
                 found[name] = _num(value)
-    names = {
+    names: dict[str, tuple[str, ...]] = {
         "load1": ("Load1", "load1"),
         "load5": ("Load5", "load5"),
         "load15": ("Load15", "load15"),

@@ -242,7 +242,6 @@ class InstanceState:
         instance = self.instance
         stats = self.stats or {}
         admin = instance.admin
-        registered = stats.get("Registered") if self.stats else None
         return {
             "uuid": instance.uuid,
             "service": instance.name,
@@ -253,7 +252,9 @@ class InstanceState:
             "address": f"{instance.host}:{instance.port}",
             "admin": f"{admin.ip_address}:{admin.port}" if admin is not None else None,
             "pid": instance.pid,
-            "registered": instance.registered if registered is None else bool(registered),
+            # The instance node, not the statistics (which lag), says whether
+            # clients may use it.
+            "registered": instance.registered,
             "clients": _number(stats.get("Clients")),
             "start": self.start_time,
             "last_request": parse_go_time(stats.get("LastRequest")),
@@ -551,7 +552,7 @@ class DashboardModel(Service):
         Give each supervised instance its CPU and RSS from its daemon, and
         each host its header, and turn daemons' events into ours.
         """
-        supervised: dict[str, tuple[str, Any]] = {}
+        supervised: dict[str, tuple[str | None, Any]] = {}
         for daemon_uuid, figures in self._daemon_figures.items():
             for uuid, child in figures.children.items():
                 supervised[uuid] = (daemon_uuid, child)
@@ -559,15 +560,15 @@ class DashboardModel(Service):
             if daemon is not None:
                 self._daemon_events(daemon, figures)
         for uuid, state in self.instances.items():
-            daemon_uuid, child = supervised.get(uuid, (None, None))
+            supervisor, child = supervised.get(uuid, (None, None))
             cpu = child.cpu if child is not None else None
             rss = child.rss if child is not None else None
             if state.instance.name == DAEMON_SERVICE and uuid in self._daemon_figures:
                 own = self._daemon_figures[uuid].own
                 if own is not None:
                     cpu, rss = own.cpu, own.rss
-            if (state.daemon, state.cpu, state.rss) != (daemon_uuid, cpu, rss):
-                state.daemon, state.cpu, state.rss = daemon_uuid, cpu, rss
+            if (state.daemon, state.cpu, state.rss) != (supervisor, cpu, rss):
+                state.daemon, state.cpu, state.rss = supervisor, cpu, rss
                 self._dirty_rows[uuid] = None
         self._refresh_hosts()
 
