@@ -1,0 +1,1539 @@
+"""
+The sky command language, shared by C{sky}, C{sky cli} and the SSH shell.
+
+One L{Shell} holds a session's persistent filters and runs commands:
+
+    queries     services, hosts, regions, versions, instances, topology
+    filters     service, version, host, port, region, registered <value>;
+                filters; reset [<filter>]
+    actions     register, unregister, stop, restart, deploy MODULE:CLASS [args]
+    more        call SERVICE METHOD '{json}', watch [seconds], stats, help,
+                python (interactive only), exit
+
+Output is what Go Skynet's C{sky} printed (C{instances}: C{IP:PORT - Name
+Version [Registered]}), or JSON with C{--json}.  Actions on more than one
+instance (and, in the interactive shell, on any) ask C{N instances will be
+stopped, Are you sure? (Y/N) > } unless C{--yes}.
+
+Actions go through the L{DAEMON_SERVICE} of the instance's host when that
+daemon supervises it (it knows its children by their instance uuid), and
+otherwise through the instance's admin endpoint (Go Skynet's raw
+C{Admin.Register}, C{Admin.Unregister}, C{Admin.Stop}).  Restarting needs a
+daemon: nothing else can start the process again.
+
+A L{Shell} writes to an L{IShellIO}: L{BufferIO} collects output (tests),
+C{skynet.sky} writes to stdout and stderr, and L{ShellProtocol} serves the
+language on a terminal (line editing, history kept in a file, Tab
+completion of commands, filter names and live values from the registry),
+over SSH (L{skynet.manhole}) or on the local terminal (C{sky cli}).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+import attr
+import bson
+from bson.int64 import Int64
+from twisted.conch import recvline
+from twisted.conch.manhole import ColoredManhole
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.error import ConnectError
+from twisted.internet.protocol import Factory
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from skynet.errors import (
+    ConnectionFailed,
+    NoInstances,
+    RemoteCallError,
+    RequestTimeout,
+    ServiceError,
+    SkynetError,
+)
+from skynet.protocol import FrameProtocol, RequestInfo, new_id
+from skynet.registry.base import (
+    Address,
+    IInstanceListener,
+    Instance,
+    Query,
+    RegistryError,
+    sort_instances,
+)
+
+#: The service name of the per-host daemon.
+DAEMON_SERVICE = "SkynetDaemon"
+
+#: The persistent filters, in the order C{filters} shows them.
+FILTER_NAMES = ("region", "host", "port", "service", "version", "registered")
+
+#: Every command of the language (what Tab completes first).
+COMMANDS = (
+    "call",
+    "deploy",
+    "exit",
+    "filters",
+    "help",
+    "host",
+    "hosts",
+    "instances",
+    "port",
+    "python",
+    "quit",
+    "region",
+    "regions",
+    "register",
+    "registered",
+    "reset",
+    "restart",
+    "service",
+    "services",
+    "stats",
+    "stop",
+    "topology",
+    "unregister",
+    "version",
+    "versions",
+    "watch",
+)
+
+#: The actions on instances, and the words of their messages.
+_ACTIONS = {
+    "register": ("registered", "Registered"),
+    "unregister": ("unregistered", "Unregistered"),
+    "stop": ("stopped", "Stopped"),
+    "restart": ("restarted", "Restarted"),
+}
+
+_DAEMON_METHODS = {
+    "register": "RegisterSubService",
+    "unregister": "UnregisterSubService",
+    "stop": "StopSubService",
+    "restart": "RestartSubService",
+}
+
+_ADMIN_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "register": ("Admin.Register", {}),
+    "unregister": ("Admin.Unregister", {}),
+    "stop": ("Admin.Stop", {"waitforclients": True}),
+}
+
+_TRUE = ("true", "yes", "1", "on")
+_FALSE = ("false", "no", "0", "off")
+
+HELP = """\
+Commands:
+  services       List the services that match the filters
+  hosts          List the hosts that match the filters
+  regions        List the regions that match the filters
+  versions       List the versions of a service (needs the service filter)
+  instances      List the instances that match the filters: IP:PORT - Name Version [Registered]
+  topology       Print the hierarchy of regions/hosts/services/versions/instances
+  register       Register the instances that match the filters
+  unregister     Unregister the instances that match the filters
+  stop           Stop the instances that match the filters
+  restart        Restart the instances that match the filters (through their host's SkynetDaemon)
+  deploy MODULE:CLASS [args]
+                 Start a new instance on every host that matches the filters (through its SkynetDaemon)
+  call SERVICE METHOD ['{"json": "params"}']
+                 Call a method of a service and print its result as JSON
+  watch [SECONDS]
+                 Print instances as they are added, updated and removed (Ctrl-C stops)
+  stats          Requests, clients and response times of the instances that match the filters
+  python         A Python shell with registry, client and daemon bound (Ctrl-D returns)
+  help           This help
+  exit           Leave the shell (or Ctrl-D)
+
+Filters:
+  filters                 List the current filters
+  reset [<filter>]        Reset all filters, or the one named
+  region <region>         Set the region filter: all commands are scoped to it until reset
+  host <host>             Set the host filter
+  port <port>             Set the port filter
+  service <service>       Set the service filter
+  version <version>       Set the version filter
+  registered <true|false> Set the registered filter
+
+Options (before or after a command; filters given this way apply to that command only):
+  --service S --version V --host H --port P --region R --registered true|false
+  --json                  Print JSON for scripts
+  --yes                   Do not ask for confirmation
+"""
+
+
+class ShellError(Exception):
+    """
+    A command failed for a reason the user can act on; the message is one
+    line and says what to do.
+    """
+
+
+class UsageError(ShellError):
+    """
+    A command was given wrongly.
+    """
+
+
+class IShellIO(Protocol):
+    """
+    Where a L{Shell} writes, and how it asks.
+    """
+
+    def out(self, text: str) -> None:
+        """
+        Write C{text} and a newline to the output.
+        """
+
+    def err(self, text: str) -> None:
+        """
+        Write C{text} and a newline to the error output.
+        """
+
+    def confirm(self, question: str) -> Deferred[bool]:
+        """
+        Ask C{question} (it ends with C{"(Y/N) > "}); fire with the answer.
+        """
+
+    def python(self, namespace: dict[str, Any]) -> None:
+        """
+        Switch to a Python shell with C{namespace} bound.
+
+        @raise ShellError: if this output cannot (it is not a terminal).
+        """
+
+    def exit(self) -> None:
+        """
+        Leave the shell.
+        """
+
+
+class BufferIO:
+    """
+    An L{IShellIO} that keeps what is written, answers confirmations from
+    a list, and records requests to switch to Python or to exit; for tests.
+
+    @ivar answers: the answers to give, in order (then C{False}).
+    @ivar questions: the questions asked.
+    """
+
+    def __init__(self, answers: Iterable[bool] = ()) -> None:
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self.answers = list(answers)
+        self.questions: list[str] = []
+        self.namespace: dict[str, Any] | None = None
+        self.exited = False
+
+    def out(self, text: str) -> None:
+        self.stdout.extend(text.split("\n"))
+
+    def err(self, text: str) -> None:
+        self.stderr.extend(text.split("\n"))
+
+    def confirm(self, question: str) -> Deferred[bool]:
+        self.questions.append(question)
+        return succeed(self.answers.pop(0) if self.answers else False)
+
+    def python(self, namespace: dict[str, Any]) -> None:
+        self.namespace = namespace
+
+    def exit(self) -> None:
+        self.exited = True
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.stdout)
+
+    @property
+    def errors(self) -> str:
+        return "\n".join(self.stderr)
+
+
+# Filters and parsing
+
+
+def parse_registered(value: str) -> bool:
+    """
+    C{true} or C{false} (also yes/no, 1/0, on/off).
+
+    @raise UsageError: for anything else.
+    """
+    lowered = value.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise UsageError(f"registered must be true or false, not {value!r}")
+
+
+def parse_port(value: str) -> int:
+    """
+    @raise UsageError: unless C{value} is a port number.
+    """
+    try:
+        port = int(value)
+    except ValueError:
+        raise UsageError(f"port must be a number, not {value!r}") from None
+    if not 0 < port < 65536:
+        raise UsageError(f"port must be between 1 and 65535, not {port}")
+    return port
+
+
+@attr.s(auto_attribs=True)
+class Filters:
+    """
+    The filters of a session (or of one command): L{None} matches anything.
+    """
+
+    region: str | None = None
+    host: str | None = None
+    port: int | None = None
+    service: str | None = None
+    version: str | None = None
+    registered: bool | None = None
+
+    def set(self, name: str, value: str) -> None:
+        """
+        Set filter C{name} from its text.
+
+        @raise UsageError: for an unknown filter or a bad value.
+        """
+        if name not in FILTER_NAMES:
+            raise UsageError(f"unknown filter {name!r}; filters are {', '.join(FILTER_NAMES)}")
+        parsed: Any = value
+        if name == "port":
+            parsed = parse_port(value)
+        elif name == "registered":
+            parsed = parse_registered(value)
+        setattr(self, name, parsed)
+
+    def reset(self, name: str | None = None) -> None:
+        """
+        Reset filter C{name}, or all of them.
+        """
+        if name is None:
+            for each in FILTER_NAMES:
+                setattr(self, each, None)
+            return
+        if name not in FILTER_NAMES:
+            raise UsageError(f"unknown filter {name!r}; filters are {', '.join(FILTER_NAMES)}")
+        setattr(self, name, None)
+
+    def overlaid(self, other: Filters) -> Filters:
+        """
+        These filters with those set in C{other} replacing them.
+        """
+        values = {n: getattr(self, n) for n in FILTER_NAMES}
+        values.update({n: getattr(other, n) for n in FILTER_NAMES if getattr(other, n) is not None})
+        return Filters(**values)
+
+    def without(self, name: str) -> Filters:
+        values = {n: getattr(self, n) for n in FILTER_NAMES if n != name}
+        return Filters(**values)
+
+    def query(self) -> Query:
+        return Query(
+            service=self.service,
+            version=self.version,
+            region=self.region,
+            host=self.host,
+            port=self.port,
+            registered=self.registered,
+        )
+
+    def text(self, name: str) -> str:
+        value = getattr(self, name)
+        if value is None:
+            return ""
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return str(value)
+
+    def to_json(self) -> dict[str, Any]:
+        return {n: getattr(self, n) for n in FILTER_NAMES}
+
+
+@attr.s(auto_attribs=True)
+class Invocation:
+    """
+    One parsed command: its name, its arguments, its one-off filters and
+    flags.
+    """
+
+    command: str | None
+    args: list[str]
+    filters: Filters
+    json: bool = False
+    yes: bool = False
+
+
+_VALUE_OPTIONS = FILTER_NAMES
+_FLAG_OPTIONS = {"json": "json", "yes": "yes", "y": "yes"}
+
+
+def parse(argv: list[str]) -> Invocation:
+    """
+    Split C{argv} into the command, its arguments and options.
+
+    Options (C{--service S}, C{--service=S}, C{-service S}, C{--json},
+    C{--yes}) may come before or after the command; after C{deploy}'s
+    C{MODULE:CLASS} everything is the service's arguments, and after C{--}
+    everything is an argument.
+
+    @raise UsageError: for an unknown option or a bad value.
+    """
+    filters = Filters()
+    flags = {"json": False, "yes": False}
+    command: str | None = None
+    args: list[str] = []
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        i += 1
+        passthrough = command == "deploy" and args
+        if word == "--" and not passthrough:
+            args.extend(argv[i:])
+            break
+        if word.startswith("-") and len(word) > 1 and not passthrough:
+            name, eq, value = word.lstrip("-").partition("=")
+            if name in _FLAG_OPTIONS and not eq:
+                flags[_FLAG_OPTIONS[name]] = True
+                continue
+            if name in _VALUE_OPTIONS:
+                if not eq:
+                    if i >= len(argv):
+                        raise UsageError(f"option --{name} needs a value")
+                    value = argv[i]
+                    i += 1
+                filters.set(name, value)
+                continue
+            raise UsageError(f"unknown option {word}")
+        if command is None:
+            command = word
+        else:
+            args.append(word)
+    return Invocation(command, args, filters, json=flags["json"], yes=flags["yes"])
+
+
+def split_line(line: str) -> list[str]:
+    """
+    Split a command line as a POSIX shell does (quotes keep JSON whole).
+
+    @raise UsageError: for an unclosed quote.
+    """
+    try:
+        return shlex.split(line)
+    except ValueError as e:
+        raise UsageError(f"cannot parse the line: {e}") from None
+
+
+# Formatting
+
+
+def format_instance(instance: Instance) -> str:
+    """
+    An instance as Go Skynet's C{sky instances} printed it.
+    """
+    registered = " [Registered]" if instance.registered else ""
+    return f"{instance.host}:{instance.port} - {instance.name} {instance.version}{registered}"
+
+
+def instance_json(instance: Instance) -> dict[str, Any]:
+    """
+    An instance for C{--json} output.
+    """
+    return {
+        "uuid": instance.uuid,
+        "name": instance.name,
+        "version": instance.version,
+        "region": instance.region,
+        "host": instance.host,
+        "port": instance.port,
+        "address": str(instance.address),
+        "admin": str(instance.admin) if instance.admin is not None else None,
+        "registered": instance.registered,
+        "pid": instance.pid,
+    }
+
+
+def topology(instances: Iterable[Instance]) -> dict[str, Any]:
+    """
+    Region > host > service > version > instances.
+    """
+    tree: dict[str, Any] = {}
+    for i in sort_instances(instances):
+        versions = tree.setdefault(i.region, {}).setdefault(i.host, {}).setdefault(i.name, {})
+        versions.setdefault(i.version, []).append(i)
+    return tree
+
+
+def format_topology(instances: Iterable[Instance]) -> list[str]:
+    """
+    The topology as Go Skynet's C{sky topology} printed it (sorted).
+    """
+    lines = []
+    for region, hosts in sorted(topology(instances).items()):
+        lines.append(f"Region: {region}")
+        for host, services in sorted(hosts.items()):
+            lines.append(f"\tHost: {host}")
+            for name, versions in sorted(services.items()):
+                lines.append(f"\t\tService: {name}")
+                for version, found in sorted(versions.items()):
+                    lines.append(f"\t\t\tVersion: {version}")
+                    for i in found:
+                        registered = " [Registered]" if i.registered else ""
+                        lines.append(f"\t\t\t\t{i.host}:{i.port}{registered}")
+    return lines
+
+
+def topology_json(instances: Iterable[Instance]) -> dict[str, Any]:
+    return {
+        region: {
+            host: {
+                name: {version: [instance_json(i) for i in found] for version, found in vs.items()}
+                for name, vs in services.items()
+            }
+            for host, services in hosts.items()
+        }
+        for region, hosts in topology(instances).items()
+    }
+
+
+def _ms(nanoseconds: Any) -> str:
+    try:
+        return f"{float(nanoseconds) / 1e6:.2f} ms"
+    except (TypeError, ValueError):
+        return "? ms"
+
+
+def format_stats(instance: Instance, stats: dict[str, Any] | None) -> str:
+    """
+    One instance's statistics on one line.
+    """
+    head = format_instance(instance)
+    if not stats:
+        return f"{head}: no statistics yet"
+    parts = [
+        f"{stats.get('RequestsServed', 0)} requests",
+        f"{stats.get('Errors', 0)} errors",
+        f"{stats.get('Clients', 0)} clients",
+        f"avg {_ms(stats.get('AverageResponseTime', 0))}",
+    ]
+    if "P50ResponseTime" in stats:
+        parts.append(f"p50 {_ms(stats['P50ResponseTime'])}")
+    if "P99ResponseTime" in stats:
+        parts.append(f"p99 {_ms(stats['P99ResponseTime'])}")
+    if stats.get("LastRequest"):
+        parts.append(f"last request {stats['LastRequest']}")
+    return f"{head}: {', '.join(parts)}"
+
+
+def to_json(value: Any, pretty: bool = False) -> str:
+    """
+    JSON text of a result (BSON's types as their nearest JSON).
+    """
+
+    def default(o: Any) -> Any:
+        if isinstance(o, bytes):
+            return o.hex()
+        return str(o)
+
+    if pretty:
+        return json.dumps(value, indent=2, sort_keys=True, default=default)
+    return json.dumps(value, sort_keys=True, default=default)
+
+
+# Remote calls: admin endpoints and exactly one instance
+
+
+class _AdminCall(FrameProtocol):
+    """
+    One raw admin call: send a header and a body, read the answering pair.
+    """
+
+    def __init__(self, servicemethod: str, params: dict[str, Any]) -> None:
+        self.servicemethod = servicemethod
+        self.params = params
+        self.frames: list[bytes] = []
+        self.done: Deferred[dict[str, Any]] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(  # type: ignore[union-attr]
+            bson.encode({"servicemethod": self.servicemethod, "seq": Int64(0)})
+            + bson.encode(self.params)
+        )
+
+    def frame_received(self, frame: bytes) -> None:
+        self.frames.append(frame)
+        if len(self.frames) == 2 and not self.done.called:
+            self.done.callback(bson.decode(self.frames[0]))
+            self.close_connection()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        if not self.done.called:
+            self.done.errback(ConnectionFailed("the admin connection closed before the answer"))
+
+
+async def admin_call(
+    reactor: Any, address: Address, servicemethod: str, params: dict[str, Any], timeout: float
+) -> None:
+    """
+    One raw admin call to C{address} (C{Admin.Register {}},
+    C{Admin.Unregister {}}, C{Admin.Stop {waitforclients}}).
+
+    @raise ConnectionFailed: if it cannot be reached or does not answer.
+    @raise RemoteCallError: if the answer's header carries an error.
+    """
+    endpoint = TCP4ClientEndpoint(reactor, address.ip_address, address.port, timeout=timeout)
+    factory = Factory.forProtocol(lambda: _AdminCall(servicemethod, params))
+    try:
+        protocol: Any = await endpoint.connect(factory)
+    except Exception as e:
+        raise ConnectionFailed(f"cannot reach the admin endpoint {address}: {e}") from None
+    timer = reactor.callLater(timeout, protocol.done.cancel)
+    try:
+        header = await protocol.done
+    except CancelledError:
+        raise ConnectionFailed(
+            f"no answer from the admin endpoint {address} in {timeout}s"
+        ) from None
+    finally:
+        if timer.active():
+            timer.cancel()
+        protocol.close_connection()
+    error = header.get("error")
+    if error:
+        raise RemoteCallError(str(error))
+
+
+async def call_instance(
+    connector: Callable[[Instance], Deferred],
+    reactor: Any,
+    instance: Instance,
+    method: str,
+    params: dict[str, Any],
+    timeout: float,
+) -> dict[str, Any]:
+    """
+    One call to exactly C{instance} (not load balanced: a daemon is asked
+    about its own children), over a connection of its own.
+
+    @param connector: how to reach an instance (a L{skynet.client.Client}'s
+        C{connector}).
+    @raise ConnectionFailed: if it cannot be reached or does not answer.
+    """
+    try:
+        protocol = await _with_timeout(reactor, connector(instance), timeout)
+    except CancelledError:
+        raise ConnectionFailed(f"no handshake from {instance.address} in {timeout}s") from None
+    except ConnectError as e:
+        raise ConnectionFailed(f"cannot connect to {instance.address}: {e}") from None
+    try:
+        d = protocol.call(method, params, RequestInfo(request_id=new_id()))
+        try:
+            return await _with_timeout(reactor, d, timeout)
+        except CancelledError:
+            raise ConnectionFailed(f"no answer from {instance.address} in {timeout}s") from None
+    finally:
+        protocol.closed_by_us = True
+        protocol.close_connection()
+
+
+def _with_timeout(reactor: Any, d: Deferred, timeout: float) -> Deferred:
+    timer = reactor.callLater(timeout, d.cancel)
+
+    def done(result: Any) -> Any:
+        if timer.active():
+            timer.cancel()
+        return result
+
+    return d.addBoth(done)
+
+
+def managed_uuids(answer: Any) -> set[str]:
+    """
+    The instance uuids in a daemon's C{ListSubServices} answer,
+    C{{services: {uuid: {...}}}} (a list of C{{uuid, ...}} will do too).
+    """
+    services = answer.get("services") if isinstance(answer, dict) else None
+    if isinstance(services, dict):
+        return {uuid for uuid in services if isinstance(uuid, str)}
+    if isinstance(services, list):
+        return {
+            s["uuid"] for s in services if isinstance(s, dict) and isinstance(s.get("uuid"), str)
+        }
+    return set()
+
+
+@attr.s(auto_attribs=True)
+class ActionResult:
+    """
+    What one action did to one instance (or, for deploy, on one host).
+    """
+
+    action: str
+    ok: bool
+    message: str
+    uuid: str | None = None
+    service: str | None = None
+    address: str | None = None
+    host: str | None = None
+    via: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return attr.asdict(self)
+
+
+# The language
+
+
+@implementer(IInstanceListener)
+class _WatchPrinter:
+    def __init__(self, io: IShellIO, as_json: bool) -> None:
+        self.io = io
+        self.as_json = as_json
+
+    def _print(self, event: str, instance: Instance) -> None:
+        if self.as_json:
+            self.io.out(to_json({"event": event, "instance": instance_json(instance)}))
+        else:
+            self.io.out(f"{event} {format_instance(instance)}")
+
+    def snapshot(self, instances: list[Instance]) -> None:
+        for i in instances:
+            self._print("present", i)
+
+    def added(self, instance: Instance) -> None:
+        self._print("added", instance)
+
+    def updated(self, instance: Instance) -> None:
+        self._print("updated", instance)
+
+    def removed(self, instance: Instance) -> None:
+        self._print("removed", instance)
+
+
+class Shell:
+    """
+    A session of the command language: its filters and the objects it acts
+    on.
+
+    @param registry: a started L{skynet.registry.IRegistry}.
+    @param client: a L{skynet.client.Client} on that registry (for C{call}
+        and for reaching daemons through its C{connector}).
+    @param daemon: the local daemon object, if any (bound in C{python}).
+    @param interactive: ask for confirmation before any action, not only
+        those on several instances (as Go Skynet's C{sky cli} did).
+    @param admin: how to make an admin call: C{admin(address,
+        servicemethod, params)} returning a Deferred (default: TCP).
+    @param timeout: seconds a daemon or an admin endpoint has to answer.
+    @param namespace: more objects to bind in C{python}.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        registry: Any,
+        client: Any,
+        *,
+        reactor: Any = None,
+        daemon: Any = None,
+        interactive: bool = False,
+        admin: Callable[[Address, str, dict[str, Any]], Deferred] | None = None,
+        timeout: float = 30.0,
+        call_timeout: float | None = None,
+        namespace: dict[str, Any] | None = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.reactor = reactor
+        self.registry = registry
+        self.client = client
+        self.daemon = daemon
+        self.interactive = interactive
+        self.timeout = timeout
+        self.call_timeout = call_timeout
+        self.filters = Filters()
+        self.extra_namespace = dict(namespace or {})
+        self._admin = admin or (
+            lambda address, method, params: ensureDeferred(
+                admin_call(self.reactor, address, method, params, self.timeout)
+            )
+        )
+
+    # Running commands
+
+    def run_line(self, line: str, io: IShellIO) -> Deferred[int]:
+        """
+        Run one command line; fire with its exit status (0 when it
+        succeeded).  Cancelling the Deferred interrupts the command.
+        """
+        try:
+            argv = split_line(line)
+        except ShellError as e:
+            io.err(str(e))
+            return succeed(2)
+        return self.run(argv, io)
+
+    def run(self, argv: list[str], io: IShellIO) -> Deferred[int]:
+        """
+        Run one command given as words; fire with its exit status: 0 for
+        success, 1 for a failure, 2 for a usage error.  Errors are written
+        to C{io} as one line; the Deferred never fails.
+        """
+        return ensureDeferred(self._run(argv, io))
+
+    async def _run(self, argv: list[str], io: IShellIO) -> int:
+        try:
+            invocation = parse(argv)
+            return await self._dispatch(invocation, io)
+        except UsageError as e:
+            io.err(str(e))
+            return 2
+        except ShellError as e:
+            io.err(str(e))
+            return 1
+        except RegistryError as e:
+            io.err(f"registry unreachable ({getattr(self.registry, 'url', '?')}): {e}")
+            return 1
+        except CancelledError:
+            io.err("interrupted")
+            return 130
+        except Exception as e:
+            self.log.failure("command {argv!r} failed", argv=argv)
+            io.err(f"error: {type(e).__name__}: {e}")
+            return 1
+
+    async def _dispatch(self, inv: Invocation, io: IShellIO) -> int:
+        command = inv.command
+        if command is None:
+            if inv.json:
+                io.out(to_json(self.filters.to_json()))
+            return 0
+        filters = self.filters.overlaid(inv.filters)
+        if command in ("help", "h"):
+            io.out(HELP.rstrip("\n"))
+            return 0
+        if command in ("services", "hosts", "regions", "versions"):
+            return await self._list(command, filters, inv, io)
+        if command == "instances":
+            found = await self.registry.query(filters.query())
+            if inv.json:
+                io.out(to_json([instance_json(i) for i in found]))
+            else:
+                for i in found:
+                    io.out(format_instance(i))
+            return 0
+        if command == "topology":
+            found = await self.registry.query(filters.query())
+            if inv.json:
+                io.out(to_json(topology_json(found)))
+            else:
+                for line in format_topology(found):
+                    io.out(line)
+            return 0
+        if command in FILTER_NAMES:
+            self._need_args(inv, 0, 1, f"{command} [<{command}>]")
+            if inv.args:
+                self.filters.set(command, inv.args[0])
+            if inv.json:
+                io.out(to_json({command: getattr(self.filters, command)}))
+            else:
+                io.out(f"{command.capitalize()}: {self.filters.text(command)}")
+            return 0
+        if command == "filters":
+            if inv.json:
+                io.out(to_json(self.filters.to_json()))
+            else:
+                for name in FILTER_NAMES:
+                    io.out(f"{name.capitalize()}: {self.filters.text(name)}")
+            return 0
+        if command == "reset":
+            self._need_args(inv, 0, 1, "reset [<filter>]")
+            self.filters.reset(inv.args[0] if inv.args else None)
+            return 0
+        if command in _ACTIONS:
+            self._need_args(inv, 0, 0, command)
+            return await self._act(command, filters, inv, io)
+        if command == "deploy":
+            if not inv.args:
+                raise UsageError("Usage: deploy <MODULE:CLASS> <args>")
+            return await self._deploy(inv.args[0], inv.args[1:], filters, inv, io)
+        if command == "call":
+            self._need_args(inv, 2, 3, 'call SERVICE METHOD [\'{"json": "params"}\']')
+            return await self._call(inv.args, filters, inv, io)
+        if command == "watch":
+            self._need_args(inv, 0, 1, "watch [SECONDS]")
+            return await self._watch(inv.args, filters, inv, io)
+        if command == "stats":
+            self._need_args(inv, 0, 0, "stats")
+            return await self._stats(filters, inv, io)
+        if command == "python":
+            io.python(self.namespace())
+            return 0
+        if command in ("exit", "quit"):
+            io.exit()
+            return 0
+        raise UsageError(f"Unknown command {command!r} - type 'help' for a list of commands")
+
+    @staticmethod
+    def _need_args(inv: Invocation, least: int, most: int, usage: str) -> None:
+        if not least <= len(inv.args) <= most:
+            raise UsageError(f"Usage: {usage}")
+
+    def namespace(self) -> dict[str, Any]:
+        """
+        What C{python} binds: C{registry}, C{client}, C{daemon}, C{shell},
+        C{reactor}, C{Query}, and the extra objects given.
+        """
+        namespace = {
+            "registry": self.registry,
+            "client": self.client,
+            "daemon": self.daemon,
+            "shell": self,
+            "reactor": self.reactor,
+            "Query": Query,
+        }
+        namespace.update(self.extra_namespace)
+        return namespace
+
+    # Queries
+
+    async def _list(self, command: str, filters: Filters, inv: Invocation, io: IShellIO) -> int:
+        self._need_args(inv, 0, 0, command)
+        if command == "versions" and filters.service is None:
+            raise UsageError("Service name is required (set the service filter or --service)")
+        field = {"services": "name", "hosts": "host", "regions": "region", "versions": "version"}
+        found = await self.registry.query(filters.query())
+        values = sorted({getattr(i, field[command]) for i in found})
+        if inv.json:
+            io.out(to_json(values))
+        else:
+            for value in values:
+                io.out(value)
+        return 0
+
+    async def _stats(self, filters: Filters, inv: Invocation, io: IShellIO) -> int:
+        found = await self.registry.query(filters.query())
+        rows = []
+        for instance in found:
+            try:
+                stats = await self.registry.get_stats(instance)
+            except RegistryError:
+                stats = None
+            rows.append((instance, stats))
+        if inv.json:
+            io.out(to_json([{"instance": instance_json(i), "stats": s} for i, s in rows]))
+        else:
+            for instance, stats in rows:
+                io.out(format_stats(instance, stats))
+        return 0
+
+    # Watching
+
+    async def _watch(self, args: list[str], filters: Filters, inv: Invocation, io: IShellIO) -> int:
+        seconds: float | None = None
+        if args:
+            try:
+                seconds = float(args[0])
+            except ValueError:
+                raise UsageError(f"watch takes a number of seconds, not {args[0]!r}") from None
+        watch = self.registry.watch(filters.query(), _WatchPrinter(io, inv.json))
+        try:
+            if seconds is None:
+                await Deferred()  # until cancelled
+            else:
+                await deferLater(self.reactor, seconds, lambda: None)
+        except CancelledError:
+            return 0
+        finally:
+            watch.stop()
+        return 0
+
+    # Calls
+
+    async def _call(self, args: list[str], filters: Filters, inv: Invocation, io: IShellIO) -> int:
+        name, method = args[0], args[1]
+        params: Any = {}
+        if len(args) == 3:
+            try:
+                params = json.loads(args[2])
+            except ValueError as e:
+                raise UsageError(f"the parameters are not JSON: {e}") from None
+            if not isinstance(params, dict):
+                raise UsageError("the parameters must be a JSON object, like '{\"key\": 1}'")
+        query = Query(
+            service=name, version=filters.version, region=filters.region, host=filters.host
+        )
+        found = await self.registry.query(query)
+        if not found:
+            raise ShellError(f"no such service: {name}{_scope(filters)}")
+        if not any(i.registered for i in found):
+            raise ShellError(f"{name} has no registered instance{_scope(filters)}")
+        service = self.client.service(
+            name, version=filters.version, region=filters.region, host=filters.host
+        )
+        try:
+            result = await service.call(method, params, timeout=self.call_timeout)
+        except ServiceError as e:
+            raise ShellError(f"{name}.{method} failed: {e}") from None
+        except (RemoteCallError, RequestTimeout, NoInstances, ConnectionFailed) as e:
+            raise ShellError(f"{name}.{method}: {e}") from None
+        io.out(to_json(result, pretty=not inv.json))
+        return 0
+
+    # Actions
+
+    async def _confirm(self, io: IShellIO, inv: Invocation, count: int, question: str) -> bool:
+        if inv.yes or count == 0 or (count == 1 and not self.interactive):
+            return True
+        return bool(await io.confirm(f"{question}, Are you sure? (Y/N) > "))
+
+    async def _daemons(self) -> dict[str, list[Instance]]:
+        daemons: dict[str, list[Instance]] = {}
+        for d in await self.registry.query(Query(service=DAEMON_SERVICE, registered=True)):
+            daemons.setdefault(d.host, []).append(d)
+        return daemons
+
+    async def _ask_daemon(self, daemon: Instance, method: str, params: dict[str, Any]) -> Any:
+        try:
+            return await call_instance(
+                self.client.connector, self.reactor, daemon, method, params, self.timeout
+            )
+        except (ConnectionFailed, ConnectionError, OSError) as e:
+            raise ShellError(f"daemon not reachable on host {daemon.host}: {e}") from None
+
+    async def _routes(
+        self, instances: list[Instance]
+    ) -> tuple[dict[str, Instance], dict[str, str]]:
+        """
+        Which daemon supervises each instance, and the hosts whose daemon
+        could not be asked (with why).
+        """
+        daemons = await self._daemons()
+        supervisor: dict[str, Instance] = {}
+        unreachable: dict[str, str] = {}
+        for host in sorted({i.host for i in instances}):
+            for daemon in daemons.get(host, []):
+                try:
+                    answer = await self._ask_daemon(daemon, "ListSubServices", {})
+                except ShellError as e:
+                    unreachable[host] = str(e)
+                    continue
+                except SkynetError as e:
+                    unreachable[host] = f"daemon on host {host} failed: {e}"
+                    continue
+                for uuid in managed_uuids(answer):
+                    supervisor[uuid] = daemon
+        return supervisor, unreachable
+
+    async def _act(self, action: str, filters: Filters, inv: Invocation, io: IShellIO) -> int:
+        instances = [
+            i for i in await self.registry.query(filters.query()) if i.name != DAEMON_SERVICE
+        ]
+        if not instances:
+            raise ShellError(f"no instance matches the filters{_filter_text(filters)}")
+        past, _ = _ACTIONS[action]
+        if not await self._confirm(
+            io, inv, len(instances), f"{len(instances)} instances will be {past}"
+        ):
+            io.err("Cancelled.")
+            return 1
+        supervisor, unreachable = await self._routes(instances)
+        results = []
+        for instance in instances:
+            result = await self._act_on(action, instance, supervisor, unreachable)
+            results.append(result)
+            if not inv.json:
+                (io.out if result.ok else io.err)(result.message)
+        if inv.json:
+            io.out(to_json([r.to_json() for r in results]))
+        return 0 if all(r.ok for r in results) else 1
+
+    async def _act_on(
+        self,
+        action: str,
+        instance: Instance,
+        supervisor: dict[str, Instance],
+        unreachable: dict[str, str],
+    ) -> ActionResult:
+        _, done = _ACTIONS[action]
+        uuid = instance.uuid
+
+        def result(ok: bool, message: str, via: str | None) -> ActionResult:
+            return ActionResult(
+                action=action,
+                ok=ok,
+                message=message,
+                uuid=uuid,
+                service=instance.name,
+                address=str(instance.address),
+                host=instance.host,
+                via=via,
+            )
+
+        def failed(why: str, via: str | None) -> ActionResult:
+            return result(False, f"Could not {action} service with UUID {uuid}: {why}", via)
+
+        daemon = supervisor.get(uuid)
+        if daemon is not None:
+            try:
+                answer = await self._ask_daemon(daemon, _DAEMON_METHODS[action], {"uuid": uuid})
+            except ShellError as e:
+                return failed(str(e), "daemon")
+            except SkynetError as e:
+                return failed(f"the daemon on host {daemon.host} said: {e}", "daemon")
+            if isinstance(answer, dict) and answer.get("ok") is False:
+                if action == "stop":
+                    return result(True, f"Service with UUID {uuid} is already stopped.", "daemon")
+                if action == "restart":
+                    return result(False, f"Service with UUID {uuid} is not running.", "daemon")
+            return result(True, f"{done} service with UUID {uuid}.", "daemon")
+        if instance.host in unreachable:
+            return failed(unreachable[instance.host], "daemon")
+        if action == "restart":
+            return failed(
+                f"no {DAEMON_SERVICE} supervises {instance.name} at {instance.address}; restart"
+                " is only possible through a daemon (stop it, or run it under twistd"
+                " skynet-daemon)",
+                None,
+            )
+        if instance.admin is None:
+            return failed(
+                f"no {DAEMON_SERVICE} supervises {instance.name} at {instance.address} and it"
+                " has no admin endpoint",
+                None,
+            )
+        method, params = _ADMIN_METHODS[action]
+        try:
+            await self._admin(instance.admin, method, params)
+        except (ConnectionFailed, RemoteCallError, ConnectionError, OSError) as e:
+            return failed(f"admin endpoint {instance.admin}: {e}", "admin")
+        return result(True, f"{done} service with UUID {uuid}.", "admin")
+
+    async def _deploy(
+        self, spec: str, args: list[str], filters: Filters, inv: Invocation, io: IShellIO
+    ) -> int:
+        if ":" not in spec:
+            raise UsageError(f"deploy needs MODULE:CLASS, not {spec!r}")
+        found = await self.registry.query(filters.query())
+        hosts = sorted({i.host for i in found})
+        daemons = await self._daemons()
+        targets = [h for h in hosts if h in daemons]
+        if not inv.json:
+            for host in hosts:
+                if host not in daemons:
+                    io.err(f"Skipping host {host}: no {DAEMON_SERVICE} runs there.")
+        if not targets:
+            raise ShellError(
+                f"no {DAEMON_SERVICE} runs on a host matching the filters{_filter_text(filters)}"
+            )
+        question = f"Service will be deployed to {len(targets)} hosts"
+        if not await self._confirm(io, inv, len(targets), question):
+            io.err("Cancelled.")
+            return 1
+        if not inv.json:
+            io.out(f"deploying {' '.join([spec] + args)}")
+        results = []
+        for host in targets:
+            daemon = daemons[host][0]
+            params = {"service": spec, "args": list(args), "registered": True}
+            try:
+                answer = await self._ask_daemon(daemon, "Deploy", params)
+            except (ShellError, SkynetError) as e:
+                ok, uuid, message = False, None, f"Could not deploy {spec} to {host}: {e}"
+            else:
+                uuid = answer.get("uuid") if isinstance(answer, dict) else None
+                ok, message = True, f"Deployed service with UUID {uuid}."
+            r = ActionResult("deploy", ok, message, uuid, spec, None, host, "daemon")
+            results.append(r)
+            if not inv.json:
+                (io.out if r.ok else io.err)(r.message)
+        if inv.json:
+            io.out(to_json([r.to_json() for r in results]))
+        return 0 if all(r.ok for r in results) else 1
+
+    # Completion
+
+    def complete(self, line: str) -> Deferred[list[str]]:
+        """
+        The completions of C{line} (the text before the cursor), each a
+        whole line: commands, filter names, and live values from the
+        registry (service names, versions, hosts, regions).
+        """
+        return ensureDeferred(self._complete(line))
+
+    async def _complete(self, line: str) -> list[str]:
+        words = line.split()
+        if line.endswith(" ") or not words:
+            words.append("")
+        if len(words) == 1:
+            return [c + " " for c in COMMANDS if c.startswith(words[0])]
+        command, prefix = words[0], words[-1]
+        head = line[: len(line) - len(prefix)]
+        values: Iterable[str] = ()
+        if len(words) == 2:
+            if command in ("reset",):
+                values = FILTER_NAMES
+            elif command == "help":
+                values = COMMANDS
+            elif command == "registered":
+                values = ("true", "false")
+            elif command in ("service", "version", "host", "region", "port"):
+                values = await self._live_values(command)
+            elif command == "call":
+                values = await self._live_values("service", registered_only=True)
+        return [head + v + " " for v in sorted(set(values)) if v.startswith(prefix)]
+
+    async def _live_values(self, name: str, registered_only: bool = False) -> list[str]:
+        query = self.filters.without(name).query()
+        if registered_only:
+            query = attr.evolve(query, registered=True)
+        try:
+            found = await self.registry.query(query)
+        except Exception:
+            return []
+        field = {"service": "name", "version": "version", "host": "host", "region": "region"}
+        if name == "port":
+            return [str(i.port) for i in found]
+        return [getattr(i, field[name]) for i in found]
+
+
+def _filter_text(filters: Filters) -> str:
+    set_ = [f"{n}={filters.text(n)}" for n in FILTER_NAMES if getattr(filters, n) is not None]
+    return f" ({', '.join(set_)})" if set_ else ""
+
+
+def _scope(filters: Filters) -> str:
+    set_ = [
+        f"{n}={filters.text(n)}"
+        for n in ("version", "region", "host")
+        if getattr(filters, n) is not None
+    ]
+    return f" ({', '.join(set_)})" if set_ else ""
+
+
+# The shell on a terminal
+
+
+class History:
+    """
+    Command lines kept in a file across sessions (the newest last), the
+    file readable by its owner only.
+
+    @param path: the file, or L{None} to keep nothing.
+    @param limit: how many lines to keep.
+    """
+
+    def __init__(self, path: str | None, limit: int = 1000) -> None:
+        self.path = path
+        self.limit = limit
+
+    def load(self) -> list[bytes]:
+        if self.path is None:
+            return []
+        try:
+            with open(self.path, "rb") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return []
+        return [line for line in lines if line][-self.limit :]
+
+    def append(self, line: bytes) -> None:
+        if self.path is None or not line.strip():
+            return
+        try:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            with os.fdopen(fd, "ab") as f:
+                f.write(line.replace(b"\n", b" ") + b"\n")
+            if os.path.getsize(self.path) > self.limit * 400:
+                self._trim()
+        except OSError as e:
+            Shell.log.warn(
+                "cannot write the shell history {path}: {error}", path=self.path, error=e
+            )
+
+    def _trim(self) -> None:
+        lines = self.load()
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(b"".join(line + b"\n" for line in lines))
+        os.replace(tmp, self.path)  # type: ignore[arg-type]
+
+
+def default_history_path(name: str = "history") -> str:
+    """
+    C{$SKYNET_HOME/<name>}, else C{~/.skynet/<name>}.
+    """
+    home = os.environ.get("SKYNET_HOME") or os.path.join(os.path.expanduser("~"), ".skynet")
+    return os.path.join(home, name)
+
+
+CTRL_C = b"\x03"
+CTRL_D = b"\x04"
+CTRL_L = b"\x0c"
+CTRL_A = b"\x01"
+CTRL_E = b"\x05"
+CTRL_U = b"\x15"
+
+BANNER = "Skynet Interactive Shell (type 'help' for a list of commands)"
+
+
+class PythonManhole(ColoredManhole):
+    """
+    The C{python} command's interpreter: a Twisted manhole on the same
+    terminal; Ctrl-D on an empty line (or Ctrl-\\) gives the terminal back.
+    """
+
+    def __init__(self, namespace: dict[str, Any], on_exit: Callable[[], None]) -> None:
+        super().__init__(namespace)
+        self.on_exit = on_exit
+
+    def initializeScreen(self) -> None:
+        namespace: dict[str, Any] = self.namespace or {}
+        names = ", ".join(sorted(k for k in namespace if not k.startswith("_")))
+        self.terminal.write(f"Python manhole: {names} are bound; Ctrl-D returns to the shell.\n")
+        self.terminal.write(self.ps[self.pn])
+        self.setInsertMode()
+
+    def terminalSize(self, width: int, height: int) -> None:
+        self.width, self.height = width, height
+
+    def handle_QUIT(self) -> None:
+        self.on_exit()
+
+
+class ShellProtocol(recvline.HistoricRecvLine):
+    """
+    The command language on a terminal (an insults terminal protocol):
+    line editing, history kept in a file, Tab completion, Ctrl-C to
+    interrupt a command (C{watch}), Ctrl-D or C{exit} to leave.
+
+    @param shell_factory: makes the session's L{Shell}.
+    @param history: where the history is kept.
+    @param on_close: called once when the terminal goes away.
+    """
+
+    ps = (b"> ", b"> ")
+    log = Logger()
+
+    def __init__(
+        self,
+        shell_factory: Callable[[], Shell],
+        history: History | None = None,
+        on_close: Callable[[], None] | None = None,
+        banner: str = BANNER,
+    ) -> None:
+        self.shell_factory = shell_factory
+        self.history = history or History(None)
+        self.on_close = on_close
+        self.banner = banner
+        self.shell: Shell | None = None
+        self.running: Deferred | None = None
+        self.pending: Deferred | None = None
+        self.python_shell: PythonManhole | None = None
+        self.closed = False
+        self._edits = 0
+
+    # Set up
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.historyLines = self.history.load()
+        self.historyPosition = len(self.historyLines)
+        self.keyHandlers.update(
+            {
+                CTRL_C: self.handle_INT,
+                CTRL_D: self.handle_EOF,
+                CTRL_L: self.handle_FF,
+                CTRL_A: self.handle_HOME,
+                CTRL_E: self.handle_END,
+                CTRL_U: self.handle_KILL,
+            }
+        )
+        self.shell = self.shell_factory()
+
+    def initializeScreen(self) -> None:
+        # No reset: leave what the terminal shows above us alone.
+        if self.banner:
+            self.terminal.write(self.banner + "\n")
+        self.terminal.write(self.ps[self.pn])
+        self.setInsertMode()
+
+    def terminalSize(self, width: int, height: int) -> None:
+        self.width, self.height = width, height
+        if self.python_shell is not None:
+            self.python_shell.terminalSize(width, height)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.callback(False)
+        if self.running is not None:
+            self.running.cancel()
+        if self.python_shell is not None:
+            self.python_shell.connectionLost(reason)
+            self.python_shell = None
+        if self.on_close is not None:
+            self.on_close()
+
+    # Keys
+
+    def keystrokeReceived(self, keyID: bytes, modifier: Any) -> None:
+        if self.python_shell is not None:
+            self.python_shell.keystrokeReceived(keyID, modifier)
+            return
+        if self.running is not None and self.pending is None:
+            # A command runs: only Ctrl-C (interrupt) means something.
+            if keyID == CTRL_C and not self.running.called:
+                self.terminal.write("^C\n")
+                self.running.cancel()
+            return
+        self._edits += 1
+        super().keystrokeReceived(keyID, modifier)
+
+    def handle_INT(self) -> None:
+        if self.pending is not None:
+            self.lineBuffer, self.lineBufferIndex = [], 0
+            self.terminal.write("^C\n")
+            pending, self.pending = self.pending, None
+            pending.callback(False)
+            return
+        self.lineBuffer, self.lineBufferIndex = [], 0
+        self.historyPosition = len(self.historyLines)
+        self.terminal.write("^C\n")
+        self.terminal.write(self.ps[self.pn])
+
+    def handle_EOF(self) -> None:
+        if self.lineBuffer:
+            self.handle_DELETE()
+        elif self.pending is not None:
+            self.handle_INT()
+        else:
+            self.terminal.write("\n")
+            self.exit()
+
+    def handle_FF(self) -> None:
+        self.terminal.eraseDisplay()
+        self.terminal.cursorHome()
+        self.drawInputLine()
+
+    def handle_KILL(self) -> None:
+        self.handle_HOME()
+        self.terminal.eraseToLineEnd()
+        self.lineBuffer, self.lineBufferIndex = [], 0
+
+    def handle_RETURN(self) -> None:
+        if self.pending is not None:
+            # An answer to a question: not a command for the history.
+            return recvline.RecvLine.handle_RETURN(self)
+        return super().handle_RETURN()
+
+    def handle_TAB(self) -> None:
+        if self.pending is not None or self.shell is None:
+            return
+        before = b"".join(self.lineBuffer[: self.lineBufferIndex]).decode("ascii", "replace")
+        edits = self._edits
+        d = self.shell.complete(before)
+        d.addCallback(self._completed, before, edits)
+        d.addErrback(lambda f: self.log.failure("completion of {line!r} failed", f, line=before))
+
+    def _completed(self, candidates: list[str], before: str, edits: int) -> None:
+        if self.closed or edits != self._edits or self.running is not None:
+            return  # the line changed meanwhile
+        if not candidates:
+            self.terminal.write(b"\a")
+            return
+        common = os.path.commonprefix(candidates)
+        if len(candidates) == 1 or len(common) > len(before):
+            after = b"".join(self.lineBuffer[self.lineBufferIndex :])
+            self._replace_line(common.encode("ascii", "replace"), after)
+            return
+        shown = sorted({c[len(before) - len(before.split(" ")[-1]) :].strip() for c in candidates})
+        self.terminal.write("\n" + "  ".join(shown) + "\n")
+        self.drawInputLine()
+        back = len(self.lineBuffer) - self.lineBufferIndex
+        if back:
+            self.terminal.cursorBackward(back)
+
+    def _replace_line(self, before: bytes, after: bytes) -> None:
+        self.handle_HOME()
+        self.terminal.eraseToLineEnd()
+        text = before + after
+        self.lineBuffer = [text[i : i + 1] for i in range(len(text))]
+        self.lineBufferIndex = len(before)
+        self.terminal.write(text)
+        if after:
+            self.terminal.cursorBackward(len(after))
+
+    # Lines
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            self.ps = ShellProtocol.ps
+            pending.callback(line.strip().upper() in (b"Y", b"YES"))
+            return
+        text = line.decode("utf-8", "replace").strip()
+        if not text or self.shell is None:
+            self.terminal.write(self.ps[self.pn])
+            return
+        self.history.append(line.strip())
+        self.running = self.shell.run_line(text, self)
+        self.running.addBoth(self._finished)
+
+    def _finished(self, status: Any) -> None:
+        self.running = None
+        if self.closed or self.python_shell is not None:
+            return
+        self.terminal.write(self.ps[self.pn])
+
+    # IShellIO
+
+    def out(self, text: str) -> None:
+        if not self.closed:
+            self.terminal.write(text + "\n")
+
+    err = out
+
+    def confirm(self, question: str) -> Deferred[bool]:
+        if self.closed:
+            return succeed(False)
+        self.pending = Deferred()
+        self.ps = (question.encode("utf-8"),) * 2
+        self.terminal.write(self.ps[0])
+        d: Deferred[bool] = self.pending
+        return d
+
+    def python(self, namespace: dict[str, Any]) -> None:
+        self.python_shell = PythonManhole(namespace, self._python_done)
+        self.python_shell.makeConnection(self.terminal)
+        self.python_shell.terminalSize(self.width, self.height)
+
+    def _python_done(self) -> None:
+        self.python_shell = None
+        self.terminal.write("\n")
+        self.lineBuffer, self.lineBufferIndex = [], 0
+        self.terminal.write(self.ps[self.pn])
+
+    def exit(self) -> None:
+        if not self.closed:
+            # Not self.terminal.loseConnection(): it resets (clears) the
+            # user's terminal.
+            self.terminal.resetModes([recvline.insults.modes.IRM])
+            self.terminal.transport.loseConnection()
