@@ -133,6 +133,13 @@ class Service:
         Stopped: no more calls will arrive.
         """
 
+    def extra_statistics(self) -> dict[str, Any]:
+        """
+        Extra keys for this instance's C{/statistics} node, merged beside
+        the Go keys (which they cannot replace) at every update.
+        """
+        return {}
+
 
 class ServiceStats:
     """
@@ -389,6 +396,13 @@ class ServiceHost(MultiService):
         doc = self.stats.to_go(self.clients)
         doc["UUID"] = self.uuid
         doc["Registered"] = self.registered
+        try:
+            extra = self.service.extra_statistics()
+        except Exception:
+            self.log.failure("extra statistics of {service} failed", service=self.service_name)
+            extra = {}
+        for key, value in extra.items():
+            doc.setdefault(key, value)
         return doc
 
     def set_registered(self, registered: bool) -> Deferred:

@@ -12,6 +12,13 @@ skynet_service = ServiceMaker(
     "skynet-service",
 )
 
+skynet_daemon = ServiceMaker(
+    "skynet-daemon",
+    "skynet.daemon_tap",
+    "Run the skynet daemon of this host: deploy, supervise and guard its services.",
+    "skynet-daemon",
+)
+
 skynet_dashboard = ServiceMaker(
     "skynet-dashboard",
     "skynet.dashboard_tap",

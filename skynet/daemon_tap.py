@@ -1,0 +1,265 @@
+"""
+C{twistd skynet-daemon}: the per-host daemon.
+
+    twistd -n skynet-daemon [--registry URL] [--listen ENDPOINT] [--admin ENDPOINT] \\
+        [--state FILE] [--deploy FILE] [--log-dir DIR] [guard thresholds...]
+
+See C{docs/daemon.md} and L{skynet.daemon}.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+
+from skynet.daemon import (
+    Daemon,
+    GuardConfig,
+    PsutilSampler,
+    load_reading,
+    load_state,
+    parse_deploy_file,
+)
+from skynet.registry.base import RegistryError
+
+
+def default_log_dir() -> str:
+    """
+    C{$SKYNET_HOME/logs}, else C{~/.skynet/logs}.
+    """
+    home = os.environ.get("SKYNET_HOME") or os.path.join(os.path.expanduser("~"), ".skynet")
+    return os.path.join(home, "logs")
+
+
+def _number(options: usage.Options, name: str, kind: type = float, *, positive: bool = False,
+            minimum: float | None = None) -> Any:  # fmt: skip
+    value = options[name]
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise usage.UsageError(f"--{name} must be a number, not {value!r}") from None
+    if isinstance(number, float) and not math.isfinite(number):
+        raise usage.UsageError(f"--{name} must be finite")
+    if number < 0:
+        raise usage.UsageError(f"--{name} must not be negative")
+    if positive and number <= 0:
+        raise usage.UsageError(f"--{name} must be positive")
+    if minimum is not None and number < minimum:
+        raise usage.UsageError(f"--{name} must be at least {minimum:g}")
+    options[name] = number
+    return number
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run the skynet daemon of this host: the SkynetDaemon service, which deploys, "
+        "supervises, restarts and guards this host's service instances. See docs/daemon.md."
+    )
+
+    optParameters = [
+        ["registry", "r", None,
+         "Registry URL: file:///path or zk://host:port,.../chroot (default $SKYNET_REGISTRY, "
+         "else the embedded registry). The children get the same."],
+        ["listen", "l", None,
+         "Endpoint of the SkynetDaemon service (default: $SKYNET_BIND_IP and the first free "
+         "port of $SKYNET_MIN_PORT..$SKYNET_MAX_PORT)."],
+        ["admin", None, "tcp:0:interface=127.0.0.1",
+         "Endpoint of the daemon's admin listener, or 'none'."],
+        ["state", None, None,
+         "State file: what is deployed, kept across daemon restarts (same uuids)."],
+        ["deploy", None, None,
+         "Deployment file: one service per line, 'module:Class args...', deployed at start."],
+        ["log-dir", None, None,
+         "Directory of the children's log files (default $SKYNET_HOME/logs, else "
+         "~/.skynet/logs)."],
+        ["stats-interval", None, 5.0, "Seconds between statistics updates in the registry."],
+        ["stable-after", None, 10.0,
+         "Seconds a child must stay up for a death not to count as a crash loop; quicker "
+         "deaths back off 1, 2, 4 ... s."],
+        ["max-restart-delay", None, 60.0, "Cap of the restart back-off, in seconds."],
+        ["stop-grace", None, 15.0,
+         "Seconds a child gets after Admin.Stop (to drain) before SIGTERM."],
+        ["kill-time", None, 5.0, "Seconds a child gets after SIGTERM before SIGKILL."],
+        ["sample-interval", None, 2.0, "Seconds between the guards' samples."],
+        ["child-max-cpu", None, 0.0,
+         "A child's CPU percent (100 = one core) that, sustained, gets it restarted "
+         "(0: off)."],
+        ["child-max-rss", None, 0.0,
+         "A child's resident memory in MiB that, sustained, gets it restarted (0: off)."],
+        ["child-samples", None, 3, "Consecutive samples over a child threshold before acting."],
+        ["load-source", None, "loadavg",
+         "What the host guard reads: loadavg (1-minute load average), cpu (host CPU percent) "
+         "or file:PATH (a number in a file)."],
+        ["load-high", None, 0.0,
+         "High-water mark of the load reading: above it for --load-samples samples, this "
+         "host's instances are unregistered (0: off)."],
+        ["load-low", None, None,
+         "Low-water mark: below it for --load-samples samples, they are registered again "
+         "(default: half the high-water mark)."],
+        ["load-samples", None, 3, "Consecutive samples beyond a mark before acting."],
+        ["max-events", None, 1000, "How many recent events the daemon keeps in memory."],
+    ]  # fmt: skip
+
+    registry: Any
+    deployments: list
+    daemon_uuid: str | None
+
+    def postOptions(self) -> None:
+        for name in ("stats-interval", "sample-interval"):
+            _number(self, name, positive=True)
+        for name in ("stable-after", "max-restart-delay", "stop-grace", "kill-time",
+                     "child-max-cpu", "child-max-rss", "load-high"):  # fmt: skip
+            _number(self, name)
+        if self["max-restart-delay"] < 1:
+            raise usage.UsageError("--max-restart-delay must be at least 1 (second)")
+        for name in ("child-samples", "load-samples", "max-events"):
+            _number(self, name, int, minimum=1)
+        if self["load-low"] is not None:
+            _number(self, "load-low")
+            if not self["load-high"]:
+                raise usage.UsageError("--load-low needs --load-high")
+        try:
+            self.guards = GuardConfig(
+                sample_interval=self["sample-interval"],
+                child_max_cpu=self["child-max-cpu"] or None,
+                child_max_rss=int(self["child-max-rss"] * 1024 * 1024) or None,
+                child_samples=self["child-samples"],
+                load_high=self["load-high"] or None,
+                load_low=self["load-low"],
+                load_samples=self["load-samples"],
+            )
+        except ValueError as e:
+            raise usage.UsageError(f"guards: {e}") from None
+        self.sampler = PsutilSampler()
+        try:
+            self.load = load_reading(self["load-source"], self.sampler)
+        except ValueError as e:
+            raise usage.UsageError(f"--load-source: {e}") from None
+
+        self._endpoints()
+        self._registry()
+        self._files()
+
+    def _endpoints(self) -> None:
+        from twisted.internet import reactor
+
+        if self["listen"]:
+            specs = [self["listen"]]
+        else:
+            ip = os.environ.get("SKYNET_BIND_IP", "127.0.0.1")
+            try:
+                low = int(os.environ.get("SKYNET_MIN_PORT", "9000"))
+                high = int(os.environ.get("SKYNET_MAX_PORT", "9999"))
+            except ValueError as e:
+                raise usage.UsageError(f"SKYNET_MIN_PORT/SKYNET_MAX_PORT: {e}") from None
+            if not (0 < low <= high < 65536):
+                raise usage.UsageError(f"bad port range {low}..{high}")
+            specs = [f"tcp:{p}:interface={ip}" for p in range(low, high + 1)]
+        admin = [] if self["admin"].lower() == "none" else [self["admin"]]
+        try:
+            self.endpoints = [serverFromString(reactor, s) for s in specs]
+            self.admin_endpoints = [serverFromString(reactor, s) for s in admin]
+        except (ValueError, TypeError, KeyError) as e:
+            raise usage.UsageError(f"bad endpoint: {e}") from None
+
+    def _registry(self) -> None:
+        from twisted.internet import reactor
+
+        from skynet.registry import registry_from_url
+
+        try:
+            self.registry = registry_from_url(self["registry"], reactor=reactor)
+        except (RegistryError, ValueError) as e:
+            raise usage.UsageError(str(e)) from None
+        if self.registry.url.startswith("memory:"):
+            raise usage.UsageError(
+                "a memory:// registry lives in one process: the daemon's children could not "
+                "share it; use file:// or zk://"
+            )
+        self.registry_url = self["registry"] or self.registry.url
+
+    def _files(self) -> None:
+        self.daemon_uuid = None
+        state_deployments: list = []
+        if self["state"]:
+            self["state"] = os.path.abspath(self["state"])
+            if not os.path.isdir(os.path.dirname(self["state"])):
+                raise usage.UsageError(f"--state: no directory {os.path.dirname(self['state'])}")
+            try:
+                state = load_state(self["state"])
+            except ValueError as e:
+                raise usage.UsageError(str(e)) from None
+            self.daemon_uuid = state.uuid
+            state_deployments = list(state.deployments)
+        file_deployments: list = []
+        if self["deploy"]:
+            try:
+                file_deployments = parse_deploy_file(self["deploy"])
+            except OSError as e:
+                raise usage.UsageError(f"--deploy: {e}") from None
+            except ValueError as e:
+                raise usage.UsageError(f"--deploy: {e}") from None
+        known = {d.uuid for d in state_deployments}
+        self.deployments = state_deployments + [d for d in file_deployments if d.uuid not in known]
+        self["log-dir"] = os.path.abspath(self["log-dir"] or default_log_dir())
+        try:
+            os.makedirs(self["log-dir"], exist_ok=True)
+        except OSError as e:
+            raise usage.UsageError(f"--log-dir: {e}") from None
+
+
+def makeService(options: Options) -> MultiService:
+    """
+    The daemon, inside a parent L{MultiService} (named C{"daemon"} there),
+    so that other services of this process (an SSH shell) can sit beside it
+    and find it with C{parent.getServiceNamed("daemon")}.
+    """
+    from twisted.internet import reactor
+
+    top = MultiService()
+    daemon = Daemon(
+        options.registry,
+        options.endpoints,
+        options.admin_endpoints,
+        reactor=reactor,
+        registry_url=options.registry_url,
+        uuid=options.daemon_uuid,
+        deployments=options.deployments,
+        state_path=options["state"],
+        log_dir=options["log-dir"],
+        stable_after=options["stable-after"],
+        max_restart_delay=options["max-restart-delay"],
+        stop_grace=options["stop-grace"],
+        kill_time=options["kill-time"],
+        guards=options.guards,
+        load=options.load,
+        sampler=options.sampler,
+        stats_interval=options["stats-interval"],
+        max_events=options["max-events"],
+    )
+    daemon.setName("daemon")
+    daemon.setServiceParent(top)
+    return top
+
+
+def main(argv: list[str] | None = None) -> None:
+    """
+    Run as C{python -m skynet.daemon_tap ...}: the same as C{twistd -n}.
+    """
+    from twisted.scripts.twistd import run
+
+    sys.argv = ["twistd", "-n", "--pidfile=", "skynet-daemon"] + list(
+        sys.argv[1:] if argv is None else argv
+    )
+    run()
+
+
+if __name__ == "__main__":
+    main()
