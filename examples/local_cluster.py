@@ -3,11 +3,13 @@ Run a local skynet cluster of the example services on this machine.
 
     python -m examples.local_cluster [--registry URL] [--once]
 
-Starts, as separate C{twistd -n skynet-service} processes on the embedded
-registry (no server to install): two Fibonacci, one TestService, one
-TutorialService and one Sleeper.  It waits until they are registered, calls
-each through discovery, prints how to call them yourself, and keeps them
-running until Ctrl-C (or, with C{--once}, stops them right away).
+Starts a skynet daemon (C{twistd -n skynet-daemon}) on the embedded
+registry (no server to install), or on C{--registry}, and deploys through
+its C{SkynetDaemon.Deploy} RPC, as separate supervised processes: two
+Fibonacci, one TestService, one TutorialService and one Sleeper.  It waits
+until they are registered, calls each through discovery, prints how to call
+them yourself, and keeps them running until Ctrl-C (or, with C{--once},
+stops the daemon, and so every service, right away).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater, react
 
 from skynet.client import Client
@@ -43,53 +45,81 @@ def log_dir() -> Path:
     return path
 
 
-def start(spec: str, index: int, registry: str | None) -> tuple[subprocess.Popen, Path]:
+def start_daemon(registry: str | None) -> tuple[subprocess.Popen, Path]:
+    """
+    C{twistd -n skynet-daemon}, its log in the cluster's log directory (the
+    services' logs beside it).
+    """
     twistd = str(Path(sys.executable).parent / "twistd")
-    log_path = log_dir() / f"{spec.split(':')[1].lower()}-{index}.log"
-    command = [twistd, "-n", "--pidfile=", "skynet-service", "--service", spec]
+    logs = log_dir()
+    log_path = logs / "daemon.log"
+    command = [twistd, "-n", "--pidfile=", "skynet-daemon", "--log-dir", str(logs)]
     if registry:
         command += ["--registry", registry]
     with open(log_path, "wb") as log:
-        child = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    return child, log_path
+        daemon = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log,
+                                  stderr=subprocess.STDOUT)  # fmt: skip
+    return daemon, log_path
+
+
+async def stop_daemon(reactor: Any, daemon: subprocess.Popen, timeout: float = 30.0) -> None:
+    """
+    SIGTERM: the daemon stops its services gracefully, then itself.
+    """
+    if daemon.poll() is None:
+        daemon.terminate()
+    for _ in range(int(timeout * 10)):
+        if daemon.poll() is not None:
+            return
+        await deferLater(reactor, 0.1, lambda: None)
+    daemon.kill()
+    daemon.wait()
 
 
 async def main(reactor: Any, args: argparse.Namespace) -> None:
     registry = registry_from_url(args.registry, reactor=reactor)
     await registry.start()
     print(f"registry: {registry.url}")
-    children = [start(spec, i, args.registry) for i, spec in enumerate(SERVICES)]
+    daemon, daemon_log = start_daemon(args.registry)
+    reactor.addSystemEventTrigger(
+        "before", "shutdown", lambda: ensureDeferred(stop_daemon(reactor, daemon))
+    )
 
-    def stop_children() -> None:
-        for child, _ in children:
-            if child.poll() is None:
-                child.terminate()
-        for child, _ in children:
-            try:
-                child.wait(15)
-            except subprocess.TimeoutExpired:
-                child.kill()
+    async def wait_for(what: str, predicate: Any) -> Any:
+        for _ in range(300):
+            found = await predicate()
+            if found:
+                return found
+            if daemon.poll() is not None:
+                print(f"the daemon exited; its log {daemon_log}:\n{daemon_log.read_text()[-3000:]}")
+                raise SystemExit(1)
+            await deferLater(reactor, 0.1, lambda: None)
+        raise SystemExit(f"{what} did not happen within 30 s (logs in {log_dir()})")
 
-    reactor.addSystemEventTrigger("before", "shutdown", stop_children)
-    mine = {child.pid for child, _ in children}
-    for _ in range(300):
-        found = [i for i in await registry.query(Query(registered=True)) if i.pid in mine]
-        if len(found) == len(children):
-            break
-        dead = [(c, log) for c, log in children if c.poll() is not None]
-        if dead:
-            for _, log in dead:
-                print(f"a service failed to start; its log {log}:\n{log.read_text()[-2000:]}")
-            raise SystemExit(1)
-        await deferLater(reactor, 0.1, lambda: None)
-    else:
-        raise SystemExit("services did not register within 30 s")
-    print(f"{len(found)} instances running (logs in {log_dir()}):")
+    async def daemon_up() -> Any:
+        found = await registry.query(Query(service="SkynetDaemon", registered=True))
+        return [i for i in found if i.pid == daemon.pid]
+
+    [instance] = await wait_for("the daemon's registration", daemon_up)
+    print(f"daemon: SkynetDaemon {instance.uuid} at {instance.host}:{instance.port} "
+          f"pid {daemon.pid}")  # fmt: skip
+    client = Client(registry=registry, reactor=reactor)
+    skynet_daemon = client.service("SkynetDaemon", host=instance.host)
+    uuids = []
+    for spec in SERVICES:
+        reply = await skynet_daemon.call("Deploy", {"service": spec, "args": []})
+        uuids.append(reply["uuid"])
+
+    async def all_registered() -> Any:
+        found = {i.uuid: i for i in await registry.query(Query(registered=True))}
+        return [found[u] for u in uuids] if all(u in found for u in uuids) else None
+
+    found = await wait_for("the services' registration", all_registered)
+    print(f"{len(found)} instances deployed through the daemon (logs in {log_dir()}):")
     for instance in found:
         print(f"  {instance.host}:{instance.port} - {instance.name} {instance.version} "
-              f"({instance.region}) pid {instance.pid}")  # fmt: skip
+              f"({instance.region}) pid {instance.pid} uuid {instance.uuid}")  # fmt: skip
 
-    client = Client(registry=registry, reactor=reactor)
     up = await client.service("TestService").call("Upcase", {"data": "hello skynet"})
     fib = await client.service("Fibonacci").call("Index", {"index": 50})
     one = await client.service("TutorialService", version="1").call("AddOne", {"value": 41})
@@ -102,16 +132,13 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     print(f"  .venv/bin/python -m examples.fibonacci_client{registry_arg} 10 20 30")
     print(f"  .venv/bin/python -m examples.testservice_client{registry_arg} hello")
     print(f"  .venv/bin/python -m examples.tutorial_client{registry_arg}")
+    print("and operate them through the daemon: SkynetDaemon.ListSubServices, "
+          "RestartSubService {uuid}, ... (docs/daemon.md)")  # fmt: skip
     if args.once:
+        await stop_daemon(reactor, daemon)
         await registry.stop()
         return
     print("\nCtrl-C stops the cluster.")
-    await ensureDeferred(_forever(reactor))
-
-
-async def _forever(reactor: Any) -> None:
-    from twisted.internet.defer import Deferred
-
     await Deferred()
 
 
