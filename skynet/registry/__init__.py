@@ -74,6 +74,8 @@ def registry_from_url(
             from skynet.registry.zookeeper import ZooKeeperRegistry
         except ImportError as e:
             raise RegistryError(f"cannot use {url!r}: ZooKeeper support: {e}") from e
+        if zk_session_timeout is None:
+            return ZooKeeperRegistry.from_url(url, reactor=reactor)
         return ZooKeeperRegistry.from_url(url, reactor=reactor, session_timeout=zk_session_timeout)
     raise RegistryError(f"unsupported registry URL {url!r}; use {_SCHEMES}")
 
