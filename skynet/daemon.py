@@ -741,24 +741,21 @@ class Daemon(MultiService):
         """
         Make the child's registration match L{effective_registered}: its
         next start's arguments, and its running process through its admin
-        listener (if it is in the registry yet; if not, its start arguments
-        will do).
+        listener (if it is in the registry yet; if not, when its node
+        appears).
 
-        @param require: fail with L{ServiceError} if the admin call cannot
-            be made or fails.
+        @param require: fail with L{ServiceError} if the admin call fails.
         @return: whether the running process was told.
         """
         deployment = self.deployments.get(uuid)
         if deployment is None:
             return False
         self.supervisor.set_args(uuid, self.command(deployment))
-        want = self.effective_registered(uuid)
         instance = await self._live_instance(uuid)
         if instance is None or instance.admin is None:
-            if require and self.supervisor.children[uuid].running:
-                raise ServiceError(f"{uuid} has no admin address in the registry yet; "
-                                   "it will start " + ("registered" if want else "unregistered"))  # fmt: skip
+            # Not in the registry yet: told when it appears (_instance_seen).
             return False
+        want = self.effective_registered(uuid)
         method = "Admin.Register" if want else "Admin.Unregister"
         try:
             await self.admin(instance.admin, method, {})
@@ -924,14 +921,17 @@ class Daemon(MultiService):
                 continue
             self.usage[uuid] = usage
             over = self._over_reasons(usage)
-            if uuid in self._guard_restarts:
-                self._check_recovery(uuid, child.pid, usage, over)
-                continue
+            if self._guard_restarts.get(uuid, -1) == child.pid:
+                continue  # being restarted by a guard
             if not over:
                 self._over.pop(uuid, None)
+                if uuid in self._guard_restarts:
+                    self._check_recovery(uuid, child.pid, usage)
                 continue
             count = self._over[uuid] = self._over.get(uuid, 0) + 1
             if count >= guards.child_samples:
+                # (Also when a process a guard restarted is over again: it
+                # is restarted again, and stays unregistered meanwhile.)
                 self._over.pop(uuid, None)
                 Deferred.fromCoroutine(self._guard_restart(uuid, child.pid, usage, over))
         try:
@@ -972,13 +972,11 @@ class Daemon(MultiService):
                            pid=pid, reasons="+".join(reasons), **fields)  # fmt: skip
         await self.supervisor.restart_child(uuid)
 
-    def _check_recovery(self, uuid: str, pid: int, usage: Usage, over: list[str]) -> None:
+    def _check_recovery(self, uuid: str, pid: int, usage: Usage) -> None:
         """
         A guard restarted C{uuid}: once a new process is in the registry and
         under its thresholds, let it be registered again.
         """
-        if pid == self._guard_restarts[uuid] or over:
-            return
         instance = self.instances.get(uuid)
         if instance is None or instance.pid not in (None, pid):
             return
@@ -1132,9 +1130,7 @@ class Daemon(MultiService):
         if self._loop.running:
             self._loop.stop()
         if self._retry is not None and not self._retry.called:
-            self._retry.cancel()
-        if self._starting is not None and not self._starting.called:
-            self._starting.cancel()
+            self._retry.cancel()  # the start, waiting to retry the registry, ends
         if self.host.running:
             await self.host.stopService()
         if self.supervisor.running:

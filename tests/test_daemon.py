@@ -361,6 +361,27 @@ class DaemonUnitTests(SynchronousTestCase):
         self.assertEqual((listing["restarts"], listing["registered"], listing["held"]),
                          (1, True, []))  # fmt: skip
 
+    def test_guard_restarts_again_a_new_process_still_over(self) -> None:
+        self.make(guards=GuardConfig(sample_interval=1.0, child_max_rss=100 << 20,
+                                     child_samples=2))  # fmt: skip
+        uuid = self.successResultOf(self.call("Deploy", {"service": "m:Hog"}))["uuid"]
+        self.settle(0.5)
+        first = self.clock.last()
+        self.sampler.table[first.pid] = Usage(cpu=5.0, rss=150 << 20)
+        self.settle(2.0)
+        self.assertTrue(first.ended)
+        second = self.clock.last()
+        self.sampler.table[second.pid] = Usage(cpu=5.0, rss=150 << 20)
+        self.settle(2.0)
+        self.assertTrue(second.ended)
+        third = self.clock.last()
+        self.assertIn("--unregistered", third.args)
+        self.assertFalse(self.children.instance(uuid).registered)
+        self.settle(1.0)
+        self.assertTrue(self.children.instance(uuid).registered)
+        kinds = [e.kind for e in self.daemon.events.recent() if e.kind.startswith("guard_")]
+        self.assertEqual(kinds, ["guard_unregister", "guard_restart"] * 2 + ["guard_register"])
+
     def test_cpu_guard_needs_consecutive_samples(self) -> None:
         self.make(guards=GuardConfig(sample_interval=1.0, child_max_cpu=90.0, child_samples=2))
         self.successResultOf(self.call("Deploy", {"service": "m:Busy"}))
