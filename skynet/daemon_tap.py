@@ -105,7 +105,19 @@ class Options(usage.Options):
          "(default: half the high-water mark)."],
         ["load-samples", None, 3, "Consecutive samples beyond a mark before acting."],
         ["max-events", None, 1000, "How many recent events the daemon keeps in memory."],
+        ["authorized-keys", None, None,
+         "The SSH shell's authorized_keys file (default $SKYNET_HOME/ssh/authorized_keys)."],
+        ["host-key", None, None,
+         "The SSH shell's host key, made on first start with mode 0600 (default "
+         "$SKYNET_HOME/ssh/host_key)."],
     ]  # fmt: skip
+
+    def opt_ssh(self, endpoint: str) -> None:
+        """
+        Serve the SSH shell (sky's commands, and python) on this endpoint,
+        127.0.0.1 unless it names an interface; repeatable.
+        """
+        self.setdefault("ssh", []).append(endpoint)
 
     registry: Any
     deployments: list
@@ -146,6 +158,22 @@ class Options(usage.Options):
         self._endpoints()
         self._registry()
         self._files()
+        self._ssh()
+
+    def _ssh(self) -> None:
+        from twisted.internet import reactor
+
+        from skynet.manhole import default_ssh_dir, loopback_unless_told
+
+        self.ssh_endpoints = []
+        for spec in self.get("ssh", []):
+            try:
+                self.ssh_endpoints.append(serverFromString(reactor, loopback_unless_told(spec)))
+            except (ValueError, TypeError, KeyError) as e:
+                raise usage.UsageError(f"bad --ssh endpoint {spec!r}: {e}") from None
+        ssh_dir = default_ssh_dir()
+        for name, default in (("authorized-keys", "authorized_keys"), ("host-key", "host_key")):
+            self[name] = os.path.abspath(self[name] or os.path.join(ssh_dir, default))
 
     def _endpoints(self) -> None:
         from twisted.internet import reactor
@@ -246,6 +274,13 @@ def makeService(options: Options) -> MultiService:
     )
     daemon.setName("daemon")
     daemon.setServiceParent(top)
+    if options.ssh_endpoints:
+        from skynet.manhole import ManholeService
+
+        shell = ManholeService(daemon.registry, options.ssh_endpoints, options["authorized-keys"],
+                               options["host-key"], reactor=reactor, daemon=daemon)  # fmt: skip
+        shell.setName("ssh")
+        shell.setServiceParent(top)
     return top
 
 
