@@ -543,6 +543,8 @@ class Daemon(MultiService):
         params)} returning a Deferred (default L{admin_call}).
     @param service_command: how to run C{twistd} (default
         L{twistd_command}).
+    @param own_session: run each child in a session of its own (see
+        L{Supervisor}).
     """
 
     log = Logger()
@@ -572,6 +574,7 @@ class Daemon(MultiService):
         stats_interval: float = 5.0,
         max_events: int = 1000,
         advertise_host: str | None = None,
+        own_session: bool = True,
     ) -> None:
         super().__init__()
         if reactor is None:
@@ -601,6 +604,7 @@ class Daemon(MultiService):
             polite_stop=self._polite_stop,
             observer=self,
             events=self.events,
+            own_session=own_session,
         )
         self.supervisor.setName("supervisor")
         self.supervisor.setServiceParent(self)

@@ -16,6 +16,9 @@ L{Supervisor} is a L{ProcessMonitor} that also
     - gives every child a stdin pipe it never writes and never closes, so
       that a child can tell its supervisor is gone (the pipe's end), even
       when the supervisor is killed with SIGKILL;
+    - runs every child in a session of its own (C{setsid}), so that a
+      terminal's Ctrl-C reaches the supervisor alone, which then stops its
+      children gracefully, rather than every child at once;
     - stops a child gracefully: an optional polite request (the daemon asks
       the service's admin listener to C{Stop}), then SIGTERM after a grace
       period, then SIGKILL after C{kill_time}.
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -342,6 +346,8 @@ class Supervisor(ProcessMonitor):
         once.
     @param observer: an L{IChildObserver}, or L{None}.
     @param events: the L{EventLog} to record in (default: a new one).
+    @param own_session: run each child in a new session (through
+        C{setsid}, which keeps its pid), out of the terminal's reach.
     """
 
     log = Logger()
@@ -359,6 +365,7 @@ class Supervisor(ProcessMonitor):
         polite_stop: Callable[[str], Any] | None = None,
         observer: Any = None,
         events: EventLog | None = None,
+        own_session: bool = True,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as _reactor
@@ -375,6 +382,7 @@ class Supervisor(ProcessMonitor):
         self.polite_stop = polite_stop
         self.observer = observer
         self.events = events if events is not None else EventLog(self._clock)
+        self.setsid = shutil.which("setsid") if own_session else None
         self.children: dict[str, Child] = {}
         self._log_files: dict[str, LogFile] = {}
         self._grace_timers: dict[str, Any] = {}
@@ -462,11 +470,12 @@ class Supervisor(ProcessMonitor):
         self.timeStarted[name] = now
         child.started = now
         child.starts += 1
+        args = [self.setsid, *child.args] if self.setsid else child.args
         try:
             transport = self._reactor.spawnProcess(  # type: ignore[attr-defined]
                 proto,
-                child.args[0],
-                child.args,
+                args[0],
+                args,
                 env=child.env,
                 path=child.cwd,
                 childFDs={0: "w", 1: "r", 2: "r"},

@@ -174,6 +174,7 @@ class DaemonUnitTests(SynchronousTestCase):
             service_command=["/venv/bin/twistd"],
             stop_grace=5.0,
             kill_time=2.0,
+            own_session=False,
             **kwargs,
         )
         self.daemon = daemon

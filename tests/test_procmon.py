@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import signal
 import tempfile
 from typing import Any
@@ -134,6 +135,7 @@ def make_supervisor(**kwargs: Any) -> tuple[Supervisor, FakeProcessReactor]:
     reactor = FakeProcessReactor()
     kwargs.setdefault("stable_after", 10.0)
     kwargs.setdefault("max_restart_delay", 8.0)
+    kwargs.setdefault("own_session", False)
     supervisor = Supervisor(reactor, **kwargs)
     return supervisor, reactor
 
@@ -168,6 +170,21 @@ class SupervisorTests(SynchronousTestCase):
         supervisor.startService()
         supervisor.addProcess("a", ["/bin/a"])
         self.assertEqual(reactor.last().child_fds, {0: "w", 1: "r", 2: "r"})
+
+    def test_own_session(self) -> None:
+        """
+        By default a child runs through C{setsid} (same pid, a session of its
+        own: a terminal's Ctrl-C reaches only the supervisor).
+        """
+        supervisor, reactor = make_supervisor(own_session=True)
+        supervisor.startService()
+        supervisor.addProcess("a", ["/bin/a", "x"])
+        setsid = shutil.which("setsid")
+        if setsid is None:
+            self.assertEqual(reactor.last().args, ["/bin/a", "x"])
+        else:
+            self.assertEqual(reactor.last().args, [setsid, "/bin/a", "x"])
+        self.assertEqual(supervisor.status("a")["args"], ["/bin/a", "x"])
 
     def test_start_is_recorded(self) -> None:
         observer = RecordingObserver()
