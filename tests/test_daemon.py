@@ -926,7 +926,7 @@ class DaemonProcessTests(_DaemonHarness):
         self.assertEqual([round(d, 3) for _, d in sorted(delays.items())][:3], [1.0, 2.0, 4.0])
         # Three restarts cannot come before 1 + 2 + 4 s; start-ups add a little.
         self.assertGreaterEqual(took, 7.0)
-        self.assertLess(took, 20.0)
+        self.assertLess(took, 30.0)
         print(f"\ncrash loop: 3 restarts after {took:.2f}s (waits 1+2+4 s plus start-ups)")
         self.assertIn("No module named 'examples.no_such_module'", open(entry["log"]).read())
         # It is never abandoned: a 4th start follows.
