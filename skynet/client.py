@@ -379,8 +379,12 @@ class _Wheel:
         for key in sorted(k for k in self.buckets if k <= now):
             for call in self.buckets.pop(key):
                 call._tick()
-        if self.buckets and self.timer is None:
-            self._schedule(min(self.buckets))
+        # A call's _tick above may have set the timer for its own new time,
+        # later than buckets still waiting: the timer is for the earliest.
+        if self.buckets:
+            first = min(self.buckets)
+            if self.timer is None or first < self.timer_key:
+                self._schedule(first)
 
     def stop(self) -> list[Any]:
         """

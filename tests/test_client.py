@@ -6,6 +6,7 @@ retries, hedging, timeouts, eviction, pools and load balancing.
 from __future__ import annotations
 
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -16,6 +17,7 @@ from skynet.client import (
     ILoadBalancer,
     InstanceHandle,
     RoundRobinBalancer,
+    _Wheel,
 )
 from skynet.errors import (
     ConnectionFailed,
@@ -325,3 +327,46 @@ class BalancerTests(SynchronousTestCase):
         for _ in range(9):
             self.successResultOf(service.call("Hello"))
         self.assertEqual([len(h.service.seen) for h in hosts], [3, 3, 3])
+
+
+class WheelTests(SynchronousTestCase):
+    def test_timers_fire_in_time_when_a_tick_adds_a_later_one(self) -> None:
+        """
+        A call re-adding itself during a tick must not delay the buckets
+        already waiting for an earlier time.
+        """
+        clock = Clock()
+        wheel = _Wheel(clock)
+        fired: list[tuple[str, float]] = []
+
+        class Call:
+            def __init__(self, name: str, again: float | None = None) -> None:
+                self.name, self.again = name, again
+
+            def _tick(self) -> None:
+                fired.append((self.name, clock.seconds()))
+                if self.again:
+                    wheel.add(self, clock.seconds() + self.again)
+                    self.again = None
+
+        wheel.add(Call("a", 2.0), 1.0)
+        wheel.add(Call("b"), 1.5)
+        for _ in range(16):
+            clock.advance(0.25)
+        self.assertEqual(fired, [("a", 1.0), ("b", 1.5), ("a", 3.0)])
+
+    def test_discard(self) -> None:
+        clock = Clock()
+        wheel = _Wheel(clock)
+        fired: list[str] = []
+
+        class Call:
+            def _tick(self) -> None:
+                fired.append("x")
+
+        call = Call()
+        key = wheel.add(call, 0.5)
+        wheel.discard(call, key)
+        clock.advance(1)
+        self.assertEqual(fired, [])
+        self.assertEqual(clock.getDelayedCalls(), [])
