@@ -89,7 +89,6 @@ class Options(usage.Options):
     optParameters = [
         ["service", "s", None, "The service class, as module:Class."],
         ["name", None, None, "Service name (default: the class's name)."],
-        ["version", None, None, "Version (default: the class's, else $SKYNET_VERSION)."],
         ["region", None, None, "Region (default: the class's, else $SKYNET_REGION)."],
         ["listen", "l", None,
          "Endpoint to serve on (default: $SKYNET_BIND_IP and the first free port of "
@@ -117,6 +116,18 @@ class Options(usage.Options):
 
     service_class: type[Service]
     registry: Any
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["version"] = None
+
+    def opt_version(self, version: str) -> None:
+        """
+        Version (default: the class's, else $SKYNET_VERSION).
+        """
+        # usage.Options has its own --version (print Twisted's and exit);
+        # here, as in Go Skynet, it is the service's version.
+        self["version"] = version
 
     def postOptions(self) -> None:
         if not self["service"]:

@@ -234,6 +234,21 @@ class RegistryConformanceMixin:
         self.assertIsNone(await registry.remove(gone))
         self.assertEqual(await registry.query(Query()), [kept])
 
+    async def test_remove_leaves_a_successor(self) -> None:
+        """
+        When a new instance has taken over the host and port of an old one
+        (a new process on a freed port), removing the old one leaves the
+        new one's node alone.
+        """
+        registry = await self.make_registry()
+        peer = await self.make_peer_registry(registry)
+        old = make_instance()
+        await registry.add(old)
+        new = make_instance(port=old.port)
+        await peer.add(new)
+        await registry.remove(old)
+        self.assertEqual([i.uuid for i in await peer.query(Query())], [new.uuid])
+
     def _four(self) -> list[Instance]:
         return [
             make_instance(name="A", version="v1", region="r1", host="10.0.0.1", port=1001),

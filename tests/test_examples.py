@@ -140,6 +140,34 @@ class EnvironmentDefaultsTests(TestCase):
         result = await client.service("TestService").call("Upcase", {"data": "go"})
         self.assertEqual(result, {"data": "GO"})
 
+    async def test_flags_win_over_the_environment(self) -> None:
+        """
+        --name, --version and --region set the instance's identity, over the
+        environment and the class (--version is the service's, not
+        Twisted's).
+        """
+        root = tempfile.mkdtemp(prefix="skynet-registry-")
+        process = ServiceProcess(
+            "examples.tutorial:TutorialService", f"file://{root}",
+            "--name", "Adder", "--version", "9", "--region", "Venus",
+            env={"SKYNET_VERSION": "7", "SKYNET_REGION": "Mars"},
+        ).start()  # fmt: skip
+        self.addCleanup(process.stop)
+        registry = FileRegistry(root, reactor=reactor)
+        await registry.start()
+        self.addCleanup(registry.stop)
+
+        async def found():
+            return await registry.query(Query())
+
+        [instance] = await wait_for(found, timeout=30, what="instance")
+        self.assertEqual((instance.name, instance.version, instance.region),
+                         ("Adder", "9", "Venus"))  # fmt: skip
+        client = Client(registry=registry, reactor=reactor)
+        self.addCleanup(client.stop)
+        result = await client.service("Adder", version="9").call("AddOne", {"value": 1})
+        self.assertEqual(result, {"value": 2})
+
 
 def _stop(process: subprocess.Popen) -> None:
     if process.poll() is None:

@@ -302,6 +302,21 @@ def _parse_document(data: bytes) -> tuple[dict[str, Any], Owner | None]:
     return doc, owner
 
 
+def _node_uuid(path: str) -> str | None:
+    """
+    The uuid of the instance in the node at C{path}, or L{None} if there is
+    no readable node.
+    """
+    found = _read_file(path)
+    if found is None:
+        return None
+    try:
+        doc, _ = _parse_document(found[1])
+        return str(doc["Config"]["UUID"])
+    except (RegistryError, KeyError, TypeError):
+        return None
+
+
 def encode_node(doc: dict[str, Any], owner: Owner) -> bytes:
     """
     The bytes of a node file: C{doc} plus the owner record.
@@ -949,6 +964,10 @@ class FileRegistry(ListingMixin):
 
         def remove() -> None:
             rel = instance.path
+            if _node_uuid(self.services_dir + rel) not in (None, instance.uuid):
+                # Another instance has taken over this host and port since:
+                # its nodes are not ours to delete.
+                return
             for top in (self.services_dir, self.statistics_dir):
                 _unlink(top + rel)
                 prune_empty_dirs(top, os.path.dirname(top + rel))

@@ -234,7 +234,10 @@ class MemoryRegistry(ListingMixin):
     def remove(self, instance: Instance) -> Deferred[None]:
         def remove() -> None:
             self._check()
-            self.store.delete(instance.path)
+            node = self.store.nodes.get(instance.path)
+            # A successor on the same host and port is not ours to delete.
+            if node is None or node.value.uuid == instance.uuid:
+                self.store.delete(instance.path)
 
         return maybeDeferred(remove)
 
