@@ -46,9 +46,19 @@
   const now = () => Date.now() / 1000 + state.skew;
   const blank = "—";
 
+  // toLocaleString is slow enough to matter at 500 rows a second.
+  function grouped(n) {
+    const s = String(Math.abs(n));
+    let out = "";
+    for (let i = 0; i < s.length; i++) {
+      if (i && (s.length - i) % 3 === 0) out += ",";
+      out += s[i];
+    }
+    return n < 0 ? "-" + out : out;
+  }
   function fmtNum(v, digits) {
     if (v === null || v === undefined) return blank;
-    if (digits === undefined) return Math.round(v).toLocaleString("en-US");
+    if (digits === undefined) return grouped(Math.round(v));
     return Number(v).toFixed(digits);
   }
   function fmtMs(v) {
@@ -240,11 +250,13 @@
   // ---- rows -----------------------------------------------------------------
 
   function sortKey(d) { return [d.is_daemon ? 0 : 1, d.service, d.port]; }
+  const collator = new Intl.Collator("en", { numeric: true });
   function compareRows(a, b) {
     const ka = sortKey(a), kb = sortKey(b);
     for (let i = 0; i < ka.length; i++) {
-      if (ka[i] < kb[i]) return -1;
-      if (ka[i] > kb[i]) return 1;
+      const c = typeof ka[i] === "string" ? collator.compare(ka[i], kb[i])
+        : (ka[i] < kb[i] ? -1 : ka[i] > kb[i] ? 1 : 0);
+      if (c) return c;
     }
     return 0;
   }
@@ -261,6 +273,7 @@
       cells[col.key] = td;
     }
     const row = { data: d, tr, cells, group: null };
+    if (screenObserver) screenObserver.observe(tr);
     placeRow(row);
     applyRowClasses(row);
     state.rows.set(d.uuid, row);
@@ -292,6 +305,17 @@
     row.tr.hidden = !visible(row.data);
   }
 
+  // Rows on screen: only those get highlights (hundreds of off-screen
+  // animations per delta would cost frames and show nothing).
+  const onScreen = new WeakSet();
+  const screenObserver = "IntersectionObserver" in window
+    ? new IntersectionObserver((entries) => {
+      for (const e of entries) {
+        if (e.isIntersecting) onScreen.add(e.target); else onScreen.delete(e.target);
+      }
+    })
+    : null;
+
   function flash(el, color) {
     if (!el.animate) return;
     el.animate([{ backgroundColor: color }, { backgroundColor: "rgba(0,0,0,0)" }],
@@ -308,20 +332,25 @@
     if (!changed.size) return;
     if (changed.has("region") || changed.has("host") || changed.has("service")
       || changed.has("port")) placeRow(row);
+    const shown = flashChanges && (!screenObserver || onScreen.has(row.tr));
     for (const col of COLUMNS) {
       if (col.deps.some((k) => changed.has(k))) {
         const td = row.cells[col.key];
         const before = td.textContent;
         renderCell(col, td, row.data);
-        if (flashChanges && col.key === "registered") {
+        if (shown && col.key === "registered") {
           flash(row.tr, "rgba(255, 214, 102, .5)");
-        } else if (flashChanges && !col.html && td.textContent !== before) {
+        } else if (shown && !col.html && td.textContent !== before) {
           flash(td, "rgba(255, 214, 102, .28)");
         }
       }
     }
-    applyRowClasses(row);
+    if (FILTERED_FIELDS.some((k) => changed.has(k))) applyRowClasses(row);
   }
+
+  // The fields the filters and row classes look at.
+  const FILTERED_FIELDS = ["registered", "is_daemon", "service", "version", "address", "uuid",
+    "host", "region", "admin"];
 
   function createAndFlash(d) {
     if (!d.service) return; // a partial row for an unknown instance: wait for the snapshot
@@ -339,7 +368,10 @@
     g.rows.delete(uuid);
     row.tr.classList.add("leaving");
     row.tr.dataset.leaving = "1";
-    setTimeout(() => row.tr.remove(), 650);
+    setTimeout(() => {
+      if (screenObserver) screenObserver.unobserve(row.tr);
+      row.tr.remove();
+    }, 650);
     renderHostHead(g);
     dropGroupIfEmpty(g);
     if (state.selected === uuid) state.selected = null;
@@ -373,7 +405,7 @@
     if (knownServices.has(name)) return;
     knownServices.add(name);
     const select = $("service-filter");
-    const names = Array.from(knownServices).sort();
+    const names = Array.from(knownServices).sort(collator.compare);
     const current = select.value;
     select.textContent = "";
     select.append(new Option("all services", ""));
@@ -413,7 +445,7 @@
 
   let tabsSignature = "";
   function renderTabs(regions) {
-    const names = Array.from(regions.keys()).sort();
+    const names = Array.from(regions.keys()).sort(collator.compare);
     const signature = state.filter.region + "#" + names.map((n) => n + ":" + regions.get(n)).join(",");
     if (signature === tabsSignature) return;
     tabsSignature = signature;
@@ -520,8 +552,8 @@
   function refreshScopes() {
     const select = $("scope");
     const options = [["services", "all services"]];
-    for (const name of Array.from(knownServices).sort()) options.push(["service:" + name, "service " + name]);
-    for (const host of Array.from(state.hosts.keys()).sort()) options.push(["host:" + host, "host " + host]);
+    for (const name of Array.from(knownServices).sort(collator.compare)) options.push(["service:" + name, "service " + name]);
+    for (const host of Array.from(state.hosts.keys()).sort(collator.compare)) options.push(["host:" + host, "host " + host]);
     if (state.scope.startsWith("instance:")) {
       const row = state.rows.get(state.scope.slice(9));
       options.push([state.scope, row ? "instance " + row.data.service + " " + row.data.address
@@ -546,14 +578,14 @@
   function chartSpecs() {
     const scope = state.scope;
     if (scope === "services") {
-      const names = Array.from(knownServices).sort();
+      const names = Array.from(knownServices).sort(collator.compare);
       const per = (field) => names.map((n, i) => line(n, "s:" + n, IF[field], i));
       const lat = [];
       names.forEach((n, i) => {
         lat.push(line(n + " p99", "s:" + n, IF.p99, i));
         lat.push(line(n + " p50", "s:" + n, IF.p50, i, true));
       });
-      const hosts = Array.from(state.hosts.keys()).sort();
+      const hosts = Array.from(state.hosts.keys()).sort(collator.compare);
       return [
         { title: "requests/s per service", unit: "", lines: per("rps") },
         { title: "latency p50 (dashed) / p99, ms", unit: "ms", lines: lat },
@@ -641,11 +673,18 @@
     return v.toFixed(v >= 1 ? 1 : 2);
   }
 
+  // The charts' size, kept up to date by a ResizeObserver: reading it from
+  // the canvas after the tables changed would force a layout of them all.
+  const chartBox = { width: 0 };
+  const CHART_HEIGHT = 110;
+
   function drawChart(div, spec) {
     const canvas = div.querySelector("canvas");
-    div.querySelector("h3").textContent = spec.title;
+    const title = div.querySelector("h3");
+    if (title.textContent !== spec.title) title.textContent = spec.title;
     const dpr = window.devicePixelRatio || 1;
-    const w = Math.max(100, canvas.clientWidth), h = Math.max(60, canvas.clientHeight);
+    if (!chartBox.width) chartBox.width = $("charts").clientWidth;
+    const w = Math.max(100, chartBox.width), h = CHART_HEIGHT;
     if (canvas.width !== Math.round(w * dpr) || canvas.height !== Math.round(h * dpr)) {
       canvas.width = Math.round(w * dpr);
       canvas.height = Math.round(h * dpr);
@@ -698,7 +737,7 @@
       ctx.moveTo(left, Math.round(y) + 0.5);
       ctx.lineTo(left + pw, Math.round(y) + 0.5);
       ctx.stroke();
-      ctx.fillText(fmtAxis((ymax * i) / 4, spec.unit), left - 4, y);
+      if (drawn.length) ctx.fillText(fmtAxis((ymax * i) / 4, spec.unit), left - 4, y);
     }
     ctx.textAlign = "center";
     ctx.textBaseline = "top";
@@ -1054,7 +1093,22 @@
     document.addEventListener("keydown", (e) => {
       if (e.key === "Escape" && !$("modal").hidden) closeModal(false);
     });
-    window.addEventListener("resize", () => { state.chartsDirty = true; scheduleFlush(); });
+    if ("ResizeObserver" in window) {
+      new ResizeObserver((entries) => {
+        const width = Math.round(entries[entries.length - 1].contentRect.width);
+        if (width && width !== chartBox.width) {
+          chartBox.width = width;
+          state.chartsDirty = true;
+          scheduleFlush();
+        }
+      }).observe($("charts"));
+    } else {
+      window.addEventListener("resize", () => {
+        chartBox.width = 0;
+        state.chartsDirty = true;
+        scheduleFlush();
+      });
+    }
     // Uptimes and "ago" cells, and the graphs' time axis, move with the clock.
     setInterval(() => {
       for (const row of state.rows.values()) {
