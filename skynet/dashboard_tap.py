@@ -148,12 +148,15 @@ def makeService(options: Options) -> MultiService:
     """
     The model, the web server and (if asked) the Graphite pusher.
     """
+    import txaio
     from twisted.internet import reactor
 
     from skynet.web.app import DashboardApp
     from skynet.web.metrics import GraphitePusher
     from skynet.web.model import DashboardModel
 
+    # Autobahn logs every frame at debug level, and twistd keeps every level.
+    txaio.set_global_log_level("info")
     top = MultiService()
     model = DashboardModel(
         options.registry,
