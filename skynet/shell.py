@@ -1345,6 +1345,7 @@ class ShellProtocol(recvline.HistoricRecvLine):
         self.pending: Deferred | None = None
         self.python_shell: PythonManhole | None = None
         self.closed = False
+        self.exiting = False
         self._edits = 0
 
     # Set up
@@ -1499,7 +1500,7 @@ class ShellProtocol(recvline.HistoricRecvLine):
 
     def _finished(self, status: Any) -> None:
         self.running = None
-        if self.closed or self.python_shell is not None:
+        if self.closed or self.exiting or self.python_shell is not None:
             return
         self.terminal.write(self.ps[self.pn])
 
@@ -1532,6 +1533,7 @@ class ShellProtocol(recvline.HistoricRecvLine):
         self.terminal.write(self.ps[self.pn])
 
     def exit(self) -> None:
+        self.exiting = True
         if not self.closed:
             # Not self.terminal.loseConnection(): it resets (clears) the
             # user's terminal.
