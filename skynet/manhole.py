@@ -30,12 +30,17 @@ from twisted.conch import error as conch_error
 from twisted.conch import interfaces as iconch
 from twisted.conch.checkers import IAuthorizedKeysDB, SSHPublicKeyChecker
 from twisted.conch.insults import insults
-from twisted.conch.manhole_ssh import ConchFactory, TerminalSession, TerminalUser
+from twisted.conch.manhole_ssh import (
+    ConchFactory,
+    TerminalSession,
+    TerminalSessionTransport,
+    TerminalUser,
+)
 from twisted.conch.ssh import keys
 from twisted.conch.ssh.transport import SSHServerTransport
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionDone, ProcessDone
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import components
@@ -313,6 +318,20 @@ def _authorize(authorized: str, public: bytes) -> None:
 # Sessions
 
 
+class ShellSessionTransport(TerminalSessionTransport):
+    """
+    Joins an SSH session and its terminal; when the shell ends, the client
+    is told its exit status (0), as after a login shell, before the channel
+    closes (without it OpenSSH's C{ssh} reports 255).
+    """
+
+    def __init__(self, proto: Any, chainedProtocol: Any, avatar: Any, width: int, height: int):
+        super().__init__(proto, chainedProtocol, avatar, width, height)
+        chainedProtocol.transport.loseConnection = lambda: proto.processEnded(
+            Failure(ProcessDone(0))
+        )
+
+
 class ShellSession(TerminalSession):
     """
     One SSH session: a terminal running the shell.  Exec requests are
@@ -321,6 +340,7 @@ class ShellSession(TerminalSession):
     keystroke, not an EOF).
     """
 
+    transportFactory = ShellSessionTransport
     chained: insults.ServerProtocol | None = None
     terminal_factory: Callable[[], insults.ServerProtocol] = insults.ServerProtocol
 
