@@ -175,6 +175,7 @@ class Cluster:
         self.services: list[ServiceProcess] = []
         self.daemon_available = (ROOT / "skynet" / "daemon_tap.py").exists()
         self.url = ""
+        self.seen_pids: set[int] = set()
 
     def start(self) -> "Cluster":
         logs = self.directory / "logs"
@@ -233,7 +234,9 @@ class Cluster:
         return body
 
     def rows(self) -> dict[str, dict[str, Any]]:
-        return {row["uuid"]: row for row in self.state()["rows"]}
+        rows = {row["uuid"]: row for row in self.state()["rows"]}
+        self.seen_pids.update(row["pid"] for row in rows.values() if row["pid"])
+        return rows
 
     def wait_for_all(self) -> int:
         """
@@ -255,6 +258,19 @@ class Cluster:
             service.stop()
         for process in reversed(self.processes):
             process.stop()
+        # The daemon's children live in sessions of their own: a daemon that
+        # failed to stop them leaves them to us.  Only processes of this
+        # cluster's registry are ours.
+        for pid in self.seen_pids:
+            try:
+                command = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(self.registry_root).encode() in command:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
 
 def launch(playwright: Any) -> Any:
