@@ -49,8 +49,29 @@ from zope.interface import implementer
 
 from skynet.shell import History, Shell, ShellProtocol
 
-#: The endpoint of the SSH shell when none is given: loopback only.
-DEFAULT_SSH_ENDPOINT = "tcp:2222:interface=127.0.0.1"
+#: The port of the SSH shell in examples and docs.
+DEFAULT_SSH_PORT = 2222
+
+#: The endpoint of the SSH shell in examples and docs: loopback only.
+DEFAULT_SSH_ENDPOINT = f"tcp:{DEFAULT_SSH_PORT}:interface=127.0.0.1"
+
+
+def pick_ssh_port(preferred: int = DEFAULT_SSH_PORT, interface: str = "127.0.0.1") -> int:
+    """
+    C{preferred} if nothing listens on it, else a free port the system
+    picks (for a local demo: another process may still take it before the
+    SSH server listens).
+    """
+    import socket
+
+    for port in (preferred, 0):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((interface, port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise OSError(f"no free port on {interface}")
 
 
 def loopback_unless_told(spec: str) -> str:
@@ -579,6 +600,7 @@ class ManholeService(Service):
 
 __all__ = [
     "DEFAULT_SSH_ENDPOINT",
+    "DEFAULT_SSH_PORT",
     "AuthorizedKeysFile",
     "ClientKey",
     "ManholeService",
@@ -587,6 +609,7 @@ __all__ = [
     "ShellSSHFactory",
     "default_ssh_dir",
     "loopback_unless_told",
+    "pick_ssh_port",
     "ensure_client_key",
     "ensure_host_key",
     "read_authorized_keys",

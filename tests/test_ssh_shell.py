@@ -25,6 +25,7 @@ from skynet.manhole import (
     ensure_client_key,
     ensure_host_key,
     loopback_unless_told,
+    pick_ssh_port,
     read_authorized_keys,
 )
 from tests.processes import ROOT
@@ -379,6 +380,18 @@ class KeyTests(SynchronousTestCase):
             f.write(b"# comment\n\nnot a key\n" + public)
         self.assertEqual(len(read_authorized_keys(path)), 1)
         self.assertEqual(read_authorized_keys(os.path.join(self.home, "missing")), [])
+
+    def test_pick_ssh_port(self) -> None:
+        import socket
+
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            taken = busy.getsockname()[1]
+            port = pick_ssh_port(taken)
+            self.assertNotEqual(port, taken)
+            self.assertGreater(port, 0)
+        self.assertEqual(pick_ssh_port(port), port)
 
     def test_loopback_unless_told(self) -> None:
         self.assertEqual(loopback_unless_told("2222"), "tcp:2222:interface=127.0.0.1")
