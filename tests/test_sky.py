@@ -365,7 +365,7 @@ class SkyTests(SynchronousTestCase):
         wait_until(lambda: not self.cluster.instances(uuid=uuid), 20, "the Sleeper gone")
         # The daemon no longer lists it, so nothing restarts it.
         time.sleep(1)
-        self.assertEqual(self.cluster.instances(service="Sleeper"), [])
+        self.assertEqual(self.cluster.instances(uuid=uuid), [])
 
     def test_watch_sees_a_kill(self) -> None:
         victim = self.cluster.start_service("examples.sleeper:Sleeper")
