@@ -113,10 +113,7 @@ class Options(usage.Options):
     ]  # fmt: skip
 
     def opt_ssh(self, endpoint: str) -> None:
-        """
-        Serve the SSH shell (sky's commands, and python) on this endpoint,
-        127.0.0.1 unless it names an interface; repeatable.
-        """
+        """Serve the SSH shell on this endpoint (127.0.0.1 unless it names an interface); repeatable."""
         self.setdefault("ssh", []).append(endpoint)
 
     registry: Any
