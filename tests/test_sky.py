@@ -101,11 +101,15 @@ class Cluster:
                 self.daemon.wait(5)
         for process in self.services:
             process.stop()
-        # Children of the daemon end with it; make sure of it.
+        # Children of the daemon end with it; make sure of it, killing only
+        # processes that still run on this cluster's registry.
         for pid in self.seen_pids:
             try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if self.root.encode() not in f.read():
+                        continue
                 os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
+            except (OSError, ProcessLookupError):
                 pass
         shutil.rmtree(self.home, ignore_errors=True)
 
