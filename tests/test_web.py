@@ -111,6 +111,24 @@ class ModelTests(SynchronousTestCase):
         self.assertEqual(row["avg_ms"], 2.0)
         self.assertEqual(row["start"], 1714557600.0)
 
+    def test_rates_are_smoothed_over_the_window(self) -> None:
+        """
+        Readings that catch one or two of the instance's updates in turn
+        still give a steady rate.
+        """
+        instance = make_instance()
+        self.services.add(instance)
+        self.publish(instance, stats(requests=0))
+        self.start()
+        total = 0
+        rates = []
+        for step in range(30):
+            total += 50 if step % 2 else 150
+            self.publish(instance, stats(requests=total))
+            self.clock.advance(1.0)
+            rates.append(self.model.find(instance.uuid).rps)
+        self.assertTrue(all(90 <= r <= 110 for r in rates[12:]), rates)
+
     def test_unchanged_statistics_keep_the_rate_then_go_stale(self) -> None:
         instance = make_instance()
         self.services.add(instance)

@@ -50,6 +50,9 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 #: An instance seen again this soon after its removal was restarted.
 RESTART_WINDOW = 120.0
 
+#: Seconds of readings that rates are computed over.
+RATE_WINDOW = 10.0
+
 #: Statistics unchanged this long mean no requests are being counted.
 STALE_AFTER = 30.0
 
@@ -83,6 +86,11 @@ def _number(value: Any) -> float | None:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def _int(value: Any) -> int | None:
+    number = _number(value)
+    return None if number is None else int(number)
 
 
 def _ms(ns: Any) -> float | None:
@@ -137,8 +145,8 @@ class InstanceState:
     """
     What the dashboard knows of one instance.
 
-    @ivar rps: requests per second over the last observed change of its
-        statistics; C{eps} likewise for errors.
+    @ivar rps: requests per second over the last L{RATE_WINDOW} seconds of
+        readings of its statistics; C{eps} likewise for errors.
     @ivar buckets: the estimated cumulative latency histogram (counts per
         bucket of L{LATENCY_BUCKETS}), growing with C{RequestsServed}.
     """
@@ -152,6 +160,7 @@ class InstanceState:
         self.errors: int | None = None
         self.rps = 0.0
         self.eps = 0.0
+        self.readings: deque[tuple[float, int | None, int | None]] = deque(maxlen=512)
         self.cpu: float | None = None
         self.rss: int | None = None
         self.daemon: str | None = None
@@ -165,6 +174,11 @@ class InstanceState:
     def observe(self, stats: dict[str, Any], now: float) -> bool:
         """
         Take a freshly read statistics node.  @return: whether it changed.
+
+        Rates are the counters' growth since the oldest reading of the last
+        L{RATE_WINDOW} seconds (at least the previous one): the instance
+        publishes on its own schedule, so one interval between two readings
+        says little; several smooth that out.
         """
         if stats == self.stats:
             if now - self.changed_at > STALE_AFTER:
@@ -172,28 +186,36 @@ class InstanceState:
             return False
         previous_start = (self.stats or {}).get("StartTime")
         self.stats = stats
-        requests = _number(stats.get("RequestsServed"))
-        errors = _number(stats.get("Errors"))
-        elapsed = now - self.changed_at
+        requests = _int(stats.get("RequestsServed"))
+        errors = _int(stats.get("Errors"))
         restarted = previous_start is not None and stats.get("StartTime") != previous_start
-        if requests is not None:
-            requests = int(requests)
-            if self.requests is None or requests < self.requests or restarted:
-                self.rps = 0.0
-                self._reset_histogram()
+        reset = (
+            restarted
+            or not self.readings
+            or (requests is not None and (self.requests is None or requests < self.requests))
+            or (errors is not None and self.errors is not None and errors < self.errors)
+        )
+        if reset:
+            self.readings.clear()
+            self.rps = self.eps = 0.0
+            self._reset_histogram()
+            if requests is not None:
                 self._histogram_add(requests)
-            else:
-                if elapsed > 0:
-                    self.rps = (requests - self.requests) / elapsed
-                self._histogram_add(requests - self.requests)
-            self.requests = requests
-        if errors is not None:
-            errors = int(errors)
-            if self.errors is None or errors < self.errors or restarted:
-                self.eps = 0.0
-            elif elapsed > 0:
-                self.eps = (errors - self.errors) / elapsed
-            self.errors = errors
+        elif requests is not None and self.requests is not None:
+            self._histogram_add(requests - self.requests)
+        self.readings.append((now, requests, errors))
+        readings = self.readings
+        while len(readings) > 2 and readings[1][0] <= now - RATE_WINDOW:
+            readings.popleft()
+        since, base_requests, base_errors = readings[0]
+        elapsed = now - since
+        if elapsed > 0:
+            if requests is not None and base_requests is not None:
+                self.rps = (requests - base_requests) / elapsed
+            if errors is not None and base_errors is not None:
+                self.eps = (errors - base_errors) / elapsed
+        self.requests = requests if requests is not None else self.requests
+        self.errors = errors if errors is not None else self.errors
         self.changed_at = now
         return True
 
@@ -382,7 +404,9 @@ class DashboardModel(Service):
             self._dirty_rows[instance.uuid] = None
         self.synced = True
         if instances:
-            self.add_event("snapshot", f"watching {len(instances)} instances", now=now)
+            count = len(instances)
+            what = "instance" if count == 1 else "instances"
+            self.add_event("snapshot", f"watching {count} {what}", now=now)
         self._poll_new([i.uuid for i in instances])
         self._schedule_push()
 

@@ -435,8 +435,10 @@
       g.section.hidden = !any;
     }
     $("shown").textContent = shown + " of " + state.rows.size + " shown";
-    $("summary").textContent = state.rows.size + " instances · " + services.size + " services · "
-      + new Set(Array.from(state.groups.values()).map((g) => g.host)).size + " hosts · "
+    const plural = (n, word) => n + " " + word + (n === 1 ? "" : "s");
+    const hosts = new Set(Array.from(state.groups.values()).map((g) => g.host)).size;
+    $("summary").textContent = plural(state.rows.size, "instance") + " · "
+      + plural(services.size, "service") + " · " + plural(hosts, "host") + " · "
       + rps.toFixed(1) + " req/s";
     $("empty").hidden = state.rows.size > 0;
     $("empty").textContent = "No instances in the registry.";
@@ -662,7 +664,7 @@
   function niceMax(v) {
     if (!(v > 0)) return 1;
     const p = Math.pow(10, Math.floor(Math.log10(v)));
-    for (const m of [1, 2, 2.5, 5, 10]) if (m * p >= v) return m * p;
+    for (const m of [1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10]) if (m * p >= v) return m * p;
     return 10 * p;
   }
 
