@@ -33,7 +33,7 @@ setup(
         ],
         "dev": ["ruff", "mypy", "mypy-zope", "types-psutil"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["sky = skynet.sky:main"]},
     classifiers=[
         "Framework :: Twisted",
         "Programming Language :: Python :: 3",

@@ -121,7 +121,7 @@ class Options(usage.Options):
         super().__init__()
         self["version"] = None
 
-    def opt_version(self, version: str) -> None:
+    def opt_version(self, version: str) -> None:  # type: ignore[override]
         """
         Version (default: the class's, else $SKYNET_VERSION).
         """

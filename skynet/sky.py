@@ -270,6 +270,9 @@ def main(argv: list[str] | None = None) -> NoReturn:
     The C{sky} console script.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        sys.stdout.write(USAGE + "\n" + HELP)
+        sys.exit(0)
     try:
         registry_url, timeout, rest = split_global_options(argv)
         invocation = parse(rest)

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from twisted.internet.task import Clock
@@ -421,3 +422,18 @@ class SkyTests(SynchronousTestCase):
             result.stderr.count("daemon not reachable on host 127.0.0.1"), 2, result.stderr
         )
         self.assertEqual(result.stdout, "")
+
+
+class ConsoleScriptTests(SynchronousTestCase):
+    def test_installed_sky_script(self) -> None:
+        """
+        The install step puts a C{sky} command beside the Python, and it
+        answers --help.
+        """
+        script = Path(sys.executable).parent / "sky"
+        self.assertTrue(script.exists(), f"{script} is missing: reinstall the package")
+        result = subprocess.run([str(script), "--help"], capture_output=True, text=True,
+                                timeout=60)  # fmt: skip
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("Usage: sky", result.stdout)
+        self.assertIn("instances", result.stdout)
