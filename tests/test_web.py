@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from treq.client import HTTPClient
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.defer import Deferred, DeferredQueue, fail
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, deferLater
@@ -24,7 +25,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from skynet.registry.base import Address, Instance
+from skynet.registry.base import Address, Instance, RegistryError
 from skynet.registry.memory import MemoryRegistry
 from skynet.service import Service, ServiceHost
 from skynet.web.app import DashboardApp, bearer_token, same_origin
@@ -310,6 +311,27 @@ class ModelTests(SynchronousTestCase):
             self.assertIsNone(figures.host.get("cpu"))
         self.assertEqual(daemon_figures(None).children, {})  # type: ignore[arg-type]
 
+    def test_registry_start_is_retried(self) -> None:
+        attempts = []
+        start = self.registry.start
+
+        def flaky_start() -> Deferred:
+            attempts.append(self.clock.seconds())
+            if len(attempts) < 3:
+                return fail(RegistryError("not yet"))
+            return start()
+
+        self.registry.start = flaky_start  # type: ignore[method-assign]
+        self.model.own_registry = True
+        self.services.add(make_instance())
+        self.start()
+        self.assertIsNone(self.model.find("uuid-1"))
+        self.clock.pump([0.5, 1.0, 0.1])
+        self.assertEqual(attempts, [0.0, 0.5, 1.5])
+        self.assertIsNotNone(self.model.find("uuid-1"))
+        flushed = self.flushLoggedErrors()
+        self.assertEqual(flushed, [])
+
     def test_five_hundred_instances(self) -> None:
         """
         500 instances: a sweep, a delta and a snapshot stay cheap.
@@ -423,6 +445,17 @@ class HelperTests(SynchronousTestCase):
 
 
 class DashboardTapTests(SynchronousTestCase):
+    def test_twistd_lists_the_plugin(self) -> None:
+        from tests.processes import ROOT, twistd
+
+        listed = subprocess.run([twistd(), "--help"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=60)  # fmt: skip
+        self.assertIn("skynet-dashboard", listed.stdout)
+        usage_text = subprocess.run([twistd(), "skynet-dashboard", "--help"], cwd=ROOT,
+                                    capture_output=True, text=True, timeout=60)  # fmt: skip
+        self.assertIn("--token-file", usage_text.stdout)
+        self.assertIn("--graphite", usage_text.stdout)
+
     def test_options(self) -> None:
         from skynet.dashboard_tap import Options
 

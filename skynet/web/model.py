@@ -30,8 +30,14 @@ from datetime import datetime
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, ensureDeferred
-from twisted.internet.task import LoopingCall
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    DeferredSemaphore,
+    ensureDeferred,
+)
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -345,6 +351,7 @@ class DashboardModel(Service):
         self._seen_daemon_events: dict[str, set[Any]] = {}
         self._next_event_id = 1
         self._watch: Any = None
+        self._retry: Deferred | None = None
         self._loop: LoopingCall | None = None
         self._sweeping: Deferred | None = None
         self._subscribers: list[Callable[[dict[str, Any]], None]] = []
@@ -366,8 +373,25 @@ class DashboardModel(Service):
         return ensureDeferred(self._start())
 
     async def _start(self) -> None:
-        if self.own_registry:
-            await self.registry.start()
+        delay = 0.5
+        while self.own_registry and self.running:
+            try:
+                await self.registry.start()
+                break
+            except Exception as e:
+                # A dashboard started before its ZooKeeper keeps trying.
+                self.log.warn(
+                    "cannot start the registry {url} ({error}); retrying in {delay}s",
+                    url=getattr(self.registry, "url", self.registry),
+                    error=e,
+                    delay=delay,
+                )
+                self._retry = deferLater(self.reactor, delay, lambda: None)
+                try:
+                    await self._retry
+                except CancelledError:
+                    return
+                delay = min(delay * 2, 10.0)
         if not self.running:
             return
         self._watch = self.registry.watch(Query(), self)
@@ -382,6 +406,8 @@ class DashboardModel(Service):
         return ensureDeferred(self._stop())
 
     async def _stop(self) -> None:
+        if self._retry is not None and not self._retry.called:
+            self._retry.cancel()
         if self._watch is not None:
             self._watch.stop()
             self._watch = None
