@@ -673,7 +673,16 @@ def take_screenshot(path: str, seconds: float) -> None:
     try:
         cluster.start()
         print(f"dashboard at {cluster.url}; loading for {seconds:.0f}s", flush=True)
-        time.sleep(seconds)
+        cluster.wait_for_all()
+        time.sleep(seconds / 2)
+        # Something for the events list: an unregistered instance, a restart.
+        rows = list(cluster.rows().values())
+        sleeper = next(r for r in rows if r["service"] == "Sleeper")
+        admin_call(sleeper["admin"], "Admin.Unregister", {})
+        supervised = [r for r in rows if r["daemon"]]
+        if supervised:
+            http(f"{cluster.url}/api/instances/{supervised[0]['uuid']}/restart", "POST", TOKEN)
+        time.sleep(seconds / 2)
         with sync_playwright() as playwright:
             browser = launch(playwright)
             try:
