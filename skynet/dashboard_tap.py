@@ -156,7 +156,7 @@ def makeService(options: Options) -> MultiService:
     from skynet.web.model import DashboardModel
 
     # Autobahn logs every frame at debug level, and twistd keeps every level.
-    txaio.set_global_log_level("info")
+    txaio.set_global_log_level("info")  # type: ignore[attr-defined]
     top = MultiService()
     model = DashboardModel(
         options.registry,

@@ -108,7 +108,7 @@ class DashboardSocket(WebSocketServerProtocol):
     may ask for full series with C{{"type": "series", "keys": [...]}}.
     """
 
-    log = Logger()
+    # Autobahn's own txaio logger stays (it filters its per-frame debug lines).
     factory: DashboardSocketFactory
     _unsubscribe: Callable[[], None] | None = None
 
