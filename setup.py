@@ -12,7 +12,10 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["skynet", "skynet.*"]) + ["twisted.plugins"],
-    package_data={"twisted": ["plugins/skynet_plugin.py"]},
+    package_data={
+        "twisted": ["plugins/skynet_plugin.py"],
+        "skynet.web": ["static/*"],
+    },
     include_package_data=True,
     install_requires=[
         "twisted[conch]>=24.7",
@@ -30,6 +33,7 @@ setup(
             "pytest-timeout>=2.2",
             "hypothesis>=6.100",
             "treq>=23.11",
+            "playwright>=1.40",
         ],
         "dev": ["ruff", "mypy", "mypy-zope", "types-psutil"],
     },

@@ -4,27 +4,35 @@ Run a local skynet cluster of the example services on this machine.
     python -m examples.local_cluster [--registry URL] [--once]
 
 Starts a skynet daemon (C{twistd -n skynet-daemon}) on the embedded
-registry (no server to install), or on C{--registry}, and deploys through
+registry (no server to install), or on C{--registry}, with the SSH shell on
+loopback (a key for the local user is made if needed), and deploys through
 its C{SkynetDaemon.Deploy} RPC, as separate supervised processes: two
-Fibonacci, one TestService, one TutorialService and one Sleeper.  It waits
-until they are registered, calls each through discovery, prints how to call
-them yourself, and keeps them running until Ctrl-C (or, with C{--once},
-stops the daemon, and so every service, right away).
+Fibonacci, one TestService, one TutorialService and one Sleeper.  It also
+starts the web dashboard (actions enabled with a token it makes).  It waits
+until everything answers, calls each service through discovery, prints how
+to reach it all yourself, and keeps it running until Ctrl-C (or, with
+C{--once}, stops it right away).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import secrets
+import shlex
+import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.task import deferLater, react
+from twisted.internet.threads import deferToThread
 
 from skynet.client import Client
+from skynet.manhole import ensure_client_key, pick_ssh_port
 from skynet.registry import Query, registry_from_url
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,54 +53,110 @@ def log_dir() -> Path:
     return path
 
 
-def start_daemon(registry: str | None) -> tuple[subprocess.Popen, Path]:
+def twistd(name: str, args: list[str], registry: str | None) -> tuple[subprocess.Popen, Path]:
     """
-    C{twistd -n skynet-daemon}, its log in the cluster's log directory (the
-    services' logs beside it).
+    C{twistd -n <name> args...}, its log in the cluster's log directory.
     """
-    twistd = str(Path(sys.executable).parent / "twistd")
-    logs = log_dir()
-    log_path = logs / "daemon.log"
-    command = [twistd, "-n", "--pidfile=", "skynet-daemon", "--log-dir", str(logs)]
+    log_path = log_dir() / f"{name.removeprefix('skynet-')}.log"
+    command = [str(Path(sys.executable).parent / "twistd"), "-n", "--pidfile=", name, *args]
     if registry:
         command += ["--registry", registry]
     with open(log_path, "wb") as log:
-        daemon = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log,
-                                  stderr=subprocess.STDOUT)  # fmt: skip
-    return daemon, log_path
+        child = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log,
+                                 stderr=subprocess.STDOUT)  # fmt: skip
+    return child, log_path
 
 
-async def stop_daemon(reactor: Any, daemon: subprocess.Popen, timeout: float = 30.0) -> None:
+def start_daemon(registry: str | None, ssh_port: int, authorized_keys: str):
     """
-    SIGTERM: the daemon stops its services gracefully, then itself.
+    The daemon, with the SSH shell on loopback; the services' logs go beside
+    its own.
     """
-    if daemon.poll() is None:
-        daemon.terminate()
+    return twistd("skynet-daemon", ["--log-dir", str(log_dir()),
+                                    "--ssh", f"tcp:{ssh_port}:interface=127.0.0.1",
+                                    "--authorized-keys", authorized_keys], registry)  # fmt: skip
+
+
+def start_dashboard(registry: str | None) -> tuple[subprocess.Popen, Path, str]:
+    """
+    The dashboard on 127.0.0.1:8080 (or a free port), actions enabled by a
+    fresh token kept in a 0600 file.
+    """
+    token = secrets.token_urlsafe(18)
+    token_file = log_dir() / "dashboard-token"
+    token_file.touch(mode=0o600)
+    token_file.chmod(0o600)
+    token_file.write_text(token + "\n")
+    port = free_port(8080)
+    child, log_path = twistd("skynet-dashboard", [
+        "--listen", f"tcp:{port}:interface=127.0.0.1", "--token-file", str(token_file),
+    ], registry)  # fmt: skip
+    return child, log_path, f"http://127.0.0.1:{port}/?token={token}"
+
+
+def free_port(preferred: int) -> int:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+            return preferred
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+
+async def stop_child(reactor: Any, child: subprocess.Popen, timeout: float = 30.0) -> None:
+    """
+    SIGTERM (the daemon then stops its services gracefully), then SIGKILL.
+    """
+    if child.poll() is None:
+        child.terminate()
     for _ in range(int(timeout * 10)):
-        if daemon.poll() is not None:
+        if child.poll() is not None:
             return
         await deferLater(reactor, 0.1, lambda: None)
-    daemon.kill()
-    daemon.wait()
+    child.kill()
+    child.wait()
+
+
+def _answers_http(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def _answers_ssh(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            return s.recv(64).startswith(b"SSH-2.0")
+    except OSError:
+        return False
 
 
 async def main(reactor: Any, args: argparse.Namespace) -> None:
     registry = registry_from_url(args.registry, reactor=reactor)
     await registry.start()
     print(f"registry: {registry.url}")
-    daemon, daemon_log = start_daemon(args.registry)
+    key = ensure_client_key()
+    ssh_port = pick_ssh_port()
+    daemon, daemon_log = start_daemon(args.registry, ssh_port, key.authorized_keys)
+    dashboard, dashboard_log, dashboard_url = start_dashboard(args.registry)
+    children = [(daemon, daemon_log), (dashboard, dashboard_log)]
     reactor.addSystemEventTrigger(
-        "before", "shutdown", lambda: ensureDeferred(stop_daemon(reactor, daemon))
-    )
+        "before", "shutdown",
+        lambda: DeferredList([ensureDeferred(stop_child(reactor, c)) for c, _ in children]),
+    )  # fmt: skip
 
     async def wait_for(what: str, predicate: Any) -> Any:
         for _ in range(300):
             found = await predicate()
             if found:
                 return found
-            if daemon.poll() is not None:
-                print(f"the daemon exited; its log {daemon_log}:\n{daemon_log.read_text()[-3000:]}")
-                raise SystemExit(1)
+            for child, log in children:
+                if child.poll() is not None:
+                    print(f"{log.stem} exited; its log {log}:\n{log.read_text()[-3000:]}")
+                    raise SystemExit(1)
             await deferLater(reactor, 0.1, lambda: None)
         raise SystemExit(f"{what} did not happen within 30 s (logs in {log_dir()})")
 
@@ -127,15 +191,22 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     print(f"Fibonacci.Index(50) = {fib['value']}")
     print(f"TutorialService.AddOne(41) = {one['value']}")
     await client.stop()
-    registry_arg = f" --registry {args.registry}" if args.registry else ""
-    print("\nCall them yourself from another terminal:")
+
+    await wait_for("the dashboard", lambda: deferToThread(_answers_http, dashboard_url))
+    await wait_for("the SSH shell", lambda: deferToThread(_answers_ssh, ssh_port))
+    registry_arg = f" --registry {shlex.quote(args.registry)}" if args.registry else ""
+    print(f"\ndashboard: {dashboard_url}")
+    print(f"shell:     {key.ssh_command(ssh_port)}   ('help'; 'python' for a manhole)")
+    print(f"           .venv/bin/sky{registry_arg} cli   (the same shell on this terminal)")
+    print("\nCall and operate them yourself from another terminal:")
     print(f"  .venv/bin/python -m examples.fibonacci_client{registry_arg} 10 20 30")
     print(f"  .venv/bin/python -m examples.testservice_client{registry_arg} hello")
-    print(f"  .venv/bin/python -m examples.tutorial_client{registry_arg}")
-    print("and operate them through the daemon: SkynetDaemon.ListSubServices, "
-          "RestartSubService {uuid}, ... (docs/daemon.md)")  # fmt: skip
+    print(f"  .venv/bin/sky{registry_arg} instances")
+    print(f"  .venv/bin/sky{registry_arg} --service Fibonacci restart")
+    print(f"  .venv/bin/sky{registry_arg} call Fibonacci Index '{{\"index\": 30}}'")
     if args.once:
-        await stop_daemon(reactor, daemon)
+        for child, _ in children:
+            await stop_child(reactor, child)
         await registry.stop()
         return
     print("\nCtrl-C stops the cluster.")

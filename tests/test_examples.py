@@ -44,6 +44,11 @@ class LocalClusterCommandTests(TestCase):
         self.assertIn("TestService.Upcase('hello skynet') = 'HELLO SKYNET'", output)
         self.assertIn("Fibonacci.Index(50) = 12586269025", output)
         self.assertIn("TutorialService.AddOne(41) = 42", output)
+        # It printed these only once the dashboard answered HTTP and the SSH
+        # shell its banner.
+        self.assertRegex(output, r"dashboard: http://127\.0\.0\.1:\d+/\?token=\S+")
+        self.assertRegex(output, r"shell: +ssh -p \d+ .*admin@127\.0\.0\.1")
+        self.assertIn("instances deployed through the daemon", output)
         # Everything it started has stopped and left the registry.
         registry = FileRegistry(os.path.join(home, "registry"), reactor=reactor)
         await registry.start()
