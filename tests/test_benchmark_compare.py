@@ -1,0 +1,196 @@
+"""
+The RPC comparison runs, in a tiny configuration, so that it never rots: skynet
+and the bare loop for real; the peers' code paths with the fake peer of
+L{benchmarks.peers} (standard library only), since Pyro5 and grpcio live in an
+environment of their own that the suite does not make.  If that environment
+exists (C{python -m benchmarks.compare --setup-peers}), the real peers run
+too.  No timing assertions: only that everything measured something and the
+report has its shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+
+from benchmarks import peers
+from benchmarks.compare import DEFAULT_PEERS_VENV, MODES, ensure_peers
+from tests.processes import ROOT, child_env
+
+TINY = ["--seconds", "0.2", "--processes", "2", "--concurrency", "4", "--connections", "10"]
+
+
+class CompareRun(TestCase):
+    pytestmark = [pytest.mark.slow]
+    timeout = 180
+
+    def run_compare(self, *args: str) -> tuple[subprocess.CompletedProcess, dict[str, Any]]:
+        directory = tempfile.mkdtemp(prefix="skynet-compare-test-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        out = Path(directory) / "report.json"
+        result = subprocess.run(
+            [sys.executable, "-m", "benchmarks.compare", *TINY, *args, "--json", str(out)],
+            cwd=ROOT, capture_output=True, text=True, timeout=170, env=child_env(),
+        )  # fmt: skip
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        return result, json.loads(out.read_text())
+
+    def check_figures(self, report: dict[str, Any], systems: list[str], payloads: list[int]):
+        self.assertEqual(report["systems"], systems)
+        for system in systems:
+            for mode in MODES:
+                for payload in payloads:
+                    figures = report["results"][system][mode][str(payload)]
+                    self.assertGreater(figures["calls"], 0, (system, mode, payload))
+                    self.assertGreater(figures["calls_per_s"], 0)
+                    self.assertLessEqual(figures["p50_ms"], figures["p99_ms"])
+                    self.assertGreater(figures["client_cpu_us"], 0)
+                    self.assertGreaterEqual(figures["server_cpu_us"], 0)
+                    self.assertEqual(figures["processes"], 2 if mode == "processes" else 1)
+            memory = report["memory"][system]
+            self.assertGreater(memory["idle_rss"], 0)
+            self.assertEqual(memory["connections"], 10)
+            self.assertIsInstance(memory["per_connection"], float)
+
+    def table_row(self, stdout: str, mode: str, payload: str) -> list[str]:
+        for line in stdout.splitlines():
+            if line.startswith(mode) and f" {payload} " in line and "calls/s" not in line:
+                return line.split()
+        raise AssertionError(f"no {mode} {payload} row in\n{stdout}")
+
+    def test_skynet_and_bare(self) -> None:
+        """
+        skynet and the bare loop, two payloads, every mode; the peers asked
+        for but without their environment are left out, visibly.
+        """
+        result, report = self.run_compare(
+            "--systems", "skynet,bare,pyro5,grpc", "--payloads", "100,10000",
+            "--peers-venv", "/nonexistent/skynet-peers", "--no-peer-setup",
+        )  # fmt: skip
+        self.check_figures(report, ["skynet", "bare"], [100, 10000])
+        self.assertIn("Pyro5: not measured: no usable environment", result.stdout)
+        self.assertIn("gRPC: not measured: no usable environment", result.stdout)
+        self.assertEqual(set(report["skipped"]), {"pyro5", "grpc"})
+        header = next(
+            ln for ln in result.stdout.splitlines() if ln.startswith("mode") and "/bare" in ln
+        )
+        self.assertEqual(header.split(), ["mode", "payload", "skynet", "bare", "/bare"])
+        for mode in MODES:
+            row = self.table_row(result.stdout, mode, "B")
+            # mode, size, unit, skynet, bare, ratio and its verdict
+            self.assertEqual(len(row), 7, row)
+            self.assertTrue(row[6] == "ok" or row[6] == "<0.5", row)
+        self.assertIn("idle RSS, MiB", result.stdout)
+        self.assertIn("per idle connection, KiB", result.stdout)
+
+    def test_peer_code_paths_with_the_fake(self) -> None:
+        """
+        A peer system (its server and clients run by another Python, the
+        READY/GO/RESULT exchange, threads for calls in flight) through the
+        fake peer.
+        """
+        result, report = self.run_compare(
+            "--systems", "skynet,fake", "--payloads", "100", "--peers-python", sys.executable
+        )
+        self.check_figures(report, ["skynet", "fake"], [100])
+        self.assertEqual(report["results"]["fake"]["concurrent"]["100"]["style"], "threads")
+        self.assertEqual(report["results"]["fake"]["sequential"]["100"]["style"], "blocking")
+        self.assertIn("/fake", result.stdout)
+
+    def test_real_peers_if_installed(self) -> None:
+        python, why = ensure_peers(DEFAULT_PEERS_VENV, create=False)
+        if python is None:
+            raise SkipTest(f"Pyro5 and grpc not set up: {why}")
+        result, report = self.run_compare(
+            "--systems", "pyro5,grpc", "--payloads", "100", "--peers-python", python
+        )
+        self.check_figures(report, ["pyro5", "grpc"], [100])
+
+
+class PeerLoopTests(SynchronousTestCase):
+    """
+    The measuring loops every peer client uses, on fake calls.
+    """
+
+    def test_sequential(self) -> None:
+        calls = []
+        result = peers.sequential(lambda: calls.append(1), 0.05)
+        self.assertEqual(result["calls"], len(calls))
+        self.assertEqual(len(result["latencies_us"]), len(calls))
+        self.assertGreaterEqual(result["seconds"], 0.05)
+
+    def test_threaded(self) -> None:
+        counts = [0, 0, 0]
+
+        def make(i: int) -> Any:
+            def call() -> None:
+                counts[i] += 1
+                time.sleep(0.001)
+
+            return call
+
+        result = peers.threaded([make(i) for i in range(3)], 0.05)
+        self.assertEqual(result["calls"], sum(counts))
+        self.assertTrue(all(counts), counts)
+
+    def test_threaded_reports_errors(self) -> None:
+        def broken() -> None:
+            raise ValueError("boom")
+
+        self.assertRaises(ValueError, peers.threaded, [broken], 0.05)
+
+    def test_gathered(self) -> None:
+        in_flight = [0, 0]
+
+        async def call() -> None:
+            in_flight[0] += 1
+            in_flight[1] = max(in_flight[1], in_flight[0])
+            await asyncio.sleep(0.001)
+            in_flight[0] -= 1
+
+        result = asyncio.run(peers.gathered(call, 0.05, 5))
+        self.assertGreater(result["calls"], 0)
+        self.assertEqual(in_flight[1], 5)
+
+    def test_fake_peer_asyncio_and_connections(self) -> None:
+        """
+        The fake peer's server, its asyncio client and its connections
+        mode, as processes.
+        """
+        directory = tempfile.mkdtemp(prefix="skynet-fake-peer-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        port_file = Path(directory) / "port"
+        server = subprocess.Popen([sys.executable, "-m", "benchmarks.peers", "serve", "fake",
+                                   str(port_file)], cwd=ROOT, env=child_env())  # fmt: skip
+        self.addCleanup(server.wait)
+        self.addCleanup(server.kill)
+        deadline = time.monotonic() + 30
+        while not port_file.exists():
+            self.assertLess(time.monotonic(), deadline, "the fake server did not start")
+            time.sleep(0.02)
+        port = port_file.read_text()
+        base = [sys.executable, "-m", "benchmarks.peers", "client", "fake", port]
+        for extra, lines in ((["--mode", "concurrent", "--style", "asyncio", "--width", "3"],
+                              "GO\n"), (["--mode", "sequential", "--style", "asyncio"], "GO\n"),
+                             (["--mode", "connections", "--connections", "4"], "GO\nGO\n")):  # fmt: skip
+            done = subprocess.run(base + ["--seconds", "0.1", *extra], input=lines, cwd=ROOT,
+                                  capture_output=True, text=True, timeout=60, env=child_env())  # fmt: skip
+            self.assertEqual(done.returncode, 0, done.stderr)
+            out = done.stdout.splitlines()
+            self.assertTrue(out[0] == "READY" and out[-1].startswith("RESULT "), out)
+            result = json.loads(out[-1][len("RESULT ") :])
+            if "connections" in extra[1]:
+                self.assertEqual(result, {"connections": 4})
+            else:
+                self.assertGreater(result["calls"], 0)
+                self.assertEqual(result["style"], "asyncio")
