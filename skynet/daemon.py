@@ -39,22 +39,20 @@ from functools import partial
 from typing import Any
 
 import attr
-import bson
 from twisted.application.service import MultiService
 from twisted.application.service import Service as BaseService
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IStreamServerEndpoint
-from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from skynet.errors import ConnectionFailed, RemoteCallError, ServiceError
+from skynet.admin import admin_call
+from skynet.errors import ConnectionFailed, ServiceError
 from skynet.procmon import EventLog, ExitRecord, IChildObserver, Supervisor
-from skynet.protocol import FrameProtocol, encode_header, new_id
-from skynet.registry.base import Address, IInstanceListener, Instance, Query
+from skynet.protocol import new_id
+from skynet.registry.base import IInstanceListener, Instance, Query
 from skynet.service import Service, ServiceHost
 
 #: The daemon's service name, as in Go Skynet.
@@ -65,69 +63,6 @@ EVENTS_IN_STATISTICS = 20
 
 _CLASS_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _DEPLOY_NAMESPACE = uuid_module.UUID("6f1c2f4e-5a0e-4b8e-9a57-736b796e6574")
-
-
-# Admin calls
-
-
-class _AdminCall(FrameProtocol):
-    """
-    One raw admin call (header and body, no handshake), as Go Skynet's
-    tools made them.
-    """
-
-    def __init__(self, servicemethod: str, params: dict[str, Any]) -> None:
-        self.request = encode_header(servicemethod, 0) + bson.encode(params)
-        self.result: Deferred = Deferred()
-        self._error: str | None = None
-
-    def connectionMade(self) -> None:
-        self.transport.write(self.request)  # type: ignore[union-attr]
-
-    def frame_received(self, frame: bytes) -> None:
-        if self._error is None:
-            try:
-                error = bson.decode(frame).get("error", "")
-            except Exception as e:
-                error = f"undecodable admin response: {e}"
-            self._error = error if isinstance(error, str) else ""
-            return
-        error, self._error = self._error, None
-        self.close_connection()
-        if not self.result.called:
-            if error:
-                self.result.errback(RemoteCallError(error))
-            else:
-                self.result.callback(None)
-
-    def connectionLost(self, reason: Any = None) -> None:
-        if not self.result.called:
-            self.result.errback(ConnectionFailed("the admin connection closed before the answer"))
-
-
-def admin_call(reactor: Any, address: Address, servicemethod: str,
-               params: dict[str, Any] | None = None, timeout: float = 5.0) -> Deferred:  # fmt: skip
-    """
-    Call C{Admin.Register}, C{Admin.Unregister} or C{Admin.Stop} on a
-    service's admin listener.
-
-    @return: a Deferred firing with L{None}, or failing with
-        L{RemoteCallError}, L{ConnectionFailed} or a timeout.
-    """
-    endpoint = TCP4ClientEndpoint(reactor, address.ip_address, address.port, timeout=timeout)
-    protocol = _AdminCall(servicemethod, params or {})
-    factory = Factory.forProtocol(lambda: protocol)
-    factory.noisy = False
-    d = endpoint.connect(factory)
-    d.addCallback(lambda _: protocol.result)
-    d.addTimeout(timeout, reactor)
-
-    def done(result: Any) -> Any:
-        if protocol.transport is not None:
-            protocol.transport.loseConnection()
-        return result
-
-    return d.addBoth(done)
 
 
 # Deployments and their files

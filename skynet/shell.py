@@ -37,19 +37,14 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import attr
-import bson
-from bson.int64 import Int64
 from twisted.conch import recvline
 from twisted.conch.manhole import ColoredManhole
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
-from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.error import ConnectError
-from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from skynet.admin import ADMIN_ACTIONS, DAEMON_ACTIONS, admin_call, call_instance
 from skynet.errors import (
     ConnectionFailed,
     NoInstances,
@@ -58,7 +53,6 @@ from skynet.errors import (
     ServiceError,
     SkynetError,
 )
-from skynet.protocol import FrameProtocol, RequestInfo, new_id
 from skynet.registry.base import (
     Address,
     IInstanceListener,
@@ -110,19 +104,6 @@ _ACTIONS = {
     "unregister": ("unregistered", "Unregistered"),
     "stop": ("stopped", "Stopped"),
     "restart": ("restarted", "Restarted"),
-}
-
-_DAEMON_METHODS = {
-    "register": "RegisterSubService",
-    "unregister": "UnregisterSubService",
-    "stop": "StopSubService",
-    "restart": "RestartSubService",
-}
-
-_ADMIN_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
-    "register": ("Admin.Register", {}),
-    "unregister": ("Admin.Unregister", {}),
-    "stop": ("Admin.Stop", {"waitforclients": True}),
 }
 
 _TRUE = ("true", "yes", "1", "on")
@@ -553,110 +534,6 @@ def to_json(value: Any, pretty: bool = False) -> str:
 # Remote calls: admin endpoints and exactly one instance
 
 
-class _AdminCall(FrameProtocol):
-    """
-    One raw admin call: send a header and a body, read the answering pair.
-    """
-
-    def __init__(self, servicemethod: str, params: dict[str, Any]) -> None:
-        self.servicemethod = servicemethod
-        self.params = params
-        self.frames: list[bytes] = []
-        self.done: Deferred[dict[str, Any]] = Deferred()
-
-    def connectionMade(self) -> None:
-        self.transport.write(  # type: ignore[union-attr]
-            bson.encode({"servicemethod": self.servicemethod, "seq": Int64(0)})
-            + bson.encode(self.params)
-        )
-
-    def frame_received(self, frame: bytes) -> None:
-        self.frames.append(frame)
-        if len(self.frames) == 2 and not self.done.called:
-            self.done.callback(bson.decode(self.frames[0]))
-            self.close_connection()
-
-    def connectionLost(self, reason: Failure | None = None) -> None:
-        if not self.done.called:
-            self.done.errback(ConnectionFailed("the admin connection closed before the answer"))
-
-
-async def admin_call(
-    reactor: Any, address: Address, servicemethod: str, params: dict[str, Any], timeout: float
-) -> None:
-    """
-    One raw admin call to C{address} (C{Admin.Register {}},
-    C{Admin.Unregister {}}, C{Admin.Stop {waitforclients}}).
-
-    @raise ConnectionFailed: if it cannot be reached or does not answer.
-    @raise RemoteCallError: if the answer's header carries an error.
-    """
-    endpoint = TCP4ClientEndpoint(reactor, address.ip_address, address.port, timeout=timeout)
-    factory = Factory.forProtocol(lambda: _AdminCall(servicemethod, params))
-    try:
-        protocol: Any = await endpoint.connect(factory)
-    except Exception as e:
-        raise ConnectionFailed(f"cannot reach the admin endpoint {address}: {e}") from None
-    timer = reactor.callLater(timeout, protocol.done.cancel)
-    try:
-        header = await protocol.done
-    except CancelledError:
-        raise ConnectionFailed(
-            f"no answer from the admin endpoint {address} in {timeout}s"
-        ) from None
-    finally:
-        if timer.active():
-            timer.cancel()
-        protocol.close_connection()
-    error = header.get("error")
-    if error:
-        raise RemoteCallError(str(error))
-
-
-async def call_instance(
-    connector: Callable[[Instance], Deferred],
-    reactor: Any,
-    instance: Instance,
-    method: str,
-    params: dict[str, Any],
-    timeout: float,
-) -> dict[str, Any]:
-    """
-    One call to exactly C{instance} (not load balanced: a daemon is asked
-    about its own children), over a connection of its own.
-
-    @param connector: how to reach an instance (a L{skynet.client.Client}'s
-        C{connector}).
-    @raise ConnectionFailed: if it cannot be reached or does not answer.
-    """
-    try:
-        protocol = await _with_timeout(reactor, connector(instance), timeout)
-    except CancelledError:
-        raise ConnectionFailed(f"no handshake from {instance.address} in {timeout}s") from None
-    except ConnectError as e:
-        raise ConnectionFailed(f"cannot connect to {instance.address}: {e}") from None
-    try:
-        d = protocol.call(method, params, RequestInfo(request_id=new_id()))
-        try:
-            return await _with_timeout(reactor, d, timeout)
-        except CancelledError:
-            raise ConnectionFailed(f"no answer from {instance.address} in {timeout}s") from None
-    finally:
-        protocol.closed_by_us = True
-        protocol.close_connection()
-
-
-def _with_timeout(reactor: Any, d: Deferred, timeout: float) -> Deferred:
-    timer = reactor.callLater(timeout, d.cancel)
-
-    def done(result: Any) -> Any:
-        if timer.active():
-            timer.cancel()
-        return result
-
-    return d.addBoth(done)
-
-
 def managed_uuids(answer: Any) -> set[str]:
     """
     The instance uuids in a daemon's C{ListSubServices} answer,
@@ -766,8 +643,8 @@ class Shell:
         self.filters = Filters()
         self.extra_namespace = dict(namespace or {})
         self._admin = admin or (
-            lambda address, method, params: ensureDeferred(
-                admin_call(self.reactor, address, method, params, self.timeout)
+            lambda address, method, params: admin_call(
+                self.reactor, address, method, params, self.timeout
             )
         )
 
@@ -1008,7 +885,7 @@ class Shell:
     async def _ask_daemon(self, daemon: Instance, method: str, params: dict[str, Any]) -> Any:
         try:
             return await call_instance(
-                self.client.connector, self.reactor, daemon, method, params, self.timeout
+                self.reactor, daemon, method, params, self.timeout, self.client.connector
             )
         except (ConnectionFailed, ConnectionError, OSError) as e:
             raise ShellError(f"daemon not reachable on host {daemon.host}: {e}") from None
@@ -1088,7 +965,7 @@ class Shell:
         daemon = supervisor.get(uuid)
         if daemon is not None:
             try:
-                answer = await self._ask_daemon(daemon, _DAEMON_METHODS[action], {"uuid": uuid})
+                answer = await self._ask_daemon(daemon, DAEMON_ACTIONS[action], {"uuid": uuid})
             except ShellError as e:
                 return failed(str(e), "daemon")
             except SkynetError as e:
@@ -1114,7 +991,7 @@ class Shell:
                 " has no admin endpoint",
                 None,
             )
-        method, params = _ADMIN_METHODS[action]
+        method, params = ADMIN_ACTIONS[action]
         try:
             await self._admin(instance.admin, method, params)
         except (ConnectionFailed, RemoteCallError, ConnectionError, OSError) as e:

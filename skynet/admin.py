@@ -1,0 +1,184 @@
+"""
+Acting on one particular instance, as operators' tools do: its admin
+listener (Go Skynet's raw C{Admin.Register {}}, C{Admin.Unregister {}},
+C{Admin.Stop {waitforclients}}), or a call to exactly that instance rather
+than to whichever the load balancer picks (to ask a host's daemon about its
+own children).
+
+Used by the daemon, C{sky} and its shell, and the dashboard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import bson
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.error import ConnectError
+from twisted.internet.protocol import Factory
+from twisted.python.failure import Failure
+
+from skynet.errors import ConnectionFailed, RemoteCallError
+from skynet.protocol import (
+    DEFAULT_MAX_FRAME,
+    ClientProtocol,
+    FrameProtocol,
+    RequestInfo,
+    encode_header,
+    new_id,
+)
+from skynet.registry.base import Address, Instance
+
+#: The admin calls behind the operators' actions (restart has none: only a
+#: supervising daemon can start a process again).
+ADMIN_ACTIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "register": ("Admin.Register", {}),
+    "unregister": ("Admin.Unregister", {}),
+    "stop": ("Admin.Stop", {"waitforclients": True}),
+}
+
+#: The daemon's remote method for each action, given C{{uuid}}.
+DAEMON_ACTIONS: dict[str, str] = {
+    "register": "RegisterSubService",
+    "unregister": "UnregisterSubService",
+    "stop": "StopSubService",
+    "restart": "RestartSubService",
+}
+
+
+class _AdminCall(FrameProtocol):
+    """
+    One raw admin call: a header and a body out, the answering pair in.
+    """
+
+    def __init__(self, servicemethod: str, params: dict[str, Any]) -> None:
+        self.request = encode_header(servicemethod, 0) + bson.encode(params)
+        self.result: Deferred[None] = Deferred()
+        self._error: str | None = None
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.request)  # type: ignore[union-attr]
+
+    def frame_received(self, frame: bytes) -> None:
+        if self._error is None:
+            try:
+                error = bson.decode(frame).get("error", "")
+            except Exception as e:
+                error = f"undecodable admin response: {e}"
+            self._error = error if isinstance(error, str) else ""
+            return
+        error, self._error = self._error, None
+        self.close_connection()
+        if not self.result.called:
+            if error:
+                self.result.errback(RemoteCallError(error))
+            else:
+                self.result.callback(None)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if not self.result.called:
+            self.result.errback(ConnectionFailed("the admin connection closed before the answer"))
+
+
+def admin_call(
+    reactor: Any,
+    address: Address,
+    servicemethod: str,
+    params: dict[str, Any] | None = None,
+    timeout: float = 5.0,
+) -> Deferred[None]:
+    """
+    Call C{servicemethod} (C{Admin.Register}, C{Admin.Unregister},
+    C{Admin.Stop}) on the admin listener at C{address}.
+
+    @return: a Deferred firing with L{None}, or failing with
+        L{RemoteCallError} (the answer's error) or L{ConnectionFailed}
+        (unreachable, closed, or no answer within C{timeout}).
+    """
+    endpoint = TCP4ClientEndpoint(reactor, address.ip_address, address.port, timeout=timeout)
+    protocol = _AdminCall(servicemethod, params or {})
+    factory = Factory.forProtocol(lambda: protocol)
+    factory.noisy = False
+    d = endpoint.connect(factory)
+    d.addCallback(lambda _: protocol.result)
+    timer = reactor.callLater(timeout, d.cancel)
+
+    def done(result: Any) -> Any:
+        if timer.active():
+            timer.cancel()
+        if protocol.transport is not None:
+            protocol.transport.loseConnection()
+        if isinstance(result, Failure):
+            if result.check(CancelledError):
+                return Failure(ConnectionFailed(f"no answer from {address} within {timeout}s"))
+            if not result.check(RemoteCallError, ConnectionFailed):
+                return Failure(ConnectionFailed(f"cannot reach the admin endpoint {address}: "
+                                                f"{result.getErrorMessage()}"))  # fmt: skip
+        return result
+
+    return d.addBoth(done)
+
+
+def call_instance(
+    reactor: Any,
+    instance: Instance,
+    method: str,
+    params: dict[str, Any],
+    timeout: float,
+    connector: Callable[[Instance], Deferred[ClientProtocol]] | None = None,
+) -> Deferred[dict[str, Any]]:
+    """
+    One call to exactly C{instance}, over a connection of its own.
+
+    @param connector: how to reach an instance (a L{skynet.client.Client}'s
+        C{connector}; default TCP).
+    @return: a Deferred firing with the result, or failing with
+        L{skynet.errors.ServiceError} or L{RemoteCallError} as the instance
+        answered, or L{ConnectionFailed}.
+    """
+    return ensureDeferred(_call_instance(reactor, instance, method, params, timeout, connector))
+
+
+async def _call_instance(
+    reactor: Any,
+    instance: Instance,
+    method: str,
+    params: dict[str, Any],
+    timeout: float,
+    connector: Callable[[Instance], Deferred[ClientProtocol]] | None,
+) -> dict[str, Any]:
+    if connector is None:
+        from skynet.client import tcp_connector
+
+        connector = tcp_connector(reactor, timeout, DEFAULT_MAX_FRAME)
+    try:
+        protocol = await _with_timeout(reactor, connector(instance), timeout)
+    except CancelledError:
+        raise ConnectionFailed(f"no handshake from {instance.address} in {timeout}s") from None
+    except (ConnectError, OSError) as e:
+        raise ConnectionFailed(f"cannot connect to {instance.address}: {e}") from None
+    try:
+        d = protocol.call(method, params, RequestInfo(request_id=new_id()))
+        try:
+            return await _with_timeout(reactor, d, timeout)
+        except CancelledError:
+            raise ConnectionFailed(f"no answer from {instance.address} in {timeout}s") from None
+    finally:
+        protocol.closed_by_us = True
+        protocol.close_connection()
+
+
+def _with_timeout(reactor: Any, d: Deferred[Any], timeout: float) -> Deferred[Any]:
+    timer = reactor.callLater(timeout, d.cancel)
+
+    def done(result: Any) -> Any:
+        if timer.active():
+            timer.cancel()
+        return result
+
+    return d.addBoth(done)
+
+
+__all__ = ["ADMIN_ACTIONS", "DAEMON_ACTIONS", "admin_call", "call_instance"]
