@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -26,7 +25,7 @@ from skynet.daemon import (
     load_state,
     parse_deploy_file,
 )
-from skynet.registry.base import RegistryError
+from skynet.taps import ZK_SESSION_TIMEOUT_OPTION, open_registry, run_plugin, service_endpoints
 
 
 def default_log_dir() -> str:
@@ -67,6 +66,7 @@ class Options(usage.Options):
         ["registry", "r", None,
          "Registry URL: file:///path or zk://host:port,.../chroot (default $SKYNET_REGISTRY, "
          "else the embedded registry). The children get the same."],
+        ZK_SESSION_TIMEOUT_OPTION,
         ["listen", "l", None,
          "Endpoint of the SkynetDaemon service (default: $SKYNET_BIND_IP and the first free "
          "port of $SKYNET_MIN_PORT..$SKYNET_MAX_PORT)."],
@@ -175,40 +175,24 @@ class Options(usage.Options):
     def _endpoints(self) -> None:
         from twisted.internet import reactor
 
-        if self["listen"]:
-            specs = [self["listen"]]
-        else:
-            ip = os.environ.get("SKYNET_BIND_IP", "127.0.0.1")
-            try:
-                low = int(os.environ.get("SKYNET_MIN_PORT", "9000"))
-                high = int(os.environ.get("SKYNET_MAX_PORT", "9999"))
-            except ValueError as e:
-                raise usage.UsageError(f"SKYNET_MIN_PORT/SKYNET_MAX_PORT: {e}") from None
-            if not (0 < low <= high < 65536):
-                raise usage.UsageError(f"bad port range {low}..{high}")
-            specs = [f"tcp:{p}:interface={ip}" for p in range(low, high + 1)]
-        admin = [] if self["admin"].lower() == "none" else [self["admin"]]
-        try:
-            self.endpoints = [serverFromString(reactor, s) for s in specs]
-            self.admin_endpoints = [serverFromString(reactor, s) for s in admin]
-        except (ValueError, TypeError, KeyError) as e:
-            raise usage.UsageError(f"bad endpoint: {e}") from None
+        self.endpoints, self.admin_endpoints = service_endpoints(
+            reactor, self["listen"], self["admin"]
+        )
 
     def _registry(self) -> None:
         from twisted.internet import reactor
 
-        from skynet.registry import registry_from_url
-
-        try:
-            self.registry = registry_from_url(self["registry"], reactor=reactor)
-        except (RegistryError, ValueError) as e:
-            raise usage.UsageError(str(e)) from None
+        self.registry = open_registry(reactor, self["registry"], self["zk-session-timeout"])
         if self.registry.url.startswith("memory:"):
             raise usage.UsageError(
                 "a memory:// registry lives in one process: the daemon's children could not "
                 "share it; use file:// or zk://"
             )
-        self.registry_url = self["registry"] or self.registry.url
+        url = self["registry"] or self.registry.url
+        if self["zk-session-timeout"] is not None and url.startswith("zk://"):
+            # The children get the same session timeout, through their URL.
+            url += ("&" if "?" in url else "?") + f"session_timeout={self['zk-session-timeout']}"
+        self.registry_url = url
 
     def _files(self) -> None:
         self.daemon_uuid = None
@@ -285,12 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     """
     Run as C{python -m skynet.daemon_tap ...}: the same as C{twistd -n}.
     """
-    from twisted.scripts.twistd import run
-
-    sys.argv = ["twistd", "-n", "--pidfile=", "skynet-daemon"] + list(
-        sys.argv[1:] if argv is None else argv
-    )
-    run()
+    run_plugin("skynet-daemon", argv)
 
 
 if __name__ == "__main__":

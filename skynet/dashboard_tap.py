@@ -11,7 +11,6 @@ is logged once it listens (C{skynet dashboard on http://...}).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +20,7 @@ from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
-from skynet.registry.base import RegistryError
-
-
-def _positive(name: str, value: Any) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError) as e:
-        raise usage.UsageError(f"--{name} must be a number, not {value!r}") from e
-    if not (math.isfinite(number) and number > 0):
-        raise usage.UsageError(f"--{name} must be a positive number of seconds")
-    return number
+from skynet.taps import open_registry, positive
 
 
 def read_token(path: str) -> str:
@@ -80,8 +69,8 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         from twisted.internet import reactor
 
-        self["stats-interval"] = _positive("stats-interval", self["stats-interval"])
-        self["history"] = _positive("history", self["history"])
+        self["stats-interval"] = positive("stats-interval", self["stats-interval"])
+        self["history"] = positive("history", self["history"])
         self.token = read_token(self["token-file"]) if self["token-file"] else None
         try:
             self.endpoint = serverFromString(reactor, self["listen"])
@@ -93,12 +82,7 @@ class Options(usage.Options):
                 self.graphite = clientFromString(reactor, self["graphite"])
             except (ValueError, TypeError, KeyError) as e:
                 raise usage.UsageError(f"bad --graphite endpoint {self['graphite']!r}: {e}") from e
-        from skynet.registry import registry_from_url
-
-        try:
-            self.registry = registry_from_url(self["registry"], reactor=reactor)
-        except (RegistryError, ValueError) as e:
-            raise usage.UsageError(str(e)) from e
+        self.registry = open_registry(reactor, self["registry"])
 
 
 class DashboardServer(Service):

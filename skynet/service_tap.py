@@ -18,7 +18,6 @@ other registries have no sessions and ignore it.
 from __future__ import annotations
 
 import importlib
-import math
 import os
 import sys
 from collections.abc import Callable
@@ -26,14 +25,19 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.application.service import Service as Service_
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python import usage
 
 from skynet.protocol import DEFAULT_MAX_FRAME
-from skynet.registry.base import RegistryError
 from skynet.service import Service, ServiceHost
+from skynet.taps import (
+    ZK_SESSION_TIMEOUT_OPTION,
+    open_registry,
+    positive,
+    run_plugin,
+    service_endpoints,
+)
 
 
 def load_service_class(spec: str) -> type[Service]:
@@ -61,27 +65,6 @@ def load_service_class(spec: str) -> type[Service]:
     return cls
 
 
-def _port_range() -> tuple[int, int]:
-    try:
-        low = int(os.environ.get("SKYNET_MIN_PORT", "9000"))
-        high = int(os.environ.get("SKYNET_MAX_PORT", "9999"))
-    except ValueError as e:
-        raise usage.UsageError(f"SKYNET_MIN_PORT/SKYNET_MAX_PORT must be integers: {e}") from e
-    if not (0 < low <= high < 65536):
-        raise usage.UsageError(f"bad port range SKYNET_MIN_PORT={low} SKYNET_MAX_PORT={high}")
-    return low, high
-
-
-def _positive(name: str, value: Any, kind: type = float) -> Any:
-    try:
-        number = kind(value)
-    except (TypeError, ValueError) as e:
-        raise usage.UsageError(f"--{name} must be a number, not {value!r}") from e
-    if number < 0:
-        raise usage.UsageError(f"--{name} must not be negative")
-    return number
-
-
 class Options(usage.Options):
     synopsis = "--service module:Class [options]"
     longdesc = "Run one skynet service instance, registered in the registry."
@@ -98,9 +81,7 @@ class Options(usage.Options):
         ["registry", "r", None,
          "Registry URL: file:///path, zk://host:port,.../chroot (default $SKYNET_REGISTRY, "
          "else the embedded registry)."],
-        ["zk-session-timeout", None, None,
-         "ZooKeeper session timeout in seconds, for a zk:// registry (default: the URL's "
-         "session_timeout, else 4); ignored by other registries."],
+        ZK_SESSION_TIMEOUT_OPTION,
         ["uuid", None, None, "Instance uuid (default: a new one; the daemon passes its own)."],
         ["host", None, None, "Address to advertise (default: the listener's interface)."],
         ["max-frame", None, DEFAULT_MAX_FRAME, "Largest accepted BSON document, in bytes."],
@@ -130,43 +111,20 @@ class Options(usage.Options):
         self["version"] = version
 
     def postOptions(self) -> None:
+        from twisted.internet import reactor
+
         if not self["service"]:
             raise usage.UsageError("--service module:Class is required")
         self.service_class = load_service_class(self["service"])
-        self["max-frame"] = _positive("max-frame", self["max-frame"], int)
+        self["max-frame"] = positive("max-frame", self["max-frame"], int)
         if self["max-frame"] < 5:
             raise usage.UsageError("--max-frame must be at least 5")
-        self["drain-timeout"] = _positive("drain-timeout", self["drain-timeout"])
-        self["stats-interval"] = _positive("stats-interval", self["stats-interval"])
-        if self["stats-interval"] <= 0:
-            raise usage.UsageError("--stats-interval must be positive")
-        if self["listen"]:
-            self.listen_specs = [self["listen"]]
-        else:
-            ip = os.environ.get("SKYNET_BIND_IP", "127.0.0.1")
-            low, high = _port_range()
-            self.listen_specs = [f"tcp:{p}:interface={ip}" for p in range(low, high + 1)]
-        self.admin_specs = [] if self["admin"].lower() == "none" else [self["admin"]]
-        from twisted.internet import reactor
-
-        try:
-            self.endpoints = [serverFromString(reactor, s) for s in self.listen_specs]
-            self.admin_endpoints = [serverFromString(reactor, s) for s in self.admin_specs]
-        except (ValueError, TypeError, KeyError) as e:
-            raise usage.UsageError(f"bad endpoint: {e}") from e
-        if self["zk-session-timeout"] is not None:
-            timeout = _positive("zk-session-timeout", self["zk-session-timeout"])
-            if not (math.isfinite(timeout) and timeout > 0):
-                raise usage.UsageError("--zk-session-timeout must be a positive number of seconds")
-            self["zk-session-timeout"] = timeout
-        from skynet.registry import registry_from_url
-
-        try:
-            self.registry = registry_from_url(
-                self["registry"], reactor=reactor, zk_session_timeout=self["zk-session-timeout"]
-            )
-        except (RegistryError, ValueError) as e:
-            raise usage.UsageError(str(e)) from e
+        self["drain-timeout"] = positive("drain-timeout", self["drain-timeout"], zero=True)
+        self["stats-interval"] = positive("stats-interval", self["stats-interval"])
+        self.endpoints, self.admin_endpoints = service_endpoints(
+            reactor, self["listen"], self["admin"]
+        )
+        self.registry = open_registry(reactor, self["registry"], self["zk-session-timeout"])
 
 
 class _SupervisorPipe(Protocol):
@@ -243,12 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     """
     Run as C{python -m skynet.service_tap ...}: the same as C{twistd -n}.
     """
-    from twisted.scripts.twistd import run
-
-    sys.argv = ["twistd", "-n", "--pidfile=", "skynet-service"] + list(
-        sys.argv[1:] if argv is None else argv
-    )
-    run()
+    run_plugin("skynet-service", argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,104 @@
+"""
+What the twistd taps (C{skynet-service}, C{skynet-daemon},
+C{skynet-dashboard}) share: checking numbers, the Go defaults for where a
+service listens, opening the registry, and running a plugin as a module.
+Each raises L{usage.UsageError} with a message for the user.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from typing import Any
+
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+
+from skynet.registry.base import RegistryError
+
+
+def positive(name: str, value: Any, kind: type = float, zero: bool = False) -> Any:
+    """
+    C{value} as a finite number above zero (or at least zero if C{zero}).
+
+    @param name: the option, for the message.
+    """
+    try:
+        number = kind(value)
+    except (TypeError, ValueError) as e:
+        raise usage.UsageError(f"--{name} must be a number, not {value!r}") from e
+    if not math.isfinite(number) or number < 0 or (number == 0 and not zero):
+        least = "zero or more" if zero else "a positive number"
+        raise usage.UsageError(f"--{name} must be {least}, not {value!r}")
+    return number
+
+
+def port_range() -> tuple[int, int]:
+    """
+    Go Skynet's C{SKYNET_MIN_PORT}..C{SKYNET_MAX_PORT} (9000..9999).
+    """
+    try:
+        low = int(os.environ.get("SKYNET_MIN_PORT", "9000"))
+        high = int(os.environ.get("SKYNET_MAX_PORT", "9999"))
+    except ValueError as e:
+        raise usage.UsageError(f"SKYNET_MIN_PORT/SKYNET_MAX_PORT must be integers: {e}") from e
+    if not (0 < low <= high < 65536):
+        raise usage.UsageError(f"bad port range SKYNET_MIN_PORT={low} SKYNET_MAX_PORT={high}")
+    return low, high
+
+
+def service_endpoints(reactor: Any, listen: str | None, admin: str) -> tuple[list, list]:
+    """
+    The server endpoints of a service: C{listen}, or every port of the Go
+    range on C{SKYNET_BIND_IP} (127.0.0.1), tried in order; and the admin
+    endpoint unless C{admin} is C{none}.
+    """
+    if listen:
+        specs = [listen]
+    else:
+        ip = os.environ.get("SKYNET_BIND_IP", "127.0.0.1")
+        low, high = port_range()
+        specs = [f"tcp:{p}:interface={ip}" for p in range(low, high + 1)]
+    admin_specs = [] if admin.lower() == "none" else [admin]
+    try:
+        return (
+            [serverFromString(reactor, s) for s in specs],
+            [serverFromString(reactor, s) for s in admin_specs],
+        )
+    except (ValueError, TypeError, KeyError) as e:
+        raise usage.UsageError(f"bad endpoint: {e}") from e
+
+
+ZK_SESSION_TIMEOUT_OPTION = [
+    "zk-session-timeout", None, None,
+    "ZooKeeper session timeout in seconds, for a zk:// registry (default: the URL's "
+    "?session_timeout=, else 4).",
+]  # fmt: skip
+
+
+def open_registry(reactor: Any, url: str | None, zk_session_timeout: Any = None) -> Any:
+    """
+    The registry at C{url} (L{None}: C{$SKYNET_REGISTRY}, else embedded).
+    """
+    from skynet.registry import registry_from_url
+
+    timeout = None
+    if zk_session_timeout is not None:
+        timeout = positive("zk-session-timeout", zk_session_timeout)
+    try:
+        if timeout is None:
+            return registry_from_url(url, reactor=reactor)
+        return registry_from_url(url, reactor=reactor, zk_session_timeout=timeout)
+    except (RegistryError, ValueError) as e:
+        raise usage.UsageError(str(e)) from e
+
+
+def run_plugin(plugin: str, argv: list[str] | None = None) -> None:
+    """
+    Run C{twistd -n --pidfile= <plugin> argv...} in this process.
+    """
+    from twisted.scripts.twistd import run
+
+    sys.argv = ["twistd", "-n", "--pidfile=", plugin] + list(sys.argv[1:] if argv is None else argv)
+    run()
