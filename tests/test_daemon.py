@@ -22,6 +22,7 @@ from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succe
 from twisted.internet.threads import deferToThread
 from twisted.logger import capturedLogs
 from twisted.python import usage
+from twisted.python.usage import UsageError
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
 
@@ -545,6 +546,17 @@ class OptionsTests(SynchronousTestCase):
             sample_interval=0.5, child_max_cpu=80.0, child_max_rss=150 << 20, child_samples=2,
             load_high=4.0, load_low=None, load_samples=5))  # fmt: skip
         self.assertEqual(options.guards.load_low_mark, 2.0)
+
+    def test_zk_session_timeout_reaches_the_children(self) -> None:
+        options = Options()
+        options.parseOptions(["--registry", "zk://127.0.0.1:1/skynet", "--zk-session-timeout",
+                              "3", "--log-dir", tempfile.mkdtemp()])  # fmt: skip
+        self.assertEqual(options.registry.session_timeout, 3.0)
+        self.assertEqual(options.registry_url, "zk://127.0.0.1:1/skynet?session_timeout=3")
+        with self.assertRaises(UsageError):
+            options = Options()
+            options.parseOptions(["--registry", "zk://127.0.0.1:1/skynet",
+                                  "--zk-session-timeout", "never"])  # fmt: skip
 
     def test_bad_options(self) -> None:
         directory = tempfile.mkdtemp(prefix="skynet-bad-")
