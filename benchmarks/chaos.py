@@ -229,7 +229,7 @@ class Load:
         self.rng = rng
         self.clients = {name: client.service(name) for name in set(services)}
         self.services = services
-        # (due, done, ok, service, error)
+        # (due, done, ok, what, error)
         self.records: list[tuple[float, float, bool, str, str]] = []
         self.outstanding = 0
         self.issued = 0
@@ -275,10 +275,12 @@ class Load:
             index = self.rng.randint(0, 40)
             d = self.clients[service].call("Index", {"index": index})
             expected: Any = {"index": index, "value": _FIB[index]}
+            what = f"Fibonacci.Index {index}"
         else:
             data = f"chaos {self.issued}"
             d = self.clients[service].call("Upcase", {"data": data})
             expected = {"data": data.upper()}
+            what = f"{service}.Upcase"
         self.outstanding += 1
 
         def done(result: Any) -> None:
@@ -288,7 +290,7 @@ class Load:
                 error = "" if ok else f"wrong answer {result!r:.100}"
             else:
                 ok, error = False, f"{type(result.value).__name__}: {result.value}"
-            self.records.append((due, clock(), ok, service, error))
+            self.records.append((due, clock(), ok, what, error))
             if not self.running and not self.outstanding and self._idle and not self._idle.called:
                 self._idle.callback(None)
 
@@ -315,6 +317,12 @@ def phase_figures(records: list[tuple[float, float, bool, str, str]], start: flo
         "max_ms": max(latencies) if latencies else None,
         "over_retry_interval": sum(1 for x in latencies if x >= 2000),
         "errors": errors,
+        # The slowest calls (1 s or more), to tell what they were.
+        "slow": [
+            {"at_s": round(r[0] - start, 3), "call": r[3], "ms": round((r[1] - r[0]) * 1e3, 1)}
+            for r in sorted(chosen, key=lambda r: r[0] - r[1])[:20]
+            if r[1] - r[0] >= 1.0
+        ],
     }
 
 

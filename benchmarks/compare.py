@@ -4,7 +4,7 @@ BSON loop, Pyro5 and gRPC-Python, on loopback, in one run.
 
     python -m benchmarks.compare [--seconds 3] [--payloads 100,10000,1000000]
         [--modes sequential,concurrent,processes] [--systems skynet,bare,pyro5,grpc]
-        [--concurrency 64] [--processes 8] [--connections 200] [--json FILE]
+        [--concurrency 64] [--processes 8] [--connections 1000] [--json FILE]
         [--peers-venv DIR] [--peers-python PYTHON]
     python -m benchmarks.compare --setup-peers      # make the peers' environment only
 
@@ -306,6 +306,14 @@ class Failed(RuntimeError):
     pass
 
 
+def _die_with_parent() -> list[str]:
+    """
+    A command prefix that has the kernel kill a server if this process dies.
+    """
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL"] if setpriv else []
+
+
 def ensure_peers(venv: Path, create: bool = True) -> tuple[str | None, str]:
     """
     The Python of the peers' environment, made (and Pyro5, grpcio and
@@ -344,7 +352,8 @@ class Server:
     One system's server process.
     """
 
-    def __init__(self, system: str, workdir: Path, peers_python: str | None) -> None:
+    def __init__(self, system: str, workdir: Path, peers_python: str | None,
+                 pyro_threads: int = 300) -> None:  # fmt: skip
         self.system = system
         self.workdir = workdir
         self.peers_python = peers_python
@@ -361,7 +370,9 @@ class Server:
         else:
             assert peers_python is not None
             command = [peers_python, "-m", "benchmarks.peers", "serve", system, str(port_file)]
-        env = dict(os.environ, SKYNET_HOME=str(workdir), PYTHONPATH=_pythonpath())
+        command = _die_with_parent() + command
+        env = dict(os.environ, SKYNET_HOME=str(workdir), PYTHONPATH=_pythonpath(),
+                   BENCH_PYRO_THREADS=str(pyro_threads))  # fmt: skip
         self.popen = subprocess.Popen(command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                                       stdout=self.log, stderr=subprocess.STDOUT)  # fmt: skip
         self.process = psutil.Process(self.popen.pid)
@@ -517,13 +528,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 skipped[system] = why
                 print(f"{LABELS[system]}: not measured: {why}", flush=True)
             systems = [s for s in systems if s not in PEERS]
+    started = machine()
     workdir = Path(tempfile.mkdtemp(prefix="skynet-compare-"))
     servers: dict[str, Server] = {}
     results: dict[str, Any] = {s: {} for s in systems}
     memory: dict[str, Any] = {}
     try:
         for system in systems:
-            servers[system] = Server(system, workdir, peers_python)
+            # Pyro5's threaded server needs a thread per connection.
+            threads = max(args.connections, args.concurrency) + args.processes + 16
+            servers[system] = Server(system, workdir, peers_python, threads)
         for system in systems:
             memory[system] = measure_memory(servers[system], args)
         for payload in args.payloads:
@@ -539,7 +553,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     return {
-        "machine": machine(),
+        "machine": started,
         "config": {k: v for k, v in vars(args).items() if k != "json"},
         "systems": systems,
         "skipped": skipped,
@@ -653,7 +667,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--processes", type=int, default=8)
-    parser.add_argument("--connections", type=int, default=200,
+    parser.add_argument("--connections", type=int, default=1000,
                         help="idle connections opened to measure memory")  # fmt: skip
     parser.add_argument("--peers-venv", default=str(DEFAULT_PEERS_VENV))
     parser.add_argument("--peers-python", help="a Python that has Pyro5 and grpc (no venv made)")
