@@ -39,7 +39,7 @@ from skynet.errors import (
     ServiceError,
     ServiceUnregistered,
 )
-from skynet.protocol import DEFAULT_MAX_FRAME, ClientProtocol, RequestInfo, new_id
+from skynet.protocol import DEFAULT_MAX_FRAME, ClientProtocol, RequestInfo, new_request_id
 from skynet.registry.base import IInstanceListener, Instance, Query
 
 DEFAULT_RETRY_INTERVAL = 2.0
@@ -795,11 +795,11 @@ class ServiceClient:
         except Exception as e:
             return fail(TypeError(f"parameters of {method} cannot be encoded as BSON: {e}"))
         if request_info is None:
-            info = RequestInfo(new_id())
+            info = RequestInfo(new_request_id())
         else:
             info = request_info.copy()
             if not info.request_id:
-                info.request_id = new_id()
+                info.request_id = new_request_id()
         call = (_OnceCall if once else _Call)(
             self,
             method,

@@ -17,10 +17,11 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from skynet.errors import ProtocolError, RemoteCallError, ServiceError, ServiceUnregistered
 from skynet.protocol import (
+    _PLAIN_TCP,
     EMPTY_DOCUMENT,
     AdminProtocol,
     ClientProtocol,
@@ -35,6 +36,8 @@ from skynet.protocol import (
     encode_response_body,
     go_quote,
     new_id,
+    new_request_id,
+    write_now,
 )
 from skynet.service import Service, ServiceHost
 from tests import vectors
@@ -717,9 +720,127 @@ class FastCodecTests(SynchronousTestCase):
                          _bson_or_error(frame, ("out", "errstring")))  # fmt: skip
 
     def test_new_id_is_uuid4(self) -> None:
-        ids = {new_id() for _ in range(1000)}
-        self.assertEqual(len(ids), 1000)
+        ids = {new_id() for _ in range(1000)} | {new_request_id() for _ in range(1000)}
+        self.assertEqual(len(ids), 2000)
         for i in list(ids)[:50]:
             parsed = uuid.UUID(i)
             self.assertEqual((parsed.version, str(parsed)), (4, i))
             self.assertEqual(parsed.variant, uuid.RFC_4122)
+
+
+def _request(clientid: str, method: str = "Echo", params: dict | None = None, seq: int = 0,
+             request_id: str = "r" * 36) -> bytes:  # fmt: skip
+    return encode_header("Echo.Forward", seq) + encode_request_body(
+        clientid, method, RequestInfo(request_id, 1, "", ""), bson.encode(params or {"k": 1})
+    )
+
+
+class FastPathEquivalenceTests(SynchronousTestCase):
+    """
+    The service's and the client's fast paths for the usual layouts answer
+    exactly as the general readers do, for valid and damaged documents.
+    """
+
+    def serve(self, data: bytes, fast: bool) -> tuple[bytes, bool]:
+        host = make_host()
+        protocol, transport = connect_server(host)
+        if not fast:
+            protocol._fast_body = lambda frame: None  # type: ignore[method-assign]
+            protocol._forward_header_length = -1
+        clientid = bson.decode(transport.value())["clientid"]
+        transport.clear()
+        protocol.dataReceived(EMPTY_DOCUMENT)
+        self.flushLoggedErrors()
+        protocol.dataReceived(data.replace(b"C" * 36, clientid.encode()))
+        return transport.value().replace(clientid.encode(), b"C" * 36), transport.disconnecting
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.sampled_from(["Echo", "Add", "Info", "Nope", ""]), documents,
+           st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), max_size=3))  # fmt: skip
+    def test_service(self, method, params, mutations) -> None:
+        data = bytearray(_request("C" * 36, method, params))
+        for position, value in mutations:
+            if position < len(data):
+                data[position] = value
+        with capturedLogs():
+            fast = self.serve(bytes(data), fast=True)
+            slow = self.serve(bytes(data), fast=False)
+        self.flushLoggedErrors()
+        self.assertEqual(fast, slow)
+
+    @settings(max_examples=300, deadline=None)
+    @given(documents, st.text(max_size=20), st.text(max_size=20),
+           st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=2))  # fmt: skip
+    def test_client(self, result, error, errstring, mutations) -> None:
+        response = bytearray(
+            encode_header("Echo.Forward", 0, error)
+            + (EMPTY_DOCUMENT if error else encode_response_body(bson.encode(result), errstring))
+        )
+        for position, value in mutations:
+            if position < len(response):
+                response[position] = value
+        outcomes = []
+        for fast in (True, False):
+            protocol = ClientProtocol("Echo")
+            protocol.makeConnection(StringTransport())
+            protocol.dataReceived(bson.encode({"registered": True, "clientid": "c"}))
+            if not fast:
+                protocol._ok_header_length = -1
+            d = protocol.call("Echo", {}, RequestInfo("x"))
+            protocol.dataReceived(bytes(response))
+            outcome: list = []
+            d.addCallbacks(outcome.append, lambda f, o=outcome: o.append((f.type, str(f.value))))
+            outcomes.append((outcome, protocol.transport.disconnecting))
+        self.assertEqual(outcomes[0], outcomes[1])
+
+
+class WriteNowTests(TestCase):
+    """
+    Writes go to the socket at once on plain TCP (relying on the shape of
+    Twisted's write buffer, which this pins), and through
+    C{transport.write} otherwise.
+    """
+
+    async def test_plain_tcp_sends_at_once(self) -> None:
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import (
+            TCP4ClientEndpoint,
+            TCP4ServerEndpoint,
+            connectProtocol,
+        )
+        from twisted.internet.protocol import Factory, Protocol
+
+        received: list[bytes] = []
+
+        class Sink(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                received.append(data)
+
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Factory.forProtocol(Sink)
+        )
+        self.addCleanup(port.stopListening)
+        client = await connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), Protocol()
+        )
+        transport = client.transport
+        self.assertIn(type(transport), _PLAIN_TCP)
+        write_now(transport, b"now")
+        # Sent already: nothing waits in Twisted's buffer for the reactor.
+        self.assertEqual((transport.dataBuffer[transport.offset :], transport._tempDataBuffer),
+                         (b"", []))  # fmt: skip
+        transport.write(b"queued")
+        self.assertEqual(transport._tempDataBuffer, [b"queued"])
+        write_now(transport, b"after")  # something is queued: keep the order
+        self.assertEqual(transport._tempDataBuffer, [b"queued", b"after"])
+        for _ in range(100):
+            if b"".join(received) == b"nowqueuedafter":
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(b"".join(received), b"nowqueuedafter")
+        transport.loseConnection()
+
+    def test_other_transports_write(self) -> None:
+        transport = StringTransport()
+        write_now(transport, b"data")
+        self.assertEqual(transport.value(), b"data")
