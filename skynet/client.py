@@ -181,6 +181,8 @@ class InstanceHandle:
         self.last_used = 0
         self.evicted_until = 0.0
         self.backoff = 0.0
+        self.probing = False
+        self.probe: _Attempt | None = None
         self.retired = False
         self._connecting: Deferred | None = None
         self._waiting: list[tuple[_Attempt, str, bytes, RequestInfo]] = []
@@ -196,7 +198,11 @@ class InstanceHandle:
         return sum(c.in_flight for c in self.connections)
 
     def available(self, now: float) -> bool:
-        return now >= self.evicted_until
+        """
+        In rotation: not evicted, and, after an eviction, not waiting for
+        the answer to the one call that probes it.
+        """
+        return now >= self.evicted_until and (not self.probing or self.probe is None)
 
     def send(self, attempt: "_Attempt", method: str, encoded: bytes, info: RequestInfo) -> None:
         """
@@ -206,6 +212,8 @@ class InstanceHandle:
         @raise ConnectionFailed: if the chosen connection is already gone.
         """
         self.last_request = attempt.started
+        if self.probing and self.probe is None:
+            self.probe = attempt
         InstanceHandle._uses += 1
         self.last_used = InstanceHandle._uses
         connection = self._pick_connection()
@@ -289,8 +297,15 @@ class InstanceHandle:
         30 s while it keeps failing), without waiting for the registry.
         """
         now = self.owner.client.reactor.seconds()
+        if now < self.evicted_until:
+            # Out of rotation already: the same trouble, reported by another
+            # attempt (a hung instance overtakes every call it holds at once).
+            return
         self.backoff = min(self.backoff * 2 or 1.0, 30.0)
         self.evicted_until = now + self.backoff
+        # When the time is up, one call probes it before it gets its share.
+        self.probing = True
+        self.probe = None
         self.log.info(
             "{service} instance {uuid} at {address} out of rotation for {backoff}s: {why}",
             service=self.instance.name,
@@ -301,6 +316,12 @@ class InstanceHandle:
         )
 
     def record(self, elapsed: float) -> None:
+        """
+        It answered a call: back in rotation, its back-off starts over.
+        """
+        self.backoff = 0.0
+        self.probing = False
+        self.probe = None
         if self.average_response_time:
             self.average_response_time += (elapsed - self.average_response_time) * 0.1
         else:
@@ -431,6 +452,8 @@ class _Attempt:
         Forget this attempt: a late answer is dropped.
         """
         self.done = True
+        if self.handle.probe is self:
+            self.handle.probe = None  # another call may probe it
         if self.connection is not None:
             self.connection.forget(self.seq)
 
@@ -691,6 +714,8 @@ class ServiceClient:
             else:
                 handle.instance = instance
                 handle.evicted_until = 0.0
+                handle.probing = False
+                handle.probe = None
         self._wake_waiters()
 
     def removed(self, instance: Instance) -> None:

@@ -158,6 +158,42 @@ class ClientTests(SynchronousTestCase):
             self.assertEqual(self.successResultOf(service.call("Hello"))["from"], fast.uuid)
         self.assertEqual(len(slow.service.seen), 1)
 
+    def test_hung_instance_probed_back(self) -> None:
+        """
+        Many calls overtaken at once on a hung instance count as one
+        trouble (1 s out, not the 30 s cap); when that is up, one call
+        probes it while the others go elsewhere; once it answers, it is back
+        in rotation.
+        """
+        hung = self.cluster.add(Recorder(hang=True))
+        fine = self.cluster.add(Recorder())
+        service = self.service("Recorder")
+        service.handles[fine.uuid].last_used = 1 << 60
+        calls = [service.call("Hello") for _ in range(20)]
+        held = len(hung.service.seen)
+        self.assertGreater(held, 0)
+        self.clock.advance(2.0)
+        for d in calls:
+            self.assertEqual(self.successResultOf(d)["from"], fine.uuid)
+        handle = service.handles[hung.uuid]
+        self.assertEqual(handle.backoff, 1.0)
+        for _ in range(5):
+            self.successResultOf(service.call("Hello"))
+        self.assertEqual(len(hung.service.seen), held)
+        self.clock.advance(1.0)
+        probes = [service.call("Hello") for _ in range(10)]
+        self.assertEqual(len(hung.service.seen), held + 1)  # exactly one probe
+        self.assertEqual(sum(1 for d in probes if d.called), 9)
+        # It wakes up and answers everything it holds: back in rotation.
+        hung.service.hang = False
+        for d in hung.service.pending:
+            d.callback({"from": hung.uuid})
+        self.assertTrue(all(d.called for d in probes))
+        self.assertTrue(handle.available(self.clock.seconds()))
+        self.assertEqual(handle.backoff, 0.0)
+        answers = {self.successResultOf(service.call("Hello"))["from"] for _ in range(6)}
+        self.assertEqual(answers, {hung.uuid, fine.uuid})
+
     def test_request_timeout(self) -> None:
         self.cluster.add(Recorder(hang=True))
         self.cluster.add(Recorder(hang=True))
