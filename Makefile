@@ -6,7 +6,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup cluster test lint bench clean
+.PHONY: setup cluster test lint bench bench-peers bench-compare chaos chaos-sigstop bench-discovery clean
+
+# Pyro5 and gRPC-Python, the peers of the RPC comparison, in an environment of
+# their own (never dependencies of skynet).
+PEERS := benchmarks/.venv/.skynet-peers
 
 $(BIN)/.skynet-installed: setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,10 +21,14 @@ $(BIN)/.skynet-installed: setup.py
 
 setup: $(BIN)/.skynet-installed
 
+$(PEERS): $(BIN)/.skynet-installed
+	$(BIN)/python -m benchmarks.compare --setup-peers
+	touch $@
+
 cluster: setup
 	$(BIN)/python -m examples.local_cluster
 
-test: setup
+test: setup $(PEERS)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: setup
@@ -31,5 +39,19 @@ lint: setup
 bench: setup
 	$(BIN)/python -m benchmarks.rpc
 
+bench-peers: $(PEERS)
+
+bench-compare: setup $(PEERS)
+	$(BIN)/python -m benchmarks.compare
+
+chaos: setup
+	$(BIN)/python -m benchmarks.chaos --backends embedded,zookeeper
+
+chaos-sigstop: setup
+	$(BIN)/python -m benchmarks.chaos --sigstop --backends embedded,zookeeper
+
+bench-discovery: setup
+	$(BIN)/python -m benchmarks.discovery --backends embedded,zookeeper
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) benchmarks/.venv build *.egg-info
