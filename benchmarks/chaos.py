@@ -52,7 +52,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -62,6 +61,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater, react
 from zope.interface import implementer
 
+from benchmarks.backends import registry_backend
 from skynet.client import Client, tcp_connector
 from skynet.protocol import DEFAULT_MAX_FRAME
 from skynet.registry import registry_from_url
@@ -656,22 +656,7 @@ async def run_sigstop(reactor: Any, cluster: Cluster, args: argparse.Namespace,
 
 
 async def run_backend(reactor: Any, backend: str, args: argparse.Namespace) -> dict[str, Any]:
-    workdir = Path(tempfile.mkdtemp(prefix=f"skynet-chaos-{backend}-"))
-    server = None
-    chroot = None
-    hosts = args.zk
-    try:
-        if backend == "embedded":
-            url = f"file://{workdir}/registry"
-        else:
-            if not hosts:
-                from tests.zkserver import ZooKeeperCluster
-
-                server = ZooKeeperCluster(1)
-                server.start()
-                hosts = server.hosts
-            chroot = f"/chaos-{os.getpid()}-{int(time.time())}"
-            url = f"zk://{hosts}{chroot}/skynet"
+    async with registry_backend(backend, args.zk, "chaos") as (url, workdir):
         cluster = Cluster(reactor, url, workdir, args)
         rng = random.Random(args.seed)
         try:
@@ -684,26 +669,6 @@ async def run_backend(reactor: Any, backend: str, args: argparse.Namespace) -> d
             await cluster.stop()
         result["backend"] = backend
         return result
-    finally:
-        if chroot is not None and hosts:
-            _delete_tree(hosts, chroot)
-        if server is not None:
-            server.close()
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _delete_tree(hosts: str, path: str) -> None:
-    from kazoo.client import KazooClient
-
-    zk = KazooClient(hosts)
-    try:
-        zk.start(timeout=15)
-        zk.delete(path, recursive=True)
-    except Exception as e:  # noqa: BLE001 - leftovers are harmless, but say so
-        print(f"could not delete {path} in ZooKeeper: {e!r}", file=sys.stderr)
-    finally:
-        zk.stop()
-        zk.close()
 
 
 def _ms(value: float | None) -> str:

@@ -28,24 +28,21 @@ import argparse
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import deferLater, react
 
+from benchmarks.backends import registry_backend
 from benchmarks.chaos import (
     ROOT,
     Load,
     Recorder,
     View,
-    _delete_tree,
     _die_with_parent,
     _signal,
     clock,
@@ -283,33 +280,12 @@ def _ms(value: float | None) -> str:
 
 
 async def run_backend(reactor: Any, backend: str, args: argparse.Namespace) -> dict[str, Any]:
-    workdir = Path(tempfile.mkdtemp(prefix=f"skynet-discovery-{backend}-"))
-    server = None
-    chroot = None
-    hosts = args.zk
-    try:
-        if backend == "embedded":
-            url = f"file://{workdir}/registry"
-        else:
-            if not hosts:
-                from tests.zkserver import ZooKeeperCluster
-
-                server = ZooKeeperCluster(1)
-                server.start()
-                hosts = server.hosts
-            chroot = f"/discovery-{os.getpid()}-{int(time.time())}"
-            url = f"zk://{hosts}{chroot}/skynet"
+    async with registry_backend(backend, args.zk, "discovery") as (url, workdir):
         discovery = Discovery(reactor, url, workdir, args)
         try:
             return await discovery.run()
         finally:
             await discovery.stop()
-    finally:
-        if chroot is not None and hosts:
-            _delete_tree(hosts, chroot)
-        if server is not None:
-            server.close()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 async def main(reactor: Any, args: argparse.Namespace) -> None:

@@ -50,6 +50,7 @@ from twisted.internet.task import deferLater, react
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
+from benchmarks.backends import delete_tree
 from skynet.registry import registry_from_url
 from skynet.registry.base import IInstanceListener, Instance, Query
 
@@ -341,26 +342,12 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
         try:
             results["ZooKeeper"] = await measure(reactor, f"zk://{hosts}{top}/skynet", args)
         finally:
-            _delete_tree(hosts, top)
+            delete_tree(hosts, top)
             if server is not None:
                 server.close()
     print(table(results, args))
     if args.json:
         Path(args.json).write_text(json.dumps({"config": vars(args), **results}, indent=2))
-
-
-def _delete_tree(hosts: str, path: str) -> None:
-    from kazoo.client import KazooClient
-
-    zk = KazooClient(hosts)
-    try:
-        zk.start(timeout=15)
-        zk.delete(path, recursive=True)
-    except Exception as e:  # noqa: BLE001 - leftovers are harmless, but say so
-        print(f"could not delete {path} in ZooKeeper: {e!r}", file=sys.stderr)
-    finally:
-        zk.stop()
-        zk.close()
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

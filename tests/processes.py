@@ -124,3 +124,32 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, interval
 
 async def sleep(seconds: float) -> None:
     await deferLater(reactor, seconds, lambda: None)
+
+
+def fibonacci_load(
+    fibonacci: Any, seconds: float, callers: int = 16, indexes: int = 90
+) -> tuple[Any, dict[str, Any]]:
+    """
+    C{callers} loops calling C{Fibonacci.Index} on C{fibonacci} (a service
+    client) for C{seconds}, each failure kept with its repr.
+
+    @return: a Deferred firing when all are done, and the results so far
+        (C{{"ok": count, "failed": [repr, ...]}}).
+    """
+    from twisted.internet.defer import DeferredList, ensureDeferred
+
+    results: dict[str, Any] = {"ok": 0, "failed": []}
+    stop_at = time.monotonic() + seconds
+
+    async def caller(n: int) -> None:
+        i = n
+        while time.monotonic() < stop_at:
+            i = (i + 7) % indexes
+            try:
+                r = await fibonacci.call("Index", {"index": i})
+                assert r["index"] == i, r
+                results["ok"] += 1
+            except Exception as e:
+                results["failed"].append(repr(e))
+
+    return DeferredList([ensureDeferred(caller(n)) for n in range(callers)]), results

@@ -19,14 +19,14 @@ import time
 import bson
 from bson.int64 import Int64
 from twisted.internet import reactor
-from twisted.internet.defer import DeferredList, ensureDeferred
+from twisted.internet.defer import ensureDeferred
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from skynet.client import Client
 from skynet.registry import Query
 from skynet.registry.files import FileRegistry
-from tests.processes import ROOT, ServiceProcess, sleep, twistd, wait_for
+from tests.processes import ROOT, ServiceProcess, fibonacci_load, sleep, twistd, wait_for
 
 
 def admin_call(address, servicemethod: str, params: dict) -> dict:
@@ -110,26 +110,12 @@ class ClusterTests(TestCase):
         await self.start_cluster()
         fib = self.client.service("Fibonacci")
         await fib.call("Index", {"index": 10})
-        results = {"ok": 0, "failed": []}
-        stop_at = time.monotonic() + 4.0
-
-        async def caller(n: int) -> None:
-            i = n
-            while time.monotonic() < stop_at:
-                i = (i + 7) % 90
-                try:
-                    r = await fib.call("Index", {"index": i})
-                    assert r["index"] == i
-                    results["ok"] += 1
-                except Exception as e:
-                    results["failed"].append(repr(e))
-
-        callers = [ensureDeferred(caller(n)) for n in range(16)]
+        callers, results = fibonacci_load(fib, seconds=4.0)
         await sleep(1.5)
         victim = self.processes[0]
         killed_at = time.monotonic()
         victim.kill(signal.SIGKILL)
-        await DeferredList(callers)
+        await callers
         self.assertEqual(results["failed"], [], self.dump_logs())
         self.assertGreater(results["ok"], 100)
         # And the registry forgets it without anyone cleaning up.

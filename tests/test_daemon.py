@@ -18,7 +18,7 @@ import attr
 import psutil
 import pytest
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.threads import deferToThread
 from twisted.logger import capturedLogs
 from twisted.python import usage
@@ -47,7 +47,7 @@ from skynet.registry.files import FileRegistry
 from skynet.registry.memory import MemoryRegistry
 from skynet.service import Service
 from skynet.testing import LocalCluster, MemoryServerEndpoint
-from tests.processes import ROOT, child_env, sleep, twistd, wait_for
+from tests.processes import ROOT, child_env, fibonacci_load, sleep, twistd, wait_for
 from tests.test_procmon import FakeProcess, FakeProcessReactor
 
 # Fakes
@@ -812,21 +812,7 @@ class DaemonProcessTests(_DaemonHarness):
         self.assertTrue(os.path.exists(listing[sleeper]["log"]))
 
         # kill -9 of a child while calls run.
-        results: dict[str, Any] = {"ok": 0, "failed": []}
-        stop_at = time.monotonic() + 4.0
-
-        async def caller(n: int) -> None:
-            i = n
-            while time.monotonic() < stop_at:
-                i = (i + 7) % 60
-                try:
-                    r = await fib.call("Index", {"index": i})
-                    assert r["index"] == i
-                    results["ok"] += 1
-                except Exception as e:
-                    results["failed"].append(repr(e))
-
-        callers = [ensureDeferred(caller(n)) for n in range(16)]
+        callers, results = fibonacci_load(fib, seconds=4.0, indexes=60)
         await sleep(1.0)
         victim, old_pid = fibs[0], listing[fibs[0]]["pid"]
         killed_at = time.monotonic()
@@ -847,7 +833,7 @@ class DaemonProcessTests(_DaemonHarness):
 
         [again] = await wait_for(back, timeout=15, what="restarted and registered")
         back_after = time.monotonic() - killed_at
-        await DeferredList(callers)
+        await callers
         self.assertEqual(results["failed"], [], self.logs())
         self.assertGreater(results["ok"], 50)
         entry = (await self.listing())[victim]
