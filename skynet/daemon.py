@@ -991,7 +991,8 @@ class Daemon(MultiService):
             self.log.failure("reading the host's statistics failed")
             stats = {}
         stats["daemon"] = {"uuid": self.uuid, "pid": os.getpid(),
-                           "uptime": self.reactor.seconds() - self.started_at}  # fmt: skip
+                           "uptime": self.reactor.seconds() - self.started_at,
+                           **self._own_usage()}  # fmt: skip
         stats["load_guard"] = {
             "reading": self.last_load,
             "high": self.guards.load_high,
@@ -1011,6 +1012,23 @@ class Daemon(MultiService):
             }
         stats["children"] = children
         return stats
+
+    _own: Any = None
+
+    def _own_usage(self) -> dict[str, Any]:
+        """
+        This daemon process's own CPU percent (since the last reading) and
+        RSS, without its children.
+        """
+        try:
+            import psutil
+
+            if self._own is None:
+                self._own = psutil.Process(os.getpid())
+                self._own.cpu_percent(None)
+            return {"cpu": self._own.cpu_percent(None), "rss": self._own.memory_info().rss}
+        except Exception:
+            return {}
 
     def extra_statistics(self) -> dict[str, Any]:
         return {
@@ -1176,6 +1194,23 @@ class SkynetDaemon(Service):
         C{{}} -> C{{cpu, memory, load, uptime, cpus, children, ...}}.
         """
         return self.daemon.host_stats()
+
+    _own: Any = None
+
+    def _own_usage(self) -> dict[str, Any]:
+        """
+        This daemon process's own CPU percent (since the last reading) and
+        RSS, without its children.
+        """
+        try:
+            import psutil
+
+            if self._own is None:
+                self._own = psutil.Process(os.getpid())
+                self._own.cpu_percent(None)
+            return {"cpu": self._own.cpu_percent(None), "rss": self._own.memory_info().rss}
+        except Exception:
+            return {}
 
     def extra_statistics(self) -> dict[str, Any]:
         return self.daemon.extra_statistics()

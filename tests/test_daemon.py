@@ -883,6 +883,11 @@ class DaemonProcessTests(_DaemonHarness):
         self.assertTrue({"cpu", "memory", "load", "uptime", "children"} <= set(stats))
         self.assertEqual(stats["cpus"], psutil.cpu_count())
         self.assertTrue(all(c["running"] for c in stats["children"].values()))
+        # The daemon's own process, without its children.
+        own = psutil.Process(stats["daemon"]["pid"]).memory_info().rss
+        self.assertGreater(stats["daemon"]["rss"], own // 2)
+        self.assertLess(stats["daemon"]["rss"], own * 2)
+        self.assertGreaterEqual(stats["daemon"]["cpu"], 0.0)
 
         async def measured() -> Any:
             children = (await self.call("HostStats"))["children"]
