@@ -7,7 +7,7 @@ host and of each child it supervises, as extra keys of its statistics node:
 
     "Host": {"cpu", "cpus", "memory": {"total", "available", "used", "percent"},
              "load": [1, 5, 15 minutes], "uptime", "boot_time", "hostname",
-             "daemon": {"uuid", "pid", "uptime"},
+             "daemon": {"uuid", "pid", "uptime", "cpu", "rss"},
              "children": {uuid: {"service", "pid", "running", "cpu", "rss"}}}
     "Events": [{"time", "kind", "text", "uuid"?, ...}]     (the most recent)
 
