@@ -481,6 +481,7 @@ class _Call:
         "last_error",
         "hedge",
         "waiting",
+        "last_sent",
     )
 
     def __init__(
@@ -508,6 +509,7 @@ class _Call:
         self.done = False
         self.saw_instance = False
         self.waiting = False
+        self.last_sent = 0.0
         self.last_error: Exception | None = None
         self.wheel = service.client.wheel
         self.timer: int | None = self.wheel.add(self, self.deadline - timeout
@@ -545,6 +547,7 @@ class _Call:
                 info.connection_address,
             )
         self.attempts += 1
+        self.last_sent = now
         attempt = _Attempt(self, handle, now)
         self.outstanding.append(attempt)
         try:
@@ -600,9 +603,15 @@ class _Call:
             self._give_up()
             return
         if self.outstanding:
-            if self.hedge:
-                self._attempt()
-            delay = self.retry_interval
+            # Hedge a retry interval after the latest attempt (a tick set
+            # while waiting for an instance may come sooner than that).
+            since = now - self.last_sent
+            if since + 1 / 64 >= self.retry_interval:
+                if self.hedge:
+                    self._attempt()
+                delay = self.retry_interval
+            else:
+                delay = self.retry_interval - since
         else:
             self._attempt()
             delay = 0.1 if not self.outstanding else self.retry_interval

@@ -92,6 +92,26 @@ class ClientTests(SynchronousTestCase):
         self.clock.advance(0.2)
         self.assertEqual(self.successResultOf(d), {"data": "LATE"})
 
+    def test_no_early_hedge_after_waiting(self) -> None:
+        """
+        A call that waited for an instance hedges a full retry interval
+        after its attempt, not at the next quick look for instances.
+        """
+        d = self.call("Recorder", "Hello")
+        self.clock.advance(0.05)
+        slow = self.cluster.add(Recorder(hang=True))
+        self.cluster.add(Recorder(hang=True))
+        attempts = lambda: sum(len(h.service.seen) for h in self.cluster.hosts)  # noqa: E731
+        self.assertEqual(attempts(), 1)
+        for _ in range(19):
+            self.clock.advance(0.1)
+        self.assertEqual(attempts(), 1)
+        self.clock.advance(0.1 + 1 / 32)
+        self.assertEqual(attempts(), 2)
+        self.assertTrue(slow.service.seen)
+        d.cancel()
+        self.failureResultOf(d)
+
     def test_no_instances(self) -> None:
         d = self.call("Nobody", "Hello")
         self.clock.advance(9.9)
