@@ -1195,23 +1195,6 @@ class SkynetDaemon(Service):
         """
         return self.daemon.host_stats()
 
-    _own: Any = None
-
-    def _own_usage(self) -> dict[str, Any]:
-        """
-        This daemon process's own CPU percent (since the last reading) and
-        RSS, without its children.
-        """
-        try:
-            import psutil
-
-            if self._own is None:
-                self._own = psutil.Process(os.getpid())
-                self._own.cpu_percent(None)
-            return {"cpu": self._own.cpu_percent(None), "rss": self._own.memory_info().rss}
-        except Exception:
-            return {}
-
     def extra_statistics(self) -> dict[str, Any]:
         return self.daemon.extra_statistics()
 
