@@ -54,12 +54,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from benchmarks.peers import percentile
+from benchmarks.peers import gathered, percentile
 from skynet.service import Service
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -239,28 +240,11 @@ async def _loop(call: Any, seconds: float, width: int) -> dict[str, Any]:
     """
     from twisted.internet.defer import DeferredList, ensureDeferred
 
-    clock = time.perf_counter
-    latencies: list[float] = []
-    cpu = time.process_time()
-    started = clock()
-    end = started + seconds
+    def on_reactor(workers: list[Any]) -> Any:
+        return DeferredList([ensureDeferred(w) for w in workers],
+                            fireOnOneErrback=True, consumeErrors=True)  # fmt: skip
 
-    async def worker() -> None:
-        now = clock()
-        while now < end:
-            await call()
-            done = clock()
-            latencies.append(done - now)
-            now = done
-
-    await DeferredList([ensureDeferred(worker()) for _ in range(width)],
-                       fireOnOneErrback=True, consumeErrors=True)  # fmt: skip
-    return {
-        "calls": len(latencies),
-        "seconds": clock() - started,
-        "cpu_s": time.process_time() - cpu,
-        "latencies_us": [round(x * 1e6, 1) for x in latencies],
-    }
+    return await gathered(call, seconds, width, gather=on_reactor)
 
 
 async def _skynet_setup(reactor: Any, url: str, payload: bytes) -> tuple[Any, Any, Any]:
@@ -624,27 +608,10 @@ def tables(report: dict[str, Any]) -> str:
                 )
             lines.append(row)
     lines.append("")
-    lines.append("latency p50 / p99, ms")
-    lines.append(f"{'mode':11}{'payload':>8}" + "".join(f"{LABELS[s]:>18}" for s in systems))
-    for payload in config["payloads"]:
-        for mode in config["modes"]:
-            row = f"{mode:11}{_size(payload):>8}"
-            for s in systems:
-                f = results[s][mode][str(payload)]
-                row += f"{_ms(f['p50_ms']) + ' / ' + _ms(f['p99_ms']):>18}"
-            lines.append(row)
-    lines.append("")
-    lines.append("CPU us per call, client + server")
-    lines.append(f"{'mode':11}{'payload':>8}" + "".join(f"{LABELS[s]:>18}" for s in systems))
-    for payload in config["payloads"]:
-        for mode in config["modes"]:
-            row = f"{mode:11}{_size(payload):>8}"
-            for s in systems:
-                f = results[s][mode][str(payload)]
-                cpu = f"{f['client_cpu_us']:.0f} + {f['server_cpu_us']:.0f}"
-                row += f"{cpu:>18}"
-            lines.append(row)
-    lines.append("")
+    lines += _table("latency p50 / p99, ms", config, systems, results,
+                    lambda f: f"{_ms(f['p50_ms'])} / {_ms(f['p99_ms'])}")  # fmt: skip
+    lines += _table("CPU us per call, client + server", config, systems, results,
+                    lambda f: f"{f['client_cpu_us']:.0f} + {f['server_cpu_us']:.0f}")  # fmt: skip
     memory = report["memory"]
     lines.append(f"memory of the server{'':13}" + "".join(f"{LABELS[s]:>10}" for s in systems))
     lines.append(f"{'idle RSS, MiB':33}"
@@ -652,6 +619,22 @@ def tables(report: dict[str, Any]) -> str:
     lines.append(f"{'per idle connection, KiB':33}" + "".join(
         f"{memory[s]['per_connection'] / 1024:10.1f}" for s in systems))  # fmt: skip
     return "\n".join(lines)
+
+
+def _table(
+    title: str, config: dict[str, Any], systems: list[str], results: dict[str, Any],
+    cell: Callable[[dict[str, Any]], str],
+) -> list[str]:  # fmt: skip
+    """
+    One table of the report: a row per mode and payload, a column per system.
+    """
+    lines = [title, f"{'mode':11}{'payload':>8}" + "".join(f"{LABELS[s]:>18}" for s in systems)]
+    for payload in config["payloads"]:
+        for mode in config["modes"]:
+            lines.append(f"{mode:11}{_size(payload):>8}" + "".join(
+                f"{cell(results[s][mode][str(payload)]):>18}" for s in systems))  # fmt: skip
+    lines.append("")
+    return lines
 
 
 def _ms(value: float) -> str:

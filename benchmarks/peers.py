@@ -137,10 +137,15 @@ def threaded(calls: list[Callable[[], Any]], seconds: float) -> dict[str, Any]:
 
 
 async def gathered(
-    call: Callable[[], Awaitable[Any]], seconds: float, width: int
+    call: Callable[[], Awaitable[Any]],
+    seconds: float,
+    width: int,
+    gather: Callable[[list[Any]], Awaitable[Any]] | None = None,
 ) -> dict[str, Any]:
     """
-    C{width} asyncio tasks, each awaiting C{call()} in a loop for C{seconds}.
+    C{width} workers, each awaiting C{call()} in a loop for C{seconds}, run
+    together by C{gather} (a list of coroutines -> an awaitable; default
+    C{asyncio.gather}; the skynet and bare clients pass Twisted's).
     """
     clock = time.perf_counter
     latencies: list[float] = []
@@ -156,7 +161,8 @@ async def gathered(
             latencies.append(done - now)
             now = done
 
-    await asyncio.gather(*(worker() for _ in range(width)))
+    workers = [worker() for _ in range(width)]
+    await (gather(workers) if gather is not None else asyncio.gather(*workers))
     return _result(latencies, clock() - started, time.process_time() - cpu)
 
 
