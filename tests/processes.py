@@ -95,14 +95,21 @@ class ServiceProcess:
         """
         if self.popen is None:
             return
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(10)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
+        terminate(self.popen, grace=10)
         self.log.close()
+
+
+def terminate(popen: subprocess.Popen, grace: float = 10.0) -> None:
+    """
+    SIGTERM, then SIGKILL if it is still there after C{grace} seconds.
+    """
+    if popen.poll() is None:
+        popen.terminate()
+        try:
+            popen.wait(grace)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait(5)
 
 
 async def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05,

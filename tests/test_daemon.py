@@ -47,7 +47,15 @@ from skynet.registry.files import FileRegistry
 from skynet.registry.memory import MemoryRegistry
 from skynet.service import Service
 from skynet.testing import LocalCluster, MemoryServerEndpoint
-from tests.processes import ROOT, child_env, fibonacci_load, sleep, twistd, wait_for
+from tests.processes import (
+    ROOT,
+    child_env,
+    fibonacci_load,
+    sleep,
+    terminate,
+    twistd,
+    wait_for,
+)
 from tests.test_procmon import FakeProcess, FakeProcessReactor
 
 # Fakes
@@ -696,13 +704,7 @@ class DaemonProcess:
     def stop(self) -> None:
         if self.popen is None:
             return
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(30)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
+        terminate(self.popen, grace=30)
         self.log.close()
 
 

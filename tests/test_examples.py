@@ -19,7 +19,7 @@ from twisted.trial.unittest import TestCase
 from skynet.client import Client
 from skynet.registry import Query
 from skynet.registry.files import FileRegistry
-from tests.processes import ROOT, ServiceProcess, child_env, twistd, wait_for
+from tests.processes import ROOT, ServiceProcess, child_env, terminate, twistd, wait_for
 
 
 def run_python(*args: str, env: dict[str, str] | None = None, timeout: float = 120):
@@ -125,7 +125,7 @@ class EnvironmentDefaultsTests(TestCase):
              "examples.testservice:TestService", "--registry", f"file://{root}"],
             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
         )  # fmt: skip
-        self.addCleanup(_stop, process)
+        self.addCleanup(terminate, process)
         registry = FileRegistry(root, reactor=reactor)
         await registry.start()
         self.addCleanup(registry.stop)
@@ -172,9 +172,3 @@ class EnvironmentDefaultsTests(TestCase):
         self.addCleanup(client.stop)
         result = await client.service("Adder", version="9").call("AddOne", {"value": 1})
         self.assertEqual(result, {"value": 2})
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        process.wait(10)
