@@ -288,9 +288,17 @@ def encode_response_body(out: bytes, errstring: str) -> bytes:
     """
     C{{out: binary, errstring}}.
     """
-    return document(
-        _OUT + _pack_i32(len(out)) + b"\x00" + out + string_element(_ERRSTRING, errstring)
-    )
+    return b"".join(response_body_parts(out, errstring))
+
+
+def response_body_parts(out: bytes, errstring: str) -> tuple[bytes, ...]:
+    """
+    The pieces of a response body, to be joined (with the header) in one
+    copy of C{out}.
+    """
+    tail = string_element(_ERRSTRING, errstring) + b"\x00"
+    return (_pack_i32(4 + 5 + len(_OUT) + len(out) + len(tail)), _OUT,
+            _pack_i32(len(out)), b"\x00", out, tail)  # fmt: skip
 
 
 def decode_response_body(frame: bytes) -> tuple[Any, Any]:
@@ -373,14 +381,28 @@ def encode_request_body(clientid: str, method: str, info: "RequestInfo", params:
     C{{clientid, method, requestinfo, in: binary}}; C{params} is the
     encoded parameters document.
     """
-    return document(
-        string_element(_CLIENTID, clientid)
-        + string_element(_METHOD, method)
-        + encode_request_info(info)
-        + _IN
-        + _pack_i32(len(params))
-        + b"\x00"
-        + params
+    return b"".join(
+        request_body_parts(
+            string_element(_CLIENTID, clientid), string_element(_METHOD, method), info, params
+        )
+    )
+
+
+def request_body_parts(
+    clientid_element: bytes, method_element: bytes, info: "RequestInfo", params: bytes
+) -> tuple[bytes, ...]:
+    """
+    The pieces of a request body, to be joined (with what goes before it)
+    in one copy of C{params}; the client passes its cached elements.
+    """
+    elements = clientid_element + method_element + encode_request_info(info) + _IN
+    return (
+        _pack_i32(len(elements) + 5 + len(params) + 5),
+        elements,
+        _pack_i32(len(params)),
+        b"\x00",
+        params,
+        b"\x00",
     )
 
 
@@ -598,7 +620,6 @@ _HEADER, _BODY, _HANDSHAKE, _CLOSED = range(4)
 _OK_HEADER_SUFFIX = _ERROR + b"\x01\x00\x00\x00\x00\x00"
 _OK_BODY_SUFFIX = _ERRSTRING + b"\x01\x00\x00\x00\x00\x00"
 _OK_BODY_SUFFIX_LENGTH = len(_OK_BODY_SUFFIX)
-_OK_BODY_OVERHEAD = 4 + len(_OUT) + 5 + len(_OK_BODY_SUFFIX)
 
 
 class ServerProtocol(FrameProtocol):
@@ -915,13 +936,8 @@ class ServerProtocol(FrameProtocol):
                 header = self._ok_response_prefix + _pack_i64(seq) + _OK_HEADER_SUFFIX
             else:
                 header = encode_header(servicemethod, seq, "")
-            if errstring:
-                self.send_bytes(header + encode_response_body(out, errstring))
-            else:
-                # One copy of the result (a chain of + would make several).
-                self.send_bytes(b"".join((header, _pack_i32(len(out) + _OK_BODY_OVERHEAD),
-                                          _OUT, _pack_i32(len(out)), b"\x00", out,
-                                          _OK_BODY_SUFFIX)))  # fmt: skip
+            # One copy of the result (a chain of + would make several).
+            self.send_bytes(b"".join((header, *response_body_parts(out, errstring))))
         # Last: this may finish a drain, which closes the connection.
         self.dispatcher.request_finished(started, failed)
 
@@ -1121,23 +1137,15 @@ class ClientProtocol(FrameProtocol):
         seq = self._next_seq
         self._next_seq = seq + 1
         self.pending[seq] = receiver
-        elements = (
-            self._clientid_element
-            + (self._method_elements.get(method) or self._method_element(method))
-            + encode_request_info(request_info)
-            + _IN
-            + _pack_i32(len(params))
-            + b"\x00"
-        )
+        method_element = self._method_elements.get(method) or self._method_element(method)
         # One copy of the parameters (a chain of + would make several).
         self.send_bytes(
             b"".join(
                 (
                     document(self._header_prefix + _pack_i64(seq)),
-                    _pack_i32(len(elements) + len(params) + 5),
-                    elements,
-                    params,
-                    b"\x00",
+                    *request_body_parts(
+                        self._clientid_element, method_element, request_info, params
+                    ),
                 )
             )
         )
