@@ -186,10 +186,10 @@ class ClusterTests(TestCase):
                     while s.recv(65536):
                         pass
                 except ConnectionResetError:
-                    pass
-                return True
-
-        from twisted.internet.threads import deferToThread
+                    return True  # closed by the service
+                except TimeoutError:
+                    return False  # still open: the service did not close it
+                return True  # end of stream: closed by the service
 
         return await deferToThread(talk)
 
