@@ -5,7 +5,9 @@ C{Admin.Stop {waitforclients}}), or a call to exactly that instance rather
 than to whichever the load balancer picks (to ask a host's daemon about its
 own children).
 
-Used by the daemon, C{sky} and its shell, and the dashboard.
+Used by the daemon, C{sky} and its shell, and the dashboard.  The action
+tables (L{ADMIN_ACTIONS}, L{DAEMON_ACTIONS}) live in L{skynet.control} with
+the rest of the daemon's contract; they are re-exported here.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from twisted.internet.error import ConnectError
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
+from skynet.control import ADMIN_ACTIONS, DAEMON_ACTIONS
 from skynet.errors import ConnectionFailed, RemoteCallError
 from skynet.protocol import (
     DEFAULT_MAX_FRAME,
@@ -30,22 +33,6 @@ from skynet.protocol import (
     new_id,
 )
 from skynet.registry.base import Address, Instance
-
-#: The admin calls behind the operators' actions (restart has none: only a
-#: supervising daemon can start a process again).
-ADMIN_ACTIONS: dict[str, tuple[str, dict[str, Any]]] = {
-    "register": ("Admin.Register", {}),
-    "unregister": ("Admin.Unregister", {}),
-    "stop": ("Admin.Stop", {"waitforclients": True}),
-}
-
-#: The daemon's remote method for each action, given C{{uuid}}.
-DAEMON_ACTIONS: dict[str, str] = {
-    "register": "RegisterSubService",
-    "unregister": "UnregisterSubService",
-    "stop": "StopSubService",
-    "restart": "RestartSubService",
-}
 
 
 class _AdminCall(FrameProtocol):

@@ -49,14 +49,28 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from skynet.admin import admin_call
+from skynet.control import (
+    DAEMON_SERVICE,
+    ChildStats,
+    DaemonProcess,
+    Deployment,
+    ExitStatus,
+    HostFigures,
+    HostMemory,
+    HostStats,
+    LoadGuardStatus,
+    ProcessUsage,
+    SubServiceStatus,
+    sub_services_to_bson,
+)
 from skynet.errors import ConnectionFailed, ServiceError
 from skynet.procmon import EventLog, ExitRecord, IChildObserver, Supervisor
 from skynet.protocol import new_id
 from skynet.registry.base import IInstanceListener, Instance, Query
 from skynet.service import Service, ServiceHost
 
-#: The daemon's service name, as in Go Skynet.
-DAEMON_SERVICE_NAME = "SkynetDaemon"
+#: The daemon's service name (L{skynet.control.DAEMON_SERVICE}).
+DAEMON_SERVICE_NAME = DAEMON_SERVICE
 
 #: How many recent events go into the daemon's statistics node.
 EVENTS_IN_STATISTICS = 20
@@ -66,49 +80,6 @@ _DEPLOY_NAMESPACE = uuid_module.UUID("6f1c2f4e-5a0e-4b8e-9a57-736b796e6574")
 
 
 # Deployments and their files
-
-
-@attr.frozen
-class Deployment:
-    """
-    One service deployed on this host.
-
-    @ivar service: C{module:Class}, run as C{twistd skynet-service}, or a
-        full command line.
-    @ivar args: further arguments.
-    @ivar registered: whether the operator wants it registered (guards may
-        hold it unregistered for a while).
-    """
-
-    uuid: str
-    service: str
-    args: tuple[str, ...] = ()
-    registered: bool = True
-
-    @property
-    def is_class(self) -> bool:
-        return bool(_CLASS_SPEC.match(self.service))
-
-    @property
-    def label(self) -> str:
-        if self.is_class:
-            return self.service.rpartition(":")[2]
-        words = shlex.split(self.service)
-        return os.path.basename(words[0]) if words else "command"
-
-    def to_json(self) -> dict[str, Any]:
-        return {"uuid": self.uuid, "service": self.service, "args": list(self.args),
-                "registered": self.registered}  # fmt: skip
-
-    @classmethod
-    def from_json(cls, doc: Any) -> "Deployment":
-        if not isinstance(doc, dict):
-            raise ValueError(f"a deployment must be an object, not {doc!r}")
-        args = doc.get("args", [])
-        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-            raise ValueError(f"args must be a list of strings: {doc!r}")
-        return make_deployment(doc.get("service"), args, doc.get("registered", True),
-                               uuid=doc.get("uuid"))  # fmt: skip
 
 
 def make_deployment(service: Any, args: Any = None, registered: Any = True, *,
@@ -215,12 +186,17 @@ def load_state(path: str) -> DaemonState:
     if not isinstance(doc, dict) or not isinstance(doc.get("services", []), list):
         raise ValueError(f"{path} is not a skynet-daemon state file")
     try:
-        deployments = tuple(Deployment.from_json(d) for d in doc.get("services", []))
+        deployments = tuple(_checked(Deployment.from_bson(d)) for d in doc.get("services", []))
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     daemon_uuid = doc.get("daemon_uuid")
     return DaemonState(uuid=daemon_uuid if isinstance(daemon_uuid, str) else None,
                        deployments=deployments)  # fmt: skip
+
+
+def _checked(deployment: Deployment) -> Deployment:
+    return make_deployment(deployment.service, list(deployment.args), deployment.registered,
+                           uuid=deployment.uuid)  # fmt: skip
 
 
 def save_state(path: str, state: DaemonState) -> None:
@@ -229,7 +205,7 @@ def save_state(path: str, state: DaemonState) -> None:
     """
     doc = {
         "daemon_uuid": state.uuid,
-        "services": [d.to_json() for d in state.deployments],
+        "services": [d.to_bson() for d in state.deployments],
     }
     directory = os.path.dirname(os.path.abspath(path))
     temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
@@ -298,14 +274,8 @@ class GuardConfig:
         return (self.load_high or 0) / 2
 
 
-@attr.frozen
-class Usage:
-    """
-    One sample of a child (and its descendants): CPU percent and RSS bytes.
-    """
-
-    cpu: float
-    rss: int
+#: One sample of a child (and its descendants): CPU percent and RSS bytes.
+Usage = ProcessUsage
 
 
 class PsutilSampler:
@@ -367,7 +337,7 @@ class PsutilSampler:
     def sample_host(self) -> None:
         self._host_cpu = self.psutil.cpu_percent(None)
 
-    def host(self) -> dict[str, Any]:
+    def host(self) -> HostFigures:
         """
         The host: CPU percent (since the last L{sample_host}), memory,
         load averages, uptime.
@@ -375,20 +345,36 @@ class PsutilSampler:
         psutil = self.psutil
         memory = psutil.virtual_memory()
         boot = psutil.boot_time()
-        return {
-            "cpu": self._host_cpu,
-            "cpus": psutil.cpu_count() or 1,
-            "memory": {
-                "total": memory.total,
-                "available": memory.available,
-                "used": memory.used,
-                "percent": memory.percent,
-            },
-            "load": list(os.getloadavg()),
-            "uptime": max(0.0, time.time() - boot),
-            "boot_time": boot,
-            "hostname": socket.gethostname(),
-        }
+        one, five, fifteen = os.getloadavg()
+        return HostFigures(
+            cpu=float(self._host_cpu),
+            cpus=psutil.cpu_count() or 1,
+            memory=HostMemory(
+                total=memory.total,
+                available=memory.available,
+                used=memory.used,
+                percent=float(memory.percent),
+            ),  # fmt: skip
+            load=(one, five, fifteen),
+            uptime=max(0.0, time.time() - boot),
+            boot_time=float(boot),
+            hostname=socket.gethostname(),
+        )
+
+    _own: Any = None
+
+    def own_usage(self) -> ProcessUsage | None:
+        """
+        This process's own CPU percent (since the last reading) and RSS,
+        without its children; L{None} if it cannot be measured.
+        """
+        try:
+            if self._own is None:
+                self._own = self.psutil.Process(os.getpid())
+                self._own.cpu_percent(None)
+            return ProcessUsage(cpu=self._own.cpu_percent(None), rss=self._own.memory_info().rss)
+        except Exception:
+            return None
 
 
 def load_reading(source: str, sampler: Any = None) -> Callable[[], float]:
@@ -405,7 +391,7 @@ def load_reading(source: str, sampler: Any = None) -> Callable[[], float]:
     if source == "cpu":
         if sampler is None:
             raise ValueError("the cpu load source needs a sampler")
-        return lambda: float(sampler.host()["cpu"])
+        return lambda: float(sampler.host().cpu)
     if source.startswith("file:") and len(source) > 5:
         path = source[5:]
 
@@ -739,34 +725,36 @@ class Daemon(MultiService):
             self.log.error("cannot write the state file {path}: {error}",
                            path=self.state_path, error=e)  # fmt: skip
 
-    def sub_services(self) -> dict[str, Any]:
+    def sub_services(self) -> list[SubServiceStatus]:
         """
         Every sub-service, as C{ListSubServices} answers.
         """
-        services = {}
+        services = []
         for uuid, deployment in self.deployments.items():
             status = self.supervisor.status(uuid)
             instance = self.instances.get(uuid)
             usage = self.usage.get(uuid)
-            services[uuid] = {
-                "service": deployment.service,
-                "args": list(deployment.args),
-                "running": status["running"],
-                "pid": status["pid"],
-                "restarts": status["restarts"],
-                "started": status["started"],
-                "registered": self.effective_registered(uuid),
-                "last_exit": status["last_exit"],
-                "desired_registered": deployment.registered,
-                "held": sorted(self.holds.get(uuid, ()))
-                + (["host-load"] if self.overloaded else []),
-                "in_registry": None if instance is None else instance.registered,
-                "next_restart": status["next_restart"],
-                "backoff": status["backoff"],
-                "log": status["log"],
-                "cpu": usage.cpu if usage else None,
-                "rss": usage.rss if usage else None,
-            }
+            last_exit = status["last_exit"]
+            held = sorted(self.holds.get(uuid, ())) + (["host-load"] if self.overloaded else [])
+            services.append(SubServiceStatus(
+                uuid=uuid,
+                service=deployment.service,
+                args=deployment.args,
+                running=status["running"],
+                pid=status["pid"],
+                restarts=status["restarts"],
+                started=status["started"],
+                registered=self.effective_registered(uuid),
+                last_exit=ExitStatus.from_bson(last_exit) if last_exit else None,
+                desired_registered=deployment.registered,
+                held=tuple(held),
+                in_registry=None if instance is None else instance.registered,
+                next_restart=status["next_restart"],
+                backoff=float(status["backoff"]),
+                log=status["log"],
+                cpu=usage.cpu if usage else None,
+                rss=usage.rss if usage else None,
+            ))  # fmt: skip
         return services
 
     # IChildObserver
@@ -981,59 +969,46 @@ class Daemon(MultiService):
 
     # Statistics
 
-    def host_stats(self) -> dict[str, Any]:
+    def host_stats(self) -> HostStats:
         """
         The host and this daemon's children, as C{HostStats} answers.
         """
         try:
-            stats = self.sampler.host()
+            figures: HostFigures | None = self.sampler.host()
         except Exception:
             self.log.failure("reading the host's statistics failed")
-            stats = {}
-        stats["daemon"] = {"uuid": self.uuid, "pid": os.getpid(),
-                           "uptime": self.reactor.seconds() - self.started_at,
-                           **self._own_usage()}  # fmt: skip
-        stats["load_guard"] = {
-            "reading": self.last_load,
-            "high": self.guards.load_high,
-            "low": self.guards.load_low_mark if self.guards.load_high else None,
-            "overloaded": self.overloaded,
-        }
-        children = {}
+            figures = None
+        try:
+            own = self.sampler.own_usage()
+        except Exception:
+            own = None
+        guards = self.guards
+        children = []
         for uuid, deployment in self.deployments.items():
             child = self.supervisor.children[uuid]
-            usage = self.usage.get(uuid)
-            children[uuid] = {
-                "service": deployment.label,
-                "pid": child.pid,
-                "running": child.running,
-                "cpu": usage.cpu if usage else None,
-                "rss": usage.rss if usage else None,
-            }
-        stats["children"] = children
-        return stats
-
-    _own: Any = None
-
-    def _own_usage(self) -> dict[str, Any]:
-        """
-        This daemon process's own CPU percent (since the last reading) and
-        RSS, without its children.
-        """
-        try:
-            import psutil
-
-            if self._own is None:
-                self._own = psutil.Process(os.getpid())
-                self._own.cpu_percent(None)
-            return {"cpu": self._own.cpu_percent(None), "rss": self._own.memory_info().rss}
-        except Exception:
-            return {}
+            children.append(ChildStats(uuid=uuid, service=deployment.label, pid=child.pid,
+                                       running=child.running, usage=self.usage.get(uuid)))  # fmt: skip
+        return HostStats(
+            daemon=DaemonProcess(
+                uuid=self.uuid,
+                pid=os.getpid(),
+                uptime=self.reactor.seconds() - self.started_at,
+                usage=own,
+            ),  # fmt: skip
+            load_guard=LoadGuardStatus(
+                reading=self.last_load,
+                high=guards.load_high,
+                low=guards.load_low_mark if guards.load_high else None,
+                overloaded=self.overloaded,
+            ),
+            children=tuple(children),
+            figures=figures,
+        )
 
     def extra_statistics(self) -> dict[str, Any]:
         return {
-            "Host": self.host_stats(),
-            "Events": [e.to_dict() for e in self.events.recent(EVENTS_IN_STATISTICS)],
+            "Host": self.host_stats().to_bson(),
+            "Events": [e.to_bson() for e in self.events.recent(EVENTS_IN_STATISTICS)],
         }
 
     # IService
@@ -1143,7 +1118,7 @@ class SkynetDaemon(Service):
         """
         C{{}} -> C{{services: {uuid: {...}}}}.
         """
-        return {"services": self.daemon.sub_services()}
+        return sub_services_to_bson(self.daemon.sub_services())
 
     def StopSubService(self, request_info: Any, params: dict[str, Any]) -> dict[str, Any]:
         """
@@ -1193,7 +1168,7 @@ class SkynetDaemon(Service):
         """
         C{{}} -> C{{cpu, memory, load, uptime, cpus, children, ...}}.
         """
-        return self.daemon.host_stats()
+        return self.daemon.host_stats().to_bson()
 
     def extra_statistics(self) -> dict[str, Any]:
         return self.daemon.extra_statistics()

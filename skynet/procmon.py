@@ -49,6 +49,8 @@ from twisted.python.logfile import LogFile
 from twisted.runner.procmon import ProcessMonitor
 from zope.interface import Interface
 
+from skynet.control import DaemonEvent
+
 #: Lines longer than this (bytes) are cut into pieces in the daemon's log.
 MAX_LINE = 64 * 1024
 
@@ -129,25 +131,8 @@ class ExitRecord:
         }
 
 
-@attr.frozen
-class Event:
-    """
-    One thing the supervisor or a guard did or saw.
-
-    @ivar time: when (the reactor's clock).
-    @ivar kind: what, as a short name (C{"started"}, C{"exited"},
-        C{"restart_scheduled"}, C{"stopping"}, C{"guard_unregister"} ...).
-    @ivar fields: the measured values and names, as logged.
-    @ivar text: the rendered log message.
-    """
-
-    time: float
-    kind: str
-    fields: dict[str, Any] = attr.field(eq=False, hash=False)
-    text: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"time": self.time, "kind": self.kind, "text": self.text, **self.fields}
+#: One thing the supervisor or a guard did or saw (the control record).
+Event = DaemonEvent
 
 
 class EventLog:

@@ -44,7 +44,14 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from skynet.admin import ADMIN_ACTIONS, DAEMON_ACTIONS, admin_call, call_instance
+from skynet.admin import admin_call, call_instance
+from skynet.control import (
+    ADMIN_ACTIONS,
+    DAEMON_ACTIONS,
+    DAEMON_SERVICE,
+    LIST_SUB_SERVICES,
+    sub_services_from_bson,
+)
 from skynet.errors import (
     ConnectionFailed,
     NoInstances,
@@ -61,9 +68,6 @@ from skynet.registry.base import (
     RegistryError,
     sort_instances,
 )
-
-#: The service name of the per-host daemon.
-DAEMON_SERVICE = "SkynetDaemon"
 
 #: The persistent filters, in the order C{filters} shows them.
 FILTER_NAMES = ("region", "host", "port", "service", "version", "registered")
@@ -534,21 +538,6 @@ def to_json(value: Any, pretty: bool = False) -> str:
 # Remote calls: admin endpoints and exactly one instance
 
 
-def managed_uuids(answer: Any) -> set[str]:
-    """
-    The instance uuids in a daemon's C{ListSubServices} answer,
-    C{{services: {uuid: {...}}}} (a list of C{{uuid, ...}} will do too).
-    """
-    services = answer.get("services") if isinstance(answer, dict) else None
-    if isinstance(services, dict):
-        return {uuid for uuid in services if isinstance(uuid, str)}
-    if isinstance(services, list):
-        return {
-            s["uuid"] for s in services if isinstance(s, dict) and isinstance(s.get("uuid"), str)
-        }
-    return set()
-
-
 @attr.s(auto_attribs=True)
 class ActionResult:
     """
@@ -903,14 +892,19 @@ class Shell:
         for host in sorted({i.host for i in instances}):
             for daemon in daemons.get(host, []):
                 try:
-                    answer = await self._ask_daemon(daemon, "ListSubServices", {})
+                    answer = await self._ask_daemon(daemon, LIST_SUB_SERVICES, {})
                 except ShellError as e:
                     unreachable[host] = str(e)
                     continue
                 except SkynetError as e:
                     unreachable[host] = f"daemon on host {host} failed: {e}"
                     continue
-                for uuid in managed_uuids(answer):
+                try:
+                    managed = sub_services_from_bson(answer)
+                except ValueError as e:
+                    unreachable[host] = f"daemon on host {host} answered ListSubServices badly: {e}"
+                    continue
+                for uuid in managed:
                     supervisor[uuid] = daemon
         return supervisor, unreachable
 

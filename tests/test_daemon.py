@@ -27,6 +27,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from skynet.client import Client
+from skynet.control import HostFigures, HostMemory, sub_services_from_bson
 from skynet.daemon import (
     Daemon,
     DaemonState,
@@ -47,6 +48,7 @@ from skynet.registry.files import FileRegistry
 from skynet.registry.memory import MemoryRegistry
 from skynet.service import Service
 from skynet.testing import LocalCluster, MemoryServerEndpoint
+from skynet.web.hosts import read_daemon_node
 from tests.processes import (
     ROOT,
     child_env,
@@ -79,9 +81,13 @@ class FakeSampler:
     def forget(self, keep: Any) -> None:
         pass
 
-    def host(self) -> dict[str, Any]:
-        return {"cpu": 12.5, "cpus": 2, "memory": {"total": 100, "available": 60, "used": 40,
-                "percent": 40.0}, "load": [0.5, 0.4, 0.3], "uptime": 1000.0}  # fmt: skip
+    def host(self) -> HostFigures:
+        return HostFigures(cpu=12.5, cpus=2, memory=HostMemory(total=100, available=60, used=40,
+                           percent=40.0), load=(0.5, 0.4, 0.3), uptime=1000.0, boot_time=5.0,
+                           hostname="fake")  # fmt: skip
+
+    def own_usage(self) -> Usage | None:
+        return Usage(cpu=0.5, rss=10 << 20)
 
 
 class FakeChildren:
@@ -233,7 +239,9 @@ class DaemonUnitTests(SynchronousTestCase):
         self.assertEqual(process.env["PYTHONUNBUFFERED"], "1")
         self.assertEqual(process.env["PATH"], os.environ["PATH"])
         self.settle(0.5)
-        listing = self.successResultOf(self.call("ListSubServices"))["services"]
+        answer = self.successResultOf(self.call("ListSubServices"))
+        self.assertEqual(sub_services_from_bson(answer)[uuid].pid, process.pid)
+        listing = answer["services"]
         entry = listing[uuid]
         self.assertEqual(
             {k: entry[k] for k in ("service", "args", "running", "pid", "restarts", "started",
@@ -465,6 +473,11 @@ class DaemonUnitTests(SynchronousTestCase):
         self.assertEqual(host["children"][uuid]["rss"], 50 << 20)
         self.assertEqual(host["daemon"]["uuid"], self.daemon.uuid)
         self.assertEqual([e["kind"] for e in stats["Events"]], ["started", "deployed"])
+        # The node follows the contract the dashboard reads strictly.
+        reading = read_daemon_node(stats)
+        self.assertEqual(reading.host.children[0].usage, Usage(cpu=1.0, rss=50 << 20))
+        self.assertEqual(reading.host.daemon.usage, Usage(cpu=0.5, rss=10 << 20))
+        self.assertEqual([e.kind for e in reading.events], ["started", "deployed"])
         self.assertEqual(self.successResultOf(self.call("HostStats"))["children"][uuid]["cpu"], 1.0)
 
     def test_state_file(self) -> None:
@@ -522,7 +535,7 @@ class DeploymentFileTests(SynchronousTestCase):
     def test_deployment_records(self) -> None:
         d = make_deployment("a.b:C", "--x 'y z'")
         self.assertEqual((d.args, d.is_class, d.label), (("--x", "y z"), True, "C"))
-        self.assertEqual(Deployment.from_json(d.to_json()), d)
+        self.assertEqual(Deployment.from_bson(d.to_bson()), d)
         self.assertEqual(make_deployment("/bin/sleep 10").label, "sleep")
 
     def test_load_readings(self) -> None:

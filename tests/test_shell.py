@@ -20,10 +20,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from examples.fibonacci import Fibonacci
 from examples.testservice import TestService
-from skynet.errors import ConnectionFailed, ServiceError
+from skynet.errors import ConnectionFailed
 from skynet.registry.base import Address, Instance
 from skynet.registry.memory import MemoryRegistry
-from skynet.service import Service
 from skynet.shell import (
     BufferIO,
     Filters,
@@ -32,49 +31,10 @@ from skynet.shell import (
     ShellProtocol,
     UsageError,
     format_instance,
-    managed_uuids,
     parse,
     split_line,
 )
-from skynet.testing import LocalCluster
-
-
-class FakeDaemon(Service):
-    """
-    A C{SkynetDaemon} that supervises the uuids it is given and records
-    what it is asked.
-    """
-
-    name = "SkynetDaemon"
-
-    def __init__(self, managed: set[str] | None = None) -> None:
-        self.managed = set(managed or ())
-        self.calls: list[tuple[str, Any]] = []
-
-    def ListSubServices(self, info, params):
-        return {"services": {u: {"service": "x:Y", "running": True} for u in self.managed}}
-
-    def _uuid(self, method, params):
-        self.calls.append((method, params["uuid"]))
-        if params["uuid"] not in self.managed:
-            raise ServiceError(f"no sub-service with uuid {params['uuid']} on this host")
-        return {"ok": True, "uuid": params["uuid"]}
-
-    def StopSubService(self, info, params):
-        return self._uuid("StopSubService", params)
-
-    def RestartSubService(self, info, params):
-        return self._uuid("RestartSubService", params)
-
-    def RegisterSubService(self, info, params):
-        return self._uuid("RegisterSubService", params)
-
-    def UnregisterSubService(self, info, params):
-        return self._uuid("UnregisterSubService", params)
-
-    def Deploy(self, info, params):
-        self.calls.append(("Deploy", dict(params)))
-        return {"uuid": "deployed-uuid"}
+from skynet.testing import FakeDaemon, LocalCluster
 
 
 class FakeAdmin:
@@ -193,11 +153,6 @@ class ParseTests(SynchronousTestCase):
         self.assertIsNone(f.port)
         with self.assertRaises(UsageError):
             f.reset("colour")
-
-    def test_managed_uuids(self) -> None:
-        self.assertEqual(managed_uuids({"services": {"a": {}, "b": {"uuid": "b"}}}), {"a", "b"})
-        self.assertEqual(managed_uuids({"services": [{"uuid": "c"}, "junk"]}), {"c"})
-        self.assertEqual(managed_uuids(None), set())
 
 
 class QueryTests(ShellTestCase):
@@ -507,6 +462,14 @@ class DaemonRouteTests(ShellTestCase):
             io.errors,
         )
         self.assertEqual(self.admin.calls, [])
+
+    def test_malformed_listing_is_reported(self) -> None:
+        # (The daemon contract is strict: a listing of another shape is refused, not guessed at.)
+        self.daemon.listing = {"services": [{"uuid": self.fib.uuid}]}
+        status, io = self.sh(self.shell(), "stop --service Fibonacci")
+        self.assertEqual(status, 1)
+        self.assertIn("answered ListSubServices badly", io.errors)
+        self.assertEqual(self.daemon.calls, [])
 
     def test_deploy(self) -> None:
         status, io = self.sh(self.shell(), "deploy examples.sleeper:Sleeper --version 7")

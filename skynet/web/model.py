@@ -42,7 +42,13 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from skynet.registry.base import IInstanceListener, Instance, Query
-from skynet.web.daemonstats import DAEMON_SERVICE, DaemonFigures, daemon_figures
+from skynet.web.hosts import (
+    DAEMON_SERVICE,
+    DaemonReading,
+    event_key,
+    host_header,
+    read_daemon_node,
+)
 
 #: Fields of one point of an instance's or a service's series.
 INSTANCE_FIELDS = ("rps", "p50", "p99", "eps", "cpu", "rss")
@@ -347,7 +353,7 @@ class DashboardModel(Service):
         self.server_id = secrets.token_hex(8)
         self._semaphore = DeferredSemaphore(max_concurrent_reads)
         self._recently_removed: dict[str, float] = {}
-        self._daemon_figures: dict[str, DaemonFigures] = {}
+        self._daemon_figures: dict[str, DaemonReading] = {}
         self._seen_daemon_events: dict[str, set[Any]] = {}
         self._next_event_id = 1
         self._watch: Any = None
@@ -586,7 +592,7 @@ class DashboardModel(Service):
                     self.add_event("restarted", "{service} {address} restarted", state.instance)
                 self._dirty_rows[state.uuid] = None
                 if state.instance.name == DAEMON_SERVICE:
-                    self._daemon_figures[state.uuid] = daemon_figures(stats)
+                    self._read_daemon(state.uuid, stats)
 
         def failed(failure: Any) -> None:
             self.log.debug(
@@ -597,6 +603,14 @@ class DashboardModel(Service):
 
         return d.addCallbacks(got, failed)
 
+    def _read_daemon(self, uuid: str, stats: dict[str, Any]) -> None:
+        try:
+            self._daemon_figures[uuid] = read_daemon_node(stats)
+        except ValueError as e:
+            # Not the daemon contract: keep what we knew, say why.
+            self.log.warn("cannot read the statistics of daemon {uuid}: {error}",
+                          uuid=uuid, error=e)  # fmt: skip
+
     def _apply_daemons(self) -> None:
         """
         Give each supervised instance its CPU and RSS from its daemon, and
@@ -604,40 +618,44 @@ class DashboardModel(Service):
         """
         supervised: dict[str, tuple[str | None, Any]] = {}
         for daemon_uuid, figures in self._daemon_figures.items():
-            for uuid, child in figures.children.items():
-                supervised[uuid] = (daemon_uuid, child)
+            for child in figures.host.children:
+                supervised[child.uuid] = (daemon_uuid, child.usage)
             daemon = self.instances.get(daemon_uuid)
             if daemon is not None:
                 self._daemon_events(daemon, figures)
         for uuid, state in self.instances.items():
-            supervisor, child = supervised.get(uuid, (None, None))
-            cpu = child.cpu if child is not None else None
-            rss = child.rss if child is not None else None
+            supervisor, usage = supervised.get(uuid, (None, None))
             if state.instance.name == DAEMON_SERVICE and uuid in self._daemon_figures:
-                own = self._daemon_figures[uuid].own
-                if own is not None:
-                    cpu, rss = own.cpu, own.rss
+                usage = self._daemon_figures[uuid].host.daemon.usage or usage
+            cpu = usage.cpu if usage is not None else None
+            rss = usage.rss if usage is not None else None
             if (state.daemon, state.cpu, state.rss) != (supervisor, cpu, rss):
                 state.daemon, state.cpu, state.rss = supervisor, cpu, rss
                 self._dirty_rows[uuid] = None
         self._refresh_hosts()
 
-    def _daemon_events(self, daemon: InstanceState, figures: DaemonFigures) -> None:
-        current = {key for key, _ in figures.events}
+    def _daemon_events(self, daemon: InstanceState, figures: DaemonReading) -> None:
+        """
+        Turn a daemon's events that are new since our first read into ours,
+        stamped with the time they happened on the daemon.
+        """
+        events = [(event_key(e), e) for e in figures.events]
+        current = {key for key, _ in events}
         seen = self._seen_daemon_events.get(daemon.uuid)
         if seen is None:
             # What happened before we looked is history, not news.
             self._seen_daemon_events[daemon.uuid] = current
             return
-        for key, event in figures.events:
+        for key, event in events:
             if key in seen:
                 continue
             seen.add(key)
-            target = self.instances.get(event.get("uuid") or "")
+            target = self.instances.get(event.uuid or "")
             self.add_event(
-                event.get("kind") or "daemon",
-                event.get("text") or "",
+                event.kind,
+                event.text,
                 target.instance if target is not None else None,
+                now=event.time,
                 daemon=daemon.uuid,
             )
         if len(seen) > 2 * len(current) + 100:
@@ -651,7 +669,7 @@ class DashboardModel(Service):
                 continue
             name = daemon.instance.host
             header = {"host": name, "daemon": daemon_uuid, "region": daemon.instance.region}
-            header.update(figures.host)
+            header.update(host_header(figures.host))
             hosts[name] = header
         for name in set(self.hosts) - set(hosts):
             self._removed_hosts.add(name)
