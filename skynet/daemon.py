@@ -1047,7 +1047,8 @@ class Daemon(MultiService):
         if not self.running:
             return
         self._watch = self.registry.watch(Query(), _ChildInstances(self))
-        await self.host.startService()
+        self.host.startService()
+        await self.host.when_started()
         self._loop.start(self.guards.sample_interval, now=True).addErrback(
             lambda f: self.log.failure("the guard loop failed", f)
         )

@@ -559,7 +559,8 @@ class DashboardTests(TestCase):
         self.registry = MemoryRegistry(reactor=reactor, store=self.services.store)
         self.model = DashboardModel(self.registry, reactor=reactor, stats_interval=0.1,
                                     push_interval=0.05)  # fmt: skip
-        await self.model.startService()
+        self.model.startService()
+        await self.model.when_started()
         self.addCleanup(self.model.stopService)
         self.app = DashboardApp(self.model, token=token)
         port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(self.app.site())
@@ -844,7 +845,8 @@ class DashboardTests(TestCase):
             [serverFromString(reactor, "tcp:0:interface=127.0.0.1")],
             reactor=reactor, uuid=uuid, stats_interval=0.1, stop_process=stop,
         )  # fmt: skip
-        await host.startService()
+        host.startService()
+        await host.when_started()
         self.addCleanup(host.stopService)
         await self.wait(lambda: self.model.find(host.uuid) is not None, "the instance")
         return host

@@ -36,11 +36,14 @@ from twisted.internet.defer import (
     DeferredList,
     DeferredSemaphore,
     ensureDeferred,
+    succeed,
 )
-from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from skynet._services import RetryingStart
+from skynet.config import default_reactor
 from skynet.registry.base import IInstanceListener, Instance, Query
 from skynet.web.hosts import (
     DAEMON_SERVICE,
@@ -333,11 +336,7 @@ class DashboardModel(Service):
         own_registry: bool = False,
         max_concurrent_reads: int = 64,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
-        self.reactor = reactor
+        self.reactor = default_reactor(reactor)
         self.registry = registry
         self.stats_interval = stats_interval
         self.history = history
@@ -357,7 +356,8 @@ class DashboardModel(Service):
         self._seen_daemon_events: dict[str, set[Any]] = {}
         self._next_event_id = 1
         self._watch: Any = None
-        self._retry: Deferred | None = None
+        self._registry_start: RetryingStart | None = None
+        self._started_waiters: list[Deferred] = []
         self._loop: LoopingCall | None = None
         self._sweeping: Deferred | None = None
         self._subscribers: list[Callable[[dict[str, Any]], None]] = []
@@ -374,30 +374,35 @@ class DashboardModel(Service):
 
     # IService
 
-    def startService(self) -> Deferred:  # type: ignore[override]
+    def startService(self) -> None:
         super().startService()
-        return ensureDeferred(self._start())
+        if not self.own_registry:
+            self._open()
+            return
+        # A dashboard started before its ZooKeeper keeps trying.
+        self._registry_start = RetryingStart(
+            self.registry.start,
+            self.registry.stop,
+            what=f"start the registry {getattr(self.registry, 'url', self.registry)}",
+            reactor=self.reactor,
+        )
+        self._registry_start.startService()
+        self._registry_start.when_started().addCallbacks(
+            lambda _: self._open(), lambda f: f.trap(CancelledError)
+        )
 
-    async def _start(self) -> None:
-        delay = 0.5
-        while self.own_registry and self.running:
-            try:
-                await self.registry.start()
-                break
-            except Exception as e:
-                # A dashboard started before its ZooKeeper keeps trying.
-                self.log.warn(
-                    "cannot start the registry {url} ({error}); retrying in {delay}s",
-                    url=getattr(self.registry, "url", self.registry),
-                    error=e,
-                    delay=delay,
-                )
-                self._retry = deferLater(self.reactor, delay, lambda: None)
-                try:
-                    await self._retry
-                except CancelledError:
-                    return
-                delay = min(delay * 2, 10.0)
+    def when_started(self) -> Deferred:
+        """
+        Fires once the model watches the registry (its registry started,
+        if it owns it).
+        """
+        if self._watch is not None:
+            return succeed(None)
+        d: Deferred = Deferred()
+        self._started_waiters.append(d)
+        return d
+
+    def _open(self) -> None:
         if not self.running:
             return
         self._watch = self.registry.watch(Query(), self)
@@ -406,14 +411,15 @@ class DashboardModel(Service):
         self._loop.start(self.stats_interval, now=True).addErrback(
             lambda f: self.log.failure("statistics sweep loop failed", f)
         )
+        waiters, self._started_waiters = self._started_waiters, []
+        for d in waiters:
+            d.callback(None)
 
     def stopService(self) -> Deferred:  # type: ignore[override]
         super().stopService()
         return ensureDeferred(self._stop())
 
     async def _stop(self) -> None:
-        if self._retry is not None and not self._retry.called:
-            self._retry.cancel()
         if self._watch is not None:
             self._watch.stop()
             self._watch = None
@@ -424,8 +430,9 @@ class DashboardModel(Service):
         self._push_call = None
         if self._sweeping is not None:
             await self._sweeping
-        if self.own_registry:
-            await self.registry.stop()
+        if self._registry_start is not None:
+            await self._registry_start.stopService()
+            self._registry_start = None
 
     # IInstanceListener
 
