@@ -17,6 +17,7 @@ from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
+from skynet.config import skynet_path
 from skynet.daemon import (
     Daemon,
     GuardConfig,
@@ -32,8 +33,7 @@ def default_log_dir() -> str:
     """
     C{$SKYNET_HOME/logs}, else C{~/.skynet/logs}.
     """
-    home = os.environ.get("SKYNET_HOME") or os.path.join(os.path.expanduser("~"), ".skynet")
-    return os.path.join(home, "logs")
+    return skynet_path("logs")
 
 
 def _number(options: usage.Options, name: str, kind: type = float, *, positive: bool = False,
