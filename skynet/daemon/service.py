@@ -77,6 +77,10 @@ class Daemon(SequentialMultiService):
     the module docstring for the order of its children).  Other services
     (an SSH shell) belong beside it, in the same parent.
 
+    (About 410 lines, most of them the operations C{SkynetDaemon} exposes
+    and the two status records it answers with; policy, guards, the
+    registry view and the deployments are in their own modules.)
+
     @param registry: the L{IRegistry} (not started; the daemon owns it).
     @param endpoints: server endpoints for C{SkynetDaemon} (first that
         listens wins), C{admin_endpoints} likewise for its admin listener.

@@ -15,9 +15,16 @@ from typing import Any
 
 import attr
 
-from skynet.control import DAEMON_SERVICE, DaemonEvent, HostStats
+from skynet.control import DAEMON_SERVICE, DaemonEvent, HostStats, ProcessUsage
 
-__all__ = ["DAEMON_SERVICE", "DaemonReading", "event_key", "host_header", "read_daemon_node"]
+__all__ = [
+    "DAEMON_SERVICE",
+    "DaemonNews",
+    "DaemonReading",
+    "event_key",
+    "host_header",
+    "read_daemon_node",
+]
 
 
 @attr.frozen
@@ -80,3 +87,100 @@ def host_header(stats: HostStats) -> dict[str, Any]:
         "uptime": f.uptime,
         "hostname": f.hostname,
     }
+
+
+class DaemonNews:
+    """
+    Which of each daemon's events are news: those that appear in its node
+    after our first read of it (what happened before we looked is history).
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[str, set[Any]] = {}
+
+    def news(self, daemon: str, reading: DaemonReading) -> list[DaemonEvent]:
+        """
+        The events of C{reading} not seen before from C{daemon}, oldest
+        first.
+        """
+        events = [(event_key(e), e) for e in reading.events]
+        current = {key for key, _ in events}
+        seen = self._seen.get(daemon)
+        if seen is None:
+            self._seen[daemon] = current
+            return []
+        new = []
+        for key, event in events:
+            if key not in seen:
+                seen.add(key)
+                new.append(event)
+        if len(seen) > 2 * len(current) + 100:
+            seen.intersection_update(current)
+        return new
+
+    def forget(self, daemon: str) -> None:
+        self._seen.pop(daemon, None)
+
+
+class Daemons:
+    """
+    The dashboard's knowledge of the hosts' daemons: each one's last good
+    reading, which of its events are news, and one header per host.
+
+    @ivar readings: daemon uuid -> its last L{DaemonReading}.
+    @ivar headers: host name -> its header (C{host}, C{daemon}, C{region}
+        and the figures of L{host_header}).
+    """
+
+    def __init__(self) -> None:
+        self.readings: dict[str, DaemonReading] = {}
+        self.headers: dict[str, dict[str, Any]] = {}
+        self.news = DaemonNews()
+
+    def read(self, uuid: str, stats: Any) -> None:
+        """
+        Take a daemon's freshly read statistics node.
+
+        @raise ValueError: if it breaks the contract (the last good reading
+            is kept).
+        """
+        self.readings[uuid] = read_daemon_node(stats)
+
+    def forget(self, uuid: str) -> None:
+        self.readings.pop(uuid, None)
+        self.news.forget(uuid)
+
+    def supervision(self) -> dict[str, tuple[str | None, ProcessUsage | None]]:
+        """
+        Per instance uuid: the daemon supervising it (or L{None}) and its
+        usage as measured by a daemon (a daemon's own included).
+        """
+        found: dict[str, tuple[str | None, ProcessUsage | None]] = {}
+        for daemon_uuid, reading in self.readings.items():
+            for child in reading.host.children:
+                found[child.uuid] = (daemon_uuid, child.usage)
+        for daemon_uuid, reading in self.readings.items():
+            if reading.host.daemon.usage is not None:
+                above = found.get(daemon_uuid, (None, None))[0]
+                found[daemon_uuid] = (above, reading.host.daemon.usage)
+        return found
+
+    def refresh(self, where: dict[str, tuple[str, str]]) -> set[str]:
+        """
+        Rebuild the headers from the daemons still present.
+
+        @param where: daemon uuid -> its (host, region), for the daemons
+            present in the registry.
+        @return: the hosts whose header went away.
+        """
+        headers: dict[str, dict[str, Any]] = {}
+        for daemon_uuid, reading in self.readings.items():
+            if daemon_uuid not in where:
+                continue
+            host, region = where[daemon_uuid]
+            header = {"host": host, "daemon": daemon_uuid, "region": region}
+            header.update(host_header(reading.host))
+            headers[host] = header
+        gone = set(self.headers) - set(headers)
+        self.headers = headers
+        return gone
