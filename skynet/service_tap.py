@@ -159,7 +159,12 @@ class SupervisorWatch(Service_):
         super().startService()
         from twisted.internet.stdio import StandardIO
 
-        self.stdio = StandardIO(_SupervisorPipe(self._stop), reactor=self.reactor)
+        # (daemon helper hook) Only stdin is watched: StandardIO's writer gets
+        # /dev/null, not fd 1, which it would make non-blocking, so that the
+        # log written to stdout would lose lines (EAGAIN) while the daemon
+        # reading it is stopped, instead of waiting for it.
+        null = os.open(os.devnull, os.O_WRONLY)
+        self.stdio = StandardIO(_SupervisorPipe(self._stop), stdout=null, reactor=self.reactor)  # type: ignore[call-arg]
 
     def _stop(self) -> None:
         if self.running and self.reactor.running:

@@ -224,7 +224,7 @@ class Daemon(SequentialMultiService):
         env = dict(os.environ)
         env.update(PYTHONUNBUFFERED="1", SKYNET_REGISTRY=self.registry_url,
                    SKYNET_UUID=deployment.uuid)  # fmt: skip
-        self.supervisor.addProcess(deployment.uuid, self.command(deployment), env=env,
+        self.supervisor.add_child(deployment.uuid, self.command(deployment), env=env,
                                    cwd=self.cwd, label=deployment.label)  # fmt: skip
 
     def command(self, deployment: Deployment) -> list[str]:
