@@ -162,8 +162,9 @@ class RetryingStart(Service):
             if self._stop is not None:
                 try:
                     await maybeDeferred(self._stop)
-                except Exception:
-                    self.log.failure("undoing {what} failed", what=self.what)
+                except Exception as e:
+                    # An outage (the registry gone) is expected here, not a bug.
+                    self.log.warn("undoing {what} failed: {error}", what=self.what, error=e)
 
 
 class StartAfter(Service):
@@ -176,9 +177,14 @@ class StartAfter(Service):
         self.gate = gate
         self.service = service
 
+    log = Logger()
+
     def startService(self) -> None:
         super().startService()
-        self.gate.when_started().addCallbacks(self._open, lambda f: f.trap(CancelledError))
+        d = self.gate.when_started()
+        d.addCallbacks(self._open, lambda f: f.trap(CancelledError))
+        d.addErrback(lambda f: self.log.failure("starting {service!r} failed", f,
+                                                service=self.service))  # fmt: skip
 
     def _open(self, _: Any) -> None:
         if self.running and not self.service.running:

@@ -568,6 +568,8 @@ class Supervisor(service.Service):
             child.restart_call = self.reactor.callLater(remaining, self._restart, child)
 
         cleanup.addBoth(schedule)
+        cleanup.addErrback(lambda f: self.log.failure("scheduling the restart of {uuid} failed", f,
+                                                      uuid=child.name))  # fmt: skip
 
     def _cleanup_failed(self, failure: Failure, name: str) -> None:
         if failure.check(CancelledError):

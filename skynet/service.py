@@ -613,8 +613,10 @@ class ServiceHost(MultiService):
         if self.in_registry:
             try:
                 await self.registry.remove(self.instance)
-            except Exception:
-                self.log.failure("could not remove {uuid} from the registry", uuid=self.uuid)
+            except Exception as e:
+                # (daemon helper: an outage at stop is expected: a warning.)
+                self.log.warn("could not remove {uuid} from the registry: {error}",
+                              uuid=self.uuid, error=e)  # fmt: skip
             self.in_registry = False
         await self._close_connections()
         await self._hook(self.service.on_stopped)

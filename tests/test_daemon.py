@@ -464,6 +464,23 @@ class DaemonUnitTests(SynchronousTestCase):
         self.assertEqual([e.kind for e in reading.events], ["started", "deployed"])
         self.assertEqual(self.successResultOf(self.call("HostStats"))["children"][uuid]["cpu"], 1.0)
 
+    def test_fire_and_forget_failures_are_logged(self) -> None:
+        """
+        A coroutine the daemon does not wait for logs its unexpected failure
+        with what it was doing (not "Unhandled error in Deferred" at garbage
+        collection).
+        """
+        self.make()
+
+        async def broken() -> None:
+            raise RuntimeError("surprise")
+
+        with capturedLogs() as events:
+            self.daemon._spawn(broken(), "registering", uuid="u-1")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        [event] = [e for e in events if e.get("what") == "registering"]
+        self.assertEqual(event["uuid"], "u-1")
+
     def test_state_file(self) -> None:
         path = os.path.join(tempfile.mkdtemp(prefix="skynet-state-"), "state.json")
         deployments = [make_deployment("m:A", ["-x"]), make_deployment("m:B", registered=False)]

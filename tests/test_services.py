@@ -147,6 +147,18 @@ class RetryingStartTests(SynchronousTestCase):
         self.successResultOf(stopped)
         self.assertEqual(self.stops, 1)
 
+    def test_a_failing_undo_is_a_warning(self) -> None:
+        """
+        The registry gone at stop is an outage, not a bug: a warning.
+        """
+        service = RetryingStart(lambda: None, lambda: fail(ConnectionError("gone")),
+                                what="start the registry", reactor=self.clock)  # fmt: skip
+        service.startService()
+        with capturedLogs() as events:
+            self.successResultOf(service.stopService())
+        self.assertEqual([str(e["error"]) for e in events if "error" in e], ["gone"])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
     def test_injected_policy(self) -> None:
         self.outcomes = [ConnectionError("down")] * 2
         service = self.make(policy=lambda n: 3.0)

@@ -378,9 +378,9 @@ class DashboardModel(Service):
             reactor=self.reactor,
         )
         self._registry_start.startService()
-        self._registry_start.when_started().addCallbacks(
-            lambda _: self._open(), lambda f: f.trap(CancelledError)
-        )
+        d = self._registry_start.when_started()
+        d.addCallbacks(lambda _: self._open(), lambda f: f.trap(CancelledError))
+        d.addErrback(lambda f: self.log.failure("opening the dashboard's watch failed", f))
 
     def when_started(self) -> Deferred:
         """
@@ -567,7 +567,8 @@ class DashboardModel(Service):
         fill in without waiting for the next sweep.
         """
         if uuids and self.running:
-            self._read_stats(uuids).addCallback(lambda _: self._apply_daemons())
+            d = self._read_stats(uuids).addCallback(lambda _: self._apply_daemons())
+            d.addErrback(lambda f: self.log.failure("reading new instances failed", f))
 
     def _read_stats(self, uuids: Iterable[str]) -> Deferred:
         reads = []
