@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from typing import Any
@@ -464,6 +465,23 @@ class DaemonUnitTests(SynchronousTestCase):
         self.assertEqual([e.kind for e in reading.events], ["started", "deployed"])
         self.assertEqual(self.successResultOf(self.call("HostStats"))["children"][uuid]["cpu"], 1.0)
 
+    def test_cleanup_with_the_registry_down_is_a_warning(self) -> None:
+        self.make()
+        uuid = self.successResultOf(self.call("Deploy", {"service": "m:A"}))["uuid"]
+        self.settle(0.5)
+        _, registry, _ = self.children.by_admin[max(self.children.by_admin)]
+        registry.crash = lambda: None  # the node outlives the process
+        self.daemon.registry.remove = lambda i: Deferred.fromCoroutine(_refused())  # type: ignore[method-assign]
+        with capturedLogs() as events:
+            self.clock.last().exit(signal=signal.SIGKILL)
+            self.settle()
+        [warning] = [e for e in events if e.get("uuid") == uuid and e.get("error") is not None]
+        self.assertIn("gone", str(warning["error"]))
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual(self.daemon.events.recent(kind="registry_cleanup"), [])
+        self.settle(1.0)
+        self.assertEqual(len(self.clock.running()), 1)  # restarted all the same
+
     def test_fire_and_forget_failures_are_logged(self) -> None:
         """
         A coroutine the daemon does not wait for logs its unexpected failure
@@ -744,6 +762,24 @@ class DaemonLifecycleTests(SynchronousTestCase):
         self.assertEqual(order, ["host", "supervisor", "children", "registry"])
         self.assertFalse(daemon.sampling.running)
         self.successResultOf(cluster.stop())
+
+
+class ImportTests(SynchronousTestCase):
+    def test_importing_the_daemon_is_cheap(self) -> None:
+        """
+        C{import skynet.daemon} loads none of its parts nor Twisted's
+        process machinery; a name is imported from its part on first use.
+        """
+        code = (
+            "import sys, skynet.daemon as d\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('skynet.daemon.', "
+            "'twisted.runner', 'twisted.internet.process', 'psutil'))))\n"
+            "d.GuardConfig\n"
+            "print('skynet.daemon.guards' in sys.modules, 'skynet.daemon.service' in sys.modules)\n"
+        )
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                cwd=ROOT, check=True)  # fmt: skip
+        self.assertEqual(result.stdout.splitlines(), ["[]", "True False"])
 
 
 class DeploymentFileTests(SynchronousTestCase):

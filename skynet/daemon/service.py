@@ -380,7 +380,14 @@ class Daemon(SequentialMultiService):
         return Deferred.fromCoroutine(self._remove_nodes(name, record))
 
     async def _remove_nodes(self, uuid: str, record: ExitRecord) -> None:
-        instance = await self.children.remove_dead(uuid, record.pid)
+        try:
+            instance = await self.children.remove_dead(uuid, record.pid)
+        except Exception as e:
+            # The registry unreachable: an outage, not a bug; the node goes
+            # at session expiry instead.
+            self.log.warn("cannot remove the node of dead {uuid} (pid {pid}): {error}",
+                          uuid=uuid, pid=record.pid, error=e)  # fmt: skip
+            return
         if instance is not None:
             self.events.record("registry_cleanup",
                                "{service} ({uuid}) removed from the registry: {path}",
