@@ -51,7 +51,7 @@ from twisted.python.logfile import LogFile
 from zope.interface import Interface
 
 from skynet.config import default_reactor
-from skynet.control import DaemonEvent
+from skynet.control import DaemonEvent, ExitStatus
 
 #: Lines longer than this (bytes) are cut into pieces in the daemon's log.
 MAX_LINE = 64 * 1024
@@ -117,20 +117,19 @@ class ExitRecord:
             return f"killed by {signal_name(self.signal)}"
         return f"exited with code {self.code}"
 
+    def to_status(self) -> ExitStatus:
+        """
+        The control record of this exit (what C{ListSubServices} says).
+        """
+        return ExitStatus(code=self.code, signal=self.signal, signal_name=signal_name(self.signal),
+                          time=self.time, uptime=self.uptime, pid=self.pid, error=self.error,
+                          text=self.describe())  # fmt: skip
+
     def to_dict(self) -> dict[str, Any]:
         """
         A plain document (BSON and JSON friendly).
         """
-        return {
-            "code": self.code,
-            "signal": self.signal,
-            "signal_name": signal_name(self.signal),
-            "time": self.time,
-            "uptime": self.uptime,
-            "pid": self.pid,
-            "error": self.error,
-            "text": self.describe(),
-        }
+        return self.to_status().to_bson()
 
 
 #: One thing the supervisor or a guard did or saw (the control record).

@@ -37,7 +37,6 @@ from skynet.control import (
     ChildStats,
     DaemonProcess,
     Deployment,
-    ExitStatus,
     HostFigures,
     HostStats,
     LoadGuardStatus,
@@ -416,26 +415,25 @@ class Daemon(SequentialMultiService):
         """
         services = []
         for uuid, deployment in self.store.deployments.items():
-            status = self.supervisor.status(uuid)
+            child = self.supervisor.children[uuid]
             instance = self.children.get(uuid)
             usage = self.usage.get(uuid)
-            last_exit = status["last_exit"]
             services.append(SubServiceStatus(
                 uuid=uuid,
                 service=deployment.service,
                 args=deployment.args,
-                running=status["running"],
-                pid=status["pid"],
-                restarts=status["restarts"],
-                started=status["started"],
+                running=child.running,
+                pid=child.pid,
+                restarts=child.restarts,
+                started=child.started,
                 registered=self.effective_registered(uuid),
-                last_exit=ExitStatus.from_bson(last_exit) if last_exit else None,
+                last_exit=child.last_exit.to_status() if child.last_exit else None,
                 desired_registered=deployment.registered,
                 held=self.policy.held(uuid),
                 in_registry=None if instance is None else instance.registered,
-                next_restart=status["next_restart"],
-                backoff=float(status["backoff"]),
-                log=status["log"],
+                next_restart=child.next_restart,
+                backoff=float(child.delay),
+                log=child.log_path,
                 cpu=usage.cpu if usage else None,
                 rss=usage.rss if usage else None,
             ))  # fmt: skip
