@@ -336,6 +336,10 @@ class Supervisor(service.Service):
     one L{Child} record per child holds all its state, where inheriting
     ProcessMonitor kept a second table and overrode its private methods.
 
+    (About 420 lines, over the usual 400: a child's life, start, exit,
+    back-off, graceful stop, is one state machine, clearer in one class
+    than split across several.)
+
     @param reactor: an L{IReactorProcess} and L{IReactorTime} provider
         (default: the global reactor, imported when needed).
     @param log_dir: where each child's output goes (C{<label>-<name>.log});

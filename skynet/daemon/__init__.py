@@ -27,6 +27,7 @@ The parts, one module each:
     guards       the CPU/memory and host-load guards as state machines; samplers
     children     the daemon's one view of its children in the registry
     sampling     the guards at work: samples in, decisions carried out
+    status       the records ListSubServices and HostStats answer with
     service      Daemon (the wiring) and SkynetDaemon (its remote methods)
 
 The names below are imported from their module on first use, so that

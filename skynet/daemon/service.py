@@ -34,14 +34,11 @@ from skynet._services import RetryingStart, SequentialMultiService, StartAfter
 from skynet.admin import admin_call
 from skynet.config import default_reactor
 from skynet.control import (
-    ChildStats,
-    DaemonProcess,
     Deployment,
-    HostFigures,
     HostStats,
-    LoadGuardStatus,
     SubServiceStatus,
 )
+from skynet.daemon import status
 from skynet.daemon.children import ChildInstances
 from skynet.daemon.deployments import DeploymentStore, command_line, make_deployment, twistd_command
 from skynet.daemon.guards import GuardConfig, PsutilSampler, Usage
@@ -76,9 +73,9 @@ class Daemon(SequentialMultiService):
     the module docstring for the order of its children).  Other services
     (an SSH shell) belong beside it, in the same parent.
 
-    (About 410 lines, most of them the operations C{SkynetDaemon} exposes
-    and the two status records it answers with; policy, guards, the
-    registry view and the deployments are in their own modules.)
+    (Its policy, guards, registry view, deployments and status records are
+    in their own modules; what stays is the wiring and the operations
+    C{SkynetDaemon} exposes.)
 
     @param registry: the L{IRegistry} (not started; the daemon owns it).
     @param endpoints: server endpoints for C{SkynetDaemon} (first that
@@ -413,67 +410,13 @@ class Daemon(SequentialMultiService):
         """
         Every sub-service, as C{ListSubServices} answers.
         """
-        services = []
-        for uuid, deployment in self.store.deployments.items():
-            child = self.supervisor.children[uuid]
-            instance = self.children.get(uuid)
-            usage = self.usage.get(uuid)
-            services.append(SubServiceStatus(
-                uuid=uuid,
-                service=deployment.service,
-                args=deployment.args,
-                running=child.running,
-                pid=child.pid,
-                restarts=child.restarts,
-                started=child.started,
-                registered=self.effective_registered(uuid),
-                last_exit=child.last_exit.to_status() if child.last_exit else None,
-                desired_registered=deployment.registered,
-                held=self.policy.held(uuid),
-                in_registry=None if instance is None else instance.registered,
-                next_restart=child.next_restart,
-                backoff=float(child.delay),
-                log=child.log_path,
-                cpu=usage.cpu if usage else None,
-                rss=usage.rss if usage else None,
-            ))  # fmt: skip
-        return services
+        return status.sub_services(self)
 
     def host_stats(self) -> HostStats:
         """
         The host and this daemon's children, as C{HostStats} answers.
         """
-        try:
-            figures: HostFigures | None = self.sampler.host()
-        except Exception:
-            self.log.failure("reading the host's statistics failed")
-            figures = None
-        try:
-            own = self.sampler.own_usage()
-        except Exception:
-            own = None
-        guards = self.guards
-        children = []
-        for uuid, deployment in self.store.deployments.items():
-            child = self.supervisor.children[uuid]
-            children.append(ChildStats(uuid=uuid, service=deployment.label, pid=child.pid,
-                                       running=child.running, usage=self.usage.get(uuid)))  # fmt: skip
-        return HostStats(
-            daemon=DaemonProcess(
-                uuid=self.uuid,
-                pid=os.getpid(),
-                uptime=self.reactor.seconds() - self.started_at,
-                usage=own,
-            ),  # fmt: skip
-            load_guard=LoadGuardStatus(
-                reading=self.guard_runner.load_guard.last,
-                high=guards.load_high,
-                low=guards.load_low_mark if guards.load_high else None,
-                overloaded=self.policy.overloaded,
-            ),
-            children=tuple(children),
-            figures=figures,
-        )
+        return status.host_stats(self)
 
     def extra_statistics(self) -> dict[str, Any]:
         return {

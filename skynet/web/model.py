@@ -309,7 +309,7 @@ class DashboardModel(Service):
     """
     The live model behind the dashboard (an C{IService}).
 
-    (About 430 lines: the registry listener, the sweep and the page's
+    (About 440 lines: the registry listener, the sweep and the page's
     messages all work on the one instance table; the pieces that need it
     less live apart: L{Changes} makes the deltas, L{Daemons} reads the
     hosts' daemons, L{record_points} grows the series.)
