@@ -189,6 +189,8 @@ class DaemonUnitTests(SynchronousTestCase):
             self.clock.advance(0.1)
         self.successResultOf(d)
         self.successResultOf(self.cluster.stop())
+        # Stopped means stopped: no timer of the daemon's is left behind.
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def settle(self, seconds: float = 0.0) -> None:
         steps = int(seconds / 0.05)
@@ -762,6 +764,7 @@ class DaemonLifecycleTests(SynchronousTestCase):
         self.assertEqual(order, ["host", "supervisor", "children", "registry"])
         self.assertFalse(daemon.sampling.running)
         self.successResultOf(cluster.stop())
+        self.assertEqual(clock.getDelayedCalls(), [])
 
 
 class ImportTests(SynchronousTestCase):
