@@ -29,11 +29,16 @@ __all__ = [
     "DAEMON_METHODS",
     "DAEMON_SERVICE",
     "DEPLOY",
+    "DEPLOYMENT_STATES",
+    "FAILING",
     "HOST_STATS",
     "LIST_SUB_SERVICES",
     "REGISTER_SUB_SERVICE",
+    "RESTARTING",
+    "RUNNING",
     "RESTART_ALL_SUB_SERVICES",
     "RESTART_SUB_SERVICE",
+    "STARTING",
     "STOP_ALL_SUB_SERVICES",
     "STOP_SUB_SERVICE",
     "UNREGISTER_SUB_SERVICE",
@@ -217,6 +222,13 @@ class Deployment:
 
 # ListSubServices
 
+#: The states of a sub-service (see L{SubServiceStatus.state}).
+STARTING = "starting"
+RUNNING = "running"
+RESTARTING = "restarting"
+FAILING = "failing"
+DEPLOYMENT_STATES = (STARTING, RUNNING, RESTARTING, FAILING)
+
 
 @attr.frozen
 class ExitStatus:
@@ -262,6 +274,13 @@ class SubServiceStatus:
     @ivar held: why it is held unregistered (C{"cpu"}, C{"memory"},
         C{"host-load"}).
     @ivar in_registry: its node's C{registered}, L{None} if it has none.
+    @ivar state: one of L{DEPLOYMENT_STATES}: C{"starting"} (its process
+        is not in the registry yet), C{"running"} (it is),
+        C{"restarting"} (no process, the next one due at once) or
+        C{"failing"} (its last process died before it had stayed up, or
+        before it registered, and no new one has registered since).
+    @ivar last_error: why it is failing: how its last process ended and
+        its last lines of output; L{None} unless failing.
     """
 
     uuid: str
@@ -281,6 +300,12 @@ class SubServiceStatus:
     log: str | None
     cpu: float | None
     rss: int | None
+    state: str = "starting"
+    last_error: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.state not in DEPLOYMENT_STATES:
+            raise ValueError(f"sub-service {self.uuid}: unknown state {self.state!r}")
 
     def to_bson(self) -> dict[str, Any]:
         """
@@ -316,6 +341,8 @@ class SubServiceStatus:
             log=_str(doc, "log", what, optional=True),
             cpu=_float(doc, "cpu", what, optional=True),
             rss=_int(doc, "rss", what, optional=True),
+            state=_str(doc, "state", what),
+            last_error=_str(doc, "last_error", what, optional=True),
         )
 
 

@@ -87,6 +87,9 @@ class Options(usage.Options):
         ["stop-grace", None, 15.0,
          "Seconds a child gets after Admin.Stop (to drain) before SIGTERM."],
         ["kill-time", None, 5.0, "Seconds a child gets after SIGTERM before SIGKILL."],
+        ["start-timeout", None, 15.0,
+         "Seconds Deploy waits for a new child to register (or fail) before it answers; a "
+         "child that ends first, or takes longer, fails the call (0: answer at once)."],
         ["sample-interval", None, 2.0, "Seconds between the guards' samples."],
         ["child-max-cpu", None, 0.0,
          "A child's CPU percent (100 = one core) that, sustained, gets it restarted "
@@ -123,7 +126,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         for name in ("stats-interval", "sample-interval"):
             _number(self, name, positive=True)
-        for name in ("stable-after", "max-restart-delay", "stop-grace", "kill-time",
+        for name in ("stable-after", "max-restart-delay", "stop-grace", "kill-time", "start-timeout",
                      "child-max-cpu", "child-max-rss", "load-high"):  # fmt: skip
             _number(self, name)
         if self["max-restart-delay"] < 1:
@@ -247,6 +250,7 @@ def makeService(options: Options) -> MultiService:
         max_restart_delay=options["max-restart-delay"],
         stop_grace=options["stop-grace"],
         kill_time=options["kill-time"],
+        start_timeout=options["start-timeout"],
         guards=options.guards,
         load=options.load,
         sampler=options.sampler,

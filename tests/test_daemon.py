@@ -99,7 +99,7 @@ class FakeChildren:
         if process.ended:
             return None
         args = process.args
-        uuid = args[args.index("--uuid") + 1]
+        uuid = args[args.index("--uuid") + 1] if "--uuid" in args else process.env["SKYNET_UUID"]
         self.port += 2
         instance = Instance(uuid=uuid, name="Fake", version="1", region="r", host="10.0.0.9",
                             port=self.port, admin=Address("10.0.0.9", self.port + 1),
@@ -200,7 +200,8 @@ class DaemonUnitTests(SynchronousTestCase):
 
     def call(self, method: str, params: dict | None = None) -> Any:
         d = self.cluster.call("SkynetDaemon", method, params or {})
-        self.settle()
+        # (Deploy answers once the fake child is in the registry: 0.1 s.)
+        self.settle(0.3 if method == "Deploy" else 0.0)
         return d
 
     def test_remote_methods(self) -> None:
@@ -253,6 +254,84 @@ class DaemonUnitTests(SynchronousTestCase):
         listing = self.successResultOf(self.call("ListSubServices"))["services"]
         self.assertEqual(listing[second]["registered"], False)
         self.assertEqual(len(listing), 3)
+
+    def test_deploy_fails_when_the_child_dies_before_registering(self) -> None:
+        """
+        A child that exits before it is in the registry fails C{Deploy}
+        with how it ended and its last output; it stays deployed, listed as
+        failing with its last error and restart count, until stopped.
+        """
+        self.make()
+        self.children.auto_register = False
+        d = self.call("Deploy", {"service": "examples.nosuch:Thing"})
+        process = self.clock.last()
+        process.output(2, b"Traceback (most recent call last):\n")
+        process.output(2, b"twistd: cannot import 'examples.nosuch': No module named "
+                          b"'examples.nosuch'")  # fmt: skip
+        self.assertNoResult(d)
+        process.exit(1)
+        self.settle()
+        failure = self.failureResultOf(d, ServiceError)
+        message = str(failure.value)
+        uuid = self.daemon.deployments and next(iter(self.daemon.deployments))
+        self.assertIn(f"cannot deploy examples.nosuch:Thing: Thing ({uuid}) exited with code 1 "
+                      "before it registered", message)  # fmt: skip
+        self.assertIn("No module named 'examples.nosuch'", message)
+        self.assertIn(f"StopSubService {uuid}", message)
+        entry = sub_services_from_bson(self.successResultOf(self.call("ListSubServices")))[uuid]
+        self.assertEqual((entry.state, entry.restarts, entry.running), ("failing", 0, False))
+        self.assertIn("exited with code 1", entry.last_error)
+        self.assertIn("No module named 'examples.nosuch'", entry.last_error)
+        # Its restart (after the back-off) dies again: still failing, counted.
+        self.settle(1.1)
+        self.clock.last().exit(1)
+        self.settle()
+        entry = sub_services_from_bson(self.successResultOf(self.call("ListSubServices")))[uuid]
+        self.assertEqual((entry.state, entry.restarts), ("failing", 1))
+        # Stopped by uuid: gone.
+        self.successResultOf(self.call("StopSubService", {"uuid": uuid}))
+        self.settle(3.0)
+        self.assertEqual(self.successResultOf(self.call("ListSubServices")), {"services": {}})
+
+    def test_deploy_waits_for_the_registry_then_states(self) -> None:
+        """
+        C{Deploy} answers once the child is in the registry; one that is
+        not there within the start timeout (per call) fails the call, and
+        the listing says C{starting} until it registers, then C{running}.
+        """
+        self.make()
+        self.children.auto_register = False
+        d = self.call("Deploy", {"service": "m:Slow", "start_timeout": 2})
+        self.settle(1.5)
+        self.assertNoResult(d)
+        self.clock.last().output(1, b"still importing\n")
+        self.settle(0.3)
+        message = str(self.failureResultOf(d, ServiceError).value)
+        self.assertIn("did not register within 2s", message)
+        self.assertIn("still importing", message)
+        self.assertIn("it is still running; StopSubService", message)
+        [entry] = sub_services_from_bson(
+            self.successResultOf(self.call("ListSubServices"))
+        ).values()
+        self.assertEqual((entry.state, entry.last_error), ("starting", None))
+        self.children.register(self.clock.last())
+        self.settle()
+        [entry] = sub_services_from_bson(
+            self.successResultOf(self.call("ListSubServices"))
+        ).values()
+        self.assertEqual(entry.state, "running")
+        # Registered at once: the answer comes then; start_timeout 0: at once.
+        d = self.call("Deploy", {"service": "m:Quick"})
+        self.assertNoResult(d)
+        self.children.register(self.clock.last())
+        self.settle()
+        self.assertEqual(set(self.successResultOf(d)), {"uuid"})
+        d = self.call("Deploy", {"service": "m:Now", "start_timeout": 0})
+        self.assertEqual(set(self.successResultOf(d)), {"uuid"})
+        for bad in (-1, "5", True, 1e9):
+            d = self.call("Deploy", {"service": "m:Bad", "start_timeout": bad})
+            self.assertIn("start_timeout", str(self.failureResultOf(d, ServiceError).value))
+        self.assertEqual(len(self.daemon.deployments), 3)
 
     def test_errors(self) -> None:
         self.make()
@@ -334,7 +413,7 @@ class DaemonUnitTests(SynchronousTestCase):
         self.make(guards=GuardConfig(sample_interval=1.0, child_max_rss=100 << 20,
                                      child_samples=3))  # fmt: skip
         uuid = self.successResultOf(self.call("Deploy", {"service": "m:Hog"}))["uuid"]
-        self.settle(1.5)
+        self.settle(1.2)
         first = self.clock.last()
         self.sampler.table[first.pid] = Usage(cpu=5.0, rss=150 << 20)
         self.settle(2.0)
@@ -411,7 +490,7 @@ class DaemonUnitTests(SynchronousTestCase):
                                      load_samples=2))  # fmt: skip
         uuids = [self.successResultOf(self.call("Deploy", {"service": f"m:S{i}"}))["uuid"]
                  for i in range(2)]  # fmt: skip
-        self.settle(0.5)
+        self.settle(0.9)  # (half a sample interval before the next sample)
         readings = [5.0, 3.0, 5.0, 5.0, 3.0, 1.0, 3.0, 4.0, 1.5, 1.0, 3.0, 3.9, 5.0, 3.0]
         self.loads.extend(readings)
         states = []
@@ -1054,9 +1133,18 @@ class _DaemonHarness(TestCase):
     def call(self, method: str, params: dict | None = None) -> Deferred:
         return self.client.service("SkynetDaemon").call(method, params or {})
 
-    async def deploy(self, service: str, *args: str, registered: bool = True) -> str:
-        result = await self.call("Deploy", {"service": service, "args": SERVICE_ARGS + list(args),
-                                            "registered": registered})  # fmt: skip
+    async def deploy(self, service: str, *args: str, registered: bool = True,
+                     wait: bool = True) -> str:  # fmt: skip
+        """
+        Deploy through the daemon; it answers once the child is in the
+        registry (C{wait=False}: at once).
+        """
+        params = {"service": service, "args": SERVICE_ARGS + list(args), "registered": registered}
+        if not wait:
+            params["start_timeout"] = 0
+        # Once, not hedged: Deploy waits for the child to register, and a
+        # hedged second attempt would deploy a second instance.
+        result = await self.client.service("SkynetDaemon").call_once("Deploy", params, timeout=30)
         return result["uuid"]
 
     async def listing(self) -> dict[str, Any]:
@@ -1211,7 +1299,7 @@ class DaemonProcessTests(_DaemonHarness):
         C{ListSubServices} shows it.
         """
         await self.start_daemon()
-        uuid = await self.deploy("examples.no_such_module:Nothing")
+        uuid = await self.deploy("examples.no_such_module:Nothing", wait=False)
         began = time.monotonic()
         delays: dict[float, float] = {}
         while True:
@@ -1234,6 +1322,49 @@ class DaemonProcessTests(_DaemonHarness):
         self.assertIn("No module named 'examples.no_such_module'", open(entry["log"]).read())
         # It is never abandoned: a 4th start follows.
         await wait_for(lambda: self._restarts(uuid, 4), timeout=15, what="restart 4")
+
+    async def test_sky_deploy_of_a_missing_module_fails(self) -> None:
+        """
+        C{sky deploy examples.nosuch:Thing}: the child dies before it
+        registers, so C{Deploy} fails and C{sky} exits non-zero printing
+        the import error; the listing shows the failing deployment with its
+        error and restarts; C{StopSubService} removes it.
+        """
+        await self.start_daemon()
+
+        def sky() -> subprocess.CompletedProcess:
+            return subprocess.run(
+                [sys.executable, "-m", "skynet.sky", "--registry", self.daemon.registry,
+                 "deploy", "examples.nosuch:Thing"],
+                cwd=ROOT, env=child_env(SKYNET_HOME=self.root), stdin=subprocess.DEVNULL,
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+
+        began = time.monotonic()
+        result = await deferToThread(sky)
+        took = time.monotonic() - began
+        self.assertNotEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertIn("Could not deploy examples.nosuch:Thing", result.stderr)
+        # It failed because the child died, not because the time ran out.
+        self.assertIn("exited with code 1 before it registered", result.stderr)
+        self.assertIn("No module named 'examples.nosuch'", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        print(f"\nsky deploy of a missing module: exit {result.returncode} after {took:.2f}s")
+        [(uuid, entry)] = (await self.listing()).items()
+        self.assertEqual(entry["service"], "examples.nosuch:Thing")
+        self.assertEqual(entry["state"], "failing", entry)
+        self.assertIn("No module named 'examples.nosuch'", entry["last_error"])
+        await wait_for(lambda: self._restarts(uuid, 1), timeout=15, what="a restart")
+        entry = (await self.listing())[uuid]
+        self.assertEqual(entry["state"], "failing", entry)
+        self.assertGreaterEqual(entry["restarts"], 1)
+        self.assertEqual(await self.call("StopSubService", {"uuid": uuid}),
+                         {"ok": True, "uuid": uuid})  # fmt: skip
+        self.assertEqual(await self.listing(), {})
+        await sleep(3.0)  # its back-off would have started it again by now
+        self.assertEqual(await self.listing(), {})
+        self.assertEqual([p for p in psutil.process_iter(["cmdline"])
+                          if uuid in " ".join(p.info["cmdline"] or [])], [])  # fmt: skip
 
     async def _restarts(self, uuid: str, n: int) -> bool:
         return (await self.listing())[uuid]["restarts"] >= n

@@ -47,8 +47,8 @@ _NAMES = {
                "PsutilSampler", "Release", "Restart", "Usage", "load_reading"],
     "children": ["ChildInstances"],
     "sampling": ["GuardRunner"],
-    "service": ["DAEMON_SERVICE_NAME", "EVENTS_IN_STATISTICS", "Daemon", "SkynetDaemon",
-                "UnknownSubService"],
+    "service": ["DAEMON_SERVICE_NAME", "DEFAULT_START_TIMEOUT", "EVENTS_IN_STATISTICS", "Daemon",
+                "DeployFailed", "SkynetDaemon", "UnknownSubService"],
 }  # fmt: skip
 
 _WHERE = {name: module for module, names in _NAMES.items() for name in names}

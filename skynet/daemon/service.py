@@ -49,14 +49,28 @@ from skynet.procmon import EventLog, ExitRecord, IChildObserver, Supervisor
 from skynet.registry.base import Instance
 from skynet.service import Service, ServiceHost
 
-__all__ = ["DAEMON_SERVICE_NAME", "EVENTS_IN_STATISTICS", "Daemon", "SkynetDaemon",
-           "UnknownSubService"]  # fmt: skip
+__all__ = ["DAEMON_SERVICE_NAME", "DEFAULT_START_TIMEOUT", "EVENTS_IN_STATISTICS", "Daemon",
+           "DeployFailed", "SkynetDaemon", "UnknownSubService"]  # fmt: skip
 
 #: The daemon's service name (L{skynet.control.DAEMON_SERVICE}).
 DAEMON_SERVICE_NAME = control.DAEMON_SERVICE
 
 #: How many recent events go into the daemon's statistics node.
 EVENTS_IN_STATISTICS = 20
+
+#: Seconds C{Deploy} waits for a new child to register (or fail).
+DEFAULT_START_TIMEOUT = 15.0
+
+#: How many of a failed child's last output lines a C{Deploy} error quotes.
+ERROR_LINES = 10
+
+
+class DeployFailed(ServiceError):
+    """
+    A deployed child ended, or did not register within the start timeout,
+    before C{Deploy} answered.  The deployment stays (it restarts with
+    back-off, listed as failing) until it is stopped.
+    """
 
 
 class UnknownSubService(ServiceError):
@@ -94,6 +108,8 @@ class Daemon(SequentialMultiService):
         L{twistd_command}).
     @param own_session: run each child in a session of its own (see
         L{Supervisor}).
+    @param start_timeout: how long C{Deploy} waits for a new child to be
+        in the registry (or to fail) before it answers (0: not at all).
     """
 
     log = Logger()
@@ -124,8 +140,14 @@ class Daemon(SequentialMultiService):
         max_events: int = 1000,
         advertise_host: str | None = None,
         own_session: bool = True,
+        start_timeout: float = DEFAULT_START_TIMEOUT,
     ) -> None:
         super().__init__()
+        self.start_timeout = start_timeout
+        # uuid -> Deferreds of Deploy calls waiting for its first node.
+        self._start_waiters: dict[str, list[Deferred]] = {}
+        # uuid -> the pid of its last process seen in the registry.
+        self.registered_pids: dict[str, int | None] = {}
         self.reactor = reactor = default_reactor(reactor)
         self.registry = registry
         self.registry_url = registry_url or registry.url
@@ -247,6 +269,52 @@ class Daemon(SequentialMultiService):
         self.save_state()
         return deployment.uuid
 
+    async def wait_started(self, uuid: str, timeout: float | None = None) -> Instance | None:
+        """
+        Wait until the current (or next) process of C{uuid} is in the
+        registry.
+
+        @param timeout: seconds (default L{start_timeout}); 0: do not wait.
+        @return: its node (L{None} if not waiting).
+        @raise DeployFailed: if its process ends first, or the time runs
+            out: with how it ended and its last lines of output.
+        """
+        timeout = self.start_timeout if timeout is None else timeout
+        if timeout <= 0:
+            return None
+        instance = self._live_instance(uuid)
+        if instance is not None:
+            return instance
+        d: Deferred = Deferred()
+        self._start_waiters.setdefault(uuid, []).append(d)
+
+        def expire() -> None:
+            if d.called:
+                return
+            self._start_waiters.get(uuid, []).remove(d)
+            child = self.supervisor.children.get(uuid)
+            lines = list(child.output) if child is not None else []
+            label = self.store.deployments[uuid].label if uuid in self.store else uuid
+            d.errback(DeployFailed(_why(f"{label} ({uuid}) did not register within "
+                                        f"{timeout:g}s", uuid, lines, running=True)))  # fmt: skip
+
+        timer = self.reactor.callLater(timeout, expire)
+
+        def done(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return await d.addBoth(done)
+
+    def _fire_waiters(self, uuid: str, instance: Instance) -> None:
+        for d in self._start_waiters.pop(uuid, []):
+            d.callback(instance)
+
+    def _fail_waiters(self, uuid: str, error: Exception) -> None:
+        for d in self._start_waiters.pop(uuid, []):
+            d.errback(error)
+
     def _deployment(self, uuid: Any) -> Deployment:
         if not isinstance(uuid, str) or not uuid:
             raise ServiceError("uuid is required")
@@ -265,6 +333,13 @@ class Daemon(SequentialMultiService):
         self.policy.forget(deployment.uuid)
         self.guard_runner.forget(deployment.uuid)
         self.children.forget(deployment.uuid)
+        self.registered_pids.pop(deployment.uuid, None)
+        self._fail_waiters(
+            deployment.uuid,
+            DeployFailed(
+                f"{deployment.label} ({deployment.uuid}) was stopped before it registered"
+            ),
+        )
         self.save_state()
         return self.supervisor.remove_child(deployment.uuid)
 
@@ -349,6 +424,8 @@ class Daemon(SequentialMultiService):
         return child is not None and (instance.pid is None or instance.pid == child.pid)
 
     def _new_process(self, instance: Instance) -> None:
+        self.registered_pids[instance.uuid] = instance.pid
+        self._fire_waiters(instance.uuid, instance)
         # It started as its arguments said, but the wish may have changed since.
         if instance.registered != self.effective_registered(instance.uuid):
             self._spawn(self._apply_registration(instance.uuid), "registering", uuid=instance.uuid)
@@ -370,6 +447,16 @@ class Daemon(SequentialMultiService):
         so they are deleted here, by the node in hand, before the restart.
         """
         self.usage.pop(name, None)
+        if name in self._start_waiters:
+            child = self.supervisor.children.get(name)
+            label = self.store.deployments[name].label if name in self.store else name
+            lines = list(child.last_output) if child is not None else []
+            self._fail_waiters(
+                name,
+                DeployFailed(
+                    _why(f"{label} ({name}) {record.describe()} before it registered", name, lines)
+                ),
+            )
         if not self.registry_start.started:
             self.children.forget(name)
             return succeed(None)
@@ -441,6 +528,19 @@ class Daemon(SequentialMultiService):
 _log = Logger()
 
 
+def _why(what: str, uuid: str, lines: list[str], *, running: bool = False) -> str:
+    """
+    The text of a L{DeployFailed}: what happened, what to do, the output.
+    """
+    if running:
+        text = f"{what}; it is still running; StopSubService {uuid} removes it"
+    else:
+        text = f"{what}; it restarts with back-off until stopped (StopSubService {uuid})"
+    if lines:
+        text += "; its last output:\n" + "\n".join(lines[-ERROR_LINES:])
+    return text
+
+
 async def _refuse(why: str) -> None:
     raise ConnectionFailed(why)
 
@@ -466,15 +566,28 @@ class SkynetDaemon(Service):
     def _later(self, d: Deferred, what: str, uuid: Any) -> None:
         d.addErrback(lambda f: _log.failure("{what} {uuid} failed", f, what=what, uuid=uuid))
 
-    def Deploy(self, request_info: Any, params: dict[str, Any]) -> dict[str, Any]:
+    async def Deploy(self, request_info: Any, params: dict[str, Any]) -> dict[str, Any]:
         """
-        C{{service, args, registered}} -> C{{uuid}}: start a service here.
+        C{{service, args, registered[, start_timeout]}} -> C{{uuid}}: start
+        a service here, and answer once it is in the registry.  A child
+        that ends first, or is not there within the start timeout, fails
+        the call with how it ended and its last lines of output (it stays
+        deployed, listed as failing, until stopped).
         """
+        timeout = params.get("start_timeout") if isinstance(params, dict) else None
+        if timeout is not None and (isinstance(timeout, bool)
+                                    or not isinstance(timeout, (int, float))
+                                    or not 0 <= timeout < 3600):  # fmt: skip
+            raise ServiceError(f"cannot deploy: start_timeout must be 0..3600 s, not {timeout!r}")
         try:
             uuid = self.daemon.deploy(params.get("service"), params.get("args"),
                                       params.get("registered", True))  # fmt: skip
         except ValueError as e:
             raise ServiceError(f"cannot deploy: {e}") from None
+        try:
+            await self.daemon.wait_started(uuid, timeout)
+        except DeployFailed as e:
+            raise DeployFailed(f"cannot deploy {params.get('service')}: {e}") from None
         return {"uuid": uuid}
 
     def ListSubServices(self, request_info: Any, params: dict[str, Any]) -> dict[str, Any]:
