@@ -21,6 +21,7 @@ from skynet.config import skynet_path
 from skynet.daemon import (
     Daemon,
     GuardConfig,
+    ProbeConfig,
     PsutilSampler,
     load_reading,
     load_state,
@@ -107,6 +108,15 @@ class Options(usage.Options):
          "Low-water mark: below it for --load-samples samples, they are registered again "
          "(default: half the high-water mark)."],
         ["load-samples", None, 3, "Consecutive samples beyond a mark before acting."],
+        ["probe-interval", None, 2.0,
+         "Seconds between two liveness probes (an Admin.Ping on its admin listener) of each "
+         "child in the registry (0: no probes)."],
+        ["probe-timeout", None, 1.0, "Seconds a probe waits for its answer."],
+        ["probe-failures", None, 3,
+         "Failed probes in a row after which a child is unregistered, killed and restarted."],
+        ["probe-max-lag", None, 0.0,
+         "A child's reactor lag (seconds, its ReactorLag statistic) above which a probe "
+         "counts as failed (0: not looked at)."],
         ["max-events", None, 1000, "How many recent events the daemon keeps in memory."],
         ["authorized-keys", None, None,
          "The SSH shell's authorized_keys file (default $SKYNET_HOME/ssh/authorized_keys)."],
@@ -124,8 +134,14 @@ class Options(usage.Options):
     daemon_uuid: str | None
 
     def postOptions(self) -> None:
-        for name in ("stats-interval", "sample-interval"):
+        for name in ("stats-interval", "sample-interval", "probe-timeout"):
             _number(self, name, positive=True)
+        for name in ("probe-interval", "probe-max-lag"):
+            _number(self, name)
+        _number(self, "probe-failures", int, minimum=1)
+        self.probes = ProbeConfig(interval=self["probe-interval"], timeout=self["probe-timeout"],
+                                  failures=self["probe-failures"],
+                                  max_lag=self["probe-max-lag"] or None)  # fmt: skip
         for name in ("stable-after", "max-restart-delay", "stop-grace", "kill-time", "start-timeout",
                      "child-max-cpu", "child-max-rss", "load-high"):  # fmt: skip
             _number(self, name)
@@ -251,6 +267,7 @@ def makeService(options: Options) -> MultiService:
         stop_grace=options["stop-grace"],
         kill_time=options["kill-time"],
         start_timeout=options["start-timeout"],
+        probes=options.probes,
         guards=options.guards,
         load=options.load,
         sampler=options.sampler,

@@ -996,6 +996,11 @@ class AdminProtocol(FrameProtocol):
             self._reply(servicemethod, seq, "")
             self.target.admin_stop(bool(doc.get("waitforclients", False)))
             return
+        elif servicemethod == "Admin.Ping":
+            # (heal, issue 16: the daemon's liveness probe; an answer is all
+            # it needs, so a Go service's "can't find method" does as well.)
+            self._reply(servicemethod, seq, "")
+            return
         elif "." not in servicemethod:
             self._reply(
                 servicemethod,

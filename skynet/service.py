@@ -30,6 +30,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from skynet.protocol import DEFAULT_MAX_FRAME, AdminProtocol, RequestInfo, ServerProtocol, new_id
+from skynet.reactor_lag import STATISTICS_KEY as REACTOR_LAG_KEY  # (heal, issue 16)
+from skynet.reactor_lag import ReactorLag
 from skynet.registry.base import (
     DEFAULT_CRITICAL_AVERAGE_RESPONSE_TIME,
     DEFAULT_CRITICAL_CLIENT_COUNT,
@@ -313,6 +315,7 @@ class ServiceHost(MultiService):
         self._own_client = False
         self._drained: list[Deferred] = []
         self._stats_loop: LoopingCall | None = None
+        self._reactor_lag: ReactorLag | None = None  # (heal, issue 16)
         self._stopping: Deferred | None = None
         self._started: Deferred | None = None
         self._retry_call: Any = None
@@ -396,6 +399,8 @@ class ServiceHost(MultiService):
         doc = self.stats.to_go(self.clients)
         doc["UUID"] = self.uuid
         doc["Registered"] = self.registered
+        if self._reactor_lag is not None:  # (heal, issue 16: Go readers ignore it)
+            doc[REACTOR_LAG_KEY] = self._reactor_lag.lag
         try:
             extra = self.service.extra_statistics()
         except Exception:
@@ -508,6 +513,10 @@ class ServiceHost(MultiService):
         self._stats_loop.start(self.stats_interval, now=False).addErrback(
             lambda f: self.log.failure("statistics loop failed", f)
         )
+        # (heal, issue 16: the reactor's own lag, published as ReactorLag for
+        # the daemon's liveness probe; see skynet/reactor_lag.py.)
+        self._reactor_lag = ReactorLag(self.reactor)
+        self._reactor_lag.start()
 
     async def _register_instance(self) -> None:
         # (daemon helper: one RetryingStart with backoffPolicy, not a loop of our own.)
@@ -585,6 +594,8 @@ class ServiceHost(MultiService):
             await self._retry_call.stopService()
         if self._stats_loop is not None and self._stats_loop.running:
             self._stats_loop.stop()
+        if self._reactor_lag is not None:  # (heal, issue 16)
+            self._reactor_lag.stop()
         if self._started is not None and not self._started.called:
             self._started.cancel()
         if self.registered:

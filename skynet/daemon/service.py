@@ -9,9 +9,10 @@ Its children, in start order (stopped in reverse, each awaited):
     2. the view of its children in the registry (once the registry is up);
     3. the L{Supervisor} of the deployed services (they need no registry);
     4. the L{ServiceHost} of C{SkynetDaemon} (once the registry is up);
-    5. the guards' sampling timer (once the registry is up).
+    5. the guards' sampling timer (once the registry is up);
+    6. the liveness probes of the children (once the registry is up).
 
-So on stop: the guards, then C{SkynetDaemon}, then every child
+So on stop: the probes, the guards, then C{SkynetDaemon}, then every child
 (gracefully, their nodes removed while the registry is still up), then the
 view, then the registry.
 """
@@ -43,6 +44,8 @@ from skynet.daemon.children import ChildInstances
 from skynet.daemon.deployments import DeploymentStore, command_line, make_deployment, twistd_command
 from skynet.daemon.guards import GuardConfig, PsutilSampler, Usage
 from skynet.daemon.policy import RegistrationPolicy
+from skynet.daemon.probes import ProbeConfig
+from skynet.daemon.probing import ProbeRunner
 from skynet.daemon.sampling import GuardRunner
 from skynet.errors import ConnectionFailed, ServiceError
 from skynet.procmon import EventLog, ExitRecord, IChildObserver, Supervisor
@@ -108,6 +111,7 @@ class Daemon(SequentialMultiService):
         L{twistd_command}).
     @param own_session: run each child in a session of its own (see
         L{Supervisor}).
+    @param probes: the L{ProbeConfig} of the children's liveness probes.
     @param start_timeout: how long C{Deploy} waits for a new child to be
         in the registry (or to fail) before it answers (0: not at all).
     """
@@ -141,6 +145,7 @@ class Daemon(SequentialMultiService):
         advertise_host: str | None = None,
         own_session: bool = True,
         start_timeout: float = DEFAULT_START_TIMEOUT,
+        probes: ProbeConfig | None = None,
     ) -> None:
         super().__init__()
         self.start_timeout = start_timeout
@@ -184,6 +189,7 @@ class Daemon(SequentialMultiService):
                                 advertise_host=advertise_host)  # fmt: skip
         self.sampling = TimerService(self.guards.sample_interval, self.sample)
         self.sampling.clock = reactor
+        self.probes = ProbeRunner(self, probes or ProbeConfig())
         gate = self.registry_start
         for name, child in [
             ("registry", gate),
@@ -191,6 +197,7 @@ class Daemon(SequentialMultiService):
             ("supervisor", self.supervisor),
             ("host", StartAfter(gate, self.host)),
             ("guards", StartAfter(gate, self.sampling)),
+            ("probes", StartAfter(gate, self.probes)),
         ]:
             child.setName(name)
             child.setServiceParent(self)
@@ -332,6 +339,7 @@ class Daemon(SequentialMultiService):
         self.store.remove(deployment.uuid)
         self.policy.forget(deployment.uuid)
         self.guard_runner.forget(deployment.uuid)
+        self.probes.guard.forget(deployment.uuid)
         self.children.forget(deployment.uuid)
         self.registered_pids.pop(deployment.uuid, None)
         self._fail_waiters(
@@ -438,6 +446,7 @@ class Daemon(SequentialMultiService):
 
     def child_started(self, name: str, pid: int) -> None:
         self.guard_runner.child_guard.started(name)
+        self.probes.guard.started(name)
 
     def child_exited(self, name: str, record: ExitRecord) -> Deferred:
         """
