@@ -95,6 +95,8 @@ class FakeChildren:
         self.calls: list[tuple[str, str]] = []
         self.pings: list[str] = []
         self.hung: set[int] = set()  # pids whose admin listener never answers
+        self.closed: set[int] = set()  # pids draining after Admin.Stop: listeners closed
+        self.drain_time = 0.2
         self.port = 20000
         self.auto_register = True
         reactor.on_spawn = self.spawned
@@ -147,19 +149,22 @@ class FakeChildren:
             return Deferred.fromCoroutine(_refused())
         if process.pid in self.hung:
             return Deferred()  # (SIGSTOP'd: no answer, ever)
+        if process.pid in self.closed:
+            return Deferred.fromCoroutine(_refused())
         if method == "Admin.Ping":
             return Deferred.fromCoroutine(_no_such_method())
         if method in ("Admin.Register", "Admin.Unregister"):
             registry.update(attr.evolve(instance, registered=method == "Admin.Register"))
         elif method == "Admin.Stop":
             registry.update(attr.evolve(instance, registered=False))
+            self.closed.add(process.pid)
 
             def stop() -> None:
                 registry.remove(instance)
                 if not process.ended:
                     process.exit(0)
 
-            self.reactor.callLater(0.2, stop)
+            self.reactor.callLater(self.drain_time, stop)
         return succeed(None)
 
 
@@ -395,6 +400,38 @@ class DaemonUnitTests(SynchronousTestCase):
         self.settle(4.0)
         self.assertEqual(len(self.daemon.events.recent(kind="unresponsive")), 1)
         self.assertFalse(second.ended)
+
+    def test_a_draining_child_is_not_probed_to_death(self) -> None:
+        """
+        A child stopping gracefully has closed its listeners while it
+        drains: its refused probes do not get it killed.
+        """
+        self.make(probes=ProbeConfig(interval=1.0, timeout=0.5, failures=2))
+        self.children.drain_time = 4.0
+        uuid = self.successResultOf(self.call("Deploy", {"service": "m:Slow"}))["uuid"]
+        process = self.clock.last()
+        self.settle(2.0)
+        d = self.daemon.restart(uuid)
+        self.settle(4.5)
+        self.assertTrue(process.ended)
+        self.assertEqual(process.signals, [])  # it left by itself, after draining
+        self.successResultOf(d)
+        self.assertEqual(self.daemon.events.recent(kind="unresponsive"), [])
+
+    def test_reactor_lag_over_the_threshold_counts_as_failing(self) -> None:
+        self.make(probes=ProbeConfig(interval=1.0, timeout=0.5, failures=2, max_lag=1.0))
+        uuid = self.successResultOf(self.call("Deploy", {"service": "m:Busy"}))["uuid"]
+        process = self.clock.last()
+        [(_, registry, instance)] = self.children.by_admin.values()
+        registry.publish_stats(instance, {"ReactorLag": 0.2})
+        self.settle(3.0)
+        self.assertEqual(self.daemon.events.recent(kind="unresponsive"), [])
+        registry.publish_stats(instance, {"ReactorLag": 3.0})
+        self.settle(2.2)
+        [event] = self.daemon.events.recent(kind="unresponsive")
+        self.assertEqual((event.uuid, event.fields["pid"]), (uuid, process.pid))
+        self.assertEqual(event.fields["error"], "reactor lag 3.00s over 1s")
+        self.assertIn("TERM", process.signals)
 
     def test_errors(self) -> None:
         self.make()

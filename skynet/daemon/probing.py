@@ -72,6 +72,8 @@ class ProbeRunner(Service):
         for uuid, child in list(self.daemon.supervisor.children.items()):
             if child.pid is None or uuid not in self.daemon.store:
                 continue
+            if child.stopping:
+                continue  # draining (its listeners closed) or being killed: its timers rule
             instance = self.daemon._live_instance(uuid)
             if instance is None or instance.admin is None:
                 continue  # not in the registry yet: the start timeout's business
@@ -121,7 +123,7 @@ class ProbeRunner(Service):
     async def _unresponsive(self, decision: Unresponsive, instance: Instance) -> None:
         daemon, uuid, pid = self.daemon, decision.uuid, decision.pid
         child = daemon.supervisor.children.get(uuid)
-        if child is None or child.pid != pid or uuid not in daemon.store:
+        if child is None or child.pid != pid or child.stopping or uuid not in daemon.store:
             return
         daemon.events.record("unresponsive",
                              "{service} ({uuid}) pid {pid} failed {failures} probes in a row "
