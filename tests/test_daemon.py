@@ -433,6 +433,28 @@ class DaemonUnitTests(SynchronousTestCase):
         self.assertEqual(event.fields["error"], "reactor lag 3.00s over 1s")
         self.assertIn("TERM", process.signals)
 
+    def test_deploy_with_a_uuid_is_idempotent(self) -> None:
+        """
+        C{Deploy} with a uuid: again (a retry, a hedged call) starts
+        nothing new; the same uuid for something else is refused.
+        """
+        self.make()
+        params = {"service": "m:A", "args": ["--region", "Mars"], "uuid": "fixed-1"}
+        self.assertEqual(self.successResultOf(self.call("Deploy", params)), {"uuid": "fixed-1"})
+        spawned = len(self.clock.spawned)
+        self.assertEqual(self.successResultOf(self.call("Deploy", params)), {"uuid": "fixed-1"})
+        self.assertEqual(len(self.clock.spawned), spawned)
+        self.assertEqual(len(self.daemon.events.recent(kind="deployed")), 1)
+        other = dict(params, service="m:B")
+        message = str(self.failureResultOf(self.call("Deploy", other), ServiceError).value)
+        self.assertEqual(
+            message, "cannot deploy: fixed-1 is deployed already, as m:A --region Mars"
+        )
+        bad = dict(params, uuid="../etc")
+        message = str(self.failureResultOf(self.call("Deploy", bad), ServiceError).value)
+        self.assertEqual(message, "cannot deploy: bad uuid '../etc'")
+        self.assertEqual(list(self.daemon.deployments), ["fixed-1"])
+
     def test_errors(self) -> None:
         self.make()
         for method in ("StopSubService", "RestartSubService", "RegisterSubService",

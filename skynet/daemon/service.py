@@ -260,14 +260,25 @@ class Daemon(SequentialMultiService):
                             registry_url=self.registry_url,
                             registered=self.effective_registered(deployment.uuid))  # fmt: skip
 
-    def deploy(self, service: Any, args: Any = None, registered: Any = True) -> str:
+    def deploy(self, service: Any, args: Any = None, registered: Any = True,
+               uuid: Any = None) -> str:  # fmt: skip
         """
         Deploy a service on this host now.
 
+        @param uuid: the instance's uuid (default: a new one).  Deploying
+            again what a uuid already names changes nothing (so that a
+            retried C{Deploy} does not start a second instance).
         @return: its uuid.
-        @raise ValueError: if the request is malformed.
+        @raise ValueError: if the request is malformed, or C{uuid} names
+            another deployment.
         """
-        deployment = make_deployment(service, args, registered)
+        deployment = make_deployment(service, args, registered, uuid=uuid)
+        known = self.store.get(deployment.uuid)
+        if known is not None:
+            if known != deployment:
+                raise ValueError(f"{deployment.uuid} is deployed already, as {known.service} "
+                                 f"{' '.join(known.args)}".rstrip())  # fmt: skip
+            return known.uuid
         self._add(deployment)
         self.events.record("deployed", "{service} ({uuid}) deployed: {spec} {args}",
                            log=self.log, service=deployment.label, uuid=deployment.uuid,
@@ -577,8 +588,9 @@ class SkynetDaemon(Service):
 
     async def Deploy(self, request_info: Any, params: dict[str, Any]) -> dict[str, Any]:
         """
-        C{{service, args, registered[, start_timeout]}} -> C{{uuid}}: start
-        a service here, and answer once it is in the registry.  A child
+        C{{service, args, registered[, start_timeout][, uuid]}} -> C{{uuid}}:
+        start a service here, and answer once it is in the registry (the
+        same request with the same C{uuid} again starts nothing new).  A child
         that ends first, or is not there within the start timeout, fails
         the call with how it ended and its last lines of output (it stays
         deployed, listed as failing, until stopped).
@@ -590,7 +602,8 @@ class SkynetDaemon(Service):
             raise ServiceError(f"cannot deploy: start_timeout must be 0..3600 s, not {timeout!r}")
         try:
             uuid = self.daemon.deploy(params.get("service"), params.get("args"),
-                                      params.get("registered", True))  # fmt: skip
+                                      params.get("registered", True),
+                                      params.get("uuid"))  # fmt: skip
         except ValueError as e:
             raise ServiceError(f"cannot deploy: {e}") from None
         try:
