@@ -362,6 +362,12 @@ class DaemonUnitTests(SynchronousTestCase):
             self.assertIn("start_timeout", str(self.failureResultOf(d, ServiceError).value))
         self.assertEqual(len(self.daemon.deployments), 3)
 
+        # A Deploy still waiting when the daemon stops answers at once.
+        waiting = self.call("Deploy", {"service": "m:Late"})
+        self.daemon.stopService()  # (the cleanup's stop waits for this one)
+        self.settle()
+        self.assertIn("the daemon is stopping", str(self.failureResultOf(waiting).value))
+
     def test_unresponsive_child_is_unregistered_killed_and_restarted(self) -> None:
         """
         A child whose admin listener stops answering (SIGSTOP'd) fails its

@@ -541,6 +541,10 @@ class Daemon(SequentialMultiService):
         super().startService()
 
     async def _stop_children(self) -> None:
+        # A Deploy waiting for its child answers now, not after the drain.
+        for uuid in list(self._start_waiters):
+            self._fail_waiters(uuid, DeployFailed(
+                f"the daemon is stopping before {uuid} registered"))  # fmt: skip
         await super()._stop_children()
         self.log.info("skynet daemon {uuid} stopped", uuid=self.uuid)
 
