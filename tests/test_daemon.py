@@ -307,6 +307,9 @@ class DaemonUnitTests(SynchronousTestCase):
                       "before it registered", message)  # fmt: skip
         self.assertIn("No module named 'examples.nosuch'", message)
         self.assertIn(f"StopSubService {uuid}", message)
+        [event] = self.daemon.events.recent(kind="deploy_failed")
+        self.assertEqual((event.uuid, event.fields["service"]), (uuid, "Thing"))
+        self.assertIn("No module named 'examples.nosuch'", event.fields["error"])
         entry = sub_services_from_bson(self.successResultOf(self.call("ListSubServices")))[uuid]
         self.assertEqual((entry.state, entry.restarts, entry.running), ("failing", 0, False))
         self.assertIn("exited with code 1", entry.last_error)

@@ -27,7 +27,7 @@ from typing import Any
 from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IStreamServerEndpoint
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
 from skynet import control
@@ -613,6 +613,11 @@ class SkynetDaemon(Service):
         try:
             await self.daemon.wait_started(uuid, timeout)
         except DeployFailed as e:
+            deployment = self.daemon.store.get(uuid)
+            self.daemon.events.record("deploy_failed", "{service} ({uuid}) deploy failed: {error}",
+                                      level=LogLevel.warn, log=_log,
+                                      service=deployment.label if deployment else uuid,
+                                      uuid=uuid, error=str(e))  # fmt: skip
             raise DeployFailed(f"cannot deploy {params.get('service')}: {e}") from None
         return {"uuid": uuid}
 
