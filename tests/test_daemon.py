@@ -427,6 +427,18 @@ class DaemonUnitTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertEqual(self.daemon.events.recent(kind="unresponsive"), [])
 
+    def test_a_probe_that_cannot_be_sent_is_a_failure_not_a_stuck_probe(self) -> None:
+        self.make(probes=ProbeConfig(interval=1.0, timeout=0.5, failures=2))
+        uuid = self.successResultOf(self.call("Deploy", {"service": "m:A"}))["uuid"]
+
+        def broken(*args: Any) -> Deferred:
+            raise OSError("no route")
+
+        self.daemon.admin = broken
+        self.settle(2.2)
+        [event] = self.daemon.events.recent(kind="unresponsive")
+        self.assertEqual((event.uuid, event.fields["error"]), (uuid, "no route"))
+
     def test_reactor_lag_over_the_threshold_counts_as_failing(self) -> None:
         self.make(probes=ProbeConfig(interval=1.0, timeout=0.5, failures=2, max_lag=1.0))
         uuid = self.successResultOf(self.call("Deploy", {"service": "m:Busy"}))["uuid"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevel
 
@@ -84,7 +84,7 @@ class ProbeRunner(Service):
     async def _probe(self, uuid: str, pid: int, instance: Instance) -> None:
         answered, error = True, None
         assert instance.admin is not None  # (tick probes only those with one)
-        d = self.daemon.admin(instance.admin, PROBE_METHOD, {})
+        d = maybeDeferred(self.daemon.admin, instance.admin, PROBE_METHOD, {})
         self._in_flight.add(d)
         timer = self.daemon.reactor.callLater(self.config.timeout, d.cancel)
         try:
