@@ -1298,6 +1298,19 @@ class ExtraStatisticsTests(SynchronousTestCase):
 # Real processes
 
 
+class Blocker(Service):
+    """
+    A service whose C{Block} blocks its reactor (run by the daemon as
+    C{tests.test_daemon:Blocker}).
+    """
+
+    name = "Blocker"
+
+    def Block(self, request_info: Any, params: dict[str, Any]) -> dict[str, Any]:
+        time.sleep(min(float(params.get("seconds", 1.0)), 10.0))
+        return {}
+
+
 SERVICE_ARGS = ["--listen", "tcp:0:interface=127.0.0.1", "--stats-interval", "0.5"]
 
 
@@ -1750,6 +1763,33 @@ class DaemonProcessTests(_DaemonHarness):
             f"{killed_after:.2f}s, replacement registered after {back_after:.2f}s; "
             f"{results['ok']} calls, 0 failed"
         )
+
+    async def test_a_child_whose_reactor_lags_is_replaced(self) -> None:
+        """
+        A child that blocks its reactor for 2 s still answers its probes
+        (timeout 4 s), but publishes a reactor lag over C{--probe-max-lag}:
+        its probes count as failed, it is killed and replaced.
+        """
+        await self.start_daemon("--probe-interval", "1", "--probe-timeout", "4",
+                                "--probe-failures", "2", "--probe-max-lag", "1")  # fmt: skip
+        uuid = await self.deploy("tests.test_daemon:Blocker")
+        [first] = await self.registered([uuid])
+        await sleep(2.0)
+        self.assertEqual((await self.listing())[uuid]["restarts"], 0)  # no lag: left alone
+        await self.client.service("Blocker").call_once("Block", {"seconds": 2.0}, timeout=10)
+        [again] = await wait_for(lambda: self._registered_with_new_pid(uuid, first.pid),
+                                 timeout=30, what="its replacement registered")  # fmt: skip
+        self.assertTrue(gone(first.pid))
+        [daemon_instance] = await self.registry.query(Query(service="SkynetDaemon"))
+
+        async def unresponsive() -> Any:
+            node = await self.registry.get_stats(daemon_instance) or {}
+            return [e for e in node.get("Events", []) if e["kind"] == "unresponsive"] or None
+
+        [event] = await wait_for(unresponsive, timeout=10, what="the event published")
+        self.assertEqual((event["uuid"], event["pid"]), (uuid, first.pid))
+        # (The timer's lateness: the 2 s block less the time since its last tick.)
+        self.assertRegex(event["error"], r"^reactor lag [12]\.\d\ds over 1s$")
 
     async def _restarts(self, uuid: str, n: int) -> bool:
         return (await self.listing())[uuid]["restarts"] >= n
