@@ -281,6 +281,8 @@ class SubServiceStatus:
         before it registered, and no new one has registered since).
     @ivar last_error: why it is failing: how its last process ended and
         its last lines of output; L{None} unless failing.
+    @ivar probe_failures: the liveness probes its current process has
+        failed in a row.
     """
 
     uuid: str
@@ -302,6 +304,7 @@ class SubServiceStatus:
     rss: int | None
     state: str = "starting"
     last_error: str | None = None
+    probe_failures: int = 0
 
     def __attrs_post_init__(self) -> None:
         if self.state not in DEPLOYMENT_STATES:
@@ -343,6 +346,7 @@ class SubServiceStatus:
             rss=_int(doc, "rss", what, optional=True),
             state=_str(doc, "state", what),
             last_error=_str(doc, "last_error", what, optional=True),
+            probe_failures=_int(doc, "probe_failures", what),
         )
 
 

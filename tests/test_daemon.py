@@ -387,7 +387,9 @@ class DaemonUnitTests(SynchronousTestCase):
         self.children.hung.add(first.pid)
         first.obey_term = False  # a stopped process does not act on SIGTERM
         self.settle(2.0)  # (probes at each whole second, timing out half a second later)
-        self.assertEqual(self.daemon.events.recent(kind="unresponsive"), [])  # two failures
+        self.assertEqual(self.daemon.events.recent(kind="unresponsive"), [])
+        entry = sub_services_from_bson(self.successResultOf(self.call("ListSubServices")))[uuid]
+        self.assertEqual(entry.probe_failures, 1)  # (one failed, the next one in flight)
         self.settle(1.4)
         [event] = self.daemon.events.recent(kind="unresponsive")
         self.assertEqual((event.fields["pid"], event.fields["failures"], event.fields["reason"]),
@@ -906,7 +908,7 @@ class DeploymentStateTests(SynchronousTestCase):
                                  state="failing", last_error="exited with code 1\nImportError")  # fmt: skip
         doc = entry.to_bson()
         self.assertEqual(SubServiceStatus.from_bson("u", doc), entry)
-        for key in ("state", "last_error"):
+        for key in ("state", "last_error", "probe_failures"):
             with self.assertRaises(ValueError) as e:
                 SubServiceStatus.from_bson("u", {k: v for k, v in doc.items() if k != key})
             self.assertIn(repr(key), str(e.exception))

@@ -96,6 +96,7 @@ def sub_services(daemon: Daemon) -> list[SubServiceStatus]:
             rss=usage.rss if usage else None,
             state=state,
             last_error=last_error,
+            probe_failures=daemon.probes.guard.failures(uuid),
         ))  # fmt: skip
     return services
 
