@@ -15,7 +15,6 @@ from typing import Any
 
 import bson
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
-from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectError
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
@@ -97,7 +96,10 @@ def admin_call(
         L{RemoteCallError} (the answer's error) or L{ConnectionFailed}
         (unreachable, closed, or no answer within C{timeout}).
     """
-    endpoint = TCP4ClientEndpoint(reactor, address.ip_address, address.port, timeout=timeout)
+    # security hook (issue 12): TLS with this process's credentials, if it has any.
+    from skynet.tls import client_endpoint
+
+    endpoint = client_endpoint(reactor, address.ip_address, address.port, timeout)
     protocol = _AdminCall(servicemethod, params or {})
     factory = Factory.forProtocol(lambda: protocol)
     factory.noisy = False
