@@ -35,6 +35,7 @@ import json
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -356,6 +357,9 @@ def _write_crl(ca_dir: str, ca_key: Any, ca_cert: x509.Certificate) -> bytes:
         .issuer_name(ca_cert.subject)
         .last_update(now)
         .next_update(now + datetime.timedelta(days=CA_DAYS))
+        # Microseconds since the epoch: later lists have higher numbers, so
+        # listeners can refuse an older list put back in the registry.
+        .add_extension(x509.CRLNumber(time.time_ns() // 1000), critical=False)
     )
     for entry in _load_index(ca_dir):
         if entry.get("revoked"):
@@ -512,7 +516,7 @@ class RevocationList:
     def __init__(self, ca_pem: bytes) -> None:
         self.ca = x509.load_pem_x509_certificate(ca_pem)
         self.serials: frozenset[int] = frozenset()
-        self.last_update: datetime.datetime | None = None
+        self.number: int | None = None
 
     def load(self, pem: bytes | None, source: str = "") -> bool:
         """
@@ -534,10 +538,13 @@ class RevocationList:
             self.log.warn("ignoring a revocation list from {source} not signed by the cluster CA",
                           source=source)  # fmt: skip
             return False
-        updated = crl.last_update_utc
-        if self.last_update is not None and updated < self.last_update:
+        try:
+            number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+        except x509.ExtensionNotFound:
+            number = 0
+        if self.number is not None and number < self.number:
             return False
-        self.last_update = updated
+        self.number = number
         self.serials = frozenset(r.serial_number for r in crl)
         return True
 
