@@ -687,18 +687,30 @@ class _GuardedTLS(BufferingTLSTransport):
     """
 
     _skynet_refusal: str | None = None
+    _skynet_reported = False
+
+    def _report(self, reason: Any) -> None:
+        if self._handshakeDone or self._skynet_reported:
+            return
+        self._skynet_reported = True
+        why = self._skynet_refusal
+        if why is None and reason is not None:
+            value = getattr(reason, "value", None)
+            why = _ssl_reason(value) if value is not None else "closed"
+        self.factory.server_tls.refused(_peer_of(self), why or "handshake failed")
 
     def _tlsShutdownFinished(self, reason: Any) -> None:
-        if not self._handshakeDone:
-            why = self._skynet_refusal
-            if why is None and reason is not None:
-                value = getattr(reason, "value", None)
-                why = _ssl_reason(value) if value is not None else "closed"
-            self.factory.server_tls.refused(_peer_of(self), why or "handshake failed")
+        self._report(reason)
         super()._tlsShutdownFinished(reason)
+
+    def connectionLost(self, reason: Any) -> None:
+        super().connectionLost(reason)
+        self._report(reason)
 
 
 def _ssl_reason(error: Any) -> str:
+    if isinstance(error, SSL.SysCallError):
+        return "closed before the TLS handshake"
     if isinstance(error, SSL.Error):
         parts = []
         for item in error.args[0] if error.args and isinstance(error.args[0], list) else []:
@@ -709,6 +721,10 @@ def _ssl_reason(error: Any) -> str:
         if "wrong version number" in text or "http request" in text or "unexpected" in text:
             return f"not TLS ({text})"
         return text
+    from twisted.internet.error import ConnectionClosed
+
+    if isinstance(error, ConnectionClosed):
+        return "closed before the TLS handshake"
     return type(error).__name__ + (f": {error}" if str(error) else "")
 
 
