@@ -241,6 +241,8 @@ class TLSDaemonTests(TestCase):
             return found if found and found[0].pid != first.pid else None
 
         [second] = await wait_for(restarted, timeout=30, what="Sleeper restarted")
+        # Politely: the daemon reached the child's TLS admin endpoint.
+        await self.wait_log("Sleeper asked to stop")
         self.assertEqual(second.uuid, first.uuid)
         await deferToThread(sky, "--service", "Sleeper", "--yes", "stop")
         await wait_for(lambda: self.registry.query(Query(service="Sleeper")).addCallback(
