@@ -227,6 +227,7 @@ class Options(usage.Options):
 
 
 tls.add_tls_options(Options)  # security hook (issue 12): --tls DIR, --insecure
+tls.add_deploy_policy_options(Options)  # security hook: --deploy-classes-only, ...
 
 
 def makeService(options: Options) -> MultiService:
@@ -265,6 +266,7 @@ def makeService(options: Options) -> MultiService:
         max_events=options["max-events"],
     )
     daemon.host.instance_extra = listeners.extra  # security hook (issue 12)
+    tls.restrict_deploy(daemon, tls.deploy_policy(options))  # security hook (issue 12)
     daemon.setName("daemon")
     daemon.setServiceParent(top)
     if options.ssh_endpoints:

@@ -527,6 +527,8 @@ class ShellSSHFactory(ConchFactory):
         self.publicKeys = public
         self.privateKeys = private
         self.connections: list[_ServerTransport] = []
+        self.reactor: Any = None  # security (issue 12): the login timeout's clock
+        self.login_timeout = LOGIN_TIMEOUT
 
 
 class ManholeService(Service):

@@ -697,13 +697,14 @@ class _GuardedTLS(BufferingTLSTransport):
         if why is None and reason is not None:
             value = getattr(reason, "value", None)
             why = _ssl_reason(value) if value is not None else "closed"
-        self.factory.server_tls.refused(_peer_of(self), why or "handshake failed")
+        factory: Any = self.factory
+        factory.server_tls.refused(_peer_of(self), why or "handshake failed")
 
     def _tlsShutdownFinished(self, reason: Any) -> None:
         self._report(reason)
         super()._tlsShutdownFinished(reason)
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Any = None) -> None:
         super().connectionLost(reason)
         self._report(reason)
 
@@ -1105,6 +1106,90 @@ def instance_endpoint(reactor: Any, instance: Any, timeout: float) -> Any:
         raise TLSError(f"{instance.name} at {instance.address} speaks TLS and this process "
                        f"has no credentials: {HOW_TO_MAKE}")  # fmt: skip
     return wrapClientTLS(client_options(creds, instance.host), endpoint)
+
+
+# What Deploy may run
+
+
+@attr.frozen
+class DeployPolicy:
+    """
+    What a daemon's C{Deploy} accepts: anything (the default), only
+    C{module:Class} specs (C{classes_only}), or those and command lines that
+    start with one of C{command_prefixes} (compared word by word, as a shell
+    splits them).
+    """
+
+    classes_only: bool = False
+    command_prefixes: tuple[tuple[str, ...], ...] = ()
+
+    @property
+    def restricted(self) -> bool:
+        return self.classes_only or bool(self.command_prefixes)
+
+    def check(self, service: Any) -> None:
+        """
+        @raise ValueError: if C{service} may not be deployed, saying why.
+        """
+        import re
+        import shlex
+
+        if not self.restricted or not isinstance(service, str):
+            return
+        if re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", service.strip()):
+            return
+        if self.classes_only:
+            raise ValueError("this daemon deploys module:Class services only, not command lines")
+        try:
+            words = tuple(shlex.split(service))
+        except ValueError as e:
+            raise ValueError(f"bad command line {service!r}: {e}") from None
+        if not any(words[: len(p)] == p for p in self.command_prefixes):
+            allowed = ", ".join(repr(" ".join(p)) for p in self.command_prefixes)
+            raise ValueError(f"this daemon runs only command lines starting with {allowed}")
+
+
+DEPLOY_CLASSES_ONLY_FLAG = [
+    "deploy-classes-only", None,
+    "Deploy accepts module:Class specs only, no command lines.",
+]  # fmt: skip
+
+
+def add_deploy_policy_options(options_class: type) -> type:
+    """
+    Add C{--deploy-classes-only} and C{--deploy-command-prefix PREFIX}
+    (repeatable) to the daemon tap's C{usage.Options}.
+    """
+    import shlex
+
+    def opt_deploy_command_prefix(self: Any, prefix: str) -> None:
+        """A command line Deploy may run must start with PREFIX (repeatable)."""
+        self.setdefault("deploy-command-prefix", []).append(tuple(shlex.split(prefix)))
+
+    options_class.optFlags = [*getattr(options_class, "optFlags", []), DEPLOY_CLASSES_ONLY_FLAG]  # type: ignore[attr-defined]
+    options_class.opt_deploy_command_prefix = opt_deploy_command_prefix  # type: ignore[attr-defined]
+    return options_class
+
+
+def deploy_policy(options: Any) -> DeployPolicy:
+    prefixes = tuple(p for p in options.get("deploy-command-prefix", []) if p)
+    return DeployPolicy(bool(options.get("deploy-classes-only")), prefixes)
+
+
+def restrict_deploy(daemon: Any, policy: DeployPolicy) -> None:
+    """
+    Make C{daemon.deploy} (what C{Deploy} calls) refuse what C{policy}
+    does not allow, with a C{ValueError} the caller receives.
+    """
+    if not policy.restricted:
+        return
+    deploy = daemon.deploy
+
+    def checked(service: Any, *args: Any, **kwargs: Any) -> Any:
+        policy.check(service)
+        return deploy(service, *args, **kwargs)
+
+    daemon.deploy = checked
 
 
 # sky tls

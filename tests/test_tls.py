@@ -411,3 +411,55 @@ class HandshakeTests(SynchronousTestCase):
         server = tls.ServerTLS(wrong, reactor=self.clock)
         caller, _ = self.talk(self.cluster.operator, server)
         self.assertEqual(caller.received, b"")
+
+
+class DeployPolicyTests(SynchronousTestCase):
+    def test_default_allows_anything(self) -> None:
+        policy = tls.DeployPolicy()
+        self.assertFalse(policy.restricted)
+        policy.check("/bin/sh -c 'anything'")
+
+    def test_classes_only(self) -> None:
+        policy = tls.DeployPolicy(classes_only=True)
+        policy.check("examples.sleeper:Sleeper")
+        with self.assertRaises(ValueError) as e:
+            policy.check("/usr/bin/touch /tmp/x")
+        self.assertIn("module:Class services only", str(e.exception))
+
+    def test_command_prefixes(self) -> None:
+        policy = tls.DeployPolicy(command_prefixes=(("/opt/app/bin/run",), ("nice", "-n", "5")))
+        policy.check("examples.sleeper:Sleeper")
+        policy.check("/opt/app/bin/run --port 1")
+        policy.check("nice -n 5 /usr/bin/work")
+        for refused in ("/opt/app/bin/run2", "nice -n 1 x", "sh -c '/opt/app/bin/run'"):
+            with self.assertRaises(ValueError):
+                policy.check(refused)
+
+    def test_daemon_options_and_guard(self) -> None:
+        """
+        The daemon tap's options make the policy, and the guard refuses
+        before the daemon's own deploy runs.
+        """
+        from skynet.daemon_tap import Options
+
+        options = Options()
+        options["deploy-command-prefix"] = []
+        options.opt_deploy_command_prefix("/opt/app/bin/run")  # type: ignore[attr-defined]
+        options["deploy-classes-only"] = False
+        policy = tls.deploy_policy(options)
+        self.assertEqual(policy.command_prefixes, (("/opt/app/bin/run",),))
+
+        class Daemon:
+            def __init__(self) -> None:
+                self.deployed: list = []
+
+            def deploy(self, service, args=None, registered=True):
+                self.deployed.append(service)
+                return "uuid"
+
+        daemon = Daemon()
+        tls.restrict_deploy(daemon, policy)
+        with self.assertRaises(ValueError):
+            daemon.deploy("/usr/bin/touch /tmp/x", [], True)
+        self.assertEqual(daemon.deploy("/opt/app/bin/run", [], True), "uuid")
+        self.assertEqual(daemon.deployed, ["/opt/app/bin/run"])

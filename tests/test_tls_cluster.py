@@ -33,7 +33,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from skynet import tls
 from skynet.admin import call_instance
 from skynet.client import tcp_connector
-from skynet.errors import ConnectionFailed
+from skynet.errors import ConnectionFailed, ServiceError
 from skynet.protocol import DEFAULT_MAX_FRAME, encode_header
 from skynet.registry import Query
 from skynet.registry.files import FileRegistry
@@ -60,7 +60,7 @@ class TLSDaemonTests(TestCase):
 
     timeout = 180
 
-    async def start(self) -> None:
+    async def start(self, *extra: str) -> None:
         self.root = tempfile.mkdtemp(prefix="skynet-tlsd-")
         self.addCleanup(shutil.rmtree, self.root, True)
         self.tls_dir = os.path.join(self.root, "tls")
@@ -73,7 +73,7 @@ class TLSDaemonTests(TestCase):
         command = [twistd(), "-n", "--pidfile=", "skynet-daemon", "--registry", self.url,
                    "--listen", "tcp:0:interface=127.0.0.1", "--tls", self.tls_dir,
                    "--log-dir", os.path.join(self.root, "logs"), "--stats-interval", "0.5",
-                   "--stop-grace", "5", "--kill-time", "2"]  # fmt: skip
+                   "--stop-grace", "5", "--kill-time", "2", *extra]  # fmt: skip
         self.log_path = os.path.join(self.root, "daemon.log")
         log = open(self.log_path, "ab")
         self.addCleanup(log.close)
@@ -212,6 +212,23 @@ class TLSDaemonTests(TestCase):
 
         await wait_for(refused, timeout=20, interval=0.5, what="the revoked cert refused")
         await self.assert_refused(tls.load_credentials(laptop), "certificate of 'laptop' revoked")
+
+    async def test_deploy_classes_only(self) -> None:
+        """
+        C{--deploy-classes-only}: the operator's certificate is not enough
+        to run a command line; a C{module:Class} deploys.
+        """
+        await self.start("--deploy-classes-only")
+        tls.set_client_identity(tls.load_credentials(os.path.join(self.tls_dir, "operator")))
+        marker = self.marker()
+        with self.assertRaises(ServiceError) as e:
+            await self.deploy_touch(self.daemon, marker)
+        self.assertIn("module:Class services only", str(e.exception))
+        result = await call_instance(reactor, self.daemon, "Deploy",
+                                     {"service": "examples.sleeper:Sleeper"}, 10.0)  # fmt: skip
+        self.assertIn("uuid", result)
+        await sleep(1.0)
+        self.assertFalse(os.path.exists(marker))
 
     async def test_sky_deploys_stops_restarts(self) -> None:
         """
