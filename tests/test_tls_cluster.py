@@ -318,6 +318,28 @@ class NamespaceTests(TestCase):
         self.assertIn("sky tls init", lines[0])
         self.assertIn(self.addresses[0], lines[0])
 
+    async def test_insecure_warns(self) -> None:
+        """
+        C{--insecure} lets it start there, plain, with a warning in its log.
+        """
+        log_path = os.path.join(self.root, "insecure.log")
+        with open(log_path, "ab") as log:
+            popen = subprocess.Popen(self.daemon_command("--insecure"), cwd=ROOT, stdout=log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=child_env(SKYNET_HOME=self.root))  # fmt: skip
+        self.addCleanup(terminate, popen, 30)
+        registry = FileRegistry(os.path.join(self.root, "registry"), reactor=reactor)
+        await registry.start()
+        self.addCleanup(registry.stop)
+        [daemon] = await wait_for(
+            lambda: registry.query(Query(service="SkynetDaemon", registered=True)),
+            timeout=30, what="the insecure daemon registered",
+        )  # fmt: skip
+        self.assertEqual(daemon.host, self.addresses[0])
+        self.assertNotIn("TLS", daemon.extra)
+        text = Path(log_path).read_text(errors="replace")
+        self.assertIn("INSECURE: skynet-daemon control endpoints reachable off loopback", text)
+
     async def test_serves_sky_from_another_namespace(self) -> None:
         """
         With credentials (the host's certificate naming its routable
