@@ -87,6 +87,12 @@ HOW_TO_MAKE = (
     "and pass --tls DIR, or pass --insecure to run without"
 )
 
+#: What a client without credentials is told.
+HOW_TO_CONNECT = (
+    "get credentials from the host of the cluster CA (`sky tls issue NAME --out DIR`) and "
+    "set SKYNET_TLS=DIR, or make a cluster with `sky tls init`"
+)
+
 CA_DAYS = 3650
 DEFAULT_DAYS = 365
 
@@ -95,6 +101,15 @@ class TLSError(Exception):
     """
     Credentials missing, unreadable or inconsistent; the message says which.
     """
+
+
+def _unusable(e: TLSError) -> Exception:
+    """
+    A client's L{TLSError} as the connection failure its callers handle.
+    """
+    from skynet.errors import ConnectionFailed
+
+    return ConnectionFailed(f"no usable TLS credentials: {e}")
 
 
 # Files
@@ -833,14 +848,17 @@ def client_endpoint(reactor: Any, host: str, port: int, timeout: float,
     """
     endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
     if creds is None:
-        creds = client_identity()
+        try:
+            creds = client_identity()
+        except TLSError as e:
+            raise _unusable(e) from None
     if tls is None:
         tls = creds is not None
     if not tls:
         return endpoint
     if creds is None:
-        raise TLSError(f"{host}:{port} speaks TLS and this process has no credentials: "
-                       f"{HOW_TO_MAKE}")  # fmt: skip
+        raise _unusable(TLSError(f"{host}:{port} speaks TLS and this process has none: "
+                                 f"{HOW_TO_CONNECT}"))  # fmt: skip
     return wrapClientTLS(client_options(creds, host), endpoint)
 
 
@@ -1101,10 +1119,13 @@ def instance_endpoint(reactor: Any, instance: Any, timeout: float) -> Any:
     endpoint = TCP4ClientEndpoint(reactor, instance.host, instance.port, timeout=timeout)
     if not instance_uses_tls(instance):
         return endpoint
-    creds = client_identity()
+    try:
+        creds = client_identity()
+    except TLSError as e:
+        raise _unusable(e) from None
     if creds is None:
-        raise TLSError(f"{instance.name} at {instance.address} speaks TLS and this process "
-                       f"has no credentials: {HOW_TO_MAKE}")  # fmt: skip
+        raise _unusable(TLSError(f"{instance.name} at {instance.address} speaks TLS and this "
+                                 f"process has none: {HOW_TO_CONNECT}"))  # fmt: skip
     return wrapClientTLS(client_options(creds, instance.host), endpoint)
 
 
