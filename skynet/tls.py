@@ -76,8 +76,6 @@ __all__ = [
     "revoke",
 ]
 
-log = Logger(namespace="skynet.tls")
-
 #: The registry key of the cluster's revocation list (a PEM CRL).
 CRL_KEY = "tls/crl"
 
@@ -1218,7 +1216,10 @@ def restrict_deploy(daemon: Any, policy: DeployPolicy) -> None:
 
 def _publish_crl(registry_url: str | None, pem: bytes, timeout: float = 10.0) -> str:
     """
-    Store the CRL in the registry under L{CRL_KEY}.
+    Store the CRL in the registry under L{CRL_KEY}, within C{timeout}
+    seconds (this runs the reactor: once per process, as C{sky tls} does).
+
+    @return: what happened, for the operator.
     """
     from twisted.internet.defer import ensureDeferred
     from twisted.internet.task import react
@@ -1227,25 +1228,37 @@ def _publish_crl(registry_url: str | None, pem: bytes, timeout: float = 10.0) ->
 
     outcome: list[str] = []
 
-    async def run(reactor: Any) -> None:
-        registry = registry_from_url(registry_url, reactor=reactor)
-        set_value = getattr(registry, "set_value", None)
-        if set_value is None:
-            outcome.append("this registry keeps no values yet: copy crl.pem to every host")
-            return
+    async def store(registry: Any) -> None:
         await registry.start()
         try:
-            await set_value(CRL_KEY, pem)
+            await registry.set_value(CRL_KEY, pem)
             outcome.append(f"stored in the registry {registry.url} ({CRL_KEY})")
         finally:
             await registry.stop()
 
+    async def run(reactor: Any) -> None:
+        try:
+            registry = registry_from_url(registry_url, reactor=reactor)
+        except Exception as e:
+            outcome.append(f"NOT stored in the registry ({e}): copy crl.pem to every host")
+            return
+        d = ensureDeferred(store(registry))
+        timer = reactor.callLater(timeout, d.cancel)
+        try:
+            await d
+        except Exception as e:
+            reason = "no answer" if type(e).__name__ == "CancelledError" else str(e)
+            outcome.append(f"NOT stored in the registry {registry.url} ({reason}): run "
+                           "`sky tls revoke` again, or copy crl.pem to every host")  # fmt: skip
+        finally:
+            if timer.active():
+                timer.cancel()
+
     try:
         react(lambda reactor: ensureDeferred(run(reactor)))
-    except SystemExit as e:
-        if e.code not in (0, None):
-            return "could not store it in the registry"
-    return outcome[0] if outcome else "could not store it in the registry"
+    except SystemExit:
+        pass
+    return outcome[0] if outcome else "NOT stored in the registry"
 
 
 def main(argv: list[str] | None = None, out: Callable[[str], Any] | None = None) -> int:
@@ -1299,6 +1312,8 @@ def main(argv: list[str] | None = None, out: Callable[[str], Any] | None = None)
             where = _publish_crl(args.registry, pem)
             write(f"revoked {args.name!r} ({len(serials)} certificate(s)); revocation list in "
                   f"{os.path.join(ca_dir, 'crl.pem')}, {where}")  # fmt: skip
+            if where.startswith("NOT"):
+                return 1
         elif args.command == "list":
             for entry in _load_index(args.ca or skynet_path("tls")):
                 state = f"revoked {entry['revoked']}" if entry.get("revoked") else "valid"
