@@ -223,3 +223,71 @@ class HardenedDashboardTests(SynchronousTestCase):
                 self.assertEqual(errors, [])
             finally:
                 browser.close()
+
+
+class TLSDashboardTests(SynchronousTestCase):
+    """
+    A dashboard with credentials (C{--tls}) acts on a service whose admin
+    endpoint speaks TLS and on a plain one (as a Go service's is), each as
+    its registry entry advertises.
+    """
+
+    def test_actions_on_tls_and_plain_admin_endpoints(self) -> None:
+        from skynet import tls
+
+        directory = Path(tempfile.mkdtemp(prefix="skynet-tlsdash-"))
+        self.addCleanup(shutil.rmtree, directory, True)
+        secure_home, plain_home = directory / "secure", directory / "plain"
+        tls.init_cluster(str(secure_home / "tls"))
+        plain_home.mkdir()
+        registry = f"file://{directory}/registry"
+        token_file = directory / "token"
+        token_file.write_text(TOKEN)
+        token_file.chmod(0o600)
+        secure = ServiceProcess(
+            "examples.testservice:TestService",
+            registry,
+            "--name",
+            "Secure",
+            log_dir=str(directory),
+            env={"SKYNET_HOME": str(secure_home)},
+        )
+        plain = ServiceProcess(
+            "examples.testservice:TestService",
+            registry,
+            "--name",
+            "Plain",
+            log_dir=str(directory),
+            env={"SKYNET_HOME": str(plain_home)},
+        )
+        for service in (secure.start(), plain.start()):
+            self.addCleanup(service.stop)
+        dashboard = Process("dashboard", [
+            twistd(), "-n", "--pidfile=", "skynet-dashboard", "--registry", registry,
+            "--listen", "tcp:0:interface=127.0.0.1", "--token-file", str(token_file),
+            "--stats-interval", "0.5", "--tls", str(secure_home / "tls" / "operator"),
+        ], directory)  # fmt: skip
+        self.addCleanup(dashboard.stop)
+        url = wait_until(
+            lambda: re.search(r"skynet dashboard on (http://\S+/)", dashboard.output()),
+            30, "the dashboard's URL",
+        ).group(1).rstrip("/")  # fmt: skip
+
+        def rows() -> dict[str, dict[str, Any]]:
+            status, _, body = request(url + "/api/state")
+            return {r["service"]: r for r in body["rows"]} if status == 200 else {}
+
+        found = wait_until(lambda: len(rows()) == 2 and rows(), 30, "both instances")
+        entries = {}
+        for path in (directory / "registry" / "services").rglob("*"):
+            if path.is_file():
+                doc = json.loads(path.read_text())
+                entries[doc["Config"]["Name"]] = doc.get("Extra", {})
+        self.assertEqual(entries["Secure"].get("AdminTLS"), True)
+        self.assertNotIn("AdminTLS", entries["Plain"])
+        for name in ("Secure", "Plain"):
+            status, _, body = request(f"{url}/api/instances/{found[name]['uuid']}/unregister",
+                                      "POST", {"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
+            self.assertEqual(status, 200, (name, body, dashboard.output()[-3000:]))
+        wait_until(lambda: not any(r["registered"] for r in rows().values()), 15,
+                   "both unregistered")  # fmt: skip
