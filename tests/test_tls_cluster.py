@@ -35,7 +35,7 @@ from skynet.admin import call_instance
 from skynet.client import tcp_connector
 from skynet.errors import ConnectionFailed, ServiceError
 from skynet.protocol import DEFAULT_MAX_FRAME, encode_header
-from skynet.registry import Query
+from skynet.registry import Query, registry_from_url
 from skynet.registry.files import FileRegistry
 from tests.processes import ROOT, child_env, sleep, terminate, twistd, wait_for
 
@@ -60,18 +60,29 @@ class TLSDaemonTests(TestCase):
 
     timeout = 180
 
-    async def start(self, *extra: str) -> None:
+    async def start(self, *extra: str, url: str | None = None, own_dir: bool = False) -> None:
+        """
+        @param own_dir: the daemon gets credentials of its own (issued from
+            the CA), not the CA's directory: it sees no later C{crl.pem}.
+        """
         self.root = tempfile.mkdtemp(prefix="skynet-tlsd-")
         self.addCleanup(shutil.rmtree, self.root, True)
         self.tls_dir = os.path.join(self.root, "tls")
         made = run_sky(self.root, "tls", "init")
         self.assertEqual(made.returncode, 0, made.stderr)
-        self.url = f"file://{self.root}/registry"
-        self.registry = FileRegistry(os.path.join(self.root, "registry"), reactor=reactor)
+        self.url = url or f"file://{self.root}/registry"
+        if url is None:
+            self.registry = FileRegistry(os.path.join(self.root, "registry"), reactor=reactor)
+        else:
+            self.registry = registry_from_url(url, reactor=reactor)
         await self.registry.start()
         self.addCleanup(self.registry.stop)
+        daemon_dir = self.tls_dir
+        if own_dir:
+            daemon_dir = os.path.join(self.root, "daemon-tls")
+            tls.issue(self.tls_dir, "daemon", daemon_dir, ["127.0.0.1"])
         command = [twistd(), "-n", "--pidfile=", "skynet-daemon", "--registry", self.url,
-                   "--listen", "tcp:0:interface=127.0.0.1", "--tls", self.tls_dir,
+                   "--listen", "tcp:0:interface=127.0.0.1", "--tls", daemon_dir,
                    "--log-dir", os.path.join(self.root, "logs"), "--stats-interval", "0.5",
                    "--stop-grace", "5", "--kill-time", "2", *extra]  # fmt: skip
         self.log_path = os.path.join(self.root, "daemon.log")
@@ -186,12 +197,12 @@ class TLSDaemonTests(TestCase):
         listing = await call_instance(reactor, self.daemon, "ListSubServices", {}, 10.0)
         self.assertEqual(listing["services"], {})
 
-    async def test_revoked_refused(self) -> None:
+    async def test_revoked_refused(self, url: str | None = None) -> None:
         """
         A certificate that worked stops working once C{sky tls revoke}
         publishes the revocation list in the registry.
         """
-        await self.start()
+        await self.start(url=url, own_dir=True)
         laptop = os.path.join(self.root, "laptop")
         issued = run_sky(self.root, "tls", "issue", "laptop", "--out", laptop)
         self.assertEqual(issued.returncode, 0, issued.stderr)
@@ -212,6 +223,16 @@ class TLSDaemonTests(TestCase):
 
         await wait_for(refused, timeout=20, interval=0.5, what="the revoked cert refused")
         await self.assert_refused(tls.load_credentials(laptop), "certificate of 'laptop' revoked")
+
+    async def test_revoked_refused_zookeeper(self) -> None:
+        """
+        The same with a real ZooKeeper server as the registry.
+        """
+        from tests.zkserver import ZooKeeperCluster
+
+        zookeeper = ZooKeeperCluster(1).start()
+        self.addCleanup(zookeeper.close)
+        await self.test_revoked_refused(url=zookeeper.url("/skynet-tls"))
 
     async def test_deploy_classes_only(self) -> None:
         """
