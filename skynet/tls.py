@@ -44,7 +44,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from twisted.application.service import Service as _Service
 from twisted.internet import ssl as tssl
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
@@ -529,6 +529,8 @@ class RevocationList:
     def __init__(self, ca_pem: bytes) -> None:
         self.ca = x509.load_pem_x509_certificate(ca_pem)
         self.serials: frozenset[int] = frozenset()
+        self.crl: x509.CertificateRevocationList | None = None
+        self._listeners: list[Callable[[x509.CertificateRevocationList], Any]] = []
         self.number: int | None = None
 
     def load(self, pem: bytes | None, source: str = "") -> bool:
@@ -559,7 +561,18 @@ class RevocationList:
             return False
         self.number = number
         self.serials = frozenset(r.serial_number for r in crl)
+        self.crl = crl
+        for listener in list(self._listeners):
+            listener(crl)
         return True
+
+    def subscribe(self, listener: Callable[[x509.CertificateRevocationList], Any]) -> None:
+        """
+        Call C{listener} with each CRL taken from now on (and the one held).
+        """
+        self._listeners.append(listener)
+        if self.crl is not None:
+            listener(self.crl)
 
     def is_revoked(self, serial: int) -> bool:
         return serial in self.serials
@@ -673,6 +686,8 @@ class RefusalLog:
         )
 
 
+_X509_V_ERR_CERT_REVOKED = 23
+
 _VERIFY_REASONS = {
     2: "not signed by the cluster CA",
     9: "certificate not yet valid",
@@ -780,12 +795,24 @@ class ServerTLS:
         if require_client_cert:
             mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
         self.context.set_verify(mode, self._verify)
+        # OpenSSL checks the CRL too, so that a revoked peer is told so (the
+        # certificate_revoked alert); the serials are checked above anyway.
+        self.revocations.subscribe(self._add_crl)
+
+    def _add_crl(self, crl: x509.CertificateRevocationList) -> None:
+        store = self.context.get_cert_store()
+        if store is None:
+            return
+        store.add_crl(crl)
+        store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
 
     def _verify(self, connection: SSL.Connection, cert: Any, errno: int, depth: int,
                 ok: int) -> bool:  # fmt: skip
         protocol = connection.get_app_data()
         if not ok:
             reason = _VERIFY_REASONS.get(errno, f"certificate refused (X509 error {errno})")
+            if errno == _X509_V_ERR_CERT_REVOKED:
+                reason = f"certificate of {cert.get_subject().commonName!r} revoked"
             if protocol is not None:
                 protocol._skynet_refusal = reason
             return False

@@ -326,6 +326,7 @@ class _Caller(Protocol):
 
     def connectionLost(self, reason=None) -> None:
         self.lost = True
+        self.reason = reason
 
 
 class HandshakeTests(SynchronousTestCase):
@@ -390,6 +391,8 @@ class HandshakeTests(SynchronousTestCase):
         caller, refusals = self.talk(creds)
         self.assertEqual(caller.received, b"")
         self.assertEqual([e["reason"] for e in refusals], ["certificate of 'laptop' revoked"])
+        # The client is told why (OpenSSL's certificate_revoked alert).
+        self.assertIn("revoked", str(caller.reason.value))
         # Others of the cluster still get in.
         self.assertEqual(self.talk(self.cluster.operator)[0].received, b"Deploy")
 
