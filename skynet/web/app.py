@@ -341,7 +341,7 @@ class DashboardApp:
         return _equal(header.decode("latin-1") if header else None, csrf)
 
     def _session_id(self, request: Any) -> str | None:
-        raw = request.getCookie(SESSION_COOKIE)
+        raw = request.received_cookies.get(SESSION_COOKIE)
         return raw.decode("latin-1") if raw else None
 
     def snapshot(self) -> dict[str, Any]:
