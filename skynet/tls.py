@@ -22,6 +22,12 @@ address with C{service_identity}.  The revocation list is an X.509 CRL
 signed by the CA: kept in the registry (key L{CRL_KEY}) and in C{crl.pem};
 listeners accept a new one only if the CA signed it.
 
+The taps use L{add_tls_options}, L{tap_tls} and L{tap_listeners}: control
+listeners (a daemon's RPC, every admin endpoint) speak mutual TLS when the
+process has credentials, and refuse to listen off loopback without them
+unless C{--insecure} (L{check_listen_policy}); a daemon's C{Deploy} can be
+narrowed by a L{DeployPolicy}.  See C{docs/security.md}.
+
 All of the cryptography is C{cryptography}'s and OpenSSL's (through
 pyOpenSSL and Twisted); nothing here is home-made.
 """
