@@ -140,7 +140,8 @@ class DashboardServer(Service):
             host = "127.0.0.1"
         if ":" in host:
             host = f"[{host}]"
-        self.url = f"http://{host}:{getattr(address, 'port', '')}/"
+        scheme = "https" if type(self.endpoint).__name__.startswith("SSL") else "http"
+        self.url = f"{scheme}://{host}:{getattr(address, 'port', '')}/"
         self.log.info("skynet dashboard on {url}", url=self.url)
 
     def stopService(self) -> Any:

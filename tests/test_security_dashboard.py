@@ -291,3 +291,38 @@ class TLSDashboardTests(SynchronousTestCase):
             self.assertEqual(status, 200, (name, body, dashboard.output()[-3000:]))
         wait_until(lambda: not any(r["registered"] for r in rows().values()), 15,
                    "both unregistered")  # fmt: skip
+
+    def test_https_dashboard_marks_the_cookie_secure(self) -> None:
+        """
+        Served over HTTPS with the host's credentials (an C{ssl:}
+        endpoint): the logged URL is https and the session cookie Secure.
+        """
+        import ssl
+
+        from skynet import tls
+
+        directory = Path(tempfile.mkdtemp(prefix="skynet-httpsdash-"))
+        self.addCleanup(shutil.rmtree, directory, True)
+        creds = directory / "tls"
+        tls.init_cluster(str(creds))
+        token_file = directory / "token"
+        token_file.write_text(TOKEN)
+        token_file.chmod(0o600)
+        endpoint = (f"ssl:0:interface=127.0.0.1:privateKey={creds}/key.pem:"
+                    f"certKey={creds}/cert.pem")  # fmt: skip
+        dashboard = Process("dashboard", [
+            twistd(), "-n", "--pidfile=", "skynet-dashboard", "--registry",
+            f"file://{directory}/registry", "--listen", endpoint, "--token-file", str(token_file),
+        ], directory)  # fmt: skip
+        self.addCleanup(dashboard.stop)
+        url = wait_until(
+            lambda: re.search(r"skynet dashboard on (https://\S+/)", dashboard.output()),
+            30, "the dashboard's https URL",
+        ).group(1)  # fmt: skip
+        context = ssl.create_default_context(cafile=str(creds / "ca.pem"))
+        login = urllib.request.Request(url + "api/session", method="POST",
+                                       headers={"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
+        with urllib.request.urlopen(login, context=context, timeout=10) as response:
+            cookie = response.headers["Set-Cookie"]
+        attributes = {a.strip().lower() for a in cookie.split(";")}
+        self.assertTrue({"secure", "httponly", "samesite=strict"} <= attributes, cookie)
