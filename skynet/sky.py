@@ -270,6 +270,10 @@ def main(argv: list[str] | None = None) -> NoReturn:
     The C{sky} console script.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["tls"]:  # security hook (issue 12): sky tls init|issue|revoke|list
+        from skynet.tls import main as tls_main
+
+        sys.exit(tls_main(argv[1:]))
     if argv[:1] in (["-h"], ["--help"]):
         sys.stdout.write(USAGE + "\n" + HELP)
         sys.exit(0)

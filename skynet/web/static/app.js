@@ -953,11 +953,15 @@
     }
   }
 
+  // security (issue 12): the token is exchanged once for an HttpOnly session
+  // cookie; only the session's CSRF token is kept, and sent with each action.
   async function checkToken(token) {
     try {
-      const r = await fetch("/api/auth", { headers: { Authorization: "Bearer " + token } });
+      const r = await fetch("/api/session", {
+        method: "POST", headers: { Authorization: "Bearer " + token },
+      });
       const body = await r.json().catch(() => ({}));
-      return { ok: r.status === 200, error: body.error || "HTTP " + r.status };
+      return { ok: r.status === 200, csrf: body.csrf, error: body.error || "HTTP " + r.status };
     } catch (e) {
       return { ok: false, error: String(e) };
     }
@@ -967,22 +971,36 @@
     if (!token) return;
     const answer = await checkToken(token);
     if (answer.ok) {
-      state.token = token;
-      state.authorized = true;
-      try { sessionStorage.setItem("skynet-token", token); } catch (e) { /* private mode */ }
+      adoptSession(answer.csrf);
     } else {
-      state.token = null;
-      state.authorized = false;
-      try { sessionStorage.removeItem("skynet-token"); } catch (e) { /* private mode */ }
+      lock();
       toast("Token refused: " + answer.error, true);
     }
     updateMode();
   }
 
+  function adoptSession(csrf) {
+    state.token = csrf;
+    state.authorized = true;
+    try { sessionStorage.setItem("skynet-csrf", csrf); } catch (e) { /* private mode */ }
+    updateMode();
+  }
+
+  async function resumeSession(csrf) {
+    try {
+      const r = await fetch("/api/auth");
+      if (r.status === 200) adoptSession(csrf);
+    } catch (e) { /* stays locked */ }
+  }
+
   function lock() {
+    if (state.token) {
+      fetch("/api/session", { method: "DELETE", headers: { "X-Skynet-CSRF": state.token } })
+        .catch(() => {});
+    }
     state.token = null;
     state.authorized = false;
-    try { sessionStorage.removeItem("skynet-token"); } catch (e) { /* private mode */ }
+    try { sessionStorage.removeItem("skynet-csrf"); } catch (e) { /* private mode */ }
     updateMode();
   }
 
@@ -1022,7 +1040,7 @@
     try {
       r = await fetch("/api/instances/" + encodeURIComponent(uuid) + "/" + action, {
         method: "POST",
-        headers: { Authorization: "Bearer " + state.token },
+        headers: { "X-Skynet-CSRF": state.token },
       });
       body = await r.json().catch(() => ({}));
     } catch (e) {
@@ -1134,14 +1152,15 @@
       params.delete("token");
       const rest = params.toString();
       history.replaceState(null, "", location.pathname + (rest ? "?" + rest : "") + location.hash);
-    } else {
-      try { token = sessionStorage.getItem("skynet-token"); } catch (e) { token = null; }
     }
+    let csrf = null;
+    try { csrf = sessionStorage.getItem("skynet-csrf"); } catch (e) { csrf = null; }
     wire();
     updateMode();
     refreshScopes();
     connect();
     if (token) adoptToken(token);
+    else if (csrf) resumeSession(csrf);
   }
 
   // For tests and the curious: the live state, and what the graphs drew.
