@@ -30,6 +30,7 @@ over SSH (L{skynet.manhole}) or on the local terminal (C{sky cli}).
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shlex
@@ -487,6 +488,43 @@ def topology_json(instances: Iterable[Instance]) -> dict[str, Any]:
     }
 
 
+def plural(count: int, word: str, words: str | None = None) -> str:
+    """
+    C{"1 request"}, C{"2 requests"}.
+    """
+    return f"{count} {word if count == 1 else (words or word + 's')}"
+
+
+def iso_time(value: Any) -> Any:
+    """
+    A Go Skynet time (C{2026-12-01T07:47:34Z+0000}, the layout the wire
+    keeps) as ISO 8601 in UTC (C{2026-12-01T07:47:34Z}); anything else as
+    it is.
+    """
+    if not isinstance(value, str) or not value:
+        return value
+    for layout in ("%Y-%m-%dT%H:%M:%SZ%z", "%Y-%m-%dT%H:%M:%S%z"):
+        try:
+            parsed = datetime.datetime.strptime(value, layout)
+        except ValueError:
+            continue
+        return parsed.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return value
+
+
+def stats_json(stats: dict[str, Any] | None) -> dict[str, Any] | None:
+    """
+    Statistics for C{--json}: Go Skynet's fields as published (their units
+    are in docs/operators.md), with C{LastRequest} in ISO 8601.
+    """
+    if not stats:
+        return stats
+    out = dict(stats)
+    if "LastRequest" in out:
+        out["LastRequest"] = iso_time(out["LastRequest"])
+    return out
+
+
 def _ms(nanoseconds: Any) -> str:
     try:
         return f"{float(nanoseconds) / 1e6:.2f} ms"
@@ -502,9 +540,9 @@ def format_stats(instance: Instance, stats: dict[str, Any] | None) -> str:
     if not stats:
         return f"{head}: no statistics yet"
     parts = [
-        f"{stats.get('RequestsServed', 0)} requests",
-        f"{stats.get('Errors', 0)} errors",
-        f"{stats.get('Clients', 0)} clients",
+        plural(_int(stats.get("RequestsServed", 0)), "request"),
+        plural(_int(stats.get("Errors", 0)), "error"),
+        plural(_int(stats.get("Clients", 0)), "client"),
         f"avg {_ms(stats.get('AverageResponseTime', 0))}",
     ]
     if "P50ResponseTime" in stats:
@@ -512,8 +550,15 @@ def format_stats(instance: Instance, stats: dict[str, Any] | None) -> str:
     if "P99ResponseTime" in stats:
         parts.append(f"p99 {_ms(stats['P99ResponseTime'])}")
     if stats.get("LastRequest"):
-        parts.append(f"last request {stats['LastRequest']}")
+        parts.append(f"last request {iso_time(stats['LastRequest'])}")
     return f"{head}: {', '.join(parts)}"
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
 
 
 def to_json(value: Any, pretty: bool = False) -> str:
@@ -704,7 +749,7 @@ class Shell:
         if command in ("services", "hosts", "regions", "versions"):
             return await self._list(command, filters, inv, io)
         if command == "instances":
-            found = await self.registry.query(filters.query())
+            found = await self._matching(filters)
             if inv.json:
                 io.out(to_json([instance_json(i) for i in found]))
             else:
@@ -712,7 +757,7 @@ class Shell:
                     io.out(format_instance(i))
             return 0
         if command == "topology":
-            found = await self.registry.query(filters.query())
+            found = await self._matching(filters)
             if inv.json:
                 io.out(to_json(topology_json(found)))
             else:
@@ -786,12 +831,24 @@ class Shell:
 
     # Queries
 
+    async def _matching(self, filters: Filters) -> list[Instance]:
+        """
+        The instances matching C{filters}.
+
+        @raise ShellError: if none does (a query that finds nothing exits 1,
+            so that a typo does not look like an empty cluster).
+        """
+        found = await self.registry.query(filters.query())
+        if not found:
+            raise ShellError(_no_match(filters))
+        return list(found)
+
     async def _list(self, command: str, filters: Filters, inv: Invocation, io: IShellIO) -> int:
         self._need_args(inv, 0, 0, command)
         if command == "versions" and filters.service is None:
             raise UsageError("Service name is required (set the service filter or --service)")
         field = {"services": "name", "hosts": "host", "regions": "region", "versions": "version"}
-        found = await self.registry.query(filters.query())
+        found = await self._matching(filters)
         values = sorted({getattr(i, field[command]) for i in found})
         if inv.json:
             io.out(to_json(values))
@@ -801,7 +858,7 @@ class Shell:
         return 0
 
     async def _stats(self, filters: Filters, inv: Invocation, io: IShellIO) -> int:
-        found = await self.registry.query(filters.query())
+        found = await self._matching(filters)
         rows = []
         for instance in found:
             try:
@@ -810,7 +867,9 @@ class Shell:
                 stats = None
             rows.append((instance, stats))
         if inv.json:
-            io.out(to_json([{"instance": instance_json(i), "stats": s} for i, s in rows]))
+            io.out(
+                to_json([{"instance": instance_json(i), "stats": stats_json(s)} for i, s in rows])
+            )
         else:
             for instance, stats in rows:
                 io.out(format_stats(instance, stats))
@@ -915,15 +974,16 @@ class Shell:
         return supervisor, unreachable
 
     async def _act(self, action: str, filters: Filters, inv: Invocation, io: IShellIO) -> int:
-        instances = [
-            i for i in await self.registry.query(filters.query()) if i.name != DAEMON_SERVICE
-        ]
+        found = await self.registry.query(filters.query())
+        instances = [i for i in found if i.name != DAEMON_SERVICE]
         if not instances:
-            raise ShellError(f"no instance matches the filters{_filter_text(filters)}")
+            daemons = [i for i in found if i.name == DAEMON_SERVICE]
+            if daemons:
+                raise ShellError(_daemon_refusal(action, daemons))
+            raise ShellError(_no_match(filters))
         past, _ = _ACTIONS[action]
-        if not await self._confirm(
-            io, inv, len(instances), f"{len(instances)} instances will be {past}"
-        ):
+        question = f"{plural(len(instances), 'instance')} will be {past}"
+        if not await self._confirm(io, inv, len(instances), question):
             io.err("Cancelled.")
             return 1
         supervisor, unreachable = await self._routes(instances)
@@ -1015,7 +1075,7 @@ class Shell:
             raise ShellError(
                 f"no {DAEMON_SERVICE} runs on a host matching the filters{_filter_text(filters)}"
             )
-        question = f"Service will be deployed to {len(targets)} hosts"
+        question = f"Service will be deployed to {plural(len(targets), 'host')}"
         if not await self._confirm(io, inv, len(targets), question):
             io.err("Cancelled.")
             return 1
@@ -1084,6 +1144,27 @@ class Shell:
         if name == "port":
             return [str(i.port) for i in found]
         return [getattr(i, field[name]) for i in found]
+
+
+def _no_match(filters: Filters) -> str:
+    text = _filter_text(filters)
+    return f"no instance matches the filters{text}" if text else "no instance in the registry"
+
+
+def _daemon_refusal(action: str, daemons: list[Instance]) -> str:
+    """
+    Why C{sky stop} (and the other actions) leave daemons alone, and how
+    to stop one.
+    """
+    where = ", ".join(
+        f"on {d.host}: kill {d.pid}" if d.pid else f"on {d.host}: stop its twistd process"
+        for d in sort_instances(daemons)
+    )
+    return (
+        f"{DAEMON_SERVICE} instances are not acted on with '{action}': a daemon supervises"
+        f" its host's services and they stop with it. To stop a daemon and its services,"
+        f" send its process SIGTERM ({where})"
+    )
 
 
 def _filter_text(filters: Filters) -> str:

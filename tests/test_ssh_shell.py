@@ -210,7 +210,7 @@ class InteractiveShellTests(SynchronousTestCase):
         t.wait(name, rf"^Port: {sleeper.port}$")
         t.type(name, "stop")
         t.keys(name, "Enter")
-        t.wait_last(name, "1 instances will be stopped, Are you sure? (Y/N) >")
+        t.wait_last(name, "1 instance will be stopped, Are you sure? (Y/N) >")
         self.assertEqual(self.cluster.instances(uuid=sleeper.uuid)[0].uuid, sleeper.uuid)
         t.type(name, "Y")
         t.keys(name, "Enter")
