@@ -515,13 +515,15 @@ def iso_time(value: Any) -> Any:
 def stats_json(stats: dict[str, Any] | None) -> dict[str, Any] | None:
     """
     Statistics for C{--json}: Go Skynet's fields as published (their units
-    are in docs/operators.md), with C{LastRequest} in ISO 8601.
+    are in docs/operators.md), with the times (C{StartTime}, C{LastRequest},
+    C{Updated}) in ISO 8601.
     """
     if not stats:
         return stats
     out = dict(stats)
-    if "LastRequest" in out:
-        out["LastRequest"] = iso_time(out["LastRequest"])
+    for name in ("StartTime", "LastRequest", "Updated"):
+        if name in out:
+            out[name] = iso_time(out[name])
     return out
 
 
