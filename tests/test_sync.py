@@ -1,13 +1,15 @@
 """
 L{skynet.sync}: the blocking client, against real C{twistd skynet-service}
 processes, called from plain threads, after a fork, and beside a running
-global reactor.
+global reactor (slow); and its wire handling against a scripted server on a
+socket (fast).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -15,15 +17,28 @@ import textwrap
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import bson
 import pytest
 
-from skynet.errors import NoInstances, RemoteCallError, ServiceError
+from skynet.errors import (
+    ConnectionFailed,
+    NoInstances,
+    ProtocolError,
+    RemoteCallError,
+    RequestTimeout,
+    ServiceError,
+    ServiceUnregistered,
+)
+from skynet.protocol import encode_header, encode_response_body
 from skynet.registry import RegistryError
-from skynet.sync import Client
+from skynet.registry.base import Instance
+from skynet.registry.memory import MemoryRegistry, named_store
+from skynet.sync import Client, ServiceClient, _background
 from tests.processes import ROOT, ServiceProcess, child_env
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow
 
 FIBONACCI = "examples.fibonacci:Fibonacci"
 
@@ -62,6 +77,7 @@ def fibonacci(n: int) -> int:
     return a
 
 
+@slow
 def test_call_and_errors(services: list[ServiceProcess], registry: str) -> None:
     start(services, registry)
     with Client(registry) as client:
@@ -79,6 +95,7 @@ def test_call_and_errors(services: list[ServiceProcess], registry: str) -> None:
         assert fib.call_once("Index", {"index": 10})["value"] == 55
 
 
+@slow
 def test_threads_share_one_client_and_both_instances(
     services: list[ServiceProcess], registry: str
 ) -> None:
@@ -120,6 +137,7 @@ def test_threads_share_one_client_and_both_instances(
     client.close()
 
 
+@slow
 def test_an_instance_killed_mid_run_fails_no_call(
     services: list[ServiceProcess], registry: str
 ) -> None:
@@ -160,6 +178,7 @@ def test_an_instance_killed_mid_run_fails_no_call(
     client.close()
 
 
+@slow
 def test_a_hung_instance_is_overtaken_by_a_retry(
     services: list[ServiceProcess], registry: str
 ) -> None:
@@ -191,7 +210,7 @@ def test_a_hung_instance_is_overtaken_by_a_retry(
 
 SCRIPT_PRELUDE = """
 import os, sys
-from skynet.sync import Client
+from skynet.sync import Client, ServiceClient, _background
 registry = sys.argv[1]
 """
 
@@ -202,6 +221,7 @@ def run_script(body: str, registry: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)  # fmt: skip
 
 
+@slow
 def test_a_process_that_forks_after_import(services: list[ServiceProcess], registry: str) -> None:
     """
     The parent calls (its reactor thread and connections exist), forks;
@@ -246,6 +266,7 @@ def test_a_process_that_forks_after_import(services: list[ServiceProcess], regis
     assert lines[0] == "parent 55" and sorted(lines[1:]) == ["child 300", "parent 300 0"], lines
 
 
+@slow
 def test_beside_the_global_reactor(services: list[ServiceProcess], registry: str) -> None:
     """
     A Twisted program runs the global reactor in its main thread and calls
@@ -282,6 +303,7 @@ def test_a_bad_registry_url_fails_at_once() -> None:
         Client("gopher://nowhere")
 
 
+@slow
 def test_environment_registry(services: list[ServiceProcess], registry: str) -> None:
     start(services, registry)
     env = child_env(SKYNET_REGISTRY=registry)
@@ -291,3 +313,206 @@ def test_environment_registry(services: list[ServiceProcess], registry: str) -> 
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert (result.returncode, result.stdout.strip()) == (0, "13"), result.stderr
     assert os.environ.get("SKYNET_REGISTRY") != registry
+
+
+@slow
+def test_the_sync_system_of_the_rpc_comparison(home: Path) -> None:
+    """
+    C{benchmarks.compare --systems sync}: the blocking client measured in
+    every mode (a tiny run: figures are not checked, only that it measured).
+    """
+    out = home / "report.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.compare", "--systems", "sync", "--payloads", "100",
+         "--seconds", "0.2", "--processes", "2", "--concurrency", "4", "--connections", "5",
+         "--json", str(out)],
+        cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=170,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    import json
+
+    report = json.loads(out.read_text())
+    assert report["systems"] == ["sync"]
+    for mode in ("sequential", "concurrent", "processes"):
+        figures = report["results"]["sync"][mode]["100"]
+        assert figures["calls"] > 0, (mode, figures)
+    assert report["results"]["sync"]["concurrent"]["100"]["style"] == "threads"
+    assert report["memory"]["sync"]["connections"] == 5
+
+
+# The wire, against a scripted server
+
+
+class ScriptedServer:
+    """
+    A one-thread BSON-RPC server on 127.0.0.1 that answers as C{script}
+    says: C{script(connection, seq, method, params)} writes what it wants.
+    """
+
+    def __init__(self, script: Any, registered: bool = True) -> None:
+        self.script = script
+        self.registered = registered
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.requests: list[tuple[int, str, int]] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._talk, args=(connection,), daemon=True).start()
+
+    @staticmethod
+    def _frame(stream: Any) -> bytes | None:
+        head = stream.read(4)
+        if len(head) < 4:
+            return None
+        rest = stream.read(int.from_bytes(head, "little") - 4)
+        return head + rest
+
+    def _talk(self, connection: socket.socket) -> None:
+        with connection:
+            connection.sendall(bson.encode({"name": "Scripted", "registered": self.registered,
+                                            "clientid": "c-1"}))  # fmt: skip
+            stream = connection.makefile("rb")
+            if self._frame(stream) is None:
+                return
+            while True:
+                header, body = self._frame(stream), self._frame(stream)
+                if header is None or body is None:
+                    return
+                seq = bson.decode(header)["seq"]
+                request = bson.decode(body)
+                info = request["requestinfo"]
+                self.requests.append((seq, request["method"], info["retrycount"]))
+                if self.script(connection, seq, request["method"], bson.decode(request["in"])):
+                    return
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def answer(connection: socket.socket, seq: int, result: Any = None, error: str = "",
+           errstring: str = "") -> None:  # fmt: skip
+    out = bson.encode(result) if result is not None else b""
+    connection.sendall(encode_header("Scripted.Forward", seq, error)
+                       + encode_response_body(out, errstring))  # fmt: skip
+
+
+@pytest.fixture
+def scripted() -> Iterator[Any]:
+    servers: list[ScriptedServer] = []
+    clients: list[Client] = []
+
+    def start(*scripts: Any, registered: bool = True, **options: Any) -> ServiceClient:
+        """
+        A server per script, all in a registry of their own; a client's
+        L{ServiceClient} for them, with C{servers} the servers in order.
+        """
+        name = f"sync-wire-{id(clients)}-{len(clients)}"
+        writer = MemoryRegistry(store=named_store(name), reactor=_background().reactor)
+        mine = []
+        for script in scripts:
+            server = ScriptedServer(script, registered)
+            servers.append(server)
+            mine.append(server)
+            instance = Instance(uuid=f"u-{server.port}", name="Scripted", version="1",
+                                region="r", host="127.0.0.1", port=server.port)  # fmt: skip
+            _background().run(writer.add, instance)
+        client = Client(f"memory://{name}", **options)
+        clients.append(client)
+        service = client.service("Scripted")
+        service.servers = mine  # type: ignore[attr-defined]
+        return service
+
+    yield start
+    for client in clients:
+        client.close()
+    for server in servers:
+        server.close()
+
+
+def test_answers_to_older_requests_are_skipped(scripted: Any) -> None:
+    def script(connection: socket.socket, seq: int, method: str, params: Any) -> bool:
+        answer(connection, seq + 1000, {"stale": True})  # an answer for nobody
+        answer(connection, seq, {"echo": params["n"]})
+        return False
+
+    service = scripted(script)
+    assert [service.call("Echo", {"n": n}, timeout=5)["echo"] for n in range(5)] == list(range(5))
+
+
+def test_errors_are_mapped(scripted: Any) -> None:
+    def script(connection: socket.socket, seq: int, method: str, params: Any) -> bool:
+        if method == "Fail":
+            answer(connection, seq, errstring="it failed")
+        elif method == "Refuse":
+            answer(connection, seq, error='rpc: can\'t find method "Refuse"')
+        else:
+            answer(connection, seq, {})
+        return False
+
+    service = scripted(script)
+    with pytest.raises(ServiceError, match="^it failed$"):
+        service.call("Fail", {}, timeout=5)
+    with pytest.raises(RemoteCallError, match="can't find method"):
+        service.call("Refuse", {}, timeout=5)
+    assert service.call("Ok", {}, timeout=5) == {}
+
+
+def test_a_hung_instance_is_hedged_with_retrycount(scripted: Any) -> None:
+    """
+    No answer within the retry interval: a second attempt goes to the other
+    instance with C{retrycount} 1 and its answer wins; alone, a hung
+    instance ends the call with RequestTimeout.
+    """
+
+    def hang(*args: Any) -> bool:
+        return False
+
+    def echo(connection: socket.socket, seq: int, method: str, params: Any) -> bool:
+        answer(connection, seq, {"ok": True})
+        return False
+
+    service = scripted(hang, echo, retry_interval=0.2)
+    hung, good = service.servers
+    for _ in range(200):
+        if len(service.handles) == 2:
+            break
+        threading.Event().wait(0.05)
+    for _ in range(4):
+        assert service.call("Work", {}, timeout=5) == {"ok": True}
+    assert [r[2] for r in hung.requests] == [0], hung.requests  # tried once, then evicted
+    assert any(retry == 1 for _, _, retry in good.requests), good.requests
+    alone = scripted(hang, retry_interval=0.1)
+    with pytest.raises(RequestTimeout, match="no answer after 1 attempt"):
+        alone.call("Hang", {}, timeout=0.5)
+
+
+def test_a_connection_closed_mid_call(scripted: Any) -> None:
+    service = scripted(lambda *args: True)  # closes instead of answering
+    with pytest.raises(ConnectionFailed, match="closed by the peer"):
+        service.call_once("Anything", {}, timeout=5)
+    # With retries, the call keeps trying (the instance is back in rotation
+    # after its back-off) until it gives up.
+    with pytest.raises(RequestTimeout, match="last error: connection to Scripted lost"):
+        service.call("Anything", {}, timeout=1.5)
+
+
+def test_a_bad_frame_fails_the_connection(scripted: Any) -> None:
+    def script(connection: socket.socket, seq: int, method: str, params: Any) -> bool:
+        connection.sendall(b"\xff\xff\xff\x7f" + b"x" * 20)
+        return False
+
+    service = scripted(script)
+    with pytest.raises(ProtocolError, match="bad frame length"):
+        service.call_once("Anything", {}, timeout=5)
+
+
+def test_an_unregistered_instance_is_not_called(scripted: Any) -> None:
+    service = scripted(lambda *args: False, registered=False)
+    with pytest.raises(ServiceUnregistered):
+        service.call_once("Anything", {}, timeout=5)
