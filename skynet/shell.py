@@ -34,7 +34,7 @@ import datetime
 import json
 import os
 import shlex
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 import attr
@@ -644,192 +644,79 @@ class _WatchPrinter:
         self._print("removed", instance)
 
 
-class Shell:
+class _Commands:
     """
-    A session of the command language: its filters and the objects it acts
-    on.
-
-    @param registry: a started L{skynet.registry.IRegistry}.
-    @param client: a L{skynet.client.Client} on that registry (for C{call}
-        and for reaching daemons through its C{connector}).
-    @param daemon: the local daemon object, if any (bound in C{python}).
-    @param interactive: ask for confirmation before any action, not only
-        those on several instances (as Go Skynet's C{sky cli} did).
-    @param admin: how to make an admin call: C{admin(address,
-        servicemethod, params)} returning a Deferred (default: TCP).
-    @param timeout: seconds a daemon or an admin endpoint has to answer.
-    @param namespace: more objects to bind in C{python}.
+    The commands that read (queries, watch, call) and those of the session
+    (filters, help, python, exit): a part of L{Shell}.
     """
 
-    log = Logger()
+    registry: Any
+    client: Any
+    reactor: Any
+    filters: Filters
+    call_timeout: float | None
 
-    def __init__(
-        self,
-        registry: Any,
-        client: Any,
-        *,
-        reactor: Any = None,
-        daemon: Any = None,
-        interactive: bool = False,
-        admin: Callable[[Address, str, dict[str, Any]], Deferred] | None = None,
-        timeout: float = 30.0,
-        call_timeout: float | None = None,
-        namespace: dict[str, Any] | None = None,
-    ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
-        self.reactor = reactor
-        self.registry = registry
-        self.client = client
-        self.daemon = daemon
-        self.interactive = interactive
-        self.timeout = timeout
-        self.call_timeout = call_timeout
-        self.filters = Filters()
-        self.extra_namespace = dict(namespace or {})
-        self._admin = admin or (
-            lambda address, method, params: admin_call(
-                self.reactor, address, method, params, self.timeout
-            )
-        )
-
-    # Running commands
-
-    def run_line(self, line: str, io: IShellIO) -> Deferred[int]:
-        """
-        Run one command line; fire with its exit status (0 when it
-        succeeded).  Cancelling the Deferred interrupts the command.
-        """
-        try:
-            argv = split_line(line)
-        except ShellError as e:
-            io.err(str(e))
-            return succeed(2)
-        return self.run(argv, io)
-
-    def run(self, argv: list[str], io: IShellIO) -> Deferred[int]:
-        """
-        Run one command given as words; fire with its exit status: 0 for
-        success, 1 for a failure, 2 for a usage error.  Errors are written
-        to C{io} as one line; the Deferred never fails.
-        """
-        return ensureDeferred(self._run(argv, io))
-
-    async def _run(self, argv: list[str], io: IShellIO) -> int:
-        try:
-            invocation = parse(argv)
-            return await self._dispatch(invocation, io)
-        except UsageError as e:
-            io.err(str(e))
-            return 2
-        except ShellError as e:
-            io.err(str(e))
-            return 1
-        except RegistryError as e:
-            io.err(f"registry unreachable ({getattr(self.registry, 'url', '?')}): {e}")
-            return 1
-        except CancelledError:
-            io.err("interrupted")
-            return 130
-        except Exception as e:
-            self.log.failure("command {argv!r} failed", argv=argv)
-            io.err(f"error: {type(e).__name__}: {e}")
-            return 1
-
-    async def _dispatch(self, inv: Invocation, io: IShellIO) -> int:
-        command = inv.command
-        if command is None:
-            if inv.json:
-                io.out(to_json(self.filters.to_json()))
-            return 0
-        filters = self.filters.overlaid(inv.filters)
-        if command in ("help", "h"):
-            io.out(HELP.rstrip("\n"))
-            return 0
-        if command in ("services", "hosts", "regions", "versions"):
-            return await self._list(command, filters, inv, io)
-        if command == "instances":
-            found = await self._matching(filters)
-            if inv.json:
-                io.out(to_json([instance_json(i) for i in found]))
-            else:
-                for i in found:
-                    io.out(format_instance(i))
-            return 0
-        if command == "topology":
-            found = await self._matching(filters)
-            if inv.json:
-                io.out(to_json(topology_json(found)))
-            else:
-                for line in format_topology(found):
-                    io.out(line)
-            return 0
-        if command in FILTER_NAMES:
-            self._need_args(inv, 0, 1, f"{command} [<{command}>]")
-            if inv.args:
-                self.filters.set(command, inv.args[0])
-            if inv.json:
-                io.out(to_json({command: getattr(self.filters, command)}))
-            else:
-                io.out(f"{command.capitalize()}: {self.filters.text(command)}")
-            return 0
-        if command == "filters":
-            if inv.json:
-                io.out(to_json(self.filters.to_json()))
-            else:
-                for name in FILTER_NAMES:
-                    io.out(f"{name.capitalize()}: {self.filters.text(name)}")
-            return 0
-        if command == "reset":
-            self._need_args(inv, 0, 1, "reset [<filter>]")
-            self.filters.reset(inv.args[0] if inv.args else None)
-            return 0
-        if command in _ACTIONS:
-            self._need_args(inv, 0, 0, command)
-            return await self._act(command, filters, inv, io)
-        if command == "deploy":
-            if not inv.args:
-                raise UsageError("Usage: deploy <MODULE:CLASS> <args>")
-            return await self._deploy(inv.args[0], inv.args[1:], filters, inv, io)
-        if command == "call":
-            self._need_args(inv, 2, 3, 'call SERVICE METHOD [\'{"json": "params"}\']')
-            return await self._call(inv.args, filters, inv, io)
-        if command == "watch":
-            self._need_args(inv, 0, 1, "watch [SECONDS]")
-            return await self._watch(inv.args, filters, inv, io)
-        if command == "stats":
-            self._need_args(inv, 0, 0, "stats")
-            return await self._stats(filters, inv, io)
-        if command == "python":
-            io.python(self.namespace())
-            return 0
-        if command in ("exit", "quit"):
-            io.exit()
-            return 0
-        raise UsageError(f"Unknown command {command!r} - type 'help' for a list of commands")
+    namespace: Callable[[], dict[str, Any]]
 
     @staticmethod
     def _need_args(inv: Invocation, least: int, most: int, usage: str) -> None:
         if not least <= len(inv.args) <= most:
             raise UsageError(f"Usage: {usage}")
 
-    def namespace(self) -> dict[str, Any]:
-        """
-        What C{python} binds: C{registry}, C{client}, C{daemon}, C{shell},
-        C{reactor}, C{Query}, and the extra objects given.
-        """
-        namespace = {
-            "registry": self.registry,
-            "client": self.client,
-            "daemon": self.daemon,
-            "shell": self,
-            "reactor": self.reactor,
-            "Query": Query,
-        }
-        namespace.update(self.extra_namespace)
-        return namespace
+    # The simple commands (COMMAND_TABLE names the others' methods)
+
+    async def _help(self, inv: Invocation, filters: Filters, io: IShellIO) -> int:
+        io.out(HELP.rstrip("\n"))
+        return 0
+
+    async def _instances(self, inv: Invocation, filters: Filters, io: IShellIO) -> int:
+        found = await self._matching(filters)
+        if inv.json:
+            io.out(to_json([instance_json(i) for i in found]))
+        else:
+            for i in found:
+                io.out(format_instance(i))
+        return 0
+
+    async def _topology(self, inv: Invocation, filters: Filters, io: IShellIO) -> int:
+        found = await self._matching(filters)
+        if inv.json:
+            io.out(to_json(topology_json(found)))
+        else:
+            for line in format_topology(found):
+                io.out(line)
+        return 0
+
+    async def _filter(self, inv: Invocation, filters: Filters, io: IShellIO) -> int:
+        name = inv.command
+        assert name is not None
+        if inv.args:
+            self.filters.set(name, inv.args[0])
+        if inv.json:
+            io.out(to_json({name: getattr(self.filters, name)}))
+        else:
+            io.out(f"{name.capitalize()}: {self.filters.text(name)}")
+        return 0
+
+    async def _filters(self, inv: Invocation, filters: Filters, io: IShellIO) -> int:
+        if inv.json:
+            io.out(to_json(self.filters.to_json()))
+        else:
+            for name in FILTER_NAMES:
+                io.out(f"{name.capitalize()}: {self.filters.text(name)}")
+        return 0
+
+    async def _reset(self, inv: Invocation, filters: Filters, io: IShellIO) -> int:
+        self.filters.reset(inv.args[0] if inv.args else None)
+        return 0
+
+    async def _python(self, inv: Invocation, filters: Filters, io: IShellIO) -> int:
+        io.python(self.namespace())
+        return 0
+
+    async def _exit(self, inv: Invocation, filters: Filters, io: IShellIO) -> int:
+        io.exit()
+        return 0
 
     # Queries
 
@@ -929,6 +816,188 @@ class Shell:
             raise ShellError(f"{name}.{method}: {e}") from None
         io.out(to_json(result, pretty=not inv.json))
         return 0
+
+
+class _Completion:
+    """
+    Tab completion from the command names and the live registry: a part of
+    L{Shell}.
+    """
+
+    registry: Any
+    filters: Filters
+
+    # Completion
+
+    def complete(self, line: str) -> Deferred[list[str]]:
+        """
+        The completions of C{line} (the text before the cursor), each a
+        whole line: commands, filter names, and live values from the
+        registry (service names, versions, hosts, regions).
+        """
+        return ensureDeferred(self._complete(line))
+
+    async def _complete(self, line: str) -> list[str]:
+        words = line.split()
+        if line.endswith(" ") or not words:
+            words.append("")
+        if len(words) == 1:
+            return [c + " " for c in COMMANDS if c.startswith(words[0])]
+        command, prefix = words[0], words[-1]
+        head = line[: len(line) - len(prefix)]
+        values: Iterable[str] = ()
+        if len(words) == 2:
+            if command in ("reset",):
+                values = FILTER_NAMES
+            elif command == "help":
+                values = COMMANDS
+            elif command == "registered":
+                values = ("true", "false")
+            elif command in ("service", "version", "host", "region", "port"):
+                values = await self._live_values(command)
+            elif command == "call":
+                values = await self._live_values("service", registered_only=True)
+        return [head + v + " " for v in sorted(set(values)) if v.startswith(prefix)]
+
+    async def _live_values(self, name: str, registered_only: bool = False) -> list[str]:
+        query = self.filters.without(name).query()
+        if registered_only:
+            query = attr.evolve(query, registered=True)
+        try:
+            found = await self.registry.query(query)
+        except Exception:
+            return []
+        field = {"service": "name", "version": "version", "host": "host", "region": "region"}
+        if name == "port":
+            return [str(i.port) for i in found]
+        return [getattr(i, field[name]) for i in found]
+
+
+class Shell(_Commands, _Completion):
+    """
+    A session of the command language: its filters and the objects it acts
+    on.
+
+    @param registry: a started L{skynet.registry.IRegistry}.
+    @param client: a L{skynet.client.Client} on that registry (for C{call}
+        and for reaching daemons through its C{connector}).
+    @param daemon: the local daemon object, if any (bound in C{python}).
+    @param interactive: ask for confirmation before any action, not only
+        those on several instances (as Go Skynet's C{sky cli} did).
+    @param admin: how to make an admin call: C{admin(address,
+        servicemethod, params)} returning a Deferred (default: TCP).
+    @param timeout: seconds a daemon or an admin endpoint has to answer.
+    @param namespace: more objects to bind in C{python}.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        registry: Any,
+        client: Any,
+        *,
+        reactor: Any = None,
+        daemon: Any = None,
+        interactive: bool = False,
+        admin: Callable[[Address, str, dict[str, Any]], Deferred] | None = None,
+        timeout: float = 30.0,
+        call_timeout: float | None = None,
+        namespace: dict[str, Any] | None = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.reactor = reactor
+        self.registry = registry
+        self.client = client
+        self.daemon = daemon
+        self.interactive = interactive
+        self.timeout = timeout
+        self.call_timeout = call_timeout
+        self.filters = Filters()
+        self.extra_namespace = dict(namespace or {})
+        self._admin = admin or (
+            lambda address, method, params: admin_call(
+                self.reactor, address, method, params, self.timeout
+            )
+        )
+
+    # Running commands
+
+    def run_line(self, line: str, io: IShellIO) -> Deferred[int]:
+        """
+        Run one command line; fire with its exit status (0 when it
+        succeeded).  Cancelling the Deferred interrupts the command.
+        """
+        try:
+            argv = split_line(line)
+        except ShellError as e:
+            io.err(str(e))
+            return succeed(2)
+        return self.run(argv, io)
+
+    def run(self, argv: list[str], io: IShellIO) -> Deferred[int]:
+        """
+        Run one command given as words; fire with its exit status: 0 for
+        success, 1 for a failure, 2 for a usage error.  Errors are written
+        to C{io} as one line; the Deferred never fails.
+        """
+        return ensureDeferred(self._run(argv, io))
+
+    async def _run(self, argv: list[str], io: IShellIO) -> int:
+        try:
+            invocation = parse(argv)
+            return await self._dispatch(invocation, io)
+        except UsageError as e:
+            io.err(str(e))
+            return 2
+        except ShellError as e:
+            io.err(str(e))
+            return 1
+        except RegistryError as e:
+            io.err(f"registry unreachable ({getattr(self.registry, 'url', '?')}): {e}")
+            return 1
+        except CancelledError:
+            io.err("interrupted")
+            return 130
+        except Exception as e:
+            self.log.failure("command {argv!r} failed", argv=argv)
+            io.err(f"error: {type(e).__name__}: {e}")
+            return 1
+
+    async def _dispatch(self, inv: Invocation, io: IShellIO) -> int:
+        if inv.command is None:
+            if inv.json:
+                io.out(to_json(self.filters.to_json()))
+            return 0
+        spec = COMMAND_TABLE.get(inv.command)
+        if spec is None:
+            raise UsageError(
+                f"Unknown command {inv.command!r} - type 'help' for a list of commands"
+            )
+        if spec.least is not None and not (
+            spec.least <= len(inv.args) <= (len(inv.args) if spec.most is None else spec.most)
+        ):
+            raise UsageError(f"Usage: {spec.usage}")
+        return await spec.run(self, inv, self.filters.overlaid(inv.filters), io)
+
+    def namespace(self) -> dict[str, Any]:
+        """
+        What C{python} binds: C{registry}, C{client}, C{daemon}, C{shell},
+        C{reactor}, C{Query}, and the extra objects given.
+        """
+        namespace = {
+            "registry": self.registry,
+            "client": self.client,
+            "daemon": self.daemon,
+            "shell": self,
+            "reactor": self.reactor,
+            "Query": Query,
+        }
+        namespace.update(self.extra_namespace)
+        return namespace
 
     # Actions
 
@@ -1102,50 +1171,60 @@ class Shell:
             io.out(to_json([r.to_json() for r in results]))
         return 0 if all(r.ok for r in results) else 1
 
-    # Completion
 
-    def complete(self, line: str) -> Deferred[list[str]]:
-        """
-        The completions of C{line} (the text before the cursor), each a
-        whole line: commands, filter names, and live values from the
-        registry (service names, versions, hosts, regions).
-        """
-        return ensureDeferred(self._complete(line))
+@attr.s(frozen=True, auto_attribs=True)
+class CommandSpec:
+    """
+    One command of the language: what runs it, and the number of its
+    arguments (C{least} L{None}: not checked; C{most} L{None}: no limit).
+    """
 
-    async def _complete(self, line: str) -> list[str]:
-        words = line.split()
-        if line.endswith(" ") or not words:
-            words.append("")
-        if len(words) == 1:
-            return [c + " " for c in COMMANDS if c.startswith(words[0])]
-        command, prefix = words[0], words[-1]
-        head = line[: len(line) - len(prefix)]
-        values: Iterable[str] = ()
-        if len(words) == 2:
-            if command in ("reset",):
-                values = FILTER_NAMES
-            elif command == "help":
-                values = COMMANDS
-            elif command == "registered":
-                values = ("true", "false")
-            elif command in ("service", "version", "host", "region", "port"):
-                values = await self._live_values(command)
-            elif command == "call":
-                values = await self._live_values("service", registered_only=True)
-        return [head + v + " " for v in sorted(set(values)) if v.startswith(prefix)]
+    run: Callable[[Shell, Invocation, Filters, IShellIO], Awaitable[int]]
+    least: int | None = None
+    most: int | None = None
+    usage: str = ""
 
-    async def _live_values(self, name: str, registered_only: bool = False) -> list[str]:
-        query = self.filters.without(name).query()
-        if registered_only:
-            query = attr.evolve(query, registered=True)
-        try:
-            found = await self.registry.query(query)
-        except Exception:
-            return []
-        field = {"service": "name", "version": "version", "host": "host", "region": "region"}
-        if name == "port":
-            return [str(i.port) for i in found]
-        return [getattr(i, field[name]) for i in found]
+
+def _table() -> dict[str, CommandSpec]:
+    table = {
+        "help": CommandSpec(Shell._help),
+        "h": CommandSpec(Shell._help),
+        "instances": CommandSpec(Shell._instances),
+        "topology": CommandSpec(Shell._topology),
+        "filters": CommandSpec(Shell._filters),
+        "reset": CommandSpec(Shell._reset, 0, 1, "reset [<filter>]"),
+        "deploy": CommandSpec(
+            lambda sh, inv, f, io: sh._deploy(inv.args[0], inv.args[1:], f, inv, io),
+            1,
+            None,
+            "deploy <MODULE:CLASS> <args>",
+        ),  # fmt: skip
+        "call": CommandSpec(
+            lambda sh, inv, f, io: sh._call(inv.args, f, inv, io),
+            2,
+            3,
+            'call SERVICE METHOD [\'{"json": "params"}\']',
+        ),  # fmt: skip
+        "watch": CommandSpec(
+            lambda sh, inv, f, io: sh._watch(inv.args, f, inv, io), 0, 1, "watch [SECONDS]"
+        ),  # fmt: skip
+        "stats": CommandSpec(lambda sh, inv, f, io: sh._stats(f, inv, io), 0, 0, "stats"),
+        "python": CommandSpec(Shell._python),
+        "exit": CommandSpec(Shell._exit),
+        "quit": CommandSpec(Shell._exit),
+    }
+    for name in ("services", "hosts", "regions", "versions"):
+        table[name] = CommandSpec(lambda sh, inv, f, io: sh._list(str(inv.command), f, inv, io))
+    for name in FILTER_NAMES:
+        table[name] = CommandSpec(Shell._filter, 0, 1, f"{name} [<{name}>]")
+    for name in _ACTIONS:
+        table[name] = CommandSpec(lambda sh, inv, f, io: sh._act(str(inv.command), f, inv, io), 0,
+                                  0, name)  # fmt: skip
+    return table
+
+
+#: Every command, by name: the shell's dispatch table.
+COMMAND_TABLE = _table()
 
 
 def _no_match(filters: Filters) -> str:

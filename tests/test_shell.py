@@ -850,3 +850,22 @@ class OutputTests(ShellTestCase):
         (row,) = json.loads(io.output)
         self.assertEqual(row["stats"]["LastRequest"], "2026-12-01T07:47:34Z")
         self.assertEqual(row["stats"]["AverageResponseTime"], 54836)
+
+
+class CommandTableTests(SynchronousTestCase):
+    def test_every_command_is_in_the_table_and_completed(self) -> None:
+        from skynet.shell import COMMAND_TABLE, COMMANDS
+
+        self.assertEqual(set(COMMAND_TABLE) - {"h"}, set(COMMANDS))
+
+    def test_argument_counts_come_from_the_table(self) -> None:
+        cluster = LocalCluster()
+        self.addCleanup(cluster.stop)
+        shell = Shell(cluster.registry, cluster.client(), reactor=cluster.clock)
+        for line, usage in [("stats x", "Usage: stats"), ("call A", "Usage: call SERVICE"),
+                            ("reset a b", "Usage: reset [<filter>]"), ("stop now", "Usage: stop"),
+                            ("deploy", "Usage: deploy <MODULE:CLASS>"),
+                            ("service a b", "Usage: service [<service>]")]:  # fmt: skip
+            io = BufferIO()
+            self.assertEqual(self.successResultOf(shell.run_line(line, io)), 2, line)
+            self.assertTrue(io.errors.startswith(usage), (line, io.errors))
