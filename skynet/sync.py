@@ -172,6 +172,7 @@ class _Handle:
     def __init__(self, instance: Instance) -> None:
         self.instance = instance
         self.in_flight = 0
+        self._lock = threading.Lock()
         self.average_response_time = 0.0
         self.last_used = 0
         self.evicted_until = 0.0
@@ -187,6 +188,14 @@ class _Handle:
 
     def available(self, now: float) -> bool:
         return now >= self.evicted_until
+
+    def started(self) -> None:
+        with self._lock:  # += from several threads would lose counts
+            self.in_flight += 1
+
+    def ended(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
 
     def used(self) -> None:
         _Handle._uses += 1
@@ -570,7 +579,7 @@ class ServiceClient:
                             except _CONNECTION_ERRORS as e:
                                 last_error = self._failed(handle, e)
                                 continue
-                            handle.in_flight += 1
+                            handle.started()
                             # Timed from the send: a new connection's set-up
                             # is not the instance's response time.
                             outstanding.append((handle, connection, seq, time.monotonic()))
@@ -592,7 +601,7 @@ class ServiceClient:
                 return result  # type: ignore[no-any-return]
         finally:
             for attempt in outstanding:
-                attempt[0].in_flight -= 1
+                attempt[0].ended()
         if not saw_instance:
             raise NoInstances(f"no instance of {self.describe()} found")
         raise RequestTimeout(
@@ -629,11 +638,11 @@ class ServiceClient:
                 done, result = connection.response(seq, until, poll=poll)
             except _CONNECTION_ERRORS as e:
                 outstanding.remove(attempt)
-                handle.in_flight -= 1
+                handle.ended()
                 return attempt, None, self._failed(handle, e)
             if done:
                 outstanding.remove(attempt)
-                handle.in_flight -= 1
+                handle.ended()
                 return attempt, result, None
         return None
 
@@ -767,10 +776,23 @@ class Client:
             return connection  # type: ignore[no-any-return]
         if connection is not None:
             connection.close()
+        self._prune(connections)
         connection = _Connection(instance, self.connect_timeout, self.max_frame)
         connections[instance.uuid] = connection
         self._all_connections.add(connection)
         return connection
+
+    def _prune(self, connections: dict[str, _Connection]) -> None:
+        """
+        Close this thread's connections to instances that left every
+        service's rotation (else a long-lived thread would keep a socket to
+        each instance that ever went away).
+        """
+        known: set[str] = set()
+        for service in list(self.services.values()):
+            known.update(service.handles)
+        for uuid in [u for u in connections if u not in known]:
+            connections.pop(uuid).close()
 
     def _forget(self, uuid: str) -> None:
         """

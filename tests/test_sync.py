@@ -355,6 +355,7 @@ class ScriptedServer:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.requests: list[tuple[int, str, int]] = []
+        self.closed_by_client = 0
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
@@ -383,6 +384,7 @@ class ScriptedServer:
             while True:
                 header, body = self._frame(stream), self._frame(stream)
                 if header is None or body is None:
+                    self.closed_by_client += 1
                     return
                 seq = bson.decode(header)["seq"]
                 request = bson.decode(body)
@@ -426,6 +428,7 @@ def scripted() -> Iterator[Any]:
         clients.append(client)
         service = client.service("Scripted")
         service.servers = mine  # type: ignore[attr-defined]
+        service.writer = writer  # type: ignore[attr-defined]
         return service
 
     yield start
@@ -516,3 +519,48 @@ def test_an_unregistered_instance_is_not_called(scripted: Any) -> None:
     service = scripted(lambda *args: False, registered=False)
     with pytest.raises(ServiceUnregistered):
         service.call_once("Anything", {}, timeout=5)
+
+
+def test_connections_to_instances_gone_are_closed(scripted: Any) -> None:
+    """
+    A long-lived thread does not keep a socket to every instance that ever
+    left: the next new connection closes those to instances out of rotation.
+    """
+
+    def echo(connection: socket.socket, seq: int, method: str, params: Any) -> bool:
+        answer(connection, seq, {})
+        return False
+
+    service = scripted(echo, echo)
+    gone, staying = service.servers
+    for _ in range(200):
+        if len(service.handles) == 2:
+            break
+        threading.Event().wait(0.05)
+    for _ in range(4):
+        service.call("Work", {}, timeout=5)
+    assert gone.requests and staying.requests
+    [instance] = [h.instance for h in service.handles.values() if h.instance.port == gone.port]
+    _background().run(service.writer.remove, instance)
+    for _ in range(200):
+        if len(service.handles) == 1:
+            break
+        threading.Event().wait(0.05)
+    third = ScriptedServer(echo)
+    service.servers.append(third)
+    newcomer = Instance(uuid=f"u-{third.port}", name="Scripted", version="1", region="r",
+                        host="127.0.0.1", port=third.port)  # fmt: skip
+    _background().run(service.writer.add, newcomer)
+    for _ in range(200):
+        if len(service.handles) == 2:
+            break
+        threading.Event().wait(0.05)
+    for _ in range(4):
+        service.call("Work", {}, timeout=5)
+    assert third.requests
+    for _ in range(100):
+        if gone.closed_by_client:
+            break
+        threading.Event().wait(0.05)
+    assert (gone.closed_by_client, staying.closed_by_client) == (1, 0)
+    third.close()
