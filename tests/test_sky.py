@@ -270,8 +270,9 @@ class SkyTests(SynchronousTestCase):
         )
         self.assertRegex(
             lines[0],
-            r"^127\.0\.0\.1:\d+ - TestService unknown \[Registered\]: [1-9]\d* requests, "
-            r"0 errors, \d+ clients, avg [\d.]+ ms, p50 [\d.]+ ms, p99 [\d.]+ ms",
+            r"^127\.0\.0\.1:\d+ - TestService unknown \[Registered\]: (1 request|[1-9]\d+ requests|"
+            r"[2-9] requests), 0 errors, (1 client|\d+ clients), avg [\d.]+ ms, p50 [\d.]+ ms, "
+            r"p99 [\d.]+ ms, last request \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$",
         )
         docs = self.json("stats")
         self.assertEqual(len(docs), 4)
