@@ -30,6 +30,7 @@ there, and L{skynet.aio} from asyncio code.
 
 from __future__ import annotations
 
+import atexit
 import os
 import select
 import socket
@@ -158,6 +159,15 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    for client in list(_clients):
+        try:
+            client.close(timeout=2.0)
+        except Exception:
+            pass  # exiting anyway: the registry's session expires by itself
 
 
 class _Handle:
@@ -546,6 +556,8 @@ class ServiceClient:
                 now = time.monotonic()
                 if now >= deadline:
                     break
+                if client.stopped:
+                    raise ConnectionFailed("the client is stopped")
                 if not outstanding or (hedge and now >= next_hedge):
                     if once and attempts:
                         if not outstanding:
@@ -805,10 +817,14 @@ class Client:
             if connection is not None:
                 connection.close()
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30.0) -> None:
         """
-        Close every connection and stop the registry this client uses.
-        Idempotent; the client cannot be used afterwards.
+        Close every connection and stop the registry this client uses (a
+        ZooKeeper session ends at once, rather than when it expires).
+        Idempotent; the client cannot be used afterwards.  Clients still
+        open when the interpreter exits are closed then.
+
+        @param timeout: seconds the registry has to stop.
         """
         if self.stopped:
             return
@@ -816,6 +832,8 @@ class Client:
         for connection in list(self._all_connections):
             connection.close()
         registry, self._registry = self._registry, None
+        if self._registry_started is None:
+            registry = None  # never started: nothing to stop
         services = list(self.services.values())
 
         def stop() -> Any:
@@ -827,7 +845,7 @@ class Client:
             return None
 
         if _background_instance is not None and _background_instance.pid == os.getpid():
-            _background().run(stop)
+            _background().run(stop, timeout=timeout)
 
     def __enter__(self) -> Client:
         return self

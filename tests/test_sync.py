@@ -564,3 +564,16 @@ def test_connections_to_instances_gone_are_closed(scripted: Any) -> None:
         threading.Event().wait(0.05)
     assert (gone.closed_by_client, staying.closed_by_client) == (1, 0)
     third.close()
+
+
+def test_calls_after_close_fail_at_once(scripted: Any) -> None:
+    def echo(connection: socket.socket, seq: int, method: str, params: Any) -> bool:
+        answer(connection, seq, {})
+        return False
+
+    service = scripted(echo)
+    assert service.call("Work", {}, timeout=5) == {}
+    service.client.close()
+    with pytest.raises(ConnectionFailed, match="the client is stopped"):
+        service.call("Work", {}, timeout=5)
+    Client("memory://never-used").close()  # never started: nothing to stop
