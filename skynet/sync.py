@@ -636,6 +636,17 @@ class ServiceClient:
         ended it (removed from C{outstanding} either way); L{None} if none
         came.
         """
+        for attempt in outstanding:
+            if attempt[1].closed:  # pruned: its instance left the registry
+                outstanding.remove(attempt)
+                attempt[0].ended()
+                return (
+                    attempt,
+                    None,
+                    ConnectionFailed(
+                        f"{attempt[0].instance.name} at {attempt[0].instance.address} left"
+                    ),
+                )
         if len(outstanding) == 1:
             candidates = outstanding
             poll = False
