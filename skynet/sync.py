@@ -78,6 +78,20 @@ _unpack_i32 = struct.Struct("<i").unpack_from
 _pack_i64 = struct.Struct("<q").pack
 
 
+_buffers = threading.local()
+
+
+def _receive_buffer() -> memoryview:
+    """
+    The calling thread's receive buffer (64 KiB, one per thread: a
+    connection is only ever read by one thread at a time).
+    """
+    view: memoryview | None = getattr(_buffers, "view", None)
+    if view is None:
+        view = _buffers.view = memoryview(bytearray(65536))
+    return view
+
+
 def _timeval(seconds: float) -> bytes:
     whole = int(seconds)
     return struct.pack("@ll", whole, int((seconds - whole) * 1e6))
@@ -330,16 +344,19 @@ class _Connection:
         @raise ConnectionFailed: if the service closed the connection.
         """
         try:
-            data = self.sock.recv(262144)
+            # Into this thread's buffer: a fresh large buffer per receive
+            # costs a system call or page faults on every call.
+            view = _receive_buffer()
+            count = self.sock.recv_into(view)
         except (BlockingIOError, TimeoutError):  # SO_RCVTIMEO, or the handshake's timeout
             return False
         except OSError as e:
             self.close()
             raise ConnectionFailed(f"connection to {self.instance.name} lost: {e}") from None
-        if not data:
+        if not count:
             self.close()
             raise ConnectionFailed(f"connection to {self.instance.name} lost: closed by the peer")
-        self.buffer += data
+        self.buffer += view[:count]
         return True
 
     def read_frame(self, until: float) -> bytes | None:
