@@ -64,6 +64,7 @@ from skynet.protocol import (
     decode_response_header,
     encode_header,
     encode_request_body,
+    encode_response_body,
     new_request_id,
 )
 from skynet.registry.base import IInstanceListener, Instance, Query
@@ -77,6 +78,12 @@ _SLICE = 1 / 32
 _unpack_i32 = struct.Struct("<i").unpack_from
 _pack_i64 = struct.Struct("<q").pack
 
+
+# A successful response body, encode_response_body's layout: the length,
+# the "out" binary element's head (its length at 9, subtype at 13, data from
+# 14), then an empty errstring element and the end.
+_EMPTY_BODY = encode_response_body(b"", "")
+_OUT_HEAD, _OK_TAIL = _EMPTY_BODY[4:9], _EMPTY_BODY[14:]
 
 _buffers = threading.local()
 
@@ -406,6 +413,11 @@ class _Connection:
         if isinstance(error, str) and error:
             return RemoteCallError(error)
         try:
+            # The usual answer, as Go and skynet write it: {out, errstring: ""}.
+            if body[4:9] == _OUT_HEAD and body[13] == 0 and body.endswith(_OK_TAIL):
+                n = _unpack_i32(body, 9)[0]
+                if 14 + n + len(_OK_TAIL) == len(body):
+                    return bson.decode(body[14 : 14 + n]) if n else {}
             out, errstring = decode_response_body(body)
             if errstring:
                 return ServiceError(str(errstring))
