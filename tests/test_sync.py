@@ -577,3 +577,28 @@ def test_calls_after_close_fail_at_once(scripted: Any) -> None:
     with pytest.raises(ConnectionFailed, match="the client is stopped"):
         service.call("Work", {}, timeout=5)
     Client("memory://never-used").close()  # never started: nothing to stop
+
+
+def readme_block(heading: str) -> str:
+    """
+    The first python block after C{heading} in README.md.
+    """
+    text = (ROOT / "README.md").read_text()
+    after = text[text.index(heading) :]
+    start = after.index("```python\n") + len("```python\n")
+    return after[start : after.index("```", start)]
+
+
+@slow
+def test_the_readme_examples_run_as_written(services: list[ServiceProcess], registry: str) -> None:
+    """
+    The README's skynet.sync and skynet.aio examples, verbatim, against a
+    real Fibonacci found through $SKYNET_REGISTRY.
+    """
+    start(services, registry)
+    env = child_env(SKYNET_REGISTRY=registry)
+    for heading, expected in [("### From ordinary Python code", "832040"),
+                              ("### From asyncio", "[55, 6765, 832040]")]:  # fmt: skip
+        result = subprocess.run([sys.executable, "-c", readme_block(heading)], cwd=ROOT,
+                                env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert (result.returncode, result.stdout.strip()) == (0, expected), result.stderr
