@@ -26,7 +26,6 @@ import attr
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.application.service import Service
-from twisted.conch import error as conch_error
 from twisted.conch import interfaces as iconch
 from twisted.conch.checkers import IAuthorizedKeysDB, SSHPublicKeyChecker
 from twisted.conch.insults import insults
@@ -40,13 +39,14 @@ from twisted.conch.ssh import keys
 from twisted.conch.ssh.transport import SSHServerTransport
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
-from twisted.internet.error import ConnectionDone, ProcessDone
+from twisted.internet.error import ConnectionDone, ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import components
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from skynet.config import default_reactor
 from skynet.shell import History, Shell, ShellProtocol
 
 #: The port of the SSH shell in examples and docs.
@@ -404,10 +404,38 @@ class ShellSession(TerminalSession):
             getattr(self, "height", 24),
         )
 
+    #: Schedules the answer to a refused command (L{None}: the global reactor).
+    reactor: Any = None
+    #: The authenticated user (the avatar id), for the log.
+    user: bytes | str = "?"
+
+    log = Logger()
+
     def execCommand(self, proto: Any, cmd: bytes) -> None:
-        raise conch_error.ConchError(
-            "only the interactive shell is available: ssh without a command"
+        """
+        Refuse C{ssh host COMMAND} readably: the request is accepted, so
+        that the client shows what comes on the channel, then a line on its
+        standard error, exit status 1, and the channel closes.
+        """
+        user = self.user
+        command = cmd.decode("utf-8", "replace")
+        self.log.warn(
+            "refused SSH command {command!r} from {user}: only the interactive shell is served",
+            command=command,
+            user=user.decode("utf-8", "replace") if isinstance(user, bytes) else user,
         )
+        message = (
+            f"skynet: commands are not run over SSH (got {command!r}); this server offers only"
+            " the interactive shell: ssh without a command, then type it (or run"
+            f" 'sky {command}' where the registry is reachable)\r\n"
+        )
+
+        def refuse() -> None:
+            proto.errReceived(message.encode("utf-8"))
+            proto.processEnded(Failure(ProcessTerminated(exitCode=1)))
+
+        # After conch has answered the exec request itself.
+        default_reactor(self.reactor).callLater(0, refuse)
 
     def windowChanged(self, newWindowSize: tuple[int, ...]) -> None:
         rows, cols = newWindowSize[0], newWindowSize[1]
@@ -454,6 +482,7 @@ class ShellRealm:
         component = components.Componentized()
         user = TerminalUser(component, avatarId)
         session = ShellSession(component)
+        session.user = avatarId
 
         def terminal() -> insults.ServerProtocol:
             return insults.ServerProtocol(ShellProtocol, self.shell_factory, history)
