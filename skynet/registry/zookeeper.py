@@ -375,6 +375,17 @@ class ZooKeeperRegistry(ListingMixin):
 
     # -- lifecycle
 
+    # The one accessor skynet.registry.locks needs (added by the cluster
+    # work, issue 16): kazoo's Lock recipe runs on this registry's session,
+    # so a lock dies with the registering process's session.
+    @property
+    def kazoo_client(self) -> KazooClient:
+        """
+        The underlying kazoo client, for kazoo recipes (locks).  Its calls
+        block or run on kazoo's threads: bridge them to the reactor.
+        """
+        return self._zk
+
     def start(self) -> Deferred:
         """
         Connect to ZooKeeper.
