@@ -31,11 +31,20 @@ class Campaigner:
     One C{python -m skynet.cluster.leader} process and the lines it printed.
     """
 
-    def __init__(self, url: str, name: str, home: str) -> None:
+    def __init__(self, url: str, name: str, home: str, *extra: str) -> None:
         self.name = name
         env = dict(os.environ, SKYNET_HOME=home, PYTHONUNBUFFERED="1")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "skynet.cluster.leader", "--registry", url, "--name", name],
+            [
+                sys.executable,
+                "-m",
+                "skynet.cluster.leader",
+                "--registry",
+                url,
+                "--name",
+                name,
+                *extra,
+            ],  # fmt: skip
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,

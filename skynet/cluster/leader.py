@@ -9,10 +9,12 @@ replaced) or stops, it calls C{on_deposed(reason)} and, unless stopping,
 campaigns again.  C{on_elected} may return a Deferred: the service waits for
 it before it reports a loss, so that elected and deposed never overlap.
 
-    python -m skynet.cluster.leader --registry URL [--name ID]
+    python -m skynet.cluster.leader --registry URL [--name ID] [--reconcile]
 
 campaigns from the command line and prints C{ELECTED} and C{DEPOSED}
-lines (for tests and for trying it out).
+lines; with C{--reconcile} it runs the L{Reconciler} while it leads: a
+cluster controller beside the daemons, until the daemons campaign
+themselves.
 """
 
 from __future__ import annotations
@@ -210,6 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m skynet.cluster.leader")
     parser.add_argument("--registry", required=True)
     parser.add_argument("--name", default=None)
+    parser.add_argument(
+        "--reconcile",
+        action="store_true",
+        help="run the cluster's reconciler while leading (a cluster controller)",
+    )
+    parser.add_argument("--interval", type=float, default=2.0)
+    parser.add_argument("--list-interval", type=float, default=30.0)
     args = parser.parse_args(argv)
 
     def say(line: str) -> None:
@@ -220,10 +229,33 @@ def main(argv: list[str] | None = None) -> int:
         registry = registry_from_url(args.registry, _reactor)
         await registry.start()
         name = args.name or default_identifier()
+        reconciler = None
+        if args.reconcile:
+            from skynet.cluster.reconciler import Reconciler, RpcDaemonExecutor
+
+            reconciler = Reconciler(
+                registry,
+                RpcDaemonExecutor(_reactor),
+                reactor=_reactor,
+                interval=args.interval,
+                list_interval=args.list_interval,
+                identifier=name,
+            )
+
+        async def elected() -> None:
+            say(f"ELECTED {name}")
+            if reconciler is not None:
+                await reconciler.start()
+
+        async def deposed(reason: str) -> None:
+            if reconciler is not None:
+                await reconciler.stop()
+            say(f"DEPOSED {name} {reason}")
+
         leader = LeaderService(
             registry,
-            lambda: say(f"ELECTED {name}"),
-            lambda reason: say(f"DEPOSED {name} {reason}"),
+            lambda: Deferred.fromCoroutine(elected()),
+            lambda reason: Deferred.fromCoroutine(deposed(reason)),
             identifier=name,
             reactor=_reactor,
         )

@@ -399,6 +399,10 @@ class Reconciler:
 
     async def _start(self) -> None:
         self.running = True
+        # Nothing from an earlier term: only the registry counts.
+        self._live = _Live(self._trigger)
+        self.desired = None
+        self._listing = {}
         data = await self.registry.get_value(STATE_KEY)
         try:
             self.state = StoredState.from_bytes(data)
