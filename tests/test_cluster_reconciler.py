@@ -103,7 +103,12 @@ class FakeHost:
             "broken": "nosuch" in run or version == "broken",
             "restarts": 0,
             "last_exit": None,
+            "log": f"/logs/{uuid}.log",
         }
+        if self.children[uuid]["broken"]:
+            # It crash-loops: the daemon's listing says how it last exited.
+            self.children[uuid]["last_exit"] = {"code": 1, "signal": None, "uptime": 0.4,
+                                                "time": 1.0, "pid": 4, "error": None}  # fmt: skip
         self.publish()
         self.cluster.clock.callLater(START_DELAY, self.register, uuid)
         return uuid
@@ -358,6 +363,8 @@ class ReconcilerTests(SynchronousTestCase):
         status = self.status("Broken")
         self.assertEqual(status.state, "failing")
         self.assertIn("did not register within 5s", status.last_error)
+        self.assertIn("(last exit: code 1 after 0.4s)", status.last_error)
+        self.assertIn("its log: /logs/", status.last_error)
         self.assertGreaterEqual(status.restarts, 3)
         deploys = [c for c in self.cluster.executor.calls if c[0] == "deploy"]
         # 5 s timeouts with a growing back-off: far fewer than 60 / 5 starts.

@@ -600,13 +600,19 @@ class Reconciler:
         desired = self.desired
         now = self.reactor.seconds()
         daemons = self.daemons()
-        if self._listed_at is None or now - self._listed_at >= self.list_interval:
+        registered = {u for u, i in self._live.instances.items() if i.registered}
+        if (
+            self._listed_at is None
+            or now - self._listed_at >= self.list_interval
+            or self._overdue(desired, daemons, registered, now)
+        ):
+            # (Also when an instance is about to be declared failed: its
+            # daemon's listing says how it last exited.)
             await self._list_children(daemons)
             if not self.running:
                 return
         views = await self._host_views(daemons)
         in_rotation = {v.host: v.in_rotation for v in views}
-        registered = {u for u, i in self._live.instances.items() if i.registered}
         live: list[LiveInstance] = []
         stops_for_failure: list[tuple[str, InstanceRecord, str]] = []
         # Readiness and timeouts.
@@ -641,6 +647,8 @@ class Reconciler:
                     child = self._listing.get(uuid) or {}
                     if child.get("last_exit"):
                         why += f" (last exit: {_exit_text(child['last_exit'])})"
+                    if child.get("log"):
+                        why += f"; its log: {child['log']} on {inst.host}"
                     stops_for_failure.append((deployment.name, inst, why))
                     failures += 1
                     restarts += 1
@@ -741,6 +749,21 @@ class Reconciler:
         if leftover != self.state.deployments:
             self.state = attr.evolve(self.state, deployments=leftover)
         await self._store()
+
+    def _overdue(
+        self, desired: DesiredState, daemons: dict[str, Instance], registered: set[str], now: float
+    ) -> bool:
+        for deployment in desired.deployments:
+            for uuid, inst in self._record(deployment.name).instances.items():
+                since = inst.started if inst.ready_at is None else inst.unready_since
+                if (
+                    inst.host in daemons
+                    and uuid not in registered
+                    and since is not None
+                    and now - since >= deployment.ready_timeout
+                ):
+                    return True
+        return False
 
     async def _act(self, action: Any, desired: DesiredState, daemons: dict[str, Instance]) -> None:
         if not self.running:
@@ -947,10 +970,22 @@ def _runs(child: dict[str, Any], deployment: ClusterDeployment) -> bool:
 
 
 def _exit_text(last_exit: Any) -> str:
-    if isinstance(last_exit, dict):
-        parts = [f"{k} {v}" for k, v in sorted(last_exit.items()) if v is not None]
-        return ", ".join(parts)[:300]
-    return str(last_exit)[:300]
+    """
+    A daemon's C{last_exit} record (L{skynet.procmon.ExitRecord} as a dict)
+    in a few words: C{code 1 after 0.4s}.
+    """
+    if not isinstance(last_exit, dict):
+        return str(last_exit)[:300]
+    words = []
+    if last_exit.get("code") is not None:
+        words.append(f"code {last_exit['code']}")
+    if last_exit.get("signal") is not None:
+        words.append(f"signal {last_exit['signal']}")
+    if last_exit.get("error"):
+        words.append(str(last_exit["error"])[:200])
+    if isinstance(last_exit.get("uptime"), (int, float)):
+        words.append(f"after {last_exit['uptime']:.1f}s")
+    return " ".join(words) or "unknown"
 
 
 def _plain(fields: dict[str, Any]) -> dict[str, Any]:
