@@ -39,10 +39,11 @@ HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
 
 APPLY = """
 [services.Fibonacci]
-run = "examples.fibonacci:Fibonacci"
+run = "{run}"
 instances = {instances}
 args = ["--stats-interval", "0.5"]
-ready_timeout = 30
+version = "{version}"
+ready_timeout = {ready_timeout}
 """
 
 
@@ -166,10 +167,17 @@ class ClusterHostsTests(TestCase):
             timeout=60,
         )  # fmt: skip
 
-    async def apply(self, instances: int) -> str:
+    async def apply(
+        self,
+        instances: int,
+        version: str = "1",
+        run: str = "examples.fibonacci:Fibonacci",
+        ready_timeout: float = 30,
+    ) -> str:
         path = os.path.join(self.root, "cluster.toml")
         with open(path, "w") as f:
-            f.write(APPLY.format(instances=instances))
+            f.write(APPLY.format(instances=instances, version=version, run=run,
+                                 ready_timeout=ready_timeout))  # fmt: skip
         result = await deferToThread(self.sky, "apply", path)
         self.assertEqual(result.returncode, 0, result.stderr)
         return result.stdout
@@ -240,3 +248,72 @@ class ClusterHostsTests(TestCase):
         self.assertIn("Fibonacci", listing.stdout)
         self.assertIn("Leader: controller-2" if leader is self.controllers[0]
                       else "Leader: controller-1", listing.stdout)  # fmt: skip
+
+    async def test_rolling_upgrade_and_a_broken_one(self) -> None:
+        await self.setup_cluster()
+        await deferToThread(elect, self.controllers)
+        await self.apply(4)
+
+        async def four() -> bool:
+            return sum((await self.fibonacci()).values()) == 4
+
+        await wait_for(four, timeout=60, what="4 instances")
+        fib = self.client.service("Fibonacci")
+        await fib.call("Index", {"index": 10})
+
+        # Load, and the lowest number of registered instances seen, while
+        # the rollout runs.
+        running = [True]
+        results: dict = {"ok": 0, "failed": []}
+        lowest = [4]
+
+        async def caller(n: int) -> None:
+            i = n
+            while running[0]:
+                i = (i + 7) % 90
+                try:
+                    r = await fib.call("Index", {"index": i})
+                    assert r["index"] == i, r
+                    results["ok"] += 1
+                except Exception as e:
+                    results["failed"].append(repr(e))
+
+        async def counter() -> None:
+            while running[0]:
+                lowest[0] = min(lowest[0], sum((await self.fibonacci()).values()))
+                await sleep(0.05)
+
+        from twisted.internet.defer import DeferredList, ensureDeferred
+
+        load = DeferredList(
+            [ensureDeferred(caller(n)) for n in range(6)] + [ensureDeferred(counter())]
+        )
+        started = time.monotonic()
+        self.assertIn("version 1 -> 2 (rolling replacement)", await self.apply(4, version="2"))
+        status = await deferToThread(self.sky, "rollout", "status", "Fibonacci",
+                                     "--timeout", "150")  # fmt: skip
+        took = time.monotonic() - started
+        running[0] = False
+        await load
+        self.assertEqual(status.returncode, 0, status.stdout + status.stderr)
+        self.assertIn("Fibonacci: rolled out.", status.stdout)
+        found = await self.registry.query(Query(service="Fibonacci", registered=True))
+        self.assertEqual(sorted(i.version for i in found), ["2"] * 4)
+        self.assertEqual(results["failed"], [])
+        self.assertGreaterEqual(lowest[0], 4)
+        figure(f"rolling upgrade of 4 instances: {took:.1f}s, {results['ok']} calls, "
+               f"0 failed, never fewer than {lowest[0]} registered")  # fmt: skip
+
+        # A broken version: the rollout stops, the old ones keep serving.
+        before = sorted(i.uuid for i in found)
+        await self.apply(4, version="3", run="examples.nosuch:Thing", ready_timeout=8)
+        status = await deferToThread(self.sky, "rollout", "status", "Fibonacci",
+                                     "--timeout", "120")  # fmt: skip
+        self.assertEqual(status.returncode, 1, status.stdout + status.stderr)
+        self.assertIn("stopped: new instance", status.stdout)
+        found = await self.registry.query(Query(service="Fibonacci", registered=True))
+        self.assertEqual(sorted(i.uuid for i in found), before)
+        listing = await deferToThread(self.sky, "deployments")
+        self.assertIn("failing", listing.stdout)
+        self.assertIn("last exit:", listing.stdout)
+        await fib.call("Index", {"index": 20})
