@@ -28,10 +28,10 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from skynet.client import Client
-from skynet.registry import Query
-from skynet.registry.files import FileRegistry
+from skynet.registry import Query, registry_from_url
 from tests.processes import ROOT, child_env, fibonacci_load, sleep, terminate, twistd, wait_for
 from tests.test_cluster_election import Campaigner, elect
+from tests.zkserver import ZooKeeperCluster
 
 pytestmark = pytest.mark.slow
 
@@ -125,15 +125,21 @@ def kill_strays(root: str) -> None:
             pass
 
 
-class ClusterHostsTests(TestCase):
+class _ClusterMixin:
+    """
+    Three hosts, two controllers, and the host-loss test, on the registry
+    of L{registry_url}.
+    """
+
     timeout = 240
+    kind = "embedded"
 
     async def setup_cluster(self) -> None:
         self.root = tempfile.mkdtemp(prefix="skynet-cluster-hosts-")
         self.addCleanup(shutil.rmtree, self.root, True)
         self.addCleanup(kill_strays, self.root)
-        self.url = "file://" + os.path.join(self.root, "registry")
-        self.registry = FileRegistry(os.path.join(self.root, "registry"), reactor=reactor)
+        self.url = self.registry_url()
+        self.registry = registry_from_url(self.url, reactor)
         await self.registry.start()
         self.addCleanup(self.registry.stop)
         self.client = Client(registry=self.registry, reactor=reactor)
@@ -148,6 +154,9 @@ class ClusterHostsTests(TestCase):
                            "--reconcile", "--interval", "0.5", "--list-interval", "3")  # fmt: skip
             self.controllers.append(c)
             self.addCleanup(c.close)
+
+    def registry_url(self) -> str:
+        return "file://" + os.path.join(self.root, "registry")
 
     async def daemons_up(self, count: int = 3) -> bool:
         found = await self.registry.query(Query(service="SkynetDaemon", registered=True))
@@ -223,7 +232,7 @@ class ClusterHostsTests(TestCase):
         await callers
         self.assertEqual(results["failed"], [])
         self.assertGreater(results["ok"], 100)
-        figure(f"host kill -9 -> 3 registered on the survivors in {healed:.2f}s; "
+        figure(f"{self.kind}: host kill -9 -> 3 registered on the survivors in {healed:.2f}s; "
                f"{results['ok']} calls, 0 failed")  # fmt: skip
 
         # It comes back: its daemon restarts its old child; one instance is
@@ -248,6 +257,12 @@ class ClusterHostsTests(TestCase):
         self.assertIn("Fibonacci", listing.stdout)
         self.assertIn("Leader: controller-2" if leader is self.controllers[0]
                       else "Leader: controller-1", listing.stdout)  # fmt: skip
+
+
+class EmbeddedClusterTests(_ClusterMixin, TestCase):
+    """
+    On the embedded registry, and rolling upgrades.
+    """
 
     async def test_rolling_upgrade_and_a_broken_one(self) -> None:
         await self.setup_cluster()
@@ -317,3 +332,17 @@ class ClusterHostsTests(TestCase):
         self.assertIn("failing", listing.stdout)
         self.assertIn("last exit:", listing.stdout)
         await fib.call("Index", {"index": 20})
+
+
+class ZooKeeperClusterTests(_ClusterMixin, TestCase):
+    """
+    The same on a real ZooKeeper server (2 s sessions): a melted host's
+    nodes go when its sessions expire.
+    """
+
+    kind = "zookeeper"
+
+    def registry_url(self) -> str:
+        zookeeper = ZooKeeperCluster(size=1).start()
+        self.addCleanup(zookeeper.close)
+        return zookeeper.url("/cluster-hosts", session_timeout=2)
