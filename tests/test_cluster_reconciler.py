@@ -24,6 +24,7 @@ from skynet.cluster.reconciler import (
     StoredState,
     host_view,
 )
+from skynet.cluster.service import ClusterService
 from skynet.cluster.spec import DESIRED_KEY, ClusterDeployment, DesiredState
 from skynet.errors import ConnectionFailed
 from skynet.registry.base import IInstanceListener, Instance, Query
@@ -151,6 +152,8 @@ class FakeExecutor:
         host = self._host(daemon)
         if host is None:
             return fail(ConnectionFailed(f"{daemon.host} unreachable"))
+        if daemon.host in self.cluster.garbage:
+            return succeed(["not", "a", "listing"])
         return succeed({u: dict(c) for u, c in host.children.items()})
 
 
@@ -192,6 +195,7 @@ class FakeCluster:
         self.clock = Clock()
         self.store = MemoryStore()
         self.ids = count(1)
+        self.garbage: set[str] = set()
         self.hosts: dict[str, FakeHost] = {}
         for h in hosts:
             self.hosts[h] = FakeHost(self, h)
@@ -446,6 +450,12 @@ class ReconcilerTests(SynchronousTestCase):
         self.assertIn("not JSON", self.reconciler.desired_error)
         self.assertEqual(len(self.flushLoggedErrors()), 0)
 
+    def test_garbage_listing_is_ignored(self) -> None:
+        self.cluster.garbage.add("127.0.0.3")
+        self.converge(FIB)
+        self.assertEqual(self.cluster.per_host(), dict.fromkeys(HOSTS, 1))
+        self.assertEqual(self.status().state, "ok")
+
     def test_garbage_stored_state_starts_empty(self) -> None:
         self.successResultOf(self.reconciler.stop())
         self.cluster.registry.set_value(STATE_KEY, b"[1, 2")
@@ -476,3 +486,36 @@ def test_host_view_from_daemon_statistics() -> None:
     blank = host_view(daemon, {"Host": "garbage"})
     assert (blank.in_rotation, blank.capacity, blank.free) == (True, None, 1.0)
     assert not host_view(attr.evolve(daemon, registered=False), {}).in_rotation
+
+
+class ClusterServiceTests(SynchronousTestCase):
+    def test_one_daemon_reconciles_then_the_next(self) -> None:
+        cluster = FakeCluster(HOSTS)
+        told: list[tuple[str, str]] = []
+
+        def service(name: str) -> ClusterService:
+            return ClusterService(
+                cluster.registry, executor=cluster.executor, reactor=cluster.clock,
+                identifier=name, interval=1.0, list_interval=5.0,
+                on_change=lambda what: told.append((name, what)),
+            )  # fmt: skip
+
+        a, b = service("a"), service("b")
+        a.startService()
+        b.startService()
+        cluster.apply(FIB)
+        cluster.run(10)
+        self.assertTrue(a.leading and not b.leading)
+        self.assertEqual(cluster.per_host(), dict.fromkeys(HOSTS, 1))
+        calls = len(cluster.executor.calls)
+        self.successResultOf(a.stopService())
+        self.assertTrue(b.leading)
+        cluster.run(10)
+        self.assertEqual(len(cluster.executor.calls), calls)
+        cluster.hosts["127.0.0.2"].crash()
+        cluster.run(5)
+        self.assertEqual(len(cluster.registered()), 3)
+        self.assertEqual(cluster.stored().leader, "b")
+        self.assertEqual(told, [("a", "elected"), ("a", "deposed: stopping"), ("b", "elected")])
+        self.successResultOf(b.stopService())
+        self.assertFalse(a.reconciler.running or b.reconciler.running)

@@ -201,7 +201,7 @@ class LeaderService(Service):
 def main(argv: list[str] | None = None) -> int:
     """
     Campaign from the command line: C{--registry URL [--name ID]
-    [--hold SECONDS]}; prints C{ELECTED <id>} and C{DEPOSED <id> <reason>}.
+    [--reconcile]}; prints C{ELECTED <id>} and C{DEPOSED <id> <reason>}.
     """
     import argparse
 
@@ -229,36 +229,29 @@ def main(argv: list[str] | None = None) -> int:
         registry = registry_from_url(args.registry, _reactor)
         await registry.start()
         name = args.name or default_identifier()
-        reconciler = None
+        service: Any
         if args.reconcile:
-            from skynet.cluster.reconciler import Reconciler, RpcDaemonExecutor
+            from skynet.cluster.service import ClusterService
 
-            reconciler = Reconciler(
+            service = ClusterService(
                 registry,
-                RpcDaemonExecutor(_reactor),
                 reactor=_reactor,
+                identifier=name,
                 interval=args.interval,
                 list_interval=args.list_interval,
-                identifier=name,
+                on_change=lambda what: say(
+                    f"ELECTED {name}" if what == "elected" else f"DEPOSED {name} {what[9:]}"
+                ),
             )
-
-        async def elected() -> None:
-            say(f"ELECTED {name}")
-            if reconciler is not None:
-                await reconciler.start()
-
-        async def deposed(reason: str) -> None:
-            if reconciler is not None:
-                await reconciler.stop()
-            say(f"DEPOSED {name} {reason}")
-
-        leader = LeaderService(
-            registry,
-            lambda: Deferred.fromCoroutine(elected()),
-            lambda reason: Deferred.fromCoroutine(deposed(reason)),
-            identifier=name,
-            reactor=_reactor,
-        )
+        else:
+            service = LeaderService(
+                registry,
+                lambda: say(f"ELECTED {name}"),
+                lambda reason: say(f"DEPOSED {name} {reason}"),
+                identifier=name,
+                reactor=_reactor,
+            )
+        leader = service
 
         async def cleanup() -> None:
             await leader.stopService()

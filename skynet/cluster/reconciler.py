@@ -531,9 +531,14 @@ class Reconciler:
                 self.log.warn("cannot list the children of {host}: {error}",
                               host=host, error=result.value)  # fmt: skip
                 continue
+            if not isinstance(result, dict):
+                self.log.warn("the daemon of {host} listed its children as {answer!r}; ignored",
+                              host=host, answer=result)  # fmt: skip
+                continue
             answered.add(host)
             for uuid, child in result.items():
-                listing[uuid] = dict(child, host=host, daemon=daemon.uuid)
+                if isinstance(uuid, str) and isinstance(child, dict):
+                    listing[uuid] = dict(child, host=host, daemon=daemon.uuid)
         self._listing = listing
         desired = self.desired or DesiredState()
         recorded = {u for r in self.state.deployments.values() for u in r.instances}
