@@ -33,9 +33,12 @@ PID namespace): a node whose owner's pid is not visible counts as dead.
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import secrets
+import stat
 import struct
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -53,6 +56,7 @@ from zope.interface import implementer
 
 from skynet.config import default_reactor, skynet_path
 from skynet.registry.base import (
+    MAX_NODE_SIZE,
     MAX_VALUE_SIZE,
     IInstanceListener,
     Instance,
@@ -60,6 +64,7 @@ from skynet.registry.base import (
     IRegistry,
     IWatch,
     ListingMixin,
+    NodeWarnings,
     Query,
     RegistryError,
     ValueDelivery,
@@ -67,6 +72,7 @@ from skynet.registry.base import (
     check_value,
     data_node_name,
     key_of_data_node,
+    parse_json_node,
     sort_instances,
 )
 
@@ -178,6 +184,7 @@ class Owner:
             or isinstance(pid, bool)
             or not isinstance(start_time, (int, float))
             or isinstance(start_time, bool)
+            or not math.isfinite(start_time)
             or not (registry is None or isinstance(registry, str))
         ):
             raise RegistryError(f"malformed owner record: {data!r}")
@@ -285,28 +292,34 @@ def prune_empty_dirs(top: str, directory: str) -> None:
 
 def _read_file(path: str) -> tuple[tuple[int, int, int], bytes] | None:
     """
+    Read a node file, as untrusted: never through a symbolic link, never
+    blocking on a FIFO or device, at most L{MAX_NODE_SIZE} + 1 bytes.
+
     @return: the file's cache key (inode, mtime_ns, size) as of its reading
-        and its content, or L{None} if it does not exist.
+        and its content, or L{None} if there is no regular file there.
     """
     try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            return (st.st_ino, st.st_mtime_ns, st.st_size), f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # a symbolic link: not a node
+            return None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size), f.read(MAX_NODE_SIZE + 1)
 
 
 def _parse_document(data: bytes) -> tuple[dict[str, Any], Owner | None]:
     """
     @return: a node's JSON object without its owner record, and the owner.
-    @raise RegistryError: if it is not a JSON object or its owner is malformed.
+    @raise RegistryError: if it is not a JSON object (see
+        L{parse_json_node}) or its owner is malformed; never anything else.
     """
-    try:
-        doc = json.loads(data)
-    except ValueError as e:
-        raise RegistryError(f"not JSON: {e}") from e
-    if not isinstance(doc, dict):
-        raise RegistryError("not a JSON object")
+    doc = parse_json_node(data)
     owner_data = doc.pop(OWNER_KEY, None)
     owner = Owner.from_json(owner_data) if owner_data is not None else None
     return doc, owner
@@ -323,7 +336,7 @@ def _node_uuid(path: str) -> str | None:
     try:
         doc, _ = _parse_document(found[1])
         return str(doc["Config"]["UUID"])
-    except (RegistryError, KeyError, TypeError):
+    except (RegistryError, KeyError, TypeError, ValueError):
         return None
 
 
@@ -357,6 +370,9 @@ if inotify is not None:
         | inotify.IN_CLOSE_WRITE
         | inotify.IN_DELETE_SELF
         | inotify.IN_MOVE_SELF
+        # Never through a link: a directory link in the tree is not watched.
+        | inotify.IN_DONT_FOLLOW
+        | inotify.IN_ONLYDIR
     )
 
     class _TreeNotify(inotify.INotify):
@@ -389,11 +405,31 @@ if inotify is not None:
             )
 
         def _watch_subtree(self, path: str) -> None:
-            for directory, _, _ in os.walk(path):
+            """
+            Watch C{path} and the directories below it down to the depth
+            of instance files, never following links.
+            """
+            root = os.fsdecode(self._root.path)
+            rel = os.path.relpath(path, root)
+            depth = 0 if rel == "." else rel.count(os.sep) + 1
+            stack = [(path, depth)]
+            while stack:
+                directory, depth = stack.pop()
                 try:
                     self.ensure_watched(directory)
                 except inotify.INotifyError:
-                    pass  # gone again already
+                    continue  # gone again already (or out of watches: the scan says so)
+                if depth >= 4:
+                    continue
+                try:
+                    with os.scandir(directory) as entries:
+                        for entry in entries:
+                            if not entry.name.startswith(".") and entry.is_dir(
+                                follow_symlinks=False
+                            ):
+                                stack.append((entry.path, depth + 1))
+                except OSError:
+                    continue
 
         def _doRead(self, in_: bytes) -> None:
             self._buffer += in_
@@ -475,6 +511,7 @@ class _Scanner:
         self._warned_unwatched = False
         self._unprunable: set[tuple[str, tuple[int, int, int]]] = set()
         self.notifier = None
+        self.bad_nodes = NodeWarnings(self.log, reactor)
 
     # Scanning.
 
@@ -531,12 +568,15 @@ class _Scanner:
                     yield f"{rel}/{entry.name}", entry.path, st
 
     def _parse(self, rel: str, path: str, st: os.stat_result) -> _Entry | None:
+        """
+        Parse one node file, as untrusted: whatever it holds, a bad node
+        becomes an entry without an instance (kept until the file changes)
+        and one warning naming it.
+        """
         try:
             found = _read_file(path)
         except OSError as e:
-            self.log.warn(  # noqa: G010 (twisted.logger's name)
-                "Cannot read registry node {path}: {error}", path=path, error=e
-            )
+            self.bad_nodes.warn(path, f"cannot read it: {e}")
             return _Entry((st.st_ino, st.st_mtime_ns, st.st_size), None, None)
         if found is None:
             return None
@@ -546,13 +586,9 @@ class _Scanner:
             doc, owner = _parse_document(data)
             instance = Instance.from_go(doc)
             if instance.path != rel:
-                raise RegistryError(f"it describes {instance.path}")
-        except (RegistryError, ValueError) as e:
-            self.log.warn(  # noqa: G010 (twisted.logger's name)
-                "Skipping malformed registry node {path}: {error}",
-                path=path,
-                error=str(e),
-            )
+                raise RegistryError(f"the node describes {instance.path}")
+        except Exception as e:  # noqa: BLE001 (untrusted: no node may fail a scan)
+            self.bad_nodes.warn(path, e)
             return _Entry(key, None, None)
         return _Entry(key, instance, owner)
 
@@ -729,18 +765,14 @@ class _Scanner:
                 "Cannot use inotify ({error}): polling {root}", error=e, root=self.root
             )
             return None
+        # Not Twisted's recursive watch: it follows directory links (and
+        # fails on a link loop).  The scan that follows watches every
+        # directory it lists; this only makes sure the top is watched now.
         try:
-            notifier.watch(
-                FilePath(self.services),
-                mask=_WATCH_MASK,
-                autoAdd=True,
-                callbacks=[self._on_event],
-                recursive=True,
-            )
+            notifier.ensure_watched(self.services)
         except (OSError, inotify.INotifyError) as e:
-            # The scan that follows watches what it can.
             self.log.warn(  # noqa: G010 (twisted.logger's name)
-                "Cannot watch all of {root} ({error})", root=self.services, error=e
+                "Cannot watch {root} ({error})", root=self.services, error=e
             )
         notifier.startReading()
         return notifier
@@ -951,6 +983,7 @@ class FileRegistry(ListingMixin):
         return self._io(self._write_instance, instance, True)
 
     def _write_instance(self, instance: Instance, keep_owner: bool) -> None:
+        instance.checked_json()
         rel = instance.path
         path = self.services_dir + rel
         owner = self._owner()

@@ -276,6 +276,7 @@ class MemoryRegistry(ListingMixin):
         return maybeDeferred(self._set, instance, True)
 
     def _set(self, instance: Instance, keep_owner: bool) -> None:
+        instance.checked_json()
         self._check()
         self.store.set(instance, self, keep_owner=keep_owner)
 

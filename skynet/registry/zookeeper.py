@@ -91,6 +91,7 @@ from skynet.registry.base import (
     IRegistry,
     IWatch,
     ListingMixin,
+    NodeWarnings,
     Query,
     RegistryError,
     ValueDelivery,
@@ -98,6 +99,7 @@ from skynet.registry.base import (
     check_key,
     check_value,
     data_node_name,
+    parse_json_node,
     sort_instances,
 )
 
@@ -291,6 +293,7 @@ class ZooKeeperRegistry(ListingMixin):
         self._syncs: dict[str, list[Deferred]] = {}
         self._running: set[str] = set()
 
+        self.bad_nodes = NodeWarnings(self.log, self._reactor)
         self._watches: set[_ZooKeeperWatch] = set()
         self._value_watches: set[_ZooKeeperValueWatch] = set()
         self._waiters: list[Deferred] = []
@@ -633,9 +636,10 @@ class ZooKeeperRegistry(ListingMixin):
         """
         try:
             path, _ = self._paths(instance)
+            data = instance.checked_json()
         except ValueError:
             return fail()
-        return self._set(path, instance.to_json())
+        return self._set(path, data)
 
     def update(self, instance: Instance) -> Deferred:
         """
@@ -875,11 +879,8 @@ class ZooKeeperRegistry(ListingMixin):
                 data, _ = await self._call(self._zk.get_async, path)
             except NoNodeError:
                 return []
-            try:
-                return [Instance.from_json(data)]
-            except RegistryError as e:
-                self.log.warn("Ignoring {path}: {error}", path=path, error=e)
-                return []
+            found = self.parse_instance(path, data)
+            return [] if found is None else [found]
         try:
             children = await self._call(self._zk.get_children_async, path)
         except NoNodeError:
@@ -893,6 +894,19 @@ class ZooKeeperRegistry(ListingMixin):
             consumeErrors=True,
         )
         return [instance for found in _first_error(results) for instance in found]
+
+    def parse_instance(self, path: str, data: bytes) -> Instance | None:
+        """
+        The instance an untrusted node at C{path} holds, or L{None} (and
+        one rate-limited warning naming the node) if it is not a valid
+        instance node describing its own path.
+        """
+        services = f"{self._root}/services"
+        try:
+            return Instance.from_json(data, path[len(services) :])
+        except Exception as e:  # noqa: BLE001 (untrusted: no node may fail a read)
+            self.bad_nodes.warn(path, e)
+            return None
 
     def get_stats(self, instance: Instance) -> Deferred:
         """
@@ -910,10 +924,10 @@ class ZooKeeperRegistry(ListingMixin):
             except NoNodeError:
                 return None
             try:
-                stats = json.loads(data)
-            except ValueError as e:
-                raise RegistryError(f"statistics node {path} is not JSON: {e}") from None
-            return stats if isinstance(stats, dict) else None
+                return parse_json_node(data)
+            except RegistryError as e:
+                self.bad_nodes.warn(path, e)
+                return None
 
         return Deferred.fromCoroutine(self._read(get))
 
@@ -1235,11 +1249,7 @@ class _ZooKeeperWatch:
     def _leaf_read(self, path: str, value: tuple[bytes, Any]) -> None:
         if not self._tracked(path):
             return  # dropped meanwhile
-        try:
-            instance: Instance | None = Instance.from_json(value[0])
-        except RegistryError as e:
-            self.log.warn("Ignoring {path}: {error}", path=path, error=e)
-            instance = None
+        instance = self._registry.parse_instance(path, value[0])
         old = self._leaves.get(path)
         self._leaves[path] = instance
         self._changed(old, instance)
