@@ -746,6 +746,36 @@ class RegistryFromURLTests(TestCase):
         self.assertEqual(registry_from_url(url, reactor=reactor), "the zk registry")
         self.assertEqual(calls, [(url, reactor)])
 
+    def test_import_is_lazy(self) -> None:
+        """
+        Importing C{skynet.registry} imports no backend and not kazoo (nor a
+        reactor); the names still resolve, and a URL brings in only its
+        backend.
+        """
+        script = (
+            "import sys\n"
+            "import skynet.registry as r\n"
+            "loaded = sorted(m for m in sys.modules if m.startswith(('kazoo',"
+            " 'skynet.registry.', 'psutil')) or m == 'twisted.internet.reactor')\n"
+            "assert loaded == ['skynet.registry.base'], loaded\n"
+            "assert r.FileRegistry.__module__ == 'skynet.registry.files'\n"
+            "assert r.MemoryRegistry.__module__ == 'skynet.registry.memory'\n"
+            "r.registry_from_url('memory://x', reactor=object())\n"
+            "assert 'kazoo' not in sys.modules\n"
+            "from skynet.registry import files\n"
+            "print('ok')\n"
+        )
+        import subprocess
+
+        result = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            timeout=60,
+        )
+        self.assertEqual((result.returncode, result.stdout), (0, "ok\n"), result.stderr)
+
     def test_bad_urls(self) -> None:
         """
         Anything else is a L{RegistryError} saying what is accepted.

@@ -223,7 +223,7 @@ class Instance:
                 "ServiceAddr": Address(self.host, self.port).to_go(),
                 "AdminAddr": self.admin.to_go() if self.admin is not None else None,
                 "CriticalClientCount": self.critical_client_count,
-                "CriticalAverageResponseTime": int(self.critical_average_response_time * 1e9),
+                "CriticalAverageResponseTime": round(self.critical_average_response_time * 1e9),
             },
             "Registered": self.registered,
         }
@@ -297,7 +297,7 @@ class Instance:
             ),
             "CriticalAverageResponseTime",
             0,
-            2**63,
+            2**53,  # nanoseconds: 104 days, and exact in a float
         )
         return cls(
             uuid=_text(config.get("UUID"), "UUID"),
@@ -314,7 +314,7 @@ class Instance:
                 -(2**63),
                 2**63 - 1,
             ),
-            critical_average_response_time=response_time / 1e9,
+            critical_average_response_time=round(response_time) / 1e9,
             pid=None if pid is None else _integer(pid, "PID", 1, 2**63 - 1),
             extra=dict(extra or {}),
         )
@@ -578,6 +578,15 @@ class IRegistry(Interface):
             matching C{query}, sorted by path.
         """
 
+    def get(uuid: str):
+        """
+        Find one live instance by its uuid, from what the backend already
+        knows where it can (no walk of the whole tree for a known uuid).
+
+        @return: a Deferred firing with the L{Instance}, or L{None} if no
+            live instance has that uuid.
+        """
+
     def watch(query: Query, listener: IInstanceListener) -> IWatch:
         """
         Deliver the instances matching C{query} to C{listener}: first a
@@ -714,13 +723,24 @@ class InstanceDiff:
     Backends that learn about changes by re-reading (the file registry) or by
     per-node notifications (ZooKeeper) feed their current view here; it
     delivers a snapshot first and then only the differences, keyed by uuid.
+
+    A listener that raises is logged, and its view still moves on: one
+    listener's bug never stops a watch or the listeners of other watches.
     """
+
+    log = Logger()
 
     def __init__(self, query: Query, listener: IInstanceListener) -> None:
         self.query = query
         self.listener = listener
         self.known: dict[str, Instance] | None = None
         self.stopped = False
+
+    def _tell(self, method: Callable[[Any], None], argument: Any) -> None:
+        try:
+            method(argument)
+        except Exception:  # noqa: BLE001 (one listener's bug must not stop the rest)
+            self.log.failure("Registry listener {listener!r} failed", listener=self.listener)
 
     def feed(self, instances: Iterable[Instance]) -> None:
         """
@@ -731,24 +751,25 @@ class InstanceDiff:
         current = {i.uuid: i for i in instances if self.query.matches(i)}
         if self.known is None:
             self.known = current
-            self.listener.snapshot(sorted(current.values(), key=_sort_key))
+            self._tell(self.listener.snapshot, sorted(current.values(), key=_sort_key))
             return
         previous = self.known
         self.known = current
         for uuid, old in previous.items():
             if uuid not in current:
-                self.listener.removed(old)
+                self._tell(self.listener.removed, old)
         for uuid, new in current.items():
             known = previous.get(uuid)
             if known is None:
-                self.listener.added(new)
+                self._tell(self.listener.added, new)
             elif _differs(known, new):
-                self.listener.updated(new)
+                self._tell(self.listener.updated, new)
 
     def change(self, old: Instance | None, new: Instance | None) -> None:
         """
-        One instance changed from C{old} to C{new} (either may be L{None}).
-        Only valid after the first L{feed}.
+        One node changed from C{old} to C{new} (either may be L{None}; a node
+        now holding another uuid is one instance leaving and another
+        arriving).  Only valid after the first L{feed}.
         """
         if self.stopped or self.known is None:
             return
@@ -758,17 +779,19 @@ class InstanceDiff:
             self.change(old, None)
             self.change(None, new)
             return
+        if old is None and new is None:
+            return
         uuid = (new or old).uuid  # type: ignore[union-attr]
         was = self.known.get(uuid)
         if new is not None and self.query.matches(new):
             self.known[uuid] = new
             if was is None:
-                self.listener.added(new)
+                self._tell(self.listener.added, new)
             elif _differs(was, new):
-                self.listener.updated(new)
+                self._tell(self.listener.updated, new)
         elif was is not None:
             del self.known[uuid]
-            self.listener.removed(was)
+            self._tell(self.listener.removed, was)
 
 
 def _differs(a: Instance, b: Instance) -> bool:

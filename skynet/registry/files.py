@@ -465,17 +465,19 @@ if inotify is not None:
 
 @implementer(IWatch)
 class _FileWatch:
-    def __init__(self, scanner: _Scanner, registry: FileRegistry, diff: InstanceDiff) -> None:
+    def __init__(
+        self, scanner: _Scanner, diff: InstanceDiff, on_stop: Callable[[_FileWatch], None]
+    ) -> None:
         self.scanner = scanner
-        self.registry = registry
         self.diff = diff
         self.fed_generation = -1
+        self._on_stop = on_stop
 
     def stop(self) -> None:
         if not self.diff.stopped:
             self.diff.stopped = True
             self.scanner.remove_watch(self)
-            self.registry._forget_watch(self)
+            self._on_stop(self)
 
 
 class _Scanner:
@@ -512,6 +514,8 @@ class _Scanner:
         self._unprunable: set[tuple[str, tuple[int, int, int]]] = set()
         self.notifier = None
         self.bad_nodes = NodeWarnings(self.log, reactor)
+        self._by_uuid: dict[str, str] = {}
+        self._scanned = False
 
     # Scanning.
 
@@ -636,7 +640,41 @@ class _Scanner:
         self._owners = owners
         if changed:
             self.generation += 1
+            self._by_uuid = {instance.uuid: rel for rel, instance in live.items()}
+        self._scanned = True
         return live, changed
+
+    def fresh(self) -> bool:
+        """
+        Whether the cache is as current as a scan would make it: inotify
+        watches the whole tree, a scan has run, and no event (or own write)
+        has come since.
+        """
+        return (
+            self._scanned
+            and self.notifier is not None
+            and not self._unwatched
+            and self._pending is None
+        )
+
+    def get(self, uuid: str) -> Instance | None:
+        """
+        The live instance with C{uuid}: from the cache when it is
+        L{fresh} (checking only its owner's liveness), else after a scan
+        (which re-reads only changed files).
+        """
+        if not self.fresh():
+            _, changed = self.scan()
+            if changed:
+                self.request_scan(0)
+        rel = self._by_uuid.get(uuid)
+        entry = self._cache.get(rel) if rel is not None else None
+        if entry is None or entry.instance is None or rel in self._dead:
+            return None
+        if entry.owner is not None and not Liveness().alive(entry.owner):
+            self.request_scan(0)  # the sweep prunes it and tells the watches
+            return None
+        return entry.instance
 
     def _prune(self, rel: str, entry: _Entry, liveness: Liveness) -> None:
         """
@@ -701,6 +739,11 @@ class _Scanner:
             self._pending = None
         try:
             live, _ = self.scan()
+        except OSError as e:
+            self.log.warn(  # noqa: G010 (twisted.logger's name)
+                "Cannot scan registry {root}: {error}", root=self.root, error=e
+            )
+            return
         except Exception:  # noqa: BLE001 (keep watching; the next scan may do)
             self.log.failure("Scanning registry {root} failed", root=self.root)
             return
@@ -708,13 +751,7 @@ class _Scanner:
             if watch.diff.stopped or watch.fed_generation == self.generation:
                 continue
             watch.fed_generation = self.generation
-            try:
-                watch.diff.feed(live.values())
-            except Exception:  # noqa: BLE001 (one listener's bug must not stop the rest)
-                self.log.failure(
-                    "Registry listener {listener!r} failed",
-                    listener=watch.diff.listener,
-                )
+            watch.diff.feed(live.values())
 
     def _tick(self) -> None:
         """
@@ -1077,12 +1114,19 @@ class FileRegistry(ListingMixin):
 
         return self._io(run)
 
+    def get(self, uuid: str) -> Deferred[Instance | None]:
+        """
+        The live instance with C{uuid}, or L{None}, from the scanner's cache
+        (see L{_Scanner.get}).
+        """
+        return self._io(lambda: self._get_scanner().get(uuid))
+
     def watch(self, query: Query, listener: IInstanceListener) -> IWatch:
         """
         Watch the tree: the snapshot comes from the reactor, soon after.
         """
         scanner = self._get_scanner()
-        watch = _FileWatch(scanner, self, InstanceDiff(query, listener))
+        watch = _FileWatch(scanner, InstanceDiff(query, listener), self._forget_watch)
         self._watches.append(watch)
         scanner.add_watch(watch)
         return watch

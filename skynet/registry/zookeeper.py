@@ -61,6 +61,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import attr
 from kazoo.client import KazooClient, KazooState  # type: ignore[import-untyped]
 from kazoo.exceptions import (  # type: ignore[import-untyped]
     BadVersionError,
@@ -222,6 +223,36 @@ def _first_error(results: list[tuple[bool, Any]]) -> list[Any]:
     return [value for _, value in results]
 
 
+@attr.frozen
+class _WatchContext:
+    """
+    All a watch may use of its registry: reads with a ZooKeeper watch
+    attached, whether the session is up, the hop to the reactor thread, the
+    strict parse of an instance node, and leaving the registry's list of
+    watches.  (A narrow internal API: watches read no private attribute of
+    the registry.)
+
+    @ivar services: the full path of C{/services}.
+    @ivar get: C{get(path, watcher)} -> Deferred of C{(data, stat)}.
+    @ivar get_children: C{get_children(path, watcher)} -> Deferred of names.
+    @ivar exists: C{exists(path, watcher)} -> Deferred of a stat or L{None}.
+    @ivar connected: C{connected()} -> whether the session is up now.
+    @ivar call_from_thread: the reactor's C{callFromThread}, for watchers.
+    @ivar parse_instance: C{parse_instance(path, data)} -> the instance, or
+        L{None} for a bad node (logged).
+    @ivar forget: C{forget(watch)}: the watch has stopped.
+    """
+
+    services: str
+    get: Callable[[str, Callable[[Any], None]], Deferred]
+    get_children: Callable[[str, Callable[[Any], None]], Deferred]
+    exists: Callable[[str, Callable[[Any], None]], Deferred]
+    connected: Callable[[], bool]
+    call_from_thread: Callable[..., None]
+    parse_instance: Callable[[str, bytes], Instance | None]
+    forget: Callable[[Any], None]
+
+
 @implementer(IRegistry)
 class ZooKeeperRegistry(ListingMixin):
     """
@@ -302,6 +333,20 @@ class ZooKeeperRegistry(ListingMixin):
         self._offline = False
         self._session_id: int | None = None
         self._offline_call: Any = None
+        #: uuid -> the full path its instance was last seen at (L{get}).
+        self._paths_by_uuid: dict[str, str] = {}
+        self._context = _WatchContext(
+            services=f"{self._root}/services",
+            get=lambda path, watcher: self._call(self._zk.get_async, path, watch=watcher),
+            get_children=lambda path, watcher: self._call(
+                self._zk.get_children_async, path, watch=watcher
+            ),
+            exists=lambda path, watcher: self._call(self._zk.exists_async, path, watch=watcher),
+            connected=lambda: self._connected,
+            call_from_thread=self._reactor.callFromThread,
+            parse_instance=self.parse_instance,
+            forget=self._forget_watch,
+        )
         self._started = False
         self._stopping = False
         self._start_d: Deferred | None = None
@@ -502,7 +547,9 @@ class ZooKeeperRegistry(ListingMixin):
     def _state_from_kazoo(self, state: str) -> None:
         # In kazoo's connection thread; the session id is read here because
         # it is the one the new state belongs to.
-        self._reactor.callFromThread(self._state_changed, state, self._zk._session_id)
+        client_id = self._zk.client_id
+        session_id = client_id[0] if client_id else None
+        self._reactor.callFromThread(self._state_changed, state, session_id)
 
     def _state_changed(self, state: str, session_id: int | None) -> None:
         if self._stopping:
@@ -639,6 +686,7 @@ class ZooKeeperRegistry(ListingMixin):
             data = instance.checked_json()
         except ValueError:
             return fail()
+        self._paths_by_uuid[instance.uuid] = path
         return self._set(path, data)
 
     def update(self, instance: Instance) -> Deferred:
@@ -705,7 +753,16 @@ class ZooKeeperRegistry(ListingMixin):
                     await self._apply(path)
                 except Exception:  # noqa: BLE001 - reported to every waiter
                     failure = Failure()
-                    self.log.failure("could not write {path} in ZooKeeper", failure, path=path)
+                    if failure.check(KazooException):
+                        # ZooKeeper said no (no permission, bad arguments):
+                        # the caller is told; no traceback.
+                        self.log.warn(
+                            "Could not write {path} in ZooKeeper: {error!r}",
+                            path=path,
+                            error=failure.value,
+                        )
+                    else:
+                        self.log.failure("could not write {path} in ZooKeeper", failure, path=path)
                     error = RegistryError(f"could not write {path}: {failure.value!r}")
                     for d in waiters:
                         d.errback(error)
@@ -903,10 +960,44 @@ class ZooKeeperRegistry(ListingMixin):
         """
         services = f"{self._root}/services"
         try:
-            return Instance.from_json(data, path[len(services) :])
+            instance = Instance.from_json(data, path[len(services) :])
         except Exception as e:  # noqa: BLE001 (untrusted: no node may fail a read)
             self.bad_nodes.warn(path, e)
             return None
+        self._paths_by_uuid[instance.uuid] = path
+        return instance
+
+    def _forget_watch(self, watch: Any) -> None:
+        self._watches.discard(watch)
+        self._value_watches.discard(watch)
+
+    def get(self, uuid: str) -> Deferred:
+        """
+        The live instance with C{uuid}, or L{None}: one read of the node it
+        was last seen at (by a query, a watch or L{add}), and a walk of
+        C{/services} only for a uuid not seen there.
+        """
+
+        async def get() -> Instance | None:
+            path = self._paths_by_uuid.get(uuid)
+            if path is not None:
+                try:
+                    data, _ = await self._call(self._zk.get_async, path)
+                except NoNodeError:
+                    data = None
+                if data is not None:
+                    found = self.parse_instance(path, data)
+                    if found is not None and found.uuid == uuid:
+                        return found
+                if self._paths_by_uuid.get(uuid) == path:
+                    del self._paths_by_uuid[uuid]
+            query = Query(uuid=uuid)
+            for instance in sort_instances(await self._collect(self._context.services, 0, query)):
+                if instance.uuid == uuid:
+                    return instance
+            return None
+
+        return Deferred.fromCoroutine(self._read(get))
 
     def get_stats(self, instance: Instance) -> Deferred:
         """
@@ -939,7 +1030,7 @@ class ZooKeeperRegistry(ListingMixin):
 
         @raise ValueError: if the query names an impossible path component.
         """
-        watch = _ZooKeeperWatch(self, query, listener)
+        watch = _ZooKeeperWatch(self._context, query, listener)
         if not self._stopping:
             self._watches.add(watch)
             watch.resync()
@@ -1029,7 +1120,7 @@ class ZooKeeperRegistry(ListingMixin):
         Watch data node C{key} with a ZooKeeper data watch (an exists
         watch while it is absent), re-read on every reconnection.
         """
-        watch = _ZooKeeperValueWatch(self, self._data_path(key), key, callback)
+        watch = _ZooKeeperValueWatch(self._context, self._data_path(key), key, callback)
         if not self._stopping:
             self._value_watches.add(watch)
             watch.read()
@@ -1042,16 +1133,16 @@ class _ZooKeeperValueWatch(ValueDelivery):
     event of that watch and every reconnection.
     """
 
-    def __init__(self, registry: ZooKeeperRegistry, path: str, key: str, callback) -> None:
-        ValueDelivery.__init__(self, key, callback, lambda: registry._value_watches.discard(self))
-        self._registry = registry
+    def __init__(self, context: _WatchContext, path: str, key: str, callback) -> None:
+        ValueDelivery.__init__(self, key, callback, lambda: context.forget(self))
+        self._context = context
         self._path = path
         self._generation = 0
         # One bound method, so kazoo keeps one watcher per path for us.
         self._watcher = self._event_from_kazoo
 
     def read(self) -> None:
-        if self.stopped or not self._registry._connected:
+        if self.stopped or not self._context.connected():
             return
         self._generation += 1
         Deferred.fromCoroutine(self._read(self._generation)).addErrback(
@@ -1059,15 +1150,14 @@ class _ZooKeeperValueWatch(ValueDelivery):
         )
 
     async def _read(self, generation: int) -> None:
-        registry = self._registry
-        zk = registry._zk
+        context = self._context
         try:
             try:
-                data, _ = await registry._call(zk.get_async, self._path, watch=self._watcher)
+                data, _ = await context.get(self._path, self._watcher)
                 value: bytes | None = bytes(data)
             except NoNodeError:
                 # A read of a missing node leaves no watch: watch its creation.
-                stat = await registry._call(zk.exists_async, self._path, watch=self._watcher)
+                stat = await context.exists(self._path, self._watcher)
                 if stat is not None:
                     if generation == self._generation:
                         self.read()  # created meanwhile
@@ -1075,12 +1165,15 @@ class _ZooKeeperValueWatch(ValueDelivery):
                 value = None
         except _CONNECTION_ERRORS:
             return  # the reconnection reads again
+        except KazooException as e:
+            self.log.warn("Cannot read data node {path}: {error!r}", path=self._path, error=e)
+            return
         if generation == self._generation:
             self.deliver(value)
 
     def _event_from_kazoo(self, event: Any) -> None:
         # In one of kazoo's threads.
-        self._registry._reactor.callFromThread(self._event, event)
+        self._context.call_from_thread(self._event, event)
 
     def _event(self, event: Any) -> None:
         if event.type != EventType.NONE:
@@ -1122,14 +1215,12 @@ class _ZooKeeperWatch:
 
     log = Logger()
 
-    def __init__(
-        self, registry: ZooKeeperRegistry, query: Query, listener: IInstanceListener
-    ) -> None:
-        self._registry = registry
+    def __init__(self, context: _WatchContext, query: Query, listener: IInstanceListener) -> None:
+        self._context = context
         self._query = query
         self._diff = InstanceDiff(query, listener)
         parts = _prefix_of(query)
-        self._services = f"{registry._root}/services"
+        self._services = context.services
         self._base = self._services + "".join("/" + p for p in parts)
         #: Interior nodes read so far -> names of their wanted children.
         self._children: dict[str, set[str]] = {}
@@ -1145,7 +1236,7 @@ class _ZooKeeperWatch:
     def stop(self) -> None:
         self._stopped = True
         self._diff.stopped = True
-        self._registry._watches.discard(self)
+        self._context.forget(self)
 
     # -- reading the tree
 
@@ -1154,7 +1245,7 @@ class _ZooKeeperWatch:
         Read the subtree afresh (a new generation: answers to older reads
         are ignored); once read, report the differences.
         """
-        if self._stopped or not self._registry._connected:
+        if self._stopped or not self._context.connected():
             return
         self._generation += 1
         self._pending = 0
@@ -1195,18 +1286,22 @@ class _ZooKeeperWatch:
             if failure.check(*_CONNECTION_ERRORS):
                 # The reconnection's resync reads the subtree again.
                 return
-            if not failure.check(NoNodeError):
+            if failure.check(KazooException) and not failure.check(NoNodeError):
+                self.log.warn(
+                    "Cannot read {path} from ZooKeeper: {error!r}", path=path, error=failure.value
+                )
+            elif not failure.check(NoNodeError):
                 self.log.failure("reading {path} from ZooKeeper", failure, path=path)
             on_error(path)
             self._check_synced()
 
-        d = self._registry._call(method, path, watch=self._watcher)
+        d = method(path, self._watcher)
         d.addCallbacks(result, error)
         d.addErrback(lambda f: self.log.failure("watch of {path}", f, path=self._base))
 
     def _list(self, path: str, root: bool = False) -> None:
         on_missing = self._base_missing if root or path == self._base else self._drop
-        self._request(self._registry._zk.get_children_async, path, self._listed, on_missing)
+        self._request(self._context.get_children, path, self._listed, on_missing)
 
     def _tracked(self, path: str) -> bool:
         """
@@ -1234,7 +1329,7 @@ class _ZooKeeperWatch:
         # The query's subtree does not exist (yet): drop what we knew and
         # wait for it to be created.
         self._drop(self._base)
-        self._request(self._registry._zk.exists_async, self._base, self._base_exists, _ignore)
+        self._request(self._context.exists, self._base, self._base_exists, _ignore)
 
     def _base_exists(self, path: str, stat: Any) -> None:
         if stat is not None:
@@ -1244,12 +1339,12 @@ class _ZooKeeperWatch:
         # A read of a missing node leaves no watch: the base, which has no
         # parent watched, needs an exists watch instead.
         on_missing = self._base_missing if path == self._base else self._drop
-        self._request(self._registry._zk.get_async, path, self._leaf_read, on_missing)
+        self._request(self._context.get, path, self._leaf_read, on_missing)
 
     def _leaf_read(self, path: str, value: tuple[bytes, Any]) -> None:
         if not self._tracked(path):
             return  # dropped meanwhile
-        instance = self._registry.parse_instance(path, value[0])
+        instance = self._context.parse_instance(path, value[0])
         old = self._leaves.get(path)
         self._leaves[path] = instance
         self._changed(old, instance)
@@ -1275,16 +1370,19 @@ class _ZooKeeperWatch:
 
     def _event_from_kazoo(self, event: Any) -> None:
         # In one of kazoo's threads.
-        self._registry._reactor.callFromThread(self._event, event)
+        self._context.call_from_thread(self._event, event)
 
     def _event(self, event: Any) -> None:
         if self._stopped or event.type == EventType.NONE:
             # NONE: the connection dropped; resync() follows reconnection.
             return
-        if not self._registry._connected:
+        if not self._context.connected():
             return
         path = event.path
-        if path == self._base:
+        if event.type == EventType.DELETED and path != self._base and self._tracked(path):
+            # Gone: nothing to read (the parent's child watch also fires).
+            self._drop(path)
+        elif path == self._base:
             self._explore(self._base, root=True)
         elif not self._tracked(path):
             return
@@ -1298,25 +1396,13 @@ class _ZooKeeperWatch:
     # -- delivering
 
     def _changed(self, old: Instance | None, new: Instance | None) -> None:
-        if not self._synced:
-            return
-        try:
-            if old is not None and new is not None and old.uuid != new.uuid:
-                # Another instance took this host:port.
-                self._diff.change(old, None)
-                self._diff.change(None, new)
-            elif old is not None or new is not None:
-                self._diff.change(old, new)
-        except Exception:  # noqa: BLE001 - a listener's bug must not stop the watch
-            self.log.failure("instance listener failed")
+        if self._synced:
+            self._diff.change(old, new)
 
     def _check_synced(self) -> None:
         if self._pending == 0 and not self._synced:
             self._synced = True
-            try:
-                self._diff.feed(i for i in self._leaves.values() if i is not None)
-            except Exception:  # noqa: BLE001 - a listener's bug must not stop the watch
-                self.log.failure("instance listener failed")
+            self._diff.feed(i for i in self._leaves.values() if i is not None)
 
 
 def _ignore(*args: Any) -> None:
