@@ -343,6 +343,102 @@ class FileRegistryTests(FileTestMixin, TestCase):
         await self.wait_until(lambda: seen[-1:] == [None], "the deletion")
         self.assertEqual(seen, [None, b"polled", None])
 
+    async def test_private_modes_whatever_the_umask(self) -> None:
+        """
+        With a umask of 0, every directory the registry creates is 0700 and
+        every file 0600 (other users can neither read admin addresses nor
+        add nodes).
+        """
+        old = os.umask(0)
+        self.addCleanup(os.umask, old)
+        registry = await self.started(FileRegistry(self.root, reactor=reactor))
+        instance = make_instance()
+        await registry.add(instance)
+        await registry.publish_stats(instance, {"Clients": 1})
+        await registry.set_value("a/b", b"v")
+        modes = {}
+        for directory, dirs, names in os.walk(os.path.dirname(self.root)):
+            for name in dirs + names:
+                modes[os.path.join(directory, name)] = os.stat(os.path.join(directory, name))
+        self.assertGreater(len(modes), 12)
+        for path, st in modes.items():
+            expected = 0o700 if os.path.isdir(path) else 0o600
+            self.assertEqual(oct(st.st_mode & 0o777), oct(expected), path)
+
+    async def test_directory_others_can_write_is_refused(self) -> None:
+        """
+        A registry directory (or its services, statistics or data) that
+        other users can write is refused with a clear error; one that they
+        can only read is made private.
+        """
+        os.makedirs(os.path.join(self.root, "services"))
+        for path in (self.root, os.path.join(self.root, "services")):
+            os.chmod(path, 0o777)
+            registry = FileRegistry(self.root, reactor=reactor)
+            with self.assertRaises(RegistryError) as caught:
+                await registry.start()
+            message = str(caught.exception)
+            self.assertIn(f"registry directory {path} is writable by other users", message)
+            self.assertIn(f"chmod 700 {path}", message)
+            os.chmod(path, 0o755)
+        registry = await self.started(FileRegistry(self.root, reactor=reactor))
+        self.assertEqual(os.stat(self.root).st_mode & 0o777, 0o700)
+        self.assertEqual(os.stat(os.path.join(self.root, "services")).st_mode & 0o777, 0o700)
+
+    async def test_foreign_directories(self) -> None:
+        """
+        As root: a registry directory of another user is refused, a tree
+        directory another user could write is skipped, and another user
+        cannot add a node at all.
+        """
+        if os.geteuid() != 0:
+            self.skipTest("needs root to make files of another user (uid 65534)")
+        registry = await self.started(FileRegistry(self.root, reactor=reactor))
+        good = make_instance(name="Good")
+        await registry.add(good)
+        evil_dir = os.path.join(self.root, "services", "Evil", "1", "r", "h")
+        write_atomically(
+            os.path.join(evil_dir, "1"),
+            make_instance(name="Evil", version="1", region="r", host="h", port=1).to_json(),
+        )
+        os.chmod(os.path.join(self.root, "services", "Evil"), 0o777)
+        with capturedLogs() as events:
+            self.assertEqual(await registry.query(Query()), [good])
+        self.assertIn(os.path.join(self.root, "services", "Evil"), [e.get("path") for e in events])
+        os.chmod(os.path.join(self.root, "services", "Evil"), 0o700)
+        os.chown(os.path.join(self.root, "services", "Evil"), 65534, 65534)
+        self.assertEqual(await registry.query(Query()), [good])
+
+        other_root = os.path.join(os.path.dirname(self.root), "theirs")
+        os.mkdir(other_root, 0o700)
+        os.chown(other_root, 65534, 65534)
+        with self.assertRaises(RegistryError) as caught:
+            await FileRegistry(other_root, reactor=reactor).start()
+        self.assertIn("belongs to another user (uid 65534)", str(caught.exception))
+
+        # uid 65534 itself cannot write a node into our tree.
+        os.chmod(os.path.dirname(self.root), 0o755)
+        fake = make_instance(name="Good", port=good.port + 1)
+        script = (
+            "import sys\n"
+            "from skynet.registry.files import write_atomically\n"
+            "try:\n"
+            "    write_atomically(sys.argv[1], sys.argv[2].encode())\n"
+            "except PermissionError:\n"
+            "    print('refused')\n"
+        )
+        import subprocess
+
+        result = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+             sys.executable, "-c", script,
+             os.path.join(self.root, "services") + fake.path, fake.to_json().decode()],
+            capture_output=True, text=True, timeout=60,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )  # fmt: skip
+        self.assertEqual(result.stdout, "refused\n", result.stderr)
+        self.assertEqual(await registry.query(Query()), [good])
+
     async def test_atomic_writes(self) -> None:
         """
         A reader racing a writer always reads a whole document, the old or

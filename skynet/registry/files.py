@@ -27,6 +27,12 @@ the value's bytes, with no owner: they outlive their writer.  Their
 watches stat their file every C{poll_interval}, and at once on an inotify
 event in C{<root>/data} or a write of this registry object.
 
+What the registry creates is private, whatever the umask: directories
+0700, files 0600.  L{FileRegistry.start} refuses a root (or top directory)
+that another user could write to, and scans skip tree directories that
+another user could have written, so another local user can neither add a
+fake instance nor read admin addresses.
+
 Every process sharing a root must see the same process ids (one host, one
 PID namespace): a node whose owner's pid is not visible counts as dead.
 """
@@ -230,12 +236,72 @@ class Liveness:
 # Files.
 
 
+#: The modes of what the embedded registry creates, whatever the umask:
+#: other users may neither read (admin addresses) nor write (fake instances).
+DIRECTORY_MODE = 0o700
+FILE_MODE = 0o600
+
+
+def make_private_dirs(path: str) -> None:
+    """
+    C{os.makedirs}, but every directory it creates is mode
+    L{DIRECTORY_MODE}, whatever the umask.
+    """
+    missing = []
+    while path and not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, DIRECTORY_MODE)
+        except FileExistsError:
+            continue  # made by another process meanwhile
+        os.chmod(directory, DIRECTORY_MODE)
+
+
+def check_private_dir(path: str, uid: int | None = None) -> bool:
+    """
+    Refuse a registry directory that another user could write to (a fake
+    instance there would take a service's traffic), and make one of ours
+    that others may read private.
+
+    @return: whether it exists.
+    @raise RegistryError: if it is not a directory, belongs to another user
+        (other than root), or is writable by group or others.
+    """
+    uid = os.geteuid() if uid is None else uid
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISDIR(st.st_mode):
+        raise RegistryError(f"registry path {path} is not a directory")
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid not in (uid, 0):
+        raise RegistryError(
+            f"registry directory {path} belongs to another user (uid {st.st_uid}):"
+            " refusing it; use a registry directory of your own"
+        )
+    if mode & 0o022:
+        raise RegistryError(
+            f"registry directory {path} is writable by other users (mode {mode:04o}), who"
+            f" could add fake instances: refusing it; run chmod 700 {path}"
+        )
+    if mode & 0o077 and st.st_uid == uid:
+        os.chmod(path, DIRECTORY_MODE)
+    return True
+
+
 def write_atomically(path: str, data: bytes, attempts: int = 5) -> None:
     """
     Replace the file at C{path} with C{data} so that a reader sees either
     the old content or the new, never part of it: write a temporary file
     (a dot file, which scanners skip) in the same directory and rename it
-    into place.  Missing parent directories are created.
+    into place.  Missing parent directories are created.  The file is mode
+    L{FILE_MODE} and new directories L{DIRECTORY_MODE}, whatever the umask.
 
     @raise OSError: if it cannot be done.
     """
@@ -243,8 +309,8 @@ def write_atomically(path: str, data: bytes, attempts: int = 5) -> None:
     for attempt in range(attempts):
         temporary = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         try:
-            os.makedirs(directory, exist_ok=True)
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            make_private_dirs(directory)
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         except FileNotFoundError:
             # Another process pruned a directory of the path, empty a moment
             # ago, while we were making it or before we opened: again.
@@ -252,6 +318,7 @@ def write_atomically(path: str, data: bytes, attempts: int = 5) -> None:
                 raise
             continue
         try:
+            os.fchmod(fd, FILE_MODE)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(temporary, path)
@@ -516,6 +583,7 @@ class _Scanner:
         self.bad_nodes = NodeWarnings(self.log, reactor)
         self._by_uuid: dict[str, str] = {}
         self._scanned = False
+        self._uid = os.geteuid()
 
     # Scanning.
 
@@ -562,6 +630,8 @@ class _Scanner:
                     try:
                         if depth < 4:
                             if entry.is_dir(follow_symlinks=False):
+                                if self._foreign(entry):
+                                    continue
                                 stack.append((entry.path, depth + 1, f"{rel}/{entry.name}"))
                             continue
                         if not entry.is_file(follow_symlinks=False):
@@ -570,6 +640,22 @@ class _Scanner:
                     except OSError:
                         continue  # gone meanwhile, or not ours to see
                     yield f"{rel}/{entry.name}", entry.path, st
+
+    def _foreign(self, entry: os.DirEntry[str]) -> bool:
+        """
+        Whether a directory of the tree could have been written by another
+        user (group or other writable, or another user's): its nodes are
+        not trusted, and it is skipped with a warning.
+        """
+        st = entry.stat(follow_symlinks=False)
+        if st.st_uid in (self._uid, 0) and not st.st_mode & 0o022:
+            return False
+        self.bad_nodes.warn(
+            entry.path,
+            f"directory writable by other users (mode {stat.S_IMODE(st.st_mode):04o},"
+            f" uid {st.st_uid}): skipped",
+        )
+        return True
 
     def _parse(self, rel: str, path: str, st: os.stat_result) -> _Entry | None:
         """
@@ -795,7 +881,7 @@ class _Scanner:
             )
             return None
         try:
-            os.makedirs(self.services, exist_ok=True)
+            make_private_dirs(self.services)
             notifier = _TreeNotify(self._reactor, self.services, self._on_event)
         except (OSError, inotify.INotifyError) as e:
             self.log.warn(  # noqa: G010 (twisted.logger's name)
@@ -955,12 +1041,19 @@ class FileRegistry(ListingMixin):
 
     def start(self) -> Deferred[None]:
         """
-        Create the root (and its C{services} and C{statistics}) if missing.
+        Create the root (and its C{services} and C{statistics}) if missing,
+        mode 0700.
+
+        @raise RegistryError: (through the Deferred) if the root, or one of
+            its top directories, could be written by another user (see
+            L{check_private_dir}).
         """
 
         def make() -> None:
-            os.makedirs(self.services_dir, exist_ok=True)
-            os.makedirs(self.statistics_dir, exist_ok=True)
+            for directory in (self.root, self.services_dir, self.statistics_dir, self.data_dir):
+                check_private_dir(directory)
+            make_private_dirs(self.services_dir)
+            make_private_dirs(self.statistics_dir)
 
         self._stopped = False
         return self._io(make)
@@ -1185,10 +1278,17 @@ def _read_value(path: str) -> bytes | None:
     @raise RegistryError: if it is larger than a data node may be.
     """
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_VALUE_SIZE + 1)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise RegistryError(f"data node {path} is a symbolic link") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RegistryError(f"data node {path} is not a regular file")
+        data = f.read(MAX_VALUE_SIZE + 1)
     if len(data) > MAX_VALUE_SIZE:
         raise RegistryError(f"data node {path} is larger than {MAX_VALUE_SIZE} bytes")
     return data
@@ -1295,7 +1395,7 @@ class _DataWatches:
             and IReactorFDSet.providedBy(self._reactor)
         ):
             try:
-                os.makedirs(self._registry.data_dir, exist_ok=True)
+                make_private_dirs(self._registry.data_dir)
                 notifier = _TreeNotify(self._reactor, self._registry.data_dir, self._on_event)
                 notifier.ensure_watched(self._registry.data_dir)
             except (OSError, inotify.INotifyError) as e:

@@ -57,17 +57,21 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import stat
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import attr
 from kazoo.client import KazooClient, KazooState  # type: ignore[import-untyped]
 from kazoo.exceptions import (  # type: ignore[import-untyped]
+    AuthFailedError,
     BadVersionError,
     ConnectionClosedError,
     ConnectionLoss,
     KazooException,
+    NoAuthError,
     NodeExistsError,
     NoNodeError,
     NotEmptyError,
@@ -76,6 +80,7 @@ from kazoo.exceptions import (  # type: ignore[import-untyped]
 )
 from kazoo.protocol.states import EventType  # type: ignore[import-untyped]
 from kazoo.retry import KazooRetry  # type: ignore[import-untyped]
+from kazoo.security import make_acl, make_digest_acl  # type: ignore[import-untyped]
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, succeed
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
@@ -223,6 +228,74 @@ def _first_error(results: list[tuple[bool, Any]]) -> list[Any]:
     return [value for _, value in results]
 
 
+@attr.frozen(repr=False)
+class Credentials:
+    """
+    A ZooKeeper digest identity: the cluster's members share one.
+
+    @ivar user: the digest user name.
+    @ivar secret: its password (never shown by C{repr}).
+    @ivar file: the credentials file it was read from, if any.
+    """
+
+    user: str
+    secret: str
+    file: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<Credentials {self.user}:***{' from ' + self.file if self.file else ''}>"
+
+    @classmethod
+    def parse(cls, text: str, file: str | None = None) -> Credentials:
+        """
+        Read C{user:secret}.
+
+        @raise ValueError: if either part is empty.
+        """
+        user, sep, secret = text.strip().partition(":")
+        if not sep or not user or not secret or "\n" in secret:
+            where = f" in {file}" if file else ""
+            raise ValueError(f"ZooKeeper credentials{where} must be one line user:secret")
+        return cls(user, secret, file)
+
+    @classmethod
+    def from_file(cls, path: str) -> Credentials:
+        """
+        Read C{user:secret} from a file that only its owner may read.
+
+        @raise ValueError: if the file is missing, not a regular file,
+            readable or writable by group or others, or malformed.
+        """
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as e:
+            raise ValueError(f"cannot read ZooKeeper credentials file {path}: {e}") from None
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError(f"ZooKeeper credentials file {path} is not a regular file")
+            if st.st_mode & 0o077:
+                raise ValueError(
+                    f"ZooKeeper credentials file {path} is accessible by other users"
+                    f" (mode {stat.S_IMODE(st.st_mode):04o}): chmod 600 {path}"
+                )
+            data = f.read(4096)
+        try:
+            return cls.parse(data.decode("utf-8"), path)
+        except UnicodeDecodeError:
+            raise ValueError(f"ZooKeeper credentials file {path} is not UTF-8") from None
+
+    def acl(self, open_reads: bool) -> list[Any]:
+        """
+        The ACL of every node this registry creates: all permissions for
+        the members, and read for anyone if C{open_reads}.
+        """
+        acl = [make_digest_acl(self.user, self.secret, all=True)]
+        if open_reads:
+            acl.append(make_acl("world", "anyone", read=True))
+        return acl
+
+
 @attr.frozen
 class _WatchContext:
     """
@@ -276,6 +349,8 @@ class ZooKeeperRegistry(ListingMixin):
         threadpool: ThreadPool | None = None,
         *,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        credentials: Credentials | None = None,
+        open_reads: bool = True,
     ) -> None:
         """
         @param hosts: kazoo's host list, C{"h1:2181,h2:2181"}.
@@ -287,6 +362,12 @@ class ZooKeeperRegistry(ListingMixin):
             default the registry makes one and stops it in L{stop}.
         @param connect_timeout: how long L{start} waits for a session
             before it fires anyway and keeps trying in the background.
+        @param credentials: the cluster's digest identity: the session
+            authenticates with it, and every node it creates carries an ACL
+            that lets only that identity create, change or delete (see
+            L{Credentials.acl}).  L{None}: no authentication, open ACLs.
+        @param open_reads: with C{credentials}, whether anyone may read
+            the nodes this registry creates (C{False}: members only).
         @raise ValueError: if an argument is malformed.
         """
         self._reactor = default_reactor(reactor)
@@ -295,9 +376,25 @@ class ZooKeeperRegistry(ListingMixin):
         self._root = _parse_chroot(chroot)
         self.session_timeout = _parse_timeout("session_timeout", session_timeout)
         self.connect_timeout = _parse_timeout("connect_timeout", connect_timeout)
-        self.url = f"zk://{self.zk_hosts}{self.chroot}"
+        self.credentials = credentials
+        self.open_reads = open_reads
+        self._acl = credentials.acl(open_reads) if credentials is not None else None
+        options = []
         if self.session_timeout != DEFAULT_SESSION_TIMEOUT:
-            self.url += f"?session_timeout={self.session_timeout:g}"
+            options.append(f"session_timeout={self.session_timeout:g}")
+        if credentials is not None and credentials.file is not None:
+            options.append(f"auth={quote(credentials.file)}")
+        if credentials is not None and not open_reads:
+            options.append("read=members")
+        query = "?" + "&".join(options) if options else ""
+        userinfo = shown = ""
+        if credentials is not None and credentials.file is None:
+            user = quote(credentials.user, safe="")
+            userinfo = f"{user}:{quote(credentials.secret, safe='')}@"
+            shown = f"{user}:***@"
+        self.url = f"zk://{userinfo}{self.zk_hosts}{self.chroot}{query}"
+        #: The URL without an inline secret, for logs and messages.
+        self.display_url = f"zk://{shown}{self.zk_hosts}{self.chroot}{query}"
 
         if threadpool is None:
             threadpool = ThreadPool(minthreads=0, maxthreads=1, name="skynet-zookeeper")
@@ -311,6 +408,10 @@ class ZooKeeperRegistry(ListingMixin):
             timeout=self.session_timeout,
             connection_retry=KazooRetry(max_tries=-1, delay=0.1, backoff=2, max_delay=1.0),
             logger=_kazoo_log,
+            auth_data=(
+                [("digest", f"{credentials.user}:{credentials.secret}")] if credentials else None
+            ),
+            default_acl=self._acl,
         )
 
         #: Nodes this registry owns, full path -> contents.
@@ -335,6 +436,7 @@ class ZooKeeperRegistry(ListingMixin):
         self._offline_call: Any = None
         #: uuid -> the full path its instance was last seen at (L{get}).
         self._paths_by_uuid: dict[str, str] = {}
+        self._securing: Deferred | None = None
         self._context = _WatchContext(
             services=f"{self._root}/services",
             get=lambda path, watcher: self._call(self._zk.get_async, path, watch=watcher),
@@ -362,12 +464,18 @@ class ZooKeeperRegistry(ListingMixin):
         session_timeout: float | None = None,
     ) -> ZooKeeperRegistry:
         """
-        Make a registry from C{zk://h1:2181,h2:2181/chroot?session_timeout=4}.
+        Make a registry from
+        C{zk://[user:secret@]h1:2181,h2:2181/chroot?session_timeout=4&auth=FILE&read=members}.
 
         The chroot defaults to C{/skynet}, the port to 2181.  An explicit
-        C{session_timeout} argument wins over the URL's.
+        C{session_timeout} argument wins over the URL's.  Credentials come
+        from the URL's user and password (percent-escaped) or from
+        C{auth=FILE}, a file holding C{user:secret} that only its owner may
+        read; C{read=members} makes the nodes it creates unreadable to
+        others (default C{read=open}).
 
-        @raise RegistryError: if the URL is malformed.
+        @raise RegistryError: if the URL or the credentials file is
+            malformed.
         """
         try:
             parts = urlsplit(url)
@@ -383,7 +491,7 @@ class ZooKeeperRegistry(ListingMixin):
             )
         except ValueError as e:
             raise RegistryError(f"bad ZooKeeper URL {url!r}: {e}") from None
-        unknown = set(options) - {"session_timeout"}
+        unknown = set(options) - {"session_timeout", "auth", "read"}
         if unknown:
             raise RegistryError(
                 f"bad ZooKeeper URL {url!r}: unknown option(s) {', '.join(sorted(unknown))}"
@@ -395,14 +503,37 @@ class ZooKeeperRegistry(ListingMixin):
             timeout = options["session_timeout"][0]
         if session_timeout is not None:
             timeout = session_timeout
+        for name, values in options.items():
+            if len(values) != 1:
+                raise RegistryError(f"bad ZooKeeper URL {_redact(url)!r}: {name} given twice")
         chroot = parts.path if parts.path not in ("", "/") else DEFAULT_CHROOT
+        userinfo, at, hosts = parts.netloc.rpartition("@")
         try:
-            return cls(parts.netloc, chroot, reactor=reactor, session_timeout=timeout)
+            credentials = None
+            if at:
+                credentials = Credentials.parse(unquote(userinfo))
+            if "auth" in options:
+                if credentials is not None:
+                    raise ValueError("give credentials in the URL or in auth=FILE, not both")
+                credentials = Credentials.from_file(options["auth"][0])
+            read = options.get("read", ["open"])[0]
+            if read not in ("open", "members"):
+                raise ValueError(f"read must be open or members, not {read!r}")
+            if read == "members" and credentials is None:
+                raise ValueError("read=members needs credentials")
+            return cls(
+                hosts,
+                chroot,
+                reactor=reactor,
+                session_timeout=timeout,
+                credentials=credentials,
+                open_reads=read == "open",
+            )
         except ValueError as e:
-            raise RegistryError(f"bad ZooKeeper URL {url!r}: {e}") from None
+            raise RegistryError(f"bad ZooKeeper URL {_redact(url)!r}: {e}") from None
 
     def __repr__(self) -> str:
-        return f"<ZooKeeperRegistry {self.url}>"
+        return f"<ZooKeeperRegistry {self.display_url}>"
 
     # -- state, for callers and tests
 
@@ -433,7 +564,7 @@ class ZooKeeperRegistry(ListingMixin):
             nodes as soon as it connects.
         """
         if self._stopping:
-            return fail(RegistryError(f"{self.url} is stopped"))
+            return fail(RegistryError(f"{self.display_url} is stopped"))
         if self._start_d is None:
             self._started = True
             self._start_d = Deferred.fromCoroutine(self._start())
@@ -448,20 +579,24 @@ class ZooKeeperRegistry(ListingMixin):
         self._zk.add_listener(self._state_from_kazoo)
         self._kazoo_starting = deferToThreadPool(self._reactor, self._pool, self._zk.start_async)
         await self._kazoo_starting
-        if self._connected or self._stopping:
+        if self._stopping:
             return
-        timer = self._reactor.callLater(self.connect_timeout, self._start_timed_out)
-        try:
-            await self._when_connected()
-        finally:
-            if timer.active():
-                timer.cancel()
+        if not self._connected:
+            timer = self._reactor.callLater(self.connect_timeout, self._start_timed_out)
+            try:
+                await self._when_connected()
+            finally:
+                if timer.active():
+                    timer.cancel()
+        if self._securing is not None:
+            # Started means the chroot is guarded.
+            await _follow(self._securing)
 
     def _start_timed_out(self) -> None:
         self.log.warn(
             "ZooKeeper at {hosts} unreachable; waiting to register",
             hosts=self.zk_hosts,
-            registry=self.url,
+            registry=self.display_url,
         )
         self._go_offline()
 
@@ -563,7 +698,7 @@ class ZooKeeperRegistry(ListingMixin):
                 " reconnecting",
                 hosts=self.zk_hosts,
                 session=_hex(self._session_id),
-                registry=self.url,
+                registry=self.display_url,
             )
             self._start_offline_timer()
         elif state == KazooState.LOST:
@@ -574,7 +709,7 @@ class ZooKeeperRegistry(ListingMixin):
                 session=_hex(self._session_id),
                 count=len(self._desired),
                 hosts=self.zk_hosts,
-                registry=self.url,
+                registry=self.display_url,
             )
             self._start_offline_timer()
 
@@ -592,7 +727,7 @@ class ZooKeeperRegistry(ListingMixin):
             hosts=self.zk_hosts,
             which="new" if new_session else "resumed",
             session=_hex(session_id),
-            registry=self.url,
+            registry=self.display_url,
             was_offline=was_offline,
         )
         # Before the waiters run: what they write now is not a re-creation.
@@ -601,7 +736,39 @@ class ZooKeeperRegistry(ListingMixin):
         )
         self._fire_waiters(True)
 
+    async def _secure_tree(self) -> None:
+        """
+        With credentials: make the chroot and its C{/services},
+        C{/statistics} and C{/data} exist with the members' ACL, and give
+        them that ACL if they were created without it (by a registry
+        without credentials, or before ACLs were turned on).  Nodes below
+        them that predate the ACL keep theirs.
+        """
+        zk = self._zk
+        wanted = self._acl or []
+        # Never the ZooKeeper root itself (a chroot of "/"): not ours.
+        for path in ([self._root] if self._root else []) + [
+            f"{self._root}/{top}" for top in ("services", "statistics", "data")
+        ]:
+            try:
+                await self._call(zk.ensure_path_async, path, wanted)
+                acl, stat_ = await self._call(zk.get_acls_async, path)
+                if sorted(map(repr, acl)) != sorted(map(repr, wanted)):
+                    await self._call(zk.set_acls_async, path, wanted, stat_.aversion)
+                    self.log.info("Set the members' ACL on {path}", path=path)
+            except _CONNECTION_ERRORS:
+                return  # the next session tries again
+            except KazooException as e:
+                self.log.warn(
+                    "Cannot set the members' ACL on {path}: {error}",
+                    path=path,
+                    error=_refusal(path, e, self),
+                )
+
     async def _after_connect(self, new_session: bool) -> None:
+        if new_session and self._acl is not None:
+            self._securing = Deferred.fromCoroutine(self._secure_tree())
+            await _follow(self._securing)
         paths = set(self._dirty)
         if new_session:
             self._written.clear()
@@ -611,7 +778,7 @@ class ZooKeeperRegistry(ListingMixin):
                     "Re-creating {count} nodes on ZooKeeper session {session}",
                     count=len(self._desired),
                     session=_hex(self._session_id),
-                    registry=self.url,
+                    registry=self.display_url,
                 )
         writes = [self._sync(path) for path in sorted(paths)]
         if new_session:
@@ -634,7 +801,7 @@ class ZooKeeperRegistry(ListingMixin):
             "ZooKeeper at {hosts} unreachable for {seconds}s; writes are queued until it is back",
             hosts=self.zk_hosts,
             seconds=self.session_timeout,
-            registry=self.url,
+            registry=self.display_url,
         )
         self._go_offline()
 
@@ -727,7 +894,7 @@ class ZooKeeperRegistry(ListingMixin):
 
     def _set(self, path: str, data: bytes) -> Deferred:
         if self._stopping:
-            return fail(RegistryError(f"{self.url} is stopped"))
+            return fail(RegistryError(f"{self.display_url} is stopped"))
         self._desired[path] = data
         self._removing.pop(path, None)
         return self._sync(path)
@@ -763,7 +930,15 @@ class ZooKeeperRegistry(ListingMixin):
                         )
                     else:
                         self.log.failure("could not write {path} in ZooKeeper", failure, path=path)
-                    error = RegistryError(f"could not write {path}: {failure.value!r}")
+                    if failure.check(NoAuthError):
+                        # Not ours to write: do not try again on the next
+                        # session, nor delete it at stop.
+                        self._desired.pop(path, None)
+                        self._dirty.discard(path)
+                    if failure.check(KazooException):
+                        error = _refusal(path, failure.value, self)
+                    else:
+                        error = RegistryError(f"could not write {path}: {failure.value!r}")
                     for d in waiters:
                         d.errback(error)
                 else:
@@ -912,6 +1087,8 @@ class ZooKeeperRegistry(ListingMixin):
             except _CONNECTION_ERRORS:
                 await self._sleep(delay)
                 delay = min(delay * 2, 1.0)
+            except (NoAuthError, AuthFailedError) as e:
+                raise _refusal(self.chroot, e, self) from None
 
     def query(self, query: Query) -> Deferred:
         """
@@ -1071,7 +1248,7 @@ class ZooKeeperRegistry(ListingMixin):
         except (TypeError, ValueError):
             return fail()
         if self._stopping:
-            return fail(RegistryError(f"{self.url} is stopped"))
+            return fail(RegistryError(f"{self.display_url} is stopped"))
 
         async def put() -> None:
             while True:
@@ -1097,7 +1274,7 @@ class ZooKeeperRegistry(ListingMixin):
         except ValueError:
             return fail()
         if self._stopping:
-            return fail(RegistryError(f"{self.url} is stopped"))
+            return fail(RegistryError(f"{self.display_url} is stopped"))
 
         async def delete() -> None:
             try:
@@ -1113,7 +1290,7 @@ class ZooKeeperRegistry(ListingMixin):
         except RegistryError:
             raise
         except KazooException as e:
-            raise RegistryError(f"could not write {path} in ZooKeeper: {e!r}") from e
+            raise _refusal(path, e, self) from None
 
     def watch_value(self, key: str, callback: Callable[[bytes | None], None]) -> IWatch:
         """
@@ -1178,6 +1355,35 @@ class _ZooKeeperValueWatch(ValueDelivery):
     def _event(self, event: Any) -> None:
         if event.type != EventType.NONE:
             self.read()
+
+
+def _redact(url: str) -> str:
+    """
+    C{url} with the password of its user information hidden.
+    """
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, tail = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    if not at:
+        return url
+    user = userinfo.partition(":")[0]
+    return f"{scheme}{sep}{user}:***@{hosts}{slash}{tail}"
+
+
+def _refusal(path: str, error: Exception, registry: ZooKeeperRegistry) -> RegistryError:
+    """
+    The error for a write or read that ZooKeeper refused.
+    """
+    if isinstance(error, NoAuthError):
+        how = (
+            "these credentials are not allowed there"
+            if registry.credentials is not None
+            else "give the cluster's credentials (zk://user:secret@hosts/chroot or ?auth=FILE)"
+        )
+        return RegistryError(f"ZooKeeper refused access to {path}: not authorized; {how}")
+    if isinstance(error, AuthFailedError):
+        return RegistryError(f"ZooKeeper refused the credentials of {registry.display_url}")
+    return RegistryError(f"ZooKeeper refused access to {path}: {error!r}")
 
 
 def _follow(d: Deferred) -> Deferred:
