@@ -27,15 +27,24 @@ the value's bytes, with no owner: they outlive their writer.  Their
 watches stat their file every C{poll_interval}, and at once on an inotify
 event in C{<root>/data} or a write of this registry object.
 
+What the registry creates is private, whatever the umask: directories
+0700, files 0600.  L{FileRegistry.start} refuses a root (or top directory)
+that another user could write to, and scans skip tree directories that
+another user could have written, so another local user can neither add a
+fake instance nor read admin addresses.
+
 Every process sharing a root must see the same process ids (one host, one
 PID namespace): a node whose owner's pid is not visible counts as dead.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import secrets
+import stat
 import struct
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -53,6 +62,7 @@ from zope.interface import implementer
 
 from skynet.config import default_reactor, skynet_path
 from skynet.registry.base import (
+    MAX_NODE_SIZE,
     MAX_VALUE_SIZE,
     IInstanceListener,
     Instance,
@@ -60,6 +70,7 @@ from skynet.registry.base import (
     IRegistry,
     IWatch,
     ListingMixin,
+    NodeWarnings,
     Query,
     RegistryError,
     ValueDelivery,
@@ -67,6 +78,7 @@ from skynet.registry.base import (
     check_value,
     data_node_name,
     key_of_data_node,
+    parse_json_node,
     sort_instances,
 )
 
@@ -178,6 +190,7 @@ class Owner:
             or isinstance(pid, bool)
             or not isinstance(start_time, (int, float))
             or isinstance(start_time, bool)
+            or not math.isfinite(start_time)
             or not (registry is None or isinstance(registry, str))
         ):
             raise RegistryError(f"malformed owner record: {data!r}")
@@ -223,12 +236,72 @@ class Liveness:
 # Files.
 
 
+#: The modes of what the embedded registry creates, whatever the umask:
+#: other users may neither read (admin addresses) nor write (fake instances).
+DIRECTORY_MODE = 0o700
+FILE_MODE = 0o600
+
+
+def make_private_dirs(path: str) -> None:
+    """
+    C{os.makedirs}, but every directory it creates is mode
+    L{DIRECTORY_MODE}, whatever the umask.
+    """
+    missing = []
+    while path and not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, DIRECTORY_MODE)
+        except FileExistsError:
+            continue  # made by another process meanwhile
+        os.chmod(directory, DIRECTORY_MODE)
+
+
+def check_private_dir(path: str, uid: int | None = None) -> bool:
+    """
+    Refuse a registry directory that another user could write to (a fake
+    instance there would take a service's traffic), and make one of ours
+    that others may read private.
+
+    @return: whether it exists.
+    @raise RegistryError: if it is not a directory, belongs to another user
+        (other than root), or is writable by group or others.
+    """
+    uid = os.geteuid() if uid is None else uid
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISDIR(st.st_mode):
+        raise RegistryError(f"registry path {path} is not a directory")
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid not in (uid, 0):
+        raise RegistryError(
+            f"registry directory {path} belongs to another user (uid {st.st_uid}):"
+            " refusing it; use a registry directory of your own"
+        )
+    if mode & 0o022:
+        raise RegistryError(
+            f"registry directory {path} is writable by other users (mode {mode:04o}), who"
+            f" could add fake instances: refusing it; run chmod 700 {path}"
+        )
+    if mode & 0o077 and st.st_uid == uid:
+        os.chmod(path, DIRECTORY_MODE)
+    return True
+
+
 def write_atomically(path: str, data: bytes, attempts: int = 5) -> None:
     """
     Replace the file at C{path} with C{data} so that a reader sees either
     the old content or the new, never part of it: write a temporary file
     (a dot file, which scanners skip) in the same directory and rename it
-    into place.  Missing parent directories are created.
+    into place.  Missing parent directories are created.  The file is mode
+    L{FILE_MODE} and new directories L{DIRECTORY_MODE}, whatever the umask.
 
     @raise OSError: if it cannot be done.
     """
@@ -236,8 +309,8 @@ def write_atomically(path: str, data: bytes, attempts: int = 5) -> None:
     for attempt in range(attempts):
         temporary = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         try:
-            os.makedirs(directory, exist_ok=True)
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            make_private_dirs(directory)
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         except FileNotFoundError:
             # Another process pruned a directory of the path, empty a moment
             # ago, while we were making it or before we opened: again.
@@ -245,6 +318,7 @@ def write_atomically(path: str, data: bytes, attempts: int = 5) -> None:
                 raise
             continue
         try:
+            os.fchmod(fd, FILE_MODE)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(temporary, path)
@@ -285,28 +359,34 @@ def prune_empty_dirs(top: str, directory: str) -> None:
 
 def _read_file(path: str) -> tuple[tuple[int, int, int], bytes] | None:
     """
+    Read a node file, as untrusted: never through a symbolic link, never
+    blocking on a FIFO or device, at most L{MAX_NODE_SIZE} + 1 bytes.
+
     @return: the file's cache key (inode, mtime_ns, size) as of its reading
-        and its content, or L{None} if it does not exist.
+        and its content, or L{None} if there is no regular file there.
     """
     try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            return (st.st_ino, st.st_mtime_ns, st.st_size), f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # a symbolic link: not a node
+            return None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size), f.read(MAX_NODE_SIZE + 1)
 
 
 def _parse_document(data: bytes) -> tuple[dict[str, Any], Owner | None]:
     """
     @return: a node's JSON object without its owner record, and the owner.
-    @raise RegistryError: if it is not a JSON object or its owner is malformed.
+    @raise RegistryError: if it is not a JSON object (see
+        L{parse_json_node}) or its owner is malformed; never anything else.
     """
-    try:
-        doc = json.loads(data)
-    except ValueError as e:
-        raise RegistryError(f"not JSON: {e}") from e
-    if not isinstance(doc, dict):
-        raise RegistryError("not a JSON object")
+    doc = parse_json_node(data)
     owner_data = doc.pop(OWNER_KEY, None)
     owner = Owner.from_json(owner_data) if owner_data is not None else None
     return doc, owner
@@ -323,7 +403,7 @@ def _node_uuid(path: str) -> str | None:
     try:
         doc, _ = _parse_document(found[1])
         return str(doc["Config"]["UUID"])
-    except (RegistryError, KeyError, TypeError):
+    except (RegistryError, KeyError, TypeError, ValueError):
         return None
 
 
@@ -357,6 +437,9 @@ if inotify is not None:
         | inotify.IN_CLOSE_WRITE
         | inotify.IN_DELETE_SELF
         | inotify.IN_MOVE_SELF
+        # Never through a link: a directory link in the tree is not watched.
+        | inotify.IN_DONT_FOLLOW
+        | inotify.IN_ONLYDIR
     )
 
     class _TreeNotify(inotify.INotify):
@@ -389,11 +472,31 @@ if inotify is not None:
             )
 
         def _watch_subtree(self, path: str) -> None:
-            for directory, _, _ in os.walk(path):
+            """
+            Watch C{path} and the directories below it down to the depth
+            of instance files, never following links.
+            """
+            root = os.fsdecode(self._root.path)
+            rel = os.path.relpath(path, root)
+            depth = 0 if rel == "." else rel.count(os.sep) + 1
+            stack = [(path, depth)]
+            while stack:
+                directory, depth = stack.pop()
                 try:
                     self.ensure_watched(directory)
                 except inotify.INotifyError:
-                    pass  # gone again already
+                    continue  # gone again already (or out of watches: the scan says so)
+                if depth >= 4:
+                    continue
+                try:
+                    with os.scandir(directory) as entries:
+                        for entry in entries:
+                            if not entry.name.startswith(".") and entry.is_dir(
+                                follow_symlinks=False
+                            ):
+                                stack.append((entry.path, depth + 1))
+                except OSError:
+                    continue
 
         def _doRead(self, in_: bytes) -> None:
             self._buffer += in_
@@ -429,17 +532,19 @@ if inotify is not None:
 
 @implementer(IWatch)
 class _FileWatch:
-    def __init__(self, scanner: _Scanner, registry: FileRegistry, diff: InstanceDiff) -> None:
+    def __init__(
+        self, scanner: _Scanner, diff: InstanceDiff, on_stop: Callable[[_FileWatch], None]
+    ) -> None:
         self.scanner = scanner
-        self.registry = registry
         self.diff = diff
         self.fed_generation = -1
+        self._on_stop = on_stop
 
     def stop(self) -> None:
         if not self.diff.stopped:
             self.diff.stopped = True
             self.scanner.remove_watch(self)
-            self.registry._forget_watch(self)
+            self._on_stop(self)
 
 
 class _Scanner:
@@ -475,6 +580,10 @@ class _Scanner:
         self._warned_unwatched = False
         self._unprunable: set[tuple[str, tuple[int, int, int]]] = set()
         self.notifier = None
+        self.bad_nodes = NodeWarnings(self.log, reactor)
+        self._by_uuid: dict[str, str] = {}
+        self._scanned = False
+        self._uid = os.geteuid()
 
     # Scanning.
 
@@ -521,6 +630,8 @@ class _Scanner:
                     try:
                         if depth < 4:
                             if entry.is_dir(follow_symlinks=False):
+                                if self._foreign(entry):
+                                    continue
                                 stack.append((entry.path, depth + 1, f"{rel}/{entry.name}"))
                             continue
                         if not entry.is_file(follow_symlinks=False):
@@ -530,13 +641,32 @@ class _Scanner:
                         continue  # gone meanwhile, or not ours to see
                     yield f"{rel}/{entry.name}", entry.path, st
 
+    def _foreign(self, entry: os.DirEntry[str]) -> bool:
+        """
+        Whether a directory of the tree could have been written by another
+        user (group or other writable, or another user's): its nodes are
+        not trusted, and it is skipped with a warning.
+        """
+        st = entry.stat(follow_symlinks=False)
+        if st.st_uid in (self._uid, 0) and not st.st_mode & 0o022:
+            return False
+        self.bad_nodes.warn(
+            entry.path,
+            f"directory writable by other users (mode {stat.S_IMODE(st.st_mode):04o},"
+            f" uid {st.st_uid}): skipped",
+        )
+        return True
+
     def _parse(self, rel: str, path: str, st: os.stat_result) -> _Entry | None:
+        """
+        Parse one node file, as untrusted: whatever it holds, a bad node
+        becomes an entry without an instance (kept until the file changes)
+        and one warning naming it.
+        """
         try:
             found = _read_file(path)
         except OSError as e:
-            self.log.warn(  # noqa: G010 (twisted.logger's name)
-                "Cannot read registry node {path}: {error}", path=path, error=e
-            )
+            self.bad_nodes.warn(path, f"cannot read it: {e}")
             return _Entry((st.st_ino, st.st_mtime_ns, st.st_size), None, None)
         if found is None:
             return None
@@ -546,13 +676,9 @@ class _Scanner:
             doc, owner = _parse_document(data)
             instance = Instance.from_go(doc)
             if instance.path != rel:
-                raise RegistryError(f"it describes {instance.path}")
-        except (RegistryError, ValueError) as e:
-            self.log.warn(  # noqa: G010 (twisted.logger's name)
-                "Skipping malformed registry node {path}: {error}",
-                path=path,
-                error=str(e),
-            )
+                raise RegistryError(f"the node describes {instance.path}")
+        except Exception as e:  # noqa: BLE001 (untrusted: no node may fail a scan)
+            self.bad_nodes.warn(path, e)
             return _Entry(key, None, None)
         return _Entry(key, instance, owner)
 
@@ -600,7 +726,41 @@ class _Scanner:
         self._owners = owners
         if changed:
             self.generation += 1
+            self._by_uuid = {instance.uuid: rel for rel, instance in live.items()}
+        self._scanned = True
         return live, changed
+
+    def fresh(self) -> bool:
+        """
+        Whether the cache is as current as a scan would make it: inotify
+        watches the whole tree, a scan has run, and no event (or own write)
+        has come since.
+        """
+        return (
+            self._scanned
+            and self.notifier is not None
+            and not self._unwatched
+            and self._pending is None
+        )
+
+    def get(self, uuid: str) -> Instance | None:
+        """
+        The live instance with C{uuid}: from the cache when it is
+        L{fresh} (checking only its owner's liveness), else after a scan
+        (which re-reads only changed files).
+        """
+        if not self.fresh():
+            _, changed = self.scan()
+            if changed:
+                self.request_scan(0)
+        rel = self._by_uuid.get(uuid)
+        entry = self._cache.get(rel) if rel is not None else None
+        if entry is None or entry.instance is None or rel in self._dead:
+            return None
+        if entry.owner is not None and not Liveness().alive(entry.owner):
+            self.request_scan(0)  # the sweep prunes it and tells the watches
+            return None
+        return entry.instance
 
     def _prune(self, rel: str, entry: _Entry, liveness: Liveness) -> None:
         """
@@ -665,6 +825,11 @@ class _Scanner:
             self._pending = None
         try:
             live, _ = self.scan()
+        except OSError as e:
+            self.log.warn(  # noqa: G010 (twisted.logger's name)
+                "Cannot scan registry {root}: {error}", root=self.root, error=e
+            )
+            return
         except Exception:  # noqa: BLE001 (keep watching; the next scan may do)
             self.log.failure("Scanning registry {root} failed", root=self.root)
             return
@@ -672,13 +837,7 @@ class _Scanner:
             if watch.diff.stopped or watch.fed_generation == self.generation:
                 continue
             watch.fed_generation = self.generation
-            try:
-                watch.diff.feed(live.values())
-            except Exception:  # noqa: BLE001 (one listener's bug must not stop the rest)
-                self.log.failure(
-                    "Registry listener {listener!r} failed",
-                    listener=watch.diff.listener,
-                )
+            watch.diff.feed(live.values())
 
     def _tick(self) -> None:
         """
@@ -722,25 +881,21 @@ class _Scanner:
             )
             return None
         try:
-            os.makedirs(self.services, exist_ok=True)
+            make_private_dirs(self.services)
             notifier = _TreeNotify(self._reactor, self.services, self._on_event)
         except (OSError, inotify.INotifyError) as e:
             self.log.warn(  # noqa: G010 (twisted.logger's name)
                 "Cannot use inotify ({error}): polling {root}", error=e, root=self.root
             )
             return None
+        # Not Twisted's recursive watch: it follows directory links (and
+        # fails on a link loop).  The scan that follows watches every
+        # directory it lists; this only makes sure the top is watched now.
         try:
-            notifier.watch(
-                FilePath(self.services),
-                mask=_WATCH_MASK,
-                autoAdd=True,
-                callbacks=[self._on_event],
-                recursive=True,
-            )
+            notifier.ensure_watched(self.services)
         except (OSError, inotify.INotifyError) as e:
-            # The scan that follows watches what it can.
             self.log.warn(  # noqa: G010 (twisted.logger's name)
-                "Cannot watch all of {root} ({error})", root=self.services, error=e
+                "Cannot watch {root} ({error})", root=self.services, error=e
             )
         notifier.startReading()
         return notifier
@@ -886,12 +1041,19 @@ class FileRegistry(ListingMixin):
 
     def start(self) -> Deferred[None]:
         """
-        Create the root (and its C{services} and C{statistics}) if missing.
+        Create the root (and its C{services} and C{statistics}) if missing,
+        mode 0700.
+
+        @raise RegistryError: (through the Deferred) if the root, or one of
+            its top directories, could be written by another user (see
+            L{check_private_dir}).
         """
 
         def make() -> None:
-            os.makedirs(self.services_dir, exist_ok=True)
-            os.makedirs(self.statistics_dir, exist_ok=True)
+            for directory in (self.root, self.services_dir, self.statistics_dir, self.data_dir):
+                check_private_dir(directory)
+            make_private_dirs(self.services_dir)
+            make_private_dirs(self.statistics_dir)
 
         self._stopped = False
         return self._io(make)
@@ -951,6 +1113,7 @@ class FileRegistry(ListingMixin):
         return self._io(self._write_instance, instance, True)
 
     def _write_instance(self, instance: Instance, keep_owner: bool) -> None:
+        instance.checked_json()
         rel = instance.path
         path = self.services_dir + rel
         owner = self._owner()
@@ -1044,12 +1207,19 @@ class FileRegistry(ListingMixin):
 
         return self._io(run)
 
+    def get(self, uuid: str) -> Deferred[Instance | None]:
+        """
+        The live instance with C{uuid}, or L{None}, from the scanner's cache
+        (see L{_Scanner.get}).
+        """
+        return self._io(lambda: self._get_scanner().get(uuid))
+
     def watch(self, query: Query, listener: IInstanceListener) -> IWatch:
         """
         Watch the tree: the snapshot comes from the reactor, soon after.
         """
         scanner = self._get_scanner()
-        watch = _FileWatch(scanner, self, InstanceDiff(query, listener))
+        watch = _FileWatch(scanner, InstanceDiff(query, listener), self._forget_watch)
         self._watches.append(watch)
         scanner.add_watch(watch)
         return watch
@@ -1108,10 +1278,17 @@ def _read_value(path: str) -> bytes | None:
     @raise RegistryError: if it is larger than a data node may be.
     """
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_VALUE_SIZE + 1)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise RegistryError(f"data node {path} is a symbolic link") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RegistryError(f"data node {path} is not a regular file")
+        data = f.read(MAX_VALUE_SIZE + 1)
     if len(data) > MAX_VALUE_SIZE:
         raise RegistryError(f"data node {path} is larger than {MAX_VALUE_SIZE} bytes")
     return data
@@ -1218,7 +1395,7 @@ class _DataWatches:
             and IReactorFDSet.providedBy(self._reactor)
         ):
             try:
-                os.makedirs(self._registry.data_dir, exist_ok=True)
+                make_private_dirs(self._registry.data_dir)
                 notifier = _TreeNotify(self._reactor, self._registry.data_dir, self._on_event)
                 notifier.ensure_watched(self._registry.data_dir)
             except (OSError, inotify.INotifyError) as e:
