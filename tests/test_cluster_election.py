@@ -183,3 +183,35 @@ def test_zookeeper_frozen_leader_is_deposed_when_it_wakes(zookeeper, home) -> No
     finally:
         for c in campaigners:
             c.close()
+
+
+def test_zookeeper_suspended_leader_steps_down_and_resumes(home) -> None:
+    """
+    The ZooKeeper server restarts within the session timeout: the leader
+    steps down while its connection is suspended, and leads again when the
+    same session comes back, without a new campaign; the other never leads.
+    """
+    cluster = ZooKeeperCluster(size=1).start()
+    try:
+        url = cluster.url("/cluster-suspend", session_timeout=10)
+        campaigners = [Campaigner(url, name, home) for name in ("a", "b")]
+        try:
+            for c in campaigners:
+                c.wait_for("CAMPAIGNING")
+            leader = elect(campaigners)
+            other = next(c for c in campaigners if c is not leader)
+            cluster.members[0].kill()
+            line = leader.wait_for("DEPOSED", timeout=20.0)
+            assert "suspended" in line, line
+            cluster.members[0].start()
+            cluster.wait_serving()
+            leader.wait_for("ELECTED", timeout=20.0)
+            time.sleep(2.0)
+            assert not any(x.startswith("ELECTED") for x in other.drain()), other.lines
+            # The same session: never lost, so no second campaign.
+            assert not any("session lost" in x for x in leader.drain()), leader.lines
+        finally:
+            for c in campaigners:
+                c.close()
+    finally:
+        cluster.close()
