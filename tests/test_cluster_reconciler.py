@@ -10,6 +10,8 @@ from itertools import count
 from typing import Any
 
 import attr
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -519,3 +521,56 @@ class ClusterServiceTests(SynchronousTestCase):
         self.assertEqual(told, [("a", "elected"), ("a", "deposed: stopping"), ("b", "elected")])
         self.successResultOf(b.stopService())
         self.assertFalse(a.reconciler.running or b.reconciler.running)
+
+
+history = st.lists(
+    st.one_of(
+        st.tuples(st.just("crash"), st.integers(0, 2)),
+        st.tuples(st.just("revive"), st.integers(0, 2)),
+        st.tuples(st.just("scale"), st.integers(0, 6)),
+        st.tuples(st.just("version"), st.sampled_from(["1", "2", "3"])),
+        st.tuples(st.just("wait"), st.sampled_from([0.25, 1.0, 3.0, 12.0])),
+    ),
+    max_size=10,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(history)
+def test_any_history_settles_to_exactly_the_desired_instances(events) -> None:
+    """
+    Whatever happens (hosts lost and back, scaling, new versions, at any
+    moment), once things calm down exactly the desired number of instances
+    is registered, all of the current version, spread by host, with no
+    child left over on any host.
+    """
+    cluster = FakeCluster(HOSTS)
+    reconciler = cluster.reconciler
+    reconciler.start()
+    current = attr.evolve(FIB, version="1")
+    cluster.apply(current)
+    cluster.run(5)
+    hosts = [cluster.hosts[h] for h in HOSTS]
+    for kind, arg in events:
+        if kind == "crash" and hosts[arg].alive and sum(h.alive for h in hosts) > 1:
+            hosts[arg].crash()
+        elif kind == "revive" and not hosts[arg].alive:
+            hosts[arg].up()
+        elif kind == "scale":
+            current = attr.evolve(current, instances=arg)
+            cluster.apply(current)
+        elif kind == "version":
+            current = attr.evolve(current, version=arg)
+            cluster.apply(current)
+        elif kind == "wait":
+            cluster.run(arg)
+    cluster.run(120, step=0.5)
+    registered = cluster.registered()
+    assert len(registered) == current.instances, (events, cluster.per_host())
+    assert {i.version for i in registered} <= {current.version}
+    per_host = cluster.per_host()
+    assert sum(per_host.values()) == current.instances, (events, per_host)
+    assert max(per_host.values()) - min(per_host.values()) <= 1, (events, per_host)
+    status = {s.name: s for s in reconciler.statuses()}["Fib"]
+    assert status.state == "ok", (events, status)
+    reconciler.stop()
