@@ -225,3 +225,9 @@ def test_python_m_skynet_cluster_on_the_embedded_registry() -> None:
         assert bad.returncode == 2
         assert sky("undeploy", "Fib").returncode == 0
         assert "No deployments" in sky("deployments").stdout
+        # --registry after the command works too.
+        after = subprocess.run(
+            [sys.executable, "-m", "skynet.cluster", "deployments", "--registry", url],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert after.returncode == 0 and "No deployments" in after.stdout, after.stderr

@@ -93,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     rollout.add_argument("--timeout", type=float, default=300.0)
     rollout.add_argument("--no-follow", action="store_true")
     rollout.add_argument("--interval", type=float, default=0.5, help=argparse.SUPPRESS)
+    for command in (apply, scale, undeploy, deployments, rollout):
+        # --registry before or after the command, as sky takes it.
+        command.add_argument("--registry", default=argparse.SUPPRESS)
     return parser
 
 
