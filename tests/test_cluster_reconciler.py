@@ -452,6 +452,32 @@ class ReconcilerTests(SynchronousTestCase):
         self.assertIn("not JSON", self.reconciler.desired_error)
         self.assertEqual(len(self.flushLoggedErrors()), 0)
 
+    def test_ready_only_once_it_answers_the_probe(self) -> None:
+        self.successResultOf(self.reconciler.stop())
+        silent = {"127.0.0.3"}
+        probed: list[str] = []
+
+        def probe(instance: Instance):
+            probed.append(instance.host)
+            return succeed(instance.host not in silent)
+
+        self.reconciler = self.cluster.new_reconciler("probing")
+        self.reconciler.probe = probe
+        self.successResultOf(self.reconciler.start())
+        self.cluster.apply(attr.evolve(FIB, ready_timeout=30.0))
+        self.cluster.run(5)
+        status = self.status()
+        # Registered on all three, but one does not answer: still starting.
+        self.assertEqual(len(self.cluster.registered()), 3)
+        self.assertEqual((status.state, status.ready, status.starting), ("progressing", 2, 1))
+        silent.clear()
+        self.cluster.run(3)
+        self.assertEqual(self.status().state, "ok")
+        # Probed until it answered, then never again.
+        count = len(probed)
+        self.cluster.run(10)
+        self.assertEqual(len(probed), count)
+
     def test_garbage_listing_is_ignored(self) -> None:
         self.cluster.garbage.add("127.0.0.3")
         self.converge(FIB)
@@ -498,7 +524,7 @@ class ClusterServiceTests(SynchronousTestCase):
         def service(name: str) -> ClusterService:
             return ClusterService(
                 cluster.registry, executor=cluster.executor, reactor=cluster.clock,
-                identifier=name, interval=1.0, list_interval=5.0,
+                identifier=name, interval=1.0, list_interval=5.0, probe=None,
                 on_change=lambda what: told.append((name, what)),
             )  # fmt: skip
 

@@ -20,7 +20,8 @@ C{on_deposed}).  It follows three things in the registry:
 Each pass computes L{skynet.cluster.placement.plan} and carries the actions
 out through an L{IDaemonExecutor} (in production L{RpcDaemonExecutor}: the
 daemons' C{Deploy}, C{StopSubService} and C{ListSubServices} calls).  An
-instance is ready when it is registered in the registry.  One that is not
+instance is ready when it is registered in the registry and (with a probe,
+L{call_probe}) answers a call.  One that is not
 ready within its deployment's C{ready_timeout} (and is not on a host held
 out of rotation) has failed: it is stopped, the failure counted, and its
 deployment backs off before the next start; during a rollout this stops
@@ -57,6 +58,7 @@ __all__ = [
     "Reconciler",
     "RpcDaemonExecutor",
     "StoredState",
+    "call_probe",
 ]
 
 #: The registry data node where the leader keeps what it did.
@@ -351,6 +353,9 @@ class Reconciler:
     @param list_interval: seconds between listings of every daemon's
         children (adoption of unrecorded ones, forgetting removed ones).
     @param identifier: who leads, for the stored state.
+    @param probe: C{probe(instance)} returning a Deferred firing with
+        whether a newly registered instance answers (L{call_probe}); it is
+        ready only then.  L{None}: registered is ready.
     """
 
     log = Logger()
@@ -365,9 +370,11 @@ class Reconciler:
         list_interval: float = 30.0,
         debounce: float = 0.05,
         identifier: str = "",
+        probe: Callable[[Instance], Deferred] | None = None,
     ) -> None:
         self.registry = registry
         self.executor = executor
+        self.probe = probe
         self.reactor = default_reactor(reactor)
         self.interval = interval
         self.list_interval = list_interval
@@ -618,6 +625,9 @@ class Reconciler:
                 return
         views = await self._host_views(daemons)
         in_rotation = {v.host: v.in_rotation for v in views}
+        registered = await self._answering(desired, daemons, registered)
+        if not self.running:
+            return
         live: list[LiveInstance] = []
         stops_for_failure: list[tuple[str, InstanceRecord, str]] = []
         # Readiness and timeouts.
@@ -755,6 +765,32 @@ class Reconciler:
             self.state = attr.evolve(self.state, deployments=leftover)
         await self._store()
 
+    async def _answering(
+        self, desired: DesiredState, daemons: dict[str, Instance], registered: set[str]
+    ) -> set[str]:
+        """
+        C{registered} without the newly registered instances that do not
+        answer the probe yet.
+        """
+        if self.probe is None:
+            return registered
+        fresh = [
+            uuid
+            for d in desired.deployments
+            for uuid, inst in self._record(d.name).instances.items()
+            if inst.ready_at is None
+            and inst.host in daemons
+            and uuid in registered
+            and uuid in self._live.instances
+        ]
+        if not fresh:
+            return registered
+        results = await DeferredList(
+            [self.probe(self._live.instances[u]) for u in fresh], consumeErrors=True
+        )
+        silent = {u for u, (ok, answer) in zip(fresh, results, strict=True) if not (ok and answer)}
+        return registered - silent
+
     def _overdue(
         self, desired: DesiredState, daemons: dict[str, Instance], registered: set[str], now: float
     ) -> bool:
@@ -874,6 +910,36 @@ class Reconciler:
         ]
 
 
+#: The method a readiness probe calls: no service has it, and any answer
+#: (the error "unknown method" included) shows that the instance answers.
+PROBE_METHOD = "SkynetCluster.Probe"
+
+
+def call_probe(
+    reactor: Any = None, timeout: float = 2.0, connector: Any = None
+) -> Callable[[Instance], Deferred]:
+    """
+    A readiness probe for L{Reconciler}: one call to exactly the instance,
+    over a connection of its own.  An answer, even an error, is ready; no
+    connection, no handshake or no answer within C{timeout} is not.
+    """
+    from skynet.admin import call_instance
+    from skynet.errors import RemoteCallError, ServiceError
+
+    reactor = default_reactor(reactor)
+
+    async def probe(instance: Instance) -> bool:
+        try:
+            await call_instance(reactor, instance, PROBE_METHOD, {}, timeout, connector)
+        except (ServiceError, RemoteCallError):
+            return True
+        except Exception:
+            return False
+        return True
+
+    return lambda instance: Deferred.fromCoroutine(probe(instance))
+
+
 def deployment_status(
     deployment: ClusterDeployment,
     record: Any,
@@ -891,7 +957,8 @@ def deployment_status(
         if inst.host not in live_hosts:
             continue
         counts = hosts.setdefault(inst.host, {"starting": 0, "running": 0, "registered": 0})
-        if uuid in registered:
+        if uuid in registered and inst.ready_at is not None:
+            # (Ready once the leader saw it registered and answering.)
             counts["registered"] += 1
             counts["running"] += 1
             ready += 1

@@ -21,7 +21,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 
 from skynet.cluster.leader import LeaderService
-from skynet.cluster.reconciler import Reconciler, RpcDaemonExecutor
+from skynet.cluster.reconciler import Reconciler, RpcDaemonExecutor, call_probe
 from skynet.config import default_reactor
 
 __all__ = ["ClusterService"]
@@ -33,6 +33,9 @@ class ClusterService(Service):
 
     @param registry: a started registry.
     @param executor: an L{IDaemonExecutor} (default L{RpcDaemonExecutor}).
+    @param probe: the reconciler's readiness probe (default
+        L{call_probe}: a new instance is ready once it answers a call;
+        L{None}: once it is registered).
     @param on_change: called with C{"elected"} or C{"deposed: <reason>"}
         (for a daemon's event log, or a test).
     """
@@ -48,6 +51,7 @@ class ClusterService(Service):
         list_interval: float = 30.0,
         on_change: Callable[[str], None] | None = None,
         lock: Any = None,
+        probe: Any = "call",
     ) -> None:
         self.reactor = default_reactor(reactor)
         self.on_change = on_change or (lambda what: None)
@@ -66,6 +70,7 @@ class ClusterService(Service):
             interval=interval,
             list_interval=list_interval,
             identifier=self.leader.identifier,
+            probe=call_probe(self.reactor) if probe == "call" else probe,
         )
 
     @property
