@@ -1,7 +1,7 @@
 """
 The cluster across network namespaces: three hosts (namespaces A, B, C on
 one switch), each a C{twistd -n skynet-daemon} on ZooKeeper (a server in
-the root namespace, 2 s sessions), two cluster controllers and the load in
+the root namespace: a 3-node ensemble, 2 s sessions), two cluster controllers and the load in
 the root namespace.  B's cable is pulled under load: its instance is
 replaced on A or C within the session timeout plus the start time, zero
 failed calls; the cable back in: exactly 3 instances, one per host.
@@ -30,6 +30,7 @@ from skynet.registry import Query, registry_from_url
 from tests.processes import ROOT, child_env, fibonacci_load, sleep, twistd, wait_for
 from tests.test_cluster_election import Campaigner, elect
 from tests.test_zookeeper_cluster import BridgeZooKeeper, Network, namespaces_unavailable
+from tests.zkserver import ZooKeeperServer, free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -45,6 +46,23 @@ args = ["--stats-interval", "0.5"]
 
 def figure(text: str) -> None:
     print(f"\n[cluster figure] {text}", file=sys.stderr)
+
+
+class BridgeMember(BridgeZooKeeper):
+    """
+    A member of an ensemble, its client port on the switch's address.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        ip: str,
+        client_port: int,
+        myid: int,
+        peers: list[tuple[int, int, int]],
+    ) -> None:
+        self.ip = ip
+        ZooKeeperServer.__init__(self, directory, client_port, myid=myid, peers=peers)
 
 
 class NetworkNamespaceClusterTests(TestCase):
@@ -79,6 +97,36 @@ class NetworkNamespaceClusterTests(TestCase):
                     process.kill()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
+
+    def start_ensemble(self) -> list["BridgeMember"]:
+        """
+        A 3-node ensemble whose client ports listen on the switch's address
+        in the root namespace (quorum traffic stays on loopback).
+        """
+        sockets = []
+        for _ in range(3):
+            s = socket.socket()
+            s.bind((self.network.gateway, 0))
+            sockets.append(s)
+        client_ports = [s.getsockname()[1] for s in sockets]
+        for s in sockets:
+            s.close()
+        quorum = free_ports(6)
+        peers = [(i + 1, quorum[2 * i], quorum[2 * i + 1]) for i in range(3)]
+        members = [
+            BridgeMember(
+                self.directory / f"zk{i + 1}",
+                self.network.gateway,
+                client_ports[i],
+                myid=i + 1,
+                peers=peers,
+            )  # fmt: skip
+            for i in range(3)
+        ]
+        for member in members:
+            self.addCleanup(member.kill)
+            member.start()
+        return members
 
     def start_daemon(self, role: str, url: str) -> subprocess.Popen:
         address = self.network.addresses[role]
@@ -131,14 +179,13 @@ class NetworkNamespaceClusterTests(TestCase):
         return text
 
     async def test_host_link_cut_and_back(self) -> None:
-        with socket.socket() as s:
-            s.bind((self.network.gateway, 0))
-            port = s.getsockname()[1]
-        server = BridgeZooKeeper(self.directory / "zk", self.network.gateway, port)
-        self.addCleanup(server.kill)
-        server.start()
-        await wait_for(lambda: deferToThread(server.serving), timeout=30, what="ZooKeeper")
-        url = f"zk://{server.address}/cluster-netns?session_timeout={SESSION_TIMEOUT:g}"
+        members = self.start_ensemble()
+        for member in members:
+            await wait_for(
+                lambda m=member: deferToThread(m.serving), timeout=60, what=f"{member} serving"
+            )
+        hosts = ",".join(m.address for m in members)
+        url = f"zk://{hosts}/cluster-netns?session_timeout={SESSION_TIMEOUT:g}"
         self.registry = registry_from_url(url, reactor)
         await self.registry.start()
         self.addCleanup(self.registry.stop)
@@ -201,11 +248,18 @@ class NetworkNamespaceClusterTests(TestCase):
             counts = await self.per_host()
             return addresses["b"] not in counts and sum(counts.values()) == 3
 
+        async def b_gone() -> bool:
+            found = await self.registry.query(Query(service="SkynetDaemon"))
+            return addresses["b"] not in {i.host for i in found}
+
+        await wait_for(b_gone, timeout=60, what="B's daemon gone from the registry")
+        gone = time.monotonic() - cut
         await wait_for(healed, timeout=60, what="3 instances on A and C")
         took = time.monotonic() - cut
         await callers
         figure(
-            f"netns: B's link cut -> 3 registered on A and C after {took:.2f}s "
+            f"netns: B's link cut -> B's daemon gone after {gone:.2f}s, "
+            f"3 registered on A and C after {took:.2f}s "
             f"(session timeout {SESSION_TIMEOUT:g}s); {results['ok']} calls, "
             f"{len(results['failed'])} failed"
         )

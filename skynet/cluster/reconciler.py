@@ -108,15 +108,26 @@ class RpcDaemonExecutor:
         C{connector}; default TCP).
     """
 
-    def __init__(self, reactor: Any = None, timeout: float = 10.0, connector: Any = None) -> None:
+    def __init__(
+        self,
+        reactor: Any = None,
+        timeout: float = 10.0,
+        connector: Any = None,
+        list_timeout: float = 3.0,
+    ) -> None:
         self.reactor = default_reactor(reactor)
         self.timeout = timeout
+        self.list_timeout = list_timeout
         self.connector = connector
 
-    def _call(self, daemon: Instance, method: str, params: dict[str, Any]) -> Deferred:
+    def _call(
+        self, daemon: Instance, method: str, params: dict[str, Any], timeout: float | None = None
+    ) -> Deferred:
         from skynet.admin import call_instance
 
-        return call_instance(self.reactor, daemon, method, params, self.timeout, self.connector)
+        return call_instance(
+            self.reactor, daemon, method, params, timeout or self.timeout, self.connector
+        )
 
     def deploy(self, daemon: Instance, run: str, args: list[str]) -> Deferred:
         d = self._call(daemon, "Deploy", {"service": run, "args": list(args), "registered": True})
@@ -126,7 +137,7 @@ class RpcDaemonExecutor:
         return self._call(daemon, "StopSubService", {"uuid": uuid})
 
     def list(self, daemon: Instance) -> Deferred:
-        d = self._call(daemon, "ListSubServices", {})
+        d = self._call(daemon, "ListSubServices", {}, self.list_timeout)
         return d.addCallback(lambda answer: dict(answer.get("services") or {}))
 
 
@@ -394,6 +405,7 @@ class Reconciler:
         self._listing: dict[str, dict[str, Any]] = {}
         self._stored: bytes | None = None
         self._unplaced: dict[str, int] = {}
+        self._background: Deferred | None = None
 
     # Start and stop
 
@@ -533,6 +545,8 @@ class Reconciler:
         results = await DeferredList(
             [self.executor.list(d) for d in daemons.values()], consumeErrors=True
         )
+        if not self.running:
+            return
         for (host, daemon), (ok, result) in zip(daemons.items(), results, strict=True):
             if not ok:
                 self.log.warn("cannot list the children of {host}: {error}",
@@ -613,16 +627,27 @@ class Reconciler:
         now = self.reactor.seconds()
         daemons = self.daemons()
         registered = {u for u, i in self._live.instances.items() if i.registered}
-        if (
-            self._listed_at is None
-            or now - self._listed_at >= self.list_interval
-            or self._overdue(desired, daemons, registered, now)
-        ):
-            # (Also when an instance is about to be declared failed: its
-            # daemon's listing says how it last exited.)
+        if self._listed_at is None or self._overdue(desired, daemons, registered, now):
+            # First thing in a term (adoption before placing anything), and
+            # when an instance is about to be declared failed (its daemon's
+            # listing says how it last exited): wait for the listing.
             await self._list_children(daemons)
             if not self.running:
                 return
+        elif now - self._listed_at >= self.list_interval and self._background is None:
+            # Otherwise in the background: a daemon that does not answer
+            # (its host just cut off) must not hold up the replacements.
+            self._listed_at = now
+            background = Deferred.fromCoroutine(self._list_children(daemons))
+            if not background.called:
+                self._background = background
+
+                def over(_: Any) -> None:
+                    self._background = None
+                    self._trigger()
+
+                background.addErrback(lambda f: self.log.failure("listing failed", f))
+                background.addBoth(over)
         views = await self._host_views(daemons)
         in_rotation = {v.host: v.in_rotation for v in views}
         registered = await self._answering(desired, daemons, registered)
