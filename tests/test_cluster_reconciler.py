@@ -12,7 +12,7 @@ from typing import Any
 import attr
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet.defer import fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -156,6 +156,10 @@ class FakeExecutor:
             return fail(ConnectionFailed(f"{daemon.host} unreachable"))
         if daemon.host in self.cluster.garbage:
             return succeed(["not", "a", "listing"])
+        if daemon.host in self.cluster.hanging:
+            d: Deferred = Deferred()
+            self.cluster.hung.append(d)
+            return d
         return succeed({u: dict(c) for u, c in host.children.items()})
 
 
@@ -198,6 +202,8 @@ class FakeCluster:
         self.store = MemoryStore()
         self.ids = count(1)
         self.garbage: set[str] = set()
+        self.hanging: set[str] = set()
+        self.hung: list[Deferred] = []
         self.hosts: dict[str, FakeHost] = {}
         for h in hosts:
             self.hosts[h] = FakeHost(self, h)
@@ -477,6 +483,19 @@ class ReconcilerTests(SynchronousTestCase):
         count = len(probed)
         self.cluster.run(10)
         self.assertEqual(len(probed), count)
+
+    def test_a_daemon_that_does_not_answer_holds_nothing_up(self) -> None:
+        self.converge(FIB)
+        # 127.0.0.3's daemon stops answering (its node is still there), and
+        # 127.0.0.4 melts: the replacement is not held up by the listing.
+        self.cluster.hanging.add("127.0.0.3")
+        self.cluster.run(6)
+        self.assertTrue(self.cluster.hung)
+        self.cluster.hosts["127.0.0.4"].crash()
+        self.cluster.run(3)
+        self.assertEqual(len(self.cluster.registered()), 3)
+        for d in self.cluster.hung:
+            d.callback({})
 
     def test_garbage_listing_is_ignored(self) -> None:
         self.cluster.garbage.add("127.0.0.3")
