@@ -285,10 +285,17 @@ class ReconcilerTests(SynchronousTestCase):
         kinds = [e["kind"] for e in stored.events]
         self.assertEqual(kinds.count("started"), 3)
         self.assertIn("leader", kinds)
-        # Settled: more time changes nothing.
+        # Settled: more time changes nothing, and the stored state is not
+        # rewritten.
         calls = len(self.cluster.executor.calls)
+        writes: list[str] = []
+        original = self.cluster.registry.set_value
+        self.cluster.registry.set_value = lambda key, value: (  # type: ignore[method-assign]
+            writes.append(key) or original(key, value)
+        )
         self.cluster.run(20)
         self.assertEqual(len(self.cluster.executor.calls), calls)
+        self.assertEqual(writes, [])
 
     def test_progressing_while_starting(self) -> None:
         self.cluster.apply(FIB)

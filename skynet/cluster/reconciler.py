@@ -155,7 +155,7 @@ class InstanceRecord:
     fingerprint: str
     started: float
     daemon: str = ""
-    #: When it was last seen ready (None: never).
+    #: When it was first seen ready (None: never).
     ready_at: float | None = None
     #: When it was last seen not ready after having been ready.
     unready_since: float | None = None
@@ -530,7 +530,6 @@ class Reconciler:
                 "in_rotation": view.in_rotation,
                 "capacity": view.capacity,
                 "instances": view.instance_count,
-                "free": round(view.free, 1),
             }
         self.state = attr.evolve(self.state, hosts=hosts_doc)
         return views
@@ -668,7 +667,9 @@ class Reconciler:
                 if uuid in registered:
                     if inst.ready_at is None:
                         failures = 0
-                    inst = attr.evolve(inst, ready_at=now, unready_since=None)
+                        inst = attr.evolve(inst, ready_at=now)
+                    if inst.unready_since is not None:
+                        inst = attr.evolve(inst, unready_since=None)
                 elif inst.ready_at is not None and inst.unready_since is None:
                     inst = attr.evolve(inst, unready_since=now)
                 since = inst.started if inst.ready_at is None else inst.unready_since
