@@ -18,6 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
+from twisted.internet.defer import CancelledError
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
 
 from tests.zkserver import ZooKeeperCluster
 
@@ -215,3 +218,55 @@ def test_zookeeper_suspended_leader_steps_down_and_resumes(home) -> None:
                 c.close()
     finally:
         cluster.close()
+
+
+class ZooKeeperLockTests(TestCase):
+    """
+    L{ZooKeeperLock} in this process, on a real server: held, waited for,
+    cancelled, handed on, and its holder named.
+    """
+
+    timeout = 60
+
+    async def test_lock_in_process(self) -> None:
+        from twisted.internet import reactor
+
+        from skynet.registry.locks import ZooKeeperLock, registry_lock
+        from skynet.registry.zookeeper import ZooKeeperRegistry
+
+        cluster = ZooKeeperCluster(size=1).start()
+        self.addCleanup(cluster.close)
+        url = cluster.url("/lock-in-process", session_timeout=2)
+        registries = []
+        for _ in range(2):
+            registry = ZooKeeperRegistry.from_url(url, reactor=reactor)
+            await registry.start()
+            self.addCleanup(registry.stop)
+            registries.append(registry)
+        a = registry_lock(registries[0], "cluster/leader", identifier="a", reactor=reactor)
+        b = registry_lock(registries[1], "cluster/leader", identifier="b", reactor=reactor)
+        c = registry_lock(registries[1], "cluster/leader", identifier="c", reactor=reactor)
+        assert isinstance(a, ZooKeeperLock)
+        for lock in (a, b, c):
+            self.addCleanup(lock.release)
+        await a.acquire()
+        self.assertTrue(a.held)
+        self.assertEqual(await b.holder(), "a")
+        waiting_b = b.acquire()
+        waiting_c = c.acquire()
+        await deferLater(reactor, 0.5, lambda: None)
+        self.assertFalse(waiting_b.called or waiting_c.called)
+        # c gives up waiting; a lets go: b gets it.
+        waiting_c.cancel()
+        with self.assertRaises(CancelledError):
+            await waiting_c
+        await a.release()
+        await waiting_b
+        self.assertTrue(b.held and not a.held and not c.held)
+        self.assertEqual(await a.holder(), "b")
+        await b.release()
+        self.assertIsNone(await a.holder())
+        # A released lock campaigns again (a new term after stepping down).
+        await a.acquire()
+        self.assertEqual(await c.holder(), "a")
+        await a.release()

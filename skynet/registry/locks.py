@@ -381,6 +381,9 @@ class ZooKeeperLock(_Observed):
         return not self._held and self._recipe is not None and not self._lost
 
     def _start_pool(self) -> None:
+        if self._pool.joined:
+            # Stopped by an earlier release: a thread pool does not restart.
+            self._pool = ThreadPool(minthreads=0, maxthreads=1, name=self._pool.name)
         if not self._pool.started:
             self._pool.start()
 
