@@ -179,6 +179,28 @@ class CommandTests(SynchronousTestCase):
         self.assertIn("Fib: rolled out.", out)
         self.assertGreater(len(out.splitlines()), 2)
 
+    def test_rollout_restart_replaces_every_instance_and_apply_keeps_it(self) -> None:
+        self.lead()
+        path = self.file(FILE)
+        self.sky("apply", path)
+        self.cluster.run(10)
+        before = {u for h in self.cluster.hosts.values() for u in h.children}
+        code, out, _ = self.sky("rollout", "restart", "Fib")
+        self.assertEqual(code, 0)
+        self.assertIn("~ Fib: rolling restart of 3 instance(s) (generation 1)", out)
+        code, out, _ = self.sky("rollout", "status", "Fib", "--timeout", "120")
+        self.assertEqual(code, 0, out)
+        after = {u for h in self.cluster.hosts.values() for u in h.children}
+        self.assertEqual(len(after), 3)
+        self.assertFalse(before & after)
+        # Applying the file again neither resets the generation nor rolls.
+        code, out, _ = self.sky("apply", path)
+        self.assertIn("No changes.", out)
+        self.assertEqual(self.desired().get("Fib").generation, 1)
+        self.cluster.run(10)
+        self.assertEqual({u for h in self.cluster.hosts.values() for u in h.children}, after)
+        self.assertEqual(self.sky("rollout", "restart", "Nope")[0], 1)
+
     def test_rollout_status_of_a_broken_rollout(self) -> None:
         self.lead()
         self.sky("apply", self.file(FILE))

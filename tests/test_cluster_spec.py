@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import attr
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -185,6 +186,18 @@ def test_diff() -> None:
     assert new_state.names == ["A", "B", "C"]
     # Applying again changes nothing.
     assert {c.kind for c in diff(new_state, wanted, prune=True)} == {"same"}
+
+
+def test_generation_is_stored_not_read_from_files() -> None:
+    d = ClusterDeployment(name="A", run="m:A", generation=2)
+    assert d.fingerprint != attr.evolve(d, generation=3).fingerprint
+    assert DesiredState.from_bytes(DesiredState([d]).to_bytes()).get("A").generation == 2
+    with pytest.raises(SpecError, match="unknown field generation"):
+        parse_apply_text('[services.A]\nrun = "m:A"\ngeneration = 3\n')
+    (change,) = diff(DesiredState([d]), [ClusterDeployment(name="A", run="m:A")])
+    assert change.kind == "same"
+    with pytest.raises(SpecError, match="generation must be"):
+        ClusterDeployment(name="A", run="m:A", generation=-1)
 
 
 def test_fingerprint_follows_what_the_instance_runs() -> None:

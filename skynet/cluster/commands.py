@@ -9,6 +9,7 @@ skynet.cluster} meanwhile):
     deployments [--json]                        desired vs actual, per host
     rollout status NAME [--timeout S] [--no-follow]
                                                 follow a rolling replacement
+    rollout restart NAME                        replace every instance, rolling
 
 Each writes only the desired state (L{skynet.cluster.spec.DESIRED_KEY}); the
 elected reconciler does the rest.  L{run_command} is the entry point for
@@ -88,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     deployments = sub.add_parser("deployments", add_help=False)
     deployments.add_argument("--json", action="store_true")
     rollout = sub.add_parser("rollout", add_help=False)
-    rollout.add_argument("action", choices=["status"])
+    rollout.add_argument("action", choices=["status", "restart"])
     rollout.add_argument("name")
     rollout.add_argument("--timeout", type=float, default=300.0)
     rollout.add_argument("--no-follow", action="store_true")
@@ -128,6 +129,8 @@ async def run_command(
             return await _undeploy(args, registry, out)
         if args.command == "deployments":
             return await _deployments(args, registry, out)
+        if args.action == "restart":
+            return await _rollout_restart(args, registry, out)
         return await _rollout_status(args, registry, out, reactor)
     except (CommandError, SpecError, RegistryError) as e:
         err.write(f"sky {args.command}: {e}\n")
@@ -188,10 +191,10 @@ async def _scale(args: Any, registry: Any, out: IO[str]) -> int:
         deployment = stored.get(name)
         if deployment is None:
             raise CommandError(f"no deployment named {name!r} (`sky deployments` lists them)")
-        from skynet.cluster.spec import make_deployment
-
-        table = dict(deployment.to_json(), instances=value)
-        wanted.append(make_deployment(name, table))
+        try:
+            wanted.append(attr.evolve(deployment, instances=value))
+        except SpecError as e:
+            raise SpecError(f"{name}: {e}") from None
     changes = diff(stored, wanted)
     if any(c.kind != "same" for c in changes):
         await _store(registry, apply_changes(stored, changes))
@@ -319,6 +322,20 @@ def _rollout_line(status: DeploymentStatus) -> str:
         return f"{status.name}: no rollout; {status.state}, {where}"
     reason = f": {rollout.reason}" if rollout.reason else ""
     return f"{status.name}: rollout to {rollout.to} {rollout.state}{reason}; {where}"
+
+
+async def _rollout_restart(args: Any, registry: Any, out: IO[str]) -> int:
+    stored = await _desired(registry)
+    deployment = stored.get(args.name)
+    if deployment is None:
+        raise CommandError(f"no deployment named {args.name!r} (`sky deployments` lists them)")
+    restarted = attr.evolve(deployment, generation=deployment.generation + 1)
+    await _store(registry, stored.with_deployment(restarted))
+    out.write(
+        f"~ {args.name}: rolling restart of {deployment.instances} instance(s)"
+        f" (generation {restarted.generation}); `sky rollout status {args.name}` follows it\n"
+    )
+    return 0
 
 
 async def _rollout_status(args: Any, registry: Any, out: IO[str], reactor: Any) -> int:

@@ -159,6 +159,12 @@ def _check_hosts(value: Any) -> tuple[str, ...]:
     return tuple(sorted(value))
 
 
+def _check_generation(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise SpecError(f"generation must be a whole number >= 0, not {value!r}")
+    return value
+
+
 def _check_timeout(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SpecError(f"ready_timeout must be a number of seconds, not {value!r}")
@@ -187,6 +193,8 @@ class ClusterDeployment:
     @ivar hosts: only these host addresses are eligible (empty: any).
     @ivar ready_timeout: seconds a new instance has to register before it
         counts as failed.
+    @ivar generation: bumped by C{sky rollout restart} to replace every
+        instance rolling; not in apply files, kept across applies.
     """
 
     name: str = attr.field(validator=lambda _i, _a, v: _check_name(v))
@@ -202,6 +210,7 @@ class ClusterDeployment:
     spread: str = attr.field(default="host", validator=lambda _i, _a, v: _check_spread(v))
     hosts: tuple[str, ...] = attr.field(default=(), converter=_check_hosts)
     ready_timeout: float = attr.field(default=DEFAULT_READY_TIMEOUT, converter=_check_timeout)
+    generation: int = attr.field(default=0, validator=lambda _i, _a, v: _check_generation(v))
 
     @property
     def is_class(self) -> bool:
@@ -227,10 +236,12 @@ class ClusterDeployment:
     def fingerprint(self) -> str:
         """
         What an instance was started from: a change of C{run}, C{args},
-        C{version} or C{region} changes it (and rolls the instances); a
-        change of count or placement does not.
+        C{version} or C{region} changes it (and rolls the instances), as
+        does a new C{generation}; a change of count or placement does not.
         """
         doc = json.dumps([self.run, list(self.args), self.version, self.region])
+        if self.generation:
+            doc += f"/{self.generation}"
         return hashlib.sha256(doc.encode("utf-8")).hexdigest()[:16]
 
     def to_json(self) -> dict[str, Any]:
@@ -247,6 +258,7 @@ class ClusterDeployment:
             "spread": self.spread,
             "hosts": list(self.hosts),
             "ready_timeout": self.ready_timeout,
+            "generation": self.generation,
         }
 
     @classmethod
@@ -254,7 +266,7 @@ class ClusterDeployment:
         """
         @raise SpecError: naming the deployment and what is wrong.
         """
-        return make_deployment(name, doc, where=f"deployment {name!r}")
+        return make_deployment(name, doc, where=f"deployment {name!r}", stored=True)
 
     def describe(self) -> str:
         """
@@ -273,7 +285,9 @@ class ClusterDeployment:
         return " ".join(words) + f" ({', '.join(extras)})"
 
 
-def make_deployment(name: Any, table: Any, *, where: str | None = None) -> ClusterDeployment:
+def make_deployment(
+    name: Any, table: Any, *, where: str | None = None, stored: bool = False
+) -> ClusterDeployment:
     """
     Make a L{ClusterDeployment} from a mapping of its fields (a TOML table
     or a stored JSON object), checking every field.
@@ -288,7 +302,8 @@ def make_deployment(name: Any, table: Any, *, where: str | None = None) -> Clust
         raise SpecError(f"{where}: {e}") from None
     if not isinstance(table, Mapping):
         raise SpecError(f"{where}: must be a table of fields, not {table!r}")
-    unknown = sorted(set(table) - set(FIELDS))
+    known = FIELDS + (("generation",) if stored else ())
+    unknown = sorted(set(table) - set(known))
     if unknown:
         raise SpecError(
             f"{where}: unknown field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}"
@@ -306,8 +321,9 @@ def make_deployment(name: Any, table: Any, *, where: str | None = None) -> Clust
         "spread": _check_spread,
         "hosts": _check_hosts,
         "ready_timeout": _check_timeout,
+        "generation": _check_generation,
     }
-    for field in FIELDS:
+    for field in known:
         if field not in table:
             continue
         try:
@@ -517,6 +533,8 @@ def diff(
         if old is None:
             changes.append(Change("add", new.name, None, new))
             continue
+        # A file carries no generation: the stored one stays.
+        new = attr.evolve(new, generation=old.generation)
         fields = tuple(
             (field, getattr(old, field), getattr(new, field))
             for field in FIELDS
