@@ -11,7 +11,8 @@ that it outlives every process and one write changes it atomically::
      "deployments": {
         "Fibonacci": {"run": "examples.fibonacci:Fibonacci", "instances": 3,
                       "args": [], "version": null, "region": null,
-                      "spread": "host", "hosts": [], "ready_timeout": 30.0}}}
+                      "spread": "host", "hosts": [], "ready_timeout": 30.0,
+                      "generation": 0}}}
 
 C{sky apply FILE} reads a TOML file (L{parse_apply_text}), one table per
 service::
