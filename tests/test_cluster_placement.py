@@ -176,6 +176,20 @@ def test_out_of_rotation_host_gets_nothing_new_and_keeps_its_own() -> None:
     assert plan([FIB], hosts, instances).actions == ()
 
 
+def test_instances_held_by_a_load_guard_block_nothing() -> None:
+    # 127.0.0.2 is out of rotation, its instance unregistered: a rollout
+    # and a scale-down go on around it.
+    hosts = [attr.evolve(HOSTS[0], in_rotation=False), *HOSTS[1:]]
+    held = live(FIB, "127.0.0.2", ready=False)
+    others = [live(FIB, "127.0.0.3"), live(FIB, "127.0.0.4")]
+    d2 = attr.evolve(FIB, version="2")
+    assert plan([d2], hosts, [held, *others]).starts == [Start("Fib", "127.0.0.3", "rollout")]
+    down = attr.evolve(FIB, instances=1)
+    stops = plan([down], hosts, [held, *others]).stops
+    assert len(stops) == 2
+    assert held.uuid in {s.uuid for s in stops}  # the unregistered one goes first
+
+
 def test_capacity_limit_and_unplaced() -> None:
     hosts = [HostView("127.0.0.2", capacity=1), HostView("127.0.0.3", capacity=2, instance_count=2)]
     p = plan([FIB], hosts, [])

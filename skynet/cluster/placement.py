@@ -307,9 +307,11 @@ def _plan_one(
     total = len(current) + len(old)
     if total < desired:
         return _Step(actions, start_many(desired - total, "replace" if old else "scale"))
-    if any(not i.ready for i in current):
+    if any(not i.ready and state.views[i.host].in_rotation for i in current):
         # Instances are starting: wait until they are ready (or the
-        # reconciler gives up on them) before anything is stopped.
+        # reconciler gives up on them) before anything is stopped.  (Those
+        # a load guard holds unregistered are not starting: they wait for
+        # their host, not the other way round.)
         ready_old = [i for i in old if i.ready]
         ready_current = [i for i in current if i.ready]
         for _ in range(len(ready_old) + len(ready_current) - desired):
