@@ -100,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-USAGE = __doc__.split("\n\n")[1] if __doc__ else ""
+USAGE = "usage: sky [--registry URL] COMMAND ...\n" + (__doc__.split("\n\n")[1] if __doc__ else "")
 
 
 async def run_command(
