@@ -722,6 +722,34 @@ class FileRegistryTests(FileTestMixin, TestCase):
         self.assertEqual(len(await registry.query(Query(registered=True))), 999)
         self.assertEqual(scanner.reads, 1001)
 
+    async def test_one_service_reads_only_its_subtree(self) -> None:
+        """
+        A watch or a query of one service reads that service's files only,
+        and a change elsewhere costs it no read; a change in its service
+        is re-read alone.
+        """
+        registry = await self.started(FileRegistry(self.root, reactor=reactor))
+        owner = current_owner().to_json()
+        instances = [make_instance(name=f"S{n % 20}", port=10000 + n) for n in range(400)]
+        for instance in instances:
+            self.write_node(instance, owner)
+        scanner = registry._get_scanner()
+        listener = RecordingListener()
+        watch = registry.watch(Query(service="S3"), listener)
+        self.addCleanup(watch.stop)
+        await self.wait_until(lambda: listener.events, "the snapshot")
+        self.assertEqual(len(listener.events[0][1]), 20)
+        self.assertEqual(scanner.reads, 20)
+        self.assertEqual(len(await registry.query(Query(service="S3"))), 20)
+        self.assertEqual(len(await registry.query(Query(service="S4", version="1"))), 20)
+        self.assertEqual(scanner.reads, 40)
+        self.write_node(attr.evolve(instances[7], registered=False), owner)  # S7
+        changed = attr.evolve(instances[3], registered=False)  # S3
+        self.write_node(changed, owner)
+        await self.wait_until(lambda: len(listener.events) > 1, "the change")
+        self.assertEqual(listener.events[1:], [("updated", changed)])
+        self.assertEqual(scanner.reads, 41)
+
     async def test_stop(self) -> None:
         """
         C{stop} deletes this object's nodes (not a node another object has
