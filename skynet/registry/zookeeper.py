@@ -76,12 +76,21 @@ from kazoo.exceptions import (  # type: ignore[import-untyped]
     NoNodeError,
     NotEmptyError,
     OperationTimeoutError,
+    RolledBackError,
+    RuntimeInconsistency,
     SessionExpiredError,
 )
 from kazoo.protocol.states import EventType  # type: ignore[import-untyped]
 from kazoo.retry import KazooRetry  # type: ignore[import-untyped]
 from kazoo.security import make_acl, make_digest_acl  # type: ignore[import-untyped]
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, succeed
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    DeferredLock,
+    fail,
+    succeed,
+)
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -1385,6 +1394,7 @@ class _CreateBatch:
         #: Parents known to exist (they are persistent; pruned ones are
         #: found out by a failed transaction).
         self._parents: set[str] = set()
+        self._parents_lock = DeferredLock()
 
     def create(self, path: str, data: bytes) -> Deferred:
         """
@@ -1410,7 +1420,13 @@ class _CreateBatch:
 
     async def _run(self, items: list[tuple[str, bytes, Deferred]]) -> None:
         try:
-            await self._make_parents({path.rpartition("/")[0] for path, _, _ in items})
+            # One batch's parents at a time: concurrent ones would race to
+            # make the same parents and fall back to one at a time.
+            await self._parents_lock.acquire()
+            try:
+                await self._make_parents({path.rpartition("/")[0] for path, _, _ in items})
+            finally:
+                self._parents_lock.release()
         except _CONNECTION_ERRORS:
             failure = Failure()
             for _, _, d in items:
@@ -1422,26 +1438,37 @@ class _CreateBatch:
                 d.callback(False)
             return
         try:
-            results: list[Any] = []
+            created: set[str] = set()
             for chunk in _chunks(items):
-                transaction = self._zk.transaction()
-                for path, data, _ in chunk:
-                    transaction.create(path, data, ephemeral=True)
-                outcome = await self._call(transaction.commit_async)
-                results.extend(outcome if isinstance(outcome, list) else [outcome] * len(chunk))
+                paths = [(path, data) for path, data, _ in chunk]
+                for _ in range(3):
+                    transaction = self._zk.transaction()
+                    for path, data in paths:
+                        transaction.create(path, data, ephemeral=True)
+                    results = await self._call(transaction.commit_async)
+                    if all(isinstance(r, str) for r in results):
+                        created.update(path for path, _ in paths)
+                        break
+                    # All or nothing: drop the operations that failed (an
+                    # existing node, a pruned parent) and try the rest.
+                    failed = {
+                        path
+                        for (path, _), result in zip(paths, results, strict=False)
+                        if not isinstance(result, (str, RolledBackError, RuntimeInconsistency))
+                    }
+                    if not failed:
+                        break
+                    for path in failed:
+                        self._parents.discard(path.rpartition("/")[0])
+                    paths = [(path, data) for path, data in paths if path not in failed]
         except Exception:  # noqa: BLE001 - each caller decides (retries connection errors)
             failure = Failure()
             for _, _, d in items:
                 if not d.called:
                     d.errback(failure)
             return
-        for (path, _, d), result in zip(items, results, strict=False):
-            ok = isinstance(result, str)
-            if not ok:
-                self._parents.discard(path.rpartition("/")[0])
-            d.callback(ok)
-        for _, _, d in items[len(results) :]:
-            d.callback(False)
+        for path, _, d in items:
+            d.callback(path in created)
 
     async def _make_parents(self, parents: set[str]) -> None:
         missing: set[str] = set()
