@@ -18,6 +18,7 @@ import types
 from typing import Any
 
 import attr
+import pytest
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
@@ -177,6 +178,7 @@ class FileTestMixin:
         return time.monotonic()
 
 
+@pytest.mark.slow
 class FileRegistryConformanceTests(FileTestMixin, RegistryConformanceMixin, TestCase):
     """
     The conformance suite on L{FileRegistry}: a temporary root, inotify
@@ -204,6 +206,7 @@ class FileRegistryConformanceTests(FileTestMixin, RegistryConformanceMixin, Test
         await sleep(0.05)
 
 
+@pytest.mark.slow
 class FileRegistryTests(FileTestMixin, TestCase):
     """
     What only the file registry does.
@@ -870,6 +873,7 @@ class RegistryFromURLTests(TestCase):
         self.assertEqual(registry_from_url(url, reactor=reactor), "the zk registry")
         self.assertEqual(calls, [(url, reactor)])
 
+    @pytest.mark.slow
     def test_import_is_lazy(self) -> None:
         """
         Importing C{skynet.registry} imports no backend and not kazoo (nor a

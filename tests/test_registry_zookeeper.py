@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import attr
+import pytest
 from kazoo.client import KazooClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
@@ -130,6 +131,7 @@ class Recorder:
         return [uuid for kind, uuid in self.events if kind == "removed"]
 
 
+@pytest.mark.slow
 class _ZooKeeperTestCase(TestCase):
     """
     Shared servers for a class, a fresh chroot per test, and helpers that
