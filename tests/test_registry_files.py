@@ -18,6 +18,7 @@ import types
 from typing import Any
 
 import attr
+import pytest
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
@@ -177,6 +178,7 @@ class FileTestMixin:
         return time.monotonic()
 
 
+@pytest.mark.slow
 class FileRegistryConformanceTests(FileTestMixin, RegistryConformanceMixin, TestCase):
     """
     The conformance suite on L{FileRegistry}: a temporary root, inotify
@@ -204,6 +206,7 @@ class FileRegistryConformanceTests(FileTestMixin, RegistryConformanceMixin, Test
         await sleep(0.05)
 
 
+@pytest.mark.slow
 class FileRegistryTests(FileTestMixin, TestCase):
     """
     What only the file registry does.
@@ -722,6 +725,34 @@ class FileRegistryTests(FileTestMixin, TestCase):
         self.assertEqual(len(await registry.query(Query(registered=True))), 999)
         self.assertEqual(scanner.reads, 1001)
 
+    async def test_one_service_reads_only_its_subtree(self) -> None:
+        """
+        A watch or a query of one service reads that service's files only,
+        and a change elsewhere costs it no read; a change in its service
+        is re-read alone.
+        """
+        registry = await self.started(FileRegistry(self.root, reactor=reactor))
+        owner = current_owner().to_json()
+        instances = [make_instance(name=f"S{n % 20}", port=10000 + n) for n in range(400)]
+        for instance in instances:
+            self.write_node(instance, owner)
+        scanner = registry._get_scanner()
+        listener = RecordingListener()
+        watch = registry.watch(Query(service="S3"), listener)
+        self.addCleanup(watch.stop)
+        await self.wait_until(lambda: listener.events, "the snapshot")
+        self.assertEqual(len(listener.events[0][1]), 20)
+        self.assertEqual(scanner.reads, 20)
+        self.assertEqual(len(await registry.query(Query(service="S3"))), 20)
+        self.assertEqual(len(await registry.query(Query(service="S4", version="1"))), 20)
+        self.assertEqual(scanner.reads, 40)
+        self.write_node(attr.evolve(instances[7], registered=False), owner)  # S7
+        changed = attr.evolve(instances[3], registered=False)  # S3
+        self.write_node(changed, owner)
+        await self.wait_until(lambda: len(listener.events) > 1, "the change")
+        self.assertEqual(listener.events[1:], [("updated", changed)])
+        self.assertEqual(scanner.reads, 41)
+
     async def test_stop(self) -> None:
         """
         C{stop} deletes this object's nodes (not a node another object has
@@ -842,6 +873,7 @@ class RegistryFromURLTests(TestCase):
         self.assertEqual(registry_from_url(url, reactor=reactor), "the zk registry")
         self.assertEqual(calls, [(url, reactor)])
 
+    @pytest.mark.slow
     def test_import_is_lazy(self) -> None:
         """
         Importing C{skynet.registry} imports no backend and not kazoo (nor a

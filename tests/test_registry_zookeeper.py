@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import attr
+import pytest
 from kazoo.client import KazooClient
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
@@ -130,6 +131,7 @@ class Recorder:
         return [uuid for kind, uuid in self.events if kind == "removed"]
 
 
+@pytest.mark.slow
 class _ZooKeeperTestCase(TestCase):
     """
     Shared servers for a class, a fresh chroot per test, and helpers that
@@ -600,6 +602,50 @@ class StandaloneTests(_ZooKeeperTestCase):
         await sleep(0.3)
         self.assertEqual(reads, [])
         self.assertEqual(list(recorder.view), [kept.uuid])
+
+    async def test_many_adds_are_batched(self) -> None:
+        """
+        Instances added together are created in a few transactions, not
+        one request each; they are ephemeral nodes of the session, found
+        by a plain client; a node that exists already (another session's)
+        is replaced one at a time.
+        """
+        registry = await self.started()
+        peer = await self.started()
+        taken = instance("Batch0", 9400, uuid="old")
+        await peer.add(taken)
+        creates: list[str] = []
+        transactions: list[int] = []
+        create_async = registry._zk.create_async
+        transaction = registry._zk.transaction
+
+        def counting_create(path: str, *args: Any, **kwargs: Any) -> Any:
+            creates.append(path)
+            return create_async(path, *args, **kwargs)
+
+        def counting_transaction() -> Any:
+            transactions.append(1)
+            return transaction()
+
+        # Count kazoo's requests (its API, on the registry's client).
+        self.patch(registry._zk, "create_async", counting_create)
+        self.patch(registry._zk, "transaction", counting_transaction)
+        many = [instance(f"Batch{n % 7}", 9400 + n, host=f"10.9.{n % 5}.1") for n in range(300)]
+        many[0] = instance("Batch0", 9400, uuid="new")
+        await DeferredList([registry.add(i) for i in many], fireOnOneErrback=True)
+        self.assertEqual(
+            sorted(await peer.query(Query()), key=lambda i: i.port),
+            sorted(many, key=lambda i: i.port),
+        )
+        zk = self.kazoo()
+        for each in many[1:]:
+            self.assertEqual(
+                zk.exists(f"{self.chroot}/services{each.path}").ephemeralOwner,
+                registry.session_id,
+            )
+        # A few per depth of parents and per 250 nodes; one request each would be 300+.
+        self.assertLess(len(transactions), 50)
+        self.assertEqual(creates, [f"{self.chroot}/services{many[0].path}"])
 
     async def test_get_by_uuid_reads_one_node(self) -> None:
         """

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import quote, unquote
@@ -387,9 +388,12 @@ def _text(value: Any, what: str) -> str:
 def _component(value: Any, what: str) -> str:
     _text(value, what)
     try:
-        return check_component(what, value)
+        check_component(what, value)
     except ValueError as e:
         raise RegistryError(str(e)) from None
+    # Names, versions, regions and hosts repeat across thousands of
+    # instances: one copy each (a watch of 10,000 instances saves ~2 MB).
+    return sys.intern(value)
 
 
 def _integer(value: Any, what: str, low: int, high: int) -> int:

@@ -46,7 +46,7 @@ import os
 import secrets
 import stat
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from urllib.parse import quote
 from uuid import uuid4
@@ -74,6 +74,7 @@ from skynet.registry.base import (
     Query,
     RegistryError,
     ValueDelivery,
+    check_component,
     check_key,
     check_value,
     data_node_name,
@@ -459,17 +460,22 @@ if inotify is not None:
             inotify.INotify.__init__(self, reactor=reactor)
             self._root = FilePath(root)
             self._callback = callback
+            #: Directories watched, as C{str} paths.
+            self._watched: set[str] = set()
 
         def ensure_watched(self, path: str) -> None:
             """
             Watch directory C{path} (not its subdirectories) unless watched.
             """
+            if path in self._watched:
+                return  # the common case, without Twisted's FilePath work
             self.watch(
                 FilePath(path),
                 mask=_WATCH_MASK,
                 autoAdd=True,
                 callbacks=[self._callback],
             )
+            self._watched.add(path)
 
         def _watch_subtree(self, path: str) -> None:
             """
@@ -515,6 +521,7 @@ if inotify is not None:
                     del self._watchpoints[wd]
                     if self._watchpaths.get(iwp.path) == wd:
                         del self._watchpaths[iwp.path]
+                    self._watched.discard(os.fsdecode(iwp.path.path))
                     iwp._notify(iwp.path, mask)
                     continue
                 path = iwp.path.child(name) if name else iwp.path
@@ -529,6 +536,51 @@ if inotify is not None:
 
 # The scanner, shared by every watch on one tree in this process.
 
+#: Depth of an instance file below C{services}: Name/Version/Region/Host/Port.
+LEAF_DEPTH = 5
+
+
+def query_base(query: Query) -> str:
+    """
+    The subtree below C{services} that holds every instance C{query} can
+    match: the path components it fixes, in order, up to the first it
+    leaves open (C{""} for the whole tree).
+    """
+    parts = []
+    for name, value in (
+        ("service name", query.service),
+        ("version", query.version),
+        ("region", query.region),
+        ("host", query.host),
+        ("port", query.port),
+    ):
+        if value is None:
+            break
+        parts.append("/" + check_component(name, str(value)))
+    return "".join(parts)
+
+
+def _outermost(bases: Iterable[str]) -> list[str]:
+    """
+    The subtrees among C{bases} that no other one contains.
+    """
+    result: list[str] = []
+    for base in sorted(set(bases)):
+        if not any(base == r or base.startswith(r + "/") or r == "" for r in result):
+            result.append(base)
+    return result
+
+
+def _covering(bases: list[str]) -> Callable[[str], bool]:
+    """
+    A test of whether a path lies in one of the subtrees C{bases}.
+    """
+    if "" in bases:
+        return lambda rel: True
+    prefixes = tuple(b + "/" for b in bases)
+    exact = set(bases)
+    return lambda rel: rel in exact or rel.startswith(prefixes)
+
 
 @implementer(IWatch)
 class _FileWatch:
@@ -537,7 +589,10 @@ class _FileWatch:
     ) -> None:
         self.scanner = scanner
         self.diff = diff
-        self.fed_generation = -1
+        #: The subtree below C{services} its query can match (C{""}: all).
+        self.base = query_base(diff.query)
+        #: The scanner's change sequence number its snapshot included.
+        self.seen = -1
         self._on_stop = on_stop
 
     def stop(self) -> None:
@@ -568,7 +623,16 @@ class _Scanner:
         self._use_inotify = use_inotify
         self._cache: dict[str, _Entry] = {}
         self._dead: set[str] = set()
-        self._owners: set[Owner] = set()
+        #: The live instances by path below C{services}.
+        self._live: dict[str, Instance] = {}
+        #: Changes to C{_live} not yet delivered: (sequence, old, new).
+        self._changes: list[tuple[int, Instance | None, Instance | None]] = []
+        self._sequence = 0
+        self._delivery: Any = None
+        #: Subtrees to rescan at the next scan.
+        self._dirty: set[str] = set()
+        #: Subtrees read by a scan since the watches started.
+        self._scanned_bases: set[str] = set()
         self.generation = 0
         self.reads = 0
         self.users = 0
@@ -582,36 +646,43 @@ class _Scanner:
         self.notifier = None
         self.bad_nodes = NodeWarnings(self.log, reactor)
         self._by_uuid: dict[str, str] = {}
-        self._scanned = False
         self._uid = os.geteuid()
 
     # Scanning.
 
-    def _walk(self) -> Iterator[tuple[str, str, os.stat_result]]:
+    def _walk(self, base: str) -> Iterator[tuple[str, str, os.stat_result]]:
         """
         Yield C{(relative path, path, stat)} of every file at instance depth
-        below C{services}, skipping dot files (temporary files).  Each
-        directory is watched before it is listed, so that nothing created in
-        it afterwards goes unnoticed.
+        below C{services + base}, skipping dot files (temporary files),
+        links and directories another user could write.  Each directory is
+        watched before it is listed, so that nothing created in it
+        afterwards goes unnoticed; so are the directories above C{base}.
         """
-        self._unwatched = False
-        stack = [(self.services, 0, "")]
+        parts = [p for p in base.split("/") if p]
+        rel = ""
+        for part in parts[:-1] if len(parts) == LEAF_DEPTH else parts:
+            self._watch_directory(self.services + rel)
+            rel += "/" + part
+            try:
+                st = os.stat(self.services + rel, follow_symlinks=False)
+            except OSError:
+                return
+            if not stat.S_ISDIR(st.st_mode) or self._foreign(self.services + rel, st):
+                return
+        if len(parts) == LEAF_DEPTH:
+            # One instance's path: its host directory, then the one file.
+            self._watch_directory(self.services + rel)
+            try:
+                st = os.stat(self.services + base, follow_symlinks=False)
+            except OSError:
+                return
+            if stat.S_ISREG(st.st_mode):
+                yield base, self.services + base, st
+            return
+        stack = [(self.services + base, len(parts), base)]
         while stack:
             directory, depth, rel = stack.pop()
-            if self.notifier is not None:
-                try:
-                    self.notifier.ensure_watched(directory)
-                except inotify.INotifyError:
-                    # Gone (then listing fails too), or out of inotify
-                    # watches: then poll, as without inotify.
-                    if os.path.isdir(directory):
-                        self._unwatched = True
-                    if self._unwatched and not self._warned_unwatched:
-                        self._warned_unwatched = True
-                        self.log.warn(  # noqa: G010 (twisted.logger's name)
-                            "Cannot watch {directory} with inotify: polling",
-                            directory=directory,
-                        )
+            self._watch_directory(directory)
             try:
                 entries = os.scandir(directory)
             except (FileNotFoundError, NotADirectoryError):
@@ -628,9 +699,10 @@ class _Scanner:
                     if entry.name.startswith("."):
                         continue
                     try:
-                        if depth < 4:
+                        if depth < LEAF_DEPTH - 1:
                             if entry.is_dir(follow_symlinks=False):
-                                if self._foreign(entry):
+                                st = entry.stat(follow_symlinks=False)
+                                if self._foreign(entry.path, st):
                                     continue
                                 stack.append((entry.path, depth + 1, f"{rel}/{entry.name}"))
                             continue
@@ -641,17 +713,33 @@ class _Scanner:
                         continue  # gone meanwhile, or not ours to see
                     yield f"{rel}/{entry.name}", entry.path, st
 
-    def _foreign(self, entry: os.DirEntry[str]) -> bool:
+    def _watch_directory(self, directory: str) -> None:
+        if self.notifier is None:
+            return
+        try:
+            self.notifier.ensure_watched(directory)
+        except inotify.INotifyError:
+            # Gone (then listing fails too), or out of inotify watches: then
+            # poll, as without inotify.
+            if os.path.isdir(directory):
+                self._unwatched = True
+            if self._unwatched and not self._warned_unwatched:
+                self._warned_unwatched = True
+                self.log.warn(  # noqa: G010 (twisted.logger's name)
+                    "Cannot watch {directory} with inotify: polling",
+                    directory=directory,
+                )
+
+    def _foreign(self, path: str, st: os.stat_result) -> bool:
         """
         Whether a directory of the tree could have been written by another
         user (group or other writable, or another user's): its nodes are
         not trusted, and it is skipped with a warning.
         """
-        st = entry.stat(follow_symlinks=False)
         if st.st_uid in (self._uid, 0) and not st.st_mode & 0o022:
             return False
         self.bad_nodes.warn(
-            entry.path,
+            path,
             f"directory writable by other users (mode {stat.S_IMODE(st.st_mode):04o},"
             f" uid {st.st_uid}): skipped",
         )
@@ -682,65 +770,87 @@ class _Scanner:
             return _Entry(key, None, None)
         return _Entry(key, instance, owner)
 
-    def scan(self) -> tuple[dict[str, Instance], bool]:
+    def scan(self, bases: Iterable[str] = ("",)) -> tuple[dict[str, Instance], bool]:
         """
-        Bring the cache up to date with the disk (parsing only files whose
-        inode, mtime or size changed), and hide and prune the nodes of dead
-        owners.
+        Bring the cache of the subtrees C{bases} (paths below C{services},
+        C{""} for all) up to date with the disk, parsing only files whose
+        inode, mtime or size changed, and hide and prune the nodes of dead
+        owners there.  The changes are queued for the watches (L{deliver}).
 
-        @return: the live instances by path, and whether they may differ from
-            the previous scan's.
+        @return: the live instances by path (of the whole cache), and
+            whether this scan changed any.
         """
-        changed = False
-        cache: dict[str, _Entry] = {}
-        for rel, path, st in self._walk():
-            entry = self._cache.get(rel)
-            if entry is None or entry.key != (st.st_ino, st.st_mtime_ns, st.st_size):
-                entry = self._parse(rel, path, st)
-                if entry is None:
-                    continue
-                changed = True
-            cache[rel] = entry
-        if len(cache) != len(self._cache):
-            changed = True
-        self._cache = cache
-
+        bases = _outermost(bases)
+        scanned: dict[str, _Entry] = {}
+        for base in bases:
+            for rel, path, st in self._walk(base):
+                entry = self._cache.get(rel)
+                if entry is None or entry.key != (st.st_ino, st.st_mtime_ns, st.st_size):
+                    entry = self._parse(rel, path, st)
+                    if entry is None:
+                        continue
+                scanned[rel] = entry
+        covered = _covering(bases)
+        changes_before = len(self._changes)
+        for rel in [r for r in self._cache if covered(r) and r not in scanned]:
+            del self._cache[rel]
+            self._dead.discard(rel)
+            self._set_live(rel, None)
         liveness = Liveness()
-        live: dict[str, Instance] = {}
-        dead: set[str] = set()
-        owners: set[Owner] = set()
-        for rel, entry in cache.items():
+        for rel, entry in scanned.items():
+            self._cache[rel] = entry
             if entry.instance is None:
-                continue
-            if entry.owner is not None:
-                if not liveness.alive(entry.owner):
-                    dead.add(rel)
-                    continue
-                owners.add(entry.owner)
-            live[rel] = entry.instance
-        for rel in dead:
-            self._prune(rel, cache[rel], liveness)
-        if dead != self._dead:
-            changed = True
-        self._dead = dead
-        self._owners = owners
+                self._dead.discard(rel)
+                self._set_live(rel, None)
+            elif entry.owner is not None and not liveness.alive(entry.owner):
+                self._dead.add(rel)
+                self._set_live(rel, None)
+                self._prune(rel, entry, liveness)
+            else:
+                self._dead.discard(rel)
+                self._set_live(rel, entry.instance)
+        self._scanned_bases.update(bases)
+        changed = len(self._changes) > changes_before
         if changed:
             self.generation += 1
-            self._by_uuid = {instance.uuid: rel for rel, instance in live.items()}
-        self._scanned = True
-        return live, changed
+            self._schedule_delivery()
+        return self._live, changed
 
-    def fresh(self) -> bool:
+    def _set_live(self, rel: str, instance: Instance | None) -> None:
+        old = self._live.get(rel)
+        if old is instance:
+            return
+        if instance is None:
+            del self._live[rel]
+            if self._by_uuid.get(old.uuid) == rel:  # type: ignore[union-attr]
+                del self._by_uuid[old.uuid]  # type: ignore[union-attr]
+        else:
+            self._live[rel] = instance
+            if old is not None and self._by_uuid.get(old.uuid) == rel:
+                del self._by_uuid[old.uuid]
+            self._by_uuid[instance.uuid] = rel
+        self._sequence += 1
+        self._changes.append((self._sequence, old, instance))
+
+    def _covered(self, base: str) -> bool:
         """
-        Whether the cache is as current as a scan would make it: inotify
-        watches the whole tree, a scan has run, and no event (or own write)
-        has come since.
+        Whether a scan has read the subtree C{base} (and inotify, if any,
+        watches it since).
+        """
+        return any(base == b or base.startswith(b + "/") or b == "" for b in self._scanned_bases)
+
+    def fresh(self, base: str = "") -> bool:
+        """
+        Whether the cache of C{base} is as current as a scan would make it:
+        inotify watches the tree, a scan has read C{base}, and no event (or
+        own write) has come since.
         """
         return (
-            self._scanned
-            and self.notifier is not None
+            self.notifier is not None
             and not self._unwatched
             and self._pending is None
+            and not self._dirty
+            and self._covered(base)
         )
 
     def get(self, uuid: str) -> Instance | None:
@@ -750,17 +860,21 @@ class _Scanner:
         (which re-reads only changed files).
         """
         if not self.fresh():
-            _, changed = self.scan()
-            if changed:
-                self.request_scan(0)
+            self.scan()
         rel = self._by_uuid.get(uuid)
-        entry = self._cache.get(rel) if rel is not None else None
+        if rel is None:
+            return None
+        entry = self._cache.get(rel)
         if entry is None or entry.instance is None or rel in self._dead:
             return None
         if entry.owner is not None and not Liveness().alive(entry.owner):
-            self.request_scan(0)  # the sweep prunes it and tells the watches
+            self.request_scan(0, [rel])  # pruned, and the watches told
             return None
         return entry.instance
+
+    def live_under(self, base: str) -> list[Instance]:
+        covered = _covering([base])
+        return [instance for rel, instance in self._live.items() if covered(rel)]
 
     def _prune(self, rel: str, entry: _Entry, liveness: Liveness) -> None:
         """
@@ -798,46 +912,82 @@ class _Scanner:
         self._watches.append(watch)
         if len(self._watches) == 1:
             self._start_timers()
-        self.request_scan(0)
+        self.request_scan(0, [watch.base])
 
     def remove_watch(self, watch: _FileWatch) -> None:
         if watch in self._watches:
             self._watches.remove(watch)
             if not self._watches:
                 self._stop_timers()
+                self._scanned_bases.clear()
 
-    def request_scan(self, delay: float = DEBOUNCE) -> None:
+    def request_scan(self, delay: float = DEBOUNCE, bases: Iterable[str] | None = None) -> None:
         """
-        Rescan and feed the watches after C{delay} seconds (or sooner, if a
-        scan is due sooner already).
+        Rescan C{bases} (by default every watched subtree) and deliver the
+        changes after C{delay} seconds (or sooner, if a scan is due sooner
+        already).
         """
         if not self._watches:
             return
+        self._dirty.update(bases if bases is not None else [w.base for w in self._watches])
         if self._pending is None:
             self._pending = self._reactor.callLater(delay, self._scan_and_feed)
         elif self._pending.getTime() - self._reactor.seconds() > delay:
             self._pending.reset(delay)
+
+    def _watched_bases(self) -> list[str]:
+        return _outermost(w.base for w in self._watches)
 
     def _scan_and_feed(self) -> None:
         if self._pending is not None:
             if self._pending.active():
                 self._pending.cancel()
             self._pending = None
+        dirty, self._dirty = self._dirty, set()
+        watched = self._watched_bases()
+        inside = _covering(watched)
+        # Only what a watch can see: the dirty subtrees within the watched
+        # ones, and the watched ones within a dirty subtree.
+        bases = [d for d in dirty if inside(d)] + [
+            w for w in watched if any(w.startswith(d + "/") or d == "" for d in dirty)
+        ]
         try:
-            live, _ = self.scan()
+            if bases:
+                self.scan(bases)
         except OSError as e:
             self.log.warn(  # noqa: G010 (twisted.logger's name)
                 "Cannot scan registry {root}: {error}", root=self.root, error=e
             )
-            return
         except Exception:  # noqa: BLE001 (keep watching; the next scan may do)
             self.log.failure("Scanning registry {root} failed", root=self.root)
-            return
+        self.deliver()
+
+    def _schedule_delivery(self) -> None:
+        if self._delivery is None and self._watches:
+            self._delivery = self._reactor.callLater(0, self.deliver)
+
+    def deliver(self) -> None:
+        """
+        Give every watch its snapshot, once its subtree has been scanned,
+        and then the changes it has not seen, in order.
+        """
+        if self._delivery is not None:
+            if self._delivery.active():
+                self._delivery.cancel()
+            self._delivery = None
+        changes, self._changes = self._changes, []
         for watch in list(self._watches):
-            if watch.diff.stopped or watch.fed_generation == self.generation:
+            if watch.diff.stopped:
                 continue
-            watch.fed_generation = self.generation
-            watch.diff.feed(live.values())
+            if watch.diff.known is None:
+                if self._covered(watch.base):
+                    watch.seen = self._sequence
+                    watch.diff.feed(self.live_under(watch.base))
+                continue
+            for sequence, old, new in changes:
+                if sequence > watch.seen:
+                    watch.diff.change(old, new)
+            watch.seen = self._sequence
 
     def _tick(self) -> None:
         """
@@ -852,19 +1002,29 @@ class _Scanner:
             or self._ticks % SAFETY_RESCAN_TICKS == 0
             or self._an_owner_died()
         ):
-            self._scan_and_feed()
+            self.request_scan(0)
 
     def _an_owner_died(self) -> bool:
         liveness = Liveness()
-        return not all(liveness.alive(owner) for owner in self._owners)
+        owners = {self._cache[rel].owner for rel in self._live}
+        return not all(liveness.alive(owner) for owner in owners if owner is not None)
 
     def _on_event(self, _watch: object, path: FilePath, mask: int) -> None:
         name = os.path.basename(os.fsencode(path.path))
         if name.startswith(b".") and not mask & inotify.IN_IGNORED:
             return  # a writer's temporary file
-        self.request_scan(DEBOUNCE)
+        full = os.fsdecode(path.path)
+        if mask & inotify.IN_Q_OVERFLOW or not full.startswith(self.services + "/"):
+            self.request_scan(DEBOUNCE)  # events lost, or the top itself: all
+            return
+        rel = full[len(self.services) :]
+        if rel.count("/") == LEAF_DEPTH:
+            rel = rel.rpartition("/")[0]  # a node: its host directory
+        self.request_scan(DEBOUNCE, [rel])
 
     def _start_timers(self) -> None:
+        # What was scanned without inotify may have changed unseen.
+        self._scanned_bases.clear()
         if self._use_inotify:
             self.notifier = self._start_inotify()
         self._ticks = 0
@@ -909,6 +1069,11 @@ class _Scanner:
             if self._pending.active():
                 self._pending.cancel()
             self._pending = None
+        if self._delivery is not None:
+            if self._delivery.active():
+                self._delivery.cancel()
+            self._delivery = None
+        self._dirty.clear()
         if self.notifier is not None:
             self.notifier.loseConnection()
             self.notifier = None
@@ -1018,13 +1183,14 @@ class FileRegistry(ListingMixin):
             )
         return self._scanner
 
-    def _changed(self) -> None:
+    def _changed(self, rel: str | None = None) -> None:
         """
-        Our own write: let this process's watches see it without waiting for
-        inotify or polling.
+        Our own write (of the node at C{rel}, or of several): let this
+        process's watches see it without waiting for inotify or polling.
         """
         if self._scanner is not None:
-            self._scanner.request_scan(DEBOUNCE)
+            bases = None if rel is None else [rel.rpartition("/")[0]]
+            self._scanner.request_scan(DEBOUNCE, bases)
 
     def _io(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
         def call():
@@ -1129,7 +1295,7 @@ class FileRegistry(ListingMixin):
         write_atomically(path, encode_node(instance.to_go(), owner))
         if owner.registry == self._token:
             self._owned.add(rel)
-        self._changed()
+        self._changed(rel)
 
     def remove(self, instance: Instance) -> Deferred[None]:
         """
@@ -1148,7 +1314,7 @@ class FileRegistry(ListingMixin):
                 prune_empty_dirs(top, os.path.dirname(top + rel))
             self._owned.discard(rel)
             self._owned_stats.discard(rel)
-            self._changed()
+            self._changed(rel)
 
         return self._io(remove)
 
@@ -1200,10 +1366,9 @@ class FileRegistry(ListingMixin):
 
         def run() -> list[Instance]:
             scanner = self._get_scanner()
-            live, changed = scanner.scan()
-            if changed:
-                scanner.request_scan(0)
-            return query.filter(sort_instances(live.values()))
+            base = query_base(query)
+            scanner.scan([base])
+            return query.filter(sort_instances(scanner.live_under(base)))
 
         return self._io(run)
 

@@ -76,12 +76,21 @@ from kazoo.exceptions import (  # type: ignore[import-untyped]
     NoNodeError,
     NotEmptyError,
     OperationTimeoutError,
+    RolledBackError,
+    RuntimeInconsistency,
     SessionExpiredError,
 )
 from kazoo.protocol.states import EventType  # type: ignore[import-untyped]
 from kazoo.retry import KazooRetry  # type: ignore[import-untyped]
 from kazoo.security import make_acl, make_digest_acl  # type: ignore[import-untyped]
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, succeed
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    DeferredLock,
+    fail,
+    succeed,
+)
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -437,6 +446,7 @@ class ZooKeeperRegistry(ListingMixin):
         #: uuid -> the full path its instance was last seen at (L{get}).
         self._paths_by_uuid: dict[str, str] = {}
         self._securing: Deferred | None = None
+        self._batch = _CreateBatch(self._zk, self._call, self._reactor)
         self._context = _WatchContext(
             services=f"{self._root}/services",
             get=lambda path, watcher: self._call(self._zk.get_async, path, watch=watcher),
@@ -783,6 +793,7 @@ class ZooKeeperRegistry(ListingMixin):
         paths = set(self._dirty)
         if new_session:
             self._written.clear()
+            self._batch.forget()
             paths.update(self._desired)
             if self._desired:
                 self.log.info(
@@ -1000,7 +1011,8 @@ class ZooKeeperRegistry(ListingMixin):
                 except NoNodeError:
                     del self._written[path]
             try:
-                await self._call(zk.create_async, path, data, ephemeral=True, makepath=True)
+                if not await self._batch.create(path, data):
+                    await self._call(zk.create_async, path, data, ephemeral=True, makepath=True)
                 self._written[path] = session  # type: ignore[assignment]
                 return
             except NodeExistsError:
@@ -1366,6 +1378,168 @@ class _ZooKeeperValueWatch(ValueDelivery):
     def _event(self, event: Any) -> None:
         if event.type != EventType.NONE:
             self.read()
+
+
+#: At most this many creates, and this many bytes, in one transaction.
+BATCH_OPERATIONS = 250
+BATCH_BYTES = 512 * 1024
+
+
+class _CreateBatch:
+    """
+    Gathers the creates of new ephemeral nodes made in one reactor turn
+    into ZooKeeper transactions (C{multi}): one request for up to
+    L{BATCH_OPERATIONS} nodes instead of one each, which is what makes
+    registering thousands of instances fast (kazoo's cost is per request).
+    Missing parents are created first, one transaction per depth.  Whatever
+    a transaction cannot do (a node exists, a parent vanished, ...) is left
+    to the caller's one-at-a-time path.
+    """
+
+    def __init__(self, zk: Any, call: Callable[..., Deferred], reactor: Any) -> None:
+        self._zk = zk
+        self._call = call
+        self._reactor = reactor
+        self._queue: list[tuple[str, bytes, Deferred]] = []
+        self._flush_call: Any = None
+        #: Parents known to exist (they are persistent; pruned ones are
+        #: found out by a failed transaction).
+        self._parents: set[str] = set()
+        self._parents_lock = DeferredLock()
+
+    def create(self, path: str, data: bytes) -> Deferred:
+        """
+        @return: a Deferred firing with C{True} once C{path} was created in a
+            transaction, C{False} if the caller must create it alone; or
+            failing with a connection error.
+        """
+        d: Deferred = Deferred()
+        self._queue.append((path, data, d))
+        if len(self._queue) >= BATCH_OPERATIONS:
+            self._flush()
+        elif self._flush_call is None:
+            self._flush_call = self._reactor.callLater(0, self._flush)
+        return d
+
+    def _flush(self) -> None:
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        items, self._queue = self._queue, []
+        if items:
+            Deferred.fromCoroutine(self._run(items)).addErrback(lambda f: None)
+
+    async def _run(self, items: list[tuple[str, bytes, Deferred]]) -> None:
+        try:
+            # One batch's parents at a time: concurrent ones would race to
+            # make the same parents and fall back to one at a time.
+            await self._parents_lock.acquire()
+            try:
+                await self._make_parents({path.rpartition("/")[0] for path, _, _ in items})
+            finally:
+                self._parents_lock.release()
+        except _CONNECTION_ERRORS:
+            failure = Failure()
+            for _, _, d in items:
+                d.errback(failure)
+            return
+        except Exception:  # noqa: BLE001 - a parent pruned, or refused: one at a time
+            self._parents.clear()
+            for _, _, d in items:
+                d.callback(False)
+            return
+        try:
+            created: set[str] = set()
+            for chunk in _chunks(items):
+                paths = [(path, data) for path, data, _ in chunk]
+                for _ in range(3):
+                    transaction = self._zk.transaction()
+                    for path, data in paths:
+                        transaction.create(path, data, ephemeral=True)
+                    results = await self._call(transaction.commit_async)
+                    if all(isinstance(r, str) for r in results):
+                        created.update(path for path, _ in paths)
+                        break
+                    # All or nothing: drop the operations that failed (an
+                    # existing node, a pruned parent) and try the rest.
+                    failed = {
+                        path
+                        for (path, _), result in zip(paths, results, strict=False)
+                        if not isinstance(result, (str, RolledBackError, RuntimeInconsistency))
+                    }
+                    if not failed:
+                        break
+                    for path in failed:
+                        self._parents.discard(path.rpartition("/")[0])
+                    paths = [(path, data) for path, data in paths if path not in failed]
+        except Exception:  # noqa: BLE001 - each caller decides (retries connection errors)
+            failure = Failure()
+            for _, _, d in items:
+                if not d.called:
+                    d.errback(failure)
+            return
+        for path, _, d in items:
+            d.callback(path in created)
+
+    async def _make_parents(self, parents: set[str]) -> None:
+        missing: set[str] = set()
+        for parent in parents:
+            while parent and parent not in self._parents and parent not in missing:
+                missing.add(parent)
+                parent = parent.rpartition("/")[0]
+        for depth in sorted({p.count("/") for p in missing}):
+            level = sorted(p for p in missing if p.count("/") == depth)
+            for _ in range(3):
+                if not level:
+                    break
+                transaction = self._zk.transaction()
+                for path in level:
+                    transaction.create(path, b"")
+                results = await self._call(transaction.commit_async)
+                failed = [
+                    path
+                    for path, result in zip(level, results, strict=False)
+                    if isinstance(result, NodeExistsError)
+                ]
+                if all(isinstance(r, str) for r in results):
+                    self._parents.update(level)
+                    level = []
+                elif failed:
+                    # Those exist already; the rest were rolled back.
+                    self._parents.update(failed)
+                    level = [p for p in level if p not in failed]
+                else:
+                    break
+            if level:
+                # Still failing (created concurrently, over and over): one
+                # at a time; an existing parent is fine.
+                outcomes = await DeferredList(
+                    [self._call(self._zk.create_async, p, b"") for p in level],
+                    consumeErrors=True,
+                )
+                for path, (ok, value) in zip(level, outcomes, strict=True):
+                    if ok or value.check(NodeExistsError):
+                        self._parents.add(path)
+                    else:
+                        value.raiseException()
+
+    def forget(self) -> None:
+        """
+        A new session: parents may have been pruned meanwhile.
+        """
+        self._parents.clear()
+
+
+def _chunks(items: list[tuple[str, bytes, Deferred]]) -> list[list[tuple[str, bytes, Deferred]]]:
+    chunks: list[list[tuple[str, bytes, Deferred]]] = []
+    size = 0
+    for item in items:
+        if not chunks or len(chunks[-1]) >= BATCH_OPERATIONS or size > BATCH_BYTES:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(item)
+        size += len(item[0]) + len(item[1]) + 64
+    return chunks
 
 
 def _redact(url: str) -> str:
