@@ -150,6 +150,9 @@ class CommandTests(SynchronousTestCase):
         self.assertEqual(lines[0].split()[:4], ["DEPLOYMENT", "STATE", "READY", "DESIRED"])
         self.assertEqual(lines[1].split()[:4], ["Fib", "ok", "3", "3"])
         self.assertIn("127.0.0.2=1 127.0.0.3=1 127.0.0.4=1", lines[1])
+        self.assertIn("Recent placement events:", out)
+        self.assertIn("Fib instance 127.0.0.", out)
+        self.assertIn("started on 127.0.0.", out)
         doc = json.loads(self.sky("deployments", "--json")[1])
         (fib,) = doc["deployments"]
         self.assertEqual((fib["state"], fib["ready"], fib["desired"]), ("ok", 3, 3))

@@ -312,7 +312,20 @@ async def _deployments(args: Any, registry: Any, out: IO[str]) -> int:
             if s.reason or (s.state == "failing" and s.last_error):
                 out.write(f"{s.name}: {s.reason or s.last_error}\n")
     out.write(f"Leader: {leader or 'none (no reconciler is running)'}\n")
+    events = [e for e in stored.events if e.get("kind") != "status"][-5:]
+    if events:
+        out.write("Recent placement events:\n")
+        for event in events:
+            out.write(f"  {_clock(event.get('time'))}  {event.get('message', '')}\n")
     return 0
+
+
+def _clock(seconds: Any) -> str:
+    import time
+
+    if not isinstance(seconds, (int, float)):
+        return "--:--:--"
+    return time.strftime("%H:%M:%S", time.gmtime(seconds))
 
 
 def _rollout_line(status: DeploymentStatus) -> str:
