@@ -431,7 +431,10 @@ def _plain_tcp() -> tuple[type, ...]:
         return ()
     probe = abstract.FileDescriptor.__new__(abstract.FileDescriptor)
     try:
-        abstract.FileDescriptor.__init__(probe)
+        # (newcomer, issue 13: a stand-in reactor, so that importing this
+        # module does not install the global one, which skynet.aio and
+        # other reactors must be free to install first.)
+        abstract.FileDescriptor.__init__(probe, reactor=object())  # type: ignore[arg-type]
     except Exception:
         return ()
     if not isinstance(getattr(probe, "_tempDataBuffer", None), list):

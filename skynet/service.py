@@ -255,6 +255,9 @@ class ServiceHost(MultiService):
 
     log = Logger()
 
+    #: Extra keys of this instance's registry entry (C{skynet.tls}: C{"TLS"}).
+    instance_extra: dict[str, Any] = {}  # security hook (issue 12)
+
     def __init__(
         self,
         service: Service,
@@ -459,6 +462,7 @@ class ServiceHost(MultiService):
             critical_client_count=self.service.critical_client_count,
             critical_average_response_time=self.service.critical_average_response_time,
             pid=os.getpid(),
+            extra=dict(self.instance_extra),  # security hook (issue 12)
         )
 
     # IService

@@ -29,6 +29,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python import usage
 
+from skynet import tls  # security hook (issue 12)
 from skynet.protocol import DEFAULT_MAX_FRAME
 from skynet.service import Service, ServiceHost
 from skynet.taps import (
@@ -125,6 +126,10 @@ class Options(usage.Options):
             reactor, self["listen"], self["admin"]
         )
         self.registry = open_registry(reactor, self["registry"], self["zk-session-timeout"])
+        self.tls = tls.tap_tls(self, reactor)  # security hook (issue 12)
+
+
+tls.add_tls_options(Options, service=True)  # security hook: --tls, --insecure, ...
 
 
 class _SupervisorPipe(Protocol):
@@ -181,11 +186,17 @@ def makeService(options: Options) -> MultiService:
     top = MultiService()
     if options["supervised"]:
         SupervisorWatch(reactor).setServiceParent(top)
+    # security hook (issue 12): TLS listeners, the listening policy.
+    listeners = tls.tap_listeners("skynet-service", options, options.endpoints,
+                                  options.admin_endpoints, registry=options.registry,
+                                  reactor=reactor)  # fmt: skip
+    for extra_service in listeners.services:
+        extra_service.setServiceParent(top)
     host = ServiceHost(
         service,
         options.registry,
-        options.endpoints,
-        options.admin_endpoints,
+        listeners.endpoints,
+        listeners.admin_endpoints,
         reactor=reactor,
         name=options["name"],
         version=options["version"],
@@ -198,6 +209,7 @@ def makeService(options: Options) -> MultiService:
         stats_interval=options["stats-interval"],
         own_registry=True,
     )
+    host.instance_extra = listeners.extra  # security hook (issue 12)
     host.setServiceParent(top)
     return top
 
