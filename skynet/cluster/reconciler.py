@@ -130,7 +130,11 @@ class RpcDaemonExecutor:
         )
 
     def deploy(self, daemon: Instance, run: str, args: list[str]) -> Deferred:
-        d = self._call(daemon, "Deploy", {"service": run, "args": list(args), "registered": True})
+        # (heal, issue 16: Deploy now waits for the child to register by
+        # default; the reconciler tracks readiness itself, so it asks for
+        # the answer at once, as before.)
+        params = {"service": run, "args": list(args), "registered": True, "start_timeout": 0}
+        d = self._call(daemon, "Deploy", params)
         return d.addCallback(lambda answer: str(answer["uuid"]))
 
     def stop(self, daemon: Instance, uuid: str) -> Deferred:
