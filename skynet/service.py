@@ -22,14 +22,21 @@ from typing import Any, ClassVar
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred, succeed
-from twisted.internet.error import CannotListenError
+from twisted.internet.error import CannotListenError, ConnectionDone
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from skynet.protocol import DEFAULT_MAX_FRAME, AdminProtocol, RequestInfo, ServerProtocol, new_id
+from skynet.config import default_reactor
+from skynet.protocol import (
+    AdminProtocol,
+    BufferBudget,
+    RequestInfo,
+    ServerProtocol,
+    new_id,
+)
 from skynet.registry.base import (
     DEFAULT_CRITICAL_AVERAGE_RESPONSE_TIME,
     DEFAULT_CRITICAL_CLIENT_COUNT,
@@ -40,22 +47,52 @@ from skynet.registry.base import (
 #: How many recent response times the percentiles are computed from.
 RESPONSE_TIME_WINDOW = 1024
 
+#: The largest request a service accepts by default (its C{max_frame}); a
+#: service class may set its own C{max_request_size}.
+DEFAULT_MAX_REQUEST = 4 * 1024 * 1024
+
+#: The bytes of unfinished requests all the connections of a service may
+#: hold at once (a connection that would exceed it is closed).
+DEFAULT_BUFFER_BUDGET = 96 * 1024 * 1024
+
+#: Connections a service accepts at once, from anyone and from one address.
+DEFAULT_MAX_CONNECTIONS = 4096
+DEFAULT_MAX_CONNECTIONS_PER_PEER = 256
+
+#: Seconds a new connection has for its handshake, a started frame has to
+#: complete, and a connection may stay silent with nothing in flight.
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_FRAME_TIMEOUT = 30.0
+DEFAULT_IDLE_TIMEOUT = 300.0
+
 #: Go's reference layout C{2006-01-02T15:04:05Z-0700}, as strftime.
 GO_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ%z"
 
 
 def local(f: Callable[..., Any]) -> Callable[..., Any]:
     """
-    Mark a public method of a L{Service} as not remotely callable.
+    Mark a method of a L{Service} as not remotely callable, whatever its
+    name.
     """
     f.__skynet_local__ = True  # type: ignore[attr-defined]
     return f
 
 
+def remote(f: Callable[..., Any]) -> Callable[..., Any]:
+    """
+    Mark a method of a L{Service} whose name does not start with an
+    upper-case letter as remotely callable all the same.
+    """
+    f.__skynet_remote__ = True  # type: ignore[attr-defined]
+    return f
+
+
 def remote_method_names(cls: type) -> list[str]:
     """
-    The names of the remote methods of a service class: its public
-    callables, less those of L{Service} itself and those marked L{local}.
+    The names of the remote methods of a service class, as Go's net/rpc
+    exposes exported names: its callables whose names start with an
+    upper-case letter, and those marked L{remote}; less those of L{Service}
+    itself and those marked L{local}.
     """
     names = []
     for name in dir(cls):
@@ -64,7 +101,9 @@ def remote_method_names(cls: type) -> list[str]:
         value = inspect.getattr_static(cls, name)
         if isinstance(value, (staticmethod, classmethod, property)):
             continue
-        if callable(value) and not getattr(value, "__skynet_local__", False):
+        if not callable(value) or getattr(value, "__skynet_local__", False):
+            continue
+        if name[0].isupper() or getattr(value, "__skynet_remote__", False):
             names.append(name)
     return sorted(names)
 
@@ -73,7 +112,8 @@ class Service:
     """
     Base class of skynet services.
 
-    Every public method of a subclass is a remote method, called as
+    Every method of a subclass whose name starts with an upper-case letter
+    (Go's exported names), or marked L{remote}, is a remote method, called as
     C{method(request_info, params)} with a L{RequestInfo} and the decoded
     parameters, and returning a dict, a Deferred firing with one, or (when
     declared C{async def}) a coroutine.  Raising L{skynet.errors.ServiceError}
@@ -83,6 +123,9 @@ class Service:
     @cvar name: the service name (default: the class name).
     @cvar version: default version (overridden by C{--version}).
     @cvar region: default region (overridden by C{--region}, C{SKYNET_REGION}).
+    @cvar max_request_size: the largest request, in bytes, a client may
+        send (default L{DEFAULT_MAX_REQUEST}; a larger one closes its
+        connection).
     @ivar host: the L{ServiceHost} serving this object, set before
         L{on_started}.
     """
@@ -92,6 +135,7 @@ class Service:
     region: ClassVar[str | None] = None
     critical_client_count: ClassVar[int] = DEFAULT_CRITICAL_CLIENT_COUNT
     critical_average_response_time: ClassVar[float] = DEFAULT_CRITICAL_AVERAGE_RESPONSE_TIME
+    max_request_size: ClassVar[int] = DEFAULT_MAX_REQUEST
 
     host: "ServiceHost"
 
@@ -208,11 +252,59 @@ def go_time(t: float) -> str:
 
 
 class _ServiceFactory(Factory):
+    """
+    Builds the connections of a service, refusing those beyond its limits
+    (in all, and from one peer address).
+    """
+
+    log = Logger()
+
     def __init__(self, host: "ServiceHost") -> None:
         self.host = host
+        self.open = 0
+        self.per_peer: dict[str, int] = {}
+        self.refused = 0
 
-    def buildProtocol(self, addr: Any) -> ServerProtocol:
-        return ServerProtocol(self.host)
+    def buildProtocol(self, addr: Any) -> ServerProtocol | None:
+        host = self.host
+        peer = getattr(addr, "host", "")
+        from_peer = self.per_peer.get(peer, 0)
+        if self.open >= host.max_connections or from_peer >= host.max_connections_per_peer:
+            self.refused += 1
+            if self.refused & (self.refused - 1) == 0:  # 1st, 2nd, 4th, 8th...
+                self.log.warn(
+                    "{service} refused a connection from {peer}: {open} open,"
+                    " {from_peer} from that address ({refused} refused so far)",
+                    service=host.service_name,
+                    peer=peer,
+                    open=self.open,
+                    from_peer=from_peer,
+                    refused=self.refused,
+                )
+            return None
+        self.open += 1
+        self.per_peer[peer] = from_peer + 1
+        protocol = _CountedServerProtocol(host)
+        protocol.factory_release = lambda: self._release(peer)
+        return protocol
+
+    def _release(self, peer: str) -> None:
+        self.open -= 1
+        left = self.per_peer.get(peer, 1) - 1
+        if left > 0:
+            self.per_peer[peer] = left
+        else:
+            self.per_peer.pop(peer, None)
+
+
+class _CountedServerProtocol(ServerProtocol):
+    factory_release: Callable[[], None] | None = None
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        release, self.factory_release = self.factory_release, None
+        if release is not None:
+            release()
+        super().connectionLost(reason)
 
 
 class _AdminFactory(Factory):
@@ -249,6 +341,18 @@ class ServiceHost(MultiService):
     @param admin_endpoints: likewise for the admin listener, or empty.
     @param stop_process: called when an admin C{Stop} asks the process to
         end (default: stop the reactor).
+    @param max_frame: the largest request accepted (default: the service
+        class's C{max_request_size}).
+    @param max_connections: connections accepted at once; beyond, new ones
+        are closed at once.
+    @param max_connections_per_peer: the same, from one peer address.
+    @param handshake_timeout: seconds a new connection has to send its
+        handshake.
+    @param frame_timeout: seconds a started request frame has to complete.
+    @param idle_timeout: seconds a connection may stay silent with nothing
+        in flight (L{None}: forever).
+    @param buffer_budget: bytes of unfinished requests all connections may
+        hold at once.
     """
 
     log = Logger()
@@ -267,8 +371,13 @@ class ServiceHost(MultiService):
         uuid: str | None = None,
         registered: bool = True,
         advertise_host: str | None = None,
-        max_frame: int = DEFAULT_MAX_FRAME,
-        handshake_timeout: float | None = 60.0,
+        max_frame: int | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_connections_per_peer: int = DEFAULT_MAX_CONNECTIONS_PER_PEER,
+        handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+        frame_timeout: float | None = DEFAULT_FRAME_TIMEOUT,
+        idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+        buffer_budget: int = DEFAULT_BUFFER_BUDGET,
         stats_interval: float = 5.0,
         drain_timeout: float = 10.0,
         stop_process: Callable[[], Any] | None = None,
@@ -276,10 +385,7 @@ class ServiceHost(MultiService):
         client: Any = None,
     ) -> None:
         super().__init__()
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
+        reactor = default_reactor(reactor)
         self.reactor = reactor
         self.service = service
         self.registry = registry
@@ -292,8 +398,13 @@ class ServiceHost(MultiService):
         self.uuid = uuid or new_id()
         self.registered = registered
         self.advertise_host = advertise_host
-        self.max_frame = max_frame
+        self.max_frame = max_frame if max_frame is not None else cls.max_request_size
+        self.max_connections = max_connections
+        self.max_connections_per_peer = max_connections_per_peer
         self.handshake_timeout = handshake_timeout
+        self.frame_timeout = frame_timeout
+        self.idle_timeout = idle_timeout
+        self.buffer_budget = BufferBudget(buffer_budget)
         self.stats_interval = stats_interval
         self.drain_timeout = drain_timeout
         self.own_registry = own_registry

@@ -29,7 +29,6 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python import usage
 
-from skynet.protocol import DEFAULT_MAX_FRAME
 from skynet.service import Service, ServiceHost
 from skynet.taps import (
     ZK_SESSION_TIMEOUT_OPTION,
@@ -84,7 +83,9 @@ class Options(usage.Options):
         ZK_SESSION_TIMEOUT_OPTION,
         ["uuid", None, None, "Instance uuid (default: a new one; the daemon passes its own)."],
         ["host", None, None, "Address to advertise (default: the listener's interface)."],
-        ["max-frame", None, DEFAULT_MAX_FRAME, "Largest accepted BSON document, in bytes."],
+        ["max-frame", None, None,
+         "Largest accepted request, in bytes (default: the service class's max_request_size, "
+         "4 MiB unless it says otherwise)."],  # fmt: skip
         ["drain-timeout", None, 10.0, "Seconds to let requests in flight finish on stop."],
         ["stats-interval", None, 5.0, "Seconds between statistics updates in the registry."],
     ]  # fmt: skip
@@ -116,9 +117,10 @@ class Options(usage.Options):
         if not self["service"]:
             raise usage.UsageError("--service module:Class is required")
         self.service_class = load_service_class(self["service"])
-        self["max-frame"] = positive("max-frame", self["max-frame"], int)
-        if self["max-frame"] < 5:
-            raise usage.UsageError("--max-frame must be at least 5")
+        if self["max-frame"] is not None:
+            self["max-frame"] = positive("max-frame", self["max-frame"], int)
+            if self["max-frame"] < 5:
+                raise usage.UsageError("--max-frame must be at least 5")
         self["drain-timeout"] = positive("drain-timeout", self["drain-timeout"], zero=True)
         self["stats-interval"] = positive("stats-interval", self["stats-interval"])
         self.endpoints, self.admin_endpoints = service_endpoints(

@@ -20,8 +20,8 @@ from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from skynet.errors import ProtocolError, RemoteCallError, ServiceError, ServiceUnregistered
+from skynet import _wire
 from skynet.protocol import (
-    _PLAIN_TCP,
     EMPTY_DOCUMENT,
     AdminProtocol,
     ClientProtocol,
@@ -824,7 +824,7 @@ class WriteNowTests(TestCase):
             TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), Protocol()
         )
         transport = client.transport
-        self.assertIn(type(transport), _PLAIN_TCP)
+        self.assertIn(type(transport), _wire.plain_tcp())
         write_now(transport, b"now")
         # Sent already: nothing waits in Twisted's buffer for the reactor.
         self.assertEqual((transport.dataBuffer[transport.offset :], transport._tempDataBuffer),
