@@ -56,6 +56,20 @@ def split_documents(data: bytes) -> list[bytes]:
     return docs
 
 
+def split_whole(data: bytes) -> int:
+    """
+    How many whole documents (by their length prefixes) start C{data}.
+    """
+    count = offset = 0
+    while offset + 4 <= len(data):
+        (length,) = struct.unpack_from("<i", data, offset)
+        if length < 5 or offset + length > len(data):
+            break
+        count += 1
+        offset += length
+    return count
+
+
 def c2s(vector: dict[str, Any]) -> bytes:
     return bytes.fromhex(vector["client_to_server_hex"])
 
