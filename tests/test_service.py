@@ -6,18 +6,24 @@ registration at run time and graceful stop, on a fake clock.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 from twisted.internet.defer import fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from examples.fibonacci import Fibonacci
 from examples.sleeper import Sleeper
 from examples.testservice import TestService
-from skynet.errors import ServiceError, ServiceUnregistered
+from skynet.errors import RemoteCallError, ServiceError, ServiceUnregistered
 from skynet.registry import Query
 from skynet.registry.memory import MemoryRegistry
-from skynet.service import Service, ServiceStats, go_time, local, remote_method_names
+from skynet.service import Service, ServiceStats, go_time, local, remote, remote_method_names
 from skynet.testing import LocalCluster, MemoryServerEndpoint
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class Hooks(Service):
@@ -58,6 +64,41 @@ class RemoteMethodTests(SynchronousTestCase):
     def test_public_methods_only(self) -> None:
         self.assertEqual(remote_method_names(Hooks), ["Ping"])
         self.assertEqual(remote_method_names(Sleeper), ["Sleep"])
+
+    def test_exported_names_and_marked_methods(self) -> None:
+        """
+        As in Go's net/rpc, names starting with an upper-case letter are
+        remote; a lower-case one only when marked L{remote}; an upper-case
+        one marked L{local} is not.
+        """
+
+        class Mixed(Service):
+            def Exported(self, request_info, params):
+                return {}
+
+            def helper(self, request_info, params):
+                return {}
+
+            @remote
+            def lower(self, request_info, params):
+                return {}
+
+            @local
+            def Hidden(self, request_info, params):
+                return {}
+
+        self.assertEqual(remote_method_names(Mixed), ["Exported", "lower"])
+
+    def test_fibonacci_helper_not_callable_over_the_wire(self) -> None:
+        self.assertEqual(remote_method_names(Fibonacci), ["Index"])
+        cluster = LocalCluster()
+        self.addCleanup(cluster.stop)
+        cluster.add(Fibonacci())
+        f = self.failureResultOf(cluster.call("Fibonacci", "value", {"index": 3}), RemoteCallError)
+        self.assertEqual(str(f.value), 'No such method "value"')
+        result = cluster.call("Fibonacci", "Index", {"index": 10})
+        cluster.settle()
+        self.assertEqual(self.successResultOf(result), {"index": 10, "value": 55})
 
     def test_defaults(self) -> None:
         cluster = LocalCluster()
@@ -237,3 +278,23 @@ class StatisticsTests(SynchronousTestCase):
                     "P99ResponseTime"):  # fmt: skip
             self.assertIn(key, stats)
         self.successResultOf(cluster.stop())
+
+
+class ImportTests(SynchronousTestCase):
+    def test_importing_installs_no_reactor(self) -> None:
+        """
+        C{skynet.client} and C{skynet.service} can be imported before a
+        reactor is chosen: the asyncio reactor installs afterwards.
+        """
+        code = (
+            "import sys, skynet.client, skynet.service, skynet.protocol\n"
+            "assert 'twisted.internet.reactor' not in sys.modules, 'reactor installed'\n"
+            "from twisted.internet import asyncioreactor\n"
+            "asyncioreactor.install()\n"
+            "from twisted.internet import reactor\n"
+            "print(type(reactor).__name__)\n"
+        )
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=60, cwd=ROOT)  # fmt: skip
+        self.assertEqual((done.returncode, done.stderr), (0, ""))
+        self.assertEqual(done.stdout.strip(), "AsyncioSelectorReactor")
