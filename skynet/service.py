@@ -427,6 +427,7 @@ class ServiceHost(MultiService):
         self._stopping: Deferred | None = None
         self._started: Deferred | None = None
         self._retry_call: Any = None
+        self._registry_starting = False
         service.host = self
 
     # Dispatcher (see skynet.protocol.IDispatcher)
@@ -608,6 +609,12 @@ class ServiceHost(MultiService):
             return
         try:
             if self.own_registry and not self.registry_started:
+                # This host stops the registry it owns, last (see _stop): a
+                # registry that would stop itself at shutdown must not, or
+                # the unregistration and removal would find it stopped.
+                if hasattr(self.registry, "stop_at_shutdown"):
+                    self.registry.stop_at_shutdown = False
+                self._registry_starting = True
                 await self.registry.start()
                 self.registry_started = True
             await self.registry.add(self.instance)
@@ -716,7 +723,7 @@ class ServiceHost(MultiService):
         await self._hook(self.service.on_stopped)
         if self._own_client and self._client is not None:
             await self._client.stop()
-        if self.own_registry and self.registry_started:
+        if self.own_registry and (self.registry_started or self._registry_starting):
             await self.registry.stop()
         await super().stopService()
         self.log.info(

@@ -6,8 +6,10 @@ registration at run time and graceful stop, on a fake clock.
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from twisted.internet.defer import fail, succeed
@@ -298,3 +300,36 @@ class ImportTests(SynchronousTestCase):
                               timeout=60, cwd=ROOT)  # fmt: skip
         self.assertEqual((done.returncode, done.stderr), (0, ""))
         self.assertEqual(done.stdout.strip(), "AsyncioSelectorReactor")
+
+
+class ZooKeeperShutdownTests(SynchronousTestCase):
+    """
+    A real twistd service on a real ZooKeeper, stopped with SIGTERM: it
+    unregisters and drains while its registry is still up, then removes
+    itself and closes the registry; nothing critical is logged.
+    """
+
+    def test_sigterm_leaves_cleanly(self) -> None:
+        from tests.processes import ServiceProcess
+        from tests.zkserver import ZooKeeperCluster
+
+        zk = ZooKeeperCluster(1).start()
+        self.addCleanup(zk.close)
+        process = ServiceProcess(
+            "examples.testservice:TestService",
+            zk.url("/skynet-shutdown"),
+            env={"SKYNET_HOME": self.mktemp()},
+        ).start()
+        self.addCleanup(process.stop)
+        deadline = time.monotonic() + 60
+        while "Connected to ZooKeeper" not in process.output():
+            self.assertLess(time.monotonic(), deadline, process.output())
+            self.assertIsNone(process.popen.poll(), process.output())
+            time.sleep(0.1)
+        time.sleep(1.0)  # registered; the first statistics are published
+        process.kill(signal.SIGTERM)
+        self.assertIn(process.wait(30), (0, -signal.SIGTERM))
+        log = process.output()
+        self.assertIn("stopped", log)
+        for bad in ("Traceback", "CRITICAL", "critical", "could not update", "could not remove"):
+            self.assertNotIn(bad, log)
