@@ -526,7 +526,7 @@ def _probe_plain_tcp() -> tuple[type, ...]:
         return ()
     probe = abstract.FileDescriptor.__new__(abstract.FileDescriptor)
     try:
-        abstract.FileDescriptor.__init__(probe, reactor=object())
+        abstract.FileDescriptor.__init__(probe, reactor=object())  # type: ignore[arg-type]
     except Exception:
         return ()
     if not isinstance(getattr(probe, "_tempDataBuffer", None), list):
@@ -560,3 +560,24 @@ def write_now(transport: Any, data: bytes) -> None:
             return
         data = data[sent:]
     transport.write(data)
+
+
+def count_elements(data: bytes) -> int:
+    """
+    The number of elements of the BSON document C{data}, those of nested
+    documents and arrays included.  Run in a worker process: decoding a
+    large document holds the GIL for as long as it takes.
+
+    @raise Exception: whatever C{bson.decode} raises for C{data}.
+    """
+    total = 0
+    stack: list[Any] = [_decode(data)]
+    while stack:
+        value = stack.pop()
+        if type(value) is dict:
+            total += len(value)
+            stack.extend(value.values())
+        elif type(value) is list:
+            total += len(value)
+            stack.extend(value)
+    return total

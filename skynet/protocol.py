@@ -418,6 +418,8 @@ class IDispatcher(TypingProtocol):
     @ivar frame_timeout: seconds a started frame may take to complete.
     @ivar buffer_budget: the bytes of unfinished frames all connections
         may hold together, or L{None}.
+    @ivar max_request_elements: the most BSON elements a request may hold,
+        or L{None}.
     """
 
     service_name: str
@@ -427,6 +429,7 @@ class IDispatcher(TypingProtocol):
     idle_timeout: float | None
     frame_timeout: float | None
     buffer_budget: BufferBudget | None
+    max_request_elements: int | None
 
     def client_connected(self, protocol: "ServerProtocol") -> None: ...
 
@@ -439,6 +442,20 @@ class IDispatcher(TypingProtocol):
     def request_started(self) -> float: ...
 
     def request_finished(self, started: float, failed: bool) -> None: ...
+
+    def request_released(self) -> None:
+        """
+        A request started is no longer in flight, but not served either (it
+        goes on as a new request).
+        """
+
+    def count_elements(self, data: bytes) -> Deferred:
+        """
+        The number of elements of the BSON document C{data}, nested ones
+        included, counted off the reactor thread.
+
+        @raise Exception: if no count can be started now.
+        """
 
     def call_later(self, delay: float, f: Callable[..., Any]) -> Any: ...
 
@@ -546,7 +563,7 @@ class ServerProtocol(FrameProtocol):
         self.dispatcher.client_connected(self)
         timeout = self.dispatcher.handshake_timeout
         if timeout:
-            self._timeout = self.call_later(timeout, self._handshake_timed_out)
+            self._timeout = self.dispatcher.call_later(timeout, self._handshake_timed_out)
 
     # IPushProducer: our transport tells us when its write buffer is full.
 
@@ -582,7 +599,7 @@ class ServerProtocol(FrameProtocol):
             self.close_connection()
             return
         self._idle_reads = self._reads
-        self._idle_timer = self.call_later(timeout, self._idle_check)
+        self._idle_timer = self.dispatcher.call_later(timeout, self._idle_check)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self._closing = True
@@ -644,7 +661,7 @@ class ServerProtocol(FrameProtocol):
             idle = self.dispatcher.idle_timeout
             if idle:
                 self._idle_reads = self._reads
-                self._idle_timer = self.call_later(idle, self._idle_check)
+                self._idle_timer = self.dispatcher.call_later(idle, self._idle_check)
 
     def _read_header(self, frame: bytes) -> None:
         try:
@@ -667,15 +684,23 @@ class ServerProtocol(FrameProtocol):
         self.log.error("closing connection from {peer}: {why}", peer=self._peer, why=why)
         self.close_connection()
 
-    def _dispatch(self, servicemethod: str, seq: int, frame: bytes) -> None:
+    def _dispatch(self, servicemethod: str, seq: int, frame: bytes, checked: bool = False) -> None:
         dispatcher = self.dispatcher
         if servicemethod != self._forward:
             error = route_error(servicemethod, dispatcher.service_name)
             self._send_error(servicemethod, seq, error or ill_formed(servicemethod))
             return
         fast = self._layout.read_body(frame)
+        fast_method = dispatcher.find_method(fast[0]) if fast is not None else None
+        limit = dispatcher.max_request_elements
+        if limit and checked is False:
+            data = fast[3] if fast_method is not None else frame  # type: ignore[index]
+            # Each element has a name ending in NUL: no more NULs, no more
+            # elements, and no need for the exact count off this process.
+            if len(data) > limit and data.count(0) > limit:
+                self._check_elements(servicemethod, seq, frame, data, limit)
+                return
         if fast is not None:
-            fast_method = dispatcher.find_method(fast[0])
             if fast_method is not None:
                 try:
                     fast_params = _decode(fast[3])
@@ -730,6 +755,50 @@ class ServerProtocol(FrameProtocol):
         else:
             info = RequestInfo("", 0, self._peer, self._peer)
         self._invoke(method, info, params, servicemethod, seq)
+
+    def _check_elements(
+        self, servicemethod: str, seq: int, frame: bytes, data: bytes, limit: int
+    ) -> None:
+        """
+        Count the elements of a large request off the reactor (decoding a
+        million of them takes most of a second), and dispatch it only if
+        there are at most C{limit}.  It is in flight meanwhile.
+        """
+        dispatcher = self.dispatcher
+        started = dispatcher.request_started()
+        self.in_flight += 1
+
+        def refuse(error: str) -> None:
+            self.in_flight -= 1
+            try:
+                if self._state != _CLOSED:
+                    self._send_error(servicemethod, seq, error)
+            finally:
+                dispatcher.request_finished(started, True)
+
+        def counted(count: int) -> None:
+            if count > limit:
+                refuse(f"request has {count} elements, more than the {limit} this service takes")
+                return
+            self.in_flight -= 1
+            try:
+                if self._state != _CLOSED:
+                    self._dispatch(servicemethod, seq, frame, checked=True)
+                    self.flush()
+            except Exception:
+                self.log.failure("request from {peer} (seq {seq}) failed", peer=self._peer, seq=seq)
+                self._send_error(servicemethod, seq, "rpc: internal error of the service")
+            finally:
+                dispatcher.request_released()
+
+        try:
+            d = dispatcher.count_elements(data)
+        except Exception as e:
+            refuse(f"rpc: cannot take this request now: {e}")
+            return
+        d.addCallbacks(
+            counted, lambda f: refuse(f"{f.getErrorMessage() or 'Document is corrupted'}")
+        )
 
     def _invoke(
         self,
@@ -1061,7 +1130,12 @@ class ClientProtocol(FrameProtocol):
             Cancelling it forgets the call (the answer is dropped).
         """
         sent: list[int] = []
-        d: Deferred = Deferred(lambda _: sent and self.forget(sent[0]))
+
+        def cancel(_: Deferred) -> None:
+            if sent:
+                self.forget(sent[0])
+
+        d: Deferred = Deferred(cancel)
         sent.append(self.send(method, params if encoded else _encode(params), request_info, d))
         return d
 

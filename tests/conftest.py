@@ -37,7 +37,7 @@ SLOW_CLASSES = {
         "ZooKeeperConformanceTests",
     },
     "test_web": {"DashboardTapTests"},
-    "test_service": {"ImportTests", "ZooKeeperShutdownTests"},
+    "test_service": {"ImportTests", "ZooKeeperShutdownTests", "ElementCounterTests"},
     "test_config": {"ConfigTests"},
     "test_fuzz": {"RealServiceFuzzTests"},
 }

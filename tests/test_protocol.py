@@ -16,6 +16,7 @@ from bson.int64 import Int64
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
@@ -642,6 +643,74 @@ class ServerBehaviourTests(SynchronousTestCase):
         self.assertEqual(self.transport.producerState, "paused")
         self.protocol.resumeProducing()
         self.assertEqual(self.transport.producerState, "producing")
+
+    def many_elements(self, count: int) -> bytes:
+        elements = b"\x0aa\x00" * count
+        return (len(elements) + 5).to_bytes(4, "little") + elements + b"\x00"
+
+    def fake_counter(self) -> list:
+        counts: list = []
+
+        def count_elements(data: bytes) -> Deferred:
+            d: Deferred = Deferred()
+            counts.append((data, d))
+            return d
+
+        self.host.count_elements = count_elements  # type: ignore[method-assign]
+        return counts
+
+    def test_request_with_too_many_elements_refused_without_decoding(self) -> None:
+        """
+        A request that may hold more elements than the service takes is
+        counted off the reactor first (it is in flight meanwhile), and
+        refused with an error if it does; the connection serves on.
+        """
+        counts = self.fake_counter()
+        self.protocol.dataReceived(
+            bson.encode({"servicemethod": "Echo.Forward", "seq": Int64(8)})
+            + self.many_elements(30_000)
+        )
+        [(data, d)] = counts
+        self.assertEqual(data[:4], (30_000 * 3 + 5).to_bytes(4, "little"))
+        self.assertEqual((self.responses(), self.host.stats.in_flight), ([], 1))
+        d.callback(30_000)
+        [(header, _)] = self.responses()
+        self.assertEqual(
+            (header["seq"], header["error"]),
+            (8, "request has 30000 elements, more than the 20000 this service takes"),
+        )
+        self.assertEqual(self.host.stats.in_flight, 0)
+        self.assert_still_serving()
+
+    def test_large_request_with_few_elements_served(self) -> None:
+        counts = self.fake_counter()
+        self.request("Echo", {"blob": b"\x00" * 100_000}, seq=5)
+        [(data, d)] = counts
+        self.assertEqual(bson.decode(data), {"blob": b"\x00" * 100_000})  # the params
+        d.callback(1)
+        [(header, body)] = self.responses()
+        self.assertEqual((header["seq"], header["error"]), (5, ""))
+        self.assertEqual(bson.decode(body["out"]), {"blob": b"\x00" * 100_000})
+        self.assertEqual((self.host.stats.in_flight, self.host.stats.requests_served), (0, 1))
+
+    def test_small_requests_not_counted(self) -> None:
+        counts = self.fake_counter()
+        self.request("Echo", {"k": list(range(100))})
+        self.assertEqual(counts, [])
+        self.assertEqual(len(self.responses()), 1)
+
+    def test_busy_counter_refuses_at_once(self) -> None:
+        def busy(data: bytes) -> Deferred:
+            raise RuntimeError("8 large requests are waiting to be checked")
+
+        self.host.count_elements = busy  # type: ignore[method-assign]
+        self.protocol.dataReceived(
+            bson.encode({"servicemethod": "Echo.Forward", "seq": Int64(2)})
+            + self.many_elements(30_000)
+        )
+        [(header, _)] = self.responses()
+        self.assertIn("cannot take this request now", header["error"])
+        self.assertEqual(self.host.stats.in_flight, 0)
 
     def test_missing_requestinfo_tolerated(self) -> None:
         self.request("Info", requestinfo=False)

@@ -12,9 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+import bson
+from bson.errors import InvalidBSON
 from twisted.internet.defer import fail, succeed
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from examples.fibonacci import Fibonacci
 from examples.sleeper import Sleeper
@@ -22,7 +24,15 @@ from examples.testservice import TestService
 from skynet.errors import RemoteCallError, ServiceError, ServiceUnregistered
 from skynet.registry import Query
 from skynet.registry.memory import MemoryRegistry
-from skynet.service import Service, ServiceStats, go_time, local, remote, remote_method_names
+from skynet.service import (
+    ElementCounter,
+    Service,
+    ServiceStats,
+    go_time,
+    local,
+    remote,
+    remote_method_names,
+)
 from skynet.testing import LocalCluster, MemoryServerEndpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -333,3 +343,21 @@ class ZooKeeperShutdownTests(SynchronousTestCase):
         self.assertIn("stopped", log)
         for bad in ("Traceback", "CRITICAL", "critical", "could not update", "could not remove"):
             self.assertNotIn(bad, log)
+
+
+class ElementCounterTests(TestCase):
+    """
+    The real worker process counts elements, nested ones included, and
+    reports documents it cannot decode.
+    """
+
+    async def test_counts_in_a_worker(self) -> None:
+        from twisted.internet import reactor
+
+        counter = ElementCounter(reactor)
+        self.addCleanup(counter.stop)
+        doc = bson.encode({"a": [1, 2, {"b": None}], "c": {"d": 1}})
+        self.assertEqual(await counter.count(doc), 7)  # a, c; 1, 2, {}; b; d
+        with self.assertRaises(InvalidBSON):
+            await counter.count(b"\x0a\x00\x00\x00\x99bad\x00\x00")
+        self.assertEqual(counter.pending, 0)
