@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup cluster test lint bench bench-peers bench-compare chaos chaos-sigstop bench-discovery clean
+.PHONY: setup cluster test lint bench bench-peers bench-compare chaos chaos-sigstop bench-discovery fuzz clean
 
 # Pyro5 and gRPC-Python, the peers of the RPC comparison, in an environment of
 # their own (never dependencies of skynet).
@@ -52,6 +52,12 @@ chaos-sigstop: setup
 
 bench-discovery: setup
 	$(BIN)/python -m benchmarks.discovery --backends embedded,zookeeper
+
+# A long structured fuzz of a real service (tests/test_fuzz.py): prints cases
+# per second and findings; FUZZ_CASES=N for a longer or shorter run.
+FUZZ_CASES ?= 20000
+fuzz: setup
+	$(BIN)/python -m tests.test_fuzz --cases $(FUZZ_CASES)
 
 clean:
 	rm -rf $(VENV) benchmarks/.venv build *.egg-info
