@@ -221,7 +221,7 @@ def attack_pipeline(port: int, end: float, count: int = 100_000) -> list[float]:
     return _hold([sock], started, end)
 
 
-def attack_idle(port: int, end: float, count: int = 1014) -> list[float]:
+def attack_idle(port: int, end: float, count: int = 1100) -> list[float]:
     """
     C{count} connections complete the handshake, then say nothing.
     """

@@ -544,7 +544,8 @@ def write_now(transport: Any, data: bytes) -> None:
     """
     types = _plain_tcp_types if _plain_tcp_types is not None else plain_tcp()
     if (
-        type(transport) in types
+        FAST
+        and type(transport) in types
         and transport.connected
         and not transport.disconnecting
         and not transport.TLS
@@ -562,22 +563,49 @@ def write_now(transport: Any, data: bytes) -> None:
     transport.write(data)
 
 
-def count_elements(data: bytes) -> int:
+class _CountingDocument(dict):  # type: ignore[type-arg]
+    """
+    A decoded document that counts every element set in it, duplicate
+    names included (a plain dict keeps one of a million C{"a"}s).
+    """
+
+    elements = 0
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        _CountingDocument.elements += 1
+        super().__setitem__(key, value)
+
+
+_COUNTING = bson.CodecOptions(document_class=_CountingDocument)
+
+
+def count_elements(data: bytes, depth: int = 0) -> int:
     """
     The number of elements of the BSON document C{data}, those of nested
-    documents and arrays included.  Run in a worker process: decoding a
-    large document holds the GIL for as long as it takes.
+    documents and arrays included, and those of binary values that hold a
+    document (as C{in} holds the parameters).  Run in a worker process:
+    decoding a large document holds the GIL for as long as it takes.
 
     @raise Exception: whatever C{bson.decode} raises for C{data}.
     """
-    total = 0
-    stack: list[Any] = [_decode(data)]
+    _CountingDocument.elements = 0
+    doc = bson.decode(data, codec_options=_COUNTING)
+    total = _CountingDocument.elements
+    stack: list[Any] = [doc]
+    nested: list[bytes] = []
     while stack:
         value = stack.pop()
-        if type(value) is dict:
-            total += len(value)
+        if isinstance(value, dict):
             stack.extend(value.values())
         elif type(value) is list:
             total += len(value)
             stack.extend(value)
+        elif isinstance(value, bytes) and len(value) >= 5 and depth < 2:
+            if unpack_length(value, 0)[0] == len(value) and value[-1] == 0:
+                nested.append(value)
+    for inner in nested:
+        try:
+            total += count_elements(inner, depth + 1)
+        except Exception:
+            pass  # a blob, not a document: the method gets it as bytes
     return total

@@ -22,6 +22,7 @@ SLOW_MODULES = {
     "test_cluster",
     "test_dashboard_browser",
     "test_examples",
+    "test_fuzz_attacks",
     "test_sky",
     "test_ssh_shell",
     "test_zookeeper_cluster",

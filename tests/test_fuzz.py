@@ -309,6 +309,69 @@ class InMemoryFuzzTests(SynchronousTestCase):
         self.assertTrue(any(not c.startswith(EMPTY_DOCUMENT) for c in cases))
 
 
+class MaliciousServiceFuzzTests(SynchronousTestCase):
+    """
+    A hostile service against the client: whatever it answers, nothing
+    raises out of the client's protocol, each call ends exactly once (at
+    the latest when the connection is lost), and an answer the client
+    cannot decode fails its call as connection trouble, never as a service
+    error, so that a client retries elsewhere.
+    """
+
+    @settings(max_examples=CASES or 200, deadline=None)
+    @given(st.randoms(use_true_random=False), st.integers(1, 4))
+    def test_hostile_answers(self, rnd: random.Random, calls: int) -> None:
+        from twisted.internet.testing import StringTransport
+
+        from skynet.errors import ConnectionFailed, RemoteCallError, ServiceError
+        from skynet.protocol import ClientProtocol, encode_response_body
+
+        protocol = ClientProtocol(SERVICE)
+        protocol.ready.addErrback(lambda f: None)  # a refused handshake is a fine outcome
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        handshake = {"name": SERVICE, "registered": True, "clientid": CLIENTID}
+        if rnd.random() < 0.2:
+            handshake[rnd.choice(["name", "registered", "clientid"])] = odd_value(rnd)
+        protocol.dataReceived(damage(rnd, bson.encode(handshake)) if rnd.random() < 0.2
+                              else bson.encode(handshake))  # fmt: skip
+        outcomes: list[list] = []
+        for _ in range(calls if protocol.ready.called and not transport.disconnecting else 0):
+            try:
+                d = protocol.call("Add", {"a": 1}, RequestInfo("x"))
+            except ConnectionFailed:
+                break
+            outcome: list = []
+            d.addBoth(outcome.append)
+            outcomes.append(outcome)
+        answers = []
+        for seq in range(calls + 1):
+            head = bson.encode({"servicemethod": f"{SERVICE}.Forward", "seq": Int64(seq),
+                                "error": rnd.choice(["", "", "rpc: nope"])})  # fmt: skip
+            out = bson.encode({"sum": odd_value(rnd)}) if rnd.random() < 0.7 else odd_value(rnd)
+            try:
+                body = encode_response_body(out, rnd.choice(["", "", "failed"]))
+            except (TypeError, AttributeError):
+                body = bson.encode({"out": out})
+            answers.append(damage(rnd, head) + damage(rnd, body))
+        stream = b"".join(answers)
+        with capturedLogs():
+            for cut in sorted(rnd.sample(range(len(stream) + 1), 3)) + [len(stream)]:
+                protocol.dataReceived(stream[:cut])
+                stream = stream[cut:]
+            protocol.connectionLost(Failure(ConnectionDone()))
+        for outcome in outcomes:
+            self.assertEqual(len(outcome), 1)
+            result = outcome[0]
+            if isinstance(result, Failure):
+                self.assertTrue(result.check(ConnectionFailed, RemoteCallError, ServiceError),
+                                result)  # fmt: skip
+                if result.check(ServiceError):
+                    self.assertEqual(str(result.value), "failed")
+            else:
+                self.assertIsInstance(result, dict)
+
+
 # -- against a real service
 
 
