@@ -29,6 +29,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python import usage
 
+from skynet.config import default_reactor
 from skynet.service import Service, ServiceHost
 from skynet.taps import (
     ZK_SESSION_TIMEOUT_OPTION,
@@ -112,8 +113,7 @@ class Options(usage.Options):
         self["version"] = version
 
     def postOptions(self) -> None:
-        from twisted.internet import reactor
-
+        reactor = default_reactor()
         if not self["service"]:
             raise usage.UsageError("--service module:Class is required")
         self.service_class = load_service_class(self["service"])
@@ -172,8 +172,7 @@ def makeService(options: Options) -> MultiService:
     """
     The service host (and, if supervised, the pipe watch) for twistd.
     """
-    from twisted.internet import reactor
-
+    reactor = default_reactor()
     service = options.service_class()
     top = MultiService()
     if options["supervised"]:
