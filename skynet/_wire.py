@@ -481,6 +481,9 @@ class ClientLayout:
         """
         The C{out} bytes of C{{out: binary, errstring: ""}} exactly, or
         L{None} for any other document (short ones included).
+
+        @param frame: a whole frame as L{skynet.protocol.FrameProtocol}
+            delivers it: its length prefix is its length.
         """
         if (
             self.fast
@@ -488,10 +491,9 @@ class ClientLayout:
             and frame[4:9] == OUT
             and frame[13] == 0
             and frame.endswith(OK_BODY_SUFFIX)
-            and unpack_length(frame, 0)[0] == len(frame)
         ):
             n = unpack_length(frame, 9)[0]
-            if n >= 0 and len(frame) == 14 + n + _OK_BODY_SUFFIX_LENGTH:
+            if len(frame) == 14 + n + _OK_BODY_SUFFIX_LENGTH:
                 return frame[14 : 14 + n]
         return None
 

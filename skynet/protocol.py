@@ -233,7 +233,6 @@ class FrameProtocol(Protocol):
     _needed = 0
     _closing = False
     _batch: list[bytes] | None = None
-    _reads = 0
     _charged = 0
     _frame_timer: Any = None
 
@@ -254,7 +253,6 @@ class FrameProtocol(Protocol):
             write_now(self.transport, batch[0] if len(batch) == 1 else b"".join(batch))
 
     def dataReceived(self, data: bytes) -> None:
-        self._reads += 1
         if self._batch is not None:
             self._data_received(data)
             return
@@ -535,10 +533,16 @@ class ServerProtocol(FrameProtocol):
         self._timeout: Any = None
         self._idle_timer: Any = None
         self._idle_reads = 0
+        self._requests = 0
         self._peer = ""
         self._closed_waiters: list[Deferred] = []
         self._layout = ServerLayout(dispatcher.service_name, self.clientid)
         self._forward = self._layout.forward
+        # Bound once: the per-request path skips the attribute lookups.
+        self._read_forward_header = self._layout.read_forward_header
+        self._read_body = self._layout.read_body
+        self._ok_header = self._layout.ok_header
+        self._max_elements = getattr(dispatcher, "max_request_elements", None)
 
     def connectionMade(self) -> None:
         self._peer = self.peer_address()
@@ -590,7 +594,7 @@ class ServerProtocol(FrameProtocol):
         timeout = self.dispatcher.idle_timeout
         if self._closing or not timeout:
             return
-        if self._reads == self._idle_reads and not self.in_flight:
+        if self._requests == self._idle_reads and not self.in_flight and not self._buffer:
             self.log.info(
                 "closing connection from {peer}: idle for {timeout}s",
                 peer=self._peer,
@@ -598,7 +602,7 @@ class ServerProtocol(FrameProtocol):
             )
             self.close_connection()
             return
-        self._idle_reads = self._reads
+        self._idle_reads = self._requests
         self._idle_timer = self.dispatcher.call_later(timeout, self._idle_check)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
@@ -630,7 +634,8 @@ class ServerProtocol(FrameProtocol):
     def frame_received(self, frame: bytes) -> None:
         state = self._state
         if state == _HEADER:
-            seq = self._layout.read_forward_header(frame)
+            self._requests += 1
+            seq = self._read_forward_header(frame)
             if seq is not None:
                 self._servicemethod = self._forward
                 self._seq = seq
@@ -660,7 +665,7 @@ class ServerProtocol(FrameProtocol):
                 self._timeout = None
             idle = self.dispatcher.idle_timeout
             if idle:
-                self._idle_reads = self._reads
+                self._idle_reads = self._requests
                 self._idle_timer = self.dispatcher.call_later(idle, self._idle_check)
 
     def _read_header(self, frame: bytes) -> None:
@@ -690,10 +695,10 @@ class ServerProtocol(FrameProtocol):
             error = route_error(servicemethod, dispatcher.service_name)
             self._send_error(servicemethod, seq, error or ill_formed(servicemethod))
             return
-        fast = self._layout.read_body(frame)
+        fast = self._read_body(frame)
         fast_method = dispatcher.find_method(fast[0]) if fast is not None else None
-        limit = dispatcher.max_request_elements
-        if limit and checked is False:
+        limit = self._max_elements
+        if limit and not checked:
             data = fast[3] if fast_method is not None else frame  # type: ignore[index]
             # Each element has a name ending in NUL: no more NULs, no more
             # elements, and no need for the exact count off this process.
@@ -881,7 +886,7 @@ class ServerProtocol(FrameProtocol):
         try:
             if self._state != _CLOSED:
                 if servicemethod == self._forward:
-                    header = self._layout.ok_header(seq)
+                    header = self._ok_header(seq)
                 else:
                     header = encode_header(servicemethod, seq, "")
                 # One copy of the result (a chain of + would make several).
@@ -1008,7 +1013,7 @@ class ClientProtocol(FrameProtocol):
     def frame_received(self, frame: bytes) -> None:
         state = self._state
         if state == _HEADER:
-            seq = self._layout.read_ok_header(frame)  # type: ignore[union-attr]
+            seq = self._read_ok_header(frame)
             if seq is not None:
                 self._response = (seq, "")
                 self._state = _BODY
@@ -1033,7 +1038,7 @@ class ClientProtocol(FrameProtocol):
             if error:
                 d.errback(RemoteCallError(error))
                 return
-            out = self._layout.read_ok_body(frame)  # type: ignore[union-attr]
+            out = self._read_ok_body(frame)
             try:
                 if out is None:
                     out, errstring = decode_response_body(frame)
@@ -1072,6 +1077,9 @@ class ClientProtocol(FrameProtocol):
         clientid = doc.get("clientid")
         self.clientid = clientid if type(clientid) is str else ""
         self._layout = ClientLayout(self.servicemethod, self.clientid)
+        self._read_ok_header = self._layout.read_ok_header
+        self._read_ok_body = self._layout.read_ok_body
+        self._request_header = self._layout.request_header
         self._state = _HEADER
         self.ready.callback(self)
 
@@ -1097,7 +1105,7 @@ class ClientProtocol(FrameProtocol):
         self.send_bytes(
             b"".join(
                 (
-                    layout.request_header(seq),
+                    self._request_header(seq),
                     *request_body_parts(
                         layout.clientid_element, method_element, request_info, params
                     ),

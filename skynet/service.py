@@ -526,8 +526,13 @@ class ServiceHost(MultiService):
         return self.reactor.seconds()
 
     def request_finished(self, started: float, failed: bool) -> None:
-        self.stats.finished(started, failed)
-        self.request_released()
+        stats = self.stats
+        stats.finished(started, failed)
+        stats.in_flight -= 1
+        if not stats.in_flight and self._drained:
+            waiting, self._drained = self._drained, []
+            for d in waiting:
+                d.callback(None)
 
     def request_released(self) -> None:
         stats = self.stats

@@ -945,6 +945,14 @@ def damage(data: bytes, how) -> bytes:
     return bytes(frame)
 
 
+def framed(frame: bytes) -> bool:
+    """
+    Whether C{frame} is one as the framing delivers it: its length prefix
+    is its length (the layouts' readers rely on that).
+    """
+    return len(frame) >= 4 and int.from_bytes(frame[:4], "little", signed=True) == len(frame)
+
+
 @contextmanager
 def general_path():
     """
@@ -1046,7 +1054,7 @@ class FastCodecTests(SynchronousTestCase):
         self.assertEqual(fast, general)
         self.assertEqual(general, _bson_or_error(frame, ("out", "errstring")))
         ok = _wire.ClientLayout("Echo.Forward", "c").read_ok_body(frame)
-        if ok is not None:
+        if ok is not None and framed(frame):
             self.assertEqual(bson.decode(frame), {"out": ok, "errstring": ""})
 
     @settings(max_examples=300, deadline=None)
@@ -1069,7 +1077,7 @@ class FastCodecTests(SynchronousTestCase):
                 frame = (length.to_bytes(4, "little") + b"\x05out\x00" + tail)[:length]
                 with self.subTest(length=length):
                     self.assertEqual(*both_paths(decode_response_body, frame))
-                    if layout.read_ok_body(frame) is not None:
+                    if layout.read_ok_body(frame) is not None and framed(frame):
                         self.assertEqual(bson.decode(frame)["errstring"], "")
 
     def test_new_id_is_uuid4(self) -> None:
