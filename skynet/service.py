@@ -63,9 +63,35 @@ DEFAULT_MAX_REQUEST_ELEMENTS = 20_000
 #: Large requests waiting for their count at once; beyond, they are refused.
 MAX_PENDING_COUNTS = 8
 
-#: Connections a service accepts at once, from anyone and from one address.
+#: Connections a service accepts at once, from anyone (at most; see
+#: L{connection_limit}) and from one address.
 DEFAULT_MAX_CONNECTIONS = 4096
 DEFAULT_MAX_CONNECTIONS_PER_PEER = 256
+
+#: Descriptors kept for everything but client connections: listeners, the
+#: registry, logs, the element-count worker, calls to other services.
+RESERVED_DESCRIPTORS = 64
+
+
+def connection_limit(nofile: int | None = None) -> int:
+    """
+    The connections a service accepts at once by default: 4,096, or fewer
+    when the process may open fewer descriptors (so that idle connections
+    can never take the last descriptor a listener or the registry needs).
+
+    @param nofile: the soft C{RLIMIT_NOFILE} (default: this process's).
+    """
+    if nofile is None:
+        try:
+            import resource
+
+            nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        except (ImportError, OSError, ValueError):
+            return DEFAULT_MAX_CONNECTIONS
+        if nofile == resource.RLIM_INFINITY:
+            return DEFAULT_MAX_CONNECTIONS
+    return max(1, min(DEFAULT_MAX_CONNECTIONS, nofile - RESERVED_DESCRIPTORS))
+
 
 #: Seconds a new connection has for its handshake, a started frame has to
 #: complete, and a connection may stay silent with nothing in flight.
@@ -416,7 +442,7 @@ class ServiceHost(MultiService):
     @param max_frame: the largest request accepted (default: the service
         class's C{max_request_size}).
     @param max_connections: connections accepted at once; beyond, new ones
-        are closed at once.
+        are closed at once (default: L{connection_limit}).
     @param max_connections_per_peer: the same, from one peer address.
     @param handshake_timeout: seconds a new connection has to send its
         handshake.
@@ -444,7 +470,7 @@ class ServiceHost(MultiService):
         registered: bool = True,
         advertise_host: str | None = None,
         max_frame: int | None = None,
-        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_connections: int | None = None,
         max_connections_per_peer: int = DEFAULT_MAX_CONNECTIONS_PER_PEER,
         handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
         frame_timeout: float | None = DEFAULT_FRAME_TIMEOUT,
@@ -472,7 +498,7 @@ class ServiceHost(MultiService):
         self.registered = registered
         self.advertise_host = advertise_host
         self.max_frame = max_frame if max_frame is not None else cls.max_request_size
-        self.max_connections = max_connections
+        self.max_connections = connection_limit() if max_connections is None else max_connections
         self.max_connections_per_peer = max_connections_per_peer
         self.handshake_timeout = handshake_timeout
         self.frame_timeout = frame_timeout

@@ -14,8 +14,13 @@ from pathlib import Path
 
 import bson
 from bson.errors import InvalidBSON
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import fail, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from examples.fibonacci import Fibonacci
@@ -27,7 +32,10 @@ from skynet.registry.memory import MemoryRegistry
 from skynet.service import (
     ElementCounter,
     Service,
+    ServiceHost,
     ServiceStats,
+    _ServiceFactory,
+    connection_limit,
     go_time,
     local,
     remote,
@@ -290,6 +298,36 @@ class StatisticsTests(SynchronousTestCase):
                     "P99ResponseTime"):  # fmt: skip
             self.assertIn(key, stats)
         self.successResultOf(cluster.stop())
+
+
+class LimitTests(SynchronousTestCase):
+    def test_connection_limit_follows_the_descriptor_limit(self) -> None:
+        """
+        By default a service takes 4,096 connections, or fewer when the
+        process may not open as many descriptors, keeping 64 for the rest.
+        """
+        self.assertEqual(connection_limit(1024), 960)
+        self.assertEqual(connection_limit(1 << 20), 4096)
+        self.assertEqual(connection_limit(10), 1)
+        host = ServiceHost(Hooks(), registry=None, endpoints=[], reactor=Clock())
+        self.assertEqual(host.max_connections, connection_limit())
+        self.assertEqual(host.max_connections_per_peer, 256)
+
+    def test_connections_beyond_the_limits_refused(self) -> None:
+        host = ServiceHost(Hooks(), registry=None, endpoints=[], reactor=Clock(),
+                           max_connections=3, max_connections_per_peer=2)  # fmt: skip
+        factory = _ServiceFactory(host)
+        a, b = IPv4Address("TCP", "10.0.0.1", 1), IPv4Address("TCP", "10.0.0.2", 1)
+        with capturedLogs() as events:
+            first = [factory.buildProtocol(a) for _ in range(3)]
+            other = [factory.buildProtocol(b) for _ in range(2)]
+        self.assertEqual([p is None for p in first], [False, False, True])
+        self.assertEqual([p is None for p in other], [False, True])  # 3 in all
+        self.assertEqual([e["refused"] for e in events if "refused" in e], [1, 2])
+        first[0].makeConnection(StringTransport())
+        first[0].connectionLost(Failure(ConnectionDone()))
+        self.assertIsNotNone(factory.buildProtocol(b))
+        self.assertEqual(factory.per_peer, {"10.0.0.1": 1, "10.0.0.2": 2})
 
 
 class ImportTests(SynchronousTestCase):
