@@ -517,6 +517,9 @@ class ServerProtocol(FrameProtocol):
     exceed the transport's buffer, it stops reading requests.
     """
 
+    #: Called once when the connection is lost (the factory's count).
+    on_lost: Callable[[], None] | None = None
+
     def __init__(self, dispatcher: IDispatcher) -> None:
         self.dispatcher = dispatcher
         self.max_frame = dispatcher.max_frame
@@ -607,6 +610,9 @@ class ServerProtocol(FrameProtocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self._closing = True
+        on_lost, self.on_lost = self.on_lost, None
+        if on_lost is not None:
+            on_lost()
         self.release_buffer()
         for timer in (self._timeout, self._idle_timer):
             if timer is not None and timer.active():

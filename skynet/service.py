@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred, succeed
-from twisted.internet.error import CannotListenError, ConnectionDone
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
@@ -382,8 +382,8 @@ class _ServiceFactory(Factory):
             return None
         self.open += 1
         self.per_peer[peer] = from_peer + 1
-        protocol = _CountedServerProtocol(host)
-        protocol.factory_release = lambda: self._release(peer)
+        protocol = ServerProtocol(host)
+        protocol.on_lost = lambda: self._release(peer)
         return protocol
 
     def _release(self, peer: str) -> None:
@@ -393,16 +393,6 @@ class _ServiceFactory(Factory):
             self.per_peer[peer] = left
         else:
             self.per_peer.pop(peer, None)
-
-
-class _CountedServerProtocol(ServerProtocol):
-    factory_release: Callable[[], None] | None = None
-
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
-        release, self.factory_release = self.factory_release, None
-        if release is not None:
-            release()
-        super().connectionLost(reason)
 
 
 class _AdminFactory(Factory):
