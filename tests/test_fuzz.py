@@ -32,6 +32,7 @@ import struct
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -488,9 +489,11 @@ def fuzz_real_service(cases: int, batch: int = 200, seed: int = 0,
     sent = 0
     try:
         while sent < cases:
-            for _ in range(min(batch, cases - sent)):
-                service.send_case(make_case(rnd, CLIENTID))
-                sent += 1
+            batch_cases = [make_case(rnd, CLIENTID) for _ in range(min(batch, cases - sent))]
+            # Several hostile clients at once (each case on its own connection).
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(service.send_case, batch_cases))
+            sent += len(batch_cases)
             if service.process.popen.poll() is not None:
                 findings.append(f"after {sent} cases: the service died")
                 break
