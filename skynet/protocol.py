@@ -929,7 +929,15 @@ class AdminProtocol(FrameProtocol):
     def __init__(self, target: IAdminTarget) -> None:
         self.target = target
         self.max_frame = target.max_frame
+        # The service's frame timeout and budget, when the target has them.
+        self.frame_timeout = getattr(target, "frame_timeout", None)
+        self.budget = getattr(target, "buffer_budget", None)
+        self.call_later = getattr(target, "call_later", None)
         self._header: tuple[str, int] | None = None
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self._closing = True
+        self.release_buffer()
 
     def frame_received(self, frame: bytes) -> None:
         try:

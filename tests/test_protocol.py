@@ -902,6 +902,24 @@ class AdminTests(SynchronousTestCase):
             bson.encode({"servicemethod": servicemethod, "seq": Int64(seq)}) + bson.encode(body)
         )
 
+    def test_admin_connections_share_the_service_limits(self) -> None:
+        """
+        On a service host, an admin connection's unfinished frame is timed
+        out and charged to the service's budget like any other.
+        """
+        clock = Clock()
+        host = make_host(clock=clock)
+        protocol = AdminProtocol(host)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        with capturedLogs():
+            protocol.dataReceived(bson.encode({"pad": "x" * 1000})[:500])
+            self.assertEqual(host.buffer_budget.used, 500)
+            clock.advance(host.frame_timeout)
+        self.assertTrue(transport.disconnecting)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(host.buffer_budget.used, 0)
+
     def test_admin_calls(self) -> None:
         self.send("Admin.Register", 0, {})
         self.send("Admin.Unregister", 1, {})
