@@ -130,9 +130,14 @@ def tcp_connector(reactor: Any, connect_timeout: float, max_frame: int) -> Calla
     """
 
     def connect(instance: Instance) -> Deferred:
-        endpoint = TCP4ClientEndpoint(
-            reactor, instance.host, instance.port, timeout=connect_timeout
-        )
+        if instance.extra.get("TLS"):  # security hook (issue 12): TLS when advertised
+            from skynet.tls import instance_endpoint
+
+            endpoint = instance_endpoint(reactor, instance, connect_timeout)
+        else:
+            endpoint = TCP4ClientEndpoint(
+                reactor, instance.host, instance.port, timeout=connect_timeout
+            )
         d = endpoint.connect(_ClientFactory(instance.name, max_frame))
 
         def connected(protocol: ClientProtocol) -> Deferred:

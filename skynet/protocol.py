@@ -461,6 +461,18 @@ class IDispatcher(TypingProtocol):
 _HEADER, _BODY, _HANDSHAKE, _CLOSED = range(4)
 
 
+def _can_push_back(transport: Any) -> bool:
+    """
+    Whether a connection may register as its transport's producer and
+    pause its reading (not under a TLS wrapper; see L{ServerProtocol}).
+    """
+    from twisted.protocols.policies import ProtocolWrapper
+
+    if isinstance(transport, ProtocolWrapper) or getattr(transport, "TLS", False):
+        return False
+    return hasattr(transport, "registerProducer") and hasattr(transport, "pauseProducing")
+
+
 def valid_seq(seq: Any) -> int | None:
     """
     A request's C{seq} as the int64 the answer carries, or L{None} if it is
@@ -564,9 +576,12 @@ class ServerProtocol(FrameProtocol):
             self._state = _CLOSED
             self.close_connection()
             return
-        register = getattr(transport, "registerProducer", None)
-        if register is not None:
-            register(self, True)
+        # Back-pressure where the transport reads the socket itself (plain
+        # TCP, and the in-memory ones of tests).  A TLS wrapper pauses its
+        # producer while it buffers writes during its handshake, which would
+        # stop the very reading the handshake needs: none there yet.
+        if _can_push_back(transport):
+            transport.registerProducer(self, True)
         self.dispatcher.client_connected(self)
         timeout = self.dispatcher.handshake_timeout
         if timeout:

@@ -445,6 +445,9 @@ class ServiceHost(MultiService):
 
     log = Logger()
 
+    #: Extra keys of this instance's registry entry (C{skynet.tls}: C{"TLS"}).
+    instance_extra: dict[str, Any] = {}  # security hook (issue 12)
+
     def __init__(
         self,
         service: Service,
@@ -672,15 +675,33 @@ class ServiceHost(MultiService):
             critical_client_count=self.service.critical_client_count,
             critical_average_response_time=self.service.critical_average_response_time,
             pid=os.getpid(),
+            extra=dict(self.instance_extra),  # security hook (issue 12)
         )
 
     # IService
 
-    def startService(self) -> Deferred:  # type: ignore[override]
+    def startService(self) -> None:
+        # (daemon helper: returns None as IService says; see when_started.)
         super().startService()
         self._started = ensureDeferred(self._start())
         self._started.addErrback(self._start_failed)
-        return self._started
+
+    def when_started(self) -> Deferred:
+        """
+        Fires when the start is done: listening, and the first attempt to
+        register made (later ones retry with back-off).
+        """
+        d: Deferred = Deferred()
+        if self._started is None:
+            d.callback(None)
+            return d
+
+        def fire(result: Any) -> Any:
+            d.callback(None)
+            return result
+
+        self._started.addBoth(fire)
+        return d
 
     def _start_failed(self, failure: Failure) -> None:
         self.log.failure("{service} failed to start", failure, service=self.service_name)
@@ -710,32 +731,30 @@ class ServiceHost(MultiService):
             lambda f: self.log.failure("statistics loop failed", f)
         )
 
-    async def _register_instance(self, delay: float = 0.5) -> None:
+    async def _register_instance(self) -> None:
+        # (daemon helper: one RetryingStart with backoffPolicy, not a loop of our own.)
         if self._stopping is not None:
             return
-        try:
-            if self.own_registry and not self.registry_started:
-                # This host stops the registry it owns, last (see _stop): a
-                # registry that would stop itself at shutdown must not, or
-                # the unregistration and removal would find it stopped.
-                if hasattr(self.registry, "stop_at_shutdown"):
-                    self.registry.stop_at_shutdown = False
-                self._registry_starting = True
-                await self.registry.start()
-                self.registry_started = True
-            await self.registry.add(self.instance)
-        except Exception as e:
-            self.log.warn(
-                "{service} could not register in {registry} ({error}); retrying in {delay}s",
-                service=self.service_name,
-                registry=getattr(self.registry, "url", self.registry),
-                error=e,
-                delay=delay,
-            )
-            self._retry_call = self.reactor.callLater(
-                delay, lambda: ensureDeferred(self._register_instance(min(delay * 2, 10.0)))
-            )
-            return
+        from skynet._services import RetryingStart
+
+        self._retry_call = RetryingStart(
+            self._register_once,
+            what=f"register {self.service_name} in {getattr(self.registry, 'url', self.registry)}",
+            reactor=self.reactor,
+        )
+        self._retry_call.startService()
+
+    async def _register_once(self) -> None:
+        if self.own_registry and not self.registry_started:
+            # This host stops the registry it owns, last (see _stop): a
+            # registry that would stop itself at shutdown must not, or the
+            # unregistration and removal would find it stopped.
+            if hasattr(self.registry, "stop_at_shutdown"):
+                self.registry.stop_at_shutdown = False
+            self._registry_starting = True
+            await self.registry.start()
+            self.registry_started = True
+        await self.registry.add(self.instance)
         self.in_registry = True
         if self.registered:
             await self._hook(self.service.on_registered)
@@ -790,8 +809,8 @@ class ServiceHost(MultiService):
             timer.cancel()
 
     async def _stop(self) -> None:
-        if self._retry_call is not None and self._retry_call.active():
-            self._retry_call.cancel()
+        if self._retry_call is not None and self._retry_call.running:
+            await self._retry_call.stopService()
         if self._stats_loop is not None and self._stats_loop.running:
             self._stats_loop.stop()
         if self._started is not None and not self._started.called:
@@ -822,8 +841,10 @@ class ServiceHost(MultiService):
         if self.in_registry:
             try:
                 await self.registry.remove(self.instance)
-            except Exception:
-                self.log.failure("could not remove {uuid} from the registry", uuid=self.uuid)
+            except Exception as e:
+                # (daemon helper: an outage at stop is expected: a warning.)
+                self.log.warn("could not remove {uuid} from the registry: {error}",
+                              uuid=self.uuid, error=e)  # fmt: skip
             self.in_registry = False
         await self._close_connections()
         if self._counter is not None:

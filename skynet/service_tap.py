@@ -29,6 +29,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python import usage
 
+from skynet import tls  # security hook (issue 12)
 from skynet.config import default_reactor
 from skynet.service import Service, ServiceHost
 from skynet.taps import (
@@ -127,6 +128,10 @@ class Options(usage.Options):
             reactor, self["listen"], self["admin"]
         )
         self.registry = open_registry(reactor, self["registry"], self["zk-session-timeout"])
+        self.tls = tls.tap_tls(self, reactor)  # security hook (issue 12)
+
+
+tls.add_tls_options(Options, service=True)  # security hook: --tls, --insecure, ...
 
 
 class _SupervisorPipe(Protocol):
@@ -161,7 +166,12 @@ class SupervisorWatch(Service_):
         super().startService()
         from twisted.internet.stdio import StandardIO
 
-        self.stdio = StandardIO(_SupervisorPipe(self._stop), reactor=self.reactor)
+        # (daemon helper hook) Only stdin is watched: StandardIO's writer gets
+        # /dev/null, not fd 1, which it would make non-blocking, so that the
+        # log written to stdout would lose lines (EAGAIN) while the daemon
+        # reading it is stopped, instead of waiting for it.
+        null = os.open(os.devnull, os.O_WRONLY)
+        self.stdio = StandardIO(_SupervisorPipe(self._stop), stdout=null, reactor=self.reactor)  # type: ignore[call-arg]
 
     def _stop(self) -> None:
         if self.running and self.reactor.running:
@@ -177,11 +187,17 @@ def makeService(options: Options) -> MultiService:
     top = MultiService()
     if options["supervised"]:
         SupervisorWatch(reactor).setServiceParent(top)
+    # security hook (issue 12): TLS listeners, the listening policy.
+    listeners = tls.tap_listeners("skynet-service", options, options.endpoints,
+                                  options.admin_endpoints, registry=options.registry,
+                                  reactor=reactor)  # fmt: skip
+    for extra_service in listeners.services:
+        extra_service.setServiceParent(top)
     host = ServiceHost(
         service,
         options.registry,
-        options.endpoints,
-        options.admin_endpoints,
+        listeners.endpoints,
+        listeners.admin_endpoints,
         reactor=reactor,
         name=options["name"],
         version=options["version"],
@@ -194,6 +210,7 @@ def makeService(options: Options) -> MultiService:
         stats_interval=options["stats-interval"],
         own_registry=True,
     )
+    host.instance_extra = listeners.extra  # security hook (issue 12)
     host.setServiceParent(top)
     return top
 

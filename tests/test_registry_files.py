@@ -307,6 +307,42 @@ class FileRegistryTests(FileTestMixin, TestCase):
         await registry.remove(instance)
         self.assertEqual(tree(self.root), ["services", "statistics"])
 
+    async def test_data_node_layout(self) -> None:
+        """
+        A data node is a plain file at C{data/<escaped key>} holding the
+        value's bytes, with no owner record: it stays when its writer
+        stops, and a file written there by another process is read.
+        """
+        registry = await self.started(FileRegistry(self.root, reactor=reactor))
+        await registry.set_value("tls/revoked", b"serial-1")
+        self.assertEqual(os.listdir(os.path.join(self.root, "data")), ["tls%2Frevoked"])
+        with open(os.path.join(self.root, "data", "tls%2Frevoked"), "rb") as f:
+            self.assertEqual(f.read(), b"serial-1")
+        await registry.stop()
+        self.assertTrue(os.path.exists(os.path.join(self.root, "data", "tls%2Frevoked")))
+        write_atomically(os.path.join(self.root, "data", "cluster%2Fdesired"), b"{}")
+        reader = await self.started(FileRegistry(self.root, reactor=reactor))
+        self.assertEqual(await reader.get_value("cluster/desired"), b"{}")
+        self.assertEqual(await reader.get_value("tls/revoked"), b"serial-1")
+
+    async def test_data_node_watch_polls_without_inotify(self) -> None:
+        """
+        Without inotify, a value watch sees another process's write at the
+        next poll.
+        """
+        registry = await self.started(
+            FileRegistry(self.root, reactor=reactor, poll_interval=0.05, use_inotify=False)
+        )
+        seen: list = []
+        watch = registry.watch_value("k", seen.append)
+        self.addCleanup(watch.stop)
+        await self.wait_until(lambda: seen, "the first value")
+        write_atomically(os.path.join(self.root, "data", "k"), b"polled")
+        await self.wait_until(lambda: seen[-1:] == [b"polled"], "the polled value")
+        os.unlink(os.path.join(self.root, "data", "k"))
+        await self.wait_until(lambda: seen[-1:] == [None], "the deletion")
+        self.assertEqual(seen, [None, b"polled", None])
+
     async def test_atomic_writes(self) -> None:
         """
         A reader racing a writer always reads a whole document, the old or

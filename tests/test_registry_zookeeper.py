@@ -297,6 +297,26 @@ class StandaloneTests(_ZooKeeperTestCase):
         self.assertEqual(await registry.get_stats(a), {"Clients": 3, "RequestsServed": 10})
         self.assertIsNone(await registry.get_stats(b))
 
+    async def test_data_nodes_are_persistent_beside_the_tree(self) -> None:
+        """
+        A data node is a persistent node at C{<chroot>/data/<escaped key>}
+        that a plain client reads, and that stays after its writer's
+        session closes; the Go tree below C{/services} is untouched.
+        """
+        registry = await self.started()
+        await registry.set_value("tls/revoked", b"serial-1\nserial-2")
+        zk = self.kazoo()
+        self.assertEqual(zk.get_children(f"{self.chroot}/data"), ["tls%2Frevoked"])
+        data, stat = zk.get(f"{self.chroot}/data/tls%2Frevoked")
+        self.assertEqual(data, b"serial-1\nserial-2")
+        self.assertEqual(stat.ephemeralOwner, 0)
+        self.assertIsNone(zk.exists(f"{self.chroot}/services"))
+        await registry.stop()
+        self.assertEqual(zk.get(f"{self.chroot}/data/tls%2Frevoked")[0], b"serial-1\nserial-2")
+        zk.set(f"{self.chroot}/data/tls%2Frevoked", b"from another language")
+        reader = await self.started()
+        self.assertEqual(await reader.get_value("tls/revoked"), b"from another language")
+
     async def test_default_chroot(self) -> None:
         registry = ZooKeeperRegistry.from_url(f"zk://{self.cluster.hosts}", reactor=reactor)
         self.addCleanup(registry.stop)

@@ -6,6 +6,15 @@ Go Skynet protocol (see C{docs/architecture.md}):
 
     /services/<Name>/<Version>/<Region>/<Host>/<Port>     the instance (JSON)
     /statistics/<Name>/<Version>/<Region>/<Host>/<Port>   its statistics (JSON)
+    /data/<key>                                           a data node (bytes)
+
+Data nodes (L{IRegistry.get_value} and friends) are small persistent values
+that outlive their writer, for cluster-wide settings and state of our own
+(revocation lists, desired state).  Go Skynet reads only C{/services} and
+C{/statistics}, so it never sees them.  A key is a C{/}-separated name; each
+backend stores it as one node directly below C{/data}, named by
+L{data_node_name} (the key with C{/} escaped as C{%2F}), so that C{a} and
+C{a/b} are independent keys on every backend.
 
 Every backend (L{skynet.registry.memory.MemoryRegistry}, the embedded
 L{skynet.registry.files.FileRegistry} and ZooKeeper) implements L{IRegistry}
@@ -17,9 +26,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from typing import Any
+from urllib.parse import quote, unquote
 
 import attr
-from zope.interface import Attribute, Interface
+from twisted.logger import Logger
+from zope.interface import Attribute, Interface, implementer
 
 #: Go Skynet's defaults for the load balancer's critical thresholds.
 DEFAULT_CRITICAL_CLIENT_COUNT = 100
@@ -27,6 +38,17 @@ DEFAULT_CRITICAL_AVERAGE_RESPONSE_TIME = 5.0  # seconds
 
 #: Characters that cannot appear in one path component of the tree.
 _FORBIDDEN_IN_COMPONENT = ("/", "\x00")
+
+#: The subtree, beside C{/services} and C{/statistics}, of the data nodes.
+DATA_DIR = "data"
+
+#: The largest value a data node may hold, in bytes (ZooKeeper refuses
+#: nodes near 1 MiB by default; a data node is meant to be small).
+MAX_VALUE_SIZE = 512 * 1024
+
+#: The longest data node name (a key once escaped), so that it fits a file
+#: name on every file system.
+MAX_KEY_LENGTH = 200
 
 
 class RegistryError(Exception):
@@ -48,6 +70,62 @@ def check_component(what: str, value: str) -> str:
         if bad in value:
             raise ValueError(f"{what} may not contain {bad!r}: {value!r}")
     return value
+
+
+def check_key(key: str) -> str:
+    """
+    Check that C{key} names a data node: C{/}-separated components, each a
+    valid path component (see L{check_component}), at most
+    L{MAX_KEY_LENGTH} characters once escaped.
+
+    @raise ValueError: if it does not.
+    """
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"a data key must be a non-empty string, not {key!r}")
+    for part in key.split("/"):
+        check_component("data key component", part)
+    if len(data_node_name(key)) > MAX_KEY_LENGTH:
+        raise ValueError(f"data key too long (at most {MAX_KEY_LENGTH} once escaped): {key!r}")
+    return key
+
+
+def check_value(value: bytes) -> bytes:
+    """
+    Check that C{value} can be stored in a data node.
+
+    @raise TypeError: if it is not L{bytes}.
+    @raise ValueError: if it is larger than L{MAX_VALUE_SIZE}.
+    """
+    if not isinstance(value, bytes):
+        raise TypeError(f"a data value must be bytes, not {type(value).__name__}")
+    if len(value) > MAX_VALUE_SIZE:
+        raise ValueError(f"data value of {len(value)} bytes; at most {MAX_VALUE_SIZE}")
+    return value
+
+
+def data_node_name(key: str) -> str:
+    """
+    The name of the node (or file) below C{/data} that holds C{key}: the key
+    percent-escaped so that it is one path component (C{a/b} is C{a%2Fb}),
+    with a leading dot escaped too (dot files are temporary files).
+    """
+    name = quote(key, safe="")
+    if name.startswith("."):
+        name = "%2E" + name[1:]
+    return name
+
+
+def key_of_data_node(name: str) -> str | None:
+    """
+    The key a node below C{/data} holds, or L{None} if C{name} is not the
+    name of a data node (L{data_node_name} is its inverse).
+    """
+    key = unquote(name, errors="strict") if "%" in name else name
+    try:
+        check_key(key)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return key if data_node_name(key) == name else None
 
 
 @attr.frozen
@@ -338,6 +416,96 @@ class IRegistry(Interface):
         Deliver the instances matching C{query} to C{listener}: first a
         snapshot, then added/updated/removed events.
         """
+
+    def get_value(key: str):
+        """
+        Read a data node.
+
+        @param key: a C{/}-separated name (see L{check_key}).
+        @return: a Deferred firing with its value (L{bytes}), or L{None} if
+            there is no such node; failing with L{ValueError} for a bad key
+            and L{RegistryError} if the registry cannot be read.
+        """
+
+    def set_value(key: str, value: bytes):
+        """
+        Create or replace a data node, atomically: a reader sees the old
+        value or the new one, never a mix.  Data nodes are persistent: they
+        belong to nobody and stay when their writer stops or dies.
+
+        @param value: at most L{MAX_VALUE_SIZE} bytes.
+        @return: a Deferred firing with L{None} once stored; failing with
+            L{ValueError}/L{TypeError} for a bad key or value, and
+            L{RegistryError} if the registry cannot be written.
+        """
+
+    def delete_value(key: str):
+        """
+        Delete a data node; deleting an absent one is not an error.
+        @return: a Deferred firing with L{None}.
+        """
+
+    def watch_value(key: str, callback: Callable[[bytes | None], None]) -> IWatch:
+        """
+        Call C{callback} with the value of a data node (L{None} while there
+        is none) as soon as it is known, then again whenever it changes.
+
+        Calls arrive in the reactor thread, never from inside
+        C{watch_value} or the write that caused them.  They are coalesced:
+        C{callback} sees the latest value, not necessarily every
+        intermediate one, and never the same value twice in a row.  A
+        callback that raises is logged and keeps being called.
+
+        @raise ValueError: if C{key} is malformed.
+        """
+
+
+@implementer(IWatch)
+class ValueDelivery:
+    """
+    The part of a value watch every backend shares: it calls the callback
+    with each new value (not twice the same in a row), survives the
+    callback's exceptions, and stops.
+
+    @ivar stopped: set by L{stop}; a backend checks it before reading.
+    """
+
+    log = Logger()
+    _unknown = object()
+
+    def __init__(
+        self,
+        key: str,
+        callback: Callable[[bytes | None], None],
+        on_stop: Callable[[], None] | None = None,
+    ) -> None:
+        self.key = check_key(key)
+        self.callback = callback
+        self.stopped = False
+        self._last: Any = self._unknown
+        self._on_stop = on_stop
+
+    def deliver(self, value: bytes | None) -> None:
+        """
+        The node holds C{value} now.
+        """
+        if self.stopped or value == self._last:
+            return
+        self._last = value
+        try:
+            self.callback(value)
+        except Exception:  # noqa: BLE001 (the callback's bug must not stop the watch)
+            self.log.failure(
+                "Callback {callback!r} of the watch of data node {key} failed",
+                callback=self.callback,
+                key=self.key,
+            )
+
+    def stop(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            if self._on_stop is not None:
+                self._on_stop()
 
 
 class ListingMixin:

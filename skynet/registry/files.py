@@ -6,6 +6,7 @@ layout, below a root directory (by default L{default_registry_root}):
 
     <root>/services/<Name>/<Version>/<Region>/<Host>/<Port>     the instance
     <root>/statistics/<Name>/<Version>/<Region>/<Host>/<Port>   its statistics
+    <root>/data/<escaped key>                                   a data node
 
 Each file holds the Go-shaped JSON document plus an C{"Owner"} record:
 C{{"pid", "start_time", "registry"}}, the writing process's id, its start
@@ -20,6 +21,11 @@ owners and deletes them (with their statistics).  Readers learn about
 changes from inotify where Linux offers it, and by polling otherwise; process
 deaths make no file event, so owners' liveness is swept every
 C{poll_interval} either way.
+
+Data nodes (L{FileRegistry.get_value} and friends) are plain files holding
+the value's bytes, with no owner: they outlive their writer.  Their
+watches stat their file every C{poll_interval}, and at once on an inotify
+event in C{<root>/data} or a write of this registry object.
 
 Every process sharing a root must see the same process ids (one host, one
 PID namespace): a node whose owner's pid is not visible counts as dead.
@@ -45,7 +51,9 @@ from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
+from skynet.config import default_reactor, skynet_path
 from skynet.registry.base import (
+    MAX_VALUE_SIZE,
     IInstanceListener,
     Instance,
     InstanceDiff,
@@ -54,6 +62,11 @@ from skynet.registry.base import (
     ListingMixin,
     Query,
     RegistryError,
+    ValueDelivery,
+    check_key,
+    check_value,
+    data_node_name,
+    key_of_data_node,
     sort_instances,
 )
 
@@ -81,10 +94,7 @@ def default_registry_root() -> str:
     Where the embedded registry lives: C{$SKYNET_HOME/registry} if
     C{SKYNET_HOME} is set, else C{~/.skynet/registry}.
     """
-    home = os.environ.get("SKYNET_HOME")
-    if home:
-        return os.path.join(home, "registry")
-    return os.path.join(os.path.expanduser("~"), ".skynet", "registry")
+    return skynet_path("registry")
 
 
 # Owners and their liveness.
@@ -818,11 +828,11 @@ class FileRegistry(ListingMixin):
         poll_interval: float = 0.5,
         use_inotify: bool = True,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = default_reactor(reactor)
         self.root = os.path.abspath(os.fspath(root))
         self.services_dir = os.path.join(self.root, "services")
         self.statistics_dir = os.path.join(self.root, "statistics")
+        self.data_dir = os.path.join(self.root, "data")
         self.poll_interval = poll_interval
         self.use_inotify = use_inotify
         self._reactor = reactor
@@ -831,6 +841,7 @@ class FileRegistry(ListingMixin):
         self._owned_stats: set[str] = set()
         self._watches: list[_FileWatch] = []
         self._scanner: _Scanner | None = None
+        self._values = _DataWatches(self)
         self._stopped = False
 
     @property
@@ -894,6 +905,7 @@ class FileRegistry(ListingMixin):
             return succeed(None)
         for watch in list(self._watches):
             watch.stop()
+        self._values.stop()
         for rel in sorted(self._owned):
             self._delete_if_mine(self.services_dir, rel)
         for rel in sorted(self._owned_stats):
@@ -1045,6 +1057,207 @@ class FileRegistry(ListingMixin):
     def _forget_watch(self, watch: _FileWatch) -> None:
         if watch in self._watches:
             self._watches.remove(watch)
+
+    # Data nodes.
+
+    def _data_path(self, key: str) -> str:
+        return os.path.join(self.data_dir, data_node_name(check_key(key)))
+
+    def get_value(self, key: str) -> Deferred[bytes | None]:
+        """
+        The bytes of the data node C{key}, or L{None}.
+        """
+        return self._io(lambda: _read_value(self._data_path(key)))
+
+    def set_value(self, key: str, value: bytes) -> Deferred[None]:
+        """
+        Replace the file of data node C{key} atomically.
+        """
+
+        def write() -> None:
+            path = self._data_path(key)
+            write_atomically(path, check_value(value))
+            self._values.changed(key)
+
+        return self._io(write)
+
+    def delete_value(self, key: str) -> Deferred[None]:
+        def delete() -> None:
+            _unlink(self._data_path(key))
+            self._values.changed(key)
+
+        return self._io(delete)
+
+    def watch_value(self, key: str, callback: Callable[[bytes | None], None]) -> IWatch:
+        """
+        Watch the data node C{key}: its file is checked soon, then every
+        C{poll_interval}, and at once when inotify reports a change.
+        """
+        if self._stopped:
+            raise RegistryError(f"{self!r} is stopped")
+        return self._values.watch(self._data_path(key), key, callback)
+
+
+_MISSING = object()
+
+
+def _read_value(path: str) -> bytes | None:
+    """
+    The bytes of the data node file at C{path}, or L{None} if there is none.
+
+    @raise RegistryError: if it is larger than a data node may be.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_VALUE_SIZE + 1)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+    if len(data) > MAX_VALUE_SIZE:
+        raise RegistryError(f"data node {path} is larger than {MAX_VALUE_SIZE} bytes")
+    return data
+
+
+class _FileValueWatch(ValueDelivery):
+    def __init__(self, path: str, key: str, callback, on_stop) -> None:
+        ValueDelivery.__init__(self, key, callback, on_stop)
+        self.path = path
+        self._seen: Any = _MISSING
+
+    def check(self) -> None:
+        """
+        Re-read the file if its inode, mtime or size changed.
+        """
+        if self.stopped:
+            return
+        try:
+            st = os.stat(self.path)
+            seen: Any = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            seen = None
+        except OSError as e:
+            self.log.warn(  # noqa: G010 (twisted.logger's name)
+                "Cannot read data node {path}: {error}", path=self.path, error=e
+            )
+            return
+        if seen == self._seen:
+            return
+        try:
+            value = _read_value(self.path)
+        except (OSError, RegistryError) as e:
+            self.log.warn(  # noqa: G010 (twisted.logger's name)
+                "Cannot read data node {path}: {error}", path=self.path, error=e
+            )
+            return
+        self._seen = seen
+        self.deliver(value)
+
+
+class _DataWatches:
+    """
+    The value watches of one L{FileRegistry}: a poll every
+    C{poll_interval} while there are any, an inotify watch of the data
+    directory where available, and a check soon after each own write.
+    """
+
+    log = Logger()
+
+    def __init__(self, registry: FileRegistry) -> None:
+        self._registry = registry
+        self._reactor = registry._reactor
+        self._watches: dict[str, list[_FileValueWatch]] = {}
+        self._loop: LoopingCall | None = None
+        self._notifier: Any = None
+        self._soon: dict[str, Any] = {}
+
+    def watch(self, path: str, key: str, callback) -> _FileValueWatch:
+        def forget() -> None:
+            self._forget(key, watch)
+
+        watch = _FileValueWatch(path, key, callback, forget)
+        self._watches.setdefault(key, []).append(watch)
+        if self._loop is None:
+            self._start()
+        self.changed(key)
+        return watch
+
+    def changed(self, key: str) -> None:
+        """
+        Check the watches of C{key} from the reactor, soon.
+        """
+        if key in self._watches and key not in self._soon:
+            self._soon[key] = self._reactor.callLater(0, self._check, key)
+
+    def _check(self, key: str) -> None:
+        self._soon.pop(key, None)
+        for watch in list(self._watches.get(key, ())):
+            watch.check()
+
+    def _poll(self) -> None:
+        for key in list(self._watches):
+            self._check(key)
+
+    def _forget(self, key: str, watch: _FileValueWatch) -> None:
+        watches = self._watches.get(key, [])
+        if watch in watches:
+            watches.remove(watch)
+        if not watches:
+            self._watches.pop(key, None)
+            call = self._soon.pop(key, None)
+            if call is not None and call.active():
+                call.cancel()
+        if not self._watches:
+            self._stop_timers()
+
+    def _start(self) -> None:
+        self._loop = LoopingCall(self._poll)
+        self._loop.clock = self._reactor
+        self._loop.start(self._registry.poll_interval, now=False)
+        if (
+            self._registry.use_inotify
+            and inotify is not None
+            and IReactorFDSet.providedBy(self._reactor)
+        ):
+            try:
+                os.makedirs(self._registry.data_dir, exist_ok=True)
+                notifier = _TreeNotify(self._reactor, self._registry.data_dir, self._on_event)
+                notifier.ensure_watched(self._registry.data_dir)
+            except (OSError, inotify.INotifyError) as e:
+                self.log.warn(  # noqa: G010 (twisted.logger's name)
+                    "Cannot watch {directory} with inotify ({error}): polling",
+                    directory=self._registry.data_dir,
+                    error=e,
+                )
+            else:
+                notifier.startReading()
+                self._notifier = notifier
+
+    def _on_event(self, _watch: object, path: FilePath, mask: int) -> None:
+        name = os.path.basename(os.fsdecode(path.path))
+        if name == os.path.basename(self._registry.data_dir) or mask & inotify.IN_Q_OVERFLOW:
+            self._poll()  # the directory itself, or events were lost
+            return
+        key = key_of_data_node(name)
+        if key is not None:
+            self.changed(key)
+
+    def _stop_timers(self) -> None:
+        if self._loop is not None:
+            if self._loop.running:
+                self._loop.stop()
+            self._loop = None
+        for call in self._soon.values():
+            if call.active():
+                call.cancel()
+        self._soon.clear()
+        if self._notifier is not None:
+            self._notifier.loseConnection()
+            self._notifier = None
+
+    def stop(self) -> None:
+        for watches in list(self._watches.values()):
+            for watch in list(watches):
+                watch.stop()
+        self._stop_timers()
 
 
 __all__ = [

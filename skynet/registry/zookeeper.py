@@ -6,8 +6,10 @@ Under a chroot (default C{/skynet}):
 
     /services/<Name>/<Version>/<Region>/<Host>/<Port>     the instance (JSON)
     /statistics/<Name>/<Version>/<Region>/<Host>/<Port>   its statistics (JSON)
+    /data/<escaped key>                                   a data node (bytes)
 
-Both leaves are ephemeral nodes of this registry's session: they vanish when
+Data nodes are persistent (they outlive their writer's session); Go Skynet
+never reads C{/data}.  Instance and statistics leaves are ephemeral nodes of this registry's session: they vanish when
 the process dies (after the session timeout) or closes its session.  Parent
 nodes are created as needed and pruned when a removal leaves them empty.
 
@@ -81,6 +83,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from skynet.config import default_reactor
 from skynet.registry.base import (
     IInstanceListener,
     Instance,
@@ -90,7 +93,11 @@ from skynet.registry.base import (
     ListingMixin,
     Query,
     RegistryError,
+    ValueDelivery,
     check_component,
+    check_key,
+    check_value,
+    data_node_name,
     sort_instances,
 )
 
@@ -249,9 +256,7 @@ class ZooKeeperRegistry(ListingMixin):
             before it fires anyway and keeps trying in the background.
         @raise ValueError: if an argument is malformed.
         """
-        if reactor is None:
-            from twisted.internet import reactor  # type: ignore[no-redef]
-        self._reactor = reactor
+        self._reactor = default_reactor(reactor)
         self.zk_hosts = _parse_hosts(hosts)
         self.chroot = _parse_chroot(chroot) or "/"
         self._root = _parse_chroot(chroot)
@@ -287,6 +292,7 @@ class ZooKeeperRegistry(ListingMixin):
         self._running: set[str] = set()
 
         self._watches: set[_ZooKeeperWatch] = set()
+        self._value_watches: set[_ZooKeeperValueWatch] = set()
         self._waiters: list[Deferred] = []
         self._sleeps: set[Deferred] = set()
         self._connected = False
@@ -443,6 +449,8 @@ class ZooKeeperRegistry(ListingMixin):
             self._offline_call.cancel()
         for watch in list(self._watches):
             watch.stop()
+        for value_watch in list(self._value_watches):
+            value_watch.stop()
         if not self._started:
             return
         owned = list(self._desired)
@@ -569,6 +577,8 @@ class ZooKeeperRegistry(ListingMixin):
         if self._connected:
             for watch in list(self._watches):
                 watch.resync()
+            for value_watch in list(self._value_watches):
+                value_watch.read()
 
     def _start_offline_timer(self) -> None:
         if self._offline or (self._offline_call is not None and self._offline_call.active()):
@@ -927,6 +937,147 @@ class ZooKeeperRegistry(ListingMixin):
             self._watches.add(watch)
             watch.resync()
         return watch
+
+    # -- data nodes
+
+    def _data_path(self, key: str) -> str:
+        return f"{self._root}/data/{data_node_name(check_key(key))}"
+
+    def get_value(self, key: str) -> Deferred:
+        """
+        @return: a Deferred firing with the bytes of data node C{key}, or
+            L{None} if there is none.
+        """
+        try:
+            path = self._data_path(key)
+        except ValueError:
+            return fail()
+
+        async def get() -> bytes | None:
+            try:
+                data, _ = await self._call(self._zk.get_async, path)
+            except NoNodeError:
+                return None
+            return bytes(data)
+
+        return Deferred.fromCoroutine(self._read(get))
+
+    def set_value(self, key: str, value: bytes) -> Deferred:
+        """
+        Create or replace the persistent node of data node C{key} (a
+        ZooKeeper C{set} replaces the data atomically).
+        """
+        try:
+            path = self._data_path(key)
+            check_value(value)
+        except (TypeError, ValueError):
+            return fail()
+        if self._stopping:
+            return fail(RegistryError(f"{self.url} is stopped"))
+
+        async def put() -> None:
+            while True:
+                try:
+                    await self._call(self._zk.set_async, path, value)
+                    return
+                except NoNodeError:
+                    pass
+                try:
+                    await self._call(self._zk.create_async, path, value, makepath=True)
+                    return
+                except NodeExistsError:
+                    continue  # created meanwhile (or by our own retried create)
+
+        return Deferred.fromCoroutine(self._guarded_write(path, put))
+
+    def delete_value(self, key: str) -> Deferred:
+        """
+        Delete data node C{key}; an absent one is fine.
+        """
+        try:
+            path = self._data_path(key)
+        except ValueError:
+            return fail()
+        if self._stopping:
+            return fail(RegistryError(f"{self.url} is stopped"))
+
+        async def delete() -> None:
+            try:
+                await self._call(self._zk.delete_async, path)
+            except NoNodeError:
+                pass
+
+        return Deferred.fromCoroutine(self._guarded_write(path, delete))
+
+    async def _guarded_write(self, path: str, operation: Callable[[], Any]) -> None:
+        try:
+            await self._read(operation)
+        except RegistryError:
+            raise
+        except KazooException as e:
+            raise RegistryError(f"could not write {path} in ZooKeeper: {e!r}") from e
+
+    def watch_value(self, key: str, callback: Callable[[bytes | None], None]) -> IWatch:
+        """
+        Watch data node C{key} with a ZooKeeper data watch (an exists
+        watch while it is absent), re-read on every reconnection.
+        """
+        watch = _ZooKeeperValueWatch(self, self._data_path(key), key, callback)
+        if not self._stopping:
+            self._value_watches.add(watch)
+            watch.read()
+        return watch
+
+
+class _ZooKeeperValueWatch(ValueDelivery):
+    """
+    A watch of one data node: reads it with a watch, and again on every
+    event of that watch and every reconnection.
+    """
+
+    def __init__(self, registry: ZooKeeperRegistry, path: str, key: str, callback) -> None:
+        ValueDelivery.__init__(self, key, callback, lambda: registry._value_watches.discard(self))
+        self._registry = registry
+        self._path = path
+        self._generation = 0
+        # One bound method, so kazoo keeps one watcher per path for us.
+        self._watcher = self._event_from_kazoo
+
+    def read(self) -> None:
+        if self.stopped or not self._registry._connected:
+            return
+        self._generation += 1
+        Deferred.fromCoroutine(self._read(self._generation)).addErrback(
+            lambda f: self.log.failure("watch of data node {path}", f, path=self._path)
+        )
+
+    async def _read(self, generation: int) -> None:
+        registry = self._registry
+        zk = registry._zk
+        try:
+            try:
+                data, _ = await registry._call(zk.get_async, self._path, watch=self._watcher)
+                value: bytes | None = bytes(data)
+            except NoNodeError:
+                # A read of a missing node leaves no watch: watch its creation.
+                stat = await registry._call(zk.exists_async, self._path, watch=self._watcher)
+                if stat is not None:
+                    if generation == self._generation:
+                        self.read()  # created meanwhile
+                    return
+                value = None
+        except _CONNECTION_ERRORS:
+            return  # the reconnection reads again
+        if generation == self._generation:
+            self.deliver(value)
+
+    def _event_from_kazoo(self, event: Any) -> None:
+        # In one of kazoo's threads.
+        self._registry._reactor.callFromThread(self._event, event)
+
+    def _event(self, event: Any) -> None:
+        if event.type != EventType.NONE:
+            self.read()
 
 
 def _follow(d: Deferred) -> Deferred:
