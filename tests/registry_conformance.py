@@ -207,6 +207,36 @@ class RegistryConformanceMixin:
         await registry.remove(unregistered)
         self.assertEqual(await registry.query(Query()), [])
 
+    async def test_get_by_uuid(self) -> None:
+        """
+        C{get(uuid)} finds the live instance with that uuid in its latest
+        state, a peer's too, and L{None} for an unknown or removed uuid, or
+        one whose node another instance has taken over.
+        """
+        registry = await self.make_registry()
+        peer = await self.make_peer_registry(registry)
+        mine = make_instance(name="Mine")
+        theirs = make_instance(name="Theirs")
+        self.assertIsNone(await registry.get(mine.uuid))
+        await registry.add(mine)
+        await peer.add(theirs)
+        self.assertEqual(await registry.get(mine.uuid), mine)
+        self.assertEqual(await registry.get(theirs.uuid), theirs)
+        self.assertIsNone(await registry.get("no-such-uuid"))
+        # With a watch running (a cache kept up to date) too.
+        await self.snapshot_of(registry, Query())
+        changed = attr.evolve(mine, registered=False, critical_client_count=3)
+        await registry.update(changed)
+        found = await registry.get(mine.uuid)
+        self.assertEqual(found, changed)
+        self.assertFalse(found.registered)
+        await peer.remove(theirs)
+        self.assertIsNone(await registry.get(theirs.uuid))
+        successor = make_instance(name="Mine", port=mine.port)
+        await peer.add(successor)
+        self.assertIsNone(await registry.get(mine.uuid))
+        self.assertEqual(await registry.get(successor.uuid), successor)
+
     async def test_add_again_overwrites(self) -> None:
         """
         Adding the same instance again replaces its node; there is still
@@ -499,6 +529,9 @@ class RegistryConformanceMixin:
         )
         self.assertEqual(await registry.query(Query()), [survivor])
         self.assertEqual(await registry.services(), ["Survivor"])
+        for instance in doomed:
+            self.assertIsNone(await registry.get(instance.uuid))
+        self.assertEqual(await registry.get(survivor.uuid), survivor)
 
     # Data nodes.
 

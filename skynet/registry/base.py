@@ -24,6 +24,8 @@ and delivers the same events to an L{IInstanceListener}.
 from __future__ import annotations
 
 import json
+import math
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import quote, unquote
@@ -142,13 +144,28 @@ class Address:
         return {"IPAddress": self.ip_address, "Port": self.port, "MaxPort": self.max_port}
 
     @classmethod
-    def from_go(cls, data: dict[str, Any] | None) -> "Address" | None:
+    def from_go(cls, data: Any) -> "Address" | None:
+        """
+        Read an address from its Go shape, strictly: an object with a string
+        C{IPAddress}, a C{Port} 1..65535 and an optional C{MaxPort}
+        0..65535.  L{None}, an empty object and a port of 0 (Go's "not
+        bound") are no address.
+
+        @raise RegistryError: if C{data} is anything else.
+        """
+        if data is None:
+            return None
+        if not isinstance(data, dict):
+            raise RegistryError(f"an address must be an object, not {_describe(data)}")
         if not data:
             return None
+        port = _integer(data.get("Port", 0), "Port", 0, MAX_PORT)
+        if port == 0:
+            return None
         return cls(
-            ip_address=str(data.get("IPAddress", "")),
-            port=int(data.get("Port", 0)),
-            max_port=int(data.get("MaxPort", 0) or 0),
+            ip_address=_text(data.get("IPAddress"), "IPAddress"),
+            port=port,
+            max_port=_integer(data.get("MaxPort", 0) or 0, "MaxPort", 0, MAX_PORT),
         )
 
     def __str__(self) -> str:
@@ -207,7 +224,7 @@ class Instance:
                 "ServiceAddr": Address(self.host, self.port).to_go(),
                 "AdminAddr": self.admin.to_go() if self.admin is not None else None,
                 "CriticalClientCount": self.critical_client_count,
-                "CriticalAverageResponseTime": int(self.critical_average_response_time * 1e9),
+                "CriticalAverageResponseTime": round(self.critical_average_response_time * 1e9),
             },
             "Registered": self.registered,
         }
@@ -220,50 +237,204 @@ class Instance:
     def to_json(self) -> bytes:
         return json.dumps(self.to_go(), sort_keys=False).encode("utf-8")
 
-    @classmethod
-    def from_go(cls, doc: dict[str, Any]) -> "Instance":
+    def checked_json(self) -> bytes:
         """
-        Read an instance from its Go-shaped JSON document.
+        L{to_json}, for writing: a node that every reader will accept.
 
-        @raise RegistryError: if required keys are missing or mistyped.
+        @raise ValueError: if the node would be larger than L{MAX_NODE_SIZE}
+            less 1 KiB for a backend's own keys (readers ignore larger
+            nodes), or readers would refuse it.
+        """
+        data = self.to_json()
+        if len(data) > MAX_NODE_SIZE - 1024:
+            raise ValueError(
+                f"instance node of {len(data)} bytes; at most {MAX_NODE_SIZE - 1024} are written"
+            )
+        try:
+            Instance.from_json(data, self.path)
+        except RegistryError as e:
+            raise ValueError(f"readers would refuse this instance: {e}") from None
+        return data
+
+    @classmethod
+    def from_go(cls, doc: Any) -> "Instance":
+        """
+        Read an instance from its Go-shaped JSON document, treating it as
+        untrusted: every field must have its type (strings that can name a
+        path component, ports 1..65535, finite numbers, booleans that are
+        booleans, objects where objects belong).
+
+        @raise RegistryError: naming the first field that is wrong; never
+            anything else, whatever C{doc} is.
         """
         try:
-            config = doc["Config"]
-            addr = config["ServiceAddr"]
-            return cls(
-                uuid=str(config["UUID"]),
-                name=str(config["Name"]),
-                version=str(config["Version"]),
-                region=str(config["Region"]),
-                host=str(addr["IPAddress"]),
-                port=int(addr["Port"]),
-                admin=Address.from_go(config.get("AdminAddr")),
-                registered=bool(doc.get("Registered", False)),
-                critical_client_count=int(
-                    config.get("CriticalClientCount", DEFAULT_CRITICAL_CLIENT_COUNT)
-                ),
-                critical_average_response_time=int(
-                    config.get(
-                        "CriticalAverageResponseTime",
-                        DEFAULT_CRITICAL_AVERAGE_RESPONSE_TIME * 1e9,
-                    )
-                )
-                / 1e9,
-                pid=int(doc["PID"]) if doc.get("PID") is not None else None,
-                extra=dict(doc.get("Extra") or {}),
-            )
-        except (KeyError, TypeError, ValueError) as e:
+            return cls._from_go(doc)
+        except RegistryError:
+            raise
+        except Exception as e:  # noqa: BLE001 (untrusted input: any failure is a bad node)
             raise RegistryError(f"malformed instance node: {e!r}") from e
 
     @classmethod
-    def from_json(cls, data: bytes) -> "Instance":
-        try:
-            doc = json.loads(data)
-        except ValueError as e:
-            raise RegistryError(f"instance node is not JSON: {e}") from e
+    def _from_go(cls, doc: Any) -> "Instance":
         if not isinstance(doc, dict):
-            raise RegistryError("instance node is not a JSON object")
-        return cls.from_go(doc)
+            raise RegistryError(f"an instance node must be an object, not {_describe(doc)}")
+        config = doc.get("Config")
+        if not isinstance(config, dict):
+            raise RegistryError(f"Config must be an object, not {_describe(config)}")
+        addr = config.get("ServiceAddr")
+        if not isinstance(addr, dict):
+            raise RegistryError(f"ServiceAddr must be an object, not {_describe(addr)}")
+        registered = doc.get("Registered", False)
+        if not isinstance(registered, bool):
+            raise RegistryError(f"Registered must be true or false, not {_describe(registered)}")
+        pid = doc.get("PID")
+        extra = doc.get("Extra")
+        if extra is not None and not isinstance(extra, dict):
+            raise RegistryError(f"Extra must be an object, not {_describe(extra)}")
+        response_time = _number(
+            config.get(
+                "CriticalAverageResponseTime",
+                int(DEFAULT_CRITICAL_AVERAGE_RESPONSE_TIME * 1e9),
+            ),
+            "CriticalAverageResponseTime",
+            0,
+            2**53,  # nanoseconds: 104 days, and exact in a float
+        )
+        return cls(
+            uuid=_text(config.get("UUID"), "UUID"),
+            name=_component(config.get("Name"), "Name"),
+            version=_component(config.get("Version"), "Version"),
+            region=_component(config.get("Region"), "Region"),
+            host=_component(addr.get("IPAddress"), "ServiceAddr.IPAddress"),
+            port=_integer(addr.get("Port"), "ServiceAddr.Port", 1, MAX_PORT),
+            admin=Address.from_go(config.get("AdminAddr")),
+            registered=registered,
+            critical_client_count=_integer(
+                config.get("CriticalClientCount", DEFAULT_CRITICAL_CLIENT_COUNT),
+                "CriticalClientCount",
+                -(2**63),
+                2**63 - 1,
+            ),
+            critical_average_response_time=round(response_time) / 1e9,
+            pid=None if pid is None else _integer(pid, "PID", 1, 2**63 - 1),
+            extra=dict(extra or {}),
+        )
+
+    @classmethod
+    def from_json(cls, data: bytes, path: str | None = None) -> "Instance":
+        """
+        Read an instance node's bytes, treating them as untrusted.
+
+        @param path: the node's path below C{/services}, if known: the
+            document must describe the instance at that path.
+        @raise RegistryError: if the node is larger than L{MAX_NODE_SIZE},
+            is not a JSON object (nested too deep included) or
+            L{from_go} refuses it; never anything else.
+        """
+        instance = cls.from_go(parse_json_node(data))
+        if path is not None and instance.path != path:
+            raise RegistryError(f"the node describes {instance.path}")
+        return instance
+
+
+#: The largest instance or statistics node a reader accepts, in bytes (a
+#: real one is well under 1 KiB).
+MAX_NODE_SIZE = 64 * 1024
+
+#: The largest port number.
+MAX_PORT = 65535
+
+
+def parse_json_node(data: bytes) -> dict[str, Any]:
+    """
+    Parse an untrusted registry node holding a JSON object.
+
+    @raise RegistryError: if it is larger than L{MAX_NODE_SIZE}, not UTF-8,
+        not JSON, nested too deep to parse, or not an object; never
+        anything else.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise RegistryError(f"a node must be bytes, not {_describe(data)}")
+    if len(data) > MAX_NODE_SIZE:
+        raise RegistryError(f"node of {len(data)} bytes; at most {MAX_NODE_SIZE} are read")
+    try:
+        doc = json.loads(bytes(data))
+    except RecursionError:
+        raise RegistryError("JSON nested too deep") from None
+    except ValueError as e:  # also UnicodeDecodeError, and too many digits
+        raise RegistryError(f"not JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise RegistryError(f"not a JSON object but {_describe(doc)}")
+    return doc
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise RegistryError(f"{what} must be a non-empty string, not {_describe(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RegistryError(f"{what} is not valid Unicode: {value!r}") from None
+    return value
+
+
+def _component(value: Any, what: str) -> str:
+    _text(value, what)
+    try:
+        check_component(what, value)
+    except ValueError as e:
+        raise RegistryError(str(e)) from None
+    # Names, versions, regions and hosts repeat across thousands of
+    # instances: one copy each (a watch of 10,000 instances saves ~2 MB).
+    return sys.intern(value)
+
+
+def _integer(value: Any, what: str, low: int, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise RegistryError(f"{what} must be an integer, not {_describe(value)}")
+    if not low <= value <= high:
+        raise RegistryError(f"{what} must be in {low}..{high}, not {value}")
+    return value
+
+
+def _number(value: Any, what: str, low: float, high: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise RegistryError(f"{what} must be a number, not {_describe(value)}")
+    if not math.isfinite(value) or not low <= value <= high:
+        raise RegistryError(f"{what} must be a finite number in {low}..{high}, not {value}")
+    return value
+
+
+class NodeWarnings:
+    """
+    Logs a bad registry node once, not at every read: one warning per node
+    path per C{interval} seconds, naming the node and what is wrong.
+    """
+
+    def __init__(self, log: Logger, clock: Any, interval: float = 60.0) -> None:
+        self._log = log
+        self._clock = clock
+        self._interval = interval
+        self._last: dict[str, float] = {}
+
+    def warn(self, path: str, error: object) -> None:
+        now = self._clock.seconds()
+        last = self._last.get(path)
+        if last is not None and now - last < self._interval:
+            return
+        if len(self._last) > 10_000:
+            self._last = {p: t for p, t in self._last.items() if now - t < self._interval}
+        self._last[path] = now
+        self._log.warn(  # noqa: G010 (twisted.logger's name)
+            "Ignoring registry node {path}: {error}", path=path, error=str(error)
+        )
 
 
 def instance_path(name: str, version: str, region: str, host: str, port: int) -> str:
@@ -411,6 +582,15 @@ class IRegistry(Interface):
             matching C{query}, sorted by path.
         """
 
+    def get(uuid: str):
+        """
+        Find one live instance by its uuid, from what the backend already
+        knows where it can (no walk of the whole tree for a known uuid).
+
+        @return: a Deferred firing with the L{Instance}, or L{None} if no
+            live instance has that uuid.
+        """
+
     def watch(query: Query, listener: IInstanceListener) -> IWatch:
         """
         Deliver the instances matching C{query} to C{listener}: first a
@@ -547,13 +727,24 @@ class InstanceDiff:
     Backends that learn about changes by re-reading (the file registry) or by
     per-node notifications (ZooKeeper) feed their current view here; it
     delivers a snapshot first and then only the differences, keyed by uuid.
+
+    A listener that raises is logged, and its view still moves on: one
+    listener's bug never stops a watch or the listeners of other watches.
     """
+
+    log = Logger()
 
     def __init__(self, query: Query, listener: IInstanceListener) -> None:
         self.query = query
         self.listener = listener
         self.known: dict[str, Instance] | None = None
         self.stopped = False
+
+    def _tell(self, method: Callable[[Any], None], argument: Any) -> None:
+        try:
+            method(argument)
+        except Exception:  # noqa: BLE001 (one listener's bug must not stop the rest)
+            self.log.failure("Registry listener {listener!r} failed", listener=self.listener)
 
     def feed(self, instances: Iterable[Instance]) -> None:
         """
@@ -564,24 +755,25 @@ class InstanceDiff:
         current = {i.uuid: i for i in instances if self.query.matches(i)}
         if self.known is None:
             self.known = current
-            self.listener.snapshot(sorted(current.values(), key=_sort_key))
+            self._tell(self.listener.snapshot, sorted(current.values(), key=_sort_key))
             return
         previous = self.known
         self.known = current
         for uuid, old in previous.items():
             if uuid not in current:
-                self.listener.removed(old)
+                self._tell(self.listener.removed, old)
         for uuid, new in current.items():
             known = previous.get(uuid)
             if known is None:
-                self.listener.added(new)
+                self._tell(self.listener.added, new)
             elif _differs(known, new):
-                self.listener.updated(new)
+                self._tell(self.listener.updated, new)
 
     def change(self, old: Instance | None, new: Instance | None) -> None:
         """
-        One instance changed from C{old} to C{new} (either may be L{None}).
-        Only valid after the first L{feed}.
+        One node changed from C{old} to C{new} (either may be L{None}; a node
+        now holding another uuid is one instance leaving and another
+        arriving).  Only valid after the first L{feed}.
         """
         if self.stopped or self.known is None:
             return
@@ -591,17 +783,19 @@ class InstanceDiff:
             self.change(old, None)
             self.change(None, new)
             return
+        if old is None and new is None:
+            return
         uuid = (new or old).uuid  # type: ignore[union-attr]
         was = self.known.get(uuid)
         if new is not None and self.query.matches(new):
             self.known[uuid] = new
             if was is None:
-                self.listener.added(new)
+                self._tell(self.listener.added, new)
             elif _differs(was, new):
-                self.listener.updated(new)
+                self._tell(self.listener.updated, new)
         elif was is not None:
             del self.known[uuid]
-            self.listener.removed(was)
+            self._tell(self.listener.removed, was)
 
 
 def _differs(a: Instance, b: Instance) -> bool:

@@ -66,6 +66,8 @@ class MemoryStore:
     def __init__(self, name: str | None = None) -> None:
         self.name = name if name is not None else f"anonymous-{next(_anonymous)}"
         self.nodes: dict[str, _Node] = {}
+        #: uuid -> path of its node.
+        self.paths_by_uuid: dict[str, str] = {}
         self.stats: dict[str, _Node] = {}
         self.watches: list[_MemoryWatch] = []
         #: Data nodes: key -> value.  They belong to no registry object.
@@ -95,12 +97,17 @@ class MemoryStore:
             node.value = instance
         else:
             self.nodes[path] = _Node(instance, owner)
+        if old is not None and self.paths_by_uuid.get(old.uuid) == path:
+            del self.paths_by_uuid[old.uuid]
+        self.paths_by_uuid[instance.uuid] = path
         self._changed(old, instance)
 
     def delete(self, path: str) -> None:
         self.stats.pop(path, None)
         node = self.nodes.pop(path, None)
         if node is not None:
+            if self.paths_by_uuid.get(node.value.uuid) == path:
+                del self.paths_by_uuid[node.value.uuid]
             self._changed(node.value, None)
 
     def drop_owner(self, owner: MemoryRegistry) -> None:
@@ -115,15 +122,8 @@ class MemoryStore:
                 self.delete(path)
 
     def _changed(self, old: Instance | None, new: Instance | None) -> None:
-        # A node rewritten with another uuid is, for a listener keyed by uuid,
-        # one instance leaving and another arriving.
-        if old is not None and new is not None and old.uuid != new.uuid:
-            changes = [(old, None), (None, new)]
-        else:
-            changes = [(old, new)]
         for watch in list(self.watches):
-            for change in changes:
-                watch.enqueue(change)
+            watch.enqueue((old, new))
 
 
 @implementer(IWatch)
@@ -157,16 +157,10 @@ class _MemoryWatch:
         for item in queue:
             if self._diff.stopped:
                 return
-            try:
-                if isinstance(item, list):
-                    self._diff.feed(item)
-                else:
-                    self._diff.change(*item)
-            except Exception:  # noqa: BLE001 (one listener's bug must not stop the rest)
-                self.log.failure(
-                    "Registry listener {listener!r} failed",
-                    listener=self._diff.listener,
-                )
+            if isinstance(item, list):
+                self._diff.feed(item)
+            else:
+                self._diff.change(*item)
 
     def stop(self) -> None:
         self._diff.stopped = True
@@ -276,6 +270,7 @@ class MemoryRegistry(ListingMixin):
         return maybeDeferred(self._set, instance, True)
 
     def _set(self, instance: Instance, keep_owner: bool) -> None:
+        instance.checked_json()
         self._check()
         self.store.set(instance, self, keep_owner=keep_owner)
 
@@ -305,6 +300,11 @@ class MemoryRegistry(ListingMixin):
 
     def query(self, query: Query) -> Deferred[list[Instance]]:
         return succeed(query.filter(self.store.instances()))
+
+    def get(self, uuid: str) -> Deferred[Instance | None]:
+        path = self.store.paths_by_uuid.get(uuid)
+        node = self.store.nodes.get(path) if path is not None else None
+        return succeed(node.value if node is not None else None)
 
     def watch(self, query: Query, listener: IInstanceListener) -> IWatch:
         self._check()
