@@ -695,7 +695,8 @@ class ServerProtocol(FrameProtocol):
         except Exception as e:
             self._broken(f"undecodable request header: {e}")
             return
-        seq = valid_seq(raw_seq)
+        # Go's net/rpc decodes a missing seq as 0 and serves the request.
+        seq = 0 if raw_seq is None else valid_seq(raw_seq)
         if type(servicemethod) is not str or seq is None:
             # Go's net/rpc reads such a header as an empty servicemethod or
             # seq 0, answers ill-formed, drops the body and reads on.

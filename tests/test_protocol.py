@@ -511,7 +511,6 @@ class ServerBehaviourTests(SynchronousTestCase):
         cases = [
             ({}, ""),
             ({"seq": Int64(5)}, ""),
-            ({"servicemethod": "Echo.Forward"}, "Echo.Forward"),
             ({"servicemethod": Code("Echo.Forward"), "seq": Int64(6)}, ""),
             ({"servicemethod": 3, "seq": Int64(7)}, ""),
         ]
@@ -523,6 +522,17 @@ class ServerBehaviourTests(SynchronousTestCase):
                 self.assertEqual(body, {})
                 self.assertEqual(answer["seq"], header.get("seq", 0))
                 self.assert_still_serving()
+
+    def test_header_without_seq_is_served_as_seq_0(self) -> None:
+        """
+        As Go's net/rpc, which decodes a missing C{seq} as 0: a header with
+        a good servicemethod and no seq is served, and answered with seq 0.
+        """
+        self.raw({"servicemethod": "Echo.Forward"})
+        [(answer, body)] = self.responses()
+        self.assertEqual((answer["seq"], answer["error"]), (0, ""))
+        self.assertEqual(bson.decode(body["out"]), {"ok": 1})
+        self.assert_still_serving()
 
     def test_method_and_clientid_of_other_bson_types(self) -> None:
         """
