@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 export PYTHON
 
 .PHONY: setup cluster test lint system-deps-cluster system-deps-test bench bench-peers \
-	bench-compare chaos chaos-sigstop bench-discovery clean
+	bench-compare chaos chaos-sigstop bench-discovery fuzz clean
 
 # Pyro5 and gRPC-Python, the peers of the RPC comparison, in an environment of
 # their own (never dependencies of skynet).
@@ -75,6 +75,12 @@ chaos-sigstop: system-deps-test $(BIN)/.skynet-runtime
 
 bench-discovery: system-deps-test $(BIN)/.skynet-runtime
 	$(BIN)/python -m benchmarks.discovery --backends embedded,zookeeper
+
+# A long structured fuzz of a real service (tests/test_fuzz.py): prints cases
+# per second and findings; FUZZ_CASES=N for a longer or shorter run.
+FUZZ_CASES ?= 20000
+fuzz: setup
+	$(BIN)/python -m tests.test_fuzz --cases $(FUZZ_CASES)
 
 clean:
 	rm -rf $(VENV) benchmarks/.venv build *.egg-info

@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from skynet import tls  # security hook (issue 12)
-from skynet.protocol import DEFAULT_MAX_FRAME
+from skynet.config import default_reactor
 from skynet.service import Service, ServiceHost
 from skynet.taps import (
     ZK_SESSION_TIMEOUT_OPTION,
@@ -85,7 +85,9 @@ class Options(usage.Options):
         ZK_SESSION_TIMEOUT_OPTION,
         ["uuid", None, None, "Instance uuid (default: a new one; the daemon passes its own)."],
         ["host", None, None, "Address to advertise (default: the listener's interface)."],
-        ["max-frame", None, DEFAULT_MAX_FRAME, "Largest accepted BSON document, in bytes."],
+        ["max-frame", None, None,
+         "Largest accepted request, in bytes (default: the service class's max_request_size, "
+         "4 MiB unless it says otherwise)."],  # fmt: skip
         ["drain-timeout", None, 10.0, "Seconds to let requests in flight finish on stop."],
         ["stats-interval", None, 5.0, "Seconds between statistics updates in the registry."],
     ]  # fmt: skip
@@ -112,14 +114,14 @@ class Options(usage.Options):
         self["version"] = version
 
     def postOptions(self) -> None:
-        from twisted.internet import reactor
-
+        reactor = default_reactor()
         if not self["service"]:
             raise usage.UsageError("--service module:Class is required")
         self.service_class = load_service_class(self["service"])
-        self["max-frame"] = positive("max-frame", self["max-frame"], int)
-        if self["max-frame"] < 5:
-            raise usage.UsageError("--max-frame must be at least 5")
+        if self["max-frame"] is not None:
+            self["max-frame"] = positive("max-frame", self["max-frame"], int)
+            if self["max-frame"] < 5:
+                raise usage.UsageError("--max-frame must be at least 5")
         self["drain-timeout"] = positive("drain-timeout", self["drain-timeout"], zero=True)
         self["stats-interval"] = positive("stats-interval", self["stats-interval"])
         self.endpoints, self.admin_endpoints = service_endpoints(
@@ -180,8 +182,7 @@ def makeService(options: Options) -> MultiService:
     """
     The service host (and, if supervised, the pipe watch) for twistd.
     """
-    from twisted.internet import reactor
-
+    reactor = default_reactor()
     service = options.service_class()
     top = MultiService()
     if options["supervised"]:

@@ -465,6 +465,8 @@ class ZooKeeperRegistry(ListingMixin):
         self._kazoo_starting: Deferred | None = None
         self._stop_d: Deferred | None = None
         self._shutdown_trigger: Any = None
+        #: Stop at reactor shutdown (see the hook in _start).
+        self.stop_at_shutdown = True
 
     @classmethod
     def from_url(
@@ -594,9 +596,14 @@ class ZooKeeperRegistry(ListingMixin):
     async def _start(self) -> None:
         if self._own_pool:
             self._pool.start()
-        self._shutdown_trigger = self._reactor.addSystemEventTrigger(
-            "before", "shutdown", self._stop_at_shutdown
-        )
+        # Hook for skynet.service.ServiceHost (wire helper): an owner that
+        # stops this registry itself, after unregistering and draining, sets
+        # stop_at_shutdown to False so that the registry is not stopped
+        # under it by the same shutdown phase.
+        if self.stop_at_shutdown:
+            self._shutdown_trigger = self._reactor.addSystemEventTrigger(
+                "before", "shutdown", self._stop_at_shutdown
+            )
         self._zk.add_listener(self._state_from_kazoo)
         self._kazoo_starting = deferToThreadPool(self._reactor, self._pool, self._zk.start_async)
         await self._kazoo_starting
