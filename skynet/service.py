@@ -25,7 +25,7 @@ from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybe
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -474,6 +474,7 @@ class ServiceHost(MultiService):
         max_request_elements: int | None | type[_Default] = _Default,
         stats_interval: float = 5.0,
         drain_timeout: float = 10.0,
+        linger: float = 0.0,
         stop_process: Callable[[], Any] | None = None,
         own_registry: bool = False,
         client: Any = None,
@@ -505,6 +506,7 @@ class ServiceHost(MultiService):
         self._counter: ElementCounter | None = None
         self.stats_interval = stats_interval
         self.drain_timeout = drain_timeout
+        self.linger = linger
         self.own_registry = own_registry
         self.stop_process = stop_process or getattr(reactor, "stop", lambda: None)
         self.connections: dict[str, ServerProtocol] = {}
@@ -828,6 +830,12 @@ class ServiceHost(MultiService):
             self._started.cancel()
         if self.registered:
             await self._set_registered(False)
+            if self.linger > 0 and self.in_registry:
+                # Unregistered but still serving: every watcher sees the
+                # unregistration (and stops sending new calls) before the
+                # instance closes its port and leaves the registry, so a
+                # graceful stop never looks like a crash.
+                await deferLater(self.reactor, self.linger, lambda: None)
         ports = [p for p in (self.port, self.admin_port) if p is not None]
         await DeferredList([maybeDeferred(p.stopListening) for p in ports])
         if self.stats.in_flight and self.drain_timeout > 0:

@@ -89,6 +89,9 @@ class Options(usage.Options):
          "Largest accepted request, in bytes (default: the service class's max_request_size, "
          "4 MiB unless it says otherwise)."],  # fmt: skip
         ["drain-timeout", None, 10.0, "Seconds to let requests in flight finish on stop."],
+        ["linger", None, 0.5,
+         "Seconds to keep serving after unregistering on stop, so that every client sees the "
+         "unregistration before the instance leaves (0: none)."],
         ["stats-interval", None, 5.0, "Seconds between statistics updates in the registry."],
     ]  # fmt: skip
     optFlags = [
@@ -123,6 +126,7 @@ class Options(usage.Options):
             if self["max-frame"] < 5:
                 raise usage.UsageError("--max-frame must be at least 5")
         self["drain-timeout"] = positive("drain-timeout", self["drain-timeout"], zero=True)
+        self["linger"] = positive("linger", self["linger"], zero=True)
         self["stats-interval"] = positive("stats-interval", self["stats-interval"])
         self.endpoints, self.admin_endpoints = service_endpoints(
             reactor, self["listen"], self["admin"]
@@ -207,6 +211,7 @@ def makeService(options: Options) -> MultiService:
         advertise_host=options["host"],
         max_frame=options["max-frame"],
         drain_timeout=options["drain-timeout"],
+        linger=options["linger"],
         stats_interval=options["stats-interval"],
         own_registry=True,
     )

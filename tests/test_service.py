@@ -200,6 +200,27 @@ class LifecycleTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(self.cluster.registry.query(Query())), [])
         self.assertEqual(host.clients, 0)
 
+    def test_linger_keeps_an_unregistered_instance_in_the_registry(self) -> None:
+        """
+        With C{linger}, a stopping instance stays in the registry,
+        unregistered and listening, for that long before it leaves: a
+        watcher sees the unregistration before the removal.
+        """
+        host = self.cluster.add(Sleeper())
+        host.linger = 0.5
+        self.cluster.settle()
+        stopped = host.stopService()
+        self.cluster.settle()
+        [instance] = self.successResultOf(self.cluster.registry.query(Query()))
+        self.assertFalse(instance.registered)
+        self.assertIsNotNone(host.port)
+        self.clock.advance(0.4)
+        self.assertNoResult(stopped)
+        self.assertEqual(len(self.successResultOf(self.cluster.registry.query(Query()))), 1)
+        self.clock.advance(0.2)
+        self.successResultOf(stopped)
+        self.assertEqual(self.successResultOf(self.cluster.registry.query(Query())), [])
+
     def test_drain_is_bounded(self) -> None:
         host = self.cluster.add(Sleeper())
         host.drain_timeout = 5
