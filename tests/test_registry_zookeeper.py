@@ -16,8 +16,10 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -1053,8 +1055,8 @@ class ACLTests(_ZooKeeperTestCase):
         C{?auth=FILE} reads C{user:secret} from a file only its owner may
         read; a file others may read is refused with a clear error.
         """
-        directory = self.mktemp()
-        os.makedirs(directory)
+        directory = tempfile.mkdtemp(prefix="skynet-zk-credentials-")
+        self.addCleanup(shutil.rmtree, directory, True)
         path = os.path.join(directory, "zk-credentials")
         with open(path, "w") as f:
             f.write("member:s@cret\n")
