@@ -5,7 +5,9 @@ C{Admin.Stop {waitforclients}}), or a call to exactly that instance rather
 than to whichever the load balancer picks (to ask a host's daemon about its
 own children).
 
-Used by the daemon, C{sky} and its shell, and the dashboard.
+Used by the daemon, C{sky} and its shell, and the dashboard.  The action
+tables (L{ADMIN_ACTIONS}, L{DAEMON_ACTIONS}) live in L{skynet.control} with
+the rest of the daemon's contract; they are re-exported here.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ from typing import Any
 
 import bson
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
-from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectError
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
+from skynet.control import ADMIN_ACTIONS, DAEMON_ACTIONS
 from skynet.errors import ConnectionFailed, RemoteCallError
 from skynet.protocol import (
     DEFAULT_MAX_FRAME,
@@ -30,22 +32,6 @@ from skynet.protocol import (
     new_id,
 )
 from skynet.registry.base import Address, Instance
-
-#: The admin calls behind the operators' actions (restart has none: only a
-#: supervising daemon can start a process again).
-ADMIN_ACTIONS: dict[str, tuple[str, dict[str, Any]]] = {
-    "register": ("Admin.Register", {}),
-    "unregister": ("Admin.Unregister", {}),
-    "stop": ("Admin.Stop", {"waitforclients": True}),
-}
-
-#: The daemon's remote method for each action, given C{{uuid}}.
-DAEMON_ACTIONS: dict[str, str] = {
-    "register": "RegisterSubService",
-    "unregister": "UnregisterSubService",
-    "stop": "StopSubService",
-    "restart": "RestartSubService",
-}
 
 
 class _AdminCall(FrameProtocol):
@@ -88,16 +74,22 @@ def admin_call(
     servicemethod: str,
     params: dict[str, Any] | None = None,
     timeout: float = 5.0,
+    tls: bool | None = None,
 ) -> Deferred[None]:
     """
     Call C{servicemethod} (C{Admin.Register}, C{Admin.Unregister},
     C{Admin.Stop}) on the admin listener at C{address}.
 
+    @param tls: speak TLS (L{True}: the instance advertises C{AdminTLS}) or
+        not; L{None}: when this process has credentials (L{skynet.tls}).
     @return: a Deferred firing with L{None}, or failing with
         L{RemoteCallError} (the answer's error) or L{ConnectionFailed}
         (unreachable, closed, or no answer within C{timeout}).
     """
-    endpoint = TCP4ClientEndpoint(reactor, address.ip_address, address.port, timeout=timeout)
+    # security hook (issue 12): TLS with this process's credentials, if it has any.
+    from skynet.tls import client_endpoint
+
+    endpoint = client_endpoint(reactor, address.ip_address, address.port, timeout, tls=tls)
     protocol = _AdminCall(servicemethod, params or {})
     factory = Factory.forProtocol(lambda: protocol)
     factory.noisy = False

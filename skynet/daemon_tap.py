@@ -17,6 +17,8 @@ from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
+from skynet import tls  # security hook (issue 12)
+from skynet.config import skynet_path
 from skynet.daemon import (
     Daemon,
     GuardConfig,
@@ -32,8 +34,7 @@ def default_log_dir() -> str:
     """
     C{$SKYNET_HOME/logs}, else C{~/.skynet/logs}.
     """
-    home = os.environ.get("SKYNET_HOME") or os.path.join(os.path.expanduser("~"), ".skynet")
-    return os.path.join(home, "logs")
+    return skynet_path("logs")
 
 
 def _number(options: usage.Options, name: str, kind: type = float, *, positive: bool = False,
@@ -156,6 +157,7 @@ class Options(usage.Options):
         self._registry()
         self._files()
         self._ssh()
+        self.tls = tls.tap_tls(self)  # security hook (issue 12)
 
     def _ssh(self) -> None:
         from twisted.internet import reactor
@@ -224,6 +226,10 @@ class Options(usage.Options):
             raise usage.UsageError(f"--log-dir: {e}") from None
 
 
+tls.add_tls_options(Options)  # security hook (issue 12): --tls DIR, --insecure
+tls.add_deploy_policy_options(Options)  # security hook: --deploy-classes-only, ...
+
+
 def makeService(options: Options) -> MultiService:
     """
     The daemon, inside a parent L{MultiService} (named C{"daemon"} there),
@@ -233,10 +239,16 @@ def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
 
     top = MultiService()
+    # security hook (issue 12): mutual TLS on the RPC and admin listeners, the policy.
+    listeners = tls.tap_listeners("skynet-daemon", options, options.endpoints,
+                                  options.admin_endpoints, registry=options.registry,
+                                  reactor=reactor, control=True)  # fmt: skip
+    for extra_service in listeners.services:
+        extra_service.setServiceParent(top)
     daemon = Daemon(
         options.registry,
-        options.endpoints,
-        options.admin_endpoints,
+        listeners.endpoints,
+        listeners.admin_endpoints,
         reactor=reactor,
         registry_url=options.registry_url,
         uuid=options.daemon_uuid,
@@ -253,6 +265,8 @@ def makeService(options: Options) -> MultiService:
         stats_interval=options["stats-interval"],
         max_events=options["max-events"],
     )
+    daemon.host.instance_extra = listeners.extra  # security hook (issue 12)
+    tls.restrict_deploy(daemon, tls.deploy_policy(options))  # security hook (issue 12)
     daemon.setName("daemon")
     daemon.setServiceParent(top)
     if options.ssh_endpoints:

@@ -38,13 +38,15 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from skynet import control
 from skynet.client import Client
+from skynet.errors import ServiceError
 from skynet.protocol import ClientProtocol, RequestInfo
 from skynet.registry.base import Instance
 from skynet.registry.memory import MemoryRegistry
 from skynet.service import Service, ServiceHost
 
-__all__ = ["LocalCluster", "MemoryRegistry", "MemoryTransport", "connect_pair"]
+__all__ = ["FakeDaemon", "LocalCluster", "MemoryRegistry", "MemoryTransport", "connect_pair"]
 
 
 class _Switchboard:
@@ -325,3 +327,64 @@ class LocalCluster:
         d = DeferredList(ds, consumeErrors=True)
         self.settle()
         return d
+
+
+class FakeDaemon(Service):
+    """
+    A stand-in for a host's C{SkynetDaemon} that supervises nothing: it
+    claims the uuids in C{managed}, answers C{ListSubServices} with
+    complete L{control.SubServiceStatus} records, and records every call
+    it gets in C{calls} as C{(method, uuid)} (C{(method, params)} for
+    C{Deploy}).  Add it to a L{LocalCluster} to test the shell or the
+    dashboard's routes through a daemon.
+
+    @ivar listing: if set, what C{ListSubServices} answers instead (to test
+        how a reader refuses an answer that breaks the contract).
+    """
+
+    listing: Any = None
+
+    name = control.DAEMON_SERVICE
+
+    def __init__(self, managed: Iterable[str] = (), deployed_uuid: str = "deployed-uuid") -> None:
+        self.managed = set(managed)
+        self.deployed_uuid = deployed_uuid
+        self.calls: list[tuple[str, Any]] = []
+
+    def status(self, uuid: str) -> control.SubServiceStatus:
+        """
+        What C{ListSubServices} says of C{uuid}: running and registered.
+        """
+        return control.SubServiceStatus(
+            uuid=uuid, service="fake:Service", args=(), running=True, pid=None, restarts=0,
+            started=None, registered=True, last_exit=None, desired_registered=True, held=(),
+            in_registry=True, next_restart=None, backoff=1.0, log=None, cpu=None, rss=None,
+        )  # fmt: skip
+
+    def ListSubServices(self, request_info: Any, params: dict[str, Any]) -> dict[str, Any]:
+        if self.listing is not None:
+            return self.listing
+        return control.sub_services_to_bson(self.status(u) for u in sorted(self.managed))
+
+    def _act(self, method: str, params: dict[str, Any], **answer: Any) -> dict[str, Any]:
+        uuid = params.get("uuid")
+        self.calls.append((method, uuid))
+        if uuid not in self.managed:
+            raise ServiceError(f"no sub-service with uuid {uuid} on this host")
+        return {"ok": True, "uuid": uuid, **answer}
+
+    def StopSubService(self, request_info: Any, params: dict[str, Any]) -> dict[str, Any]:
+        return self._act(control.STOP_SUB_SERVICE, params)
+
+    def RestartSubService(self, request_info: Any, params: dict[str, Any]) -> dict[str, Any]:
+        return self._act(control.RESTART_SUB_SERVICE, params)
+
+    def RegisterSubService(self, request_info: Any, params: dict[str, Any]) -> dict[str, Any]:
+        return self._act(control.REGISTER_SUB_SERVICE, params, registered=True)
+
+    def UnregisterSubService(self, request_info: Any, params: dict[str, Any]) -> dict[str, Any]:
+        return self._act(control.UNREGISTER_SUB_SERVICE, params, registered=False)
+
+    def Deploy(self, request_info: Any, params: dict[str, Any]) -> dict[str, Any]:
+        self.calls.append((control.DEPLOY, dict(params)))
+        return {"uuid": self.deployed_uuid}

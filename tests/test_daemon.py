@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from typing import Any
@@ -27,12 +28,24 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from skynet.client import Client
+from skynet.control import sub_services_from_bson
 from skynet.daemon import (
+    ChildGuard,
+    ChildInstances,
     Daemon,
     DaemonState,
     Deployment,
+    DeploymentStore,
+    FakeSampler,
     GuardConfig,
+    ISampler,
+    LoadGuard,
+    PsutilSampler,
+    RegistrationPolicy,
+    Release,
+    Restart,
     Usage,
+    command_line,
     load_reading,
     load_state,
     make_deployment,
@@ -47,6 +60,7 @@ from skynet.registry.files import FileRegistry
 from skynet.registry.memory import MemoryRegistry
 from skynet.service import Service
 from skynet.testing import LocalCluster, MemoryServerEndpoint
+from skynet.web.hosts import read_daemon_node
 from tests.processes import (
     ROOT,
     child_env,
@@ -59,29 +73,6 @@ from tests.processes import (
 from tests.test_procmon import FakeProcess, FakeProcessReactor
 
 # Fakes
-
-
-class FakeSampler:
-    """
-    Measurements the test sets in C{table} (pid -> L{Usage}), and a fixed
-    host.
-    """
-
-    def __init__(self) -> None:
-        self.table: dict[int, Usage] = {}
-
-    def sample_host(self) -> None:
-        pass
-
-    def usage(self, pid: int) -> Usage | None:
-        return self.table.get(pid, Usage(cpu=1.0, rss=50 << 20))
-
-    def forget(self, keep: Any) -> None:
-        pass
-
-    def host(self) -> dict[str, Any]:
-        return {"cpu": 12.5, "cpus": 2, "memory": {"total": 100, "available": 60, "used": 40,
-                "percent": 40.0}, "load": [0.5, 0.4, 0.3], "uptime": 1000.0}  # fmt: skip
 
 
 class FakeChildren:
@@ -198,6 +189,8 @@ class DaemonUnitTests(SynchronousTestCase):
             self.clock.advance(0.1)
         self.successResultOf(d)
         self.successResultOf(self.cluster.stop())
+        # Stopped means stopped: no timer of the daemon's is left behind.
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def settle(self, seconds: float = 0.0) -> None:
         steps = int(seconds / 0.05)
@@ -233,7 +226,9 @@ class DaemonUnitTests(SynchronousTestCase):
         self.assertEqual(process.env["PYTHONUNBUFFERED"], "1")
         self.assertEqual(process.env["PATH"], os.environ["PATH"])
         self.settle(0.5)
-        listing = self.successResultOf(self.call("ListSubServices"))["services"]
+        answer = self.successResultOf(self.call("ListSubServices"))
+        self.assertEqual(sub_services_from_bson(answer)[uuid].pid, process.pid)
+        listing = answer["services"]
         entry = listing[uuid]
         self.assertEqual(
             {k: entry[k] for k in ("service", "args", "running", "pid", "restarts", "started",
@@ -465,7 +460,46 @@ class DaemonUnitTests(SynchronousTestCase):
         self.assertEqual(host["children"][uuid]["rss"], 50 << 20)
         self.assertEqual(host["daemon"]["uuid"], self.daemon.uuid)
         self.assertEqual([e["kind"] for e in stats["Events"]], ["started", "deployed"])
+        # The node follows the contract the dashboard reads strictly.
+        reading = read_daemon_node(stats)
+        self.assertEqual(reading.host.children[0].usage, Usage(cpu=1.0, rss=50 << 20))
+        self.assertEqual(reading.host.daemon.usage, Usage(cpu=0.5, rss=10 << 20))
+        self.assertEqual([e.kind for e in reading.events], ["started", "deployed"])
         self.assertEqual(self.successResultOf(self.call("HostStats"))["children"][uuid]["cpu"], 1.0)
+
+    def test_cleanup_with_the_registry_down_is_a_warning(self) -> None:
+        self.make()
+        uuid = self.successResultOf(self.call("Deploy", {"service": "m:A"}))["uuid"]
+        self.settle(0.5)
+        _, registry, _ = self.children.by_admin[max(self.children.by_admin)]
+        registry.crash = lambda: None  # the node outlives the process
+        self.daemon.registry.remove = lambda i: Deferred.fromCoroutine(_refused())  # type: ignore[method-assign]
+        with capturedLogs() as events:
+            self.clock.last().exit(signal=signal.SIGKILL)
+            self.settle()
+        [warning] = [e for e in events if e.get("uuid") == uuid and e.get("error") is not None]
+        self.assertIn("gone", str(warning["error"]))
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual(self.daemon.events.recent(kind="registry_cleanup"), [])
+        self.settle(1.0)
+        self.assertEqual(len(self.clock.running()), 1)  # restarted all the same
+
+    def test_fire_and_forget_failures_are_logged(self) -> None:
+        """
+        A coroutine the daemon does not wait for logs its unexpected failure
+        with what it was doing (not "Unhandled error in Deferred" at garbage
+        collection).
+        """
+        self.make()
+
+        async def broken() -> None:
+            raise RuntimeError("surprise")
+
+        with capturedLogs() as events:
+            self.daemon._spawn(broken(), "registering", uuid="u-1")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        [event] = [e for e in events if e.get("what") == "registering"]
+        self.assertEqual(event["uuid"], "u-1")
 
     def test_state_file(self) -> None:
         path = os.path.join(tempfile.mkdtemp(prefix="skynet-state-"), "state.json")
@@ -485,6 +519,270 @@ class DaemonUnitTests(SynchronousTestCase):
         with open(path, "w") as f:
             f.write("[1, 2]")
         self.assertRaises(ValueError, load_state, path)
+
+
+class PolicyTests(SynchronousTestCase):
+    """
+    The registration policy alone: wish x holds x overload.
+    """
+
+    def test_wish_holds_and_overload(self) -> None:
+        policy = RegistrationPolicy()
+        self.assertTrue(policy.effective("a", True))
+        self.assertFalse(policy.effective("a", False))
+        self.assertFalse(policy.effective("a", None))  # not deployed
+        policy.hold("a", ["memory"])
+        policy.hold("a", ["cpu"])
+        self.assertFalse(policy.effective("a", True))
+        self.assertTrue(policy.effective("b", True))
+        self.assertEqual(policy.held("a"), ("cpu", "memory"))
+        policy.overloaded = True
+        self.assertFalse(policy.effective("b", True))
+        self.assertEqual(policy.held("a"), ("cpu", "memory", "host-load"))
+        self.assertEqual(policy.release("a"), {"cpu", "memory"})
+        self.assertEqual(policy.held("a"), ("host-load",))
+        policy.overloaded = False
+        self.assertTrue(policy.effective("a", True))
+        self.assertEqual(policy.release("a"), set())
+
+
+class ChildGuardTests(SynchronousTestCase):
+    """
+    The child guard as a state machine fed samples.
+    """
+
+    def test_consecutive_samples_then_restart_then_release(self) -> None:
+        guard = ChildGuard(GuardConfig(child_max_rss=100, child_max_cpu=90.0, child_samples=3))
+        hog, fine = Usage(cpu=1.0, rss=150), Usage(cpu=1.0, rss=50)
+        self.assertIsNone(guard.sample("a", 10, hog, in_registry=True))
+        self.assertIsNone(guard.sample("a", 10, fine, in_registry=True))  # the count starts over
+        self.assertIsNone(guard.sample("a", 10, hog, in_registry=True))
+        self.assertIsNone(guard.sample("a", 10, hog, in_registry=True))
+        decision = guard.sample("a", 10, hog, in_registry=True)
+        self.assertEqual(decision, Restart(uuid="a", pid=10, usage=hog, reasons=("memory",)))
+        self.assertEqual(guard.restarting, {"a": 10})
+        # The old process is being restarted: its samples count for nothing.
+        self.assertIsNone(guard.sample("a", 10, hog, in_registry=True))
+        # The new one is released once healthy and in the registry.
+        self.assertIsNone(guard.sample("a", 11, fine, in_registry=False))
+        self.assertEqual(guard.sample("a", 11, fine, in_registry=True),
+                         Release(uuid="a", pid=11, usage=fine))  # fmt: skip
+        self.assertEqual(guard.restarting, {})
+        self.assertIsNone(guard.sample("a", 11, fine, in_registry=True))
+
+    def test_both_reasons_and_a_new_process_over_again(self) -> None:
+        guard = ChildGuard(GuardConfig(child_max_rss=100, child_max_cpu=90.0, child_samples=1))
+        both = Usage(cpu=95.0, rss=150)
+        self.assertEqual(guard.sample("a", 1, both, in_registry=True).reasons, ("cpu", "memory"))
+        self.assertEqual(guard.sample("a", 2, both, in_registry=True).pid, 2)
+        self.assertEqual(guard.restarting, {"a": 2})
+        guard.forget("a")
+        self.assertEqual(guard.restarting, {})
+
+    def test_off_by_default(self) -> None:
+        guard = ChildGuard(GuardConfig(child_samples=1))
+        self.assertIsNone(guard.sample("a", 1, Usage(cpu=1e6, rss=1 << 40), in_registry=True))
+
+    def test_a_start_resets_the_count(self) -> None:
+        guard = ChildGuard(GuardConfig(child_max_cpu=10.0, child_samples=2))
+        guard.sample("a", 1, Usage(cpu=50.0, rss=1), in_registry=True)
+        guard.started("a")
+        self.assertIsNone(guard.sample("a", 1, Usage(cpu=50.0, rss=1), in_registry=True))
+
+
+class LoadGuardTests(SynchronousTestCase):
+    def test_hysteresis(self) -> None:
+        guard = LoadGuard(GuardConfig(load_high=4.0, load_low=2.0, load_samples=2))
+        readings = [5.0, 3.0, 5.0, 5.0, 3.0, 1.0, 3.0, 1.0, 1.0, 5.0]
+        changes = [guard.sample(r) for r in readings]
+        self.assertEqual(changes, [None, None, None, "overloaded", None, None, None, None,
+                                   "recovered", None])  # fmt: skip
+        self.assertEqual(guard.last, 5.0)
+        self.assertEqual(guard.fields()["low"], 2.0)
+
+    def test_off(self) -> None:
+        guard = LoadGuard(GuardConfig())
+        self.assertFalse(guard.enabled)
+        self.assertEqual([guard.sample(99.0) for _ in range(5)], [None] * 5)
+        self.assertFalse(guard.overloaded)
+
+
+class SamplerTests(SynchronousTestCase):
+    def test_interfaces(self) -> None:
+        from zope.interface.verify import verifyObject
+
+        verifyObject(ISampler, FakeSampler())
+        real = PsutilSampler()
+        verifyObject(ISampler, real)
+        usage = real.usage(os.getpid())
+        self.assertGreater(usage.rss, 0)
+        self.assertIsNone(real.usage(2**22 + 12345))
+        self.assertEqual(real.host().cpus, psutil.cpu_count())
+
+
+class DeploymentStoreTests(SynchronousTestCase):
+    def test_command_lines(self) -> None:
+        d = make_deployment("m:A", ["-x"], uuid="u-1")
+        self.assertEqual(
+            command_line(d, service_command=["twistd"], registry_url="file:///r", registered=False),
+            ["twistd", "-n", "--pidfile=", "skynet-service", "--service", "m:A", "--uuid", "u-1",
+             "--registry", "file:///r", "--supervised", "--unregistered", "-x"],
+        )  # fmt: skip
+        plain = make_deployment("/bin/sleep 10", ["20"])
+        self.assertEqual(command_line(plain, service_command=["twistd"], registry_url="r",
+                                      registered=True), ["/bin/sleep", "10", "20"])  # fmt: skip
+
+    def test_store_and_state_file(self) -> None:
+        path = os.path.join(tempfile.mkdtemp(prefix="skynet-state-"), "state.json")
+        store = DeploymentStore(path)
+        a, b = make_deployment("m:A"), make_deployment("m:B")
+        store.add(a)
+        store.add(b)
+        self.assertRaises(ValueError, store.add, a)
+        self.assertTrue(store.set_registered(a.uuid, False))
+        self.assertFalse(store.set_registered(a.uuid, False))
+        store.remove(b.uuid)
+        store.save("daemon-9")
+        state = load_state(path)
+        self.assertEqual(state.uuid, "daemon-9")
+        self.assertEqual(state.deployments, (attr.evolve(a, registered=False),))
+        self.assertEqual([d.uuid for d in store], [a.uuid])
+
+
+class ChildInstancesTests(SynchronousTestCase):
+    """
+    The daemon's view of its children, on an in-memory registry.
+    """
+
+    def setUp(self) -> None:
+        self.clock = FakeProcessReactor()
+        self.registry = MemoryRegistry(reactor=self.clock)
+        self.pids = {"u-1": 100}
+        self.new: list[Instance] = []
+        self.view = ChildInstances(
+            self.registry,
+            lambda i: i.uuid in self.pids and i.pid in (None, self.pids[i.uuid]),
+            self.new.append,
+        )
+        self.successResultOf(self.registry.start())
+        self.view.startService()
+
+    def node(self, uuid: str = "u-1", pid: int = 100, port: int = 1, **kw: Any) -> Instance:
+        return Instance(uuid=uuid, name="S", version="1", region="r", host="10.0.0.1",
+                        port=port, pid=pid, **kw)  # fmt: skip
+
+    def test_follows_its_children_only(self) -> None:
+        mine = self.node()
+        self.registry.add(mine)
+        self.registry.add(self.node("stranger", pid=5, port=2))
+        self.registry.add(self.node(pid=99, port=3))  # an old process of it
+        self.clock.advance(0)
+        self.assertEqual(self.view.get("u-1"), mine)
+        self.assertIsNone(self.view.get("stranger"))
+        self.assertEqual(self.new, [mine])
+        self.registry.update(attr.evolve(mine, registered=False))
+        self.clock.advance(0)
+        self.assertFalse(self.view.get("u-1").registered)
+        self.assertEqual(len(self.new), 1)  # the same process
+        self.assertEqual(self.view.live("u-1", 100), self.view.get("u-1"))
+        self.assertIsNone(self.view.live("u-1", 101))
+        self.assertIsNone(self.view.live("u-1", None))
+
+    def test_a_dead_child_is_removed_by_its_node_without_a_query(self) -> None:
+        mine = self.node()
+        self.registry.add(mine)
+        self.clock.advance(0)
+        queries: list[Any] = []
+        original = self.registry.query
+        self.registry.query = lambda q: queries.append(q) or original(q)  # type: ignore[method-assign]
+        removed = self.successResultOf(Deferred.fromCoroutine(self.view.remove_dead("u-1", 100)))
+        self.assertEqual(removed, mine)
+        self.assertEqual(queries, [])
+        self.assertEqual(self.successResultOf(original(Query(uuid="u-1"))), [])
+        # Nothing known: nothing to do.
+        self.assertIsNone(
+            self.successResultOf(Deferred.fromCoroutine(self.view.remove_dead("u-1", 100)))
+        )
+
+    def test_stop_ends_the_watch(self) -> None:
+        self.view.stopService()
+        self.registry.add(self.node())
+        self.clock.advance(0)
+        self.assertIsNone(self.view.get("u-1"))
+
+
+class DaemonLifecycleTests(SynchronousTestCase):
+    """
+    The daemon's children start in order and stop in reverse; a registry
+    that is down at start is retried while the children run.
+    """
+
+    def test_registry_down_at_start_then_ordered_stop(self) -> None:
+        clock = FakeProcessReactor()
+        cluster = LocalCluster(reactor=clock)
+        registry = MemoryRegistry(reactor=clock, store=cluster.registry.store)
+        attempts: list[float] = []
+        real_start = registry.start
+
+        def flaky_start() -> Deferred:
+            attempts.append(clock.seconds())
+            if len(attempts) < 3:
+                return Deferred.fromCoroutine(_refused())
+            return real_start()
+
+        registry.start = flaky_start  # type: ignore[method-assign]
+        order: list[str] = []
+        real_stop = registry.stop
+        registry.stop = lambda: order.append("registry") or real_stop()  # type: ignore[method-assign]
+        daemon = Daemon(registry, [MemoryServerEndpoint(cluster)], reactor=clock,
+                        registry_url="file:///fake", sampler=FakeSampler(),
+                        deployments=[make_deployment("m:A")], service_command=["twistd"],
+                        own_session=False, admin=lambda *a: succeed(None))  # fmt: skip
+        self.assertEqual([s.name for s in daemon],
+                         ["registry", "children", "supervisor", "host", "guards"])  # fmt: skip
+        with capturedLogs() as events:
+            self.assertIsNone(daemon.startService())
+            self.assertEqual(len(clock.spawned), 1)  # children start without the registry
+            self.assertFalse(daemon.host.running)
+            clock.advance(0.5)
+            self.assertFalse(daemon.host.running)
+            clock.advance(1.0)
+        self.assertEqual(attempts, [0.0, 0.5, 1.5])
+        self.assertTrue(daemon.host.running)
+        self.assertTrue(daemon.sampling.running)
+        warnings = [e for e in events if e.get("what", "").startswith("start the registry")]
+        self.assertEqual(len(warnings), 2)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        for name, part in [("host", daemon.host), ("supervisor", daemon.supervisor),
+                           ("children", daemon.children)]:  # fmt: skip
+            original = part.stopService
+            part.stopService = (lambda n, o: lambda: order.append(n) or o())(name, original)  # type: ignore[method-assign]
+        stopped = daemon.stopService()
+        for _ in range(100):
+            clock.advance(0.1)
+        self.successResultOf(stopped)
+        self.assertEqual(order, ["host", "supervisor", "children", "registry"])
+        self.assertFalse(daemon.sampling.running)
+        self.successResultOf(cluster.stop())
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class ImportTests(SynchronousTestCase):
+    def test_importing_the_daemon_is_cheap(self) -> None:
+        """
+        C{import skynet.daemon} loads none of its parts nor Twisted's
+        process machinery; a name is imported from its part on first use.
+        """
+        code = (
+            "import sys, skynet.daemon as d\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('skynet.daemon.', "
+            "'twisted.runner', 'twisted.internet.process', 'psutil'))))\n"
+            "d.GuardConfig\n"
+            "print('skynet.daemon.guards' in sys.modules, 'skynet.daemon.service' in sys.modules)\n"
+        )
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                cwd=ROOT, check=True)  # fmt: skip
+        self.assertEqual(result.stdout.splitlines(), ["[]", "True False"])
 
 
 class DeploymentFileTests(SynchronousTestCase):
@@ -522,7 +820,7 @@ class DeploymentFileTests(SynchronousTestCase):
     def test_deployment_records(self) -> None:
         d = make_deployment("a.b:C", "--x 'y z'")
         self.assertEqual((d.args, d.is_class, d.label), (("--x", "y z"), True, "C"))
-        self.assertEqual(Deployment.from_json(d.to_json()), d)
+        self.assertEqual(Deployment.from_bson(d.to_bson()), d)
         self.assertEqual(make_deployment("/bin/sleep 10").label, "sleep")
 
     def test_load_readings(self) -> None:

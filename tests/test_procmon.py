@@ -7,23 +7,28 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import shutil
 import signal
+import sys
 import tempfile
 from typing import Any
 
+import pytest
+from twisted.application.service import IService
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.interfaces import IProcessTransport, IReactorProcess
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
-from twisted.runner.procmon import ProcessMonitor
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from skynet import procmon
 from skynet.procmon import CLEANUP_TIMEOUT, EventLog, ExitRecord, IChildObserver, Supervisor
+from tests.processes import ROOT
 
 _SIGNALS = {"TERM": signal.SIGTERM, "KILL": signal.SIGKILL, "INT": signal.SIGINT}
 
@@ -44,6 +49,8 @@ class FakeProcess:
         self.env = env
         self.path = path
         self.child_fds = child_fds
+        self.uid: int | None = None
+        self.gid: int | None = None
         self.signals: list[str] = []
         self.obey_term = True
         self.ended = False
@@ -103,6 +110,7 @@ class FakeProcessReactor(Clock):
         self.next_pid += 1
         process = FakeProcess(self, processProtocol, self.next_pid, list(args), env, path,
                               childFDs)  # fmt: skip
+        process.uid, process.gid = uid, gid
         processProtocol.makeConnection(process)
         self.spawned.append(process)
         if self.on_spawn is not None:
@@ -145,10 +153,36 @@ def kinds(supervisor: Supervisor, kind: str | None = None) -> list[str]:
 
 
 class SupervisorTests(SynchronousTestCase):
-    def test_is_a_process_monitor(self) -> None:
+    def test_is_a_service(self) -> None:
         supervisor, _ = make_supervisor()
-        self.assertIsInstance(supervisor, ProcessMonitor)
+        verifyObject(IService, supervisor)
         verifyObject(IChildObserver, RecordingObserver())
+
+    def test_uid_and_gid_are_honoured(self) -> None:
+        supervisor, reactor = make_supervisor()
+        supervisor.startService()
+        supervisor.add_child("a", ["/bin/a"], uid=os.geteuid(), gid=os.getegid())
+        supervisor.add_child("b", ["/bin/b"])
+        a, b = reactor.spawned
+        self.assertEqual((a.uid, a.gid), (os.geteuid(), os.getegid()))
+        self.assertEqual((b.uid, b.gid), (None, None))
+
+    def test_uid_and_gid_refused_when_they_cannot_be(self) -> None:
+        """
+        Not root: another user or group is refused at once, with why, and
+        nothing is added or spawned.
+        """
+        supervisor, reactor = make_supervisor()
+        supervisor.startService()
+        self.patch(procmon.os, "geteuid", lambda: 1000)
+        self.patch(procmon.os, "getegid", lambda: 1000)
+        supervisor.add_child("mine", ["/bin/a"], uid=1000, gid=1000)
+        for ids in ({"uid": 0}, {"gid": 5}):
+            with self.assertRaises(ValueError) as e:
+                supervisor.add_child("other", ["/bin/a"], **ids)
+            self.assertIn("only a supervisor running as root", str(e.exception))
+        self.assertEqual(list(supervisor.children), ["mine"])
+        self.assertEqual(len(reactor.spawned), 1)
 
     def test_environment_is_never_empty(self) -> None:
         """
@@ -157,8 +191,8 @@ class SupervisorTests(SynchronousTestCase):
         """
         supervisor, reactor = make_supervisor()
         supervisor.startService()
-        supervisor.addProcess("a", ["/bin/a"])
-        supervisor.addProcess("b", ["/bin/b"], env={"ONLY": "this"}, cwd="/tmp")
+        supervisor.add_child("a", ["/bin/a"])
+        supervisor.add_child("b", ["/bin/b"], env={"ONLY": "this"}, cwd="/tmp")
         a, b = reactor.spawned
         self.assertEqual(a.env, dict(os.environ))
         self.assertIn("PATH", a.env)
@@ -168,7 +202,7 @@ class SupervisorTests(SynchronousTestCase):
     def test_stdin_is_a_pipe_kept_open(self) -> None:
         supervisor, reactor = make_supervisor()
         supervisor.startService()
-        supervisor.addProcess("a", ["/bin/a"])
+        supervisor.add_child("a", ["/bin/a"])
         self.assertEqual(reactor.last().child_fds, {0: "w", 1: "r", 2: "r"})
 
     def test_own_session(self) -> None:
@@ -178,7 +212,7 @@ class SupervisorTests(SynchronousTestCase):
         """
         supervisor, reactor = make_supervisor(own_session=True)
         supervisor.startService()
-        supervisor.addProcess("a", ["/bin/a", "x"])
+        supervisor.add_child("a", ["/bin/a", "x"])
         setsid = shutil.which("setsid")
         if setsid is None:
             self.assertEqual(reactor.last().args, ["/bin/a", "x"])
@@ -189,7 +223,7 @@ class SupervisorTests(SynchronousTestCase):
     def test_start_is_recorded(self) -> None:
         observer = RecordingObserver()
         supervisor, reactor = make_supervisor(observer=observer)
-        supervisor.addProcess("u1", ["/bin/a", "x"], label="Fibonacci")
+        supervisor.add_child("u1", ["/bin/a", "x"], label="Fibonacci")
         self.assertEqual(reactor.spawned, [])
         reactor.advance(5)
         supervisor.startService()
@@ -213,7 +247,7 @@ class SupervisorTests(SynchronousTestCase):
         """
         supervisor, reactor = make_supervisor()
         supervisor.startService()
-        supervisor.addProcess("u1", ["/bin/crash"])
+        supervisor.add_child("u1", ["/bin/crash"])
         starts = [reactor.seconds()]
         for _ in range(6):
             reactor.advance(0.5)
@@ -235,7 +269,7 @@ class SupervisorTests(SynchronousTestCase):
         """
         supervisor, reactor = make_supervisor()
         supervisor.startService()
-        supervisor.addProcess("u1", ["/bin/x"])
+        supervisor.add_child("u1", ["/bin/x"])
         for delay in (1, 2, 4):
             reactor.last().exit(1)
             reactor.advance(delay)
@@ -254,7 +288,7 @@ class SupervisorTests(SynchronousTestCase):
         observer = RecordingObserver()
         supervisor, reactor = make_supervisor(observer=observer)
         supervisor.startService()
-        supervisor.addProcess("u1", ["/bin/x"], label="Sleeper")
+        supervisor.add_child("u1", ["/bin/x"], label="Sleeper")
         first = reactor.last()
         reactor.advance(3)
         first.exit(signal=signal.SIGKILL)
@@ -284,7 +318,7 @@ class SupervisorTests(SynchronousTestCase):
         supervisor, reactor = make_supervisor()
         reactor.fail_spawn = True
         supervisor.startService()
-        supervisor.addProcess("u1", ["/no/such/program"])
+        supervisor.add_child("u1", ["/no/such/program"])
         status = supervisor.status("u1")
         self.assertFalse(status["running"])
         self.assertIn("No such file", status["last_exit"]["error"])
@@ -304,7 +338,7 @@ class SupervisorTests(SynchronousTestCase):
         observer = RecordingObserver()
         supervisor, reactor = make_supervisor(observer=observer)
         supervisor.startService()
-        supervisor.addProcess("u1", ["/bin/x"])
+        supervisor.add_child("u1", ["/bin/x"])
         observer.cleanup = Deferred()
         reactor.advance(20)
         reactor.last().exit(1)  # stable: restart at once, after the cleanup
@@ -326,7 +360,7 @@ class SupervisorTests(SynchronousTestCase):
         log_dir = tempfile.mkdtemp(prefix="skynet-procmon-")
         supervisor, reactor = make_supervisor(log_dir=log_dir)
         supervisor.startService()
-        supervisor.addProcess("u1", ["/bin/x"], label="TestService")
+        supervisor.add_child("u1", ["/bin/x"], label="TestService")
         process = reactor.last()
         with capturedLogs() as events:
             process.output(1, b"hello\npart")
@@ -359,7 +393,7 @@ class SupervisorTests(SynchronousTestCase):
             stop_grace=10, kill_time=3,
         )  # fmt: skip
         supervisor.startService()
-        supervisor.addProcess("u1", ["/bin/x"])
+        supervisor.add_child("u1", ["/bin/x"])
         process = reactor.last()
         process.obey_term = False
         d = supervisor.stop_child("u1")
@@ -379,7 +413,7 @@ class SupervisorTests(SynchronousTestCase):
     def test_polite_stop_that_works_sends_no_signal(self) -> None:
         supervisor, reactor = make_supervisor(polite_stop=lambda name: succeed(None))
         supervisor.startService()
-        supervisor.addProcess("u1", ["/bin/x"])
+        supervisor.add_child("u1", ["/bin/x"])
         process = reactor.last()
         d = supervisor.stop_child("u1")
         reactor.advance(1)
@@ -394,7 +428,7 @@ class SupervisorTests(SynchronousTestCase):
 
         supervisor, reactor = make_supervisor(polite_stop=refuse)
         supervisor.startService()
-        supervisor.addProcess("u1", ["/bin/x"])
+        supervisor.add_child("u1", ["/bin/x"])
         process = reactor.last()
         d = supervisor.stop_child("u1")
         self.assertEqual(process.signals, ["TERM"])
@@ -405,7 +439,7 @@ class SupervisorTests(SynchronousTestCase):
     def test_remove_child_does_not_restart(self) -> None:
         supervisor, reactor = make_supervisor()
         supervisor.startService()
-        supervisor.addProcess("u1", ["/bin/x"])
+        supervisor.add_child("u1", ["/bin/x"])
         d = supervisor.remove_child("u1")
         self.successResultOf(d)
         reactor.advance(100)
@@ -413,13 +447,13 @@ class SupervisorTests(SynchronousTestCase):
         self.assertEqual(supervisor.children, {})
         self.assertEqual(kinds(supervisor)[-1], "removed")
         # The name can be used again.
-        supervisor.addProcess("u1", ["/bin/x"])
+        supervisor.add_child("u1", ["/bin/x"])
         self.assertEqual(len(reactor.spawned), 2)
 
     def test_remove_child_waiting_for_back_off(self) -> None:
         supervisor, reactor = make_supervisor()
         supervisor.startService()
-        supervisor.addProcess("u1", ["/bin/x"])
+        supervisor.add_child("u1", ["/bin/x"])
         reactor.last().exit(1)
         self.successResultOf(supervisor.remove_child("u1"))
         reactor.advance(100)
@@ -428,7 +462,7 @@ class SupervisorTests(SynchronousTestCase):
     def test_restart_child_at_once_without_back_off(self) -> None:
         supervisor, reactor = make_supervisor(polite_stop=lambda name: succeed(None))
         supervisor.startService()
-        supervisor.addProcess("u1", ["/bin/x"])
+        supervisor.add_child("u1", ["/bin/x"])
         for delay in (1, 2):
             reactor.last().exit(1)
             reactor.advance(delay)
@@ -449,7 +483,7 @@ class SupervisorTests(SynchronousTestCase):
     def test_set_args_apply_to_the_next_start(self) -> None:
         supervisor, reactor = make_supervisor()
         supervisor.startService()
-        supervisor.addProcess("u1", ["/bin/x", "--registered"])
+        supervisor.add_child("u1", ["/bin/x", "--registered"])
         supervisor.set_args("u1", ["/bin/x", "--unregistered"])
         self.assertEqual(reactor.last().args, ["/bin/x", "--registered"])
         reactor.last().exit(1)
@@ -459,9 +493,9 @@ class SupervisorTests(SynchronousTestCase):
     def test_stop_service_stops_every_child_and_waits(self) -> None:
         supervisor, reactor = make_supervisor(stop_grace=5, kill_time=5)
         supervisor.startService()
-        supervisor.addProcess("u1", ["/bin/x"])
-        supervisor.addProcess("u2", ["/bin/y"])
-        supervisor.addProcess("u3", ["/bin/z"])
+        supervisor.add_child("u1", ["/bin/x"])
+        supervisor.add_child("u2", ["/bin/y"])
+        supervisor.add_child("u3", ["/bin/z"])
         reactor.spawned[2].exit(1)  # waiting for back-off
         first, second = reactor.running()
         second.obey_term = False
@@ -479,9 +513,9 @@ class SupervisorTests(SynchronousTestCase):
     def test_restart_all(self) -> None:
         supervisor, reactor = make_supervisor()
         supervisor.startService()
-        supervisor.addProcess("u1", ["/bin/x"])
-        supervisor.addProcess("u2", ["/bin/y"])
-        supervisor.restartAll()
+        supervisor.add_child("u1", ["/bin/x"])
+        supervisor.add_child("u2", ["/bin/y"])
+        supervisor.restart_all()
         reactor.advance(0)
         self.assertEqual(len(reactor.spawned), 4)
         self.assertEqual(len(reactor.running()), 2)
@@ -509,3 +543,62 @@ class EventLogTests(SynchronousTestCase):
         self.assertEqual(len(seen), 5)
         self.assertEqual(events.recent()[-1].to_dict(), {"time": 5.0, "kind": "tick",
                                                          "text": "again"})  # fmt: skip
+
+
+# A real child
+
+
+_LOGGING_CHILD = """
+import sys
+from twisted.internet import reactor
+from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
+from skynet.service_tap import SupervisorWatch
+
+# As twistd -n does: the log goes to stdout, and --supervised watches stdin.
+globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
+SupervisorWatch(reactor).startService()
+log = Logger()
+
+def write():
+    for n in range({count}):
+        log.info("line {{n}} " + "x" * 200, n=n)
+    reactor.stop()
+
+reactor.callWhenRunning(write)
+reactor.run()
+"""
+
+
+@pytest.mark.slow
+class RealChildLogTests(TestCase):
+    """
+    A supervised skynet child writing its log to stdout while the supervisor
+    is not reading it (a daemon stopped with SIGSTOP, here paused): the child
+    waits, and not one line is lost.
+    """
+
+    timeout = 60
+
+    async def test_no_line_lost_while_the_reader_is_paused(self) -> None:
+        from twisted.internet import reactor
+
+        count = 2000  # about 440 KB: many times what a pipe holds
+        directory = tempfile.mkdtemp(prefix="skynet-logs-")
+        script = os.path.join(directory, "child.py")
+        with open(script, "w") as f:
+            f.write(_LOGGING_CHILD.format(count=count))
+        supervisor = Supervisor(reactor, log_dir=directory, own_session=False)
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        supervisor.add_child("c", [sys.executable, script], env=env, label="logger")
+        child = supervisor.children["c"]
+        supervisor.startService()
+        self.addCleanup(supervisor.stopService)
+        child.protocol.transport.pauseProducing()
+        await deferLater(reactor, 3.0, lambda: None)
+        self.assertTrue(child.running)  # blocked on its full pipe, not dropping
+        child.protocol.transport.resumeProducing()
+        record = await supervisor.when_exited("c")
+        self.assertEqual(record.code, 0)
+        with open(child.log_path, encoding="utf-8") as f:
+            numbers = [int(m.group(1)) for m in re.finditer(r"line (\d+) x", f.read())]
+        self.assertEqual(numbers, list(range(count)))

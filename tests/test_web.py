@@ -16,20 +16,33 @@ from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from treq.client import HTTPClient
+from treq.testing import StubTreq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredQueue, fail
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, deferLater
+from twisted.logger import capturedLogs
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from skynet.control import (
+    DAEMON_SERVICE,
+    ChildStats,
+    DaemonProcess,
+    HostFigures,
+    HostMemory,
+    HostStats,
+    LoadGuardStatus,
+    ProcessUsage,
+)
 from skynet.registry.base import Address, Instance, RegistryError
 from skynet.registry.memory import MemoryRegistry
 from skynet.service import Service, ServiceHost
+from skynet.testing import FakeDaemon
 from skynet.web.app import DashboardApp, bearer_token, same_origin
-from skynet.web.daemonstats import DAEMON_SERVICE, daemon_figures
+from skynet.web.hosts import read_daemon_node
 from skynet.web.metrics import GraphitePusher, graphite_name, prometheus_text
 from skynet.web.model import LATENCY_BUCKETS, DashboardModel, latency_fraction_below
 
@@ -57,20 +70,21 @@ def stats(requests: int = 0, errors: int = 0, start: str = "2024-05-01T10:00:00Z
     return doc
 
 
-def daemon_stats(children: dict[str, dict[str, Any]], events: list | None = None) -> dict:
+def daemon_stats(children: dict[str, ProcessUsage | None], events: list | None = None) -> dict:
     """
-    A daemon's statistics node, in the shape C{skynet.daemon} publishes.
+    A daemon's statistics node, as C{skynet.daemon} publishes it: the
+    control records' own C{to_bson}.
     """
-    return stats(
-        Host={
-            "cpu": 12.5, "cpus": 2,
-            "memory": {"total": 8 << 30, "available": 6 << 30, "used": 2 << 30, "percent": 25.0},
-            "load": [0.5, 0.25, 0.125], "uptime": 3600.0, "boot_time": 1700000000.0,
-            "hostname": "box", "daemon": {"uuid": "daemon-1", "pid": 42, "uptime": 10.0},
-            "children": children,
-        },
-        Events=events or [],
+    host = HostStats(
+        daemon=DaemonProcess(uuid="daemon-1", pid=42, uptime=10.0),
+        load_guard=LoadGuardStatus(),
+        children=tuple(ChildStats(uuid=uuid, service="Svc", pid=None, running=True, usage=usage)
+                       for uuid, usage in children.items()),
+        figures=HostFigures(cpu=12.5, cpus=2, memory=HostMemory(total=8 << 30, available=6 << 30,
+                            used=2 << 30, percent=25.0), load=(0.5, 0.25, 0.125), uptime=3600.0,
+                            boot_time=1700000000.0, hostname="box"),
     )  # fmt: skip
+    return stats(Host=host.to_bson(), Events=events or [])
 
 
 class ModelTests(SynchronousTestCase):
@@ -266,8 +280,7 @@ class ModelTests(SynchronousTestCase):
             self.services.add(instance)
         self.publish(child, stats(requests=1))
         self.publish(lone, stats(requests=1))
-        self.publish(daemon, daemon_stats({"uuid-1": {"service": "Svc", "pid": 1001,
-                                                      "cpu": 33.5, "rss": 123456}}))  # fmt: skip
+        self.publish(daemon, daemon_stats({"uuid-1": ProcessUsage(cpu=33.5, rss=123456)}))
         self.start()
         self.clock.advance(1.0)
         row = self.model.find("uuid-1").row()
@@ -303,13 +316,43 @@ class ModelTests(SynchronousTestCase):
         daemon_events = [e for e in self.model.events if e.get("daemon") == "daemon-1"]
         self.assertEqual([(e["kind"], e["uuid"]) for e in daemon_events],
                          [("guard_restart", "uuid-1")])  # fmt: skip
+        # Stamped with when it happened on the daemon, not when we read it.
+        self.assertEqual(daemon_events[0]["time"], 2.0)
+        self.assertEqual(self.clock.seconds(), 3.0)
 
-    def test_daemon_figures_never_fail(self) -> None:
-        for junk in ({}, {"Host": 5}, {"Host": {"memory": "x", "load": "y", "children": [1]}},
-                     {"Events": [None, 3, {"kind": ["x"]}]}, {"Host": {"cpu": float("nan")}}):  # fmt: skip
-            figures = daemon_figures(junk)
-            self.assertIsNone(figures.host.get("cpu"))
-        self.assertEqual(daemon_figures(None).children, {})  # type: ignore[arg-type]
+    def test_malformed_daemon_nodes_are_refused(self) -> None:
+        """
+        A daemon node that breaks the contract is refused with the reason;
+        the model logs it and keeps the figures it had.
+        """
+        good = daemon_stats({"uuid-1": ProcessUsage(cpu=1.0, rss=2)})
+        bad_host = dict(good["Host"], cpu="lots")
+        for junk, reason in [
+            ({}, "'Host' and 'Events'"),
+            (dict(good, Host=5), "host statistics must be a document"),
+            (dict(good, Host=bad_host), "'cpu' must be a number"),
+            (dict(good, Host=dict(good["Host"], load=[1, 2])), "three numbers"),
+            (dict(good, Host={k: v for k, v in good["Host"].items() if k != "daemon"}), "'daemon'"),
+            (dict(good, Events=[{"kind": "x", "text": "y"}]), "no 'time'"),
+            (dict(good, Events=[{"time": 1.0, "kind": ["x"], "text": "y"}]), "'kind' must be"),
+        ]:  # fmt: skip
+            with self.assertRaises(ValueError) as e:
+                read_daemon_node(junk)
+            self.assertIn(reason, str(e.exception))
+        daemon = make_instance(9, name=DAEMON_SERVICE, uuid="daemon-1")
+        self.services.add(daemon)
+        self.services.add(make_instance(1))
+        self.publish(daemon, good)
+        self.start()
+        self.clock.advance(1.0)
+        self.assertEqual(self.model.find("uuid-1").row()["rss"], 2)
+        self.publish(daemon, dict(good, Host=bad_host))
+        with capturedLogs() as events:
+            self.clock.advance(1.0)
+        [warning] = [e for e in events if e.get("uuid") == "daemon-1" and "error" in e]
+        self.assertIn("'cpu' must be a number", str(warning["error"]))
+        self.assertEqual(self.model.find("uuid-1").row()["rss"], 2)
+        self.assertEqual(self.model.hosts["127.0.0.1"]["cpu"], 12.5)
 
     def test_registry_start_is_retried(self) -> None:
         attempts = []
@@ -371,7 +414,7 @@ class MetricsTextTests(SynchronousTestCase):
         for instance in (child, daemon):
             registry.add(instance)
         registry.publish_stats(child, stats(requests=1000, errors=3))
-        registry.publish_stats(daemon, daemon_stats({"uuid-1": {"cpu": 5.0, "rss": 2048}}))
+        registry.publish_stats(daemon, daemon_stats({"uuid-1": ProcessUsage(cpu=5.0, rss=2048)}))
         model.startService()
         clock.advance(0)
         text = prometheus_text(model)
@@ -505,23 +548,72 @@ class Sleepy(Service):
         return {}
 
 
-class FakeDaemon(Service):
+class DashboardHTTPTests(SynchronousTestCase):
     """
-    A C{SkynetDaemon} stand-in that records the calls it gets.
+    The dashboard's pages and API in memory: its resource under
+    L{StubTreq}, its model on a fake clock.
     """
 
-    name = DAEMON_SERVICE
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.services = MemoryRegistry(reactor=self.clock)
+        self.registry = MemoryRegistry(reactor=self.clock, store=self.services.store)
+        self.model = DashboardModel(self.registry, reactor=self.clock, stats_interval=0.1,
+                                    push_interval=0.05)  # fmt: skip
+        self.model.startService()
+        self.addCleanup(self.model.stopService)
+        # "dashboard.test" is served by name, as --allowed-host makes it.
+        app = DashboardApp(self.model, token=TOKEN, allowed_hosts=["dashboard.test"])
+        self.treq = StubTreq(app.resource())
 
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, Any]] = []
+    def add(self, instance: Instance, doc: dict[str, Any]) -> None:
+        self.services.add(instance)
+        self.successResultOf(self.services.publish_stats(instance, doc))
 
-    def RestartSubService(self, request_info: Any, params: dict[str, Any]) -> dict[str, Any]:
-        self.calls.append(("RestartSubService", params.get("uuid")))
-        return {"ok": True, "uuid": params.get("uuid")}
+    def done(self, d: Deferred) -> Any:
+        self.treq.flush()
+        return self.successResultOf(d)
 
-    def UnregisterSubService(self, request_info: Any, params: dict[str, Any]) -> dict:
-        self.calls.append(("UnregisterSubService", params.get("uuid")))
-        return {"ok": True, "uuid": params.get("uuid"), "registered": False}
+    def get(self, path: str, **kw: Any) -> tuple[int, Any, bytes]:
+        response = self.done(self.treq.get("http://dashboard.test" + path, **kw))
+        return response.code, response.headers, self.done(self.treq.content(response))
+
+    def test_pages_and_api(self) -> None:
+        self.add(make_instance(1), stats(requests=5))
+        self.clock.advance(0.2)
+        code, headers, body = self.get("/")
+        self.assertEqual(code, 200)
+        self.assertIn(b'src="/static/app.js"', body)
+        self.assertEqual(headers.getRawHeaders("referrer-policy"), ["no-referrer"])
+        code, _, body = self.get("/api/state")
+        self.assertEqual(code, 200)
+        self.assertEqual([r["uuid"] for r in json.loads(body)["rows"]], ["uuid-1"])
+        code, _, body = self.get("/api/series?key=i:uuid-1&key=s:Svc")
+        self.assertEqual(set(json.loads(body)["series"]), {"i:uuid-1", "s:Svc"})
+
+    def test_metrics_endpoint(self) -> None:
+        self.add(make_instance(1), stats(requests=77, errors=2))
+        self.add(make_instance(2, registered=False), stats(requests=1))
+        self.clock.advance(0.3)
+        code, headers, body = self.get("/metrics")
+        self.assertEqual(code, 200)
+        self.assertEqual(headers.getRawHeaders("content-type"),
+                         ["text/plain; version=0.0.4; charset=utf-8"])  # fmt: skip
+        samples = parse_prometheus(body.decode())
+        one = 'service="Svc",version="1",region="north",host="127.0.0.1",uuid="uuid-1"'
+        two = one.replace("uuid-1", "uuid-2")
+        self.assertEqual(samples[f"skynet_requests_total{{{one}}}"], 77)
+        self.assertEqual(samples[f"skynet_errors_total{{{one}}}"], 2)
+        self.assertEqual(samples[f"skynet_registered{{{one}}}"], 1)
+        self.assertEqual(samples[f"skynet_registered{{{two}}}"], 0)
+        self.assertEqual(samples[f'skynet_request_duration_seconds_bucket{{{one},le="+Inf"}}'], 77)
+        # No daemon: no CPU or RSS rather than zeros.
+        self.assertFalse([k for k in samples if k.startswith(("skynet_cpu", "skynet_rss"))])
+
+    def test_auth(self) -> None:
+        for token, code in [(TOKEN, 200), ("nope", 403), (None, 403)]:
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            self.assertEqual(self.get("/api/auth", headers=headers)[0], code, token)
 
 
 class DashboardTests(TestCase):
@@ -536,7 +628,8 @@ class DashboardTests(TestCase):
         self.registry = MemoryRegistry(reactor=reactor, store=self.services.store)
         self.model = DashboardModel(self.registry, reactor=reactor, stats_interval=0.1,
                                     push_interval=0.05)  # fmt: skip
-        await self.model.startService()
+        self.model.startService()
+        await self.model.when_started()
         self.addCleanup(self.model.stopService)
         self.app = DashboardApp(self.model, token=token)
         port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(self.app.site())
@@ -658,14 +751,12 @@ class DashboardTests(TestCase):
         socket, messages = await self.connect(origin=f"http://127.0.0.1:{self.port}")
         self.assertEqual((await messages.get())["type"], "snapshot")
 
-    async def test_pages_and_api(self) -> None:
+    async def test_static_files(self) -> None:
+        """
+        The script and style, from a real port (static files are sent by a
+        pull producer, which StubTreq's transport does not drive).
+        """
         await self.start_dashboard()
-        await self.add(make_instance(1), stats(requests=5))
-        await deferLater(reactor, 0.2, lambda: None)
-        code, headers, body = await self.get("/")
-        self.assertEqual(code, 200)
-        self.assertIn(b'src="/static/app.js"', body)
-        self.assertEqual(headers.getRawHeaders("referrer-policy"), ["no-referrer"])
         code, headers, body = await self.get("/static/app.js")
         self.assertEqual(code, 200)
         self.assertIn("javascript", headers.getRawHeaders("content-type")[0])
@@ -674,31 +765,6 @@ class DashboardTests(TestCase):
         self.assertEqual(code, 200)
         code, _, _ = await self.get("/static/")
         self.assertEqual(code, 404)
-        code, _, body = await self.get("/api/state")
-        self.assertEqual(code, 200)
-        self.assertEqual([r["uuid"] for r in json.loads(body)["rows"]], ["uuid-1"])
-        code, _, body = await self.get("/api/series?key=i:uuid-1&key=s:Svc")
-        self.assertEqual(set(json.loads(body)["series"]), {"i:uuid-1", "s:Svc"})
-
-    async def test_metrics_endpoint(self) -> None:
-        await self.start_dashboard()
-        await self.add(make_instance(1), stats(requests=77, errors=2))
-        await self.add(make_instance(2, registered=False), stats(requests=1))
-        await deferLater(reactor, 0.3, lambda: None)
-        code, headers, body = await self.get("/metrics")
-        self.assertEqual(code, 200)
-        self.assertEqual(headers.getRawHeaders("content-type"),
-                         ["text/plain; version=0.0.4; charset=utf-8"])  # fmt: skip
-        samples = parse_prometheus(body.decode())
-        one = 'service="Svc",version="1",region="north",host="127.0.0.1",uuid="uuid-1"'
-        two = one.replace("uuid-1", "uuid-2")
-        self.assertEqual(samples[f"skynet_requests_total{{{one}}}"], 77)
-        self.assertEqual(samples[f"skynet_errors_total{{{one}}}"], 2)
-        self.assertEqual(samples[f"skynet_registered{{{one}}}"], 1)
-        self.assertEqual(samples[f"skynet_registered{{{two}}}"], 0)
-        self.assertEqual(samples[f'skynet_request_duration_seconds_bucket{{{one},le="+Inf"}}'], 77)
-        # No daemon: no CPU or RSS rather than zeros.
-        self.assertFalse([k for k in samples if k.startswith(("skynet_cpu", "skynet_rss"))])
 
     async def test_actions_refused_when_read_only(self) -> None:
         """
@@ -759,10 +825,10 @@ class DashboardTests(TestCase):
     async def test_actions_go_through_the_daemon(self) -> None:
         await self.start_dashboard()
         host = await self.start_service()
-        daemon = FakeDaemon()
+        daemon = FakeDaemon({host.uuid})
         daemon_host = await self.start_service(daemon, uuid="daemon-1")
         await self.services.publish_stats(
-            daemon_host.instance, daemon_stats({host.uuid: {"cpu": 1.0, "rss": 4096}})
+            daemon_host.instance, daemon_stats({host.uuid: ProcessUsage(cpu=1.0, rss=4096)})
         )
         await self.wait(lambda: self.model.daemon_of(host.uuid) is not None, "the daemon")
         code, body = await self.post(f"/api/instances/{host.uuid}/restart", TOKEN)
@@ -821,7 +887,8 @@ class DashboardTests(TestCase):
             [serverFromString(reactor, "tcp:0:interface=127.0.0.1")],
             reactor=reactor, uuid=uuid, stats_interval=0.1, stop_process=stop,
         )  # fmt: skip
-        await host.startService()
+        host.startService()
+        await host.when_started()
         self.addCleanup(host.stopService)
         await self.wait(lambda: self.model.find(host.uuid) is not None, "the instance")
         return host

@@ -659,6 +659,8 @@ class ZooKeeperRegistry(ListingMixin):
         self._kazoo_starting: Deferred | None = None
         self._stop_d: Deferred | None = None
         self._shutdown_trigger: Any = None
+        #: Stop at reactor shutdown (see the hook in _start).
+        self.stop_at_shutdown = True
 
     @classmethod
     def from_url(
@@ -758,6 +760,17 @@ class ZooKeeperRegistry(ListingMixin):
 
     # -- lifecycle
 
+    # The one accessor skynet.registry.locks needs (added by the cluster
+    # work, issue 16): kazoo's Lock recipe runs on this registry's session,
+    # so a lock dies with the registering process's session.
+    @property
+    def kazoo_client(self) -> KazooClient:
+        """
+        The underlying kazoo client, for kazoo recipes (locks).  Its calls
+        block or run on kazoo's threads: bridge them to the reactor.
+        """
+        return self._zk
+
     def start(self) -> Deferred:
         """
         Connect to ZooKeeper.
@@ -777,9 +790,14 @@ class ZooKeeperRegistry(ListingMixin):
     async def _start(self) -> None:
         if self._own_pool:
             self._pool.start()
-        self._shutdown_trigger = self._reactor.addSystemEventTrigger(
-            "before", "shutdown", self._stop_at_shutdown
-        )
+        # Hook for skynet.service.ServiceHost (wire helper): an owner that
+        # stops this registry itself, after unregistering and draining, sets
+        # stop_at_shutdown to False so that the registry is not stopped
+        # under it by the same shutdown phase.
+        if self.stop_at_shutdown:
+            self._shutdown_trigger = self._reactor.addSystemEventTrigger(
+                "before", "shutdown", self._stop_at_shutdown
+            )
         self._zk.add_listener(self._state_from_kazoo)
         self._kazoo_starting = deferToThreadPool(self._reactor, self._pool, self._zk.start_async)
         await self._kazoo_starting

@@ -36,13 +36,17 @@ from twisted.internet.defer import (
     DeferredList,
     DeferredSemaphore,
     ensureDeferred,
+    succeed,
 )
-from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from skynet._services import RetryingStart
+from skynet.config import default_reactor
 from skynet.registry.base import IInstanceListener, Instance, Query
-from skynet.web.daemonstats import DAEMON_SERVICE, DaemonFigures, daemon_figures
+from skynet.web.deltas import Changes
+from skynet.web.hosts import DAEMON_SERVICE, Daemons
 
 #: Fields of one point of an instance's or a service's series.
 INSTANCE_FIELDS = ("rps", "p50", "p99", "eps", "cpu", "rss")
@@ -305,6 +309,11 @@ class DashboardModel(Service):
     """
     The live model behind the dashboard (an C{IService}).
 
+    (About 440 lines: the registry listener, the sweep and the page's
+    messages all work on the one instance table; the pieces that need it
+    less live apart: L{Changes} makes the deltas, L{Daemons} reads the
+    hosts' daemons, L{record_points} grows the series.)
+
     @param registry: an L{skynet.registry.IRegistry}.
     @param stats_interval: seconds between reads of every statistics node
         (and between points of the time series).
@@ -327,18 +336,13 @@ class DashboardModel(Service):
         own_registry: bool = False,
         max_concurrent_reads: int = 64,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
-        self.reactor = reactor
+        self.reactor = default_reactor(reactor)
         self.registry = registry
         self.stats_interval = stats_interval
         self.history = history
         self.push_interval = push_interval
         self.own_registry = own_registry
         self.instances: dict[str, InstanceState] = {}
-        self.hosts: dict[str, dict[str, Any]] = {}
         self.series: dict[str, Series] = {}
         self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
         self.synced = False
@@ -347,51 +351,49 @@ class DashboardModel(Service):
         self.server_id = secrets.token_hex(8)
         self._semaphore = DeferredSemaphore(max_concurrent_reads)
         self._recently_removed: dict[str, float] = {}
-        self._daemon_figures: dict[str, DaemonFigures] = {}
-        self._seen_daemon_events: dict[str, set[Any]] = {}
+        self.daemons = Daemons()
         self._next_event_id = 1
         self._watch: Any = None
-        self._retry: Deferred | None = None
+        self._registry_start: RetryingStart | None = None
+        self._started_waiters: list[Deferred] = []
         self._loop: LoopingCall | None = None
         self._sweeping: Deferred | None = None
         self._subscribers: list[Callable[[dict[str, Any]], None]] = []
         self._push_call: Any = None
-        self._seq = 0
-        self._sent_rows: dict[str, dict[str, Any]] = {}
-        self._sent_hosts: dict[str, dict[str, Any]] = {}
-        self._dirty_rows: dict[str, None] = {}
-        self._removed_rows: set[str] = set()
-        self._removed_hosts: set[str] = set()
-        self._new_events: list[dict[str, Any]] = []
-        self._new_points: list[dict[str, Any]] = []
+        self.changes = Changes()
         self._sweep_listeners: list[Callable[[], None]] = []
 
     # IService
 
-    def startService(self) -> Deferred:  # type: ignore[override]
+    def startService(self) -> None:
         super().startService()
-        return ensureDeferred(self._start())
+        if not self.own_registry:
+            self._open()
+            return
+        # A dashboard started before its ZooKeeper keeps trying.
+        self._registry_start = RetryingStart(
+            self.registry.start,
+            self.registry.stop,
+            what=f"start the registry {getattr(self.registry, 'url', self.registry)}",
+            reactor=self.reactor,
+        )
+        self._registry_start.startService()
+        d = self._registry_start.when_started()
+        d.addCallbacks(lambda _: self._open(), lambda f: f.trap(CancelledError))
+        d.addErrback(lambda f: self.log.failure("opening the dashboard's watch failed", f))
 
-    async def _start(self) -> None:
-        delay = 0.5
-        while self.own_registry and self.running:
-            try:
-                await self.registry.start()
-                break
-            except Exception as e:
-                # A dashboard started before its ZooKeeper keeps trying.
-                self.log.warn(
-                    "cannot start the registry {url} ({error}); retrying in {delay}s",
-                    url=getattr(self.registry, "url", self.registry),
-                    error=e,
-                    delay=delay,
-                )
-                self._retry = deferLater(self.reactor, delay, lambda: None)
-                try:
-                    await self._retry
-                except CancelledError:
-                    return
-                delay = min(delay * 2, 10.0)
+    def when_started(self) -> Deferred:
+        """
+        Fires once the model watches the registry (its registry started,
+        if it owns it).
+        """
+        if self._watch is not None:
+            return succeed(None)
+        d: Deferred = Deferred()
+        self._started_waiters.append(d)
+        return d
+
+    def _open(self) -> None:
         if not self.running:
             return
         self._watch = self.registry.watch(Query(), self)
@@ -400,14 +402,15 @@ class DashboardModel(Service):
         self._loop.start(self.stats_interval, now=True).addErrback(
             lambda f: self.log.failure("statistics sweep loop failed", f)
         )
+        waiters, self._started_waiters = self._started_waiters, []
+        for d in waiters:
+            d.callback(None)
 
     def stopService(self) -> Deferred:  # type: ignore[override]
         super().stopService()
         return ensureDeferred(self._stop())
 
     async def _stop(self) -> None:
-        if self._retry is not None and not self._retry.called:
-            self._retry.cancel()
         if self._watch is not None:
             self._watch.stop()
             self._watch = None
@@ -418,8 +421,9 @@ class DashboardModel(Service):
         self._push_call = None
         if self._sweeping is not None:
             await self._sweeping
-        if self.own_registry:
-            await self.registry.stop()
+        if self._registry_start is not None:
+            await self._registry_start.stopService()
+            self._registry_start = None
 
     # IInstanceListener
 
@@ -427,7 +431,7 @@ class DashboardModel(Service):
         now = self.reactor.seconds()
         for instance in instances:
             self.instances[instance.uuid] = InstanceState(instance, now)
-            self._dirty_rows[instance.uuid] = None
+            self.changes.dirty_rows[instance.uuid] = None
         self.synced = True
         if instances:
             count = len(instances)
@@ -439,8 +443,8 @@ class DashboardModel(Service):
     def added(self, instance: Instance) -> None:
         now = self.reactor.seconds()
         self.instances[instance.uuid] = InstanceState(instance, now)
-        self._dirty_rows[instance.uuid] = None
-        self._removed_rows.discard(instance.uuid)
+        self.changes.dirty_rows[instance.uuid] = None
+        self.changes.removed_rows.discard(instance.uuid)
         removed_at = self._recently_removed.pop(instance.uuid, None)
         if removed_at is not None and now - removed_at < RESTART_WINDOW:
             self.add_event("restarted", "{service} {address} restarted", instance, now=now)
@@ -460,7 +464,7 @@ class DashboardModel(Service):
         if before.registered != instance.registered:
             kind = "registered" if instance.registered else "unregistered"
             self.add_event(kind, "{service} {address} " + kind, instance)
-        self._dirty_rows[instance.uuid] = None
+        self.changes.dirty_rows[instance.uuid] = None
         self._schedule_push()
 
     def removed(self, instance: Instance) -> None:
@@ -469,12 +473,11 @@ class DashboardModel(Service):
             return
         now = self.reactor.seconds()
         self._recently_removed[instance.uuid] = now
-        self._dirty_rows.pop(instance.uuid, None)
-        self._removed_rows.add(instance.uuid)
+        self.changes.dirty_rows.pop(instance.uuid, None)
+        self.changes.removed_rows.add(instance.uuid)
         self.series.pop(f"i:{instance.uuid}", None)
         if instance.name == DAEMON_SERVICE:
-            self._daemon_figures.pop(instance.uuid, None)
-            self._seen_daemon_events.pop(instance.uuid, None)
+            self.daemons.forget(instance.uuid)
             self._refresh_hosts()
         self.add_event("removed", "{service} {address} disappeared", instance, now=now)
         self._schedule_push()
@@ -513,7 +516,7 @@ class DashboardModel(Service):
         event["text"] = text
         event.update(fields)
         self.events.append(event)
-        self._new_events.append(event)
+        self.changes.events.append(event)
         self.log.info(
             "dashboard event {kind}: {text}", kind=kind, text=text, uuid=event.get("uuid")
         )
@@ -564,7 +567,8 @@ class DashboardModel(Service):
         fill in without waiting for the next sweep.
         """
         if uuids and self.running:
-            self._read_stats(uuids).addCallback(lambda _: self._apply_daemons())
+            d = self._read_stats(uuids).addCallback(lambda _: self._apply_daemons())
+            d.addErrback(lambda f: self.log.failure("reading new instances failed", f))
 
     def _read_stats(self, uuids: Iterable[str]) -> Deferred:
         reads = []
@@ -584,9 +588,9 @@ class DashboardModel(Service):
             if state.observe(stats, self.reactor.seconds()):
                 if before_start is not None and state.start_time not in (None, before_start):
                     self.add_event("restarted", "{service} {address} restarted", state.instance)
-                self._dirty_rows[state.uuid] = None
+                self.changes.dirty_rows[state.uuid] = None
                 if state.instance.name == DAEMON_SERVICE:
-                    self._daemon_figures[state.uuid] = daemon_figures(stats)
+                    self._read_daemon(state.uuid, stats)
 
         def failed(failure: Any) -> None:
             self.log.debug(
@@ -597,103 +601,58 @@ class DashboardModel(Service):
 
         return d.addCallbacks(got, failed)
 
+    def _read_daemon(self, uuid: str, stats: dict[str, Any]) -> None:
+        try:
+            self.daemons.read(uuid, stats)
+        except ValueError as e:
+            # Not the daemon contract: keep what we knew, say why.
+            self.log.warn("cannot read the statistics of daemon {uuid}: {error}",
+                          uuid=uuid, error=e)  # fmt: skip
+
+    @property
+    def hosts(self) -> dict[str, dict[str, Any]]:
+        """
+        Host name -> its header, from the daemon running there.
+        """
+        return self.daemons.headers
+
     def _apply_daemons(self) -> None:
         """
         Give each supervised instance its CPU and RSS from its daemon, and
-        each host its header, and turn daemons' events into ours.
+        each host its header, and turn daemons' events into ours (stamped
+        with the time they happened on the daemon).
         """
-        supervised: dict[str, tuple[str | None, Any]] = {}
-        for daemon_uuid, figures in self._daemon_figures.items():
-            for uuid, child in figures.children.items():
-                supervised[uuid] = (daemon_uuid, child)
-            daemon = self.instances.get(daemon_uuid)
-            if daemon is not None:
-                self._daemon_events(daemon, figures)
+        for daemon_uuid, reading in self.daemons.readings.items():
+            if daemon_uuid not in self.instances:
+                continue
+            for event in self.daemons.news.news(daemon_uuid, reading):
+                target = self.instances.get(event.uuid or "")
+                self.add_event(event.kind, event.text,
+                               target.instance if target is not None else None,
+                               now=event.time, daemon=daemon_uuid)  # fmt: skip
+        supervision = self.daemons.supervision()
         for uuid, state in self.instances.items():
-            supervisor, child = supervised.get(uuid, (None, None))
-            cpu = child.cpu if child is not None else None
-            rss = child.rss if child is not None else None
-            if state.instance.name == DAEMON_SERVICE and uuid in self._daemon_figures:
-                own = self._daemon_figures[uuid].own
-                if own is not None:
-                    cpu, rss = own.cpu, own.rss
+            supervisor, usage = supervision.get(uuid, (None, None))
+            cpu = usage.cpu if usage is not None else None
+            rss = usage.rss if usage is not None else None
             if (state.daemon, state.cpu, state.rss) != (supervisor, cpu, rss):
                 state.daemon, state.cpu, state.rss = supervisor, cpu, rss
-                self._dirty_rows[uuid] = None
+                self.changes.dirty_rows[uuid] = None
         self._refresh_hosts()
 
-    def _daemon_events(self, daemon: InstanceState, figures: DaemonFigures) -> None:
-        current = {key for key, _ in figures.events}
-        seen = self._seen_daemon_events.get(daemon.uuid)
-        if seen is None:
-            # What happened before we looked is history, not news.
-            self._seen_daemon_events[daemon.uuid] = current
-            return
-        for key, event in figures.events:
-            if key in seen:
-                continue
-            seen.add(key)
-            target = self.instances.get(event.get("uuid") or "")
-            self.add_event(
-                event.get("kind") or "daemon",
-                event.get("text") or "",
-                target.instance if target is not None else None,
-                daemon=daemon.uuid,
-            )
-        if len(seen) > 2 * len(current) + 100:
-            seen.intersection_update(current)
-
     def _refresh_hosts(self) -> None:
-        hosts: dict[str, dict[str, Any]] = {}
-        for daemon_uuid, figures in self._daemon_figures.items():
-            daemon = self.instances.get(daemon_uuid)
-            if daemon is None:
-                continue
-            name = daemon.instance.host
-            header = {"host": name, "daemon": daemon_uuid, "region": daemon.instance.region}
-            header.update(figures.host)
-            hosts[name] = header
-        for name in set(self.hosts) - set(hosts):
-            self._removed_hosts.add(name)
+        where = {uuid: (state.instance.host, state.instance.region)
+                 for uuid, state in self.instances.items() if uuid in self.daemons.readings}  # fmt: skip
+        for name in self.daemons.refresh(where):
+            self.changes.removed_hosts.add(name)
             self.series.pop(f"h:{name}", None)
-        for name in hosts:
-            self._removed_hosts.discard(name)
-        self.hosts = hosts
+        for name in self.hosts:
+            self.changes.removed_hosts.discard(name)
 
     def _record_points(self, now: float) -> None:
-        points: dict[str, list[Any]] = {}
-        by_service: dict[str, list[InstanceState]] = {}
-        by_host: dict[str, list[InstanceState]] = {}
-        for uuid, state in self.instances.items():
-            value = state.point()
-            self._series(f"i:{uuid}").append(now, value)
-            points[f"i:{uuid}"] = list(value)
-            by_service.setdefault(state.instance.name, []).append(state)
-            by_host.setdefault(state.instance.host, []).append(state)
-        for name, states in by_service.items():
-            value = _aggregate(states)
-            self._series(f"s:{name}").append(now, value)
-            points[f"s:{name}"] = list(value)
-        for name, header in self.hosts.items():
-            rss = [s.rss for s in by_host.get(name, []) if s.rss is not None]
-            value = (
-                _round(_number(header.get("cpu")), 2),
-                _round(_number(header.get("mem_percent")), 2),
-                _round(_number(header.get("load1")), 2),
-                sum(rss) if rss else None,
-            )
-            self._series(f"h:{name}").append(now, value)
-            points[f"h:{name}"] = list(value)
-        for key in [k for k in self.series if k.startswith("s:") and k[2:] not in by_service]:
-            if not self.series[key].points or self.series[key].points[-1][0] < now - self.history:
-                del self.series[key]
-        self._new_points.append({"t": round(now, 3), "s": points})
-
-    def _series(self, key: str) -> Series:
-        series = self.series.get(key)
-        if series is None:
-            series = self.series[key] = Series(self.history, self.stats_interval)
-        return series
+        points = record_points(self.series, now, self.instances, self.hosts,
+                               self.history, self.stats_interval)  # fmt: skip
+        self.changes.points.append({"t": round(now, 3), "s": points})
 
     # What the page gets
 
@@ -717,7 +676,7 @@ class DashboardModel(Service):
         """
         return {
             "type": "snapshot",
-            "seq": self._seq,
+            "seq": self.changes.seq,
             "time": round(self.reactor.seconds(), 3),
             "synced": self.synced,
             "config": self.config(),
@@ -764,7 +723,7 @@ class DashboardModel(Service):
         if self._push_call is not None and self._push_call.active():
             self._push_call.cancel()
         self._push_call = None
-        message = self._delta()
+        message = self.changes.delta(self.instances, self.hosts, self.reactor.seconds())
         if message is None:
             return None
         for send in list(self._subscribers):
@@ -772,61 +731,6 @@ class DashboardModel(Service):
                 send(message)
             except Exception:
                 self.log.failure("dashboard subscriber failed")
-        return message
-
-    def _delta(self) -> dict[str, Any] | None:
-        rows = []
-        for uuid in self._dirty_rows:
-            state = self.instances.get(uuid)
-            if state is None:
-                continue
-            row = state.row()
-            sent = self._sent_rows.get(uuid)
-            if sent is None:
-                rows.append(row)
-            else:
-                changed = {k: v for k, v in row.items() if sent.get(k) != v}
-                if changed:
-                    changed["uuid"] = uuid
-                    rows.append(changed)
-            self._sent_rows[uuid] = row
-        self._dirty_rows = {}
-        removed = sorted(self._removed_rows)
-        for uuid in removed:
-            self._sent_rows.pop(uuid, None)
-        self._removed_rows = set()
-        hosts = []
-        for name, header in self.hosts.items():
-            sent = self._sent_hosts.get(name)
-            if sent != header:
-                hosts.append(dict(header))
-                self._sent_hosts[name] = dict(header)
-        hosts_removed = sorted(self._removed_hosts)
-        for name in hosts_removed:
-            self._sent_hosts.pop(name, None)
-        self._removed_hosts = set()
-        events, self._new_events = self._new_events, []
-        points, self._new_points = self._new_points, []
-        if not (rows or removed or hosts or hosts_removed or events or points):
-            return None
-        self._seq += 1
-        message: dict[str, Any] = {
-            "type": "delta",
-            "seq": self._seq,
-            "time": round(self.reactor.seconds(), 3),
-        }
-        if rows:
-            message["rows"] = rows
-        if removed:
-            message["removed"] = removed
-        if hosts:
-            message["hosts"] = hosts
-        if hosts_removed:
-            message["hosts_removed"] = hosts_removed
-        if events:
-            message["events"] = events
-        if points:
-            message["points"] = points
         return message
 
     # Look-ups for actions
@@ -843,6 +747,49 @@ class DashboardModel(Service):
             return None
         daemon = self.instances.get(state.daemon)
         return daemon.instance if daemon is not None else None
+
+
+def record_points(series: dict[str, Series], now: float, instances: dict[str, InstanceState],
+                  hosts: dict[str, dict[str, Any]], history: float,
+                  interval: float) -> dict[str, list[Any]]:  # fmt: skip
+    """
+    Add one point at C{now} to the series of every instance, service and
+    host (making those that are new, dropping services gone for longer
+    than C{history}).  @return: the new points by series key.
+    """
+
+    def get(key: str) -> Series:
+        if key not in series:
+            series[key] = Series(history, interval)
+        return series[key]
+
+    points: dict[str, list[Any]] = {}
+    by_service: dict[str, list[InstanceState]] = {}
+    by_host: dict[str, list[InstanceState]] = {}
+    for uuid, state in instances.items():
+        value = state.point()
+        get(f"i:{uuid}").append(now, value)
+        points[f"i:{uuid}"] = list(value)
+        by_service.setdefault(state.instance.name, []).append(state)
+        by_host.setdefault(state.instance.host, []).append(state)
+    for name, states in by_service.items():
+        value = _aggregate(states)
+        get(f"s:{name}").append(now, value)
+        points[f"s:{name}"] = list(value)
+    for name, header in hosts.items():
+        rss = [s.rss for s in by_host.get(name, []) if s.rss is not None]
+        value = (
+            _round(_number(header.get("cpu")), 2),
+            _round(_number(header.get("mem_percent")), 2),
+            _round(_number(header.get("load1")), 2),
+            sum(rss) if rss else None,
+        )
+        get(f"h:{name}").append(now, value)
+        points[f"h:{name}"] = list(value)
+    for key in [k for k in series if k.startswith("s:") and k[2:] not in by_service]:
+        if not series[key].points or series[key].points[-1][0] < now - history:
+            del series[key]
+    return points
 
 
 def _aggregate(states: list[InstanceState]) -> tuple[float | None, ...]:

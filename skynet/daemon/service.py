@@ -1,0 +1,537 @@
+"""
+The daemon itself: L{Daemon} wires the parts of L{skynet.daemon} into one
+service tree, and L{SkynetDaemon} is its RPC face (thin adapters that
+answer with the records of L{skynet.control}).
+
+Its children, in start order (stopped in reverse, each awaited):
+
+    1. the registry's start, retried with back-off until it succeeds;
+    2. the view of its children in the registry (once the registry is up);
+    3. the L{Supervisor} of the deployed services (they need no registry);
+    4. the L{ServiceHost} of C{SkynetDaemon} (once the registry is up);
+    5. the guards' sampling timer (once the registry is up).
+
+So on stop: the guards, then C{SkynetDaemon}, then every child
+(gracefully, their nodes removed while the registry is still up), then the
+view, then the registry.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Coroutine, Iterable
+from functools import partial
+from typing import Any
+
+from twisted.application.internet import TimerService
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from skynet import control
+from skynet._services import RetryingStart, SequentialMultiService, StartAfter
+from skynet.admin import admin_call
+from skynet.config import default_reactor
+from skynet.control import (
+    Deployment,
+    HostStats,
+    SubServiceStatus,
+)
+from skynet.daemon import status
+from skynet.daemon.children import ChildInstances
+from skynet.daemon.deployments import DeploymentStore, command_line, make_deployment, twistd_command
+from skynet.daemon.guards import GuardConfig, PsutilSampler, Usage
+from skynet.daemon.policy import RegistrationPolicy
+from skynet.daemon.sampling import GuardRunner
+from skynet.errors import ConnectionFailed, ServiceError
+from skynet.procmon import EventLog, ExitRecord, IChildObserver, Supervisor
+from skynet.registry.base import Instance
+from skynet.service import Service, ServiceHost
+
+__all__ = ["DAEMON_SERVICE_NAME", "EVENTS_IN_STATISTICS", "Daemon", "SkynetDaemon",
+           "UnknownSubService"]  # fmt: skip
+
+#: The daemon's service name (L{skynet.control.DAEMON_SERVICE}).
+DAEMON_SERVICE_NAME = control.DAEMON_SERVICE
+
+#: How many recent events go into the daemon's statistics node.
+EVENTS_IN_STATISTICS = 20
+
+
+class UnknownSubService(ServiceError):
+    """
+    No sub-service with that uuid runs on this host.
+    """
+
+
+@implementer(IChildObserver)
+class Daemon(SequentialMultiService):
+    """
+    The daemon of one host: a L{Supervisor} of the deployed services, the
+    L{ServiceHost} of its own C{SkynetDaemon} service, and the guards (see
+    the module docstring for the order of its children).  Other services
+    (an SSH shell) belong beside it, in the same parent.
+
+    (Its policy, guards, registry view, deployments and status records are
+    in their own modules; what stays is the wiring and the operations
+    C{SkynetDaemon} exposes.)
+
+    @param registry: the L{IRegistry} (not started; the daemon owns it).
+    @param endpoints: server endpoints for C{SkynetDaemon} (first that
+        listens wins), C{admin_endpoints} likewise for its admin listener.
+    @param registry_url: the URL children get (default C{registry.url}).
+    @param deployments: what to deploy at start.
+    @param state_path: a state file rewritten at every change.
+    @param log_dir: where the children's log files go.
+    @param guards: the L{GuardConfig}.
+    @param load: the host guard's load reading (default: the 1-minute load
+        average).
+    @param sampler: an L{ISampler} (default L{PsutilSampler}).
+    @param admin: makes admin calls, C{admin(address, servicemethod,
+        params)} returning a Deferred (default L{admin_call}).
+    @param service_command: how to run C{twistd} (default
+        L{twistd_command}).
+    @param own_session: run each child in a session of its own (see
+        L{Supervisor}).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        registry: Any,
+        endpoints: Iterable[IStreamServerEndpoint],
+        admin_endpoints: Iterable[IStreamServerEndpoint] = (),
+        *,
+        reactor: Any = None,
+        registry_url: str | None = None,
+        uuid: str | None = None,
+        deployments: Iterable[Deployment] = (),
+        state_path: str | None = None,
+        log_dir: str | None = None,
+        cwd: str | None = None,
+        stable_after: float = 10.0,
+        max_restart_delay: float = 60.0,
+        stop_grace: float = 15.0,
+        kill_time: float = 5.0,
+        guards: GuardConfig | None = None,
+        load: Callable[[], float] | None = None,
+        sampler: Any = None,
+        admin: Callable[..., Deferred] | None = None,
+        service_command: list[str] | None = None,
+        stats_interval: float = 5.0,
+        max_events: int = 1000,
+        advertise_host: str | None = None,
+        own_session: bool = True,
+    ) -> None:
+        super().__init__()
+        self.reactor = reactor = default_reactor(reactor)
+        self.registry = registry
+        self.registry_url = registry_url or registry.url
+        self.cwd = cwd or os.getcwd()
+        self.guards = guards or GuardConfig()
+        self.sampler = sampler if sampler is not None else PsutilSampler()
+        self.load = load or (lambda: os.getloadavg()[0])
+        self.admin = admin or partial(admin_call, reactor)
+        self.service_command = service_command or twistd_command()
+        self.events = EventLog(reactor, max_events)
+        self.started_at = reactor.seconds()
+        self.store = DeploymentStore(state_path)
+        self.policy = RegistrationPolicy()
+        self.guard_runner = GuardRunner(self, self.guards, self.sampler, self.load)
+
+        self.registry_start = RetryingStart(registry.start, registry.stop, reactor=reactor,
+                                            what=f"start the registry {self.registry_url}")  # fmt: skip
+        self.children = ChildInstances(registry, self._accepts, self._new_process)
+        self.supervisor = Supervisor(
+            reactor,
+            log_dir=log_dir,
+            stable_after=stable_after,
+            max_restart_delay=max_restart_delay,
+            stop_grace=stop_grace,
+            kill_time=kill_time,
+            polite_stop=self._polite_stop,
+            observer=self,
+            events=self.events,
+            own_session=own_session,
+        )
+        self.service = SkynetDaemon(self)
+        self.host = ServiceHost(self.service, registry, endpoints, admin_endpoints,
+                                reactor=reactor, uuid=uuid, stats_interval=stats_interval,
+                                advertise_host=advertise_host)  # fmt: skip
+        self.sampling = TimerService(self.guards.sample_interval, self.sample)
+        self.sampling.clock = reactor
+        gate = self.registry_start
+        for name, child in [
+            ("registry", gate),
+            ("children", StartAfter(gate, self.children)),
+            ("supervisor", self.supervisor),
+            ("host", StartAfter(gate, self.host)),
+            ("guards", StartAfter(gate, self.sampling)),
+        ]:
+            child.setName(name)
+            child.setServiceParent(self)
+        for deployment in deployments:
+            self._add(deployment)
+
+    @property
+    def uuid(self) -> str:
+        return self.host.uuid
+
+    @property
+    def deployments(self) -> dict[str, Deployment]:
+        """
+        uuid -> L{Deployment}, in the order they were made.
+        """
+        return self.store.deployments
+
+    @property
+    def overloaded(self) -> bool:
+        return self.policy.overloaded
+
+    @property
+    def holds(self) -> dict[str, set[str]]:
+        return self.policy.holds
+
+    @property
+    def usage(self) -> dict[str, Usage]:
+        """
+        Per child, its last sample.
+        """
+        return self.guard_runner.usage
+
+    @property
+    def instances(self) -> dict[str, Instance]:
+        return self.children.instances
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], what: str, **fields: Any) -> Deferred:
+        """
+        Run C{coro} without waiting for it; an unexpected failure is logged.
+        """
+        d = Deferred.fromCoroutine(coro)
+        d.addErrback(lambda f: self.log.failure("{what} failed", f, what=what, **fields))
+        return d
+
+    # Deployments
+
+    def _add(self, deployment: Deployment) -> None:
+        self.store.add(deployment)
+        env = dict(os.environ)
+        env.update(PYTHONUNBUFFERED="1", SKYNET_REGISTRY=self.registry_url,
+                   SKYNET_UUID=deployment.uuid)  # fmt: skip
+        self.supervisor.add_child(deployment.uuid, self.command(deployment), env=env,
+                                   cwd=self.cwd, label=deployment.label)  # fmt: skip
+
+    def command(self, deployment: Deployment) -> list[str]:
+        """
+        The command line of C{deployment}'s next start.
+        """
+        return command_line(deployment, service_command=self.service_command,
+                            registry_url=self.registry_url,
+                            registered=self.effective_registered(deployment.uuid))  # fmt: skip
+
+    def deploy(self, service: Any, args: Any = None, registered: Any = True) -> str:
+        """
+        Deploy a service on this host now.
+
+        @return: its uuid.
+        @raise ValueError: if the request is malformed.
+        """
+        deployment = make_deployment(service, args, registered)
+        self._add(deployment)
+        self.events.record("deployed", "{service} ({uuid}) deployed: {spec} {args}",
+                           log=self.log, service=deployment.label, uuid=deployment.uuid,
+                           spec=deployment.service, args=list(deployment.args),
+                           registered=deployment.registered)  # fmt: skip
+        self.save_state()
+        return deployment.uuid
+
+    def _deployment(self, uuid: Any) -> Deployment:
+        if not isinstance(uuid, str) or not uuid:
+            raise ServiceError("uuid is required")
+        deployment = self.store.get(uuid)
+        if deployment is None:
+            raise UnknownSubService(f"no sub-service with uuid {uuid} on this host")
+        return deployment
+
+    def stop(self, uuid: Any) -> Deferred:
+        """
+        Stop a sub-service for good (gracefully) and forget it.  Fires when
+        its process has ended.
+        """
+        deployment = self._deployment(uuid)
+        self.store.remove(deployment.uuid)
+        self.policy.forget(deployment.uuid)
+        self.guard_runner.forget(deployment.uuid)
+        self.children.forget(deployment.uuid)
+        self.save_state()
+        return self.supervisor.remove_child(deployment.uuid)
+
+    def restart(self, uuid: Any) -> Deferred:
+        """
+        Restart a sub-service now (gracefully, then at once, no back-off).
+        """
+        return self.supervisor.restart_child(self._deployment(uuid).uuid)
+
+    def save_state(self) -> None:
+        """
+        Rewrite the state file (if there is one).
+        """
+        try:
+            self.store.save(self.uuid)
+        except OSError as e:
+            self.log.error("cannot write the state file {path}: {error}",
+                           path=self.store.state_path, error=e)  # fmt: skip
+
+    # Registration
+
+    def effective_registered(self, uuid: str) -> bool:
+        """
+        Whether C{uuid} is meant to be registered now: the operator wants it
+        and no guard holds it.
+        """
+        deployment = self.store.get(uuid)
+        return self.policy.effective(uuid, deployment.registered if deployment else None)
+
+    async def set_registered(self, uuid: Any, registered: bool) -> bool:
+        """
+        The operator's wish: register or unregister a sub-service (through
+        its admin listener).  A guard may keep it unregistered for a while.
+
+        @return: whether it is now meant to be registered.
+        """
+        deployment = self._deployment(uuid)
+        if self.store.set_registered(deployment.uuid, registered):
+            self.save_state()
+        await self._apply_registration(deployment.uuid, require=True)
+        return self.effective_registered(deployment.uuid)
+
+    def _live_instance(self, uuid: str) -> Instance | None:
+        """
+        The registry's node of the running process of C{uuid}, if any.
+        """
+        child = self.supervisor.children.get(uuid)
+        return self.children.live(uuid, child.pid if child is not None else None)
+
+    async def _apply_registration(self, uuid: str, require: bool = False) -> bool:
+        """
+        Make the child's registration match L{effective_registered}: its
+        next start's arguments, and its running process through its admin
+        listener (if it is in the registry yet; if not, when its node
+        appears).
+
+        @param require: fail with L{ServiceError} if the admin call fails.
+        @return: whether the running process was told.
+        """
+        deployment = self.store.get(uuid)
+        if deployment is None:
+            return False
+        self.supervisor.set_args(uuid, self.command(deployment))
+        instance = self._live_instance(uuid)
+        if instance is None or instance.admin is None:
+            return False  # told when its node appears (_new_process)
+        method = "Admin.Register" if self.effective_registered(uuid) else "Admin.Unregister"
+        try:
+            await self.admin(instance.admin, method, {})
+        except Exception as e:
+            self.log.warn("{method} on {uuid} ({address}) failed: {error}", method=method,
+                          uuid=uuid, address=str(instance.admin), error=e)  # fmt: skip
+            if require:
+                raise ServiceError(f"{method} on {uuid} failed: {e}") from None
+            return False
+        return True
+
+    def _accepts(self, instance: Instance) -> bool:
+        if instance.uuid not in self.store:
+            return False
+        child = self.supervisor.children.get(instance.uuid)
+        return child is not None and (instance.pid is None or instance.pid == child.pid)
+
+    def _new_process(self, instance: Instance) -> None:
+        # It started as its arguments said, but the wish may have changed since.
+        if instance.registered != self.effective_registered(instance.uuid):
+            self._spawn(self._apply_registration(instance.uuid), "registering", uuid=instance.uuid)
+
+    def _apply_all(self) -> None:
+        for uuid in list(self.store.deployments):
+            self._spawn(self._apply_registration(uuid), "registering", uuid=uuid)
+
+    # IChildObserver
+
+    def child_started(self, name: str, pid: int) -> None:
+        self.guard_runner.child_guard.started(name)
+
+    def child_exited(self, name: str, record: ExitRecord) -> Deferred:
+        """
+        A child died: its registry nodes go now, not at session expiry.  The
+        file registry already hides the nodes of dead processes; ZooKeeper
+        keeps a killed process's ephemeral nodes until its session expires,
+        so they are deleted here, by the node in hand, before the restart.
+        """
+        self.usage.pop(name, None)
+        if not self.registry_start.started:
+            self.children.forget(name)
+            return succeed(None)
+        return Deferred.fromCoroutine(self._remove_nodes(name, record))
+
+    async def _remove_nodes(self, uuid: str, record: ExitRecord) -> None:
+        try:
+            instance = await self.children.remove_dead(uuid, record.pid)
+        except Exception as e:
+            # The registry unreachable: an outage, not a bug; the node goes
+            # at session expiry instead.
+            self.log.warn("cannot remove the node of dead {uuid} (pid {pid}): {error}",
+                          uuid=uuid, pid=record.pid, error=e)  # fmt: skip
+            return
+        if instance is not None:
+            self.events.record("registry_cleanup",
+                               "{service} ({uuid}) removed from the registry: {path}",
+                               log=self.log, service=instance.name, uuid=uuid,
+                               path=instance.path, pid=record.pid)  # fmt: skip
+
+    def _polite_stop(self, name: str) -> Deferred:
+        instance = self._live_instance(name)
+        if instance is None or instance.admin is None:
+            return Deferred.fromCoroutine(_refuse("not in the registry (no admin address)"))
+        return self.admin(instance.admin, "Admin.Stop", {"waitforclients": True})
+
+    # Guards
+
+    def sample(self) -> None:
+        """
+        One round of measurements and guard decisions (see L{GuardRunner}).
+        """
+        self.guard_runner.sample()
+
+    # Reading
+
+    def sub_services(self) -> list[SubServiceStatus]:
+        """
+        Every sub-service, as C{ListSubServices} answers.
+        """
+        return status.sub_services(self)
+
+    def host_stats(self) -> HostStats:
+        """
+        The host and this daemon's children, as C{HostStats} answers.
+        """
+        return status.host_stats(self)
+
+    def extra_statistics(self) -> dict[str, Any]:
+        return {
+            "Host": self.host_stats().to_bson(),
+            "Events": [e.to_bson() for e in self.events.recent(EVENTS_IN_STATISTICS)],
+        }
+
+    # IService
+
+    def startService(self) -> None:
+        self.log.info("skynet daemon {uuid} starting with {count} sub-services on {registry}",
+                      uuid=self.uuid, count=len(self.store),
+                      registry=self.registry_url)  # fmt: skip
+        self.save_state()
+        super().startService()
+
+    async def _stop_children(self) -> None:
+        await super()._stop_children()
+        self.log.info("skynet daemon {uuid} stopped", uuid=self.uuid)
+
+
+_log = Logger()
+
+
+async def _refuse(why: str) -> None:
+    raise ConnectionFailed(why)
+
+
+# The remote methods
+
+
+def _uuid(params: dict[str, Any]) -> Any:
+    return params.get("uuid") if isinstance(params, dict) else None
+
+
+class SkynetDaemon(Service):
+    """
+    The daemon's remote methods (L{skynet.control}'s names), each a thin
+    adapter to its L{Daemon} answering with control records.
+    """
+
+    name = control.DAEMON_SERVICE
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def _later(self, d: Deferred, what: str, uuid: Any) -> None:
+        d.addErrback(lambda f: _log.failure("{what} {uuid} failed", f, what=what, uuid=uuid))
+
+    def Deploy(self, request_info: Any, params: dict[str, Any]) -> dict[str, Any]:
+        """
+        C{{service, args, registered}} -> C{{uuid}}: start a service here.
+        """
+        try:
+            uuid = self.daemon.deploy(params.get("service"), params.get("args"),
+                                      params.get("registered", True))  # fmt: skip
+        except ValueError as e:
+            raise ServiceError(f"cannot deploy: {e}") from None
+        return {"uuid": uuid}
+
+    def ListSubServices(self, request_info: Any, params: dict[str, Any]) -> dict[str, Any]:
+        """
+        C{{}} -> C{{services: {uuid: SubServiceStatus}}}.
+        """
+        return control.sub_services_to_bson(self.daemon.sub_services())
+
+    def StopSubService(self, request_info: Any, params: dict[str, Any]) -> dict[str, Any]:
+        """
+        C{{uuid}} -> C{{ok, uuid}}: stop it gracefully and forget it.  The
+        answer comes at once; the process ends after draining.
+        """
+        uuid = _uuid(params)
+        self._later(self.daemon.stop(uuid), "stopping", uuid)
+        return {"ok": True, "uuid": uuid}
+
+    def StopAllSubServices(self, request_info: Any, params: dict[str, Any]) -> dict[str, Any]:
+        uuids = sorted(self.daemon.deployments)
+        for uuid in uuids:
+            self._later(self.daemon.stop(uuid), "stopping", uuid)
+        return {"ok": True, "uuids": uuids}
+
+    def RestartSubService(self, request_info: Any, params: dict[str, Any]) -> dict[str, Any]:
+        """
+        C{{uuid}} -> C{{ok, uuid}}: restart it gracefully, without back-off.
+        """
+        uuid = _uuid(params)
+        self._later(self.daemon.restart(uuid), "restarting", uuid)
+        return {"ok": True, "uuid": uuid}
+
+    def RestartAllSubServices(self, request_info: Any, params: dict[str, Any]) -> dict[str, Any]:
+        uuids = sorted(self.daemon.deployments)
+        for uuid in uuids:
+            self._later(self.daemon.restart(uuid), "restarting", uuid)
+        return {"ok": True, "uuids": uuids}
+
+    async def RegisterSubService(self, request_info: Any, params: dict[str, Any]) -> dict[str, Any]:
+        """
+        C{{uuid}} -> C{{ok, uuid, registered}} (through its admin listener).
+        """
+        uuid = _uuid(params)
+        registered = await self.daemon.set_registered(uuid, True)
+        return {"ok": True, "uuid": uuid, "registered": registered}
+
+    async def UnregisterSubService(
+        self, request_info: Any, params: dict[str, Any]
+    ) -> dict[str, Any]:
+        uuid = _uuid(params)
+        registered = await self.daemon.set_registered(uuid, False)
+        return {"ok": True, "uuid": uuid, "registered": registered}
+
+    def HostStats(self, request_info: Any, params: dict[str, Any]) -> dict[str, Any]:
+        """
+        C{{}} -> L{control.HostStats}.
+        """
+        return self.daemon.host_stats().to_bson()
+
+    def extra_statistics(self) -> dict[str, Any]:
+        return self.daemon.extra_statistics()
