@@ -16,8 +16,10 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -675,8 +677,19 @@ class StandaloneTests(_ZooKeeperTestCase):
     async def test_scale_watch_reads_only_the_queried_service(self) -> None:
         """
         2,000 instances across 50 services: a watch on one service reads and
-        watches only that subtree.
+        watches only that subtree, with one persistent recursive watch
+        (ZooKeeper 3.6+) for the subtree.
         """
+        await self.check_scale(persistent=True)
+
+    async def test_scale_watch_one_shot(self) -> None:
+        """
+        The same with one-shot watches (servers before 3.6): one watch per
+        node of the subtree.
+        """
+        await self.check_scale(persistent=False)
+
+    async def check_scale(self, persistent: bool) -> None:
         zk = self.kazoo()
         services = f"{self.chroot}/services"
         paths = []
@@ -706,7 +719,7 @@ class StandaloneTests(_ZooKeeperTestCase):
             result.get(timeout=60)
         figure(f"2,000 instances created by a plain client in {time.monotonic() - started:.2f}s")
 
-        watcher = await self.started()
+        watcher = await self.started(persistent_watches=persistent)
         before = _watch_count(self.cluster)
         started = time.monotonic()
         one = await self.watching(watcher, Query(service="S7"))
@@ -728,8 +741,13 @@ class StandaloneTests(_ZooKeeperTestCase):
             f" ({watches_all} server watches),"
             f" one-shot query of all {took_query:.2f}s"
         )
-        # 40 instances: 40 data watches, 40 host nodes, service/version/region.
-        self.assertEqual(watches_one, 40 + 40 + 3)
+        if persistent:
+            # One persistent recursive watch each (mntr counts it in the
+            # data and the child watch tables: 2).
+            self.assertEqual((watches_one, watches_all), (2, 2))
+        else:
+            # 40 instances: 40 data watches, 40 host nodes, service/version/region.
+            self.assertEqual(watches_one, 40 + 40 + 3)
 
         zk.set(
             paths[7],
@@ -1037,8 +1055,8 @@ class ACLTests(_ZooKeeperTestCase):
         C{?auth=FILE} reads C{user:secret} from a file only its owner may
         read; a file others may read is refused with a clear error.
         """
-        directory = self.mktemp()
-        os.makedirs(directory)
+        directory = tempfile.mkdtemp(prefix="skynet-zk-credentials-")
+        self.addCleanup(shutil.rmtree, directory, True)
         path = os.path.join(directory, "zk-credentials")
         with open(path, "w") as f:
             f.write("member:s@cret\n")
@@ -1075,6 +1093,16 @@ class ACLTests(_ZooKeeperTestCase):
         self.assertRaises(NoAuthError, zk.create, f"{self.chroot}/services/Evil", b"")
         acl, _ = zk.get_acls(f"{self.chroot}/services")
         self.assertEqual(sorted(a.id.scheme for a in acl), ["digest", "world"])
+
+
+class OneShotWatchConformanceTests(ZooKeeperConformanceTests):
+    """
+    The conformance suite with one-shot watches, as on servers before 3.6.
+    """
+
+    async def started(self, **kwargs: Any) -> ZooKeeperRegistry:
+        kwargs.setdefault("persistent_watches", False)
+        return await super().started(**kwargs)
 
 
 class URLTests(TestCase):

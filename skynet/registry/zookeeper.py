@@ -66,6 +66,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 import attr
 from kazoo.client import KazooClient, KazooState  # type: ignore[import-untyped]
 from kazoo.exceptions import (  # type: ignore[import-untyped]
+    EXCEPTIONS,
     AuthFailedError,
     BadVersionError,
     ConnectionClosedError,
@@ -79,8 +80,19 @@ from kazoo.exceptions import (  # type: ignore[import-untyped]
     RolledBackError,
     RuntimeInconsistency,
     SessionExpiredError,
+    UnimplementedError,
 )
-from kazoo.protocol.states import EventType  # type: ignore[import-untyped]
+from kazoo.protocol.serialization import (  # type: ignore[import-untyped]
+    MultiHeader,
+    Watch,
+    int_struct,
+    multiheader_struct,
+    read_buffer,
+    read_string,
+    stat_struct,
+    write_string,
+)
+from kazoo.protocol.states import EventType, ZnodeStat  # type: ignore[import-untyped]
 from kazoo.retry import KazooRetry  # type: ignore[import-untyped]
 from kazoo.security import make_acl, make_digest_acl  # type: ignore[import-untyped]
 from twisted.internet.defer import (
@@ -305,6 +317,165 @@ class Credentials:
         return acl
 
 
+# ZooKeeper 3.6+: persistent recursive watches and batched reads.  kazoo
+# 2.11 has neither; these requests follow ZooKeeper's jute records
+# (AddWatchRequest, RemoveWatchesRequest, a MultiOperationRecord of reads)
+# and go through kazoo's own request queue (KazooClient._call).  Servers
+# before 3.6 answer "unimplemented": then the one-shot watches are used.
+
+_ADD_WATCH = 106
+_REMOVE_WATCHES = 18
+_MULTI_READ = 22
+_PERSISTENT_RECURSIVE = 1  # AddWatchMode
+_WATCHER_PERSISTENT_RECURSIVE = 5  # WatcherType, for removeWatches
+_GET_DATA = 4
+_GET_CHILDREN = 8
+_EVENT_CREATED, _EVENT_DELETED, _EVENT_CHANGED = 1, 2, 3
+
+#: At most this many reads in one multiRead request.
+READ_BATCH = 500
+
+
+class _AddWatch:
+    type = _ADD_WATCH
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __repr__(self) -> str:
+        return f"AddWatch({self.path!r}, persistent recursive)"
+
+    def serialize(self) -> bytes:
+        return bytes(write_string(self.path)) + int_struct.pack(_PERSISTENT_RECURSIVE)
+
+    def deserialize(self, buffer: bytes, offset: int) -> bool:
+        return True
+
+
+class _RemoveWatches(_AddWatch):
+    type = _REMOVE_WATCHES
+
+    def __repr__(self) -> str:
+        return f"RemoveWatches({self.path!r}, persistent recursive)"
+
+    def serialize(self) -> bytes:
+        return bytes(write_string(self.path)) + int_struct.pack(_WATCHER_PERSISTENT_RECURSIVE)
+
+
+class _MultiRead:
+    """
+    Several getData / getChildren reads (without watches) in one request;
+    each read has its own result or error.
+    """
+
+    type = _MULTI_READ
+
+    def __init__(self, operations: list[tuple[int, str]]) -> None:
+        self.operations = operations
+
+    def __repr__(self) -> str:
+        return f"MultiRead({len(self.operations)} reads)"
+
+    def serialize(self) -> bytes:
+        b = bytearray()
+        for kind, path in self.operations:
+            b.extend(MultiHeader(kind, False, -1).serialize())
+            b.extend(write_string(path))
+            b.append(0)  # no watch
+        return bytes(b + multiheader_struct.pack(-1, True, -1))
+
+    def deserialize(self, buffer: bytes, offset: int) -> list[Any]:
+        results: list[Any] = []
+        header, offset = MultiHeader.deserialize(buffer, offset)
+        while not header.done:
+            if header.type == _GET_DATA:
+                data, offset = read_buffer(buffer, offset)
+                stat_ = ZnodeStat._make(stat_struct.unpack_from(buffer, offset))
+                offset += stat_struct.size
+                results.append((data, stat_))
+            elif header.type == _GET_CHILDREN:
+                count = int_struct.unpack_from(buffer, offset)[0]
+                offset += int_struct.size
+                children = []
+                for _ in range(max(count, 0)):
+                    child, offset = read_string(buffer, offset)
+                    children.append(child)
+                results.append(children)
+            else:
+                error = int_struct.unpack_from(buffer, offset)[0]
+                offset += int_struct.size
+                results.append(EXCEPTIONS[error]())
+            header, offset = MultiHeader.deserialize(buffer, offset)
+        return results
+
+
+class _ReadBatch:
+    """
+    Gathers the reads of one reactor turn into multiRead requests of up to
+    L{READ_BATCH} reads: a snapshot of 10,000 instances is then tens of
+    requests, not 15,000.  On a server without multiRead, each read goes
+    alone (and C{on_unsupported} is told).
+    """
+
+    def __init__(
+        self, zk: Any, call: Callable[..., Deferred], reactor: Any, on_unsupported
+    ) -> None:
+        self._zk = zk
+        self._call = call
+        self._reactor = reactor
+        self._on_unsupported = on_unsupported
+        self._queue: list[tuple[int, str, Deferred]] = []
+        self._flush_call: Any = None
+        self.supported = True
+
+    def read(self, kind: int, path: str) -> Deferred:
+        d: Deferred = Deferred()
+        if not self.supported:
+            return self._alone(kind, path)
+        self._queue.append((kind, path, d))
+        if len(self._queue) >= READ_BATCH:
+            self._flush()
+        elif self._flush_call is None:
+            self._flush_call = self._reactor.callLater(0, self._flush)
+        return d
+
+    def _alone(self, kind: int, path: str) -> Deferred:
+        method = self._zk.get_async if kind == _GET_DATA else self._zk.get_children_async
+        return self._call(method, path)
+
+    def _flush(self) -> None:
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        items, self._queue = self._queue, []
+        if not items:
+            return
+
+        def multi_read() -> Any:
+            result = self._zk.handler.async_result()
+            self._zk._call(_MultiRead([(kind, path) for kind, path, _ in items]), result)
+            return result
+
+        def answered(results: list[Any]) -> None:
+            for (_, _, d), result in zip(items, results, strict=True):
+                if isinstance(result, Exception):
+                    d.errback(Failure(result))
+                else:
+                    d.callback(result)
+
+        def failed(failure: Failure) -> None:
+            if failure.check(UnimplementedError):
+                self.supported = False
+                self._on_unsupported()
+                for kind, path, d in items:
+                    self._alone(kind, path).chainDeferred(d)
+                return
+            for _, _, d in items:
+                d.errback(failure)
+
+        self._call(multi_read).addCallbacks(answered, failed)
+
+
 @attr.frozen
 class _WatchContext:
     """
@@ -333,6 +504,15 @@ class _WatchContext:
     call_from_thread: Callable[..., None]
     parse_instance: Callable[[str, bytes], Instance | None]
     forget: Callable[[Any], None]
+    #: C{persistent()}: whether to use a persistent recursive watch.
+    persistent: Callable[[], bool]
+    #: C{watch_subtree(base, handler)} / C{unwatch_subtree(base, handler)}:
+    #: a persistent recursive watch on C{base}; C{handler(type, path)} is
+    #: called in the reactor for every event below it.
+    watch_subtree: Callable[[str, Callable[[int, str], None]], Deferred]
+    unwatch_subtree: Callable[[str, Callable[[int, str], None]], None]
+    #: C{read(kind, path)}: a batched read without a watch.
+    read: Callable[[int, str], Deferred]
 
 
 @implementer(IRegistry)
@@ -360,6 +540,7 @@ class ZooKeeperRegistry(ListingMixin):
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         credentials: Credentials | None = None,
         open_reads: bool = True,
+        persistent_watches: bool = True,
     ) -> None:
         """
         @param hosts: kazoo's host list, C{"h1:2181,h2:2181"}.
@@ -377,6 +558,10 @@ class ZooKeeperRegistry(ListingMixin):
             L{Credentials.acl}).  L{None}: no authentication, open ACLs.
         @param open_reads: with C{credentials}, whether anyone may read
             the nodes this registry creates (C{False}: members only).
+        @param persistent_watches: on ZooKeeper 3.6+, watch each query's
+            subtree with one persistent recursive watch and read it in
+            batches (C{False}, or an older server: a one-shot watch per
+            node).
         @raise ValueError: if an argument is malformed.
         """
         self._reactor = default_reactor(reactor)
@@ -447,6 +632,11 @@ class ZooKeeperRegistry(ListingMixin):
         self._paths_by_uuid: dict[str, str] = {}
         self._securing: Deferred | None = None
         self._batch = _CreateBatch(self._zk, self._call, self._reactor)
+        self.persistent_watches = persistent_watches
+        self._reads = _ReadBatch(self._zk, self._call, self._reactor, self._no_persistent)
+        #: Persistent recursive watches: base path -> handlers.
+        self._subtrees: dict[str, list[Callable[[int, str], None]]] = {}
+        self._hook_watch_events()
         self._context = _WatchContext(
             services=f"{self._root}/services",
             get=lambda path, watcher: self._call(self._zk.get_async, path, watch=watcher),
@@ -458,6 +648,10 @@ class ZooKeeperRegistry(ListingMixin):
             call_from_thread=self._reactor.callFromThread,
             parse_instance=self.parse_instance,
             forget=self._forget_watch,
+            persistent=lambda: self.persistent_watches and self._reads.supported,
+            watch_subtree=self._watch_subtree,
+            unwatch_subtree=self._unwatch_subtree,
+            read=lambda kind, path: self._reads.read(kind, path),
         )
         self._started = False
         self._stopping = False
@@ -1174,6 +1368,79 @@ class ZooKeeperRegistry(ListingMixin):
         self._paths_by_uuid[instance.uuid] = path
         return instance
 
+    def _hook_watch_events(self) -> None:
+        """
+        Route the events of persistent recursive watches, which kazoo does
+        not know (it drops events nobody registered a one-shot watcher
+        for), to their handlers; kazoo's own dispatch runs as before.
+        """
+        zk = self._zk
+        connection = zk._connection
+        original = connection._read_watch_event
+        subtrees = self._subtrees
+        call_from_thread = self._reactor.callFromThread
+
+        def read_watch_event(buffer: bytes, offset: int) -> Any:
+            # In kazoo's connection thread.  The event goes through kazoo's
+            # completion queue, as the answers read before it do, so that
+            # the reactor sees them in the order the server sent them.
+            if subtrees:
+                event, _ = Watch.deserialize(buffer, offset)
+                for base, handlers in list(subtrees.items()):
+                    if event.path == base or event.path.startswith(base + "/"):
+                        for handler in list(handlers):
+                            zk.handler.completion_queue.put(
+                                lambda h=handler, e=event: call_from_thread(h, e.type, e.path)
+                            )
+            return original(buffer, offset)
+
+        connection._read_watch_event = read_watch_event
+
+    def _watch_subtree(self, base: str, handler: Callable[[int, str], None]) -> Deferred:
+        handlers = self._subtrees.setdefault(base, [])
+        if handler not in handlers:
+            handlers.append(handler)
+
+        def add_watch() -> Any:
+            result = self._zk.handler.async_result()
+            self._zk._call(_AddWatch(base), result)
+            return result
+
+        d = self._call(add_watch)
+
+        def unsupported(failure: Failure) -> Failure:
+            if failure.check(UnimplementedError):
+                self._no_persistent()
+            return failure
+
+        return d.addErrback(unsupported)
+
+    def _unwatch_subtree(self, base: str, handler: Callable[[int, str], None]) -> None:
+        handlers = self._subtrees.get(base, [])
+        if handler in handlers:
+            handlers.remove(handler)
+        if handlers or base not in self._subtrees:
+            return
+        del self._subtrees[base]
+        if not self._connected or self._stopping:
+            return
+
+        def remove_watches() -> Any:
+            result = self._zk.handler.async_result()
+            self._zk._call(_RemoveWatches(base), result)
+            return result
+
+        self._call(remove_watches).addErrback(lambda f: None)  # none left is fine
+
+    def _no_persistent(self) -> None:
+        if self._reads.supported or self.persistent_watches:
+            self.log.info(
+                "ZooKeeper at {hosts} has no persistent watches or multiRead (before 3.6):"
+                " one watch per node",
+                hosts=self.zk_hosts,
+            )
+        self._reads.supported = False
+
     def _forget_watch(self, watch: Any) -> None:
         self._watches.discard(watch)
         self._value_watches.discard(watch)
@@ -1630,10 +1897,16 @@ class _ZooKeeperWatch:
         self._stopped = False
         # One bound method, so kazoo keeps one watcher per path for us.
         self._watcher = self._event_from_kazoo
+        #: One persistent recursive watch on the base, or one-shot watches.
+        self._persistent = False
+        self._get: Callable[[str, Any], Deferred] = context.get
+        self._get_children: Callable[[str, Any], Deferred] = context.get_children
 
     def stop(self) -> None:
         self._stopped = True
         self._diff.stopped = True
+        if self._persistent:
+            self._context.unwatch_subtree(self._base, self._subtree_event)
         self._context.forget(self)
 
     # -- reading the tree
@@ -1650,7 +1923,34 @@ class _ZooKeeperWatch:
         self._synced = False
         self._children = {}
         self._leaves = {}
+        context = self._context
+        self._persistent = context.persistent()
+        if self._persistent:
+            # The watch is set before the reads are answered (one session's
+            # requests are handled in order): no change falls in between.
+            context.watch_subtree(self._base, self._subtree_event).addErrback(
+                self._subtree_refused, self._generation
+            )
+            self._get = lambda path, _: context.read(_GET_DATA, path)
+            self._get_children = lambda path, _: context.read(_GET_CHILDREN, path)
+        else:
+            self._get = context.get
+            self._get_children = context.get_children
         self._explore(self._base, root=True)
+
+    def _subtree_refused(self, failure: Failure, generation: int) -> None:
+        if generation != self._generation or self._stopped:
+            return
+        if failure.check(*_CONNECTION_ERRORS):
+            return  # the reconnection's resync adds it again
+        if not failure.check(UnimplementedError):
+            self.log.warn(
+                "Cannot watch {path} in ZooKeeper: {error!r}",
+                path=self._base,
+                error=failure.value,
+            )
+        self._context.unwatch_subtree(self._base, self._subtree_event)
+        self.resync()  # with one-shot watches now
 
     def _depth(self, path: str) -> int:
         return path[len(self._services) :].count("/")
@@ -1699,7 +1999,7 @@ class _ZooKeeperWatch:
 
     def _list(self, path: str, root: bool = False) -> None:
         on_missing = self._base_missing if root or path == self._base else self._drop
-        self._request(self._context.get_children, path, self._listed, on_missing)
+        self._request(self._get_children, path, self._listed, on_missing)
 
     def _tracked(self, path: str) -> bool:
         """
@@ -1725,9 +2025,10 @@ class _ZooKeeperWatch:
 
     def _base_missing(self, path: str) -> None:
         # The query's subtree does not exist (yet): drop what we knew and
-        # wait for it to be created.
+        # wait for it to be created (a persistent watch reports that itself).
         self._drop(self._base)
-        self._request(self._context.exists, self._base, self._base_exists, _ignore)
+        if not self._persistent:
+            self._request(self._context.exists, self._base, self._base_exists, _ignore)
 
     def _base_exists(self, path: str, stat: Any) -> None:
         if stat is not None:
@@ -1737,7 +2038,7 @@ class _ZooKeeperWatch:
         # A read of a missing node leaves no watch: the base, which has no
         # parent watched, needs an exists watch instead.
         on_missing = self._base_missing if path == self._base else self._drop
-        self._request(self._context.get, path, self._leaf_read, on_missing)
+        self._request(self._get, path, self._leaf_read, on_missing)
 
     def _leaf_read(self, path: str, value: tuple[bytes, Any]) -> None:
         if not self._tracked(path):
@@ -1769,6 +2070,35 @@ class _ZooKeeperWatch:
     def _event_from_kazoo(self, event: Any) -> None:
         # In one of kazoo's threads.
         self._context.call_from_thread(self._event, event)
+
+    def _subtree_event(self, kind: int, path: str) -> None:
+        """
+        An event of the persistent recursive watch: a node below the base
+        was created, deleted or changed.
+        """
+        if self._stopped or not self._persistent or not self._context.connected():
+            return
+        if path == self._base:
+            if kind == _EVENT_DELETED:
+                self._drop(self._base)
+            elif kind == _EVENT_CREATED or self._depth(path) == LEAF_DEPTH:
+                self._explore(self._base, root=True)
+            return
+        if kind == _EVENT_DELETED:
+            if self._tracked(path):
+                self._drop(path)  # nothing to read
+            return
+        parent, _, name = path.rpartition("/")
+        siblings = self._children.get(parent)
+        depth = self._depth(path)
+        if siblings is None or depth > LEAF_DEPTH or not _wanted(self._query, depth, name):
+            return  # outside the mirror, or its parent's listing will find it
+        if depth == LEAF_DEPTH:
+            siblings.add(name)
+            self._read_leaf(path)
+        elif kind == _EVENT_CREATED and name not in siblings:
+            siblings.add(name)
+            self._explore(path)
 
     def _event(self, event: Any) -> None:
         if self._stopped or event.type == EventType.NONE:
