@@ -29,6 +29,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from skynet.observe.histogram import MethodStats  # (observe hook)
 from skynet.protocol import DEFAULT_MAX_FRAME, AdminProtocol, RequestInfo, ServerProtocol, new_id
 from skynet.registry.base import (
     DEFAULT_CRITICAL_AVERAGE_RESPONSE_TIME,
@@ -301,6 +302,10 @@ class ServiceHost(MultiService):
         self.connections: dict[str, ServerProtocol] = {}
         self.stats = ServiceStats(reactor.seconds)
         self.methods = {n: getattr(service, n) for n in remote_method_names(cls)}
+        # (observe hook) per-method counts and latency histograms, and the
+        # request's context for log events: see skynet.observe.histogram.
+        self.method_stats = MethodStats(reactor.seconds)
+        self.methods = self.method_stats.instrument(self.methods, self.service_name, self.uuid)
         self.port: IListeningPort | None = None
         self.admin_port: IListeningPort | None = None
         self.instance: Instance = Instance(
@@ -396,6 +401,7 @@ class ServiceHost(MultiService):
         doc = self.stats.to_go(self.clients)
         doc["UUID"] = self.uuid
         doc["Registered"] = self.registered
+        doc.update(self.method_stats.to_bson())  # (observe hook) Methods, LatencyBuckets
         try:
             extra = self.service.extra_statistics()
         except Exception:

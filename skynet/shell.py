@@ -661,6 +661,12 @@ class Shell:
 
     async def _run(self, argv: list[str], io: IShellIO) -> int:
         try:
+            # (observe hook) stats --by-method, logs: skynet.observe.commands
+            from skynet.observe.commands import dispatch as observe_dispatch
+
+            status = await observe_dispatch(self, argv, io)
+            if status is not None:
+                return status
             invocation = parse(argv)
             return await self._dispatch(invocation, io)
         except UsageError as e:
