@@ -198,6 +198,10 @@ def makeService(options: Options) -> MultiService:
         stats_interval=options["stats-interval"],
         own_registry=True,
     )
+    # (observe hook) a daemon's child writes its JSON log: skynet.observe.logs
+    from skynet.observe.logs import add_instance_log
+
+    add_instance_log(top, host)
     host.setServiceParent(top)
     return top
 
