@@ -14,7 +14,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import Logger, LogPublisher
 from twisted.python import usage
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from skynet.observe.histogram import MethodStats
 from skynet.observe.logs import InstanceLog, add_instance_log, json_log_name
@@ -217,3 +217,32 @@ class EnvironmentTests(SynchronousTestCase):
         for env in ({"SKYNET_LOG_DIR": directory, "SKYNET_LOG_MAX_BYTES": "big"},
                     {"SKYNET_LOG_DIR": directory, "SKYNET_LOG_KEEP": "0"}):  # fmt: skip
             self.assertRaises(usage.UsageError, add_instance_log, parent, FakeHost(), env)
+
+
+class SearchLogsMethodTests(TestCase):
+    """
+    The daemon's C{SearchLogs}: answers from its thread pool, bad queries
+    fail the call with a message that says why.
+    """
+
+    async def test_answer_and_errors(self) -> None:
+        from twisted.internet import reactor
+
+        from skynet.errors import ServiceError
+        from skynet.observe.logsearch import search_logs
+
+        directory = tempfile.mkdtemp(prefix="skynet-logs-")
+        writer = Writer(directory)
+        self.addCleanup(writer.stop)
+        writer.log.info("hello {who}", who="daemon")
+        answer = await search_logs(directory, {"grep": "hello"}, reactor)
+        self.assertEqual([e["text"] for e in answer["events"]], ["hello daemon"])
+        again = await search_logs(directory, {"cursor": answer["cursor"]}, reactor)
+        self.assertEqual(again["events"], [])
+        for params, message in [({"grep": "(x"}, "bad regular expression"),
+                                ({"cursor": "%%%"}, "bad cursor"),
+                                ({"limit": "ten"}, "limit")]:  # fmt: skip
+            with self.assertRaises(ServiceError) as e:
+                search_logs(directory, params, reactor)
+            self.assertIn(message, str(e.exception))
+        self.assertRaises(ServiceError, search_logs, None, {}, reactor)

@@ -40,7 +40,7 @@ from typing import Any
 
 import attr
 
-from skynet.observe.logs import JSON_SUFFIX
+from skynet.observe.logs import JSON_SUFFIX, json_log_name
 
 #: The levels, least severe first.
 LEVELS = ("debug", "info", "warn", "error", "critical")
@@ -360,7 +360,7 @@ class LogSearch:
         """
         matcher = _Matcher(query)
         errors: list[str] = []
-        files = self.files(errors)
+        files = [f for f in self.files(errors) if _may_hold(f.path, query)]
         if query.cursor is None:
             events, more, offsets = self._newest(files, matcher, query, errors)
         else:
@@ -437,6 +437,23 @@ class LogSearch:
                 break
         events.sort(key=lambda e: e["time"] or 0.0)
         return events, more, offsets
+
+
+def _may_hold(path: str, query: LogQuery) -> bool:
+    """
+    Whether a file may hold events of the query's service and uuid, by its
+    name (C{json_log_name}); files named otherwise are always searched.
+    """
+    name = os.path.basename(path)
+    if query.uuid is None and query.service is None:
+        return True
+    if query.service is not None and query.uuid is not None:
+        return name.startswith(json_log_name(query.service, query.uuid))
+    if query.uuid is not None:
+        safe = json_log_name("x", query.uuid)[1:]  # "-<uuid>.json"
+        return safe in name
+    # A service name alone: files of other services are named "<Other>-<uuid>.json".
+    return name.startswith(json_log_name(query.service or "", "")[: -len(JSON_SUFFIX)])
 
 
 def _last_line_end(handle: Any, size: int) -> int:
