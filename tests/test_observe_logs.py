@@ -246,3 +246,41 @@ class SearchLogsMethodTests(TestCase):
                 search_logs(directory, params, reactor)
             self.assertIn(message, str(e.exception))
         self.assertRaises(ServiceError, search_logs, None, {}, reactor)
+
+
+class BlockTests(SynchronousTestCase):
+    """
+    Reading backwards in blocks (and finding needles in whole blocks)
+    gives what a line-by-line read gives, whatever the block size.
+    """
+
+    def test_block_sizes_agree(self) -> None:
+        from skynet.observe import logsearch
+
+        directory = tempfile.mkdtemp(prefix="skynet-logs-")
+        writer = Writer(directory)
+        self.addCleanup(writer.stop)
+        for i in range(300):
+            writer.log.info("row {i} says {word}", i=i, word=["alpha", "beta", "gamma"][i % 3])
+        queries = [LogQuery(limit=10000), LogQuery(grep="gamma", limit=10000),
+                   LogQuery(grep=r"row 1\d+ says be", limit=10000), LogQuery(limit=7),
+                   LogQuery(grep=r"says (alpha|beta)$", limit=50)]  # fmt: skip
+        search = LogSearch(directory)
+        expected = [[e["text"] for e in search.search(q)["events"]] for q in queries]
+        self.assertEqual(len(expected[1]), 100)
+        self.assertEqual(len(expected[2]), 38)  # rows 10..19 and 100..199 that say beta
+        original = logsearch.BLOCK
+        self.addCleanup(setattr, logsearch, "BLOCK", original)
+        for block in (64, 1000, 4096):
+            logsearch.BLOCK = block
+            got = [[e["text"] for e in search.search(q)["events"]] for q in queries]
+            self.assertEqual(got, expected, block)
+
+    def test_required_literal(self) -> None:
+        from skynet.observe.logsearch import required_literal
+
+        self.assertEqual(required_literal(r"timeout after \d+ms"), "timeout after ")
+        self.assertEqual(required_literal(r"x\.y\.z"), "x.y.z")
+        self.assertIsNone(required_literal("abc|def"))
+        self.assertIsNone(required_literal("(?i)hello"))
+        self.assertIsNone(required_literal("ab"))

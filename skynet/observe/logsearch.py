@@ -182,9 +182,13 @@ class _Matcher:
         needles = [
             _needle(v) for v in (query.service, query.version, query.uuid, query.request_id) if v
         ]
-        if query.grep and _LITERAL.fullmatch(query.grep):
-            needles.append(_needle(query.grep))
+        if query.grep:
+            literal = query.grep if _LITERAL.fullmatch(query.grep) else required_literal(query.grep)
+            if literal:
+                needles.append(_needle(literal))
         self.needles = needles
+        #: The longest needle, looked for in whole blocks before any line is split.
+        self.key = max(needles, key=len) if needles else None
         self.min_level = LEVELS.index(query.level) if query.level else 0
 
     def raw_ok(self, line: bytes) -> bool:
@@ -228,6 +232,33 @@ class _Matcher:
         if self.pattern is not None and self.pattern.search(event["text"]) is None:
             return None
         return event
+
+
+def required_literal(expression: str) -> str | None:
+    """
+    The longest run of plain characters that every match of C{expression}
+    contains, or L{None} when there is none worth looking for (an
+    alternation at the top, case-insensitive or verbose flags, a run
+    shorter than 3 characters).
+    """
+    try:
+        from re import _constants as constants  # type: ignore[attr-defined]
+        from re import _parser as parser  # type: ignore[attr-defined]
+
+        parsed = parser.parse(expression)
+    except Exception:
+        return None
+    if parsed.state.flags & (re.IGNORECASE | re.VERBOSE):
+        return None
+    best, run = "", ""
+    for op, arg in parsed:
+        if op is constants.LITERAL:
+            run += chr(arg)
+            continue
+        best = max(best, run, key=len)
+        run = ""
+    best = max(best, run, key=len)
+    return best if len(best) >= 3 else None
 
 
 def _fast_text(line: bytes) -> str | None:
@@ -473,26 +504,53 @@ def _last_line_end(handle: Any, size: int) -> int:
     return 0
 
 
+def _candidates(block: bytes, start: int, key: bytes | None) -> list[bytes]:
+    """
+    The whole lines of C{block} from C{start}, or only those holding
+    C{key}, found by searching the whole block (at C speed, no copy)
+    rather than line by line.
+    """
+    if key is None:
+        return block[start:].split(b"\n")
+    hits = []
+    i = block.find(key, start)
+    while i >= 0:
+        begin = max(block.rfind(b"\n", start, i) + 1, start)
+        end = block.find(b"\n", i)
+        if end < 0:
+            end = len(block)
+        hits.append(block[begin:end])
+        i = block.find(key, end)
+    return hits
+
+
 def _backwards(
     handle: Any, end: int, matcher: _Matcher, since: float | None, path: str
 ) -> Iterator[dict[str, Any]]:
     """
     The matching events of a file from C{end} back to its start (or to
-    C{since}), newest first.
+    C{since}), newest first.  Each block read ends where the previous one
+    began, at a line start: the partial line at its front is read again
+    with the next block rather than carried (no copies of the data).
     """
     try:
         pos = end
-        tail = b""
+        step = BLOCK
         while pos > 0:
-            step = min(BLOCK, pos)
-            pos -= step
-            handle.seek(pos)
-            block = handle.read(step) + tail
-            lines = block.split(b"\n")
-            # The first piece may be the end of a line that starts earlier.
-            tail = lines[0] if pos > 0 else b""
-            body = lines[1:] if pos > 0 else lines
-            for line in reversed(body):
+            begin = max(0, pos - step)
+            handle.seek(begin)
+            block = handle.read(pos - begin)
+            if begin > 0:
+                cut = block.find(b"\n")
+                if cut < 0 or cut + 1 >= len(block):
+                    # No whole line in the block (a line longer than it): read more.
+                    step *= 2
+                    continue
+                start = cut + 1
+            else:
+                start = 0
+            step = BLOCK
+            for line in reversed(_candidates(block, start, matcher.key)):
                 if not line:
                     continue
                 if since is not None:
@@ -504,10 +562,11 @@ def _backwards(
                 event = matcher.event(line, path)
                 if event is not None:
                     yield event
-        if tail:
-            event = matcher.event(tail, path) if matcher.raw_ok(tail) else None
-            if event is not None:
-                yield event
+            if since is not None and matcher.key is not None:
+                t = _fast_time(block[start : block.find(b"\n", start)])
+                if t is not None and t < since:
+                    return
+            pos = begin + start
     finally:
         handle.close()
 
