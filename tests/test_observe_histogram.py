@@ -81,14 +81,14 @@ class MethodStatsTests(SynchronousTestCase):
         waiting: Deferred = Deferred()
 
         async def method(info, params):
-            seen.append(current_call.get())
+            seen.append(current_call())
             await waiting
-            seen.append(current_call.get())
+            seen.append(current_call())
             return {}
 
         wrapped = self.stats.instrument({"Co": method}, service="Svc", uuid="u-1")["Co"]
         d = wrapped(RequestInfo("rid-9"), {})
-        self.assertIsNone(current_call.get())  # not leaked outside the call
+        self.assertIsNone(current_call())  # not leaked outside the call
         waiting.callback(None)
         self.successResultOf(d)
         self.assertEqual([c.request_id for c in seen], ["rid-9", "rid-9"])

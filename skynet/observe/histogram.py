@@ -24,10 +24,10 @@ result (or error) is ready to be written.
 from __future__ import annotations
 
 import contextvars
-import inspect
 import math
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
+from types import CoroutineType
 from typing import Any
 
 import attr
@@ -44,12 +44,6 @@ BUCKETS: tuple[float, ...] = (
 BUCKETS_KEY = "LatencyBuckets"
 METHODS_KEY = "Methods"
 
-#: The request being served in this context (set around a remote method):
-#: a L{CallContext} or L{None}.  Log events and client calls read it.
-current_call: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar(
-    "skynet_current_call", default=None
-)
-
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class CallContext:
@@ -61,6 +55,32 @@ class CallContext:
     method: str
     service: str
     uuid: str
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class _Site:
+    method: str
+    service: str
+    uuid: str
+
+
+#: (request info, site) of the request served in this context, set around
+#: each remote method: a cheap tuple per call; L{current_call} reads it.
+_serving: contextvars.ContextVar[tuple[Any, _Site] | None] = contextvars.ContextVar(
+    "skynet_serving", default=None
+)
+
+
+def current_call() -> CallContext | None:
+    """
+    The request the code running now serves (inside a remote method and
+    everything it awaits), or L{None}.
+    """
+    serving = _serving.get()
+    if serving is None:
+        return None
+    info, site = serving
+    return CallContext(getattr(info, "request_id", "") or "", site.method, site.service, site.uuid)
 
 
 class MethodHistogram:
@@ -135,38 +155,51 @@ class MethodStats:
     def _wrap(
         self, name: str, f: Callable[..., Any], service: str, uuid: str
     ) -> Callable[..., Any]:
+        # Kept lean: this runs on every call (about 1 us of the service's CPU).
         now = self.now
-        record = self.record
+        bounds = self.bounds
+        h = self.methods.get(name)
+        if h is None:
+            h = self.methods[name] = MethodHistogram(len(bounds) + 1)
+        counts = h.counts
+        site = _Site(name, service, uuid)
+        serving_set = _serving.set
+        serving_reset = _serving.reset
+
+        def finished(started: float, failed: bool) -> None:
+            elapsed = now() - started
+            h.requests += 1
+            if failed:
+                h.errors += 1
+            h.total += elapsed
+            counts[bisect_left(bounds, elapsed)] += 1
 
         def call(request_info: Any, params: Any) -> Any:
             started = now()
-            token = current_call.set(
-                CallContext(getattr(request_info, "request_id", ""), name, service, uuid)
-            )
+            token = serving_set((request_info, site))
             try:
-                try:
-                    result = f(request_info, params)
-                    if inspect.iscoroutine(result):
-                        # Made into a Deferred here, inside the context, so that
-                        # the coroutine's every step sees current_call.
-                        result = ensureDeferred(result)
-                except BaseException:
-                    record(name, now() - started, True)
-                    raise
+                result = f(request_info, params)
+                if isinstance(result, CoroutineType):
+                    # Made into a Deferred here, inside the context, so that
+                    # the coroutine's every step sees its request.
+                    result = ensureDeferred(result)
+            except BaseException:
+                finished(started, True)
+                raise
             finally:
-                current_call.reset(token)
+                serving_reset(token)
             if isinstance(result, Deferred):
 
                 def done(value: Any) -> Any:
-                    record(name, now() - started, False)
+                    finished(started, False)
                     return value
 
                 def failed(failure: Any) -> Any:
-                    record(name, now() - started, True)
+                    finished(started, True)
                     return failure
 
                 return result.addCallbacks(done, failed)
-            record(name, now() - started, False)
+            finished(started, False)
             return result
 
         call.__name__ = getattr(f, "__name__", name)

@@ -117,7 +117,7 @@ def with_context(event: dict[str, Any], host: Any = None) -> dict[str, Any]:
         out["skynet_version"] = getattr(host, "version", "")
         out["skynet_uuid"] = getattr(host, "uuid", "")
         out["skynet_host"] = getattr(instance, "host", "") or ""
-    call = current_call.get()
+    call = current_call()
     if call is not None:
         out["skynet_request_id"] = call.request_id
         out["skynet_method"] = call.method
