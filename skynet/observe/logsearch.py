@@ -713,7 +713,7 @@ async def run_logs_command(shell: Any, filters: Any, inv: Any, options: dict[str
     from twisted.internet.defer import CancelledError, DeferredList
     from twisted.internet.task import deferLater
 
-    from skynet.control import DAEMON_SERVICE
+    from skynet.control import DAEMON_SERVICE, SEARCH_LOGS
     from skynet.errors import SkynetError
     from skynet.registry.base import Query
     from skynet.shell import ShellError, UsageError, to_json
@@ -745,7 +745,7 @@ async def run_logs_command(shell: Any, filters: Any, inv: Any, options: dict[str
             asked["cursor"] = cursor
             asked["limit"] = MAX_LIMIT
         try:
-            answer = await shell._ask_daemon(daemon, "SearchLogs", asked)
+            answer = await shell._ask_daemon(daemon, SEARCH_LOGS, asked)
         except (ShellError, SkynetError) as e:
             io.err(f"host {daemon.host}: {e}")
             failures += 1
