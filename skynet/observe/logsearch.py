@@ -747,12 +747,20 @@ async def run_logs_command(shell: Any, filters: Any, inv: Any, options: dict[str
         try:
             answer = await shell._ask_daemon(daemon, SEARCH_LOGS, asked)
         except (ShellError, SkynetError) as e:
-            io.err(f"host {daemon.host}: {e}")
             failures += 1
+            say(daemon, [str(e)])
             return None
-        for error in answer.get("errors", []):
-            io.err(f"host {daemon.host}: {error}")
+        say(daemon, [str(error) for error in answer.get("errors", [])])
         return answer
+
+    said: dict[str, list[str]] = {}
+
+    def say(daemon: Any, errors: list[str]) -> None:
+        # Each daemon's trouble once, not at every poll of -f.
+        if errors != said.get(daemon.uuid, []):
+            for error in errors:
+                io.err(f"host {daemon.host}: {error}")
+        said[daemon.uuid] = errors
 
     def show(pairs: list[tuple[dict[str, Any], str]]) -> None:
         pairs.sort(key=lambda p: p[0].get("time") or 0.0)
