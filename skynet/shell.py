@@ -82,6 +82,7 @@ COMMANDS = (
     "host",
     "hosts",
     "instances",
+    "logs",  # (observe hook) skynet.observe.commands
     "port",
     "python",
     "quit",
@@ -132,6 +133,10 @@ Commands:
   watch [SECONDS]
                  Print instances as they are added, updated and removed (Ctrl-C stops)
   stats          Requests, clients and response times of the instances that match the filters
+  stats --by-method
+                 Requests, errors, rate, p50/p99 per service and method (from the buckets)
+  logs [--grep REGEX] [--since 10m] [--level warn] [--request-id ID] [--uuid U] [--limit N] [-f]
+                 Search the logs of the hosts that match the filters (through their SkynetDaemon)
   python         A Python shell with registry, client and daemon bound (Ctrl-D returns)
   help           This help
   exit           Leave the shell (or Ctrl-D)
