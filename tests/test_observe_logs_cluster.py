@@ -158,3 +158,61 @@ class LogsOnAClusterTests(TestCase):
         code = await deferToThread(follow.wait, 30)
         self.assertEqual(code, 0, follow.stderr.read() if follow.stderr else "")
         self.assertEqual(sum("follow-me-1" in x for x in lines_seen), 1)  # never twice
+
+
+class LogsAcrossHostsTests(TestCase):
+    """
+    Two "hosts" on loopback (127.0.0.1 and 127.0.0.2), a daemon each with
+    its own log directory: Front on one, Back on the other.
+    """
+
+    timeout = 180
+
+    async def test_request_id_search_merges_hosts(self) -> None:
+        from tests.test_daemon import DaemonProcess, kill_strays
+
+        root = tempfile.mkdtemp(prefix="skynet-observe-")
+        self.addCleanup(kill_strays, root)
+        url = f"file://{root}/registry"
+        registry = FileRegistry(os.path.join(root, "registry"), reactor=reactor)
+        await registry.start()
+        self.addCleanup(registry.stop)
+        client = Client(registry=registry, reactor=reactor)
+        self.addCleanup(client.stop)
+        for name, ip in (("Front", "127.0.0.1"), ("Back", "127.0.0.2")):
+            host_root = os.path.join(root, ip)
+            os.makedirs(host_root)
+            deploy = os.path.join(host_root, "deploy")
+            with open(deploy, "w") as f:
+                f.write(f"tests.test_observe_logs_cluster:{name} --listen tcp:0:interface={ip}"
+                        " --stats-interval 0.5\n")  # fmt: skip
+            daemon = DaemonProcess(host_root, "--deploy", deploy, "--listen",
+                                   f"tcp:0:interface={ip}", registry=url).start()  # fmt: skip
+            self.addCleanup(daemon.stop)
+
+        async def up() -> bool:
+            found = await registry.query(Query(registered=True))
+            hosts = {i.host for i in found if i.name == "SkynetDaemon"}
+            return {"Front", "Back"} <= {i.name for i in found} and len(hosts) == 2
+
+        await wait_for(up, timeout=60, what="two daemons, Front and Back registered")
+        request_id = str(uuid_module.uuid4())
+        await client.service("Front").call("Hello", {"name": "across"}, RequestInfo(request_id),
+                                           timeout=20)  # fmt: skip
+
+        async def both():
+            result = await deferToThread(sky, url, "logs", "--json", "--request-id", request_id)
+            self.assertEqual(result.returncode, 0, result.stderr)
+            events = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+            return events if len(events) == 2 else None
+
+        events = await wait_for(both, timeout=30, what="the lines of both hosts")
+        self.assertEqual([(e["service"], e["daemon_host"], e["host"]) for e in events],
+                         [("Front", "127.0.0.1", "127.0.0.1"),
+                          ("Back", "127.0.0.2", "127.0.0.2")])  # fmt: skip
+        # The host filter asks only that host's daemon.
+        only = await deferToThread(sky, url, "logs", "--json", "--request-id", request_id,
+                                   "--host", "127.0.0.2")  # fmt: skip
+        self.assertEqual(only.returncode, 0, only.stderr)
+        [event] = [json.loads(x) for x in only.stdout.splitlines() if x.strip()]
+        self.assertEqual(event["service"], "Back")
