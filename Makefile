@@ -1,57 +1,86 @@
 # The two front-door commands: `make cluster` and `make test`.
-# Both create the virtualenv in .venv and install skynet into it first.
+# Each first installs the system packages it needs (scripts/system-deps:
+# with apt when it can, else it stops and prints the one command to run),
+# then creates the virtualenv in .venv and installs skynet into it:
+# `make cluster` the runtime only, `make test` with the test extra,
+# `make lint` with the dev extra, `make setup` with both.
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+export PYTHON
 
-.PHONY: setup cluster test lint bench bench-peers bench-compare chaos chaos-sigstop bench-discovery clean
+.PHONY: setup cluster test lint system-deps-cluster system-deps-test bench bench-peers \
+	bench-compare chaos chaos-sigstop bench-discovery fuzz clean
 
 # Pyro5 and gRPC-Python, the peers of the RPC comparison, in an environment of
 # their own (never dependencies of skynet).
 PEERS := benchmarks/.venv/.skynet-peers
 
-$(BIN)/.skynet-installed: setup.py
+# An editable install: a plain .pth line naming this checkout (see
+# pyproject.toml), so the twistd plugin scan sees twisted/plugins here.
+$(BIN)/.skynet-runtime: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# compat mode: the twistd plugin scan must see twisted/plugins in this tree
-	$(BIN)/python -m pip install -q -e '.[test,dev]' --config-settings editable_mode=compat
+	$(BIN)/python -m pip install -q -e .
 	touch $@
 
-setup: $(BIN)/.skynet-installed
+$(BIN)/.skynet-test: $(BIN)/.skynet-runtime
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
 
-$(PEERS): $(BIN)/.skynet-installed
+$(BIN)/.skynet-dev: $(BIN)/.skynet-runtime
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+system-deps-cluster:
+	scripts/system-deps cluster
+
+system-deps-test:
+	scripts/system-deps test
+
+setup: $(BIN)/.skynet-test $(BIN)/.skynet-dev
+
+$(PEERS): $(BIN)/.skynet-runtime
 	$(BIN)/python -m benchmarks.compare --setup-peers
 	touch $@
 
-cluster: setup
+cluster: system-deps-cluster
+	$(MAKE) --no-print-directory $(BIN)/.skynet-runtime
 	$(BIN)/python -m examples.local_cluster
 
-test: setup $(PEERS)
+test: system-deps-test
+	$(MAKE) --no-print-directory $(BIN)/.skynet-test $(PEERS)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lint: setup
+lint: $(BIN)/.skynet-dev
 	$(BIN)/ruff check skynet tests examples benchmarks
 	$(BIN)/ruff format --check skynet tests examples benchmarks
 	$(BIN)/mypy skynet
 
-bench: setup
+bench: $(BIN)/.skynet-runtime
 	$(BIN)/python -m benchmarks.rpc
 
 bench-peers: $(PEERS)
 
-bench-compare: setup $(PEERS)
+bench-compare: $(BIN)/.skynet-runtime $(PEERS)
 	$(BIN)/python -m benchmarks.compare
 
-chaos: setup
+chaos: system-deps-test $(BIN)/.skynet-runtime
 	$(BIN)/python -m benchmarks.chaos --backends embedded,zookeeper
 
-chaos-sigstop: setup
+chaos-sigstop: system-deps-test $(BIN)/.skynet-runtime
 	$(BIN)/python -m benchmarks.chaos --sigstop --backends embedded,zookeeper
 
-bench-discovery: setup
+bench-discovery: system-deps-test $(BIN)/.skynet-runtime
 	$(BIN)/python -m benchmarks.discovery --backends embedded,zookeeper
+
+# A long structured fuzz of a real service (tests/test_fuzz.py): prints cases
+# per second and findings; FUZZ_CASES=N for a longer or shorter run.
+FUZZ_CASES ?= 20000
+fuzz: setup
+	$(BIN)/python -m tests.test_fuzz --cases $(FUZZ_CASES)
 
 clean:
 	rm -rf $(VENV) benchmarks/.venv build *.egg-info

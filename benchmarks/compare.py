@@ -3,7 +3,7 @@ RPC comparison: one C{add(a, b, data)} call through skynet, a bare Twisted
 BSON loop, Pyro5 and gRPC-Python, on loopback, in one run.
 
     python -m benchmarks.compare [--seconds 3] [--payloads 100,10000,1000000]
-        [--modes sequential,concurrent,processes] [--systems skynet,bare,pyro5,grpc]
+        [--modes sequential,concurrent,processes] [--systems skynet,sync,bare,pyro5,grpc]
         [--concurrency 64] [--processes 8] [--connections 1000] [--json FILE]
         [--peers-venv DIR] [--peers-python PYTHON]
     python -m benchmarks.compare --setup-peers      # make the peers' environment only
@@ -26,6 +26,10 @@ The systems:
   - skynet: C{twistd skynet-service} serving L{Adder}, found by each
     client through the embedded registry (in a temporary directory);
     L{skynet.client.Client} with its defaults (retries, hedging, pools);
+  - sync: the same skynet service, called through L{skynet.sync.Client}
+    (blocking sockets in the calling threads; concurrent: that many
+    threads sharing one client); its ratio to Pyro5, the other blocking
+    client, is in a column of its own;
   - bare: a bare Twisted request/response loop over the same BSON framing
     (one document each way, no handshake, no registry: see
     L{benchmarks.bare}), the floor of this design;
@@ -67,9 +71,16 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PEERS_VENV = ROOT / "benchmarks" / ".venv"
 PEER_PACKAGES = ["Pyro5", "grpcio", "grpcio-tools"]
 
-SYSTEMS = ["skynet", "bare", "pyro5", "grpc"]
+SYSTEMS = ["skynet", "sync", "bare", "pyro5", "grpc"]
 PEERS = {"pyro5", "grpc", "fake"}
-LABELS = {"skynet": "skynet", "bare": "bare", "pyro5": "Pyro5", "grpc": "gRPC", "fake": "fake"}
+LABELS = {
+    "skynet": "skynet",
+    "sync": "sync",
+    "bare": "bare",
+    "pyro5": "Pyro5",
+    "grpc": "gRPC",
+    "fake": "fake",
+}
 MODES = ["sequential", "concurrent", "processes"]
 
 #: skynet / other, at least (from issue 7); "bare" applies to every mode.
@@ -82,6 +93,9 @@ GOALS = {
     ("concurrent", "bare"): 0.5,
     ("processes", "bare"): 0.5,
 }
+
+#: sync / Pyro5, at least (issue 13): both are blocking clients.
+SYNC_GOALS = {"sequential": 1.5}
 
 
 # -- the skynet service and the bare server
@@ -283,6 +297,51 @@ async def _bare_setup(reactor: Any, port: int, payload: bytes) -> tuple[Any, Any
     return (lambda: client.call(1, 2, payload)), connect, close
 
 
+def run_sync_client(args: argparse.Namespace) -> None:
+    """
+    The client of the C{sync} system: L{skynet.sync.Client}, no reactor in
+    this thread.
+    """
+    from benchmarks.peers import ready_then_wait, report, sequential, threaded
+    from skynet.sync import Client, _Connection
+
+    payload = b"x" * args.payload
+    client = Client(args.target)
+    adder = client.service("Adder")
+    params = {"a": 1, "b": 2, "data": payload}
+    first = adder.call("Add", params, timeout=60)
+    if first != {"sum": 3, "data": payload}:
+        raise AssertionError(f"wrong answer {first!r:.100}")
+
+    def call() -> Any:
+        return adder.call("Add", params)
+
+    if args.mode == "connections":
+        instance = next(iter(adder.handles.values())).instance
+        ready_then_wait()
+        extra = [_Connection(instance, 30.0, 2**24) for _ in range(args.connections)]
+        ready_then_wait()
+        for connection in extra:
+            connection.close()
+        client.close()
+        report({"connections": len(extra)})
+        return
+    warmup = min(0.5, args.seconds / 4)
+    if args.mode == "concurrent":
+        calls = [call] * args.width
+        threaded(calls, warmup)
+        ready_then_wait()
+        result = threaded(calls, args.seconds)
+        result["style"] = "threads"
+    else:
+        sequential(call, warmup)
+        ready_then_wait()
+        result = sequential(call, args.seconds)
+        result["style"] = "blocking"
+    client.close()
+    report(result)
+
+
 # -- the orchestrator
 
 
@@ -343,7 +402,7 @@ class Server:
         self.peers_python = peers_python
         self.log = open(workdir / f"{system}-server.log", "wb")
         port_file = workdir / f"{system}.port"
-        if system == "skynet":
+        if system in ("skynet", "sync"):
             self.target = f"file://{workdir}/registry"
             twistd = str(Path(sys.executable).parent / "twistd")
             command = [twistd, "-n", "--pidfile=", "skynet-service",
@@ -360,7 +419,7 @@ class Server:
         self.popen = subprocess.Popen(command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                                       stdout=self.log, stderr=subprocess.STDOUT)  # fmt: skip
         self.process = psutil.Process(self.popen.pid)
-        if system != "skynet":
+        if system not in ("skynet", "sync"):
             deadline = time.monotonic() + 60
             while not port_file.exists():
                 if self.popen.poll() is not None or time.monotonic() > deadline:
@@ -577,7 +636,8 @@ def ratio_cell(mine: float, theirs: float, goal: float | None) -> str:
 def tables(report: dict[str, Any]) -> str:
     systems = report["systems"]
     config = report["config"]
-    others = [s for s in systems if s != "skynet"]
+    others = [s for s in systems if s not in ("skynet", "sync")]
+    sync_column = "sync" in systems and "pyro5" in systems
     lines = []
     m = report["machine"]
     lines.append(
@@ -593,6 +653,8 @@ def tables(report: dict[str, Any]) -> str:
     header = f"{'mode':11}{'payload':>8}" + "".join(f"{LABELS[s]:>10}" for s in systems)
     if "skynet" in systems:
         header += "".join(f"{'/' + LABELS[s]:>12}" for s in others)
+    if sync_column:
+        header += f"{'sync/Pyro5':>12}"
     lines.append(header)
     results = report["results"]
     for payload in config["payloads"]:
@@ -606,6 +668,10 @@ def tables(report: dict[str, Any]) -> str:
                     f"{ratio_cell(mine, figures[s]['calls_per_s'], GOALS.get((mode, s))):>12}"
                     for s in others
                 )
+            if sync_column:
+                mine = figures["sync"]["calls_per_s"]
+                theirs = figures["pyro5"]["calls_per_s"]
+                row += f"{ratio_cell(mine, theirs, SYNC_GOALS.get(mode)):>12}"
             lines.append(row)
     lines.append("")
     lines += _table("latency p50 / p99, ms", config, systems, results,
@@ -687,7 +753,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.client:
         args.kind, args.target = args.client
-        run_twisted_client(args)
+        if args.kind == "sync":
+            run_sync_client(args)
+        else:
+            run_twisted_client(args)
         return
     if args.setup_peers:
         python, why = ensure_peers(Path(args.peers_venv))

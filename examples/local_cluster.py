@@ -12,6 +12,13 @@ starts the web dashboard (actions enabled with a token it makes).  It waits
 until everything answers, calls each service through discovery, prints how
 to reach it all yourself, and keeps it running until Ctrl-C (or, with
 C{--once}, stops it right away).
+
+The dashboard listens on 8080 and the SSH shell on 2222 when they are free,
+else on ports the system picks (it says so).  The logs of the run are in
+C{$SKYNET_HOME/local-cluster}; those of the previous run are removed at
+start.  The daemon and the dashboard run in sessions of their own, so that
+Ctrl-C reaches only this command, which then stops them gracefully (and the
+kernel sends them SIGTERM should this command die).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import argparse
 import os
 import secrets
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -32,7 +40,8 @@ from twisted.internet.task import deferLater, react
 from twisted.internet.threads import deferToThread
 
 from skynet.client import Client
-from skynet.manhole import ensure_client_key, pick_ssh_port
+from skynet.config import skynet_path
+from skynet.manhole import DEFAULT_SSH_PORT, default_ssh_dir, ensure_client_key
 from skynet.registry import Query, registry_from_url
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,11 +55,31 @@ SERVICES = [
 ]
 
 
+DASHBOARD_PORT = 8080
+
+
 def log_dir() -> Path:
-    home = Path(os.environ.get("SKYNET_HOME", Path.home() / ".skynet"))
-    path = home / "local-cluster"
+    path = Path(skynet_path("local-cluster"))
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def clear_old_logs() -> None:
+    """
+    Remove the logs of earlier runs (one per service instance each time).
+    """
+    for old in log_dir().glob("*.log"):
+        old.unlink(missing_ok=True)
+
+
+def _die_with_parent() -> list[str]:
+    """
+    A command prefix that has the kernel send SIGTERM to the child if this
+    process dies (the children are in sessions of their own, out of reach
+    of the terminal's Ctrl-C).
+    """
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM"] if setpriv else []
 
 
 def twistd(name: str, args: list[str], registry: str | None) -> tuple[subprocess.Popen, Path]:
@@ -58,12 +87,16 @@ def twistd(name: str, args: list[str], registry: str | None) -> tuple[subprocess
     C{twistd -n <name> args...}, its log in the cluster's log directory.
     """
     log_path = log_dir() / f"{name.removeprefix('skynet-')}.log"
-    command = [str(Path(sys.executable).parent / "twistd"), "-n", "--pidfile=", name, *args]
+    command = [*_die_with_parent(), str(Path(sys.executable).parent / "twistd"), "-n",
+               "--pidfile=", name, *args]  # fmt: skip
     if registry:
         command += ["--registry", registry]
     with open(log_path, "wb") as log:
+        # A session of its own: Ctrl-C on the terminal reaches only us, and
+        # we stop the child once (a second signal during its shutdown made
+        # twistd log ReactorNotRunning).
         child = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log,
-                                 stderr=subprocess.STDOUT)  # fmt: skip
+                                 stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     return child, log_path
 
 
@@ -77,9 +110,9 @@ def start_daemon(registry: str | None, ssh_port: int, authorized_keys: str):
                                     "--authorized-keys", authorized_keys], registry)  # fmt: skip
 
 
-def start_dashboard(registry: str | None) -> tuple[subprocess.Popen, Path, str]:
+def start_dashboard(registry: str | None, port: int) -> tuple[subprocess.Popen, Path, str]:
     """
-    The dashboard on 127.0.0.1:8080 (or a free port), actions enabled by a
+    The dashboard on 127.0.0.1:C{port}, actions enabled by a
     fresh token kept in a 0600 file.
     """
     token = secrets.token_urlsafe(18)
@@ -87,21 +120,31 @@ def start_dashboard(registry: str | None) -> tuple[subprocess.Popen, Path, str]:
     token_file.touch(mode=0o600)
     token_file.chmod(0o600)
     token_file.write_text(token + "\n")
-    port = free_port(8080)
     child, log_path = twistd("skynet-dashboard", [
         "--listen", f"tcp:{port}:interface=127.0.0.1", "--token-file", str(token_file),
     ], registry)  # fmt: skip
     return child, log_path, f"http://127.0.0.1:{port}/?token={token}"
 
 
-def free_port(preferred: int) -> int:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", preferred))
-            return preferred
-        except OSError:
-            s.bind(("127.0.0.1", 0))
-            return int(s.getsockname()[1])
+def free_ports(*preferred: int) -> list[int]:
+    """
+    Each preferred port of 127.0.0.1 if free, else one the system picks;
+    all bound at once while choosing, so that two fallbacks differ.  (Another
+    process may still take one before our child listens on it.)
+    """
+    sockets = []
+    try:
+        for port in preferred:
+            s = socket.socket()
+            sockets.append(s)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 async def stop_child(reactor: Any, child: subprocess.Popen, timeout: float = 30.0) -> None:
@@ -134,19 +177,44 @@ def _answers_ssh(port: int) -> bool:
         return False
 
 
+def host_key_fingerprint() -> str | None:
+    """
+    The daemon's SSH host key as OpenSSH shows it (C{ED25519
+    SHA256:...}), or L{None} if it cannot be read.
+    """
+    from twisted.conch.ssh import keys
+
+    try:
+        key = keys.Key.fromFile(os.path.join(default_ssh_dir(), "host_key"))
+    except Exception:
+        return None
+    fingerprint = key.fingerprint(keys.FingerprintFormats.SHA256_BASE64).rstrip("=")
+    return f"{key.type().upper()} SHA256:{fingerprint}"
+
+
+async def stop_all(reactor: Any, children: list[tuple[subprocess.Popen, Path]]) -> None:
+    print("\nstopping the cluster...", flush=True)
+    await DeferredList([ensureDeferred(stop_child(reactor, c)) for c, _ in children])
+    print("stopped.", flush=True)
+
+
 async def main(reactor: Any, args: argparse.Namespace) -> None:
     registry = registry_from_url(args.registry, reactor=reactor)
     await registry.start()
     print(f"registry: {registry.url}")
+    clear_old_logs()
     key = ensure_client_key()
-    ssh_port = pick_ssh_port()
+    ssh_port, dashboard_port = free_ports(DEFAULT_SSH_PORT, DASHBOARD_PORT)
+    if ssh_port != DEFAULT_SSH_PORT:
+        print(f"port {DEFAULT_SSH_PORT} is taken: the SSH shell uses port {ssh_port} instead")
+    if dashboard_port != DASHBOARD_PORT:
+        print(f"port {DASHBOARD_PORT} is taken: the dashboard uses port {dashboard_port} instead")
     daemon, daemon_log = start_daemon(args.registry, ssh_port, key.authorized_keys)
-    dashboard, dashboard_log, dashboard_url = start_dashboard(args.registry)
+    dashboard, dashboard_log, dashboard_url = start_dashboard(args.registry, dashboard_port)
     children = [(daemon, daemon_log), (dashboard, dashboard_log)]
-    reactor.addSystemEventTrigger(
-        "before", "shutdown",
-        lambda: DeferredList([ensureDeferred(stop_child(reactor, c)) for c, _ in children]),
-    )  # fmt: skip
+    stopping = reactor.addSystemEventTrigger(
+        "before", "shutdown", lambda: ensureDeferred(stop_all(reactor, children))
+    )
 
     async def wait_for(what: str, predicate: Any) -> Any:
         for _ in range(300):
@@ -197,6 +265,9 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     registry_arg = f" --registry {shlex.quote(args.registry)}" if args.registry else ""
     print(f"\ndashboard: {dashboard_url}")
     print(f"shell:     {key.ssh_command(ssh_port)}   ('help'; 'python' for a manhole)")
+    fingerprint = host_key_fingerprint()
+    if fingerprint:
+        print(f"           host key {fingerprint} (what ssh asks you to check)")
     print(f"           .venv/bin/sky{registry_arg} cli   (the same shell on this terminal)")
     print("\nCall and operate them yourself from another terminal:")
     print(f"  .venv/bin/python -m examples.fibonacci_client{registry_arg} 10 20 30")
@@ -205,8 +276,8 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     print(f"  .venv/bin/sky{registry_arg} --service Fibonacci restart")
     print(f"  .venv/bin/sky{registry_arg} call Fibonacci Index '{{\"index\": 30}}'")
     if args.once:
-        for child, _ in children:
-            await stop_child(reactor, child)
+        reactor.removeSystemEventTrigger(stopping)
+        await stop_all(reactor, children)
         await registry.stop()
         return
     print("\nCtrl-C stops the cluster.")

@@ -17,7 +17,6 @@ from typing import Any
 
 import bson
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
-from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectError
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
@@ -75,16 +74,22 @@ def admin_call(
     servicemethod: str,
     params: dict[str, Any] | None = None,
     timeout: float = 5.0,
+    tls: bool | None = None,
 ) -> Deferred[None]:
     """
     Call C{servicemethod} (C{Admin.Register}, C{Admin.Unregister},
     C{Admin.Stop}) on the admin listener at C{address}.
 
+    @param tls: speak TLS (L{True}: the instance advertises C{AdminTLS}) or
+        not; L{None}: when this process has credentials (L{skynet.tls}).
     @return: a Deferred firing with L{None}, or failing with
         L{RemoteCallError} (the answer's error) or L{ConnectionFailed}
         (unreachable, closed, or no answer within C{timeout}).
     """
-    endpoint = TCP4ClientEndpoint(reactor, address.ip_address, address.port, timeout=timeout)
+    # security hook (issue 12): TLS with this process's credentials, if it has any.
+    from skynet.tls import client_endpoint
+
+    endpoint = client_endpoint(reactor, address.ip_address, address.port, timeout, tls=tls)
     protocol = _AdminCall(servicemethod, params or {})
     factory = Factory.forProtocol(lambda: protocol)
     factory.noisy = False

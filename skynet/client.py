@@ -31,6 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
+from skynet.config import default_reactor
 from skynet.errors import (
     ConnectionFailed,
     NoInstances,
@@ -129,9 +130,14 @@ def tcp_connector(reactor: Any, connect_timeout: float, max_frame: int) -> Calla
     """
 
     def connect(instance: Instance) -> Deferred:
-        endpoint = TCP4ClientEndpoint(
-            reactor, instance.host, instance.port, timeout=connect_timeout
-        )
+        if instance.extra.get("TLS"):  # security hook (issue 12): TLS when advertised
+            from skynet.tls import instance_endpoint
+
+            endpoint = instance_endpoint(reactor, instance, connect_timeout)
+        else:
+            endpoint = TCP4ClientEndpoint(
+                reactor, instance.host, instance.port, timeout=connect_timeout
+            )
         d = endpoint.connect(_ClientFactory(instance.name, max_frame))
 
         def connected(protocol: ClientProtocol) -> Deferred:
@@ -288,7 +294,9 @@ class InstanceHandle:
             self.connections.remove(protocol)
         except ValueError:
             return
-        if not protocol.closed_by_us:
+        # A service may close a connection idle too long; only one lost with
+        # calls on it (or broken) says something about the instance.
+        if not protocol.closed_by_us and protocol.lost_with_calls:
             self.evict("connection lost")
 
     def evict(self, why: str) -> None:
@@ -834,13 +842,14 @@ class ServiceClient:
             info = request_info.copy()
             if not info.request_id:
                 info.request_id = new_request_id()
+        retry = self.retry_interval if retry_interval is None else retry_interval
         call = (_OnceCall if once else _Call)(
             self,
             method,
             encoded,
             info,
-            retry_interval or self.retry_interval,
-            timeout or self.giveup_timeout,
+            retry if retry > 0 else math.inf,  # 0: no retry on time, only on failure
+            self.giveup_timeout if timeout is None else timeout,
             hedge,
         )
         return call.start()
@@ -922,10 +931,7 @@ class Client:
         sweep_interval: float = 5.0,
         connector: Callable[[Instance], Deferred] | None = None,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
+        reactor = default_reactor(reactor)
         self.reactor = reactor
         self.own_registry = registry is None or isinstance(registry, str)
         if self.own_registry:
@@ -942,8 +948,8 @@ class Client:
         self.max_idle = max_idle
         self.max_in_flight_per_connection = max_in_flight_per_connection
         self.connector = connector or tcp_connector(reactor, connect_timeout, max_frame)
-        self.services: dict[Query, ServiceClient] = {}
-        self._tuned: list[ServiceClient] = []  # made with their own intervals
+        #: One service client (and registry watch) per query and intervals.
+        self.services: dict[tuple[Query, float, float], ServiceClient] = {}
         self.wheel = _Wheel(reactor)
         self._sweeper = LoopingCall(self._sweep)
         self._sweeper.clock = reactor
@@ -979,23 +985,26 @@ class Client:
         A client for the registered instances of C{name} matching the other
         arguments (L{None}: any).  It does not fail when none exist yet:
         calls wait for one until they give up.
+
+        The same query with the same intervals gives the same service
+        client (one registry watch), however often it is asked for.
+
+        @param retry_interval: seconds before a call is also sent to another
+            instance (L{None}: the client's; C{0}: never on time, only
+            after a failure).
+        @param giveup_timeout: seconds before a call fails (L{None}: the
+            client's).
         """
         query = Query(service=name, version=version, region=region, host=host, registered=True)
-        existing = self.services.get(query)
-        if existing is not None and retry_interval is None and giveup_timeout is None:
+        retry = self.retry_interval if retry_interval is None else retry_interval
+        giveup = self.giveup_timeout if giveup_timeout is None else giveup_timeout
+        key = (query, retry, giveup)
+        existing = self.services.get(key)
+        if existing is not None:
             return existing
         self._start()
-        sc = ServiceClient(
-            self,
-            query,
-            retry_interval or self.retry_interval,
-            giveup_timeout or self.giveup_timeout,
-            self.balancer_factory(),
-        )
-        if existing is None:
-            self.services[query] = sc
-        else:
-            self._tuned.append(sc)
+        sc = ServiceClient(self, query, retry, giveup, self.balancer_factory())
+        self.services[key] = sc
         self._ready.addCallback(lambda _: sc.start_watch())  # type: ignore[union-attr]
         return sc
 
@@ -1004,7 +1013,7 @@ class Client:
             sc.sweep(self.max_idle)
 
     def _all_services(self) -> list[ServiceClient]:
-        return list(self.services.values()) + self._tuned
+        return list(self.services.values())
 
     def stop(self) -> Deferred:
         """
@@ -1019,7 +1028,6 @@ class Client:
         for sc in self._all_services():
             sc.stop()
         self.services.clear()
-        self._tuned.clear()
         if self.own_registry and self._ready is not None:
             return maybeDeferred(self.registry.stop)
         return succeed(None)

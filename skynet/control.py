@@ -29,12 +29,17 @@ __all__ = [
     "DAEMON_METHODS",
     "DAEMON_SERVICE",
     "DEPLOY",
+    "DEPLOYMENT_STATES",
+    "FAILING",
     "HOST_STATS",
     "LIST_SUB_SERVICES",
     "REGISTER_SUB_SERVICE",
+    "RESTARTING",
+    "RUNNING",
     "RESTART_ALL_SUB_SERVICES",
     "RESTART_SUB_SERVICE",
     "SEARCH_LOGS",
+    "STARTING",
     "STOP_ALL_SUB_SERVICES",
     "STOP_SUB_SERVICE",
     "UNREGISTER_SUB_SERVICE",
@@ -220,6 +225,13 @@ class Deployment:
 
 # ListSubServices
 
+#: The states of a sub-service (see L{SubServiceStatus.state}).
+STARTING = "starting"
+RUNNING = "running"
+RESTARTING = "restarting"
+FAILING = "failing"
+DEPLOYMENT_STATES = (STARTING, RUNNING, RESTARTING, FAILING)
+
 
 @attr.frozen
 class ExitStatus:
@@ -265,6 +277,15 @@ class SubServiceStatus:
     @ivar held: why it is held unregistered (C{"cpu"}, C{"memory"},
         C{"host-load"}).
     @ivar in_registry: its node's C{registered}, L{None} if it has none.
+    @ivar state: one of L{DEPLOYMENT_STATES}: C{"starting"} (its process
+        is not in the registry yet), C{"running"} (it is),
+        C{"restarting"} (no process, the next one due at once) or
+        C{"failing"} (its last process died before it had stayed up, or
+        before it registered, and no new one has registered since).
+    @ivar last_error: why it is failing: how its last process ended and
+        its last lines of output; L{None} unless failing.
+    @ivar probe_failures: the liveness probes its current process has
+        failed in a row.
     """
 
     uuid: str
@@ -284,6 +305,13 @@ class SubServiceStatus:
     log: str | None
     cpu: float | None
     rss: int | None
+    state: str = "starting"
+    last_error: str | None = None
+    probe_failures: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        if self.state not in DEPLOYMENT_STATES:
+            raise ValueError(f"sub-service {self.uuid}: unknown state {self.state!r}")
 
     def to_bson(self) -> dict[str, Any]:
         """
@@ -319,6 +347,9 @@ class SubServiceStatus:
             log=_str(doc, "log", what, optional=True),
             cpu=_float(doc, "cpu", what, optional=True),
             rss=_int(doc, "rss", what, optional=True),
+            state=_str(doc, "state", what),
+            last_error=_str(doc, "last_error", what, optional=True),
+            probe_failures=_int(doc, "probe_failures", what),
         )
 
 

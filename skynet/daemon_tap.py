@@ -17,10 +17,12 @@ from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
+from skynet import tls  # security hook (issue 12)
 from skynet.config import skynet_path
 from skynet.daemon import (
     Daemon,
     GuardConfig,
+    ProbeConfig,
     PsutilSampler,
     load_reading,
     load_state,
@@ -87,6 +89,9 @@ class Options(usage.Options):
         ["stop-grace", None, 15.0,
          "Seconds a child gets after Admin.Stop (to drain) before SIGTERM."],
         ["kill-time", None, 5.0, "Seconds a child gets after SIGTERM before SIGKILL."],
+        ["start-timeout", None, 15.0,
+         "Seconds Deploy waits for a new child to register (or fail) before it answers; a "
+         "child that ends first, or takes longer, fails the call (0: answer at once)."],
         ["sample-interval", None, 2.0, "Seconds between the guards' samples."],
         ["child-max-cpu", None, 0.0,
          "A child's CPU percent (100 = one core) that, sustained, gets it restarted "
@@ -104,6 +109,15 @@ class Options(usage.Options):
          "Low-water mark: below it for --load-samples samples, they are registered again "
          "(default: half the high-water mark)."],
         ["load-samples", None, 3, "Consecutive samples beyond a mark before acting."],
+        ["probe-interval", None, 2.0,
+         "Seconds between two liveness probes (an Admin.Ping on its admin listener) of each "
+         "child in the registry (0: no probes)."],
+        ["probe-timeout", None, 1.0, "Seconds a probe waits for its answer."],
+        ["probe-failures", None, 3,
+         "Failed probes in a row after which a child is unregistered, killed and restarted."],
+        ["probe-max-lag", None, 0.0,
+         "A child's reactor lag (seconds, its ReactorLag statistic) above which a probe "
+         "counts as failed (0: not looked at)."],
         ["max-events", None, 1000, "How many recent events the daemon keeps in memory."],
         ["authorized-keys", None, None,
          "The SSH shell's authorized_keys file (default $SKYNET_HOME/ssh/authorized_keys)."],
@@ -121,9 +135,15 @@ class Options(usage.Options):
     daemon_uuid: str | None
 
     def postOptions(self) -> None:
-        for name in ("stats-interval", "sample-interval"):
+        for name in ("stats-interval", "sample-interval", "probe-timeout"):
             _number(self, name, positive=True)
-        for name in ("stable-after", "max-restart-delay", "stop-grace", "kill-time",
+        for name in ("probe-interval", "probe-max-lag"):
+            _number(self, name)
+        _number(self, "probe-failures", int, minimum=1)
+        self.probes = ProbeConfig(interval=self["probe-interval"], timeout=self["probe-timeout"],
+                                  failures=self["probe-failures"],
+                                  max_lag=self["probe-max-lag"] or None)  # fmt: skip
+        for name in ("stable-after", "max-restart-delay", "stop-grace", "kill-time", "start-timeout",
                      "child-max-cpu", "child-max-rss", "load-high"):  # fmt: skip
             _number(self, name)
         if self["max-restart-delay"] < 1:
@@ -156,6 +176,7 @@ class Options(usage.Options):
         self._registry()
         self._files()
         self._ssh()
+        self.tls = tls.tap_tls(self)  # security hook (issue 12)
 
     def _ssh(self) -> None:
         from twisted.internet import reactor
@@ -224,6 +245,10 @@ class Options(usage.Options):
             raise usage.UsageError(f"--log-dir: {e}") from None
 
 
+tls.add_tls_options(Options)  # security hook (issue 12): --tls DIR, --insecure
+tls.add_deploy_policy_options(Options)  # security hook: --deploy-classes-only, ...
+
+
 def makeService(options: Options) -> MultiService:
     """
     The daemon, inside a parent L{MultiService} (named C{"daemon"} there),
@@ -233,10 +258,16 @@ def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
 
     top = MultiService()
+    # security hook (issue 12): mutual TLS on the RPC and admin listeners, the policy.
+    listeners = tls.tap_listeners("skynet-daemon", options, options.endpoints,
+                                  options.admin_endpoints, registry=options.registry,
+                                  reactor=reactor, control=True)  # fmt: skip
+    for extra_service in listeners.services:
+        extra_service.setServiceParent(top)
     daemon = Daemon(
         options.registry,
-        options.endpoints,
-        options.admin_endpoints,
+        listeners.endpoints,
+        listeners.admin_endpoints,
         reactor=reactor,
         registry_url=options.registry_url,
         uuid=options.daemon_uuid,
@@ -247,12 +278,16 @@ def makeService(options: Options) -> MultiService:
         max_restart_delay=options["max-restart-delay"],
         stop_grace=options["stop-grace"],
         kill_time=options["kill-time"],
+        start_timeout=options["start-timeout"],
+        probes=options.probes,
         guards=options.guards,
         load=options.load,
         sampler=options.sampler,
         stats_interval=options["stats-interval"],
         max_events=options["max-events"],
     )
+    daemon.host.instance_extra = listeners.extra  # security hook (issue 12)
+    tls.restrict_deploy(daemon, tls.deploy_policy(options))  # security hook (issue 12)
     daemon.setName("daemon")
     daemon.setServiceParent(top)
     if options.ssh_endpoints:

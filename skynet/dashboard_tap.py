@@ -3,10 +3,15 @@ C{twistd skynet-dashboard}: the live web dashboard and metrics endpoint.
 
     twistd -n skynet-dashboard [--listen tcp:8080:interface=127.0.0.1] \\
         [--registry URL] [--token-file FILE] [--graphite tcp:HOST:2003] \\
-        [--stats-interval SECONDS] [--history SECONDS]
+        [--stats-interval SECONDS] [--history SECONDS] [--allowed-host NAME]... \\
+        [--tls DIR]
 
 Without C{--token-file} the dashboard is read-only.  The URL it serves on
-is logged once it listens (C{skynet dashboard on http://...}).
+is logged once it listens (C{skynet dashboard on http://...}).  It answers
+only requests for its own names (loopback, the interface it listens on,
+each C{--allowed-host}); with C{--tls DIR} (or C{$SKYNET_HOME/tls}) it
+presents those credentials when it acts through daemons and admin
+endpoints.
 """
 
 from __future__ import annotations
@@ -61,10 +66,17 @@ class Options(usage.Options):
         ["stats-interval", None, 2.0,
          "Seconds between reads of every instance's statistics (and graph points)."],
         ["history", None, 900.0, "Seconds of time series kept for the graphs."],
+        ["tls", None, None,
+         "Credentials directory the dashboard presents to daemons and admin endpoints "
+         "(default $SKYNET_TLS, else $SKYNET_HOME/tls if present)."],
     ]  # fmt: skip
 
     token: str | None = None
     registry: Any = None
+
+    def opt_allowed_host(self, name: str) -> None:
+        """A host name the dashboard is reached by (its Host header); repeatable."""
+        self.setdefault("allowed-host", []).append(name)
 
     def postOptions(self) -> None:
         from twisted.internet import reactor
@@ -83,6 +95,17 @@ class Options(usage.Options):
             except (ValueError, TypeError, KeyError) as e:
                 raise usage.UsageError(f"bad --graphite endpoint {self['graphite']!r}: {e}") from e
         self.registry = open_registry(reactor, self["registry"])
+        from skynet import tls
+
+        self.allowed_hosts = list(self.get("allowed-host", []))
+        interface = tls.endpoint_interface(self.endpoint)
+        if interface and interface not in ("unix", "0.0.0.0", "::"):
+            self.allowed_hosts.append(interface)
+        if self["tls"]:
+            try:
+                tls.set_client_identity(tls.load_credentials(self["tls"]))
+            except tls.TLSError as e:
+                raise usage.UsageError(f"--tls: {e}") from None
 
 
 class DashboardServer(Service):
@@ -117,7 +140,8 @@ class DashboardServer(Service):
             host = "127.0.0.1"
         if ":" in host:
             host = f"[{host}]"
-        self.url = f"http://{host}:{getattr(address, 'port', '')}/"
+        scheme = "https" if type(self.endpoint).__name__.startswith("SSL") else "http"
+        self.url = f"{scheme}://{host}:{getattr(address, 'port', '')}/"
         self.log.info("skynet dashboard on {url}", url=self.url)
 
     def stopService(self) -> Any:
@@ -150,7 +174,7 @@ def makeService(options: Options) -> MultiService:
         own_registry=True,
     )
     model.setServiceParent(top)
-    app = DashboardApp(model, token=options.token)
+    app = DashboardApp(model, token=options.token, allowed_hosts=options.allowed_hosts)
     DashboardServer(options.endpoint, app.site(), reactor).setServiceParent(top)
     if options.graphite is not None:
         GraphitePusher(model, options.graphite, prefix=options["graphite-prefix"]).setServiceParent(

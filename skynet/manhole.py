@@ -26,7 +26,6 @@ import attr
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.application.service import Service
-from twisted.conch import error as conch_error
 from twisted.conch import interfaces as iconch
 from twisted.conch.checkers import IAuthorizedKeysDB, SSHPublicKeyChecker
 from twisted.conch.insults import insults
@@ -40,13 +39,14 @@ from twisted.conch.ssh import keys
 from twisted.conch.ssh.transport import SSHServerTransport
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
-from twisted.internet.error import ConnectionDone, ProcessDone
+from twisted.internet.error import ConnectionDone, ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import components
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from skynet.config import default_reactor
 from skynet.shell import History, Shell, ShellProtocol
 
 #: The port of the SSH shell in examples and docs.
@@ -54,6 +54,9 @@ DEFAULT_SSH_PORT = 2222
 
 #: The endpoint of the SSH shell in examples and docs: loopback only.
 DEFAULT_SSH_ENDPOINT = f"tcp:{DEFAULT_SSH_PORT}:interface=127.0.0.1"
+
+#: Seconds a connection has to authenticate (OpenSSH's LoginGraceTime).
+LOGIN_TIMEOUT = 30.0  # security (issue 12)
 
 
 def pick_ssh_port(preferred: int = DEFAULT_SSH_PORT, interface: str = "127.0.0.1") -> int:
@@ -206,11 +209,37 @@ class AuthorizedKeysFile:
     each login (so that edits apply at once).
     """
 
+    log = Logger()
+
     def __init__(self, path: str) -> None:
         self.path = path
 
     def getAuthorizedKeys(self, avatarId: bytes) -> Iterable[keys.Key]:
+        unsafe = unsafe_permissions(self.path)  # security (issue 12): StrictModes
+        if unsafe is not None:
+            self.log.error("refusing every key of {path}: {reason}", path=self.path,
+                           reason=unsafe)  # fmt: skip
+            return []
         return read_authorized_keys(self.path)
+
+
+def unsafe_permissions(path: str) -> str | None:
+    """
+    Why C{path} (an C{authorized_keys} file) and its directory cannot be
+    trusted, as OpenSSH's StrictModes says: writable by group or others, or
+    owned by another user than root or this one; L{None} if they can.
+    """
+    for target in (path, os.path.dirname(os.path.abspath(path))):
+        try:
+            info = os.stat(target)
+        except FileNotFoundError:
+            continue
+        if info.st_uid not in (0, os.getuid()):
+            return f"{target} is owned by uid {info.st_uid}, not by this user or root"
+        if info.st_mode & 0o022:
+            mode = f"{info.st_mode & 0o777:o}"
+            return f"{target} is writable by others (mode {mode}); chmod go-w {target}"
+    return None
 
 
 @attr.frozen
@@ -375,10 +404,38 @@ class ShellSession(TerminalSession):
             getattr(self, "height", 24),
         )
 
+    #: Schedules the answer to a refused command (L{None}: the global reactor).
+    reactor: Any = None
+    #: The authenticated user (the avatar id), for the log.
+    user: bytes | str = "?"
+
+    log = Logger()
+
     def execCommand(self, proto: Any, cmd: bytes) -> None:
-        raise conch_error.ConchError(
-            "only the interactive shell is available: ssh without a command"
+        """
+        Refuse C{ssh host COMMAND} readably: the request is accepted, so
+        that the client shows what comes on the channel, then a line on its
+        standard error, exit status 1, and the channel closes.
+        """
+        user = self.user
+        command = cmd.decode("utf-8", "replace")
+        self.log.warn(
+            "refused SSH command {command!r} from {user}: only the interactive shell is served",
+            command=command,
+            user=user.decode("utf-8", "replace") if isinstance(user, bytes) else user,
         )
+        message = (
+            f"skynet: commands are not run over SSH (got {command!r}); this server offers only"
+            " the interactive shell: ssh without a command, then type it (or run"
+            f" 'sky {command}' where the registry is reachable)\r\n"
+        )
+
+        def refuse() -> None:
+            proto.errReceived(message.encode("utf-8"))
+            proto.processEnded(Failure(ProcessTerminated(exitCode=1)))
+
+        # After conch has answered the exec request itself.
+        default_reactor(self.reactor).callLater(0, refuse)
 
     def windowChanged(self, newWindowSize: tuple[int, ...]) -> None:
         rows, cols = newWindowSize[0], newWindowSize[1]
@@ -425,6 +482,7 @@ class ShellRealm:
         component = components.Componentized()
         user = TerminalUser(component, avatarId)
         session = ShellSession(component)
+        session.user = avatarId
 
         def terminal() -> insults.ServerProtocol:
             return insults.ServerProtocol(ShellProtocol, self.shell_factory, history)
@@ -450,11 +508,34 @@ class _ServerTransport(SSHServerTransport):
     def _connections(self) -> list[Any]:
         return getattr(self.factory, "connections", [])
 
+    _login_timer: Any = None
+
     def connectionMade(self) -> None:
         self._connections().append(self)
         super().connectionMade()
+        # security (issue 12): who has not authenticated in time is cut off.
+        clock = getattr(self.factory, "reactor", None)
+        if clock is not None:
+            timeout = getattr(self.factory, "login_timeout", LOGIN_TIMEOUT)
+            self._login_timer = clock.callLater(timeout, self._login_timed_out)
+
+    def setService(self, service: Any) -> None:
+        if service.name == b"ssh-connection" and self._login_timer is not None:
+            if self._login_timer.active():
+                self._login_timer.cancel()
+            self._login_timer = None
+        super().setService(service)
+
+    def _login_timed_out(self) -> None:
+        self._login_timer = None
+        peer = self.transport.getPeer()  # type: ignore[union-attr]
+        Logger().warn("SSH login timeout: {peer} did not authenticate",
+                      peer=f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}")  # fmt: skip
+        self.transport.abortConnection()  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Any = None) -> None:
+        if self._login_timer is not None and self._login_timer.active():
+            self._login_timer.cancel()
         if self in self._connections():
             self._connections().remove(self)
         super().connectionLost(reason)
@@ -475,6 +556,8 @@ class ShellSSHFactory(ConchFactory):
         self.publicKeys = public
         self.privateKeys = private
         self.connections: list[_ServerTransport] = []
+        self.reactor: Any = None  # security (issue 12): the login timeout's clock
+        self.login_timeout = LOGIN_TIMEOUT
 
 
 class ManholeService(Service):
@@ -563,6 +646,10 @@ class ManholeService(Service):
         self.realm = ShellRealm(self.make_shell, self.history_dir)
         portal = Portal(self.realm, [SSHPublicKeyChecker(AuthorizedKeysFile(self.authorized_keys))])
         self.factory = ShellSSHFactory(portal, key)
+        self.factory.reactor = self.reactor  # security (issue 12): the login timeout's clock
+        unsafe = unsafe_permissions(self.authorized_keys)
+        if unsafe is not None:
+            self.log.error("nobody can log in to the SSH shell: {reason}", reason=unsafe)
         for endpoint in self.endpoints:
             port = await endpoint.listen(self.factory)
             self.ports.append(port)

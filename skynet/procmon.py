@@ -63,6 +63,10 @@ LOG_ROTATED_FILES = 3
 #: How long a restart may wait for L{IChildObserver.child_exited}'s cleanup.
 CLEANUP_TIMEOUT = 5.0
 
+#: How many of a process's last output lines are kept (for the reason a
+#: deployment failed: an ImportError's traceback ends there).
+TAIL_LINES = 20
+
 _SIGNAL_NAMES: dict[int, str] = {}
 
 
@@ -216,6 +220,8 @@ class Child:
     @ivar gid: the group id likewise.
     @ivar protocol: its running process's L{ChildProtocol}, if running.
     @ivar delay: the back-off before its next restart after a quick death.
+    @ivar output: the last L{TAIL_LINES} lines of its current process.
+    @ivar last_output: those of its last process that ended.
     """
 
     name: str
@@ -237,6 +243,8 @@ class Child:
     restart_requested: bool = False
     delay: float = 1.0
     waiters: list[Deferred] = attr.Factory(list)
+    output: deque[str] = attr.Factory(lambda: deque(maxlen=TAIL_LINES))
+    last_output: tuple[str, ...] = ()
     protocol: Any = None
     log_file: LogFile | None = None
     restart_call: Any = None
@@ -310,12 +318,15 @@ class ChildProtocol(ProcessProtocol):
             stream.feed(data)
 
     def _line(self, stream: str, line: bytes) -> None:
+        text = line.rstrip(b"\r").decode("utf-8", "replace")
+        if self.child.protocol is self:
+            self.child.output.append(text)
         self.supervisor.log.info(
             "[{service}] {line}",
             service=self.child.label,
             uuid=self.child.name,
             stream=stream,
-            line=line.rstrip(b"\r").decode("utf-8", "replace"),
+            line=text,
         )
 
     def processEnded(self, reason: Failure) -> None:
@@ -469,6 +480,7 @@ class Supervisor(service.Service):
         self._cancel_restart(child)
         child.next_restart = None
         proto = child.protocol = ChildProtocol(self, child, self._log_file(child))
+        child.output.clear()
         child.started = self.reactor.seconds()
         child.starts += 1
         args = [self.setsid, *child.args] if self.setsid else child.args
@@ -514,6 +526,7 @@ class Supervisor(service.Service):
         if child.protocol is not proto:
             return
         child.protocol = None
+        child.last_output = tuple(child.output)
         for name in ("kill_call", "grace_call"):
             call = getattr(child, name)
             if call is not None and call.active():
@@ -678,6 +691,31 @@ class Supervisor(service.Service):
         except error.ProcessExitedAlready:
             return False
         return True
+
+    def kill_child(self, name: str) -> Deferred:
+        """
+        End the running process of C{name} without asking it (it is hung:
+        a polite request would go unanswered): SIGTERM (with SIGCONT, so
+        that a stopped process can act on it), then SIGKILL after
+        C{kill_time}.  It restarts as after any death, with the usual
+        back-off.
+
+        @return: a Deferred firing with the L{ExitRecord} (or L{None} if it
+            was not running).
+        """
+        child = self.children[name]
+        proto = child.protocol
+        if proto is None:
+            return succeed(None)
+        exited = self.when_exited(name)
+        if child.grace_call is not None and child.grace_call.active():
+            child.grace_call.cancel()
+        child.grace_call = None
+        if child.kill_call is None:
+            child.stopping = True
+            self._terminate(proto)
+            self._signal(proto, "CONT")
+        return exited
 
     def restart_child(self, name: str) -> Deferred:
         """

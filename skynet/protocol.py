@@ -14,20 +14,43 @@ C{docs/architecture.md} and the captured vectors the tests replay.
 from __future__ import annotations
 
 import os
-import struct
 from collections.abc import Callable
 from typing import Any
 from typing import Protocol as TypingProtocol
 
 import attr
 import bson
-from bson.errors import BSONError
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from skynet._wire import (
+    EMPTY_DOCUMENT,
+    INT64_MAX,
+    INT64_MIN,
+    ClientLayout,
+    ServerLayout,
+    decode_header,
+    decode_response_body,
+    decode_response_header,
+    document,
+    encode_header,
+    encode_request_body,
+    encode_request_info,
+    encode_response_body,
+    request_body_parts,
+    response_body_parts,
+    string_element,
+    write_now,
+)
+from skynet._wire import (
+    METHOD as _METHOD,
+)
+from skynet._wire import (
+    unpack_length as _unpack_length,
+)
 from skynet.errors import (
     ConnectionFailed,
     ProtocolError,
@@ -38,12 +61,6 @@ from skynet.errors import (
 
 #: The largest frame accepted by default, as MongoDB's (16 MiB).
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
-
-#: The empty BSON document, the client handshake and error response body.
-EMPTY_DOCUMENT = b"\x05\x00\x00\x00\x00"
-
-_length = struct.Struct("<i")
-_unpack_length = _length.unpack_from
 
 _encode = bson.encode
 _decode = bson.decode
@@ -162,250 +179,6 @@ def go_quote(text: str) -> str:
     return "".join(out)
 
 
-# The fixed-shape documents of the protocol are built and read here directly:
-# pymongo's C codec costs about 2-3 us per tiny document, a third of a call.
-# Readers take only the exact layout Go Skynet and we write, and hand anything
-# else to bson.decode, so they accept and reject exactly what it does.
-
-_pack_i32 = struct.Struct("<i").pack
-_pack_i64 = struct.Struct("<q").pack
-_unpack_i64 = struct.Struct("<q").unpack_from
-
-_SERVICEMETHOD = b"\x02servicemethod\x00"
-_SEQ64 = b"\x12seq\x00"
-_SEQ32 = b"\x10seq\x00"
-_ERROR = b"\x02error\x00"
-_OUT = b"\x05out\x00"
-_ERRSTRING = b"\x02errstring\x00"
-_CLIENTID = b"\x02clientid\x00"
-_METHOD = b"\x02method\x00"
-_REQUESTINFO = b"\x03requestinfo\x00"
-_ORIGINADDRESS = b"\x02originaddress\x00"
-_CONNECTIONADDRESS = b"\x02connectionaddress\x00"
-_REQUESTID = b"\x02requestid\x00"
-_RETRYCOUNT = b"\x10retrycount\x00"
-_IN = b"\x05in\x00"
-_INT32_MAX = 2**31 - 1
-
-
-class _NotFastPath(Exception):
-    """
-    The document is not in the exact layout the fast readers handle.
-    """
-
-
-def string_element(prefix: bytes, value: str) -> bytes:
-    """
-    A BSON string element; C{prefix} is the type byte and the name's cstring.
-    """
-    data = value.encode("utf-8")
-    return prefix + _pack_i32(len(data) + 1) + data + b"\x00"
-
-
-def document(elements: bytes) -> bytes:
-    """
-    A BSON document of the given encoded elements.
-    """
-    return _pack_i32(len(elements) + 5) + elements + b"\x00"
-
-
-def _read_string(frame: bytes, pos: int) -> tuple[str, int]:
-    n = _unpack_length(frame, pos)[0]
-    end = pos + 3 + n
-    if n < 1 or end >= len(frame) or frame[end] != 0:
-        raise _NotFastPath()
-    return frame[pos + 4 : end].decode("utf-8"), end + 1
-
-
-def encode_header(servicemethod: str, seq: int, error: str | None = None) -> bytes:
-    """
-    A request header (C{error} is L{None}) or a response header, C{seq}
-    as int64: C{{servicemethod, seq[, error]}}.
-    """
-    elements = string_element(_SERVICEMETHOD, servicemethod) + _SEQ64 + _pack_i64(seq)
-    if error is not None:
-        elements += string_element(_ERROR, error)
-    return document(elements)
-
-
-def decode_header(frame: bytes) -> tuple[Any, Any, Any]:
-    """
-    Read a request or response header: (servicemethod, seq, error), each
-    L{None} where absent; values are not type-checked.
-
-    @raise BSONError: if the document is not valid BSON.
-    """
-    try:
-        if frame[4:19] != _SERVICEMETHOD:
-            raise _NotFastPath()
-        servicemethod, pos = _read_string(frame, 19)
-        tag = frame[pos : pos + 5]
-        if tag == _SEQ64:
-            seq = _unpack_i64(frame, pos + 5)[0]
-            pos += 13
-        elif tag == _SEQ32:
-            seq = _unpack_length(frame, pos + 5)[0]
-            pos += 9
-        else:
-            raise _NotFastPath()
-        error = None
-        if frame[pos : pos + 7] == _ERROR:
-            error, pos = _read_string(frame, pos + 7)
-        if pos != len(frame) - 1 or frame[pos] != 0:
-            raise _NotFastPath()
-        return servicemethod, seq, error
-    except (_NotFastPath, struct.error, UnicodeDecodeError):
-        doc = _decode(frame)
-        return doc.get("servicemethod"), doc.get("seq"), doc.get("error")
-
-
-def decode_response_header(frame: bytes) -> tuple[Any, Any]:
-    """
-    Read a response header's (seq, error): the servicemethod, which a
-    client does not need, is checked but not returned.
-
-    @raise BSONError: if the document is not valid BSON.
-    """
-    try:
-        if frame[4:19] != _SERVICEMETHOD:
-            raise _NotFastPath()
-        _, pos = _read_string(frame, 19)  # validated, as bson.decode would
-        if frame[pos : pos + 5] != _SEQ64:
-            raise _NotFastPath()
-        seq = _unpack_i64(frame, pos + 5)[0]
-        if frame[pos + 13 : pos + 20] != _ERROR:
-            raise _NotFastPath()
-        error, pos = _read_string(frame, pos + 20)
-        if pos != len(frame) - 1 or frame[pos] != 0:
-            raise _NotFastPath()
-        return seq, error
-    except (_NotFastPath, struct.error, UnicodeDecodeError, IndexError):
-        _, seq, error = decode_header(frame)
-        return seq, error
-
-
-def encode_response_body(out: bytes, errstring: str) -> bytes:
-    """
-    C{{out: binary, errstring}}.
-    """
-    return b"".join(response_body_parts(out, errstring))
-
-
-def response_body_parts(out: bytes, errstring: str) -> tuple[bytes, ...]:
-    """
-    The pieces of a response body, to be joined (with the header) in one
-    copy of C{out}.
-    """
-    tail = string_element(_ERRSTRING, errstring) + b"\x00"
-    return (_pack_i32(4 + 5 + len(_OUT) + len(out) + len(tail)), _OUT,
-            _pack_i32(len(out)), b"\x00", out, tail)  # fmt: skip
-
-
-def decode_response_body(frame: bytes) -> tuple[Any, Any]:
-    """
-    Read a response body: (out, errstring), each L{None} where absent.
-
-    @raise BSONError: if the document is not valid BSON.
-    """
-    try:
-        if frame[4:9] != _OUT:
-            raise _NotFastPath()
-        n = _unpack_length(frame, 9)[0]
-        end = 14 + n
-        if n < 0 or frame[13] != 0 or end >= len(frame):
-            raise _NotFastPath()
-        out = frame[14:end]
-        if frame[end : end + 11] != _ERRSTRING:
-            raise _NotFastPath()
-        errstring, pos = _read_string(frame, end + 11)
-        if pos != len(frame) - 1 or frame[pos] != 0:
-            raise _NotFastPath()
-        return out, errstring
-    except (_NotFastPath, struct.error, UnicodeDecodeError, IndexError):
-        doc = _decode(frame)
-        return doc.get("out"), doc.get("errstring")
-
-
-def encode_request_info(info: "RequestInfo") -> bytes:
-    """
-    The C{requestinfo} element of a request body, in the Go layout.
-    """
-    request_id = info.request_id
-    if (
-        not info.origin_address
-        and not info.connection_address
-        and len(request_id) == 36
-        and request_id.isascii()
-        and 0 <= info.retry_count <= _INT32_MAX
-    ):
-        return (
-            _REQUESTINFO_EMPTY_ADDRESSES
-            + request_id.encode()
-            + _END_ID
-            + _pack_i32(info.retry_count)
-            + b"\x00"
-        )
-    retry = info.retry_count if 0 <= info.retry_count <= _INT32_MAX else _INT32_MAX
-    return _REQUESTINFO + document(
-        string_element(_ORIGINADDRESS, info.origin_address)
-        + string_element(_CONNECTIONADDRESS, info.connection_address)
-        + string_element(_REQUESTID, info.request_id)
-        + _RETRYCOUNT
-        + _pack_i32(retry)
-    )
-
-
-_REQUESTINFO_EMPTY_ADDRESSES = (
-    _REQUESTINFO
-    + _pack_i32(
-        4
-        + len(string_element(_ORIGINADDRESS, ""))
-        + len(string_element(_CONNECTIONADDRESS, ""))
-        + len(_REQUESTID)
-        + 4
-        + 37
-        + len(_RETRYCOUNT)
-        + 4
-        + 1
-    )
-    + string_element(_ORIGINADDRESS, "")
-    + string_element(_CONNECTIONADDRESS, "")
-    + _REQUESTID
-    + _pack_i32(37)
-)
-_END_ID = b"\x00" + _RETRYCOUNT
-
-
-def encode_request_body(clientid: str, method: str, info: "RequestInfo", params: bytes) -> bytes:
-    """
-    C{{clientid, method, requestinfo, in: binary}}; C{params} is the
-    encoded parameters document.
-    """
-    return b"".join(
-        request_body_parts(
-            string_element(_CLIENTID, clientid), string_element(_METHOD, method), info, params
-        )
-    )
-
-
-def request_body_parts(
-    clientid_element: bytes, method_element: bytes, info: "RequestInfo", params: bytes
-) -> tuple[bytes, ...]:
-    """
-    The pieces of a request body, to be joined (with what goes before it)
-    in one copy of C{params}; the client passes its cached elements.
-    """
-    elements = clientid_element + method_element + encode_request_info(info) + _IN
-    return (
-        _pack_i32(len(elements) + 5 + len(params) + 5),
-        elements,
-        _pack_i32(len(params)),
-        b"\x00",
-        params,
-        b"\x00",
-    )
-
-
 def error_text(failure: BaseException) -> str:
     """
     The C{errstring} for an exception raised by a service method.
@@ -417,56 +190,22 @@ def error_text(failure: BaseException) -> str:
     return f"{name}: {message}" if message else name
 
 
-def _plain_tcp() -> tuple[type, ...]:
+class BufferBudget:
     """
-    The transports L{write_now} may write to directly: Twisted's plain TCP
-    connections, if their write buffer still has the shape it relies on
-    (private attributes of L{twisted.internet.abstract.FileDescriptor},
-    pinned by a test); none otherwise, and every write goes the usual way.
+    The bytes of unfinished frames that all the connections of one service
+    may hold together; a connection that would take it over its limit is
+    closed (one peer stalling many large frames must not take the memory
+    of the host).
+
+    @ivar limit: the most bytes held at once.
+    @ivar used: the bytes held now.
     """
-    from twisted.internet import abstract, tcp
 
-    needed = ("connected", "disconnecting", "offset", "dataBuffer", "_writeDisconnected")
-    if not all(hasattr(abstract.FileDescriptor, name) for name in needed):
-        return ()
-    probe = abstract.FileDescriptor.__new__(abstract.FileDescriptor)
-    try:
-        abstract.FileDescriptor.__init__(probe)
-    except Exception:
-        return ()
-    if not isinstance(getattr(probe, "_tempDataBuffer", None), list):
-        return ()
-    return (tcp.Client, tcp.Server)
+    __slots__ = ("limit", "used")
 
-
-_PLAIN_TCP = _plain_tcp()
-
-
-def write_now(transport: Any, data: bytes) -> None:
-    """
-    Send C{data} at once when the transport holds nothing else to send (a
-    plain TCP connection), rather than queueing it for the reactor's next
-    round (which costs two epoll_ctl calls and a loop iteration on each side
-    of every call); what the socket does not take, and every other
-    transport, goes through C{transport.write}.
-    """
-    if (
-        type(transport) in _PLAIN_TCP
-        and transport.connected
-        and not transport.disconnecting
-        and not transport.TLS
-        and not transport._tempDataBuffer
-        and transport.offset == len(transport.dataBuffer)
-        and not transport._writeDisconnected
-    ):
-        try:
-            sent = transport.socket.send(data)
-        except OSError:
-            sent = 0  # full, or broken: the reactor's own write deals with it
-        if sent == len(data):
-            return
-        data = data[sent:]
-    transport.write(data)
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
 
 
 class FrameProtocol(Protocol):
@@ -476,15 +215,26 @@ class FrameProtocol(Protocol):
     Each document starts with its little-endian int32 length, which counts
     itself and the trailing NUL.  A length below 5 or above L{max_frame}
     closes the connection with a logged error before anything is allocated.
+
+    @ivar frame_timeout: seconds a started frame may take to complete
+        before the connection is closed (L{None}: no limit); needs
+        L{call_later}.
+    @ivar budget: a L{BufferBudget} shared with other connections, charged
+        with the bytes of this connection's unfinished frame.
     """
 
     log = Logger()
-    max_frame = DEFAULT_MAX_FRAME
+    max_frame = 16 * 1024 * 1024
+    frame_timeout: float | None = None
+    budget: BufferBudget | None = None
+    call_later: Callable[[float, Callable[[], None]], Any] | None = None
 
     _buffer: Any = b""
     _needed = 0
     _closing = False
     _batch: list[bytes] | None = None
+    _charged = 0
+    _frame_timer: Any = None
 
     def send_bytes(self, data: bytes) -> None:
         """
@@ -520,6 +270,9 @@ class FrameProtocol(Protocol):
             buf += data
             # Still short of the frame being waited for: no re-scan, no copy.
             if len(buf) < self._needed:
+                self._buffer = buf
+                if self._charged:
+                    self._unfinished(False)
                 return
             data = buf
         end = len(data)
@@ -553,6 +306,68 @@ class FrameProtocol(Protocol):
             self._buffer = buf
         else:
             self._buffer = bytearray(memoryview(data)[offset:])
+        if self._buffer or self._frame_timer is not None:
+            self._unfinished(offset > 0)
+
+    def _unfinished(self, completed: bool) -> None:
+        """
+        Account for the unfinished frame held (or no longer held): charge
+        the budget, and time the frame out if it does not complete.
+        """
+        held = len(self._buffer)
+        budget = self.budget
+        if budget is not None and held != self._charged:
+            budget.used += held - self._charged
+            self._charged = held
+            if held and budget.used > budget.limit:
+                self.log.warn(
+                    "closing connection from {peer}: {held} bytes of unfinished frames"
+                    " would exceed the service's budget of {limit}",
+                    peer=self.peer_address(),
+                    held=budget.used,
+                    limit=budget.limit,
+                )
+                self.release_buffer()
+                self.close_connection(ProtocolError("frame buffer budget exceeded"))
+                return
+        timer = self._frame_timer
+        if held:
+            if self.frame_timeout and self.call_later is not None:
+                if timer is None:
+                    self._frame_timer = self.call_later(self.frame_timeout, self._frame_timed_out)
+                elif completed:
+                    timer.reset(self.frame_timeout)
+        elif timer is not None:
+            self._frame_timer = None
+            if timer.active():
+                timer.cancel()
+
+    def _frame_timed_out(self) -> None:
+        self._frame_timer = None
+        if self._closing or not self._buffer:
+            return
+        self.log.warn(
+            "closing connection from {peer}: a frame did not complete in {timeout}s",
+            peer=self.peer_address(),
+            timeout=self.frame_timeout,
+        )
+        self.release_buffer()
+        self.close_connection(ProtocolError("frame timed out"))
+        if self.transport is not None and hasattr(self.transport, "abortConnection"):
+            self.transport.abortConnection()
+
+    def release_buffer(self) -> None:
+        """
+        Drop the unfinished frame, giving its bytes back to the budget and
+        stopping its timer.
+        """
+        self._buffer = b""
+        if self.budget is not None and self._charged:
+            self.budget.used -= self._charged
+        self._charged = 0
+        timer, self._frame_timer = self._frame_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
 
     def frame_received(self, frame: bytes) -> None:
         """
@@ -567,6 +382,7 @@ class FrameProtocol(Protocol):
             length=length,
             maximum=self.max_frame,
         )
+        self.release_buffer()
         self.close_connection(ProtocolError(f"bad frame length {length}"))
 
     def close_connection(self, reason: Exception | None = None) -> None:
@@ -592,12 +408,26 @@ class FrameProtocol(Protocol):
 class IDispatcher(TypingProtocol):
     """
     What a L{ServerProtocol} serves: the service host implements this.
+
+    @ivar handshake_timeout: seconds a new connection has to send its
+        handshake.
+    @ivar idle_timeout: seconds a connection may stay silent with nothing
+        in flight before it is closed (L{None}: forever).
+    @ivar frame_timeout: seconds a started frame may take to complete.
+    @ivar buffer_budget: the bytes of unfinished frames all connections
+        may hold together, or L{None}.
+    @ivar max_request_elements: the most BSON elements a request may hold,
+        or L{None}.
     """
 
     service_name: str
     registered: bool
     max_frame: int
     handshake_timeout: float | None
+    idle_timeout: float | None
+    frame_timeout: float | None
+    buffer_budget: BufferBudget | None
+    max_request_elements: int | None
 
     def client_connected(self, protocol: "ServerProtocol") -> None: ...
 
@@ -611,15 +441,76 @@ class IDispatcher(TypingProtocol):
 
     def request_finished(self, started: float, failed: bool) -> None: ...
 
+    def request_released(self) -> None:
+        """
+        A request started is no longer in flight, but not served either (it
+        goes on as a new request).
+        """
+
+    def count_elements(self, data: bytes) -> Deferred:
+        """
+        The number of elements of the BSON document C{data}, nested ones
+        included, counted off the reactor thread.
+
+        @raise Exception: if no count can be started now.
+        """
+
     def call_later(self, delay: float, f: Callable[..., Any]) -> Any: ...
 
 
 _HEADER, _BODY, _HANDSHAKE, _CLOSED = range(4)
 
-#: How a response header with an empty error ends, and a body with an empty errstring.
-_OK_HEADER_SUFFIX = _ERROR + b"\x01\x00\x00\x00\x00\x00"
-_OK_BODY_SUFFIX = _ERRSTRING + b"\x01\x00\x00\x00\x00\x00"
-_OK_BODY_SUFFIX_LENGTH = len(_OK_BODY_SUFFIX)
+
+def _can_push_back(transport: Any) -> bool:
+    """
+    Whether a connection may register as its transport's producer and
+    pause its reading (not under a TLS wrapper; see L{ServerProtocol}).
+    """
+    from twisted.protocols.policies import ProtocolWrapper
+
+    if isinstance(transport, ProtocolWrapper) or getattr(transport, "TLS", False):
+        return False
+    return hasattr(transport, "registerProducer") and hasattr(transport, "pauseProducing")
+
+
+def valid_seq(seq: Any) -> int | None:
+    """
+    A request's C{seq} as the int64 the answer carries, or L{None} if it is
+    not one: any BSON integer width, or a double holding an integer in the
+    int64 range (booleans and other types are not C{seq}s).
+    """
+    if isinstance(seq, int):
+        if isinstance(seq, bool) or not INT64_MIN <= seq <= INT64_MAX:
+            return None
+        return seq
+    if type(seq) is float and seq.is_integer() and INT64_MIN <= seq <= INT64_MAX:
+        return int(seq)
+    return None
+
+
+def ill_formed(servicemethod: str) -> str:
+    """
+    Go's net/rpc text for a servicemethod that is not C{Service.Method}.
+    """
+    return f"rpc: service/method request ill-formed: {servicemethod}"
+
+
+def route_error(
+    servicemethod: str, service_name: str, methods: tuple[str, ...] = ("Forward",)
+) -> str | None:
+    """
+    Go's net/rpc (2013) routing of a servicemethod: split at every dot,
+    exactly two parts, then the service, then the method; L{None} when it
+    names one of C{methods} of C{service_name}.
+    """
+    parts = servicemethod.split(".")
+    if len(parts) != 2:
+        return ill_formed(servicemethod)
+    if parts[0] != service_name:
+        return f"rpc: can't find service {servicemethod}"
+    if parts[1] not in methods:
+        return f"rpc: can't find method {servicemethod}"
+    return None
 
 
 class ServerProtocol(FrameProtocol):
@@ -629,32 +520,50 @@ class ServerProtocol(FrameProtocol):
     Sends the service handshake, ignores the client's, then reads header and
     body pairs.  Requests are dispatched as they arrive, so pipelined calls
     run concurrently and their responses go out as each finishes.
+
+    Every request is answered and accounted for, whatever it holds: a
+    header that decodes but is unusable is answered as Go's net/rpc does
+    (C{rpc: service/method request ill-formed: ...}, C{seq} 0 if it has
+    none) and its body read and dropped.  The connection registers itself
+    as the producer of its transport: while the answers waiting to be sent
+    exceed the transport's buffer, it stops reading requests.
     """
+
+    #: Called once when the connection is lost (the factory's count).
+    on_lost: Callable[[], None] | None = None
 
     def __init__(self, dispatcher: IDispatcher) -> None:
         self.dispatcher = dispatcher
         self.max_frame = dispatcher.max_frame
         self.clientid = new_id()
         self.in_flight = 0
+        self.frame_timeout = getattr(dispatcher, "frame_timeout", None)
+        self.budget = getattr(dispatcher, "buffer_budget", None)
+        self.call_later = dispatcher.call_later
+        self.paused = False
         self._state = _HANDSHAKE
         self._servicemethod = ""
         self._seq = 0
+        self._header_error: str | None = None
         self._timeout: Any = None
+        self._idle_timer: Any = None
+        self._idle_reads = 0
+        self._requests = 0
         self._peer = ""
         self._closed_waiters: list[Deferred] = []
-        self._forward = f"{dispatcher.service_name}.Forward"
-        forward = string_element(_SERVICEMETHOD, self._forward) + _SEQ64
-        self._forward_header_length = 4 + len(forward) + 8 + 1
-        self._forward_header_prefix = _pack_i32(self._forward_header_length) + forward
-        self._ok_response_prefix = (
-            _pack_i32(4 + len(forward) + 8 + len(_OK_HEADER_SUFFIX)) + forward
-        )
-        self._clientid_element = string_element(_CLIENTID, self.clientid)
+        self._layout = ServerLayout(dispatcher.service_name, self.clientid)
+        self._forward = self._layout.forward
+        # Bound once: the per-request path skips the attribute lookups.
+        self._read_forward_header = self._layout.read_forward_header
+        self._read_body = self._layout.read_body
+        self._ok_header = self._layout.ok_header
+        self._max_elements = getattr(dispatcher, "max_request_elements", None)
 
     def connectionMade(self) -> None:
         self._peer = self.peer_address()
         registered = self.dispatcher.registered
-        self.transport.write(  # type: ignore[union-attr]
+        transport: Any = self.transport
+        transport.write(
             _encode(
                 {
                     "name": self.dispatcher.service_name,
@@ -667,21 +576,63 @@ class ServerProtocol(FrameProtocol):
             self._state = _CLOSED
             self.close_connection()
             return
+        # Back-pressure where the transport reads the socket itself (plain
+        # TCP, and the in-memory ones of tests).  A TLS wrapper pauses its
+        # producer while it buffers writes during its handshake, which would
+        # stop the very reading the handshake needs: none there yet.
+        if _can_push_back(transport):
+            transport.registerProducer(self, True)
         self.dispatcher.client_connected(self)
         timeout = self.dispatcher.handshake_timeout
         if timeout:
             self._timeout = self.dispatcher.call_later(timeout, self._handshake_timed_out)
+
+    # IPushProducer: our transport tells us when its write buffer is full.
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        if self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        if self.transport is not None and not self._closing:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def stopProducing(self) -> None:
+        pass
 
     def _handshake_timed_out(self) -> None:
         self._timeout = None
         self.log.warn("closing connection from {peer}: no client handshake", peer=self._peer)
         self.close_connection()
 
+    def _idle_check(self) -> None:
+        self._idle_timer = None
+        timeout = self.dispatcher.idle_timeout
+        if self._closing or not timeout:
+            return
+        if self._requests == self._idle_reads and not self.in_flight and not self._buffer:
+            self.log.info(
+                "closing connection from {peer}: idle for {timeout}s",
+                peer=self._peer,
+                timeout=timeout,
+            )
+            self.close_connection()
+            return
+        self._idle_reads = self._requests
+        self._idle_timer = self.dispatcher.call_later(timeout, self._idle_check)
+
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self._closing = True
-        if self._timeout is not None and self._timeout.active():
-            self._timeout.cancel()
-        self._timeout = None
+        on_lost, self.on_lost = self.on_lost, None
+        if on_lost is not None:
+            on_lost()
+        self.release_buffer()
+        for timer in (self._timeout, self._idle_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._timeout = self._idle_timer = None
         if self._state != _CLOSED:
             self._state = _CLOSED
             self.dispatcher.client_disconnected(self)
@@ -704,32 +655,28 @@ class ServerProtocol(FrameProtocol):
     def frame_received(self, frame: bytes) -> None:
         state = self._state
         if state == _HEADER:
-            # Fast path: {servicemethod: "<Name>.Forward", seq: int64}, exactly.
-            if len(frame) == self._forward_header_length and frame.startswith(
-                self._forward_header_prefix
-            ) and frame[-1] == 0:  # fmt: skip
+            self._requests += 1
+            seq = self._read_forward_header(frame)
+            if seq is not None:
                 self._servicemethod = self._forward
-                self._seq = _unpack_i64(frame, self._forward_header_length - 9)[0]
+                self._seq = seq
                 self._state = _BODY
                 return
-            try:
-                servicemethod, seq, _ = decode_header(frame)
-            except (BSONError, ValueError) as e:
-                self._broken(f"undecodable request header: {e}")
-                return
-            if isinstance(seq, float) and seq.is_integer():
-                seq = int(seq)
-            if not isinstance(servicemethod, str) or not isinstance(seq, int):
-                self._broken(
-                    f"request header lacks servicemethod or seq: {servicemethod!r}, {seq!r}"
-                )
-                return
-            self._servicemethod = servicemethod
-            self._seq = seq
-            self._state = _BODY
+            self._read_header(frame)
         elif state == _BODY:
             self._state = _HEADER
-            self._dispatch(self._servicemethod, self._seq, frame)
+            servicemethod, seq = self._servicemethod, self._seq
+            error = self._header_error
+            if error is not None:
+                self._header_error = None
+                self._send_error(servicemethod, seq, error)
+                return
+            try:
+                self._dispatch(servicemethod, seq, frame)
+            except Exception:
+                # A bug of ours must still answer, and lose nothing else.
+                self.log.failure("request from {peer} (seq {seq}) failed", peer=self._peer, seq=seq)
+                self._send_error(servicemethod, seq, "rpc: internal error of the service")
         elif state == _HANDSHAKE:
             # The client handshake's content is ignored, as in Go Skynet.
             self._state = _HEADER
@@ -737,35 +684,54 @@ class ServerProtocol(FrameProtocol):
                 if self._timeout.active():
                     self._timeout.cancel()
                 self._timeout = None
+            idle = self.dispatcher.idle_timeout
+            if idle:
+                self._idle_reads = self._requests
+                self._idle_timer = self.dispatcher.call_later(idle, self._idle_check)
+
+    def _read_header(self, frame: bytes) -> None:
+        try:
+            servicemethod, raw_seq, _ = decode_header(frame)
+        except Exception as e:
+            self._broken(f"undecodable request header: {e}")
+            return
+        # Go's net/rpc decodes a missing seq as 0 and serves the request.
+        seq = 0 if raw_seq is None else valid_seq(raw_seq)
+        if type(servicemethod) is not str or seq is None:
+            # Go's net/rpc reads such a header as an empty servicemethod or
+            # seq 0, answers ill-formed, drops the body and reads on.
+            servicemethod = servicemethod if type(servicemethod) is str else ""
+            self._header_error = ill_formed(servicemethod)
+            seq = 0 if seq is None else seq
+        self._servicemethod = servicemethod
+        self._seq = seq
+        self._state = _BODY
 
     def _broken(self, why: str) -> None:
         self.log.error("closing connection from {peer}: {why}", peer=self._peer, why=why)
         self.close_connection()
 
-    def _dispatch(self, servicemethod: str, seq: int, frame: bytes) -> None:
+    def _dispatch(self, servicemethod: str, seq: int, frame: bytes, checked: bool = False) -> None:
         dispatcher = self.dispatcher
-        if servicemethod == self._forward:
-            pass
-        elif (dot := servicemethod.rfind(".")) < 0:
-            self._send_error(
-                servicemethod,
-                seq,
-                f"rpc: service/method request ill-formed: {servicemethod}",
-            )
+        if servicemethod != self._forward:
+            error = route_error(servicemethod, dispatcher.service_name)
+            self._send_error(servicemethod, seq, error or ill_formed(servicemethod))
             return
-        elif servicemethod[:dot] != dispatcher.service_name:
-            self._send_error(servicemethod, seq, f"rpc: can't find service {servicemethod}")
-            return
-        else:
-            self._send_error(servicemethod, seq, f"rpc: can't find method {servicemethod}")
-            return
-        fast = self._fast_body(frame)
+        fast = self._read_body(frame)
+        fast_method = dispatcher.find_method(fast[0]) if fast is not None else None
+        limit = self._max_elements
+        if limit and not checked:
+            data = fast[3] if fast_method is not None else frame  # type: ignore[index]
+            # Each element has a name ending in NUL: no more NULs, no more
+            # elements, and no need for the exact count off this process.
+            if len(data) > limit and data.count(0) > limit:
+                self._check_elements(servicemethod, seq, frame, data, limit)
+                return
         if fast is not None:
-            fast_method = dispatcher.find_method(fast[0])
             if fast_method is not None:
                 try:
                     fast_params = _decode(fast[3])
-                except (BSONError, ValueError) as e:
+                except Exception as e:
                     self._send_error(servicemethod, seq, f"in: {e}")
                     return
                 info = RequestInfo(fast[1], fast[2], self._peer, self._peer)
@@ -773,17 +739,17 @@ class ServerProtocol(FrameProtocol):
                 return
         try:
             body = _decode(frame)
-        except (BSONError, ValueError) as e:
+        except Exception as e:
             self._send_error(servicemethod, seq, str(e) or "Document is corrupted")
             return
         clientid = body.get("clientid")
-        if clientid != self.clientid and not (
-            isinstance(clientid, str) and dispatcher.knows_client(clientid)
+        if type(clientid) is not str or (
+            clientid != self.clientid and not dispatcher.knows_client(clientid)
         ):
             self._send_error(servicemethod, seq, "did not provide the ClientID")
             return
         method_name = body.get("method")
-        if not isinstance(method_name, str):
+        if type(method_name) is not str:
             method_name = ""
         method = dispatcher.find_method(method_name)
         if method is None:
@@ -795,7 +761,7 @@ class ServerProtocol(FrameProtocol):
         elif isinstance(raw_in, bytes):
             try:
                 params = _decode(raw_in)
-            except (BSONError, ValueError) as e:
+            except Exception as e:
                 self._send_error(servicemethod, seq, f"in: {e}")
                 return
         else:
@@ -807,7 +773,9 @@ class ServerProtocol(FrameProtocol):
             retry_count = doc.get("retrycount", 0)
             info = RequestInfo(
                 request_id if type(request_id) is str else "",
-                retry_count if isinstance(retry_count, int) else 0,
+                retry_count
+                if isinstance(retry_count, int) and not isinstance(retry_count, bool)
+                else 0,
                 self._peer,
                 self._peer,
             )
@@ -815,46 +783,49 @@ class ServerProtocol(FrameProtocol):
             info = RequestInfo("", 0, self._peer, self._peer)
         self._invoke(method, info, params, servicemethod, seq)
 
-    def _fast_body(self, frame: bytes) -> tuple[str, str, int, bytes] | None:
+    def _check_elements(
+        self, servicemethod: str, seq: int, frame: bytes, data: bytes, limit: int
+    ) -> None:
         """
-        Read a request body in the exact layout our client and Go's write,
-        with this connection's client id: (method, request id, retry count,
-        encoded params); L{None} for anything else (left to bson.decode).
+        Count the elements of a large request off the reactor (decoding a
+        million of them takes most of a second), and dispatch it only if
+        there are at most C{limit}.  It is in flight meanwhile.
         """
-        clientid = self._clientid_element
-        if not frame.startswith(clientid, 4):
-            return None
+        dispatcher = self.dispatcher
+        started = dispatcher.request_started()
+        self.in_flight += 1
+
+        def refuse(error: str) -> None:
+            self.in_flight -= 1
+            try:
+                if self._state != _CLOSED:
+                    self._send_error(servicemethod, seq, error)
+            finally:
+                dispatcher.request_finished(started, True)
+
+        def counted(count: int) -> None:
+            if count > limit:
+                refuse(f"request has {count} elements, more than the {limit} this service takes")
+                return
+            self.in_flight -= 1
+            try:
+                if self._state != _CLOSED:
+                    self._dispatch(servicemethod, seq, frame, checked=True)
+                    self.flush()
+            except Exception:
+                self.log.failure("request from {peer} (seq {seq}) failed", peer=self._peer, seq=seq)
+                self._send_error(servicemethod, seq, "rpc: internal error of the service")
+            finally:
+                dispatcher.request_released()
+
         try:
-            pos = 4 + len(clientid)
-            if frame[pos : pos + 8] != _METHOD:
-                return None
-            method, pos = _read_string(frame, pos + 8)
-            if frame[pos : pos + 13] != _REQUESTINFO:
-                return None
-            end = pos + 13 + _unpack_length(frame, pos + 13)[0]
-            pos += 17
-            if frame[pos : pos + 15] != _ORIGINADDRESS:
-                return None
-            _, pos = _read_string(frame, pos + 15)
-            if frame[pos : pos + 19] != _CONNECTIONADDRESS:
-                return None
-            _, pos = _read_string(frame, pos + 19)
-            if frame[pos : pos + 11] != _REQUESTID:
-                return None
-            request_id, pos = _read_string(frame, pos + 11)
-            if frame[pos : pos + 12] != _RETRYCOUNT:
-                return None
-            retry_count = _unpack_length(frame, pos + 12)[0]
-            pos += 16
-            if pos + 1 != end or frame[pos] != 0 or frame[end : end + 4] != _IN:
-                return None
-            n = _unpack_length(frame, end + 4)[0]
-            start = end + 9
-            if n < 5 or frame[end + 8] != 0 or start + n + 1 != len(frame) or frame[-1] != 0:
-                return None
-            return method, request_id, retry_count, frame[start : start + n]
-        except (_NotFastPath, struct.error, UnicodeDecodeError, IndexError):
-            return None
+            d = dispatcher.count_elements(data)
+        except Exception as e:
+            refuse(f"rpc: cannot take this request now: {e}")
+            return
+        d.addCallbacks(
+            counted, lambda f: refuse(f"{f.getErrorMessage() or 'Document is corrupted'}")
+        )
 
     def _invoke(
         self,
@@ -864,24 +835,23 @@ class ServerProtocol(FrameProtocol):
         servicemethod: str,
         seq: int,
     ) -> None:
-        dispatcher = self.dispatcher
-        started = dispatcher.request_started()
+        started = self.dispatcher.request_started()
         self.in_flight += 1
         try:
             result = method(info, params)
+            if isinstance(result, Deferred) or hasattr(result, "__await__"):
+                d = result if isinstance(result, Deferred) else ensureDeferred(result)
+                d.addCallbacks(
+                    self._method_returned,
+                    self._method_errback,
+                    callbackArgs=(servicemethod, seq, started),
+                    errbackArgs=(servicemethod, seq, started),
+                )
+                return
         except Exception as e:
             self._method_failed(e, servicemethod, seq, started)
             return
-        if isinstance(result, Deferred) or hasattr(result, "__await__"):
-            d = ensureDeferred(result) if not isinstance(result, Deferred) else result
-            d.addCallbacks(
-                self._method_returned,
-                self._method_errback,
-                callbackArgs=(servicemethod, seq, started),
-                errbackArgs=(servicemethod, seq, started),
-            )
-        else:
-            self._method_returned(result, servicemethod, seq, started)
+        self._method_returned(result, servicemethod, seq, started)
 
     def _method_errback(self, failure: Failure, servicemethod: str, seq: int, started: float):
         self._method_failed(failure.value, servicemethod, seq, started, failure)
@@ -901,7 +871,11 @@ class ServerProtocol(FrameProtocol):
                 service=self.dispatcher.service_name,
                 seq=seq,
             )
-        self._respond(servicemethod, seq, EMPTY_DOCUMENT, error_text(exc), started, True)
+        try:
+            text = error_text(exc)
+        except Exception:
+            text = type(exc).__name__
+        self._respond(servicemethod, seq, EMPTY_DOCUMENT, text, started, True)
 
     def _method_returned(self, result: Any, servicemethod: str, seq: int, started: float):
         if result is None:
@@ -931,15 +905,17 @@ class ServerProtocol(FrameProtocol):
         failed: bool,
     ) -> None:
         self.in_flight -= 1
-        if self._state != _CLOSED:
-            if servicemethod == self._forward:
-                header = self._ok_response_prefix + _pack_i64(seq) + _OK_HEADER_SUFFIX
-            else:
-                header = encode_header(servicemethod, seq, "")
-            # One copy of the result (a chain of + would make several).
-            self.send_bytes(b"".join((header, *response_body_parts(out, errstring))))
-        # Last: this may finish a drain, which closes the connection.
-        self.dispatcher.request_finished(started, failed)
+        try:
+            if self._state != _CLOSED:
+                if servicemethod == self._forward:
+                    header = self._ok_header(seq)
+                else:
+                    header = encode_header(servicemethod, seq, "")
+                # One copy of the result (a chain of + would make several).
+                self.send_bytes(b"".join((header, *response_body_parts(out, errstring))))
+        finally:
+            # Last: this may finish a drain, which closes the connection.
+            self.dispatcher.request_finished(started, failed)
 
     def _send_error(self, servicemethod: str, seq: int, error: str) -> None:
         self.send_bytes(encode_header(servicemethod, seq, error) + EMPTY_DOCUMENT)
@@ -969,18 +945,26 @@ class AdminProtocol(FrameProtocol):
     def __init__(self, target: IAdminTarget) -> None:
         self.target = target
         self.max_frame = target.max_frame
+        # The service's frame timeout and budget, when the target has them.
+        self.frame_timeout = getattr(target, "frame_timeout", None)
+        self.budget = getattr(target, "buffer_budget", None)
+        self.call_later = getattr(target, "call_later", None)
         self._header: tuple[str, int] | None = None
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self._closing = True
+        self.release_buffer()
 
     def frame_received(self, frame: bytes) -> None:
         try:
             doc = _decode(frame)
-        except (BSONError, ValueError) as e:
+        except Exception as e:
             self.log.error("closing admin connection: undecodable document: {e}", e=e)
             self.close_connection()
             return
         if self._header is None:
-            servicemethod, seq = doc.get("servicemethod"), doc.get("seq")
-            if not isinstance(servicemethod, str) or not isinstance(seq, int):
+            servicemethod, seq = doc.get("servicemethod"), valid_seq(doc.get("seq"))
+            if type(servicemethod) is not str or seq is None:
                 self.log.error("closing admin connection: bad header {doc!r}", doc=doc)
                 self.close_connection()
                 return
@@ -996,18 +980,14 @@ class AdminProtocol(FrameProtocol):
             self._reply(servicemethod, seq, "")
             self.target.admin_stop(bool(doc.get("waitforclients", False)))
             return
-        elif "." not in servicemethod:
-            self._reply(
-                servicemethod,
-                seq,
-                f"rpc: service/method request ill-formed: {servicemethod}",
-            )
-            return
-        elif not servicemethod.startswith("Admin."):
-            self._reply(servicemethod, seq, f"rpc: can't find service {servicemethod}")
+        elif servicemethod == "Admin.Ping":
+            # (heal, issue 16: the daemon's liveness probe; an answer is all
+            # it needs, so a Go service's "can't find method" does as well.)
+            self._reply(servicemethod, seq, "")
             return
         else:
-            self._reply(servicemethod, seq, f"rpc: can't find method {servicemethod}")
+            error = route_error(servicemethod, "Admin", ("Register", "Unregister", "Stop"))
+            self._reply(servicemethod, seq, error or ill_formed(servicemethod))
             return
         d.addCallbacks(
             lambda _: self._reply(servicemethod, seq, ""),
@@ -1019,6 +999,17 @@ class AdminProtocol(FrameProtocol):
             self.transport.write(encode_header(servicemethod, seq, error) + EMPTY_DOCUMENT)
 
 
+class IReceiver(TypingProtocol):
+    """
+    Where L{ClientProtocol.send} delivers one answer: exactly one of its
+    methods is called, once.  A L{Deferred} is one.
+    """
+
+    def callback(self, result: Any, /) -> Any: ...
+
+    def errback(self, error: Any, /) -> Any: ...
+
+
 class ClientProtocol(FrameProtocol):
     """
     One connection from a client to a service instance.
@@ -1026,6 +1017,14 @@ class ClientProtocol(FrameProtocol):
     L{ready} fires with this protocol once the handshake is done (or fails
     with L{ServiceUnregistered}).  L{call} may be used any number of times
     concurrently; responses are matched to calls by C{seq}.
+
+    An answer that cannot be decoded is a protocol failure of the instance:
+    its call fails with L{ProtocolError} (a L{ConnectionFailed}, so a
+    client retries elsewhere), and so does the connection, with every call
+    still waiting on it.
+
+    @ivar lost_with_calls: whether calls were waiting when the connection
+        was lost (a service closing an idle connection is no failure).
     """
 
     def __init__(self, service_name: str, max_frame: int = DEFAULT_MAX_FRAME) -> None:
@@ -1034,8 +1033,9 @@ class ClientProtocol(FrameProtocol):
         self.servicemethod = f"{service_name}.Forward"
         self.ready: Deferred = Deferred()
         self.clientid = ""
-        self.pending: dict[int, Deferred] = {}
+        self.pending: dict[int, IReceiver] = {}
         self.lost = False
+        self.lost_with_calls = False
         self.closed_by_us = False
         self.on_lost: Callable[["ClientProtocol"], None] | None = None
         self._next_seq = 0
@@ -1043,25 +1043,25 @@ class ClientProtocol(FrameProtocol):
         self._response: tuple[int, str] | None = None
         self._failure: Exception | None = None
         self._method_elements: dict[str, bytes] = {}
+        self._layout: ClientLayout | None = None
 
     def frame_received(self, frame: bytes) -> None:
         state = self._state
         if state == _HEADER:
-            # Fast path: our (and Go's) exact layout with an empty error.
-            if len(frame) == self._ok_header_length and frame.startswith(self._ok_header_prefix) \
-                    and frame.endswith(_OK_HEADER_SUFFIX):  # fmt: skip
-                self._response = (_unpack_i64(frame, self._ok_header_seq_at)[0], "")
+            seq = self._read_ok_header(frame)
+            if seq is not None:
+                self._response = (seq, "")
                 self._state = _BODY
                 return
             try:
                 seq, error = decode_response_header(frame)
-            except (BSONError, ValueError) as e:
+            except Exception as e:
                 self._fail_connection(ProtocolError(f"undecodable response header: {e}"))
                 return
-            if not isinstance(seq, int):
+            if valid_seq(seq) is None:
                 self._fail_connection(ProtocolError(f"response header without seq: {seq!r}"))
                 return
-            self._response = (seq, error if isinstance(error, str) else "")
+            self._response = (int(seq), error if type(error) is str else "")
             self._state = _BODY
         elif state == _BODY:
             self._state = _HEADER
@@ -1073,24 +1073,20 @@ class ClientProtocol(FrameProtocol):
             if error:
                 d.errback(RemoteCallError(error))
                 return
-            if frame[4:9] == _OUT and frame[13] == 0 and frame.endswith(_OK_BODY_SUFFIX):
-                n = _unpack_length(frame, 9)[0]
-                if len(frame) == 14 + n + _OK_BODY_SUFFIX_LENGTH:
-                    try:
-                        result = _decode(frame[14 : 14 + n]) if n else {}
-                    except (BSONError, ValueError, TypeError) as e:
-                        d.errback(RemoteCallError(f"undecodable response body: {e}"))
-                        return
-                    d.callback(result)
-                    return
+            out = self._read_ok_body(frame)
             try:
-                out, errstring = decode_response_body(frame)
-                if errstring:
-                    d.errback(ServiceError(str(errstring)))
-                    return
+                if out is None:
+                    out, errstring = decode_response_body(frame)
+                    if errstring:
+                        d.errback(ServiceError(str(errstring)))
+                        return
+                    if out is not None and not isinstance(out, bytes):
+                        raise TypeError(f"out is a {type(out).__name__}, not binary")
                 result = _decode(out) if out else {}
-            except (BSONError, ValueError, TypeError) as e:
-                d.errback(RemoteCallError(f"undecodable response body: {e}"))
+            except Exception as e:
+                failure = ProtocolError(f"undecodable response body from {self.service_name}: {e}")
+                d.errback(failure)
+                self._fail_connection(failure)
                 return
             d.callback(result)
         elif state == _HANDSHAKE:
@@ -1099,40 +1095,42 @@ class ClientProtocol(FrameProtocol):
     def _handshake(self, frame: bytes) -> None:
         try:
             doc = _decode(frame)
-        except (BSONError, ValueError) as e:
+        except Exception as e:
             self._fail_connection(ProtocolError(f"undecodable service handshake: {e}"))
             return
         # The Go seed writes its handshake before looking at the service's.
         self.send_bytes(EMPTY_DOCUMENT)
         name = doc.get("name")
-        if isinstance(name, str) and name and name != self.service_name:
+        if type(name) is str and name and name != self.service_name:
             self._fail_connection(
                 ProtocolError(f"expected service {self.service_name!r}, reached {name!r}")
             )
             return
-        if not doc.get("registered", False):
+        if doc.get("registered", False) is not True:
             self._fail_connection(ServiceUnregistered(f"{self.service_name} is not registered"))
             return
         clientid = doc.get("clientid")
-        self.clientid = clientid if isinstance(clientid, str) else ""
+        self.clientid = clientid if type(clientid) is str else ""
+        self._layout = ClientLayout(self.servicemethod, self.clientid)
+        self._read_ok_header = self._layout.read_ok_header
+        self._read_ok_body = self._layout.read_ok_body
+        self._request_header = self._layout.request_header
         self._state = _HEADER
-        self._header_prefix = string_element(_SERVICEMETHOD, self.servicemethod) + _SEQ64
-        self._ok_header_length = 4 + len(self._header_prefix) + 8 + len(_OK_HEADER_SUFFIX)
-        self._ok_header_prefix = _pack_i32(self._ok_header_length) + self._header_prefix
-        self._ok_header_seq_at = len(self._ok_header_prefix)
-        self._clientid_element = string_element(_CLIENTID, self.clientid)
         self.ready.callback(self)
 
-    def send(self, method: str, params: bytes, request_info: RequestInfo, receiver: Any) -> int:
+    def send(
+        self, method: str, params: bytes, request_info: RequestInfo, receiver: IReceiver
+    ) -> int:
         """
         Send one request; its answer goes to C{receiver.callback(result)}
-        or C{receiver.errback(exception)} (a Deferred will do).
+        or C{receiver.errback(exception)}.
 
         @param params: the encoded parameters document.
         @return: the request's C{seq}, for L{forget}.
         @raise ConnectionFailed: if the connection is not usable.
         """
-        if self.lost or self._state != _HEADER and self._state != _BODY:
+        layout = self._layout
+        if self.lost or layout is None or self._closing:
             raise ConnectionFailed("connection is not ready")
         seq = self._next_seq
         self._next_seq = seq + 1
@@ -1142,9 +1140,9 @@ class ClientProtocol(FrameProtocol):
         self.send_bytes(
             b"".join(
                 (
-                    document(self._header_prefix + _pack_i64(seq)),
+                    self._request_header(seq),
                     *request_body_parts(
-                        self._clientid_element, method_element, request_info, params
+                        layout.clientid_element, method_element, request_info, params
                     ),
                 )
             )
@@ -1174,9 +1172,14 @@ class ClientProtocol(FrameProtocol):
             L{ServiceError}, L{RemoteCallError} or L{ConnectionFailed}.
             Cancelling it forgets the call (the answer is dropped).
         """
-        seq = self._next_seq
-        d: Deferred = Deferred(lambda _: self.forget(seq))
-        self.send(method, params if encoded else _encode(params), request_info, d)
+        sent: list[int] = []
+
+        def cancel(_: Deferred) -> None:
+            if sent:
+                self.forget(sent[0])
+
+        d: Deferred = Deferred(cancel)
+        sent.append(self.send(method, params if encoded else _encode(params), request_info, d))
         return d
 
     def _fail_connection(self, error: Exception) -> None:
@@ -1201,6 +1204,7 @@ class ClientProtocol(FrameProtocol):
         if not self.ready.called:
             self.ready.errback(error)
         pending, self.pending = self.pending, {}
+        self.lost_with_calls = bool(pending) or self._failure is not None
         for d in pending.values():
             d.errback(error)
         if self.on_lost is not None:
@@ -1213,14 +1217,28 @@ class ClientProtocol(FrameProtocol):
 
 __all__ = [
     "AdminProtocol",
+    "BufferBudget",
     "CancelledError",
     "ClientProtocol",
     "DEFAULT_MAX_FRAME",
     "EMPTY_DOCUMENT",
     "FrameProtocol",
+    "IReceiver",
     "RequestInfo",
     "ServerProtocol",
+    "decode_header",
+    "decode_response_body",
+    "decode_response_header",
+    "document",
     "encode_header",
+    "encode_request_body",
+    "encode_request_info",
+    "encode_response_body",
     "go_quote",
     "new_id",
+    "new_request_id",
+    "request_body_parts",
+    "response_body_parts",
+    "string_element",
+    "write_now",
 ]

@@ -25,12 +25,21 @@ from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybe
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from skynet.config import default_reactor
 from skynet.observe.histogram import MethodStats  # (observe hook)
-from skynet.protocol import DEFAULT_MAX_FRAME, AdminProtocol, RequestInfo, ServerProtocol, new_id
+from skynet.protocol import (
+    AdminProtocol,
+    BufferBudget,
+    RequestInfo,
+    ServerProtocol,
+    new_id,
+)
+from skynet.reactor_lag import STATISTICS_KEY as REACTOR_LAG_KEY  # (heal, issue 16)
+from skynet.reactor_lag import ReactorLag
 from skynet.registry.base import (
     DEFAULT_CRITICAL_AVERAGE_RESPONSE_TIME,
     DEFAULT_CRITICAL_CLIENT_COUNT,
@@ -41,22 +50,86 @@ from skynet.registry.base import (
 #: How many recent response times the percentiles are computed from.
 RESPONSE_TIME_WINDOW = 1024
 
+#: The largest request a service accepts by default (its C{max_frame}); a
+#: service class may set its own C{max_request_size}.
+DEFAULT_MAX_REQUEST = 4 * 1024 * 1024
+
+#: The bytes of unfinished requests all the connections of a service may
+#: hold at once (a connection that would exceed it is closed).
+DEFAULT_BUFFER_BUDGET = 96 * 1024 * 1024
+
+#: The most BSON elements a request may hold by default (nested ones
+#: included; decoding 20,000 takes about 10 ms of the reactor's time).  A
+#: request large enough to hold more is counted in a worker process first.
+DEFAULT_MAX_REQUEST_ELEMENTS = 20_000
+
+#: Large requests waiting for their count at once; beyond, they are refused.
+MAX_PENDING_COUNTS = 8
+
+#: Connections a service accepts at once, from anyone (at most; see
+#: L{connection_limit}) and from one address.
+DEFAULT_MAX_CONNECTIONS = 4096
+DEFAULT_MAX_CONNECTIONS_PER_PEER = 256
+
+#: Descriptors kept for everything but client connections: listeners, the
+#: registry, logs, the element-count worker, calls to other services.
+RESERVED_DESCRIPTORS = 64
+
+
+def connection_limit(nofile: int | None = None) -> int:
+    """
+    The connections a service accepts at once by default: 4,096, or fewer
+    when the process may open fewer descriptors (so that idle connections
+    can never take the last descriptor a listener or the registry needs).
+
+    @param nofile: the soft C{RLIMIT_NOFILE} (default: this process's).
+    """
+    if nofile is None:
+        try:
+            import resource
+
+            nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        except (ImportError, OSError, ValueError):
+            return DEFAULT_MAX_CONNECTIONS
+        if nofile == resource.RLIM_INFINITY:
+            return DEFAULT_MAX_CONNECTIONS
+    return max(1, min(DEFAULT_MAX_CONNECTIONS, nofile - RESERVED_DESCRIPTORS))
+
+
+#: Seconds a new connection has for its handshake, a started frame has to
+#: complete, and a connection may stay silent with nothing in flight.
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_FRAME_TIMEOUT = 30.0
+DEFAULT_IDLE_TIMEOUT = 300.0
+
 #: Go's reference layout C{2006-01-02T15:04:05Z-0700}, as strftime.
 GO_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ%z"
 
 
 def local(f: Callable[..., Any]) -> Callable[..., Any]:
     """
-    Mark a public method of a L{Service} as not remotely callable.
+    Mark a method of a L{Service} as not remotely callable, whatever its
+    name.
     """
     f.__skynet_local__ = True  # type: ignore[attr-defined]
     return f
 
 
+def remote(f: Callable[..., Any]) -> Callable[..., Any]:
+    """
+    Mark a method of a L{Service} whose name does not start with an
+    upper-case letter as remotely callable all the same.
+    """
+    f.__skynet_remote__ = True  # type: ignore[attr-defined]
+    return f
+
+
 def remote_method_names(cls: type) -> list[str]:
     """
-    The names of the remote methods of a service class: its public
-    callables, less those of L{Service} itself and those marked L{local}.
+    The names of the remote methods of a service class, as Go's net/rpc
+    exposes exported names: its callables whose names start with an
+    upper-case letter, and those marked L{remote}; less those of L{Service}
+    itself and those marked L{local}.
     """
     names = []
     for name in dir(cls):
@@ -65,7 +138,9 @@ def remote_method_names(cls: type) -> list[str]:
         value = inspect.getattr_static(cls, name)
         if isinstance(value, (staticmethod, classmethod, property)):
             continue
-        if callable(value) and not getattr(value, "__skynet_local__", False):
+        if not callable(value) or getattr(value, "__skynet_local__", False):
+            continue
+        if name[0].isupper() or getattr(value, "__skynet_remote__", False):
             names.append(name)
     return sorted(names)
 
@@ -74,7 +149,8 @@ class Service:
     """
     Base class of skynet services.
 
-    Every public method of a subclass is a remote method, called as
+    Every method of a subclass whose name starts with an upper-case letter
+    (Go's exported names), or marked L{remote}, is a remote method, called as
     C{method(request_info, params)} with a L{RequestInfo} and the decoded
     parameters, and returning a dict, a Deferred firing with one, or (when
     declared C{async def}) a coroutine.  Raising L{skynet.errors.ServiceError}
@@ -84,6 +160,12 @@ class Service:
     @cvar name: the service name (default: the class name).
     @cvar version: default version (overridden by C{--version}).
     @cvar region: default region (overridden by C{--region}, C{SKYNET_REGION}).
+    @cvar max_request_size: the largest request, in bytes, a client may
+        send (default L{DEFAULT_MAX_REQUEST}; a larger one closes its
+        connection).
+    @cvar max_request_elements: the most BSON elements a request may hold
+        (default L{DEFAULT_MAX_REQUEST_ELEMENTS}; L{None}: any number); one
+        with more is refused with an error.
     @ivar host: the L{ServiceHost} serving this object, set before
         L{on_started}.
     """
@@ -93,6 +175,8 @@ class Service:
     region: ClassVar[str | None] = None
     critical_client_count: ClassVar[int] = DEFAULT_CRITICAL_CLIENT_COUNT
     critical_average_response_time: ClassVar[float] = DEFAULT_CRITICAL_AVERAGE_RESPONSE_TIME
+    max_request_size: ClassVar[int] = DEFAULT_MAX_REQUEST
+    max_request_elements: ClassVar[int | None] = DEFAULT_MAX_REQUEST_ELEMENTS
 
     host: "ServiceHost"
 
@@ -140,6 +224,66 @@ class Service:
         the Go keys (which they cannot replace) at every update.
         """
         return {}
+
+
+class _Default:
+    """
+    The argument was not given.
+    """
+
+
+class ElementCounter:
+    """
+    Counts the elements of large requests in one worker process, so that
+    the reactor never decodes a document it would refuse.
+
+    @ivar max_pending: counts waiting at once; beyond, L{count} refuses.
+    """
+
+    def __init__(self, reactor: Any, max_pending: int = MAX_PENDING_COUNTS) -> None:
+        self.reactor = reactor
+        self.max_pending = max_pending
+        self.pending = 0
+        self._pool: Any = None
+
+    def count(self, data: bytes) -> Deferred:
+        """
+        @return: a Deferred firing with the element count of C{data}, or
+            failing with the decoding error.
+        @raise RuntimeError: if L{max_pending} counts are waiting already.
+        """
+        if self.pending >= self.max_pending:
+            raise RuntimeError(f"{self.pending} large requests are waiting to be checked")
+        if self._pool is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        from skynet._wire import count_elements
+
+        future = self._pool.submit(count_elements, data)
+        self.pending += 1
+        d: Deferred = Deferred()
+
+        def deliver(done: Any) -> None:
+            self.pending -= 1
+            try:
+                result = done.result()
+            except Exception as e:
+                d.errback(e)
+            else:
+                d.callback(result)
+
+        future.add_done_callback(lambda done: self.reactor.callFromThread(deliver, done))
+        return d
+
+    def stop(self) -> None:
+        """
+        End the worker (counts still waiting are abandoned).
+        """
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
 
 class ServiceStats:
@@ -209,11 +353,49 @@ def go_time(t: float) -> str:
 
 
 class _ServiceFactory(Factory):
+    """
+    Builds the connections of a service, refusing those beyond its limits
+    (in all, and from one peer address).
+    """
+
+    log = Logger()
+
     def __init__(self, host: "ServiceHost") -> None:
         self.host = host
+        self.open = 0
+        self.per_peer: dict[str, int] = {}
+        self.refused = 0
 
-    def buildProtocol(self, addr: Any) -> ServerProtocol:
-        return ServerProtocol(self.host)
+    def buildProtocol(self, addr: Any) -> ServerProtocol | None:
+        host = self.host
+        peer = getattr(addr, "host", "")
+        from_peer = self.per_peer.get(peer, 0)
+        if self.open >= host.max_connections or from_peer >= host.max_connections_per_peer:
+            self.refused += 1
+            if self.refused & (self.refused - 1) == 0:  # 1st, 2nd, 4th, 8th...
+                self.log.warn(
+                    "{service} refused a connection from {peer}: {open} open,"
+                    " {from_peer} from that address ({refused} refused so far)",
+                    service=host.service_name,
+                    peer=peer,
+                    open=self.open,
+                    from_peer=from_peer,
+                    refused=self.refused,
+                )
+            return None
+        self.open += 1
+        self.per_peer[peer] = from_peer + 1
+        protocol = ServerProtocol(host)
+        protocol.on_lost = lambda: self._release(peer)
+        return protocol
+
+    def _release(self, peer: str) -> None:
+        self.open -= 1
+        left = self.per_peer.get(peer, 1) - 1
+        if left > 0:
+            self.per_peer[peer] = left
+        else:
+            self.per_peer.pop(peer, None)
 
 
 class _AdminFactory(Factory):
@@ -250,9 +432,24 @@ class ServiceHost(MultiService):
     @param admin_endpoints: likewise for the admin listener, or empty.
     @param stop_process: called when an admin C{Stop} asks the process to
         end (default: stop the reactor).
+    @param max_frame: the largest request accepted (default: the service
+        class's C{max_request_size}).
+    @param max_connections: connections accepted at once; beyond, new ones
+        are closed at once (default: L{connection_limit}).
+    @param max_connections_per_peer: the same, from one peer address.
+    @param handshake_timeout: seconds a new connection has to send its
+        handshake.
+    @param frame_timeout: seconds a started request frame has to complete.
+    @param idle_timeout: seconds a connection may stay silent with nothing
+        in flight (L{None}: forever).
+    @param buffer_budget: bytes of unfinished requests all connections may
+        hold at once.
     """
 
     log = Logger()
+
+    #: Extra keys of this instance's registry entry (C{skynet.tls}: C{"TLS"}).
+    instance_extra: dict[str, Any] = {}  # security hook (issue 12)
 
     def __init__(
         self,
@@ -268,19 +465,23 @@ class ServiceHost(MultiService):
         uuid: str | None = None,
         registered: bool = True,
         advertise_host: str | None = None,
-        max_frame: int = DEFAULT_MAX_FRAME,
-        handshake_timeout: float | None = 60.0,
+        max_frame: int | None = None,
+        max_connections: int | None = None,
+        max_connections_per_peer: int = DEFAULT_MAX_CONNECTIONS_PER_PEER,
+        handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+        frame_timeout: float | None = DEFAULT_FRAME_TIMEOUT,
+        idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+        buffer_budget: int = DEFAULT_BUFFER_BUDGET,
+        max_request_elements: int | None | type[_Default] = _Default,
         stats_interval: float = 5.0,
         drain_timeout: float = 10.0,
+        linger: float = 0.0,
         stop_process: Callable[[], Any] | None = None,
         own_registry: bool = False,
         client: Any = None,
     ) -> None:
         super().__init__()
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
+        reactor = default_reactor(reactor)
         self.reactor = reactor
         self.service = service
         self.registry = registry
@@ -293,10 +494,20 @@ class ServiceHost(MultiService):
         self.uuid = uuid or new_id()
         self.registered = registered
         self.advertise_host = advertise_host
-        self.max_frame = max_frame
+        self.max_frame = max_frame if max_frame is not None else cls.max_request_size
+        self.max_connections = connection_limit() if max_connections is None else max_connections
+        self.max_connections_per_peer = max_connections_per_peer
         self.handshake_timeout = handshake_timeout
+        self.frame_timeout = frame_timeout
+        self.idle_timeout = idle_timeout
+        self.buffer_budget: BufferBudget | None = BufferBudget(buffer_budget)
+        self.max_request_elements: int | None = (
+            cls.max_request_elements if max_request_elements is _Default else max_request_elements  # type: ignore[assignment]
+        )
+        self._counter: ElementCounter | None = None
         self.stats_interval = stats_interval
         self.drain_timeout = drain_timeout
+        self.linger = linger
         self.own_registry = own_registry
         self.stop_process = stop_process or getattr(reactor, "stop", lambda: None)
         self.connections: dict[str, ServerProtocol] = {}
@@ -318,9 +529,11 @@ class ServiceHost(MultiService):
         self._own_client = False
         self._drained: list[Deferred] = []
         self._stats_loop: LoopingCall | None = None
+        self._reactor_lag: ReactorLag | None = None  # (heal, issue 16)
         self._stopping: Deferred | None = None
         self._started: Deferred | None = None
         self._retry_call: Any = None
+        self._registry_starting = False
         service.host = self
 
     # Dispatcher (see skynet.protocol.IDispatcher)
@@ -343,8 +556,16 @@ class ServiceHost(MultiService):
 
     def request_finished(self, started: float, failed: bool) -> None:
         stats = self.stats
-        stats.in_flight -= 1
         stats.finished(started, failed)
+        stats.in_flight -= 1
+        if not stats.in_flight and self._drained:
+            waiting, self._drained = self._drained, []
+            for d in waiting:
+                d.callback(None)
+
+    def request_released(self) -> None:
+        stats = self.stats
+        stats.in_flight -= 1
         if not stats.in_flight and self._drained:
             waiting, self._drained = self._drained, []
             for d in waiting:
@@ -352,6 +573,11 @@ class ServiceHost(MultiService):
 
     def call_later(self, delay: float, f: Callable[..., Any]) -> Any:
         return self.reactor.callLater(delay, f)
+
+    def count_elements(self, data: bytes) -> Deferred:
+        if self._counter is None:
+            self._counter = ElementCounter(self.reactor)
+        return self._counter.count(data)
 
     # Admin target (see skynet.protocol.IAdminTarget)
 
@@ -402,6 +628,8 @@ class ServiceHost(MultiService):
         doc["UUID"] = self.uuid
         doc["Registered"] = self.registered
         doc.update(self.method_stats.to_bson())  # (observe hook) Methods, LatencyBuckets
+        if self._reactor_lag is not None:  # (heal, issue 16: Go readers ignore it)
+            doc[REACTOR_LAG_KEY] = self._reactor_lag.lag
         try:
             extra = self.service.extra_statistics()
         except Exception:
@@ -460,6 +688,7 @@ class ServiceHost(MultiService):
             critical_client_count=self.service.critical_client_count,
             critical_average_response_time=self.service.critical_average_response_time,
             pid=os.getpid(),
+            extra=dict(self.instance_extra),  # security hook (issue 12)
         )
 
     # IService
@@ -514,6 +743,10 @@ class ServiceHost(MultiService):
         self._stats_loop.start(self.stats_interval, now=False).addErrback(
             lambda f: self.log.failure("statistics loop failed", f)
         )
+        # (heal, issue 16: the reactor's own lag, published as ReactorLag for
+        # the daemon's liveness probe; see skynet/reactor_lag.py.)
+        self._reactor_lag = ReactorLag(self.reactor)
+        self._reactor_lag.start()
 
     async def _register_instance(self) -> None:
         # (daemon helper: one RetryingStart with backoffPolicy, not a loop of our own.)
@@ -530,6 +763,12 @@ class ServiceHost(MultiService):
 
     async def _register_once(self) -> None:
         if self.own_registry and not self.registry_started:
+            # This host stops the registry it owns, last (see _stop): a
+            # registry that would stop itself at shutdown must not, or the
+            # unregistration and removal would find it stopped.
+            if hasattr(self.registry, "stop_at_shutdown"):
+                self.registry.stop_at_shutdown = False
+            self._registry_starting = True
             await self.registry.start()
             self.registry_started = True
         await self.registry.add(self.instance)
@@ -591,10 +830,18 @@ class ServiceHost(MultiService):
             await self._retry_call.stopService()
         if self._stats_loop is not None and self._stats_loop.running:
             self._stats_loop.stop()
+        if self._reactor_lag is not None:  # (heal, issue 16)
+            self._reactor_lag.stop()
         if self._started is not None and not self._started.called:
             self._started.cancel()
         if self.registered:
             await self._set_registered(False)
+            if self.linger > 0 and self.in_registry:
+                # Unregistered but still serving: every watcher sees the
+                # unregistration (and stops sending new calls) before the
+                # instance closes its port and leaves the registry, so a
+                # graceful stop never looks like a crash.
+                await deferLater(self.reactor, self.linger, lambda: None)
         ports = [p for p in (self.port, self.admin_port) if p is not None]
         await DeferredList([maybeDeferred(p.stopListening) for p in ports])
         if self.stats.in_flight and self.drain_timeout > 0:
@@ -625,10 +872,12 @@ class ServiceHost(MultiService):
                               uuid=self.uuid, error=e)  # fmt: skip
             self.in_registry = False
         await self._close_connections()
+        if self._counter is not None:
+            self._counter.stop()
         await self._hook(self.service.on_stopped)
         if self._own_client and self._client is not None:
             await self._client.stop()
-        if self.own_registry and self.registry_started:
+        if self.own_registry and (self.registry_started or self._registry_starting):
             await self.registry.stop()
         await super().stopService()
         self.log.info(

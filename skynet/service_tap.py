@@ -29,7 +29,8 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python import usage
 
-from skynet.protocol import DEFAULT_MAX_FRAME
+from skynet import tls  # security hook (issue 12)
+from skynet.config import default_reactor
 from skynet.service import Service, ServiceHost
 from skynet.taps import (
     ZK_SESSION_TIMEOUT_OPTION,
@@ -84,8 +85,13 @@ class Options(usage.Options):
         ZK_SESSION_TIMEOUT_OPTION,
         ["uuid", None, None, "Instance uuid (default: a new one; the daemon passes its own)."],
         ["host", None, None, "Address to advertise (default: the listener's interface)."],
-        ["max-frame", None, DEFAULT_MAX_FRAME, "Largest accepted BSON document, in bytes."],
+        ["max-frame", None, None,
+         "Largest accepted request, in bytes (default: the service class's max_request_size, "
+         "4 MiB unless it says otherwise)."],  # fmt: skip
         ["drain-timeout", None, 10.0, "Seconds to let requests in flight finish on stop."],
+        ["linger", None, 0.5,
+         "Seconds to keep serving after unregistering on stop, so that every client sees the "
+         "unregistration before the instance leaves (0: none)."],
         ["stats-interval", None, 5.0, "Seconds between statistics updates in the registry."],
     ]  # fmt: skip
     optFlags = [
@@ -111,20 +117,25 @@ class Options(usage.Options):
         self["version"] = version
 
     def postOptions(self) -> None:
-        from twisted.internet import reactor
-
+        reactor = default_reactor()
         if not self["service"]:
             raise usage.UsageError("--service module:Class is required")
         self.service_class = load_service_class(self["service"])
-        self["max-frame"] = positive("max-frame", self["max-frame"], int)
-        if self["max-frame"] < 5:
-            raise usage.UsageError("--max-frame must be at least 5")
+        if self["max-frame"] is not None:
+            self["max-frame"] = positive("max-frame", self["max-frame"], int)
+            if self["max-frame"] < 5:
+                raise usage.UsageError("--max-frame must be at least 5")
         self["drain-timeout"] = positive("drain-timeout", self["drain-timeout"], zero=True)
+        self["linger"] = positive("linger", self["linger"], zero=True)
         self["stats-interval"] = positive("stats-interval", self["stats-interval"])
         self.endpoints, self.admin_endpoints = service_endpoints(
             reactor, self["listen"], self["admin"]
         )
         self.registry = open_registry(reactor, self["registry"], self["zk-session-timeout"])
+        self.tls = tls.tap_tls(self, reactor)  # security hook (issue 12)
+
+
+tls.add_tls_options(Options, service=True)  # security hook: --tls, --insecure, ...
 
 
 class _SupervisorPipe(Protocol):
@@ -175,17 +186,22 @@ def makeService(options: Options) -> MultiService:
     """
     The service host (and, if supervised, the pipe watch) for twistd.
     """
-    from twisted.internet import reactor
-
+    reactor = default_reactor()
     service = options.service_class()
     top = MultiService()
     if options["supervised"]:
         SupervisorWatch(reactor).setServiceParent(top)
+    # security hook (issue 12): TLS listeners, the listening policy.
+    listeners = tls.tap_listeners("skynet-service", options, options.endpoints,
+                                  options.admin_endpoints, registry=options.registry,
+                                  reactor=reactor)  # fmt: skip
+    for extra_service in listeners.services:
+        extra_service.setServiceParent(top)
     host = ServiceHost(
         service,
         options.registry,
-        options.endpoints,
-        options.admin_endpoints,
+        listeners.endpoints,
+        listeners.admin_endpoints,
         reactor=reactor,
         name=options["name"],
         version=options["version"],
@@ -195,9 +211,11 @@ def makeService(options: Options) -> MultiService:
         advertise_host=options["host"],
         max_frame=options["max-frame"],
         drain_timeout=options["drain-timeout"],
+        linger=options["linger"],
         stats_interval=options["stats-interval"],
         own_registry=True,
     )
+    host.instance_extra = listeners.extra  # security hook (issue 12)
     # (observe hook) a daemon's child writes its JSON log: skynet.observe.logs
     from skynet.observe.logs import add_instance_log
 

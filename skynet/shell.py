@@ -30,10 +30,11 @@ over SSH (L{skynet.manhole}) or on the local terminal (C{sky cli}).
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shlex
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 import attr
@@ -496,6 +497,45 @@ def topology_json(instances: Iterable[Instance]) -> dict[str, Any]:
     }
 
 
+def plural(count: int, word: str, words: str | None = None) -> str:
+    """
+    C{"1 request"}, C{"2 requests"}.
+    """
+    return f"{count} {word if count == 1 else (words or word + 's')}"
+
+
+def iso_time(value: Any) -> Any:
+    """
+    A Go Skynet time (C{2026-12-01T07:47:34Z+0000}, the layout the wire
+    keeps) as ISO 8601 in UTC (C{2026-12-01T07:47:34Z}); anything else as
+    it is.
+    """
+    if not isinstance(value, str) or not value:
+        return value
+    for layout in ("%Y-%m-%dT%H:%M:%SZ%z", "%Y-%m-%dT%H:%M:%S%z"):
+        try:
+            parsed = datetime.datetime.strptime(value, layout)
+        except ValueError:
+            continue
+        return parsed.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return value
+
+
+def stats_json(stats: dict[str, Any] | None) -> dict[str, Any] | None:
+    """
+    Statistics for C{--json}: Go Skynet's fields as published (their units
+    are in docs/operators.md), with the times (C{StartTime}, C{LastRequest},
+    C{Updated}) in ISO 8601.
+    """
+    if not stats:
+        return stats
+    out = dict(stats)
+    for name in ("StartTime", "LastRequest", "Updated"):
+        if name in out:
+            out[name] = iso_time(out[name])
+    return out
+
+
 def _ms(nanoseconds: Any) -> str:
     try:
         return f"{float(nanoseconds) / 1e6:.2f} ms"
@@ -511,9 +551,9 @@ def format_stats(instance: Instance, stats: dict[str, Any] | None) -> str:
     if not stats:
         return f"{head}: no statistics yet"
     parts = [
-        f"{stats.get('RequestsServed', 0)} requests",
-        f"{stats.get('Errors', 0)} errors",
-        f"{stats.get('Clients', 0)} clients",
+        plural(_int(stats.get("RequestsServed", 0)), "request"),
+        plural(_int(stats.get("Errors", 0)), "error"),
+        plural(_int(stats.get("Clients", 0)), "client"),
         f"avg {_ms(stats.get('AverageResponseTime', 0))}",
     ]
     if "P50ResponseTime" in stats:
@@ -521,8 +561,15 @@ def format_stats(instance: Instance, stats: dict[str, Any] | None) -> str:
     if "P99ResponseTime" in stats:
         parts.append(f"p99 {_ms(stats['P99ResponseTime'])}")
     if stats.get("LastRequest"):
-        parts.append(f"last request {stats['LastRequest']}")
+        parts.append(f"last request {iso_time(stats['LastRequest'])}")
     return f"{head}: {', '.join(parts)}"
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
 
 
 def to_json(value: Any, pretty: bool = False) -> str:
@@ -591,7 +638,236 @@ class _WatchPrinter:
         self._print("removed", instance)
 
 
-class Shell:
+class _Commands:
+    """
+    The commands that read (queries, watch, call) and those of the session
+    (filters, help, python, exit): a part of L{Shell}.
+    """
+
+    registry: Any
+    client: Any
+    reactor: Any
+    filters: Filters
+    call_timeout: float | None
+
+    namespace: Callable[[], dict[str, Any]]
+
+    @staticmethod
+    def _need_args(inv: Invocation, least: int, most: int, usage: str) -> None:
+        if not least <= len(inv.args) <= most:
+            raise UsageError(f"Usage: {usage}")
+
+    # The simple commands (COMMAND_TABLE names the others' methods)
+
+    async def _help(self, inv: Invocation, filters: Filters, io: IShellIO) -> int:
+        io.out(HELP.rstrip("\n"))
+        return 0
+
+    async def _instances(self, inv: Invocation, filters: Filters, io: IShellIO) -> int:
+        found = await self._matching(filters)
+        if inv.json:
+            io.out(to_json([instance_json(i) for i in found]))
+        else:
+            for i in found:
+                io.out(format_instance(i))
+        return 0
+
+    async def _topology(self, inv: Invocation, filters: Filters, io: IShellIO) -> int:
+        found = await self._matching(filters)
+        if inv.json:
+            io.out(to_json(topology_json(found)))
+        else:
+            for line in format_topology(found):
+                io.out(line)
+        return 0
+
+    async def _filter(self, inv: Invocation, filters: Filters, io: IShellIO) -> int:
+        name = inv.command
+        assert name is not None
+        if inv.args:
+            self.filters.set(name, inv.args[0])
+        if inv.json:
+            io.out(to_json({name: getattr(self.filters, name)}))
+        else:
+            io.out(f"{name.capitalize()}: {self.filters.text(name)}")
+        return 0
+
+    async def _filters(self, inv: Invocation, filters: Filters, io: IShellIO) -> int:
+        if inv.json:
+            io.out(to_json(self.filters.to_json()))
+        else:
+            for name in FILTER_NAMES:
+                io.out(f"{name.capitalize()}: {self.filters.text(name)}")
+        return 0
+
+    async def _reset(self, inv: Invocation, filters: Filters, io: IShellIO) -> int:
+        self.filters.reset(inv.args[0] if inv.args else None)
+        return 0
+
+    async def _python(self, inv: Invocation, filters: Filters, io: IShellIO) -> int:
+        io.python(self.namespace())
+        return 0
+
+    async def _exit(self, inv: Invocation, filters: Filters, io: IShellIO) -> int:
+        io.exit()
+        return 0
+
+    # Queries
+
+    async def _matching(self, filters: Filters) -> list[Instance]:
+        """
+        The instances matching C{filters}.
+
+        @raise ShellError: if none does (a query that finds nothing exits 1,
+            so that a typo does not look like an empty cluster).
+        """
+        found = await self.registry.query(filters.query())
+        if not found:
+            raise ShellError(_no_match(filters))
+        return list(found)
+
+    async def _list(self, command: str, filters: Filters, inv: Invocation, io: IShellIO) -> int:
+        self._need_args(inv, 0, 0, command)
+        if command == "versions" and filters.service is None:
+            raise UsageError("Service name is required (set the service filter or --service)")
+        field = {"services": "name", "hosts": "host", "regions": "region", "versions": "version"}
+        found = await self._matching(filters)
+        values = sorted({getattr(i, field[command]) for i in found})
+        if inv.json:
+            io.out(to_json(values))
+        else:
+            for value in values:
+                io.out(value)
+        return 0
+
+    async def _stats(self, filters: Filters, inv: Invocation, io: IShellIO) -> int:
+        found = await self._matching(filters)
+        rows = []
+        for instance in found:
+            try:
+                stats = await self.registry.get_stats(instance)
+            except RegistryError:
+                stats = None
+            rows.append((instance, stats))
+        if inv.json:
+            io.out(
+                to_json([{"instance": instance_json(i), "stats": stats_json(s)} for i, s in rows])
+            )
+        else:
+            for instance, stats in rows:
+                io.out(format_stats(instance, stats))
+        return 0
+
+    # Watching
+
+    async def _watch(self, args: list[str], filters: Filters, inv: Invocation, io: IShellIO) -> int:
+        seconds: float | None = None
+        if args:
+            try:
+                seconds = float(args[0])
+            except ValueError:
+                raise UsageError(f"watch takes a number of seconds, not {args[0]!r}") from None
+        watch = self.registry.watch(filters.query(), _WatchPrinter(io, inv.json))
+        try:
+            if seconds is None:
+                await Deferred()  # until cancelled
+            else:
+                await deferLater(self.reactor, seconds, lambda: None)
+        except CancelledError:
+            return 0
+        finally:
+            watch.stop()
+        return 0
+
+    # Calls
+
+    async def _call(self, args: list[str], filters: Filters, inv: Invocation, io: IShellIO) -> int:
+        name, method = args[0], args[1]
+        params: Any = {}
+        if len(args) == 3:
+            try:
+                params = json.loads(args[2])
+            except ValueError as e:
+                raise UsageError(f"the parameters are not JSON: {e}") from None
+            if not isinstance(params, dict):
+                raise UsageError("the parameters must be a JSON object, like '{\"key\": 1}'")
+        query = Query(
+            service=name, version=filters.version, region=filters.region, host=filters.host
+        )
+        found = await self.registry.query(query)
+        if not found:
+            raise ShellError(f"no such service: {name}{_scope(filters)}")
+        if not any(i.registered for i in found):
+            raise ShellError(f"{name} has no registered instance{_scope(filters)}")
+        service = self.client.service(
+            name, version=filters.version, region=filters.region, host=filters.host
+        )
+        try:
+            result = await service.call(method, params, timeout=self.call_timeout)
+        except ServiceError as e:
+            raise ShellError(f"{name}.{method} failed: {e}") from None
+        except (RemoteCallError, RequestTimeout, NoInstances, ConnectionFailed) as e:
+            raise ShellError(f"{name}.{method}: {e}") from None
+        io.out(to_json(result, pretty=not inv.json))
+        return 0
+
+
+class _Completion:
+    """
+    Tab completion from the command names and the live registry: a part of
+    L{Shell}.
+    """
+
+    registry: Any
+    filters: Filters
+
+    # Completion
+
+    def complete(self, line: str) -> Deferred[list[str]]:
+        """
+        The completions of C{line} (the text before the cursor), each a
+        whole line: commands, filter names, and live values from the
+        registry (service names, versions, hosts, regions).
+        """
+        return ensureDeferred(self._complete(line))
+
+    async def _complete(self, line: str) -> list[str]:
+        words = line.split()
+        if line.endswith(" ") or not words:
+            words.append("")
+        if len(words) == 1:
+            return [c + " " for c in COMMANDS if c.startswith(words[0])]
+        command, prefix = words[0], words[-1]
+        head = line[: len(line) - len(prefix)]
+        values: Iterable[str] = ()
+        if len(words) == 2:
+            if command in ("reset",):
+                values = FILTER_NAMES
+            elif command == "help":
+                values = COMMANDS
+            elif command == "registered":
+                values = ("true", "false")
+            elif command in ("service", "version", "host", "region", "port"):
+                values = await self._live_values(command)
+            elif command == "call":
+                values = await self._live_values("service", registered_only=True)
+        return [head + v + " " for v in sorted(set(values)) if v.startswith(prefix)]
+
+    async def _live_values(self, name: str, registered_only: bool = False) -> list[str]:
+        query = self.filters.without(name).query()
+        if registered_only:
+            query = attr.evolve(query, registered=True)
+        try:
+            found = await self.registry.query(query)
+        except Exception:
+            return []
+        field = {"service": "name", "version": "version", "host": "host", "region": "region"}
+        if name == "port":
+            return [str(i.port) for i in found]
+        return [getattr(i, field[name]) for i in found]
+
+
+class Shell(_Commands, _Completion):
     """
     A session of the command language: its filters and the objects it acts
     on.
@@ -692,81 +968,20 @@ class Shell:
             return 1
 
     async def _dispatch(self, inv: Invocation, io: IShellIO) -> int:
-        command = inv.command
-        if command is None:
+        if inv.command is None:
             if inv.json:
                 io.out(to_json(self.filters.to_json()))
             return 0
-        filters = self.filters.overlaid(inv.filters)
-        if command in ("help", "h"):
-            io.out(HELP.rstrip("\n"))
-            return 0
-        if command in ("services", "hosts", "regions", "versions"):
-            return await self._list(command, filters, inv, io)
-        if command == "instances":
-            found = await self.registry.query(filters.query())
-            if inv.json:
-                io.out(to_json([instance_json(i) for i in found]))
-            else:
-                for i in found:
-                    io.out(format_instance(i))
-            return 0
-        if command == "topology":
-            found = await self.registry.query(filters.query())
-            if inv.json:
-                io.out(to_json(topology_json(found)))
-            else:
-                for line in format_topology(found):
-                    io.out(line)
-            return 0
-        if command in FILTER_NAMES:
-            self._need_args(inv, 0, 1, f"{command} [<{command}>]")
-            if inv.args:
-                self.filters.set(command, inv.args[0])
-            if inv.json:
-                io.out(to_json({command: getattr(self.filters, command)}))
-            else:
-                io.out(f"{command.capitalize()}: {self.filters.text(command)}")
-            return 0
-        if command == "filters":
-            if inv.json:
-                io.out(to_json(self.filters.to_json()))
-            else:
-                for name in FILTER_NAMES:
-                    io.out(f"{name.capitalize()}: {self.filters.text(name)}")
-            return 0
-        if command == "reset":
-            self._need_args(inv, 0, 1, "reset [<filter>]")
-            self.filters.reset(inv.args[0] if inv.args else None)
-            return 0
-        if command in _ACTIONS:
-            self._need_args(inv, 0, 0, command)
-            return await self._act(command, filters, inv, io)
-        if command == "deploy":
-            if not inv.args:
-                raise UsageError("Usage: deploy <MODULE:CLASS> <args>")
-            return await self._deploy(inv.args[0], inv.args[1:], filters, inv, io)
-        if command == "call":
-            self._need_args(inv, 2, 3, 'call SERVICE METHOD [\'{"json": "params"}\']')
-            return await self._call(inv.args, filters, inv, io)
-        if command == "watch":
-            self._need_args(inv, 0, 1, "watch [SECONDS]")
-            return await self._watch(inv.args, filters, inv, io)
-        if command == "stats":
-            self._need_args(inv, 0, 0, "stats")
-            return await self._stats(filters, inv, io)
-        if command == "python":
-            io.python(self.namespace())
-            return 0
-        if command in ("exit", "quit"):
-            io.exit()
-            return 0
-        raise UsageError(f"Unknown command {command!r} - type 'help' for a list of commands")
-
-    @staticmethod
-    def _need_args(inv: Invocation, least: int, most: int, usage: str) -> None:
-        if not least <= len(inv.args) <= most:
-            raise UsageError(f"Usage: {usage}")
+        spec = COMMAND_TABLE.get(inv.command)
+        if spec is None:
+            raise UsageError(
+                f"Unknown command {inv.command!r} - type 'help' for a list of commands"
+            )
+        if spec.least is not None and not (
+            spec.least <= len(inv.args) <= (len(inv.args) if spec.most is None else spec.most)
+        ):
+            raise UsageError(f"Usage: {spec.usage}")
+        return await spec.run(self, inv, self.filters.overlaid(inv.filters), io)
 
     def namespace(self) -> dict[str, Any]:
         """
@@ -783,91 +998,6 @@ class Shell:
         }
         namespace.update(self.extra_namespace)
         return namespace
-
-    # Queries
-
-    async def _list(self, command: str, filters: Filters, inv: Invocation, io: IShellIO) -> int:
-        self._need_args(inv, 0, 0, command)
-        if command == "versions" and filters.service is None:
-            raise UsageError("Service name is required (set the service filter or --service)")
-        field = {"services": "name", "hosts": "host", "regions": "region", "versions": "version"}
-        found = await self.registry.query(filters.query())
-        values = sorted({getattr(i, field[command]) for i in found})
-        if inv.json:
-            io.out(to_json(values))
-        else:
-            for value in values:
-                io.out(value)
-        return 0
-
-    async def _stats(self, filters: Filters, inv: Invocation, io: IShellIO) -> int:
-        found = await self.registry.query(filters.query())
-        rows = []
-        for instance in found:
-            try:
-                stats = await self.registry.get_stats(instance)
-            except RegistryError:
-                stats = None
-            rows.append((instance, stats))
-        if inv.json:
-            io.out(to_json([{"instance": instance_json(i), "stats": s} for i, s in rows]))
-        else:
-            for instance, stats in rows:
-                io.out(format_stats(instance, stats))
-        return 0
-
-    # Watching
-
-    async def _watch(self, args: list[str], filters: Filters, inv: Invocation, io: IShellIO) -> int:
-        seconds: float | None = None
-        if args:
-            try:
-                seconds = float(args[0])
-            except ValueError:
-                raise UsageError(f"watch takes a number of seconds, not {args[0]!r}") from None
-        watch = self.registry.watch(filters.query(), _WatchPrinter(io, inv.json))
-        try:
-            if seconds is None:
-                await Deferred()  # until cancelled
-            else:
-                await deferLater(self.reactor, seconds, lambda: None)
-        except CancelledError:
-            return 0
-        finally:
-            watch.stop()
-        return 0
-
-    # Calls
-
-    async def _call(self, args: list[str], filters: Filters, inv: Invocation, io: IShellIO) -> int:
-        name, method = args[0], args[1]
-        params: Any = {}
-        if len(args) == 3:
-            try:
-                params = json.loads(args[2])
-            except ValueError as e:
-                raise UsageError(f"the parameters are not JSON: {e}") from None
-            if not isinstance(params, dict):
-                raise UsageError("the parameters must be a JSON object, like '{\"key\": 1}'")
-        query = Query(
-            service=name, version=filters.version, region=filters.region, host=filters.host
-        )
-        found = await self.registry.query(query)
-        if not found:
-            raise ShellError(f"no such service: {name}{_scope(filters)}")
-        if not any(i.registered for i in found):
-            raise ShellError(f"{name} has no registered instance{_scope(filters)}")
-        service = self.client.service(
-            name, version=filters.version, region=filters.region, host=filters.host
-        )
-        try:
-            result = await service.call(method, params, timeout=self.call_timeout)
-        except ServiceError as e:
-            raise ShellError(f"{name}.{method} failed: {e}") from None
-        except (RemoteCallError, RequestTimeout, NoInstances, ConnectionFailed) as e:
-            raise ShellError(f"{name}.{method}: {e}") from None
-        io.out(to_json(result, pretty=not inv.json))
-        return 0
 
     # Actions
 
@@ -920,15 +1050,16 @@ class Shell:
         return supervisor, unreachable
 
     async def _act(self, action: str, filters: Filters, inv: Invocation, io: IShellIO) -> int:
-        instances = [
-            i for i in await self.registry.query(filters.query()) if i.name != DAEMON_SERVICE
-        ]
+        found = await self.registry.query(filters.query())
+        instances = [i for i in found if i.name != DAEMON_SERVICE]
         if not instances:
-            raise ShellError(f"no instance matches the filters{_filter_text(filters)}")
+            daemons = [i for i in found if i.name == DAEMON_SERVICE]
+            if daemons:
+                raise ShellError(_daemon_refusal(action, daemons))
+            raise ShellError(_no_match(filters))
         past, _ = _ACTIONS[action]
-        if not await self._confirm(
-            io, inv, len(instances), f"{len(instances)} instances will be {past}"
-        ):
+        question = f"{plural(len(instances), 'instance')} will be {past}"
+        if not await self._confirm(io, inv, len(instances), question):
             io.err("Cancelled.")
             return 1
         supervisor, unreachable = await self._routes(instances)
@@ -1020,7 +1151,7 @@ class Shell:
             raise ShellError(
                 f"no {DAEMON_SERVICE} runs on a host matching the filters{_filter_text(filters)}"
             )
-        question = f"Service will be deployed to {len(targets)} hosts"
+        question = f"Service will be deployed to {plural(len(targets), 'host')}"
         if not await self._confirm(io, inv, len(targets), question):
             io.err("Cancelled.")
             return 1
@@ -1045,50 +1176,89 @@ class Shell:
             io.out(to_json([r.to_json() for r in results]))
         return 0 if all(r.ok for r in results) else 1
 
-    # Completion
 
-    def complete(self, line: str) -> Deferred[list[str]]:
-        """
-        The completions of C{line} (the text before the cursor), each a
-        whole line: commands, filter names, and live values from the
-        registry (service names, versions, hosts, regions).
-        """
-        return ensureDeferred(self._complete(line))
+@attr.s(frozen=True, auto_attribs=True)
+class CommandSpec:
+    """
+    One command of the language: what runs it, and the number of its
+    arguments (C{least} L{None}: not checked; C{most} L{None}: no limit).
+    """
 
-    async def _complete(self, line: str) -> list[str]:
-        words = line.split()
-        if line.endswith(" ") or not words:
-            words.append("")
-        if len(words) == 1:
-            return [c + " " for c in COMMANDS if c.startswith(words[0])]
-        command, prefix = words[0], words[-1]
-        head = line[: len(line) - len(prefix)]
-        values: Iterable[str] = ()
-        if len(words) == 2:
-            if command in ("reset",):
-                values = FILTER_NAMES
-            elif command == "help":
-                values = COMMANDS
-            elif command == "registered":
-                values = ("true", "false")
-            elif command in ("service", "version", "host", "region", "port"):
-                values = await self._live_values(command)
-            elif command == "call":
-                values = await self._live_values("service", registered_only=True)
-        return [head + v + " " for v in sorted(set(values)) if v.startswith(prefix)]
+    run: Callable[[Shell, Invocation, Filters, IShellIO], Awaitable[int]]
+    least: int | None = None
+    most: int | None = None
+    usage: str = ""
 
-    async def _live_values(self, name: str, registered_only: bool = False) -> list[str]:
-        query = self.filters.without(name).query()
-        if registered_only:
-            query = attr.evolve(query, registered=True)
-        try:
-            found = await self.registry.query(query)
-        except Exception:
-            return []
-        field = {"service": "name", "version": "version", "host": "host", "region": "region"}
-        if name == "port":
-            return [str(i.port) for i in found]
-        return [getattr(i, field[name]) for i in found]
+
+async def _observe_logs(shell: Shell, inv: Invocation, filters: Filters, io: IShellIO) -> int:
+    from skynet.observe.logsearch import run_logs_command  # (observe hook)
+
+    return await run_logs_command(shell, filters, inv, {}, io)
+
+
+def _table() -> dict[str, CommandSpec]:
+    table = {
+        "help": CommandSpec(Shell._help),
+        "h": CommandSpec(Shell._help),
+        "instances": CommandSpec(Shell._instances),
+        "topology": CommandSpec(Shell._topology),
+        "filters": CommandSpec(Shell._filters),
+        "reset": CommandSpec(Shell._reset, 0, 1, "reset [<filter>]"),
+        "deploy": CommandSpec(
+            lambda sh, inv, f, io: sh._deploy(inv.args[0], inv.args[1:], f, inv, io),
+            1,
+            None,
+            "deploy <MODULE:CLASS> <args>",
+        ),  # fmt: skip
+        "call": CommandSpec(
+            lambda sh, inv, f, io: sh._call(inv.args, f, inv, io),
+            2,
+            3,
+            'call SERVICE METHOD [\'{"json": "params"}\']',
+        ),  # fmt: skip
+        "watch": CommandSpec(
+            lambda sh, inv, f, io: sh._watch(inv.args, f, inv, io), 0, 1, "watch [SECONDS]"
+        ),  # fmt: skip
+        "stats": CommandSpec(lambda sh, inv, f, io: sh._stats(f, inv, io), 0, 0, "stats"),
+        "python": CommandSpec(Shell._python),
+        # (observe hook) logs and its options are run by skynet.observe.commands.dispatch
+        "logs": CommandSpec(lambda sh, inv, f, io: _observe_logs(sh, inv, f, io)),
+        "exit": CommandSpec(Shell._exit),
+        "quit": CommandSpec(Shell._exit),
+    }
+    for name in ("services", "hosts", "regions", "versions"):
+        table[name] = CommandSpec(lambda sh, inv, f, io: sh._list(str(inv.command), f, inv, io))
+    for name in FILTER_NAMES:
+        table[name] = CommandSpec(Shell._filter, 0, 1, f"{name} [<{name}>]")
+    for name in _ACTIONS:
+        table[name] = CommandSpec(lambda sh, inv, f, io: sh._act(str(inv.command), f, inv, io), 0,
+                                  0, name)  # fmt: skip
+    return table
+
+
+#: Every command, by name: the shell's dispatch table.
+COMMAND_TABLE = _table()
+
+
+def _no_match(filters: Filters) -> str:
+    text = _filter_text(filters)
+    return f"no instance matches the filters{text}" if text else "no instance in the registry"
+
+
+def _daemon_refusal(action: str, daemons: list[Instance]) -> str:
+    """
+    Why C{sky stop} (and the other actions) leave daemons alone, and how
+    to stop one.
+    """
+    where = ", ".join(
+        f"on {d.host}: kill {d.pid}" if d.pid else f"on {d.host}: stop its twistd process"
+        for d in sort_instances(daemons)
+    )
+    return (
+        f"{DAEMON_SERVICE} instances are not acted on with '{action}': a daemon supervises"
+        f" its host's services and they stop with it. To stop a daemon and its services,"
+        f" send its process SIGTERM ({where})"
+    )
 
 
 def _filter_text(filters: Filters) -> str:

@@ -46,6 +46,8 @@ Usage: sky [--registry URL] [--json] [--yes] [filters] COMMAND [arguments]
   --registry URL  file:///path, zk://host:port,.../chroot (default: $SKYNET_REGISTRY,
                   else the embedded registry in $SKYNET_HOME/registry or ~/.skynet/registry)
   --timeout S     seconds to wait for the registry, a daemon or an admin endpoint (default 30)
+  --create-registry  make the file:// registry directory if it does not exist (without it,
+                  a file:// URL naming no directory is an error: a typo is not an empty cluster)
 """
 
 #: Seconds the registry has to start.
@@ -55,7 +57,8 @@ REGISTRY_TIMEOUT = 10.0
 def split_global_options(argv: list[str]) -> tuple[str | None, float, list[str]]:
     """
     Take C{--registry URL} and C{--timeout S} out of the words before the
-    command; the rest is the shell's.
+    command; the rest is the shell's.  (C{--create-registry} is taken out
+    by L{take_create_registry}.)
 
     @raise UsageError: for a missing or bad value.
     """
@@ -93,6 +96,35 @@ def split_global_options(argv: list[str]) -> tuple[str | None, float, list[str]]
         rest.extend(argv[i:])
         break
     return registry, timeout, rest
+
+
+def take_create_registry(argv: list[str]) -> tuple[bool, list[str]]:
+    """
+    Whether C{--create-registry} comes before the command, and the words
+    without it.
+    """
+    for index, word in enumerate(argv):
+        if word == "--create-registry":
+            return True, argv[:index] + argv[index + 1 :]
+        if not word.startswith("-"):
+            break
+    return False, argv
+
+
+def missing_registry(registry: Any, explicit: bool) -> str | None:
+    """
+    Why a file registry named explicitly cannot be used: its directory does
+    not exist (L{None} if it does, or for other registries and the default
+    embedded one, which is made on first use).
+    """
+    from skynet.registry.files import FileRegistry
+
+    if not explicit or not isinstance(registry, FileRegistry) or os.path.isdir(registry.root):
+        return None
+    return (
+        f"no registry at {registry.url}: the directory {registry.root} does not exist"
+        " (a typo? --create-registry makes an empty one there)"
+    )
 
 
 def _read_line(reactor: Any) -> Deferred[str]:
@@ -213,7 +245,8 @@ async def _run_lines(reactor: Any, shell: Shell) -> int:
             status = await shell.run_line(line.strip(), io)
 
 
-async def _main(reactor: Any, registry_url: str | None, timeout: float, argv: list[str]) -> None:
+async def _main(reactor: Any, registry_url: str | None, timeout: float, argv: list[str],
+                create_registry: bool = False) -> None:  # fmt: skip
     from skynet.client import Client
     from skynet.registry import registry_from_url
     from skynet.registry.base import RegistryError
@@ -224,6 +257,11 @@ async def _main(reactor: Any, registry_url: str | None, timeout: float, argv: li
     except RegistryError as e:
         sys.stderr.write(f"sky: {e}\n")
         raise SystemExit(2) from None
+    explicit = bool(registry_url or os.environ.get("SKYNET_REGISTRY"))
+    missing = None if create_registry else missing_registry(registry, explicit)
+    if missing:
+        sys.stderr.write(f"sky: {missing}\n")
+        raise SystemExit(1)
     started = registry.start()
     timer = reactor.callLater(min(timeout, REGISTRY_TIMEOUT), started.cancel)
     try:
@@ -271,10 +309,15 @@ def main(argv: list[str] | None = None) -> NoReturn:
     The C{sky} console script.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["tls"]:  # security hook (issue 12): sky tls init|issue|revoke|list
+        from skynet.tls import main as tls_main
+
+        sys.exit(tls_main(argv[1:]))
     if argv[:1] in (["-h"], ["--help"]):
         sys.stdout.write(USAGE + "\n" + HELP)
         sys.exit(0)
     try:
+        create_registry, argv = take_create_registry(argv)
         registry_url, timeout, rest = split_global_options(argv)
         invocation = parse(shell_argv(rest))  # (observe hook) its options: skynet.observe
     except UsageError as e:
@@ -288,7 +331,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
         sys.exit(2)
     from twisted.internet.task import react
 
-    react(lambda reactor: ensureDeferred(_main(reactor, registry_url, timeout, rest)))
+    react(lambda reactor: ensureDeferred(_main(reactor, registry_url, timeout, rest,
+                                               create_registry)))  # fmt: skip
     raise SystemExit(0)  # react exits; this is for type checkers
 
 

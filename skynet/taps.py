@@ -48,6 +48,20 @@ def port_range() -> tuple[int, int]:
     return low, high
 
 
+#: The listen backlog of a service (Twisted's default, 50, drops connects of a
+#: burst; the kernel caps it at net.core.somaxconn).
+LISTEN_BACKLOG = 1024
+
+
+def with_backlog(spec: str) -> str:
+    """
+    A C{tcp:} endpoint string with L{LISTEN_BACKLOG} unless it names one.
+    """
+    if spec.startswith(("tcp:", "tcp6:")) and "backlog=" not in spec:
+        return f"{spec}:backlog={LISTEN_BACKLOG}"
+    return spec
+
+
 def service_endpoints(reactor: Any, listen: str | None, admin: str) -> tuple[list, list]:
     """
     The server endpoints of a service: C{listen}, or every port of the Go
@@ -55,11 +69,11 @@ def service_endpoints(reactor: Any, listen: str | None, admin: str) -> tuple[lis
     endpoint unless C{admin} is C{none}.
     """
     if listen:
-        specs = [listen]
+        specs = [with_backlog(listen)]
     else:
         ip = os.environ.get("SKYNET_BIND_IP", "127.0.0.1")
         low, high = port_range()
-        specs = [f"tcp:{p}:interface={ip}" for p in range(low, high + 1)]
+        specs = [f"tcp:{p}:interface={ip}:backlog={LISTEN_BACKLOG}" for p in range(low, high + 1)]
     admin_specs = [] if admin.lower() == "none" else [admin]
     try:
         return (

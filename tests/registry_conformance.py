@@ -28,6 +28,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from skynet.registry.base import (
+    MAX_VALUE_SIZE,
     IInstanceListener,
     Instance,
     IRegistry,
@@ -205,6 +206,36 @@ class RegistryConformanceMixin:
 
         await registry.remove(unregistered)
         self.assertEqual(await registry.query(Query()), [])
+
+    async def test_get_by_uuid(self) -> None:
+        """
+        C{get(uuid)} finds the live instance with that uuid in its latest
+        state, a peer's too, and L{None} for an unknown or removed uuid, or
+        one whose node another instance has taken over.
+        """
+        registry = await self.make_registry()
+        peer = await self.make_peer_registry(registry)
+        mine = make_instance(name="Mine")
+        theirs = make_instance(name="Theirs")
+        self.assertIsNone(await registry.get(mine.uuid))
+        await registry.add(mine)
+        await peer.add(theirs)
+        self.assertEqual(await registry.get(mine.uuid), mine)
+        self.assertEqual(await registry.get(theirs.uuid), theirs)
+        self.assertIsNone(await registry.get("no-such-uuid"))
+        # With a watch running (a cache kept up to date) too.
+        await self.snapshot_of(registry, Query())
+        changed = attr.evolve(mine, registered=False, critical_client_count=3)
+        await registry.update(changed)
+        found = await registry.get(mine.uuid)
+        self.assertEqual(found, changed)
+        self.assertFalse(found.registered)
+        await peer.remove(theirs)
+        self.assertIsNone(await registry.get(theirs.uuid))
+        successor = make_instance(name="Mine", port=mine.port)
+        await peer.add(successor)
+        self.assertIsNone(await registry.get(mine.uuid))
+        self.assertEqual(await registry.get(successor.uuid), successor)
 
     async def test_add_again_overwrites(self) -> None:
         """
@@ -498,3 +529,169 @@ class RegistryConformanceMixin:
         )
         self.assertEqual(await registry.query(Query()), [survivor])
         self.assertEqual(await registry.services(), ["Survivor"])
+        for instance in doomed:
+            self.assertIsNone(await registry.get(instance.uuid))
+        self.assertEqual(await registry.get(survivor.uuid), survivor)
+
+    # Data nodes.
+
+    async def test_value_set_get_replace_delete(self) -> None:
+        """
+        A data node is absent (L{None}) until set, holds exactly the bytes
+        set (empty and binary values too), is replaced by the next set, and
+        is gone after a delete; deleting an absent node is fine.
+        """
+        registry = await self.make_registry()
+        self.assertIsNone(await registry.get_value("conformance/a"))
+        await registry.set_value("conformance/a", b"one")
+        self.assertEqual(await registry.get_value("conformance/a"), b"one")
+        await registry.set_value("conformance/a", b"\x00\xff binary\n")
+        self.assertEqual(await registry.get_value("conformance/a"), b"\x00\xff binary\n")
+        await registry.set_value("conformance/a", b"")
+        self.assertEqual(await registry.get_value("conformance/a"), b"")
+        await registry.delete_value("conformance/a")
+        self.assertIsNone(await registry.get_value("conformance/a"))
+        self.assertIsNone(await registry.delete_value("conformance/a"))
+        self.assertIsNone(await registry.delete_value("never/set"))
+
+    async def test_value_keys_are_independent(self) -> None:
+        """
+        C{a}, C{a/b} and C{a%2Fb} are three keys: a key that is a prefix of
+        another, or looks like another once escaped, is its own node; a
+        leading dot is a key like any other.
+        """
+        registry = await self.make_registry()
+        keys = ["a", "a/b", "a%2Fb", ".hidden", "a/b/c"]
+        for index, key in enumerate(keys):
+            await registry.set_value(key, str(index).encode())
+        for index, key in enumerate(keys):
+            self.assertEqual(await registry.get_value(key), str(index).encode(), key)
+        await registry.delete_value("a/b")
+        self.assertIsNone(await registry.get_value("a/b"))
+        self.assertEqual(await registry.get_value("a"), b"0")
+        self.assertEqual(await registry.get_value("a/b/c"), b"4")
+
+    async def test_values_are_not_instances(self) -> None:
+        """
+        Data nodes are invisible to instance queries and watches.
+        """
+        registry = await self.make_registry()
+        listener = await self.snapshot_of(registry, Query())
+        await registry.set_value("services", b"{}")
+        await registry.set_value("TestService/1/Development/127.0.0.1/1", b"{}")
+        instance = make_instance()
+        await registry.add(instance)
+        events = await self.events_after(listener, 2)
+        self.assertEqual(events, [("snapshot", []), ("added", instance)])
+        self.assertEqual(await registry.query(Query()), [instance])
+
+    async def test_value_seen_by_peer_and_outlives_writer(self) -> None:
+        """
+        A peer reads what another registry object wrote, and the value
+        stays after its writer stops (data nodes belong to nobody).
+        """
+        registry = await self.make_registry()
+        writer = await self.make_peer_registry(registry)
+        await writer.set_value("cluster/desired", b'{"Fibonacci": 2}')
+        self.assertEqual(await registry.get_value("cluster/desired"), b'{"Fibonacci": 2}')
+        await writer.stop()
+        self.assertEqual(await registry.get_value("cluster/desired"), b'{"Fibonacci": 2}')
+        await registry.delete_value("cluster/desired")
+
+    async def test_bad_keys_and_values(self) -> None:
+        """
+        Malformed keys and values are refused with a clear error, and
+        nothing is written.
+        """
+        registry = await self.make_registry()
+        for key in ["", "/a", "a/", "a//b", "a/../b", ".", "a/./b", "nul\x00", "x" * 300, 7]:
+            with self.assertRaises(ValueError, msg=repr(key)):
+                await registry.get_value(key)  # type: ignore[arg-type]
+            with self.assertRaises(ValueError, msg=repr(key)):
+                await registry.set_value(key, b"v")  # type: ignore[arg-type]
+            with self.assertRaises(ValueError, msg=repr(key)):
+                await registry.delete_value(key)  # type: ignore[arg-type]
+            with self.assertRaises(ValueError, msg=repr(key)):
+                registry.watch_value(key, lambda value: None)  # type: ignore[arg-type]
+        with self.assertRaises(TypeError):
+            await registry.set_value("k", "text")  # type: ignore[arg-type]
+        with self.assertRaises(ValueError):
+            await registry.set_value("k", b"x" * (MAX_VALUE_SIZE + 1))
+        self.assertIsNone(await registry.get_value("k"))
+        await registry.set_value("k", b"x" * MAX_VALUE_SIZE)
+        self.assertEqual(len(await registry.get_value("k")), MAX_VALUE_SIZE)
+
+    def watch_value(self, registry: IRegistry, key: str) -> list:
+        seen: list = []
+        watch = registry.watch_value(key, seen.append)
+        self.addCleanup(watch.stop)  # type: ignore[attr-defined]
+        return seen
+
+    async def test_watch_value(self) -> None:
+        """
+        A value watch reports the current value (L{None} if absent) and
+        then every change, its own and a peer's, including deletion and
+        re-creation; a stopped watch reports nothing more.
+        """
+        registry = await self.make_registry()
+        peer = await self.make_peer_registry(registry)
+        seen = self.watch_value(registry, "watched/key")
+        await self.wait_for(lambda: seen, "the first value")
+        self.assertEqual(seen, [None])
+        await registry.set_value("watched/key", b"1")
+        await self.wait_for(lambda: seen[-1:] == [b"1"], "the value set")
+        await peer.set_value("watched/key", b"2")
+        await self.wait_for(lambda: seen[-1:] == [b"2"], "the peer's value")
+        await peer.delete_value("watched/key")
+        await self.wait_for(lambda: seen[-1:] == [None], "the deletion")
+        await registry.set_value("watched/key", b"3")
+        await self.wait_for(lambda: seen[-1:] == [b"3"], "the re-creation")
+        await registry.set_value("watched/other", b"x")
+        await registry.set_value("watched/key/below", b"x")
+        await registry.set_value("watched", b"x")
+        for _ in range(5):
+            await self.settle()
+        self.assertEqual(seen, [None, b"1", b"2", None, b"3"])
+
+    async def test_watch_value_existing_and_stop(self) -> None:
+        """
+        A watch of an existing node starts with its value; the same value
+        written again is not reported twice; after C{stop} nothing is
+        reported, while another watch of the key goes on.
+        """
+        registry = await self.make_registry()
+        await registry.set_value("k", b"v1")
+        seen = self.watch_value(registry, "k")
+        other = self.watch_value(registry, "k")
+        await self.wait_for(lambda: seen and other, "the first values")
+        self.assertEqual(seen, [b"v1"])
+        calls: list = []
+        watch = registry.watch_value("k", calls.append)
+        await self.wait_for(lambda: calls, "the third watch's value")
+        watch.stop()
+        watch.stop()
+        await registry.set_value("k", b"v1")
+        await registry.set_value("k", b"v2")
+        await self.wait_for(lambda: other[-1:] == [b"v2"], "the change")
+        for _ in range(3):
+            await self.settle()
+        self.assertEqual(seen, [b"v1", b"v2"])
+        self.assertEqual(calls, [b"v1"])
+
+    async def test_watch_value_callback_failure(self) -> None:
+        """
+        A callback that raises is called again at the next change.
+        """
+        registry = await self.make_registry()
+        seen: list = []
+
+        def callback(value: bytes | None) -> None:
+            seen.append(value)
+            raise RuntimeError("callback bug")
+
+        watch = registry.watch_value("k", callback)
+        self.addCleanup(watch.stop)  # type: ignore[attr-defined]
+        await self.wait_for(lambda: seen, "the first value")
+        await registry.set_value("k", b"after")
+        await self.wait_for(lambda: seen[-1:] == [b"after"], "the change")
+        self.flushLoggedErrors(RuntimeError)  # type: ignore[attr-defined]

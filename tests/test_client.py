@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -22,11 +23,12 @@ from skynet.client import (
 from skynet.errors import (
     ConnectionFailed,
     NoInstances,
+    ProtocolError,
     RemoteCallError,
     RequestTimeout,
     ServiceError,
 )
-from skynet.protocol import RequestInfo
+from skynet.protocol import RequestInfo, encode_header
 from skynet.registry.base import Instance
 from skynet.service import Service
 from skynet.testing import LocalCluster
@@ -52,6 +54,30 @@ class Recorder(Service):
             self.pending.append(d)
             return d
         return {"from": self.info.uuid}
+
+
+def lie_in_answers(cluster: LocalCluster, host) -> None:
+    """
+    Make every answer of C{host} undecodable: a good header, then a body of
+    12 bytes that only starts like one.
+    """
+    port = next(p for p in cluster.listeners.values() if p.factory.host is host)
+    build = port.factory.buildProtocol
+
+    def lying(addr):
+        protocol = build(addr)
+
+        def respond(servicemethod, seq, out, errstring, started, failed):
+            protocol.in_flight -= 1
+            protocol.send_bytes(
+                encode_header(servicemethod, seq, "") + b"\x0c\x00\x00\x00\x05out\x00\x00\x00\x00"
+            )
+            host.request_finished(started, failed)
+
+        protocol._respond = respond
+        return protocol
+
+    port.factory.buildProtocol = lying
 
 
 class ClientTests(SynchronousTestCase):
@@ -148,6 +174,82 @@ class ClientTests(SynchronousTestCase):
         answers = [self.successResultOf(d)["from"] for d in results]
         self.assertEqual(set(answers), {b.uuid})
         self.assertFalse(service.handles[a.uuid].available(self.clock.seconds()))
+
+    def test_undecodable_answers_evict_their_instance(self) -> None:
+        """
+        An instance whose answers cannot be decoded is a broken instance,
+        not a service error: its calls go to another instance, and it is
+        taken out of rotation (it kept half of all calls, failing them).
+        """
+        liar = self.cluster.add(Recorder())
+        good = self.cluster.add(Recorder())
+        lie_in_answers(self.cluster, liar)
+        service = self.service("Recorder")
+        service.handles[good.uuid].last_used = 1 << 60  # the liar first
+        with capturedLogs():
+            answers = [self.successResultOf(service.call("Hello"))["from"] for _ in range(20)]
+        self.assertEqual(set(answers), {good.uuid})
+        self.assertEqual(len(liar.service.seen), 1)
+        self.assertFalse(service.handles[liar.uuid].available(self.clock.seconds()))
+
+    def test_undecodable_answer_fails_a_single_attempt_as_connection_trouble(self) -> None:
+        liar = self.cluster.add(Recorder())
+        lie_in_answers(self.cluster, liar)
+        service = self.service("Recorder")
+        with capturedLogs():
+            f = self.failureResultOf(service.call_once("Hello"), ProtocolError)
+        self.assertIn("undecodable response body", str(f.value))
+
+    def test_service_clients_cached_by_query_and_intervals(self) -> None:
+        """
+        Asking for a service with the same intervals again gives the same
+        service client, so one registry watch, however often it is asked.
+        """
+        client = self.cluster.client()
+        watches = []
+        real_watch = client.registry.watch
+        client.registry.watch = lambda q, listener: watches.append(q) or real_watch(q, listener)
+        first = client.service("Recorder", retry_interval=0.5)
+        for _ in range(50):
+            self.assertIs(client.service("Recorder", retry_interval=0.5), first)
+        other = client.service("Recorder", retry_interval=0.25)
+        self.assertIsNot(other, first)
+        self.assertIs(client.service("Recorder", retry_interval=client.retry_interval),
+                      client.service("Recorder"))  # fmt: skip
+        self.cluster.settle()
+        self.assertEqual(len(watches), 3)
+
+    def test_explicit_zero_is_not_the_default(self) -> None:
+        """
+        C{retry_interval=0} means no retry on time (only after a failure):
+        a hung instance is not hedged after the default 2 s; and
+        C{giveup_timeout=0} is kept too.
+        """
+        self.cluster.add(Recorder(hang=True))
+        self.cluster.add(Recorder(hang=True))
+        service = self.service("Recorder", retry_interval=0)
+        self.assertEqual(service.retry_interval, 0)
+        d = service.call("Hello")
+        self.clock.advance(5)
+        self.assertEqual(sum(len(h.service.seen) for h in self.cluster.hosts), 1)
+        self.clock.advance(5.1)
+        self.failureResultOf(d, RequestTimeout)
+        self.assertEqual(
+            self.cluster.client().service("Recorder", giveup_timeout=0).giveup_timeout, 0
+        )
+
+    def test_idle_connection_closed_by_the_service_is_no_failure(self) -> None:
+        host = self.cluster.add(Recorder())
+        service = self.service("Recorder")
+        self.successResultOf(service.call("Hello"))
+        handle = service.handles[host.uuid]
+        self.assertEqual(len(handle.connections), 1)
+        for protocol in list(host.connections.values()):
+            protocol.close_connection()
+        self.cluster.settle()
+        self.assertEqual(handle.connections, [])
+        self.assertTrue(handle.available(self.clock.seconds()))
+        self.successResultOf(service.call("Hello"))
 
     def test_retry_keeps_request_id_and_counts(self) -> None:
         """

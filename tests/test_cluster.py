@@ -240,6 +240,35 @@ class SupervisedTests(TestCase):
         self.assertIn("supervisor pipe closed", process.output())
 
 
+class GracefulStopTests(TestCase):
+    timeout = 60
+
+    async def test_sigterm_shows_as_unregistration_before_removal(self) -> None:
+        """
+        A SIGTERM'd service is first seen unregistered, then removed, by a
+        watcher of the embedded registry (what C{sky watch} shows), so a
+        graceful stop cannot be mistaken for a crash.
+        """
+        from tests.registry_conformance import RecordingListener
+
+        root = tempfile.mkdtemp(prefix="skynet-registry-")
+        registry = FileRegistry(root, reactor=reactor)
+        await registry.start()
+        self.addCleanup(registry.stop)
+        listener = RecordingListener()
+        watch = registry.watch(Query(service="TestService"), listener)
+        self.addCleanup(watch.stop)
+        process = ServiceProcess("examples.testservice:TestService", f"file://{root}").start()
+        self.addCleanup(process.stop)
+        await wait_for(lambda: _count(registry, "TestService", 1), what="registered")
+        process.kill(signal.SIGTERM)
+        await wait_for(lambda: any(k == "removed" for k, _ in listener.events), timeout=20,
+                       what="the removal")  # fmt: skip
+        kinds = [(k, getattr(p, "registered", None)) for k, p in listener.events if k != "snapshot"]
+        removal = kinds.index(("removed", False)) if ("removed", False) in kinds else len(kinds)
+        self.assertIn(("updated", False), kinds[:removal], kinds)
+
+
 class RegistryDownTests(TestCase):
     timeout = 90
 

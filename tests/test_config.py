@@ -25,15 +25,10 @@ class ConfigTests(SynchronousTestCase):
 
     def test_home_default(self):
         """Without C{SKYNET_HOME}, C{~/.skynet}."""
-        self.assertEqual(
-            skynet_home({}), os.path.join(os.path.expanduser("~"), ".skynet")
-        )
+        self.assertEqual(skynet_home({}), os.path.join(os.path.expanduser("~"), ".skynet"))
 
     def test_import_installs_no_reactor(self):
         """Importing the module leaves the reactor choice to the program."""
-        code = (
-            "import sys, skynet.config\n"
-            "print('twisted.internet.reactor' in sys.modules)\n"
-        )
+        code = "import sys, skynet.config\nprint('twisted.internet.reactor' in sys.modules)\n"
         out = subprocess.check_output([sys.executable, "-c", code], text=True)
         self.assertEqual(out.strip(), "False")

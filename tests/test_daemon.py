@@ -20,6 +20,7 @@ import psutil
 import pytest
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.logger import capturedLogs
 from twisted.python import usage
@@ -40,10 +41,13 @@ from skynet.daemon import (
     GuardConfig,
     ISampler,
     LoadGuard,
+    ProbeConfig,
+    ProbeGuard,
     PsutilSampler,
     RegistrationPolicy,
     Release,
     Restart,
+    Unresponsive,
     Usage,
     command_line,
     load_reading,
@@ -52,8 +56,10 @@ from skynet.daemon import (
     parse_deploy_file,
     save_state,
 )
+from skynet.daemon.status import deployment_state
 from skynet.daemon_tap import Options
-from skynet.errors import ServiceError
+from skynet.errors import RemoteCallError, ServiceError
+from skynet.reactor_lag import ReactorLag
 from skynet.registry import Query, registry_from_url
 from skynet.registry.base import Address, IInstanceListener, Instance
 from skynet.registry.files import FileRegistry
@@ -87,6 +93,10 @@ class FakeChildren:
         self.store = store
         self.by_admin: dict[int, tuple[FakeProcess, MemoryRegistry, Instance]] = {}
         self.calls: list[tuple[str, str]] = []
+        self.pings: list[str] = []
+        self.hung: set[int] = set()  # pids whose admin listener never answers
+        self.closed: set[int] = set()  # pids draining after Admin.Stop: listeners closed
+        self.drain_time = 0.2
         self.port = 20000
         self.auto_register = True
         reactor.on_spawn = self.spawned
@@ -99,7 +109,7 @@ class FakeChildren:
         if process.ended:
             return None
         args = process.args
-        uuid = args[args.index("--uuid") + 1]
+        uuid = args[args.index("--uuid") + 1] if "--uuid" in args else process.env["SKYNET_UUID"]
         self.port += 2
         instance = Instance(uuid=uuid, name="Fake", version="1", region="r", host="10.0.0.9",
                             port=self.port, admin=Address("10.0.0.9", self.port + 1),
@@ -120,33 +130,51 @@ class FakeChildren:
     def instance(self, uuid: str) -> Instance | None:
         for process, _, instance in self.by_admin.values():
             if instance.uuid == uuid and not process.ended:
-                return self.current(instance)
+                current = self.current(instance)
+                if current is not None:
+                    return current
         return None
 
-    def current(self, instance: Instance) -> Instance:
-        return self.store.nodes[instance.path].value
+    def current(self, instance: Instance) -> Instance | None:
+        node = self.store.nodes.get(instance.path)
+        return node.value if node is not None else None
 
     def admin(self, address: Address, method: str, params: dict) -> Deferred:
         process, registry, instance = self.by_admin[address.port]
-        self.calls.append((instance.uuid, method))
+        if method == "Admin.Ping":
+            self.pings.append(instance.uuid)
+        else:
+            self.calls.append((instance.uuid, method))
         if process.ended:
             return Deferred.fromCoroutine(_refused())
+        if process.pid in self.hung:
+            return Deferred()  # (SIGSTOP'd: no answer, ever)
+        if process.pid in self.closed:
+            return Deferred.fromCoroutine(_refused())
+        if method == "Admin.Ping":
+            return Deferred.fromCoroutine(_no_such_method())
         if method in ("Admin.Register", "Admin.Unregister"):
             registry.update(attr.evolve(instance, registered=method == "Admin.Register"))
         elif method == "Admin.Stop":
             registry.update(attr.evolve(instance, registered=False))
+            self.closed.add(process.pid)
 
             def stop() -> None:
                 registry.remove(instance)
                 if not process.ended:
                     process.exit(0)
 
-            self.reactor.callLater(0.2, stop)
+            self.reactor.callLater(self.drain_time, stop)
         return succeed(None)
 
 
 async def _refused() -> None:
     raise ConnectionRefusedError("gone")
+
+
+async def _no_such_method() -> None:
+    # What a service of today answers an Admin.Ping.
+    raise RemoteCallError("rpc: can't find method Admin.Ping")
 
 
 class DaemonUnitTests(SynchronousTestCase):
@@ -162,6 +190,7 @@ class DaemonUnitTests(SynchronousTestCase):
         self.sampler = FakeSampler()
         self.loads: list[float] = []
         kwargs.setdefault("guards", GuardConfig(sample_interval=1.0))
+        kwargs.setdefault("probes", ProbeConfig(interval=0))
         kwargs.setdefault("load", lambda: self.loads.pop(0) if self.loads else 0.0)
         registry = MemoryRegistry(reactor=self.clock, store=self.cluster.registry.store)
         daemon = Daemon(
@@ -200,7 +229,8 @@ class DaemonUnitTests(SynchronousTestCase):
 
     def call(self, method: str, params: dict | None = None) -> Any:
         d = self.cluster.call("SkynetDaemon", method, params or {})
-        self.settle()
+        # (Deploy answers once the fake child is in the registry: 0.1 s.)
+        self.settle(0.3 if method == "Deploy" else 0.0)
         return d
 
     def test_remote_methods(self) -> None:
@@ -254,6 +284,200 @@ class DaemonUnitTests(SynchronousTestCase):
         listing = self.successResultOf(self.call("ListSubServices"))["services"]
         self.assertEqual(listing[second]["registered"], False)
         self.assertEqual(len(listing), 3)
+
+    def test_deploy_fails_when_the_child_dies_before_registering(self) -> None:
+        """
+        A child that exits before it is in the registry fails C{Deploy}
+        with how it ended and its last output; it stays deployed, listed as
+        failing with its last error and restart count, until stopped.
+        """
+        self.make()
+        self.children.auto_register = False
+        d = self.call("Deploy", {"service": "examples.nosuch:Thing"})
+        process = self.clock.last()
+        process.output(2, b"Traceback (most recent call last):\n")
+        process.output(2, b"twistd: cannot import 'examples.nosuch': No module named "
+                          b"'examples.nosuch'")  # fmt: skip
+        self.assertNoResult(d)
+        process.exit(1)
+        self.settle()
+        failure = self.failureResultOf(d, ServiceError)
+        message = str(failure.value)
+        uuid = self.daemon.deployments and next(iter(self.daemon.deployments))
+        self.assertIn(f"cannot deploy examples.nosuch:Thing: Thing ({uuid}) exited with code 1 "
+                      "before it registered", message)  # fmt: skip
+        self.assertIn("No module named 'examples.nosuch'", message)
+        self.assertIn(f"StopSubService {uuid}", message)
+        [event] = self.daemon.events.recent(kind="deploy_failed")
+        self.assertEqual((event.uuid, event.fields["service"]), (uuid, "Thing"))
+        self.assertIn("No module named 'examples.nosuch'", event.fields["error"])
+        entry = sub_services_from_bson(self.successResultOf(self.call("ListSubServices")))[uuid]
+        self.assertEqual((entry.state, entry.restarts, entry.running), ("failing", 0, False))
+        self.assertIn("exited with code 1", entry.last_error)
+        self.assertIn("No module named 'examples.nosuch'", entry.last_error)
+        # Its restart (after the back-off) dies again: still failing, counted.
+        self.settle(1.1)
+        self.clock.last().exit(1)
+        self.settle()
+        entry = sub_services_from_bson(self.successResultOf(self.call("ListSubServices")))[uuid]
+        self.assertEqual((entry.state, entry.restarts), ("failing", 1))
+        # Stopped by uuid: gone.
+        self.successResultOf(self.call("StopSubService", {"uuid": uuid}))
+        self.settle(3.0)
+        self.assertEqual(self.successResultOf(self.call("ListSubServices")), {"services": {}})
+
+    def test_deploy_waits_for_the_registry_then_states(self) -> None:
+        """
+        C{Deploy} answers once the child is in the registry; one that is
+        not there within the start timeout (per call) fails the call, and
+        the listing says C{starting} until it registers, then C{running}.
+        """
+        self.make()
+        self.children.auto_register = False
+        d = self.call("Deploy", {"service": "m:Slow", "start_timeout": 2})
+        self.settle(1.5)
+        self.assertNoResult(d)
+        self.clock.last().output(1, b"still importing\n")
+        self.settle(0.3)
+        message = str(self.failureResultOf(d, ServiceError).value)
+        self.assertIn("did not register within 2s", message)
+        self.assertIn("still importing", message)
+        self.assertIn("it is still running; StopSubService", message)
+        [entry] = sub_services_from_bson(
+            self.successResultOf(self.call("ListSubServices"))
+        ).values()
+        self.assertEqual((entry.state, entry.last_error), ("starting", None))
+        self.children.register(self.clock.last())
+        self.settle()
+        [entry] = sub_services_from_bson(
+            self.successResultOf(self.call("ListSubServices"))
+        ).values()
+        self.assertEqual(entry.state, "running")
+        # Registered at once: the answer comes then; start_timeout 0: at once.
+        d = self.call("Deploy", {"service": "m:Quick"})
+        self.assertNoResult(d)
+        self.children.register(self.clock.last())
+        self.settle()
+        self.assertEqual(set(self.successResultOf(d)), {"uuid"})
+        d = self.call("Deploy", {"service": "m:Now", "start_timeout": 0})
+        self.assertEqual(set(self.successResultOf(d)), {"uuid"})
+        for bad in (-1, "5", True, 1e9):
+            d = self.call("Deploy", {"service": "m:Bad", "start_timeout": bad})
+            self.assertIn("start_timeout", str(self.failureResultOf(d, ServiceError).value))
+        self.assertEqual(len(self.daemon.deployments), 3)
+
+        # A Deploy still waiting when the daemon stops answers at once.
+        waiting = self.call("Deploy", {"service": "m:Late"})
+        self.daemon.stopService()  # (the cleanup's stop waits for this one)
+        self.settle()
+        self.assertIn("the daemon is stopping", str(self.failureResultOf(waiting).value))
+
+    def test_unresponsive_child_is_unregistered_killed_and_restarted(self) -> None:
+        """
+        A child whose admin listener stops answering (SIGSTOP'd) fails its
+        probes; after N in a row: out of the registry at once, SIGTERM (and
+        SIGCONT), SIGKILL after the kill time, restarted, an C{unresponsive}
+        event.
+        """
+        self.make(probes=ProbeConfig(interval=1.0, timeout=0.5, failures=3))
+        uuid = self.successResultOf(self.call("Deploy", {"service": "m:Fib"}))["uuid"]
+        first = self.clock.last()
+        self.settle(3.0)
+        self.assertGreaterEqual(self.children.pings.count(uuid), 2)  # it answers: nothing
+        self.assertEqual(self.daemon.events.recent(kind="unresponsive"), [])
+        self.children.hung.add(first.pid)
+        first.obey_term = False  # a stopped process does not act on SIGTERM
+        self.settle(2.0)  # (probes at each whole second, timing out half a second later)
+        self.assertEqual(self.daemon.events.recent(kind="unresponsive"), [])
+        entry = sub_services_from_bson(self.successResultOf(self.call("ListSubServices")))[uuid]
+        self.assertEqual(entry.probe_failures, 1)  # (one failed, the next one in flight)
+        self.settle(1.4)
+        [event] = self.daemon.events.recent(kind="unresponsive")
+        self.assertEqual((event.fields["pid"], event.fields["failures"], event.fields["reason"]),
+                         (first.pid, 3, "unresponsive"))  # fmt: skip
+        self.assertEqual(event.fields["error"], "no answer within 0.5s")
+        self.assertIsNone(self.children.instance(uuid))  # unregistered at once
+        self.assertEqual(first.signals, ["TERM", "CONT"])
+        self.assertFalse(first.ended)
+        self.settle(2.1)  # the kill time
+        self.assertEqual(first.signals, ["TERM", "CONT", "KILL"])
+        self.assertTrue(first.ended)
+        self.settle(1.5)  # the back-off, and the new process registers
+        second = self.clock.last()
+        self.assertIsNot(second, first)
+        self.assertEqual(self.children.instance(uuid).pid, second.pid)
+        entry = sub_services_from_bson(self.successResultOf(self.call("ListSubServices")))[uuid]
+        self.assertEqual((entry.state, entry.restarts, entry.pid), ("running", 1, second.pid))
+        # The new process is probed afresh and left alone while it answers.
+        self.settle(4.0)
+        self.assertEqual(len(self.daemon.events.recent(kind="unresponsive")), 1)
+        self.assertFalse(second.ended)
+
+    def test_a_draining_child_is_not_probed_to_death(self) -> None:
+        """
+        A child stopping gracefully has closed its listeners while it
+        drains: its refused probes do not get it killed.
+        """
+        self.make(probes=ProbeConfig(interval=1.0, timeout=0.5, failures=2))
+        self.children.drain_time = 4.0
+        uuid = self.successResultOf(self.call("Deploy", {"service": "m:Slow"}))["uuid"]
+        process = self.clock.last()
+        self.settle(2.0)
+        d = self.daemon.restart(uuid)
+        self.settle(4.5)
+        self.assertTrue(process.ended)
+        self.assertEqual(process.signals, [])  # it left by itself, after draining
+        self.successResultOf(d)
+        self.assertEqual(self.daemon.events.recent(kind="unresponsive"), [])
+
+    def test_a_probe_that_cannot_be_sent_is_a_failure_not_a_stuck_probe(self) -> None:
+        self.make(probes=ProbeConfig(interval=1.0, timeout=0.5, failures=2))
+        uuid = self.successResultOf(self.call("Deploy", {"service": "m:A"}))["uuid"]
+
+        def broken(*args: Any) -> Deferred:
+            raise OSError("no route")
+
+        self.daemon.admin = broken
+        self.settle(2.2)
+        [event] = self.daemon.events.recent(kind="unresponsive")
+        self.assertEqual((event.uuid, event.fields["error"]), (uuid, "no route"))
+
+    def test_reactor_lag_over_the_threshold_counts_as_failing(self) -> None:
+        self.make(probes=ProbeConfig(interval=1.0, timeout=0.5, failures=2, max_lag=1.0))
+        uuid = self.successResultOf(self.call("Deploy", {"service": "m:Busy"}))["uuid"]
+        process = self.clock.last()
+        [(_, registry, instance)] = self.children.by_admin.values()
+        registry.publish_stats(instance, {"ReactorLag": 0.2})
+        self.settle(3.0)
+        self.assertEqual(self.daemon.events.recent(kind="unresponsive"), [])
+        registry.publish_stats(instance, {"ReactorLag": 3.0})
+        self.settle(2.2)
+        [event] = self.daemon.events.recent(kind="unresponsive")
+        self.assertEqual((event.uuid, event.fields["pid"]), (uuid, process.pid))
+        self.assertEqual(event.fields["error"], "reactor lag 3.00s over 1s")
+        self.assertIn("TERM", process.signals)
+
+    def test_deploy_with_a_uuid_is_idempotent(self) -> None:
+        """
+        C{Deploy} with a uuid: again (a retry, a hedged call) starts
+        nothing new; the same uuid for something else is refused.
+        """
+        self.make()
+        params = {"service": "m:A", "args": ["--region", "Mars"], "uuid": "fixed-1"}
+        self.assertEqual(self.successResultOf(self.call("Deploy", params)), {"uuid": "fixed-1"})
+        spawned = len(self.clock.spawned)
+        self.assertEqual(self.successResultOf(self.call("Deploy", params)), {"uuid": "fixed-1"})
+        self.assertEqual(len(self.clock.spawned), spawned)
+        self.assertEqual(len(self.daemon.events.recent(kind="deployed")), 1)
+        other = dict(params, service="m:B")
+        message = str(self.failureResultOf(self.call("Deploy", other), ServiceError).value)
+        self.assertEqual(
+            message, "cannot deploy: fixed-1 is deployed already, as m:A --region Mars"
+        )
+        bad = dict(params, uuid="../etc")
+        message = str(self.failureResultOf(self.call("Deploy", bad), ServiceError).value)
+        self.assertEqual(message, "cannot deploy: bad uuid '../etc'")
+        self.assertEqual(list(self.daemon.deployments), ["fixed-1"])
 
     def test_errors(self) -> None:
         self.make()
@@ -335,7 +559,7 @@ class DaemonUnitTests(SynchronousTestCase):
         self.make(guards=GuardConfig(sample_interval=1.0, child_max_rss=100 << 20,
                                      child_samples=3))  # fmt: skip
         uuid = self.successResultOf(self.call("Deploy", {"service": "m:Hog"}))["uuid"]
-        self.settle(1.5)
+        self.settle(1.2)
         first = self.clock.last()
         self.sampler.table[first.pid] = Usage(cpu=5.0, rss=150 << 20)
         self.settle(2.0)
@@ -412,7 +636,7 @@ class DaemonUnitTests(SynchronousTestCase):
                                      load_samples=2))  # fmt: skip
         uuids = [self.successResultOf(self.call("Deploy", {"service": f"m:S{i}"}))["uuid"]
                  for i in range(2)]  # fmt: skip
-        self.settle(0.5)
+        self.settle(0.9)  # (half a sample interval before the next sample)
         readings = [5.0, 3.0, 5.0, 5.0, 3.0, 1.0, 3.0, 4.0, 1.5, 1.0, 3.0, 3.9, 5.0, 3.0]
         self.loads.extend(readings)
         states = []
@@ -591,6 +815,146 @@ class ChildGuardTests(SynchronousTestCase):
         self.assertIsNone(guard.sample("a", 1, Usage(cpu=50.0, rss=1), in_registry=True))
 
 
+class ProbeGuardTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.guard = ProbeGuard(ProbeConfig(interval=2.0, timeout=1.0, failures=3, max_lag=0.5),
+                                self.clock)  # fmt: skip
+
+    def probe(self, answered: bool, pid: int = 7, **kwargs: Any) -> Unresponsive | None:
+        self.assertTrue(self.guard.due("u", pid))
+        self.guard.sent("u", pid)
+        self.assertFalse(self.guard.due("u", pid))  # one in flight at a time
+        result = self.guard.result("u", pid, answered=answered, **kwargs)
+        self.clock.advance(2.0)
+        return result
+
+    def test_due_every_interval(self) -> None:
+        self.guard.sent("u", 7)
+        self.guard.result("u", 7, answered=True)
+        self.clock.advance(1.9)
+        self.assertFalse(self.guard.due("u", 7))
+        self.clock.advance(0.1)
+        self.assertTrue(self.guard.due("u", 7))
+
+    def test_failures_in_a_row(self) -> None:
+        self.assertIsNone(self.probe(False, error="refused"))
+        self.assertIsNone(self.probe(False, error="refused"))
+        self.assertIsNone(self.probe(True))  # an answer: the count starts over
+        self.assertIsNone(self.probe(False, error="a"))
+        self.assertIsNone(self.probe(False, error="b"))
+        self.assertEqual(self.guard.failures("u"), 2)
+        self.assertEqual(
+            self.probe(False),
+            Unresponsive(uuid="u", pid=7, failures=3, errors=("a", "b", "no answer")),
+        )
+        # Condemned: no more probes of that process, its late answers ignored.
+        self.assertFalse(self.guard.due("u", 7))
+        self.assertIsNone(self.guard.result("u", 7, answered=False))
+        # A new process starts over.
+        self.guard.started("u")
+        self.assertTrue(self.guard.due("u", 8))
+        self.assertEqual(self.guard.failures("u"), 0)
+
+    def test_reactor_lag_counts_as_failing(self) -> None:
+        self.assertIsNone(self.probe(True, lag=0.4))
+        self.assertIsNone(self.probe(True, lag=0.9))
+        self.assertIsNone(self.probe(True, lag=2.0))
+        decision = self.probe(True, lag=0.6)
+        self.assertIsNotNone(decision)
+        self.assertEqual(decision.errors[-1], "reactor lag 0.60s over 0.5s")
+
+    def test_answer_of_a_replaced_process_is_ignored(self) -> None:
+        self.guard.sent("u", 7)
+        self.guard.started("u")
+        self.assertTrue(self.guard.due("u", 8))
+        self.assertIsNone(self.guard.result("u", 7, answered=False))
+        self.assertEqual(self.guard.failures("u"), 0)
+
+    def test_off_and_bad_configs(self) -> None:
+        self.assertFalse(ProbeGuard(ProbeConfig(interval=0), self.clock).due("u", 1))
+        for bad in ({"interval": -1}, {"timeout": 0}, {"failures": 0}, {"max_lag": 0}):
+            with self.assertRaises(ValueError):
+                ProbeConfig(**bad)
+
+
+class DeploymentStateTests(SynchronousTestCase):
+    def test_states(self) -> None:
+        def state(**kwargs: bool) -> str:
+            facts = dict(running=True, in_registry=False, exited=False, quick_death=False,
+                         registered_before_exit=False)  # fmt: skip
+            facts.update(kwargs)
+            return deployment_state(**facts)
+
+        self.assertEqual(state(), "starting")
+        self.assertEqual(state(in_registry=True), "running")
+        self.assertEqual(state(in_registry=True, exited=True, quick_death=True), "running")
+        # Died before it registered, or soon after it had: failing until a new one registers.
+        self.assertEqual(state(exited=True), "failing")
+        self.assertEqual(state(running=False, exited=True), "failing")
+        self.assertEqual(state(exited=True, quick_death=True, registered_before_exit=True),
+                         "failing")  # fmt: skip
+        # Had registered and stayed up: its next process is just starting.
+        self.assertEqual(state(exited=True, registered_before_exit=True), "starting")
+        self.assertEqual(state(running=False, exited=True, registered_before_exit=True),
+                         "restarting")  # fmt: skip
+
+    def test_the_record_is_strict(self) -> None:
+        from skynet.control import SubServiceStatus
+
+        entry = SubServiceStatus(uuid="u", service="m:A", args=(), running=False, pid=None,
+                                 restarts=2, started=None, registered=True, last_exit=None,
+                                 desired_registered=True, held=(), in_registry=None,
+                                 next_restart=None, backoff=4.0, log=None, cpu=None, rss=None,
+                                 state="failing", last_error="exited with code 1\nImportError")  # fmt: skip
+        doc = entry.to_bson()
+        self.assertEqual(SubServiceStatus.from_bson("u", doc), entry)
+        for key in ("state", "last_error", "probe_failures"):
+            with self.assertRaises(ValueError) as e:
+                SubServiceStatus.from_bson("u", {k: v for k, v in doc.items() if k != key})
+            self.assertIn(repr(key), str(e.exception))
+        with self.assertRaises(ValueError):
+            SubServiceStatus.from_bson("u", dict(doc, state="melting"))
+        with self.assertRaises(ValueError):
+            SubServiceStatus.from_bson("u", dict(doc, last_error=3))
+
+
+class ReactorLagTests(SynchronousTestCase):
+    def test_lateness_of_the_timer_over_a_window(self) -> None:
+        clock = Clock()
+        lag = ReactorLag(clock, interval=0.5, window=10.0)
+        lag.start()
+        for _ in range(4):
+            clock.advance(0.5)
+        self.assertEqual(lag.lag, 0.0)
+        clock.advance(3.0)  # the reactor was blocked for 3 s
+        self.assertEqual(lag.lag, 2.5)
+        for _ in range(10):
+            clock.advance(0.5)
+        self.assertEqual(lag.lag, 2.5)  # still within the window
+        for _ in range(12):
+            clock.advance(0.5)
+        self.assertEqual(lag.lag, 0.0)
+        lag.stop()
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_published_in_the_statistics(self) -> None:
+        clock = Clock()
+        cluster = LocalCluster(reactor=clock)
+        host = cluster.add(_Plain())
+        cluster.settle()
+        clock.advance(0.5)
+        clock.advance(2.5)
+        stats = host.statistics()
+        self.assertEqual(stats["ReactorLag"], 2.0)
+        self.assertIn("RequestsServed", stats)
+        self.successResultOf(cluster.stop())
+
+
+class _Plain(Service):
+    name = "Plain"
+
+
 class LoadGuardTests(SynchronousTestCase):
     def test_hysteresis(self) -> None:
         guard = LoadGuard(GuardConfig(load_high=4.0, load_low=2.0, load_samples=2))
@@ -740,7 +1104,7 @@ class DaemonLifecycleTests(SynchronousTestCase):
                         deployments=[make_deployment("m:A")], service_command=["twistd"],
                         own_session=False, admin=lambda *a: succeed(None))  # fmt: skip
         self.assertEqual([s.name for s in daemon],
-                         ["registry", "children", "supervisor", "host", "guards"])  # fmt: skip
+                         ["registry", "children", "supervisor", "host", "guards", "probes"])  # fmt: skip
         with capturedLogs() as events:
             self.assertIsNone(daemon.startService())
             self.assertEqual(len(clock.spawned), 1)  # children start without the registry
@@ -842,8 +1206,23 @@ class OptionsTests(SynchronousTestCase):
     def test_defaults(self) -> None:
         options = self.parse()
         self.assertEqual(options.guards, GuardConfig())
+        self.assertEqual(options.probes, ProbeConfig(interval=2.0, timeout=1.0, failures=3))
+        self.assertEqual(options["start-timeout"], 15.0)
         self.assertEqual(options.deployments, [])
         self.assertIsNone(options.daemon_uuid)
+
+    def test_probe_and_start_options(self) -> None:
+        options = self.parse("--probe-interval", "0.5", "--probe-timeout", "0.2",
+                             "--probe-failures", "2", "--probe-max-lag", "1.5",
+                             "--start-timeout", "30")  # fmt: skip
+        self.assertEqual(options.probes, ProbeConfig(interval=0.5, timeout=0.2, failures=2,
+                                                     max_lag=1.5))  # fmt: skip
+        self.assertEqual(options["start-timeout"], 30.0)
+        self.assertFalse(self.parse("--probe-interval", "0").probes.enabled)
+        for bad in (["--probe-timeout", "0"], ["--probe-failures", "0"],
+                    ["--probe-interval", "-1"], ["--start-timeout", "x"]):  # fmt: skip
+            with self.assertRaises(UsageError):
+                self.parse(*bad)
 
     def test_guard_options(self) -> None:
         options = self.parse("--child-max-rss", "150", "--child-max-cpu", "80",
@@ -922,6 +1301,19 @@ class ExtraStatisticsTests(SynchronousTestCase):
 # Real processes
 
 
+class Blocker(Service):
+    """
+    A service whose C{Block} blocks its reactor (run by the daemon as
+    C{tests.test_daemon:Blocker}).
+    """
+
+    name = "Blocker"
+
+    def Block(self, request_info: Any, params: dict[str, Any]) -> dict[str, Any]:
+        time.sleep(min(float(params.get("seconds", 1.0)), 10.0))
+        return {}
+
+
 SERVICE_ARGS = ["--listen", "tcp:0:interface=127.0.0.1", "--stats-interval", "0.5"]
 
 
@@ -960,6 +1352,33 @@ def gone(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+def _paced_load(fibonacci: Any, seconds: float, callers: int, max_calls: int,
+                pause: float) -> tuple[Deferred, dict[str, Any]]:  # fmt: skip
+    """
+    C{callers} loops calling C{Fibonacci.Index}, each at most C{max_calls}
+    times and for at most C{seconds}, C{pause} seconds apart (a load that
+    leaves the shared machine's cores to the processes under test).
+    """
+    results: dict[str, Any] = {"ok": 0, "failed": []}
+    stop_at = time.monotonic() + seconds
+
+    async def caller(n: int) -> None:
+        for i in range(max_calls):
+            if time.monotonic() >= stop_at:
+                return
+            index = (n * 7 + i) % 60
+            try:
+                reply = await fibonacci.call("Index", {"index": index})
+                assert reply["index"] == index, reply
+                results["ok"] += 1
+            except Exception as e:
+                results["failed"].append(repr(e))
+            await sleep(pause)
+
+    calls = [Deferred.fromCoroutine(caller(n)) for n in range(callers)]
+    return DeferredList(calls), results
 
 
 class DaemonProcess:
@@ -1055,9 +1474,18 @@ class _DaemonHarness(TestCase):
     def call(self, method: str, params: dict | None = None) -> Deferred:
         return self.client.service("SkynetDaemon").call(method, params or {})
 
-    async def deploy(self, service: str, *args: str, registered: bool = True) -> str:
-        result = await self.call("Deploy", {"service": service, "args": SERVICE_ARGS + list(args),
-                                            "registered": registered})  # fmt: skip
+    async def deploy(self, service: str, *args: str, registered: bool = True,
+                     wait: bool = True) -> str:  # fmt: skip
+        """
+        Deploy through the daemon; it answers once the child is in the
+        registry (C{wait=False}: at once).
+        """
+        params = {"service": service, "args": SERVICE_ARGS + list(args), "registered": registered}
+        if not wait:
+            params["start_timeout"] = 0
+        # Once, not hedged: Deploy waits for the child to register, and a
+        # hedged second attempt would deploy a second instance.
+        result = await self.client.service("SkynetDaemon").call_once("Deploy", params, timeout=30)
         return result["uuid"]
 
     async def listing(self) -> dict[str, Any]:
@@ -1212,7 +1640,7 @@ class DaemonProcessTests(_DaemonHarness):
         C{ListSubServices} shows it.
         """
         await self.start_daemon()
-        uuid = await self.deploy("examples.no_such_module:Nothing")
+        uuid = await self.deploy("examples.no_such_module:Nothing", wait=False)
         began = time.monotonic()
         delays: dict[float, float] = {}
         while True:
@@ -1235,6 +1663,136 @@ class DaemonProcessTests(_DaemonHarness):
         self.assertIn("No module named 'examples.no_such_module'", open(entry["log"]).read())
         # It is never abandoned: a 4th start follows.
         await wait_for(lambda: self._restarts(uuid, 4), timeout=15, what="restart 4")
+
+    async def test_sky_deploy_of_a_missing_module_fails(self) -> None:
+        """
+        C{sky deploy examples.nosuch:Thing}: the child dies before it
+        registers, so C{Deploy} fails and C{sky} exits non-zero printing
+        the import error; the listing shows the failing deployment with its
+        error and restarts; C{StopSubService} removes it.
+        """
+        await self.start_daemon()
+
+        def sky() -> subprocess.CompletedProcess:
+            return subprocess.run(
+                [sys.executable, "-m", "skynet.sky", "--registry", self.daemon.registry,
+                 "deploy", "examples.nosuch:Thing"],
+                cwd=ROOT, env=child_env(SKYNET_HOME=self.root), stdin=subprocess.DEVNULL,
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+
+        began = time.monotonic()
+        result = await deferToThread(sky)
+        took = time.monotonic() - began
+        self.assertNotEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertIn("Could not deploy examples.nosuch:Thing", result.stderr)
+        # It failed because the child died, not because the time ran out.
+        self.assertIn("exited with code 1 before it registered", result.stderr)
+        self.assertIn("No module named 'examples.nosuch'", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        print(f"\nsky deploy of a missing module: exit {result.returncode} after {took:.2f}s")
+        [(uuid, entry)] = (await self.listing()).items()
+        self.assertEqual(entry["service"], "examples.nosuch:Thing")
+        self.assertEqual(entry["state"], "failing", entry)
+        self.assertIn("No module named 'examples.nosuch'", entry["last_error"])
+        await wait_for(lambda: self._restarts(uuid, 1), timeout=15, what="a restart")
+        entry = (await self.listing())[uuid]
+        self.assertEqual(entry["state"], "failing", entry)
+        self.assertGreaterEqual(entry["restarts"], 1)
+        self.assertEqual(await self.call("StopSubService", {"uuid": uuid}),
+                         {"ok": True, "uuid": uuid})  # fmt: skip
+        self.assertEqual(await self.listing(), {})
+        await sleep(3.0)  # its back-off would have started it again by now
+        self.assertEqual(await self.listing(), {})
+        self.assertEqual([p for p in psutil.process_iter(["cmdline"])
+                          if uuid in " ".join(p.info["cmdline"] or [])], [])  # fmt: skip
+
+    async def test_sigstopped_child_is_killed_and_replaced(self) -> None:
+        """
+        Two Fibonacci under a client load; one SIGSTOP'd: its probes fail,
+        and within probes x interval + the restart time it is out of the
+        registry, killed and replaced (same uuid, new pid); zero failed
+        calls (the client hedges); the daemon's events say "unresponsive".
+        """
+        await self.start_daemon("--probe-interval", "1", "--probe-timeout", "0.5",
+                                "--probe-failures", "3")  # fmt: skip
+        fibs = [await self.deploy("examples.fibonacci:Fibonacci") for _ in range(2)]
+        instances = await self.registered(fibs)
+        fib = self.client.service("Fibonacci")
+        self.assertEqual(await fib.call("Index", {"index": 30}), {"index": 30, "value": 832040})
+        callers, results = _paced_load(fib, seconds=14.0, callers=4, max_calls=2000, pause=0.01)
+        await sleep(1.0)
+        victim = instances[0]
+        stopped_at = time.monotonic()
+        os.kill(victim.pid, signal.SIGSTOP)
+        self.addCleanup(lambda: gone(victim.pid) or os.kill(victim.pid, signal.SIGKILL))
+
+        async def unregistered() -> bool:
+            found = await self.registry.query(Query(uuid=victim.uuid))
+            return all(i.pid != victim.pid for i in found)
+
+        await wait_for(unregistered, timeout=20, what="the stopped child out of the registry")
+        out_after = time.monotonic() - stopped_at
+        await wait_for(lambda: gone(victim.pid), timeout=20, what="the stopped child killed")
+        killed_after = time.monotonic() - stopped_at
+        [again] = await wait_for(lambda: self._registered_with_new_pid(victim.uuid, victim.pid),
+                                 timeout=30, what="its replacement registered")  # fmt: skip
+        back_after = time.monotonic() - stopped_at
+        await callers
+        self.assertEqual(results["failed"], [], self.logs())
+        self.assertGreater(results["ok"], 50)
+        entry = (await self.listing())[victim.uuid]
+        self.assertEqual((entry["state"], entry["pid"], entry["restarts"]),
+                         ("running", again.pid, 1))  # fmt: skip
+        self.assertEqual(entry["last_exit"]["signal_name"], "SIGKILL")
+        [daemon_instance] = await self.registry.query(Query(service="SkynetDaemon"))
+
+        async def unresponsive() -> Any:
+            node = await self.registry.get_stats(daemon_instance) or {}
+            return [e for e in node.get("Events", []) if e["kind"] == "unresponsive"] or None
+
+        [event] = await wait_for(unresponsive, timeout=10, what="the event published")
+        self.assertEqual((event["uuid"], event["pid"], event["reason"], event["failures"]),
+                         (victim.uuid, victim.pid, "unresponsive", 3))  # fmt: skip
+        self.assertIn("unresponsive", event["text"])
+        # The other one was left alone.
+        self.assertEqual((await self.listing())[fibs[1]]["restarts"], 0)
+        # Its replacement publishes its reactor lag.
+        node = await wait_for(lambda: self.registry.get_stats(again), timeout=10,
+                              what="the replacement's statistics")  # fmt: skip
+        self.assertIsInstance(node["ReactorLag"], float)
+        print(
+            f"\nSIGSTOP of a child: out of the registry after {out_after:.2f}s, killed after "
+            f"{killed_after:.2f}s, replacement registered after {back_after:.2f}s; "
+            f"{results['ok']} calls, 0 failed"
+        )
+
+    async def test_a_child_whose_reactor_lags_is_replaced(self) -> None:
+        """
+        A child that blocks its reactor for 2 s still answers its probes
+        (timeout 4 s), but publishes a reactor lag over C{--probe-max-lag}:
+        its probes count as failed, it is killed and replaced.
+        """
+        await self.start_daemon("--probe-interval", "1", "--probe-timeout", "4",
+                                "--probe-failures", "2", "--probe-max-lag", "1")  # fmt: skip
+        uuid = await self.deploy("tests.test_daemon:Blocker")
+        [first] = await self.registered([uuid])
+        await sleep(2.0)
+        self.assertEqual((await self.listing())[uuid]["restarts"], 0)  # no lag: left alone
+        await self.client.service("Blocker").call_once("Block", {"seconds": 2.0}, timeout=10)
+        [again] = await wait_for(lambda: self._registered_with_new_pid(uuid, first.pid),
+                                 timeout=30, what="its replacement registered")  # fmt: skip
+        self.assertTrue(gone(first.pid))
+        [daemon_instance] = await self.registry.query(Query(service="SkynetDaemon"))
+
+        async def unresponsive() -> Any:
+            node = await self.registry.get_stats(daemon_instance) or {}
+            return [e for e in node.get("Events", []) if e["kind"] == "unresponsive"] or None
+
+        [event] = await wait_for(unresponsive, timeout=10, what="the event published")
+        self.assertEqual((event["uuid"], event["pid"]), (uuid, first.pid))
+        # (The timer's lateness: the 2 s block less the time since its last tick.)
+        self.assertRegex(event["error"], r"^reactor lag [12]\.\d\ds over 1s$")
 
     async def _restarts(self, uuid: str, n: int) -> bool:
         return (await self.listing())[uuid]["restarts"] >= n

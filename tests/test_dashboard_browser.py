@@ -476,6 +476,65 @@ def run_browser_checks(cluster: Cluster, browser: Any, rows: dict[str, Any],
     assert errors == [], errors
 
 
+def test_at_1400_px_one_table_per_host_and_no_daemon_actions(cluster: Cluster) -> None:
+    """
+    A 1400 px window: the host's table fits, actions included; the host is
+    one table although its instances are in two regions (a column says
+    which); the daemon's row offers no stop or unregister.
+    """
+    sync_api = require_browser()
+    try:
+        count = cluster.wait_for_all()
+        rows = cluster.rows()
+        assert {r["region"] for r in rows.values()} == {"Development", "unknown"}, rows
+        with sync_api.sync_playwright() as playwright:
+            browser = launch(playwright)
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 900}, bypass_csp=True)
+                page.goto(cluster.url + f"/?token={TOKEN}")
+                page.wait_for_selector("body.can-act")
+                page.wait_for_function(f"window.skynetDashboard.stats().rows === {count}")
+                check_layout(page, rows, cluster.daemon_available)
+            finally:
+                browser.close()
+    except BaseException:
+        print(cluster.logs())
+        raise
+
+
+def check_layout(page: Any, rows: dict[str, Any], daemon_available: bool) -> None:
+    assert page.locator("section.host").count() == 1
+    head = page.locator("section.host .host-head .region").inner_text()
+    assert head == "Development, unknown", head
+    for uuid, row in rows.items():
+        cell = page.locator(f'tr[data-uuid="{uuid}"] td.c-region')
+        assert cell.inner_text() == row["region"], (row, cell.inner_text())
+    # Nothing hidden behind a horizontal scrollbar, every button in the window.
+    overflow = page.evaluate("""Array.from(document.querySelectorAll('section.host'))
+                                .map((s) => s.scrollWidth - s.clientWidth)""")
+    assert overflow == [0], overflow
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1400
+    buttons = page.locator("td.c-actions button")
+    assert buttons.count() >= 3 * (len(rows) - (1 if daemon_available else 0))
+    for i in range(buttons.count()):
+        box = buttons.nth(i).bounding_box()
+        assert box is not None and box["x"] + box["width"] <= 1400, box
+    for uuid, row in rows.items():
+        actions = page.locator(f'tr[data-uuid="{uuid}"] td.c-actions')
+        names = [b.get_attribute("data-action") for b in actions.locator("button").all()]
+        if row["is_daemon"]:
+            assert names == [], names
+            assert actions.inner_text() == "host daemon"
+        else:
+            assert "stop" in names and ("register" in names) != ("unregister" in names), names
+    # The region tab filters rows, not tables.
+    page.click('nav#tabs button[data-region="Development"]')
+    visible = page.evaluate("""Array.from(document.querySelectorAll('tbody tr'))
+                               .filter((tr) => !tr.hidden).map((tr) => tr.dataset.uuid)""")
+    assert visible == [u for u, r in rows.items() if r["region"] == "Development"], visible
+    page.click('nav#tabs button[data-region="*"]')
+
+
 def test_the_page_reconnects_after_a_dashboard_restart(cluster: Cluster) -> None:
     sync_api = require_browser()
     try:
@@ -686,11 +745,22 @@ def take_screenshot(path: str, seconds: float) -> None:
         with sync_playwright() as playwright:
             browser = launch(playwright)
             try:
-                page = browser.new_page(viewport={"width": 1680, "height": 1050}, bypass_csp=True)
+                page = browser.new_page(viewport={"width": 1400, "height": 1000}, bypass_csp=True)
                 page.goto(cluster.url + f"/?token={TOKEN}")
                 page.wait_for_selector("body.can-act")
-                page.wait_for_timeout(3000)
-                page.screenshot(path=path)
+                # Settled: every row there, and the graphs have points to draw.
+                count = len(cluster.rows())
+                page.wait_for_function(f"window.skynetDashboard.stats().rows === {count}")
+                page.wait_for_function(
+                    """(() => {
+                        const charts = window.skynetDashboard.graphData();
+                        return charts.length
+                            && charts[0].lines.some((l) => l.points >= 5 && l.max > 0);
+                    })()""",
+                    timeout=30_000,
+                )
+                page.wait_for_timeout(1500)
+                page.screenshot(path=path, full_page=True)
             finally:
                 browser.close()
         print(f"saved {path}")

@@ -7,6 +7,7 @@ environment.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -36,11 +37,24 @@ class LocalClusterCommandTests(TestCase):
         registry, calls them through discovery, and (with --once) stops.
         """
         home = tempfile.mkdtemp(prefix="skynet-home-")
+        stale = os.path.join(home, "local-cluster", "0000-from-an-earlier-run.log")
+        os.makedirs(os.path.dirname(stale))
+        with open(stale, "w") as f:
+            f.write("old\n")
         result = await deferToThread(
             run_python, "-m", "examples.local_cluster", "--once", env={"SKYNET_HOME": home}
         )
         output = result.stdout + result.stderr
         self.assertEqual(result.returncode, 0, output)
+        self.assertFalse(os.path.exists(stale), "the logs of an earlier run are removed")
+        self.assertIn("\nstopping the cluster...\nstopped.\n", result.stdout)
+        # The host key fingerprint, as OpenSSH computes it from the key file.
+        keygen = subprocess.run(["ssh-keygen", "-l", "-f", os.path.join(home, "ssh", "host_key")],
+                                capture_output=True, text=True, timeout=30)  # fmt: skip
+        self.assertEqual(keygen.returncode, 0, keygen.stderr)
+        fingerprint = keygen.stdout.split()[1]
+        self.assertTrue(fingerprint.startswith("SHA256:"), keygen.stdout)
+        self.assertIn(f"host key ED25519 {fingerprint} (what ssh asks you to check)", output)
         self.assertIn("TestService.Upcase('hello skynet') = 'HELLO SKYNET'", output)
         self.assertIn("Fibonacci.Index(50) = 12586269025", output)
         self.assertIn("TutorialService.AddOne(41) = 42", output)
@@ -54,6 +68,62 @@ class LocalClusterCommandTests(TestCase):
         await registry.start()
         self.addCleanup(registry.stop)
         await wait_for(lambda: _empty(registry), timeout=10, what="registry emptied")
+
+
+class LocalClusterInterruptTests(TestCase):
+    timeout = 180
+
+    async def test_ctrl_c_and_busy_ports(self) -> None:
+        """
+        With 8080 and 2222 taken, the cluster says which ports it uses
+        instead; Ctrl-C (SIGINT to the terminal's process group) prints
+        that it stops and that it stopped, and leaves no traceback in any
+        log.
+        """
+        home = tempfile.mkdtemp(prefix="skynet-home-")
+        held = []
+        for port in (8080, 2222):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+                s.listen(1)
+            except OSError:
+                s.close()  # taken by someone else: taken all the same
+                continue
+            held.append(s)
+        self.addCleanup(lambda: [s.close() for s in held])
+        output_path = os.path.join(home, "out.txt")
+        out = open(output_path, "w")
+        self.addCleanup(out.close)
+        popen = subprocess.Popen([sys.executable, "-m", "examples.local_cluster"], cwd=ROOT,
+                                 env=child_env(SKYNET_HOME=home), stdout=out,
+                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 start_new_session=True)  # fmt: skip
+        self.addCleanup(terminate, popen)
+
+        def read() -> str:
+            with open(output_path) as f:
+                return f.read()
+
+        await wait_for(lambda: "Ctrl-C stops the cluster." in read() or popen.poll() is not None,
+                       timeout=120, what="the cluster to be up")  # fmt: skip
+        self.assertIsNone(popen.poll(), read())
+        os.killpg(popen.pid, signal.SIGINT)
+        await deferToThread(popen.wait, 60)
+        output = read()
+        self.assertRegex(output, r"port 8080 is taken: the dashboard uses port \d+ instead")
+        self.assertRegex(output, r"port 2222 is taken: the SSH shell uses port \d+ instead")
+        self.assertIn("\nstopping the cluster...\nstopped.\n", output)
+        self.assertNotIn("Traceback", output)
+        logs = os.path.join(home, "local-cluster")
+        for name in os.listdir(logs):
+            if name.endswith(".log"):
+                with open(os.path.join(logs, name), errors="replace") as f:
+                    text = f.read()
+                self.assertNotIn("Traceback", text, name)
+                self.assertNotIn("ReactorNotRunning", text, name)
+                self.assertNotIn("#critical]", text, name)
 
 
 async def _empty(registry) -> bool:

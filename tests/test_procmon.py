@@ -158,6 +158,52 @@ class SupervisorTests(SynchronousTestCase):
         verifyObject(IService, supervisor)
         verifyObject(IChildObserver, RecordingObserver())
 
+    def test_kill_child_skips_the_polite_stop_and_restarts_with_back_off(self) -> None:
+        """
+        A hung child: SIGTERM with SIGCONT (no polite request), SIGKILL
+        after the kill time, then a restart as after any death.
+        """
+        asked: list[str] = []
+        supervisor, reactor = make_supervisor(kill_time=2.0,
+                                              polite_stop=lambda n: asked.append(n))  # fmt: skip
+        supervisor.startService()
+        supervisor.add_child("a", ["/bin/a"])
+        first = reactor.last()
+        first.obey_term = False  # (SIGSTOP'd)
+        reactor.advance(3.0)
+        d = supervisor.kill_child("a")
+        self.assertEqual((first.signals, asked), (["TERM", "CONT"], []))
+        supervisor.kill_child("a")  # again: nothing more
+        self.assertEqual(first.signals, ["TERM", "CONT"])
+        reactor.advance(2.0)
+        self.assertEqual(first.signals, ["TERM", "CONT", "KILL"])
+        self.assertEqual(self.successResultOf(d).signal, 9)
+        # Up 5 s, under stable_after: the usual back-off of 1 s.
+        self.assertEqual(supervisor.children["a"].next_restart, reactor.seconds() + 1.0)
+        reactor.advance(1.0)
+        self.assertIsNot(reactor.last(), first)
+        self.assertEqual(supervisor.children["a"].restarts, 1)
+        self.assertEqual(kinds(supervisor), ["started", "terminating", "killing", "exited",
+                                             "restart_scheduled", "started"])  # fmt: skip
+
+    def test_last_lines_of_output_are_kept_per_process(self) -> None:
+        supervisor, reactor = make_supervisor()
+        supervisor.startService()
+        supervisor.add_child("a", ["/bin/a"])
+        first = reactor.last()
+        for i in range(30):
+            first.output(1 + i % 2, f"line {i}\n".encode())
+        first.output(2, b"ImportError: no module")  # no newline: flushed at the end
+        child = supervisor.children["a"]
+        self.assertEqual(list(child.output)[-1], "line 29")
+        self.assertEqual(len(child.output), procmon.TAIL_LINES)
+        first.exit(1)
+        self.assertEqual(child.last_output[-2:], ("line 29", "ImportError: no module"))
+        self.assertEqual(len(child.last_output), procmon.TAIL_LINES)
+        reactor.advance(1.0)  # the next process starts with none
+        self.assertEqual(list(child.output), [])
+        self.assertEqual(child.last_output[-1], "ImportError: no module")
+
     def test_uid_and_gid_are_honoured(self) -> None:
         supervisor, reactor = make_supervisor()
         supervisor.startService()

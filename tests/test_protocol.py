@@ -8,20 +8,25 @@ from __future__ import annotations
 
 import re
 import uuid
+from contextlib import contextmanager
 
 import bson
+from bson.code import Code
 from bson.int64 import Int64
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from skynet import _wire
 from skynet.errors import ProtocolError, RemoteCallError, ServiceError, ServiceUnregistered
 from skynet.protocol import (
-    _PLAIN_TCP,
     EMPTY_DOCUMENT,
     AdminProtocol,
     ClientProtocol,
@@ -184,6 +189,16 @@ class ServiceConformanceTests(SynchronousTestCase):
             for chunks in ("capture", "bytewise"):
                 with self.subTest(vector=name, chunks=chunks):
                     self.replay(name, chunks)
+
+    def test_every_vector_on_the_general_path(self) -> None:
+        """
+        The same with every fast path of L{skynet._wire} off: pymongo's
+        codec alone gives the captured bytes too.
+        """
+        with general_path():
+            for name in vectors.names():
+                with self.subTest(vector=name):
+                    self.replay(name)
 
     def test_index_lists_vectors(self) -> None:
         """
@@ -451,6 +466,273 @@ class ServerBehaviourTests(SynchronousTestCase):
         self.transport.clear()
         return [(bson.decode(h), bson.decode(b)) for h, b in pairs(docs)]
 
+    def raw(self, header: dict, body: dict | None = None) -> None:
+        if body is None:
+            body = {"clientid": self.clientid, "method": "Echo", "in": bson.encode({"ok": 1})}
+        self.protocol.dataReceived(bson.encode(header) + bson.encode(body))
+
+    def assert_still_serving(self, seq: int = 99) -> None:
+        self.request("Echo", {"still": "alive"}, seq=seq)
+        [(header, body)] = self.responses()
+        self.assertEqual((header["seq"], header["error"]), (seq, ""))
+        self.assertEqual(bson.decode(body["out"]), {"still": "alive"})
+        self.assertFalse(self.transport.disconnecting)
+        self.assertEqual((self.protocol.in_flight, self.host.stats.in_flight), (0, 0))
+
+    def test_seq_outside_int64_answered(self) -> None:
+        """
+        A seq that is no int64 (a double beyond its range, not finite or
+        not whole, a boolean, a string) gets Go's ill-formed answer under
+        seq 0; nothing stays in flight and the connection serves on.
+        """
+        bad = [1e20, float(2**63), 1e308, -1e20, float("inf"), float("nan"), 1.5, True, "7"]
+        for value in bad:
+            with self.subTest(seq=value):
+                self.raw({"servicemethod": "Echo.Forward", "seq": value})
+                [(header, body)] = self.responses()
+                self.assertEqual(
+                    header["error"], "rpc: service/method request ill-formed: Echo.Forward"
+                )
+                self.assertEqual((header["seq"], body), (0, {}))
+                self.assert_still_serving()
+        self.assertEqual(self.host.stats.requests_served, len(bad))
+
+    def test_whole_double_seq_accepted(self) -> None:
+        self.raw({"servicemethod": "Echo.Forward", "seq": 12.0})
+        [(header, _)] = self.responses()
+        self.assertEqual((header["seq"], header["error"]), (12, ""))
+
+    def test_header_without_servicemethod_or_seq(self) -> None:
+        """
+        As Go's net/rpc: a decodable header it cannot use (a second
+        handshake C{{}}, a missing seq, a servicemethod of another type) is
+        answered ill-formed with seq 0, its body read and dropped.
+        """
+        cases = [
+            ({}, ""),
+            ({"seq": Int64(5)}, ""),
+            ({"servicemethod": Code("Echo.Forward"), "seq": Int64(6)}, ""),
+            ({"servicemethod": 3, "seq": Int64(7)}, ""),
+        ]
+        for header, text in cases:
+            with self.subTest(header=header):
+                self.raw(header)
+                [(answer, body)] = self.responses()
+                self.assertEqual(answer["error"], f"rpc: service/method request ill-formed: {text}")
+                self.assertEqual(body, {})
+                self.assertEqual(answer["seq"], header.get("seq", 0))
+                self.assert_still_serving()
+
+    def test_header_without_seq_is_served_as_seq_0(self) -> None:
+        """
+        As Go's net/rpc, which decodes a missing C{seq} as 0: a header with
+        a good servicemethod and no seq is served, and answered with seq 0.
+        """
+        self.raw({"servicemethod": "Echo.Forward"})
+        [(answer, body)] = self.responses()
+        self.assertEqual((answer["seq"], answer["error"]), (0, ""))
+        self.assertEqual(bson.decode(body["out"]), {"ok": 1})
+        self.assert_still_serving()
+
+    def test_method_and_clientid_of_other_bson_types(self) -> None:
+        """
+        BSON JavaScript code (an unhashable C{str} subclass) and other types
+        where strings belong are refused with the protocol's answers.
+        """
+        for value in (Code("Echo"), Code("Echo", {"x": 1}), 5, None, b"Echo", ["Echo"]):
+            with self.subTest(method=value):
+                self.raw({"servicemethod": "Echo.Forward", "seq": Int64(1)},
+                         {"clientid": self.clientid, "method": value, "in": EMPTY_DOCUMENT})  # fmt: skip
+                [(header, _)] = self.responses()
+                self.assertEqual(header["error"], 'No such method ""')
+                self.assert_still_serving()
+        for value in (Code(self.clientid), 5, None, {"id": self.clientid}):
+            with self.subTest(clientid=value):
+                self.raw({"servicemethod": "Echo.Forward", "seq": Int64(2)},
+                         {"clientid": value, "method": "Echo", "in": EMPTY_DOCUMENT})  # fmt: skip
+                [(header, _)] = self.responses()
+                self.assertEqual(header["error"], "did not provide the ClientID")
+                self.assert_still_serving()
+
+    def test_any_failure_still_answers_and_finishes_accounting(self) -> None:
+        """
+        A failure inside the request's handling (here: a method lookup that
+        raises) is answered with an error, logged, and leaves nothing in
+        flight, so that a later stop does not wait for it.
+        """
+
+        def broken(name: str):
+            raise RuntimeError("bug")
+
+        self.host.find_method = broken  # type: ignore[method-assign]
+        self.request("Echo", seq=4)
+        [(header, _)] = self.responses()
+        self.assertEqual(
+            (header["seq"], header["error"]), (4, "rpc: internal error of the service")
+        )
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(self.host.stats.in_flight, 0)
+        self.assertTrue(self.host.drained().called)
+
+    def test_exception_whose_text_fails(self) -> None:
+        class Weird(Exception):
+            def __str__(self) -> str:
+                raise ValueError("no text")
+
+        def raising(info, params):
+            raise Weird()
+
+        self.host.methods["Weird"] = raising
+        self.request("Weird", seq=3)
+        [(header, body)] = self.responses()
+        self.assertEqual((header["error"], body["errstring"]), ("", "Weird"))
+        self.flushLoggedErrors()
+        self.assertEqual(self.host.stats.in_flight, 0)
+
+    def test_frame_that_does_not_complete_times_out(self) -> None:
+        frame = bson.encode({"servicemethod": "Echo.Forward", "seq": Int64(0), "pad": "x" * 500})
+        with capturedLogs():
+            self.protocol.dataReceived(frame[:100])
+            self.clock.advance(self.host.frame_timeout - 1)
+            self.protocol.dataReceived(frame[100:200])  # still the same frame
+            self.assertFalse(self.transport.disconnecting)
+            self.clock.advance(1)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.host.buffer_budget.used, 0)
+
+    def test_completed_frames_do_not_time_out(self) -> None:
+        for seq in range(5):
+            self.request("Echo", seq=seq)
+            self.clock.advance(self.host.frame_timeout)
+        self.assertFalse(self.transport.disconnecting)
+        self.assertEqual(self.clock.getDelayedCalls()[0].func, self.protocol._idle_check)
+
+    def test_buffer_budget_shared_by_connections(self) -> None:
+        """
+        Unfinished frames of all connections together stay within the
+        service's budget: the connection that would exceed it is closed,
+        and a closed connection gives its bytes back.
+        """
+        self.host.buffer_budget.limit = 1000
+        frame = bson.encode({"pad": "x" * 2000})
+        others = [connect_server(self.host) for _ in range(3)]
+        with capturedLogs():
+            for protocol, _ in others:
+                protocol.dataReceived(EMPTY_DOCUMENT + frame[:400])
+        self.assertEqual([t.disconnecting for _, t in others], [False, False, True])
+        self.assertEqual(self.host.buffer_budget.used, 800)
+        others[0][0].connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.host.buffer_budget.used, 400)
+        self.assert_still_serving()
+
+    def test_requests_larger_than_the_service_allows(self) -> None:
+        self.assertEqual(self.host.max_frame, 4 * 1024 * 1024)
+        with capturedLogs():
+            self.protocol.dataReceived((4 * 1024 * 1024 + 1).to_bytes(4, "little"))
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_idle_connection_closed(self) -> None:
+        self.clock.advance(self.host.idle_timeout - 1)
+        self.request("Echo")
+        self.responses()
+        self.clock.advance(self.host.idle_timeout)
+        self.assertFalse(self.transport.disconnecting)  # it spoke within the period
+        self.clock.advance(self.host.idle_timeout)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_idle_timer_spares_requests_in_flight(self) -> None:
+        self.request("Sleep", {"ms": 1000 * 1000 * 10})
+        self.clock.advance(self.host.idle_timeout * 3)
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_handshake_timeout_default(self) -> None:
+        protocol, transport = connect_server(self.host)
+        self.clock.advance(9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(transport.disconnecting)
+
+    def test_stops_reading_while_answers_wait(self) -> None:
+        """
+        The connection is its transport's producer: when the transport's
+        write buffer is full it pauses reading, and resumes when it drains.
+        """
+        self.assertIs(self.transport.producer, self.protocol)
+        self.assertTrue(self.transport.streaming)
+        self.protocol.pauseProducing()
+        self.assertEqual(self.transport.producerState, "paused")
+        self.protocol.resumeProducing()
+        self.assertEqual(self.transport.producerState, "producing")
+
+    def many_elements(self, count: int) -> bytes:
+        elements = b"\x0aa\x00" * count
+        return (len(elements) + 5).to_bytes(4, "little") + elements + b"\x00"
+
+    def fake_counter(self) -> list:
+        counts: list = []
+
+        def count_elements(data: bytes) -> Deferred:
+            d: Deferred = Deferred()
+            counts.append((data, d))
+            return d
+
+        self.host.count_elements = count_elements  # type: ignore[method-assign]
+        return counts
+
+    def test_request_with_too_many_elements_refused_without_decoding(self) -> None:
+        """
+        A request that may hold more elements than the service takes is
+        counted off the reactor first (it is in flight meanwhile), and
+        refused with an error if it does; the connection serves on.
+        """
+        counts = self.fake_counter()
+        self.protocol.dataReceived(
+            bson.encode({"servicemethod": "Echo.Forward", "seq": Int64(8)})
+            + self.many_elements(30_000)
+        )
+        [(data, d)] = counts
+        self.assertEqual(data[:4], (30_000 * 3 + 5).to_bytes(4, "little"))
+        self.assertEqual((self.responses(), self.host.stats.in_flight), ([], 1))
+        d.callback(30_000)
+        [(header, _)] = self.responses()
+        self.assertEqual(
+            (header["seq"], header["error"]),
+            (8, "request has 30000 elements, more than the 20000 this service takes"),
+        )
+        self.assertEqual(self.host.stats.in_flight, 0)
+        self.assert_still_serving()
+
+    def test_large_request_with_few_elements_served(self) -> None:
+        counts = self.fake_counter()
+        self.request("Echo", {"blob": b"\x00" * 100_000}, seq=5)
+        [(data, d)] = counts
+        # The params (fast path) or the whole body (general path) are counted.
+        self.assertIn(bson.encode({"blob": b"\x00" * 100_000}), data)
+        d.callback(1)
+        [(header, body)] = self.responses()
+        self.assertEqual((header["seq"], header["error"]), (5, ""))
+        self.assertEqual(bson.decode(body["out"]), {"blob": b"\x00" * 100_000})
+        self.assertEqual((self.host.stats.in_flight, self.host.stats.requests_served), (0, 1))
+
+    def test_small_requests_not_counted(self) -> None:
+        counts = self.fake_counter()
+        self.request("Echo", {"k": list(range(100))})
+        self.assertEqual(counts, [])
+        self.assertEqual(len(self.responses()), 1)
+
+    def test_busy_counter_refuses_at_once(self) -> None:
+        def busy(data: bytes) -> Deferred:
+            raise RuntimeError("8 large requests are waiting to be checked")
+
+        self.host.count_elements = busy  # type: ignore[method-assign]
+        self.protocol.dataReceived(
+            bson.encode({"servicemethod": "Echo.Forward", "seq": Int64(2)})
+            + self.many_elements(30_000)
+        )
+        [(header, _)] = self.responses()
+        self.assertIn("cannot take this request now", header["error"])
+        self.assertEqual(self.host.stats.in_flight, 0)
+
     def test_missing_requestinfo_tolerated(self) -> None:
         self.request("Info", requestinfo=False)
         [(header, body)] = self.responses()
@@ -479,6 +761,9 @@ class ServerBehaviourTests(SynchronousTestCase):
     def test_header_errors(self) -> None:
         cases = [
             ("NoDot", "rpc: service/method request ill-formed: NoDot"),
+            ("Echo.Forward.Again", "rpc: service/method request ill-formed: Echo.Forward.Again"),
+            ("Other.Echo.Forward", "rpc: service/method request ill-formed: Other.Echo.Forward"),
+            ("", "rpc: service/method request ill-formed: "),
             ("Other.Forward", "rpc: can't find service Other.Forward"),
             ("Echo.Backward", "rpc: can't find method Echo.Backward"),
         ]
@@ -491,7 +776,7 @@ class ServerBehaviourTests(SynchronousTestCase):
             )
         got = self.responses()
         self.assertEqual([h["error"] for h, _ in got], [e for _, e in cases])
-        self.assertEqual([b for _, b in got], [{}] * 3)
+        self.assertEqual([b for _, b in got], [{}] * len(cases))
         self.assertEqual([h["servicemethod"] for h, _ in got], [s for s, _ in cases])
         self.assertFalse(self.transport.disconnecting)
 
@@ -627,6 +912,24 @@ class AdminTests(SynchronousTestCase):
             bson.encode({"servicemethod": servicemethod, "seq": Int64(seq)}) + bson.encode(body)
         )
 
+    def test_admin_connections_share_the_service_limits(self) -> None:
+        """
+        On a service host, an admin connection's unfinished frame is timed
+        out and charged to the service's budget like any other.
+        """
+        clock = Clock()
+        host = make_host(clock=clock)
+        protocol = AdminProtocol(host)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        with capturedLogs():
+            protocol.dataReceived(bson.encode({"pad": "x" * 1000})[:500])
+            self.assertEqual(host.buffer_budget.used, 500)
+            clock.advance(host.frame_timeout)
+        self.assertTrue(transport.disconnecting)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(host.buffer_budget.used, 0)
+
     def test_admin_calls(self) -> None:
         self.send("Admin.Register", 0, {})
         self.send("Admin.Unregister", 1, {})
@@ -649,9 +952,9 @@ def _bson_or_error(frame: bytes, keys: tuple[str, ...]):
     return tuple(doc.get(k) for k in keys)
 
 
-def _ours_or_error(f, frame: bytes):
+def _ours_or_error(f, *args):
     try:
-        return f(frame)
+        return f(*args)
     except Exception as e:
         return ("error", type(e).__name__)
 
@@ -659,12 +962,82 @@ def _ours_or_error(f, frame: bytes):
 texts = st.text(max_size=40)
 int64s = st.integers(-(2**63), 2**63 - 1)
 
+#: Damage to a document: bytes overwritten (the length prefix included),
+#: then perhaps cut short, its prefix lying or telling the new length.
+damages = st.tuples(
+    st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), max_size=3),
+    st.one_of(st.none(), st.integers(0, 400)),
+    st.booleans(),
+)
+
+
+def damage(data: bytes, how) -> bytes:
+    mutations, cut, reframe = how
+    frame = bytearray(data)
+    for position, value in mutations:
+        if position < len(frame):
+            frame[position] = value
+    if cut is not None and cut < len(frame):
+        del frame[cut:]
+        if reframe and len(frame) >= 4:
+            frame[:4] = len(frame).to_bytes(4, "little")
+    return bytes(frame)
+
+
+def framed(frame: bytes) -> bool:
+    """
+    Whether C{frame} is one as the framing delivers it: its length prefix
+    is its length (the layouts' readers rely on that).
+    """
+    return len(frame) >= 4 and int.from_bytes(frame[:4], "little", signed=True) == len(frame)
+
+
+@contextmanager
+def general_path():
+    """
+    Every fast path of L{skynet._wire} off, as its one switch does it.
+    """
+    _wire.FAST = False
+    try:
+        yield
+    finally:
+        _wire.FAST = True
+
+
+def both_paths(f, *args):
+    """
+    C{f(*args)} with the fast paths on, then off: (fast, general), each a
+    result or the exception's type name.
+    """
+    fast = _ours_or_error(f, *args)
+    with general_path():
+        general = _ours_or_error(f, *args)
+    return fast, general
+
 
 class FastCodecTests(SynchronousTestCase):
     """
     The hand-written encoders produce exactly pymongo's bytes, and the fast
-    readers agree with bson.decode on every input, valid or not.
+    readers agree with the general (pymongo) path on every input: valid,
+    damaged, short or truncated.
     """
+
+    def test_switch_turns_the_fast_paths_off(self) -> None:
+        """
+        With C{FAST} off, the layouts decline every frame and the writers
+        are pymongo's, so the fast paths can be compared with something.
+        """
+        header = encode_header("Echo.Forward", 3)
+        layout = _wire.ServerLayout("Echo", "c")
+        self.assertEqual(layout.read_forward_header(header), 3)
+        with general_path():
+            off = _wire.ServerLayout("Echo", "c")
+            client = _wire.ClientLayout("Echo.Forward", "c")
+        self.assertIsNone(off.read_forward_header(header))
+        self.assertIsNone(client.read_ok_header(encode_header("Echo.Forward", 3, "")))
+        self.assertIsNone(client.read_ok_body(encode_response_body(EMPTY_DOCUMENT, "")))
+        self.assertEqual(off.ok_header(3), encode_header("Echo.Forward", 3, ""))
+        self.assertIsNone(_wire.ServerLayout("Echo", "c", fast=False).read_forward_header(header))
 
     @settings(max_examples=300, deadline=None)
     @given(texts, int64s, st.one_of(st.none(), texts))
@@ -673,12 +1046,17 @@ class FastCodecTests(SynchronousTestCase):
         if error is not None:
             doc["error"] = error
         self.assertEqual(encode_header(servicemethod, seq, error), bson.encode(doc))
+        fast, general = both_paths(encode_header, servicemethod, seq, error)
+        self.assertEqual(fast, general)
+        layout = _wire.ClientLayout(servicemethod, "c")
+        self.assertEqual(layout.request_header(seq), encode_header(servicemethod, seq))
 
     @settings(max_examples=300, deadline=None)
     @given(st.binary(max_size=200), texts)
     def test_encode_response_body(self, out, errstring) -> None:
         self.assertEqual(encode_response_body(out, errstring),
                          bson.encode({"out": out, "errstring": errstring}))  # fmt: skip
+        self.assertEqual(*both_paths(encode_response_body, out, errstring))
 
     @settings(max_examples=300, deadline=None)
     @given(texts, texts, texts, texts, st.integers(0, 2**31 - 1), documents)
@@ -688,36 +1066,58 @@ class FastCodecTests(SynchronousTestCase):
         expected = bson.encode({"clientid": clientid, "method": method,
                                 "requestinfo": info.to_bson(), "in": encoded})  # fmt: skip
         self.assertEqual(encode_request_body(clientid, method, info, encoded), expected)
+        self.assertEqual(*both_paths(encode_request_body, clientid, method, info, encoded))
 
     @settings(max_examples=500, deadline=None)
-    @given(texts, int64s, st.one_of(st.none(), texts), st.booleans(),
-           st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=3))  # fmt: skip
-    def test_decode_headers_like_bson(self, sm, seq, error, as_int32, mutations) -> None:
+    @given(texts, int64s, st.one_of(st.none(), texts), st.booleans(), damages)
+    def test_decode_headers_like_bson(self, sm, seq, error, as_int32, how) -> None:
         doc = {"servicemethod": sm, "seq": (seq & 0x7FFFFFFF) if as_int32 else Int64(seq)}
         if error is not None:
             doc["error"] = error
-        frame = bytearray(bson.encode(doc))
-        for position, value in mutations:
-            if 4 <= position < len(frame):
-                frame[position] = value
-        frame = bytes(frame)
+        frame = damage(bson.encode(doc), how)
         keys = ("servicemethod", "seq", "error")
-        self.assertEqual(_ours_or_error(decode_header, frame), _bson_or_error(frame, keys))
-        expected = _bson_or_error(frame, keys)
-        ours = _ours_or_error(decode_response_header, frame)
-        self.assertEqual(ours, expected if expected[0] == "error" else expected[1:])
+        fast, general = both_paths(decode_header, frame)
+        self.assertEqual(fast, general)
+        self.assertEqual(general, _bson_or_error(frame, keys))
+        self.assertEqual(*both_paths(decode_response_header, frame))
+        layout = _wire.ServerLayout("Echo", "c")
+        seq_fast = layout.read_forward_header(frame)
+        if seq_fast is not None:
+            self.assertEqual(bson.decode(frame), {"servicemethod": "Echo.Forward", "seq": seq_fast})
 
     @settings(max_examples=500, deadline=None)
-    @given(st.binary(max_size=100), texts,
-           st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=3))  # fmt: skip
-    def test_decode_response_body_like_bson(self, out, errstring, mutations) -> None:
-        frame = bytearray(bson.encode({"out": out, "errstring": errstring}))
-        for position, value in mutations:
-            if 4 <= position < len(frame):
-                frame[position] = value
-        frame = bytes(frame)
-        self.assertEqual(_ours_or_error(decode_response_body, frame),
-                         _bson_or_error(frame, ("out", "errstring")))  # fmt: skip
+    @given(st.binary(max_size=100), texts, damages)
+    def test_decode_response_body_like_bson(self, out, errstring, how) -> None:
+        frame = damage(bson.encode({"out": out, "errstring": errstring}), how)
+        fast, general = both_paths(decode_response_body, frame)
+        self.assertEqual(fast, general)
+        self.assertEqual(general, _bson_or_error(frame, ("out", "errstring")))
+        ok = _wire.ClientLayout("Echo.Forward", "c").read_ok_body(frame)
+        if ok is not None and framed(frame):
+            self.assertEqual(bson.decode(frame), {"out": ok, "errstring": ""})
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.integers(0, 2**63 - 1), damages)
+    def test_client_ok_header_like_bson(self, seq, how) -> None:
+        frame = damage(encode_header("Echo.Forward", seq, ""), how)
+        got = _wire.ClientLayout("Echo.Forward", "c").read_ok_header(frame)
+        if got is not None:
+            self.assertEqual(bson.decode(frame), {"servicemethod": "Echo.Forward", "seq": got,
+                                                  "error": ""})  # fmt: skip
+
+    def test_short_bodies(self) -> None:
+        """
+        Every body of 5 to 24 bytes that starts like C{{out: binary}}: the
+        fast reader declines it as pymongo rejects it.
+        """
+        layout = _wire.ClientLayout("Echo.Forward", "c")
+        for length in range(5, 25):
+            for tail in (b"\x00" * 24, b"\x01" * 24):
+                frame = (length.to_bytes(4, "little") + b"\x05out\x00" + tail)[:length]
+                with self.subTest(length=length):
+                    self.assertEqual(*both_paths(decode_response_body, frame))
+                    if layout.read_ok_body(frame) is not None and framed(frame):
+                        self.assertEqual(bson.decode(frame)["errstring"], "")
 
     def test_new_id_is_uuid4(self) -> None:
         ids = {new_id() for _ in range(1000)} | {new_request_id() for _ in range(1000)}
@@ -735,63 +1135,106 @@ def _request(clientid: str, method: str = "Echo", params: dict | None = None, se
     )
 
 
+def client_outcome(response: bytes) -> tuple[list, bool]:
+    """
+    What one call on a fresh client connection gets from C{response}, and
+    whether the connection was closed (its loss delivered, as TCP would).
+    """
+    protocol = ClientProtocol("Echo")
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(bson.encode({"registered": True, "clientid": "c"}))
+    d = protocol.call("Echo", {}, RequestInfo("x"))
+    with capturedLogs():
+        protocol.dataReceived(response)
+    if transport.disconnecting and not protocol.lost:
+        protocol.connectionLost(Failure(ConnectionDone()))
+    outcome: list = []
+    d.addCallbacks(outcome.append, lambda f: outcome.append((f.type, str(f.value))))
+    return outcome, transport.disconnecting
+
+
 class FastPathEquivalenceTests(SynchronousTestCase):
     """
     The service's and the client's fast paths for the usual layouts answer
-    exactly as the general readers do, for valid and damaged documents.
+    exactly as the general path does (the switch off), for valid, damaged,
+    short and truncated documents.
     """
 
-    def serve(self, data: bytes, fast: bool) -> tuple[bytes, bool]:
-        host = make_host()
-        protocol, transport = connect_server(host)
-        if not fast:
-            protocol._fast_body = lambda frame: None  # type: ignore[method-assign]
-            protocol._forward_header_length = -1
+    def serve(self, data: bytes, fast: bool) -> tuple[bytes, bool, int]:
+        _wire.FAST = fast
+        try:
+            host = make_host()
+            protocol, transport = connect_server(host)
+        finally:
+            _wire.FAST = True
         clientid = bson.decode(transport.value())["clientid"]
         transport.clear()
         protocol.dataReceived(EMPTY_DOCUMENT)
         self.flushLoggedErrors()
         protocol.dataReceived(data.replace(b"C" * 36, clientid.encode()))
-        return transport.value().replace(clientid.encode(), b"C" * 36), transport.disconnecting
+        written = transport.value().replace(clientid.encode(), b"C" * 36)
+        return written, transport.disconnecting, host.stats.in_flight
 
     @settings(max_examples=300, deadline=None)
-    @given(st.sampled_from(["Echo", "Add", "Info", "Nope", ""]), documents,
-           st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), max_size=3))  # fmt: skip
-    def test_service(self, method, params, mutations) -> None:
-        data = bytearray(_request("C" * 36, method, params))
-        for position, value in mutations:
-            if position < len(data):
-                data[position] = value
+    @given(st.sampled_from(["Echo", "Add", "Info", "Nope", ""]), documents, damages)
+    def test_service(self, method, params, how) -> None:
+        data = damage(_request("C" * 36, method, params), how)
         with capturedLogs():
-            fast = self.serve(bytes(data), fast=True)
-            slow = self.serve(bytes(data), fast=False)
+            fast = self.serve(data, fast=True)
+            slow = self.serve(data, fast=False)
         self.flushLoggedErrors()
         self.assertEqual(fast, slow)
+        self.assertEqual(fast[2], 0)  # every request accounted for
 
     @settings(max_examples=300, deadline=None)
-    @given(documents, st.text(max_size=20), st.text(max_size=20),
-           st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=2))  # fmt: skip
-    def test_client(self, result, error, errstring, mutations) -> None:
-        response = bytearray(
-            encode_header("Echo.Forward", 0, error)
-            + (EMPTY_DOCUMENT if error else encode_response_body(bson.encode(result), errstring))
+    @given(documents, st.text(max_size=20), st.text(max_size=20), damages)
+    def test_client(self, result, error, errstring, how) -> None:
+        header = encode_header("Echo.Forward", 0, error)
+        body = EMPTY_DOCUMENT if error else encode_response_body(bson.encode(result), errstring)
+        # Damage the header or the body (keeping the header whole, so that
+        # short and truncated bodies get read).
+        whole_header = not (how[0] and how[0][0][0] % 2)
+        if whole_header:
+            response = header + damage(body, how)
+        else:
+            response = damage(header + body, how)
+        fast = client_outcome(response)
+        with general_path():
+            general = client_outcome(response)
+        self.assertEqual(fast, general)
+        if whole_header and vectors.split_whole(response) >= 2:
+            # A whole answer to the call (or a broken one) ends it at once.
+            self.assertEqual(len(fast[0]), 1)
+
+    def test_client_short_body_fails_at_once(self) -> None:
+        """
+        A 10 to 13 byte body after a good header fails its call at once with
+        a protocol error (it used to raise IndexError and leave the call to
+        its timer), and closes the connection.
+        """
+        for length in range(10, 14):
+            body = (length.to_bytes(4, "little") + b"\x05out\x00" + b"\x00" * 8)[:length]
+            with self.subTest(length=length):
+                outcome, closed = client_outcome(encode_header("Echo.Forward", 0, "") + body)
+                [(kind, text)] = outcome
+                self.assertIs(kind, ProtocolError)
+                self.assertIn("undecodable response body", text)
+                self.assertTrue(closed)
+
+    def test_undecodable_out_is_a_protocol_failure(self) -> None:
+        outcome, closed = client_outcome(
+            encode_header("Echo.Forward", 0, "") + encode_response_body(b"\x07\x00junk", "")
         )
-        for position, value in mutations:
-            if position < len(response):
-                response[position] = value
-        outcomes = []
-        for fast in (True, False):
-            protocol = ClientProtocol("Echo")
-            protocol.makeConnection(StringTransport())
-            protocol.dataReceived(bson.encode({"registered": True, "clientid": "c"}))
-            if not fast:
-                protocol._ok_header_length = -1
-            d = protocol.call("Echo", {}, RequestInfo("x"))
-            protocol.dataReceived(bytes(response))
-            outcome: list = []
-            d.addCallbacks(outcome.append, lambda f, o=outcome: o.append((f.type, str(f.value))))
-            outcomes.append((outcome, protocol.transport.disconnecting))
-        self.assertEqual(outcomes[0], outcomes[1])
+        self.assertEqual([kind for kind, _ in outcome], [ProtocolError])
+        self.assertTrue(closed)
+
+    def test_service_error_is_not_a_protocol_failure(self) -> None:
+        outcome, closed = client_outcome(
+            encode_header("Echo.Forward", 0, "") + encode_response_body(EMPTY_DOCUMENT, "no")
+        )
+        self.assertEqual(outcome, [(ServiceError, "no")])
+        self.assertFalse(closed)
 
 
 class WriteNowTests(TestCase):
@@ -824,7 +1267,7 @@ class WriteNowTests(TestCase):
             TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), Protocol()
         )
         transport = client.transport
-        self.assertIn(type(transport), _PLAIN_TCP)
+        self.assertIn(type(transport), _wire.plain_tcp())
         write_now(transport, b"now")
         # Sent already: nothing waits in Twisted's buffer for the reactor.
         self.assertEqual((transport.dataBuffer[transport.offset :], transport._tempDataBuffer),

@@ -18,6 +18,7 @@ import types
 from typing import Any
 
 import attr
+import pytest
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
@@ -177,6 +178,7 @@ class FileTestMixin:
         return time.monotonic()
 
 
+@pytest.mark.slow
 class FileRegistryConformanceTests(FileTestMixin, RegistryConformanceMixin, TestCase):
     """
     The conformance suite on L{FileRegistry}: a temporary root, inotify
@@ -204,6 +206,7 @@ class FileRegistryConformanceTests(FileTestMixin, RegistryConformanceMixin, Test
         await sleep(0.05)
 
 
+@pytest.mark.slow
 class FileRegistryTests(FileTestMixin, TestCase):
     """
     What only the file registry does.
@@ -307,6 +310,138 @@ class FileRegistryTests(FileTestMixin, TestCase):
         await registry.remove(instance)
         self.assertEqual(tree(self.root), ["services", "statistics"])
 
+    async def test_data_node_layout(self) -> None:
+        """
+        A data node is a plain file at C{data/<escaped key>} holding the
+        value's bytes, with no owner record: it stays when its writer
+        stops, and a file written there by another process is read.
+        """
+        registry = await self.started(FileRegistry(self.root, reactor=reactor))
+        await registry.set_value("tls/revoked", b"serial-1")
+        self.assertEqual(os.listdir(os.path.join(self.root, "data")), ["tls%2Frevoked"])
+        with open(os.path.join(self.root, "data", "tls%2Frevoked"), "rb") as f:
+            self.assertEqual(f.read(), b"serial-1")
+        await registry.stop()
+        self.assertTrue(os.path.exists(os.path.join(self.root, "data", "tls%2Frevoked")))
+        write_atomically(os.path.join(self.root, "data", "cluster%2Fdesired"), b"{}")
+        reader = await self.started(FileRegistry(self.root, reactor=reactor))
+        self.assertEqual(await reader.get_value("cluster/desired"), b"{}")
+        self.assertEqual(await reader.get_value("tls/revoked"), b"serial-1")
+
+    async def test_data_node_watch_polls_without_inotify(self) -> None:
+        """
+        Without inotify, a value watch sees another process's write at the
+        next poll.
+        """
+        registry = await self.started(
+            FileRegistry(self.root, reactor=reactor, poll_interval=0.05, use_inotify=False)
+        )
+        seen: list = []
+        watch = registry.watch_value("k", seen.append)
+        self.addCleanup(watch.stop)
+        await self.wait_until(lambda: seen, "the first value")
+        write_atomically(os.path.join(self.root, "data", "k"), b"polled")
+        await self.wait_until(lambda: seen[-1:] == [b"polled"], "the polled value")
+        os.unlink(os.path.join(self.root, "data", "k"))
+        await self.wait_until(lambda: seen[-1:] == [None], "the deletion")
+        self.assertEqual(seen, [None, b"polled", None])
+
+    async def test_private_modes_whatever_the_umask(self) -> None:
+        """
+        With a umask of 0, every directory the registry creates is 0700 and
+        every file 0600 (other users can neither read admin addresses nor
+        add nodes).
+        """
+        old = os.umask(0)
+        self.addCleanup(os.umask, old)
+        registry = await self.started(FileRegistry(self.root, reactor=reactor))
+        instance = make_instance()
+        await registry.add(instance)
+        await registry.publish_stats(instance, {"Clients": 1})
+        await registry.set_value("a/b", b"v")
+        modes = {}
+        for directory, dirs, names in os.walk(os.path.dirname(self.root)):
+            for name in dirs + names:
+                modes[os.path.join(directory, name)] = os.stat(os.path.join(directory, name))
+        self.assertGreater(len(modes), 12)
+        for path, st in modes.items():
+            expected = 0o700 if os.path.isdir(path) else 0o600
+            self.assertEqual(oct(st.st_mode & 0o777), oct(expected), path)
+
+    async def test_directory_others_can_write_is_refused(self) -> None:
+        """
+        A registry directory (or its services, statistics or data) that
+        other users can write is refused with a clear error; one that they
+        can only read is made private.
+        """
+        os.makedirs(os.path.join(self.root, "services"))
+        for path in (self.root, os.path.join(self.root, "services")):
+            os.chmod(path, 0o777)
+            registry = FileRegistry(self.root, reactor=reactor)
+            with self.assertRaises(RegistryError) as caught:
+                await registry.start()
+            message = str(caught.exception)
+            self.assertIn(f"registry directory {path} is writable by other users", message)
+            self.assertIn(f"chmod 700 {path}", message)
+            os.chmod(path, 0o755)
+        registry = await self.started(FileRegistry(self.root, reactor=reactor))
+        self.assertEqual(os.stat(self.root).st_mode & 0o777, 0o700)
+        self.assertEqual(os.stat(os.path.join(self.root, "services")).st_mode & 0o777, 0o700)
+
+    async def test_foreign_directories(self) -> None:
+        """
+        As root: a registry directory of another user is refused, a tree
+        directory another user could write is skipped, and another user
+        cannot add a node at all.
+        """
+        if os.geteuid() != 0:
+            self.skipTest("needs root to make files of another user (uid 65534)")
+        registry = await self.started(FileRegistry(self.root, reactor=reactor))
+        good = make_instance(name="Good")
+        await registry.add(good)
+        evil_dir = os.path.join(self.root, "services", "Evil", "1", "r", "h")
+        write_atomically(
+            os.path.join(evil_dir, "1"),
+            make_instance(name="Evil", version="1", region="r", host="h", port=1).to_json(),
+        )
+        os.chmod(os.path.join(self.root, "services", "Evil"), 0o777)
+        with capturedLogs() as events:
+            self.assertEqual(await registry.query(Query()), [good])
+        self.assertIn(os.path.join(self.root, "services", "Evil"), [e.get("path") for e in events])
+        os.chmod(os.path.join(self.root, "services", "Evil"), 0o700)
+        os.chown(os.path.join(self.root, "services", "Evil"), 65534, 65534)
+        self.assertEqual(await registry.query(Query()), [good])
+
+        other_root = os.path.join(os.path.dirname(self.root), "theirs")
+        os.mkdir(other_root, 0o700)
+        os.chown(other_root, 65534, 65534)
+        with self.assertRaises(RegistryError) as caught:
+            await FileRegistry(other_root, reactor=reactor).start()
+        self.assertIn("belongs to another user (uid 65534)", str(caught.exception))
+
+        # uid 65534 itself cannot write a node into our tree.
+        os.chmod(os.path.dirname(self.root), 0o755)
+        fake = make_instance(name="Good", port=good.port + 1)
+        script = (
+            "import sys\n"
+            "from skynet.registry.files import write_atomically\n"
+            "try:\n"
+            "    write_atomically(sys.argv[1], sys.argv[2].encode())\n"
+            "except PermissionError:\n"
+            "    print('refused')\n"
+        )
+        import subprocess
+
+        result = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+             sys.executable, "-c", script,
+             os.path.join(self.root, "services") + fake.path, fake.to_json().decode()],
+            capture_output=True, text=True, timeout=60,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )  # fmt: skip
+        self.assertEqual(result.stdout, "refused\n", result.stderr)
+        self.assertEqual(await registry.query(Query()), [good])
+
     async def test_atomic_writes(self) -> None:
         """
         A reader racing a writer always reads a whole document, the old or
@@ -314,7 +449,7 @@ class FileRegistryTests(FileTestMixin, TestCase):
         """
         registry = await self.started(FileRegistry(self.root, reactor=reactor))
         versions = [
-            make_instance(port=9000, uuid="u", extra={"blob": letter * 400_000}) for letter in "ab"
+            make_instance(port=9000, uuid="u", extra={"blob": letter * 60_000}) for letter in "ab"
         ]
         await registry.add(versions[0])
         path = self.node_path(versions[0])
@@ -426,7 +561,9 @@ class FileRegistryTests(FileTestMixin, TestCase):
             registry.watch(Query(), listener)
             await self.wait_until(lambda: listener.events, "the snapshot")
         self.assertEqual(listener.events, [("snapshot", [good])])
-        warned = {e.get("path") for e in events if "malformed" in e.get("log_format", "")}
+        warned = {
+            e.get("path") for e in events if "Ignoring registry node" in e.get("log_format", "")
+        }
         self.assertEqual(
             warned, {garbage, partial, misplaced, os.path.join(services, "Bad/1/r/h/4")}
         )
@@ -588,6 +725,34 @@ class FileRegistryTests(FileTestMixin, TestCase):
         self.assertEqual(len(await registry.query(Query(registered=True))), 999)
         self.assertEqual(scanner.reads, 1001)
 
+    async def test_one_service_reads_only_its_subtree(self) -> None:
+        """
+        A watch or a query of one service reads that service's files only,
+        and a change elsewhere costs it no read; a change in its service
+        is re-read alone.
+        """
+        registry = await self.started(FileRegistry(self.root, reactor=reactor))
+        owner = current_owner().to_json()
+        instances = [make_instance(name=f"S{n % 20}", port=10000 + n) for n in range(400)]
+        for instance in instances:
+            self.write_node(instance, owner)
+        scanner = registry._get_scanner()
+        listener = RecordingListener()
+        watch = registry.watch(Query(service="S3"), listener)
+        self.addCleanup(watch.stop)
+        await self.wait_until(lambda: listener.events, "the snapshot")
+        self.assertEqual(len(listener.events[0][1]), 20)
+        self.assertEqual(scanner.reads, 20)
+        self.assertEqual(len(await registry.query(Query(service="S3"))), 20)
+        self.assertEqual(len(await registry.query(Query(service="S4", version="1"))), 20)
+        self.assertEqual(scanner.reads, 40)
+        self.write_node(attr.evolve(instances[7], registered=False), owner)  # S7
+        changed = attr.evolve(instances[3], registered=False)  # S3
+        self.write_node(changed, owner)
+        await self.wait_until(lambda: len(listener.events) > 1, "the change")
+        self.assertEqual(listener.events[1:], [("updated", changed)])
+        self.assertEqual(scanner.reads, 41)
+
     async def test_stop(self) -> None:
         """
         C{stop} deletes this object's nodes (not a node another object has
@@ -707,6 +872,37 @@ class RegistryFromURLTests(TestCase):
         url = "zk://10.0.0.1:2181,10.0.0.2:2181/skynet"
         self.assertEqual(registry_from_url(url, reactor=reactor), "the zk registry")
         self.assertEqual(calls, [(url, reactor)])
+
+    @pytest.mark.slow
+    def test_import_is_lazy(self) -> None:
+        """
+        Importing C{skynet.registry} imports no backend and not kazoo (nor a
+        reactor); the names still resolve, and a URL brings in only its
+        backend.
+        """
+        script = (
+            "import sys\n"
+            "import skynet.registry as r\n"
+            "loaded = sorted(m for m in sys.modules if m.startswith(('kazoo',"
+            " 'skynet.registry.', 'psutil')) or m == 'twisted.internet.reactor')\n"
+            "assert loaded == ['skynet.registry.base'], loaded\n"
+            "assert r.FileRegistry.__module__ == 'skynet.registry.files'\n"
+            "assert r.MemoryRegistry.__module__ == 'skynet.registry.memory'\n"
+            "r.registry_from_url('memory://x', reactor=object())\n"
+            "assert 'kazoo' not in sys.modules\n"
+            "from skynet.registry import files\n"
+            "print('ok')\n"
+        )
+        import subprocess
+
+        result = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            timeout=60,
+        )
+        self.assertEqual((result.returncode, result.stdout), (0, "ok\n"), result.stderr)
 
     def test_bad_urls(self) -> None:
         """

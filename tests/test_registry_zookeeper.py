@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import attr
+import pytest
 from kazoo.client import KazooClient
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
@@ -130,6 +131,7 @@ class Recorder:
         return [uuid for kind, uuid in self.events if kind == "removed"]
 
 
+@pytest.mark.slow
 class _ZooKeeperTestCase(TestCase):
     """
     Shared servers for a class, a fresh chroot per test, and helpers that
@@ -296,6 +298,26 @@ class StandaloneTests(_ZooKeeperTestCase):
         self.assertEqual(await registry.hosts(), ["10.0.0.7", "127.0.0.1"])
         self.assertEqual(await registry.get_stats(a), {"Clients": 3, "RequestsServed": 10})
         self.assertIsNone(await registry.get_stats(b))
+
+    async def test_data_nodes_are_persistent_beside_the_tree(self) -> None:
+        """
+        A data node is a persistent node at C{<chroot>/data/<escaped key>}
+        that a plain client reads, and that stays after its writer's
+        session closes; the Go tree below C{/services} is untouched.
+        """
+        registry = await self.started()
+        await registry.set_value("tls/revoked", b"serial-1\nserial-2")
+        zk = self.kazoo()
+        self.assertEqual(zk.get_children(f"{self.chroot}/data"), ["tls%2Frevoked"])
+        data, stat = zk.get(f"{self.chroot}/data/tls%2Frevoked")
+        self.assertEqual(data, b"serial-1\nserial-2")
+        self.assertEqual(stat.ephemeralOwner, 0)
+        self.assertIsNone(zk.exists(f"{self.chroot}/services"))
+        await registry.stop()
+        self.assertEqual(zk.get(f"{self.chroot}/data/tls%2Frevoked")[0], b"serial-1\nserial-2")
+        zk.set(f"{self.chroot}/data/tls%2Frevoked", b"from another language")
+        reader = await self.started()
+        self.assertEqual(await reader.get_value("tls/revoked"), b"from another language")
 
     async def test_default_chroot(self) -> None:
         registry = ZooKeeperRegistry.from_url(f"zk://{self.cluster.hosts}", reactor=reactor)
@@ -554,6 +576,102 @@ class StandaloneTests(_ZooKeeperTestCase):
         await owner.update(_with(mine, registered=False))
         self.assertFalse(json.loads(zk.get(path)[0])["Registered"])
 
+    async def test_leaf_deletion_costs_no_read(self) -> None:
+        """
+        A watched instance's removal is reported from the DELETED event
+        itself: no read of the node (nor of its service subtree) follows.
+        """
+        writer = await self.started()
+        doomed = instance("Reads", 9100)
+        kept = instance("Reads", 9101)
+        await writer.add(doomed)
+        await writer.add(kept)
+        watcher = await self.started()
+        recorder = await self.watching(watcher, Query(service="Reads"))
+        reads: list[str] = []
+        # Count the watcher's reads of data (kazoo's API on its client).
+        get_async = watcher._zk.get_async
+
+        def counting(path: str, *args: Any, **kwargs: Any) -> Any:
+            reads.append(path)
+            return get_async(path, *args, **kwargs)
+
+        self.patch(watcher._zk, "get_async", counting)
+        await writer.remove(doomed)
+        await poll(lambda: recorder.removals() == [doomed.uuid], what="the removal")
+        await sleep(0.3)
+        self.assertEqual(reads, [])
+        self.assertEqual(list(recorder.view), [kept.uuid])
+
+    async def test_many_adds_are_batched(self) -> None:
+        """
+        Instances added together are created in a few transactions, not
+        one request each; they are ephemeral nodes of the session, found
+        by a plain client; a node that exists already (another session's)
+        is replaced one at a time.
+        """
+        registry = await self.started()
+        peer = await self.started()
+        taken = instance("Batch0", 9400, uuid="old")
+        await peer.add(taken)
+        creates: list[str] = []
+        transactions: list[int] = []
+        create_async = registry._zk.create_async
+        transaction = registry._zk.transaction
+
+        def counting_create(path: str, *args: Any, **kwargs: Any) -> Any:
+            creates.append(path)
+            return create_async(path, *args, **kwargs)
+
+        def counting_transaction() -> Any:
+            transactions.append(1)
+            return transaction()
+
+        # Count kazoo's requests (its API, on the registry's client).
+        self.patch(registry._zk, "create_async", counting_create)
+        self.patch(registry._zk, "transaction", counting_transaction)
+        many = [instance(f"Batch{n % 7}", 9400 + n, host=f"10.9.{n % 5}.1") for n in range(300)]
+        many[0] = instance("Batch0", 9400, uuid="new")
+        await DeferredList([registry.add(i) for i in many], fireOnOneErrback=True)
+        self.assertEqual(
+            sorted(await peer.query(Query()), key=lambda i: i.port),
+            sorted(many, key=lambda i: i.port),
+        )
+        zk = self.kazoo()
+        for each in many[1:]:
+            self.assertEqual(
+                zk.exists(f"{self.chroot}/services{each.path}").ephemeralOwner,
+                registry.session_id,
+            )
+        # A few per depth of parents and per 250 nodes; one request each would be 300+.
+        self.assertLess(len(transactions), 50)
+        self.assertEqual(creates, [f"{self.chroot}/services{many[0].path}"])
+
+    async def test_get_by_uuid_reads_one_node(self) -> None:
+        """
+        C{get(uuid)} of an instance seen before reads its node only; an
+        unknown uuid walks the tree once.
+        """
+        writer = await self.started()
+        instances = [instance(f"G{n}", 9200 + n) for n in range(5)]
+        for each in instances:
+            await writer.add(each)
+        reader = await self.started()
+        self.assertEqual(len(await reader.query(Query())), 5)
+        reads: list[str] = []
+        get_async = reader._zk.get_async
+
+        def counting(path: str, *args: Any, **kwargs: Any) -> Any:
+            reads.append(path)
+            return get_async(path, *args, **kwargs)
+
+        self.patch(reader._zk, "get_async", counting)
+        self.assertEqual(await reader.get(instances[3].uuid), instances[3])
+        self.assertEqual(reads, [f"{self.chroot}/services{instances[3].path}"])
+        del reads[:]
+        self.assertIsNone(await reader.get("unknown"))
+        self.assertEqual(len(reads), 5)
+
     async def test_scale_watch_reads_only_the_queried_service(self) -> None:
         """
         2,000 instances across 50 services: a watch on one service reads and
@@ -625,7 +743,9 @@ class StandaloneTests(_ZooKeeperTestCase):
             lambda: "u57" not in one.view and not one.view["u7"].registered,
             what="the changes",
         )
-        self.assertEqual(one.events[1:], [("updated", "u7"), ("removed", "u57")])
+        # In order per instance; a deletion needs no read, so it may be
+        # reported before the update that needs one.
+        self.assertEqual(sorted(one.events[1:]), [("removed", "u57"), ("updated", "u7")])
         await poll(
             lambda: len(everything.view) == 1999,
             what="the removal in the all-services watch",
@@ -816,10 +936,171 @@ class ZooKeeperConformanceTests(RegistryConformanceMixin, _ZooKeeperTestCase):
         await sleep(0.05)
 
 
+class ACLTests(_ZooKeeperTestCase):
+    """
+    Digest authentication and ACLs against the real server: only members
+    create, change or delete under the chroot; reads open or members-only.
+    """
+
+    def members_url(self, **options: str) -> str:
+        query = "&".join(f"{k}={v}" for k, v in options.items())
+        return f"zk://member:s%40cret@{self.cluster.hosts}{self.chroot}" + (
+            f"?{query}" if query else ""
+        )
+
+    async def from_url(self, url: str) -> ZooKeeperRegistry:
+        registry = ZooKeeperRegistry.from_url(url, reactor=reactor, session_timeout=SESSION_TIMEOUT)
+        self.addCleanup(registry.stop)
+        await registry.start()
+        self.assertTrue(registry.connected)
+        return registry
+
+    async def test_only_members_write(self) -> None:
+        """
+        A member's instance and data node cannot be added to, changed or
+        removed by a client without the credentials: neither through a
+        registry (a clear RegistryError) nor a plain kazoo client; anyone
+        may read them by default.
+        """
+        member = await self.from_url(self.members_url())
+        self.assertEqual(member.credentials.user, "member")
+        self.assertEqual(member.credentials.secret, "s@cret")
+        self.assertNotIn("s@cret", repr(member))
+        self.assertNotIn("s%40cret", repr(member))
+        good = instance("Guarded", 9300)
+        await member.add(good)
+        await member.set_value("cluster/desired", b"v1")
+
+        stranger = await self.started()
+        self.assertEqual(await stranger.query(Query()), [good])
+        self.assertEqual(await stranger.get_value("cluster/desired"), b"v1")
+        fake = instance("Guarded", 9301, uuid="fake")
+        with self.assertRaises(RegistryError) as caught:
+            await stranger.add(fake)
+        self.assertIn("not authorized", str(caught.exception))
+        self.assertIn("credentials", str(caught.exception))
+        with self.assertRaises(RegistryError):
+            await stranger.remove(good)
+        with self.assertRaises(RegistryError):
+            await stranger.update(attr.evolve(good, registered=False))
+        with self.assertRaises(RegistryError) as caught:
+            await stranger.set_value("cluster/desired", b"evil")
+        self.assertIn("not authorized", str(caught.exception))
+        with self.assertRaises(RegistryError):
+            await stranger.delete_value("cluster/desired")
+        self.assertEqual(await member.query(Query()), [good])
+        self.assertTrue((await member.query(Query()))[0].registered)
+        self.assertEqual(await member.get_value("cluster/desired"), b"v1")
+
+        from kazoo.exceptions import NoAuthError
+
+        zk = self.kazoo()
+        services = f"{self.chroot}/services"
+        node = f"{services}{good.path}"
+        for attempt in (
+            lambda: zk.create(f"{services}/Evil", b""),
+            lambda: zk.create(f"{services}/Guarded/1/Test/127.0.0.1/9999", fake.to_json()),
+            lambda: zk.delete(node),
+            lambda: zk.set(node, b"{}"),
+            lambda: zk.set(f"{self.chroot}/data/cluster%2Fdesired", b"evil"),
+            lambda: zk.create(f"{self.chroot}/evil", b""),
+        ):
+            self.assertRaises(NoAuthError, attempt)
+
+        # Another member (same credentials, its own session) may.
+        peer = await self.from_url(self.members_url())
+        await peer.remove(good)
+        self.assertEqual(await member.query(Query()), [])
+
+    async def test_members_only_reads(self) -> None:
+        """
+        With C{read=members}, a client without credentials cannot read the
+        tree (a clear RegistryError); members can.
+        """
+        member = await self.from_url(self.members_url(read="members"))
+        self.assertIn("read=members", member.url)
+        good = instance("Secret", 9310)
+        await member.add(good)
+        await member.set_value("anything", b"hidden")
+        stranger = await self.started()
+        with self.assertRaises(RegistryError) as caught:
+            await stranger.query(Query())
+        self.assertIn("not authorized", str(caught.exception))
+        with self.assertRaises(RegistryError):
+            await stranger.get_value("anything")
+        reader = await self.from_url(self.members_url(read="members"))
+        self.assertEqual(await reader.query(Query()), [good])
+        self.assertEqual(await reader.get_value("anything"), b"hidden")
+
+    async def test_credentials_file(self) -> None:
+        """
+        C{?auth=FILE} reads C{user:secret} from a file only its owner may
+        read; a file others may read is refused with a clear error.
+        """
+        directory = self.mktemp()
+        os.makedirs(directory)
+        path = os.path.join(directory, "zk-credentials")
+        with open(path, "w") as f:
+            f.write("member:s@cret\n")
+        os.chmod(path, 0o644)
+        with self.assertRaises(RegistryError) as caught:
+            ZooKeeperRegistry.from_url(f"zk://{self.cluster.hosts}{self.chroot}?auth={path}")
+        self.assertIn("chmod 600", str(caught.exception))
+        os.chmod(path, 0o600)
+        url = f"zk://{self.cluster.hosts}{self.chroot}?auth={path}"
+        member = await self.from_url(url)
+        self.assertIn(f"auth={path}", member.url)
+        self.assertNotIn("s@cret", member.url)
+        good = instance("Filed", 9320)
+        await member.add(good)
+        # The same identity as the inline credentials.
+        inline = await self.from_url(self.members_url())
+        await inline.update(attr.evolve(good, registered=False))
+        stranger = await self.started()
+        with self.assertRaises(RegistryError):
+            await stranger.remove(good)
+
+    async def test_existing_chroot_is_secured(self) -> None:
+        """
+        A chroot made before ACLs were turned on gets the members' ACL on
+        its top nodes when a member connects.
+        """
+        open_registry = await self.started()
+        await open_registry.add(instance("Before", 9330))
+        await open_registry.stop()
+        await self.from_url(self.members_url())
+        zk = self.kazoo()
+        from kazoo.exceptions import NoAuthError
+
+        self.assertRaises(NoAuthError, zk.create, f"{self.chroot}/services/Evil", b"")
+        acl, _ = zk.get_acls(f"{self.chroot}/services")
+        self.assertEqual(sorted(a.id.scheme for a in acl), ["digest", "world"])
+
+
 class URLTests(TestCase):
     """
     L{ZooKeeperRegistry.from_url}, without a server.
     """
+
+    def test_credentials_in_url(self) -> None:
+        registry = ZooKeeperRegistry.from_url("zk://u%3Ax:p%40ss@h1,h2:2182/s?read=members")
+        self.assertEqual((registry.credentials.user, registry.credentials.secret), ("u", "x:p@ss"))
+        self.assertFalse(registry.open_reads)
+        self.assertEqual(registry.zk_hosts, "h1:2181,h2:2182")
+        self.assertNotIn("p%40ss", registry.display_url)
+        self.assertNotIn("p%40ss", repr(registry))
+        again = ZooKeeperRegistry.from_url(registry.url)
+        self.assertEqual(again.credentials, registry.credentials)
+        for url in (
+            "zk://h/s?read=members",
+            "zk://u:p@h/s?auth=/nonexistent",
+            "zk://h/s?auth=/nonexistent/file",
+            "zk://h/s?read=everyone",
+            "zk://:p@h/s",
+        ):
+            with self.assertRaises(RegistryError, msg=url) as caught:
+                ZooKeeperRegistry.from_url(url)
+            self.assertNotIn("p@h", str(caught.exception))
 
     def test_parses(self) -> None:
         registry = ZooKeeperRegistry.from_url(

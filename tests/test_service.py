@@ -6,18 +6,44 @@ registration at run time and graceful stop, on a fake clock.
 from __future__ import annotations
 
 import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import bson
+from bson.errors import InvalidBSON
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import fail, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from examples.fibonacci import Fibonacci
 from examples.sleeper import Sleeper
 from examples.testservice import TestService
-from skynet.errors import ServiceError, ServiceUnregistered
+from skynet.errors import RemoteCallError, ServiceError, ServiceUnregistered
 from skynet.registry import Query
 from skynet.registry.memory import MemoryRegistry
-from skynet.service import Service, ServiceStats, go_time, local, remote_method_names
+from skynet.service import (
+    ElementCounter,
+    Service,
+    ServiceHost,
+    ServiceStats,
+    _ServiceFactory,
+    connection_limit,
+    go_time,
+    local,
+    remote,
+    remote_method_names,
+)
 from skynet.testing import LocalCluster, MemoryServerEndpoint
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class Hooks(Service):
@@ -58,6 +84,41 @@ class RemoteMethodTests(SynchronousTestCase):
     def test_public_methods_only(self) -> None:
         self.assertEqual(remote_method_names(Hooks), ["Ping"])
         self.assertEqual(remote_method_names(Sleeper), ["Sleep"])
+
+    def test_exported_names_and_marked_methods(self) -> None:
+        """
+        As in Go's net/rpc, names starting with an upper-case letter are
+        remote; a lower-case one only when marked L{remote}; an upper-case
+        one marked L{local} is not.
+        """
+
+        class Mixed(Service):
+            def Exported(self, request_info, params):
+                return {}
+
+            def helper(self, request_info, params):
+                return {}
+
+            @remote
+            def lower(self, request_info, params):
+                return {}
+
+            @local
+            def Hidden(self, request_info, params):
+                return {}
+
+        self.assertEqual(remote_method_names(Mixed), ["Exported", "lower"])
+
+    def test_fibonacci_helper_not_callable_over_the_wire(self) -> None:
+        self.assertEqual(remote_method_names(Fibonacci), ["Index"])
+        cluster = LocalCluster()
+        self.addCleanup(cluster.stop)
+        cluster.add(Fibonacci())
+        f = self.failureResultOf(cluster.call("Fibonacci", "value", {"index": 3}), RemoteCallError)
+        self.assertEqual(str(f.value), 'No such method "value"')
+        result = cluster.call("Fibonacci", "Index", {"index": 10})
+        cluster.settle()
+        self.assertEqual(self.successResultOf(result), {"index": 10, "value": 55})
 
     def test_defaults(self) -> None:
         cluster = LocalCluster()
@@ -138,6 +199,27 @@ class LifecycleTests(SynchronousTestCase):
         self.successResultOf(stopped)
         self.assertEqual(self.successResultOf(self.cluster.registry.query(Query())), [])
         self.assertEqual(host.clients, 0)
+
+    def test_linger_keeps_an_unregistered_instance_in_the_registry(self) -> None:
+        """
+        With C{linger}, a stopping instance stays in the registry,
+        unregistered and listening, for that long before it leaves: a
+        watcher sees the unregistration before the removal.
+        """
+        host = self.cluster.add(Sleeper())
+        host.linger = 0.5
+        self.cluster.settle()
+        stopped = host.stopService()
+        self.cluster.settle()
+        [instance] = self.successResultOf(self.cluster.registry.query(Query()))
+        self.assertFalse(instance.registered)
+        self.assertIsNotNone(host.port)
+        self.clock.advance(0.4)
+        self.assertNoResult(stopped)
+        self.assertEqual(len(self.successResultOf(self.cluster.registry.query(Query()))), 1)
+        self.clock.advance(0.2)
+        self.successResultOf(stopped)
+        self.assertEqual(self.successResultOf(self.cluster.registry.query(Query())), [])
 
     def test_drain_is_bounded(self) -> None:
         host = self.cluster.add(Sleeper())
@@ -237,3 +319,104 @@ class StatisticsTests(SynchronousTestCase):
                     "P99ResponseTime"):  # fmt: skip
             self.assertIn(key, stats)
         self.successResultOf(cluster.stop())
+
+
+class LimitTests(SynchronousTestCase):
+    def test_connection_limit_follows_the_descriptor_limit(self) -> None:
+        """
+        By default a service takes 4,096 connections, or fewer when the
+        process may not open as many descriptors, keeping 64 for the rest.
+        """
+        self.assertEqual(connection_limit(1024), 960)
+        self.assertEqual(connection_limit(1 << 20), 4096)
+        self.assertEqual(connection_limit(10), 1)
+        host = ServiceHost(Hooks(), registry=None, endpoints=[], reactor=Clock())
+        self.assertEqual(host.max_connections, connection_limit())
+        self.assertEqual(host.max_connections_per_peer, 256)
+
+    def test_connections_beyond_the_limits_refused(self) -> None:
+        host = ServiceHost(Hooks(), registry=None, endpoints=[], reactor=Clock(),
+                           max_connections=3, max_connections_per_peer=2)  # fmt: skip
+        factory = _ServiceFactory(host)
+        a, b = IPv4Address("TCP", "10.0.0.1", 1), IPv4Address("TCP", "10.0.0.2", 1)
+        with capturedLogs() as events:
+            first = [factory.buildProtocol(a) for _ in range(3)]
+            other = [factory.buildProtocol(b) for _ in range(2)]
+        self.assertEqual([p is None for p in first], [False, False, True])
+        self.assertEqual([p is None for p in other], [False, True])  # 3 in all
+        self.assertEqual([e["refused"] for e in events if "refused" in e], [1, 2])
+        first[0].makeConnection(StringTransport())
+        first[0].connectionLost(Failure(ConnectionDone()))
+        self.assertIsNotNone(factory.buildProtocol(b))
+        self.assertEqual(factory.per_peer, {"10.0.0.1": 1, "10.0.0.2": 2})
+
+
+class ImportTests(SynchronousTestCase):
+    def test_importing_installs_no_reactor(self) -> None:
+        """
+        C{skynet.client} and C{skynet.service} can be imported before a
+        reactor is chosen: the asyncio reactor installs afterwards.
+        """
+        code = (
+            "import sys, skynet.client, skynet.service, skynet.protocol\n"
+            "assert 'twisted.internet.reactor' not in sys.modules, 'reactor installed'\n"
+            "from twisted.internet import asyncioreactor\n"
+            "asyncioreactor.install()\n"
+            "from twisted.internet import reactor\n"
+            "print(type(reactor).__name__)\n"
+        )
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=60, cwd=ROOT)  # fmt: skip
+        self.assertEqual((done.returncode, done.stderr), (0, ""))
+        self.assertEqual(done.stdout.strip(), "AsyncioSelectorReactor")
+
+
+class ZooKeeperShutdownTests(SynchronousTestCase):
+    """
+    A real twistd service on a real ZooKeeper, stopped with SIGTERM: it
+    unregisters and drains while its registry is still up, then removes
+    itself and closes the registry; nothing critical is logged.
+    """
+
+    def test_sigterm_leaves_cleanly(self) -> None:
+        from tests.processes import ServiceProcess
+        from tests.zkserver import ZooKeeperCluster
+
+        zk = ZooKeeperCluster(1).start()
+        self.addCleanup(zk.close)
+        process = ServiceProcess(
+            "examples.testservice:TestService",
+            zk.url("/skynet-shutdown"),
+            env={"SKYNET_HOME": self.mktemp()},
+        ).start()
+        self.addCleanup(process.stop)
+        deadline = time.monotonic() + 60
+        while "Connected to ZooKeeper" not in process.output():
+            self.assertLess(time.monotonic(), deadline, process.output())
+            self.assertIsNone(process.popen.poll(), process.output())
+            time.sleep(0.1)
+        time.sleep(1.0)  # registered; the first statistics are published
+        process.kill(signal.SIGTERM)
+        self.assertIn(process.wait(30), (0, -signal.SIGTERM))
+        log = process.output()
+        self.assertIn("stopped", log)
+        for bad in ("Traceback", "CRITICAL", "critical", "could not update", "could not remove"):
+            self.assertNotIn(bad, log)
+
+
+class ElementCounterTests(TestCase):
+    """
+    The real worker process counts elements, nested ones included, and
+    reports documents it cannot decode.
+    """
+
+    async def test_counts_in_a_worker(self) -> None:
+        from twisted.internet import reactor
+
+        counter = ElementCounter(reactor)
+        self.addCleanup(counter.stop)
+        doc = bson.encode({"a": [1, 2, {"b": None}], "c": {"d": 1}})
+        self.assertEqual(await counter.count(doc), 7)  # a, c; 1, 2, {}; b; d
+        with self.assertRaises(InvalidBSON):
+            await counter.count(b"\x0a\x00\x00\x00\x99bad\x00\x00")
+        self.assertEqual(counter.pending, 0)

@@ -385,7 +385,7 @@ class ActionTests(ShellTestCase):
         _, io = self.sh(self.shell(), "stop --port 1")
         self.assertEqual(io.questions, [])
         status, io = self.sh(self.shell(interactive=True), "stop --port 2", answers=[False])
-        self.assertEqual(io.questions, ["1 instances will be stopped, Are you sure? (Y/N) > "])
+        self.assertEqual(io.questions, ["1 instance will be stopped, Are you sure? (Y/N) > "])
         self.assertEqual(status, 1)
         self.assertEqual(len(self.admin.calls), 1)
 
@@ -510,7 +510,7 @@ class DaemonRouteTests(ShellTestCase):
         status, io = self.sh(self.shell(interactive=True), "deploy m:C", answers=[False])
         self.assertEqual(status, 1)
         self.assertEqual(
-            io.questions, ["Service will be deployed to 1 hosts, Are you sure? (Y/N) > "]
+            io.questions, ["Service will be deployed to 1 host, Are you sure? (Y/N) > "]
         )
         self.assertEqual(self.daemon.calls, [])
 
@@ -699,7 +699,7 @@ class TerminalTests(ShellTestCase):
         t.type(b"port 4\r")
         t.clear()
         t.type(b"stop\r")
-        self.assertTrue(t.screen().endswith("1 instances will be stopped, Are you sure? (Y/N) > "))
+        self.assertTrue(t.screen().endswith("1 instance will be stopped, Are you sure? (Y/N) > "))
         t.type(b"Y\r")
         self.assertIn(f"Stopped service with UUID {admin_instance.uuid}.", t.screen())
         self.assertEqual(len(self.admin.calls), 1)
@@ -750,3 +750,85 @@ class TerminalTests(ShellTestCase):
         t.shell.terminalSize(100, 40)
         self.assertEqual(t.screen(), "")
         self.assertEqual((t.shell.width, t.shell.height), (100, 40))
+
+
+class NoMatchTests(ShellTestCase):
+    """
+    Queries that find nothing exit 1 with one line on stderr, so that a typo
+    does not look like an empty cluster.
+    """
+
+    def test_queries_matching_nothing(self) -> None:
+        self.record(name="Sleeper", port=3)
+        shell = self.shell()
+        for line in ["instances --service Nope", "stats --service Nope", "topology --host nope",
+                     "hosts --service Nope", "versions --service Nope", "services --region Mars",
+                     "regions --port 99", "instances --service Nope --json"]:  # fmt: skip
+            status, io = self.sh(shell, line)
+            self.assertEqual((status, io.output), (1, ""), line)
+            self.assertEqual(len(io.errors.splitlines()), 1, line)
+            self.assertIn("no instance matches the filters (", io.errors)
+        status, io = self.sh(shell, "instances --service Sleeper")
+        self.assertEqual(status, 0)
+        self.assertIn("Sleeper 1", io.output)
+
+    def test_empty_registry(self) -> None:
+        status, io = self.sh(self.shell(), "instances")
+        self.assertEqual((status, io.output, io.errors), (1, "", "no instance in the registry"))
+
+
+class DaemonActionTests(ShellTestCase):
+    def test_acting_on_a_daemon_says_how_to_stop_one(self) -> None:
+        self.record(name="SkynetDaemon", host="10.0.0.5", port=4, uuid="d1", pid=4242)
+        for action in ("stop", "restart", "unregister"):
+            status, io = self.sh(self.shell(), f"--service SkynetDaemon {action} --yes")
+            self.assertEqual(status, 1)
+            self.assertEqual(io.output, "")
+            (line,) = io.errors.splitlines()
+            self.assertIn(f"SkynetDaemon instances are not acted on with '{action}'", line)
+            self.assertIn("on 10.0.0.5: kill 4242", line)
+        self.assertEqual(self.admin.calls, [])
+
+
+class OutputTests(ShellTestCase):
+    def test_iso_time(self) -> None:
+        from skynet.shell import iso_time
+
+        self.assertEqual(iso_time("2026-12-01T07:47:34Z+0000"), "2026-12-01T07:47:34Z")
+        self.assertEqual(iso_time("2026-12-01T08:47:34Z+0100"), "2026-12-01T07:47:34Z")
+        self.assertEqual(iso_time(""), "")
+        self.assertEqual(iso_time("soon"), "soon")
+
+    def test_stats_grammar_and_times(self) -> None:
+        instance = self.record(port=5)
+        stats = {"RequestsServed": 1, "Errors": 0, "Clients": 1, "AverageResponseTime": 54836,
+                 "LastRequest": "2026-12-01T08:47:34Z+0100"}  # fmt: skip
+        self.successResultOf(self.writer.publish_stats(instance, stats))
+        status, io = self.sh(self.shell(), "stats")
+        self.assertEqual(status, 0, io.errors)
+        self.assertIn("1 request, 0 errors, 1 client, avg 0.05 ms", io.output)
+        self.assertIn("last request 2026-12-01T07:47:34Z", io.output)
+        self.assertNotIn("+0", io.output)
+        status, io = self.sh(self.shell(), "stats --json")
+        (row,) = json.loads(io.output)
+        self.assertEqual(row["stats"]["LastRequest"], "2026-12-01T07:47:34Z")
+        self.assertEqual(row["stats"]["AverageResponseTime"], 54836)
+
+
+class CommandTableTests(SynchronousTestCase):
+    def test_every_command_is_in_the_table_and_completed(self) -> None:
+        from skynet.shell import COMMAND_TABLE, COMMANDS
+
+        self.assertEqual(set(COMMAND_TABLE) - {"h"}, set(COMMANDS))
+
+    def test_argument_counts_come_from_the_table(self) -> None:
+        cluster = LocalCluster()
+        self.addCleanup(cluster.stop)
+        shell = Shell(cluster.registry, cluster.client(), reactor=cluster.clock)
+        for line, usage in [("stats x", "Usage: stats"), ("call A", "Usage: call SERVICE"),
+                            ("reset a b", "Usage: reset [<filter>]"), ("stop now", "Usage: stop"),
+                            ("deploy", "Usage: deploy <MODULE:CLASS>"),
+                            ("service a b", "Usage: service [<service>]")]:  # fmt: skip
+            io = BufferIO()
+            self.assertEqual(self.successResultOf(shell.run_line(line, io)), 2, line)
+            self.assertTrue(io.errors.startswith(usage), (line, io.errors))

@@ -230,7 +230,10 @@ class SkyTests(SynchronousTestCase):
         port = docs[0]["port"]
         self.assertEqual(self.lines("--port", str(port), "instances"),
                          [f"127.0.0.1:{port} - Fibonacci unknown [Registered]"])  # fmt: skip
-        self.assertEqual(self.lines("instances", "--registered", "false"), [])
+        # Nothing unregistered: no output, status 1, the reason on stderr.
+        result = self.sky("instances", "--registered", "false", status=1)
+        self.assertEqual(result.stdout, "")
+        self.assertEqual(result.stderr, "no instance matches the filters (registered=false)\n")
 
     def test_topology(self) -> None:
         lines = self.lines("topology")
@@ -267,8 +270,9 @@ class SkyTests(SynchronousTestCase):
         )
         self.assertRegex(
             lines[0],
-            r"^127\.0\.0\.1:\d+ - TestService unknown \[Registered\]: [1-9]\d* requests, "
-            r"0 errors, \d+ clients, avg [\d.]+ ms, p50 [\d.]+ ms, p99 [\d.]+ ms",
+            r"^127\.0\.0\.1:\d+ - TestService unknown \[Registered\]: (1 request|[1-9]\d+ requests|"
+            r"[2-9] requests), 0 errors, (1 client|\d+ clients), avg [\d.]+ ms, p50 [\d.]+ ms, "
+            r"p99 [\d.]+ ms, last request \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$",
         )
         docs = self.json("stats")
         self.assertEqual(len(docs), 4)
@@ -282,6 +286,16 @@ class SkyTests(SynchronousTestCase):
             (("frobnicate",), 2, "Unknown command"),
             (("--port", "x", "instances"), 2, "port must be a number"),
             (("--service", "Nope", "stop", "--yes"), 1, "no instance matches the filters"),
+            (("--service", "Nope", "instances"), 1, "no instance matches the filters"),
+            (("--service", "Nope", "stats"), 1, "no instance matches the filters"),
+            (("--service", "Nope", "topology"), 1, "no instance matches the filters"),
+            (("--service", "Nope", "hosts"), 1, "no instance matches the filters"),
+            (("--service", "Nope", "versions"), 1, "no instance matches the filters"),
+            (
+                ("--service", "SkynetDaemon", "stop", "--yes"),
+                1,
+                "SkynetDaemon instances are not acted on with 'stop'",
+            ),
         ]:
             result = subprocess.run(
                 [sys.executable, "-m", "skynet.sky", *args]
@@ -294,6 +308,26 @@ class SkyTests(SynchronousTestCase):
             self.assertEqual(result.stderr.count("\n"), 1, result.stderr)
             self.assertNotIn("Traceback", result.stderr)
         self.assertIn("Usage: sky", self.sky("help").stdout)
+
+    def test_registry_directory_must_exist(self) -> None:
+        """
+        A file:// registry that names no directory is an error (a typo must
+        not look like an empty cluster); --create-registry makes one.
+        """
+        typo = os.path.join(self.cluster.home, "registyr")
+        command = [sys.executable, "-m", "skynet.sky", "--registry", f"file://{typo}", "services"]
+        result = subprocess.run(command, cwd=ROOT, env=self.cluster.env, capture_output=True,
+                                text=True, timeout=60)  # fmt: skip
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertEqual(result.stdout, "")
+        self.assertIn(f"the directory {typo} does not exist", result.stderr)
+        self.assertFalse(os.path.exists(typo))
+        result = subprocess.run(command[:3] + ["--create-registry"] + command[3:], cwd=ROOT,
+                                env=self.cluster.env, capture_output=True, text=True,
+                                timeout=60)  # fmt: skip
+        self.assertEqual(result.returncode, 1, result.stderr)  # empty: nothing matches
+        self.assertEqual(result.stderr.strip(), "no instance in the registry")
+        self.assertTrue(os.path.isdir(typo))
 
     # Actions
 

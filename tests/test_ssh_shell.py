@@ -210,7 +210,7 @@ class InteractiveShellTests(SynchronousTestCase):
         t.wait(name, rf"^Port: {sleeper.port}$")
         t.type(name, "stop")
         t.keys(name, "Enter")
-        t.wait_last(name, "1 instances will be stopped, Are you sure? (Y/N) >")
+        t.wait_last(name, "1 instance will be stopped, Are you sure? (Y/N) >")
         self.assertEqual(self.cluster.instances(uuid=sleeper.uuid)[0].uuid, sleeper.uuid)
         t.type(name, "Y")
         t.keys(name, "Enter")
@@ -288,13 +288,34 @@ class InteractiveShellTests(SynchronousTestCase):
         )  # fmt: skip
         self.assertEqual(result.returncode, 255, result.stderr)
         self.assertIn("Permission denied (publickey)", result.stderr)
-        # The right key with a command: only the interactive shell is offered.
+
+    def test_command_refused_readably(self) -> None:
+        """
+        C{ssh host COMMAND}: OpenSSH shows the server's reason and exits 1;
+        the daemon logs a warning, not a traceback.
+        """
         result = subprocess.run(
             self.ssh_command(None, "-o", "BatchMode=yes", "-T") + ["instances"],
             capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
         )  # fmt: skip
-        self.assertNotEqual(result.returncode, 0)
+        self.assertEqual(result.returncode, 1, result.stderr)
         self.assertEqual(result.stdout, "")
+        self.assertIn("skynet: commands are not run over SSH (got 'instances')", result.stderr)
+        self.assertIn("ssh without a command", result.stderr)
+        self.assertNotIn("exec request failed", result.stderr)
+
+        def logged() -> str | None:
+            with open(self.cluster.daemon_log, errors="replace") as f:
+                lines = [ln for ln in f if "refused SSH command 'instances'" in ln]
+            return lines[0] if lines else None
+
+        line = wait_until(logged, 20, "the refusal in the daemon's log")
+        self.assertIn("#warn]", line)
+        self.assertIn("from admin", line)
+        with open(self.cluster.daemon_log, errors="replace") as f:
+            log = f.read()
+        self.assertNotIn("#critical]", log)
+        self.assertNotIn("ConchError", log)
 
     def test_host_key_stored_private(self) -> None:
         host_key = os.path.join(self.ssh_dir, "host_key")

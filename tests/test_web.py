@@ -557,7 +557,9 @@ class DashboardHTTPTests(SynchronousTestCase):
                                     push_interval=0.05)  # fmt: skip
         self.model.startService()
         self.addCleanup(self.model.stopService)
-        self.treq = StubTreq(DashboardApp(self.model, token=TOKEN).resource())
+        # "dashboard.test" is served by name, as --allowed-host makes it.
+        app = DashboardApp(self.model, token=TOKEN, allowed_hosts=["dashboard.test"])
+        self.treq = StubTreq(app.resource())
 
     def add(self, instance: Instance, doc: dict[str, Any]) -> None:
         self.services.add(instance)

@@ -1,5 +1,6 @@
 """
-Access to the Go Skynet byte captures in C{../shared/protocol-vectors}.
+Access to the Go Skynet byte captures, copied into C{tests/vectors/} from
+the shared C{protocol-vectors} folder so that a fresh clone replays them.
 """
 
 from __future__ import annotations
@@ -18,14 +19,13 @@ CAPTURED_CLIENTID = "c11e4e1d-0000-4000-8000-000000000001"
 
 def vectors_dir() -> Path:
     """
-    The vectors folder: C{$SKYNET_PROTOCOL_VECTORS}, else C{shared/} beside
-    the repository's checkout.
+    The vectors folder: C{$SKYNET_PROTOCOL_VECTORS}, else C{tests/vectors/}
+    beside this module.
     """
     env = os.environ.get("SKYNET_PROTOCOL_VECTORS")
     if env:
         return Path(env)
-    here = Path(__file__).resolve().parent.parent
-    return here.parent / "shared" / "protocol-vectors"
+    return Path(__file__).resolve().parent / "vectors"
 
 
 def load(name: str) -> dict[str, Any]:
@@ -54,6 +54,20 @@ def split_documents(data: bytes) -> list[bytes]:
         offset += length
     assert offset == len(data), "trailing partial document"
     return docs
+
+
+def split_whole(data: bytes) -> int:
+    """
+    How many whole documents (by their length prefixes) start C{data}.
+    """
+    count = offset = 0
+    while offset + 4 <= len(data):
+        (length,) = struct.unpack_from("<i", data, offset)
+        if length < 5 or offset + length > len(data):
+            break
+        count += 1
+        offset += length
+    return count
 
 
 def c2s(vector: dict[str, Any]) -> bytes:

@@ -7,7 +7,7 @@ deploys, supervises, restarts and guards the service instances of its host.
 Remote methods (Go Skynet's names where it had them; the records of their
 answers are in L{skynet.control}):
 
-    Deploy {service, args, registered} -> {uuid}
+    Deploy {service, args, registered[, start_timeout]} -> {uuid} (once registered)
     ListSubServices -> {services: {uuid: SubServiceStatus}}
     StopSubService {uuid} -> {ok, uuid}        StopAllSubServices -> {ok, uuids}
     RestartSubService {uuid} -> {ok, uuid}     RestartAllSubServices -> {ok, uuids}
@@ -27,6 +27,8 @@ The parts, one module each:
     guards       the CPU/memory and host-load guards as state machines; samplers
     children     the daemon's one view of its children in the registry
     sampling     the guards at work: samples in, decisions carried out
+    probes       the liveness probe of the children as a state machine (pure)
+    probing      the probes at work: Admin.Ping out, unresponsive children killed
     status       the records ListSubServices and HostStats answer with
     service      Daemon (the wiring) and SkynetDaemon (its remote methods)
 
@@ -47,8 +49,10 @@ _NAMES = {
                "PsutilSampler", "Release", "Restart", "Usage", "load_reading"],
     "children": ["ChildInstances"],
     "sampling": ["GuardRunner"],
-    "service": ["DAEMON_SERVICE_NAME", "EVENTS_IN_STATISTICS", "Daemon", "SkynetDaemon",
-                "UnknownSubService"],
+    "probes": ["ProbeConfig", "ProbeGuard", "Unresponsive"],
+    "probing": ["PROBE_METHOD", "ProbeRunner"],
+    "service": ["DAEMON_SERVICE_NAME", "DEFAULT_START_TIMEOUT", "EVENTS_IN_STATISTICS", "Daemon",
+                "DeployFailed", "SkynetDaemon", "UnknownSubService"],
 }  # fmt: skip
 
 _WHERE = {name: module for module, names in _NAMES.items() for name in names}

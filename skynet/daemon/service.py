@@ -9,9 +9,10 @@ Its children, in start order (stopped in reverse, each awaited):
     2. the view of its children in the registry (once the registry is up);
     3. the L{Supervisor} of the deployed services (they need no registry);
     4. the L{ServiceHost} of C{SkynetDaemon} (once the registry is up);
-    5. the guards' sampling timer (once the registry is up).
+    5. the guards' sampling timer (once the registry is up);
+    6. the liveness probes of the children (once the registry is up).
 
-So on stop: the guards, then C{SkynetDaemon}, then every child
+So on stop: the probes, the guards, then C{SkynetDaemon}, then every child
 (gracefully, their nodes removed while the registry is still up), then the
 view, then the registry.
 """
@@ -26,7 +27,7 @@ from typing import Any
 from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IStreamServerEndpoint
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
 from skynet import control
@@ -43,20 +44,36 @@ from skynet.daemon.children import ChildInstances
 from skynet.daemon.deployments import DeploymentStore, command_line, make_deployment, twistd_command
 from skynet.daemon.guards import GuardConfig, PsutilSampler, Usage
 from skynet.daemon.policy import RegistrationPolicy
+from skynet.daemon.probes import ProbeConfig
+from skynet.daemon.probing import ProbeRunner
 from skynet.daemon.sampling import GuardRunner
 from skynet.errors import ConnectionFailed, ServiceError
 from skynet.procmon import EventLog, ExitRecord, IChildObserver, Supervisor
 from skynet.registry.base import Instance
 from skynet.service import Service, ServiceHost
 
-__all__ = ["DAEMON_SERVICE_NAME", "EVENTS_IN_STATISTICS", "Daemon", "SkynetDaemon",
-           "UnknownSubService"]  # fmt: skip
+__all__ = ["DAEMON_SERVICE_NAME", "DEFAULT_START_TIMEOUT", "EVENTS_IN_STATISTICS", "Daemon",
+           "DeployFailed", "SkynetDaemon", "UnknownSubService"]  # fmt: skip
 
 #: The daemon's service name (L{skynet.control.DAEMON_SERVICE}).
 DAEMON_SERVICE_NAME = control.DAEMON_SERVICE
 
 #: How many recent events go into the daemon's statistics node.
 EVENTS_IN_STATISTICS = 20
+
+#: Seconds C{Deploy} waits for a new child to register (or fail).
+DEFAULT_START_TIMEOUT = 15.0
+
+#: How many of a failed child's last output lines a C{Deploy} error quotes.
+ERROR_LINES = 10
+
+
+class DeployFailed(ServiceError):
+    """
+    A deployed child ended, or did not register within the start timeout,
+    before C{Deploy} answered.  The deployment stays (it restarts with
+    back-off, listed as failing) until it is stopped.
+    """
 
 
 class UnknownSubService(ServiceError):
@@ -94,6 +111,9 @@ class Daemon(SequentialMultiService):
         L{twistd_command}).
     @param own_session: run each child in a session of its own (see
         L{Supervisor}).
+    @param probes: the L{ProbeConfig} of the children's liveness probes.
+    @param start_timeout: how long C{Deploy} waits for a new child to be
+        in the registry (or to fail) before it answers (0: not at all).
     """
 
     log = Logger()
@@ -124,8 +144,15 @@ class Daemon(SequentialMultiService):
         max_events: int = 1000,
         advertise_host: str | None = None,
         own_session: bool = True,
+        start_timeout: float = DEFAULT_START_TIMEOUT,
+        probes: ProbeConfig | None = None,
     ) -> None:
         super().__init__()
+        self.start_timeout = start_timeout
+        # uuid -> Deferreds of Deploy calls waiting for its first node.
+        self._start_waiters: dict[str, list[Deferred]] = {}
+        # uuid -> the pid of its last process seen in the registry.
+        self.registered_pids: dict[str, int | None] = {}
         self.reactor = reactor = default_reactor(reactor)
         self.registry = registry
         self.registry_url = registry_url or registry.url
@@ -162,6 +189,7 @@ class Daemon(SequentialMultiService):
                                 advertise_host=advertise_host)  # fmt: skip
         self.sampling = TimerService(self.guards.sample_interval, self.sample)
         self.sampling.clock = reactor
+        self.probes = ProbeRunner(self, probes or ProbeConfig())
         gate = self.registry_start
         for name, child in [
             ("registry", gate),
@@ -169,6 +197,7 @@ class Daemon(SequentialMultiService):
             ("supervisor", self.supervisor),
             ("host", StartAfter(gate, self.host)),
             ("guards", StartAfter(gate, self.sampling)),
+            ("probes", StartAfter(gate, self.probes)),
         ]:
             child.setName(name)
             child.setServiceParent(self)
@@ -233,14 +262,25 @@ class Daemon(SequentialMultiService):
                             registry_url=self.registry_url,
                             registered=self.effective_registered(deployment.uuid))  # fmt: skip
 
-    def deploy(self, service: Any, args: Any = None, registered: Any = True) -> str:
+    def deploy(self, service: Any, args: Any = None, registered: Any = True,
+               uuid: Any = None) -> str:  # fmt: skip
         """
         Deploy a service on this host now.
 
+        @param uuid: the instance's uuid (default: a new one).  Deploying
+            again what a uuid already names changes nothing (so that a
+            retried C{Deploy} does not start a second instance).
         @return: its uuid.
-        @raise ValueError: if the request is malformed.
+        @raise ValueError: if the request is malformed, or C{uuid} names
+            another deployment.
         """
-        deployment = make_deployment(service, args, registered)
+        deployment = make_deployment(service, args, registered, uuid=uuid)
+        known = self.store.get(deployment.uuid)
+        if known is not None:
+            if known != deployment:
+                raise ValueError(f"{deployment.uuid} is deployed already, as {known.service} "
+                                 f"{' '.join(known.args)}".rstrip())  # fmt: skip
+            return known.uuid
         self._add(deployment)
         self.events.record("deployed", "{service} ({uuid}) deployed: {spec} {args}",
                            log=self.log, service=deployment.label, uuid=deployment.uuid,
@@ -248,6 +288,52 @@ class Daemon(SequentialMultiService):
                            registered=deployment.registered)  # fmt: skip
         self.save_state()
         return deployment.uuid
+
+    async def wait_started(self, uuid: str, timeout: float | None = None) -> Instance | None:
+        """
+        Wait until the current (or next) process of C{uuid} is in the
+        registry.
+
+        @param timeout: seconds (default L{start_timeout}); 0: do not wait.
+        @return: its node (L{None} if not waiting).
+        @raise DeployFailed: if its process ends first, or the time runs
+            out: with how it ended and its last lines of output.
+        """
+        timeout = self.start_timeout if timeout is None else timeout
+        if timeout <= 0:
+            return None
+        instance = self._live_instance(uuid)
+        if instance is not None:
+            return instance
+        d: Deferred = Deferred()
+        self._start_waiters.setdefault(uuid, []).append(d)
+
+        def expire() -> None:
+            if d.called:
+                return
+            self._start_waiters.get(uuid, []).remove(d)
+            child = self.supervisor.children.get(uuid)
+            lines = list(child.output) if child is not None else []
+            label = self.store.deployments[uuid].label if uuid in self.store else uuid
+            d.errback(DeployFailed(_why(f"{label} ({uuid}) did not register within "
+                                        f"{timeout:g}s", uuid, lines, running=True)))  # fmt: skip
+
+        timer = self.reactor.callLater(timeout, expire)
+
+        def done(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return await d.addBoth(done)
+
+    def _fire_waiters(self, uuid: str, instance: Instance) -> None:
+        for d in self._start_waiters.pop(uuid, []):
+            d.callback(instance)
+
+    def _fail_waiters(self, uuid: str, error: Exception) -> None:
+        for d in self._start_waiters.pop(uuid, []):
+            d.errback(error)
 
     def _deployment(self, uuid: Any) -> Deployment:
         if not isinstance(uuid, str) or not uuid:
@@ -266,7 +352,15 @@ class Daemon(SequentialMultiService):
         self.store.remove(deployment.uuid)
         self.policy.forget(deployment.uuid)
         self.guard_runner.forget(deployment.uuid)
+        self.probes.guard.forget(deployment.uuid)
         self.children.forget(deployment.uuid)
+        self.registered_pids.pop(deployment.uuid, None)
+        self._fail_waiters(
+            deployment.uuid,
+            DeployFailed(
+                f"{deployment.label} ({deployment.uuid}) was stopped before it registered"
+            ),
+        )
         self.save_state()
         return self.supervisor.remove_child(deployment.uuid)
 
@@ -351,6 +445,8 @@ class Daemon(SequentialMultiService):
         return child is not None and (instance.pid is None or instance.pid == child.pid)
 
     def _new_process(self, instance: Instance) -> None:
+        self.registered_pids[instance.uuid] = instance.pid
+        self._fire_waiters(instance.uuid, instance)
         # It started as its arguments said, but the wish may have changed since.
         if instance.registered != self.effective_registered(instance.uuid):
             self._spawn(self._apply_registration(instance.uuid), "registering", uuid=instance.uuid)
@@ -363,6 +459,7 @@ class Daemon(SequentialMultiService):
 
     def child_started(self, name: str, pid: int) -> None:
         self.guard_runner.child_guard.started(name)
+        self.probes.guard.started(name)
 
     def child_exited(self, name: str, record: ExitRecord) -> Deferred:
         """
@@ -372,6 +469,16 @@ class Daemon(SequentialMultiService):
         so they are deleted here, by the node in hand, before the restart.
         """
         self.usage.pop(name, None)
+        if name in self._start_waiters:
+            child = self.supervisor.children.get(name)
+            label = self.store.deployments[name].label if name in self.store else name
+            lines = list(child.last_output) if child is not None else []
+            self._fail_waiters(
+                name,
+                DeployFailed(
+                    _why(f"{label} ({name}) {record.describe()} before it registered", name, lines)
+                ),
+            )
         if not self.registry_start.started:
             self.children.forget(name)
             return succeed(None)
@@ -436,11 +543,28 @@ class Daemon(SequentialMultiService):
         super().startService()
 
     async def _stop_children(self) -> None:
+        # A Deploy waiting for its child answers now, not after the drain.
+        for uuid in list(self._start_waiters):
+            self._fail_waiters(uuid, DeployFailed(
+                f"the daemon is stopping before {uuid} registered"))  # fmt: skip
         await super()._stop_children()
         self.log.info("skynet daemon {uuid} stopped", uuid=self.uuid)
 
 
 _log = Logger()
+
+
+def _why(what: str, uuid: str, lines: list[str], *, running: bool = False) -> str:
+    """
+    The text of a L{DeployFailed}: what happened, what to do, the output.
+    """
+    if running:
+        text = f"{what}; it is still running; StopSubService {uuid} removes it"
+    else:
+        text = f"{what}; it restarts with back-off until stopped (StopSubService {uuid})"
+    if lines:
+        text += "; its last output:\n" + "\n".join(lines[-ERROR_LINES:])
+    return text
 
 
 async def _refuse(why: str) -> None:
@@ -468,15 +592,35 @@ class SkynetDaemon(Service):
     def _later(self, d: Deferred, what: str, uuid: Any) -> None:
         d.addErrback(lambda f: _log.failure("{what} {uuid} failed", f, what=what, uuid=uuid))
 
-    def Deploy(self, request_info: Any, params: dict[str, Any]) -> dict[str, Any]:
+    async def Deploy(self, request_info: Any, params: dict[str, Any]) -> dict[str, Any]:
         """
-        C{{service, args, registered}} -> C{{uuid}}: start a service here.
+        C{{service, args, registered[, start_timeout][, uuid]}} -> C{{uuid}}:
+        start a service here, and answer once it is in the registry (the
+        same request with the same C{uuid} again starts nothing new).  A child
+        that ends first, or is not there within the start timeout, fails
+        the call with how it ended and its last lines of output (it stays
+        deployed, listed as failing, until stopped).
         """
+        timeout = params.get("start_timeout") if isinstance(params, dict) else None
+        if timeout is not None and (isinstance(timeout, bool)
+                                    or not isinstance(timeout, (int, float))
+                                    or not 0 <= timeout < 3600):  # fmt: skip
+            raise ServiceError(f"cannot deploy: start_timeout must be 0..3600 s, not {timeout!r}")
         try:
             uuid = self.daemon.deploy(params.get("service"), params.get("args"),
-                                      params.get("registered", True))  # fmt: skip
+                                      params.get("registered", True),
+                                      params.get("uuid"))  # fmt: skip
         except ValueError as e:
             raise ServiceError(f"cannot deploy: {e}") from None
+        try:
+            await self.daemon.wait_started(uuid, timeout)
+        except DeployFailed as e:
+            deployment = self.daemon.store.get(uuid)
+            self.daemon.events.record("deploy_failed", "{service} ({uuid}) deploy failed: {error}",
+                                      level=LogLevel.warn, log=_log,
+                                      service=deployment.label if deployment else uuid,
+                                      uuid=uuid, error=str(e))  # fmt: skip
+            raise DeployFailed(f"cannot deploy {params.get('service')}: {e}") from None
         return {"uuid": uuid}
 
     def SearchLogs(self, request_info: Any, params: dict[str, Any]) -> Any:

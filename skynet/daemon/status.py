@@ -12,6 +12,10 @@ from typing import TYPE_CHECKING
 from twisted.logger import Logger
 
 from skynet.control import (
+    FAILING,
+    RESTARTING,
+    RUNNING,
+    STARTING,
     ChildStats,
     DaemonProcess,
     HostFigures,
@@ -23,9 +27,32 @@ from skynet.control import (
 if TYPE_CHECKING:
     from skynet.daemon.service import Daemon
 
-__all__ = ["host_stats", "sub_services"]
+__all__ = ["deployment_state", "host_stats", "sub_services"]
 
 _log = Logger()
+
+#: How many of a failing child's last output lines its C{last_error} holds.
+ERROR_LINES = 10
+
+
+def deployment_state(*, running: bool, in_registry: bool, exited: bool, quick_death: bool,
+                     registered_before_exit: bool) -> str:  # fmt: skip
+    """
+    The state of a sub-service (L{SubServiceStatus.state}).
+
+    @param running: whether it has a process now.
+    @param in_registry: whether that process is in the registry.
+    @param exited: whether a process of it has ended before.
+    @param quick_death: whether that one died before it had stayed up
+        (it is backing off).
+    @param registered_before_exit: whether that one had been in the
+        registry.
+    """
+    if running and in_registry:
+        return RUNNING
+    if exited and (quick_death or not registered_before_exit):
+        return FAILING
+    return STARTING if running else RESTARTING
 
 
 def sub_services(daemon: Daemon) -> list[SubServiceStatus]:
@@ -37,6 +64,18 @@ def sub_services(daemon: Daemon) -> list[SubServiceStatus]:
         child = daemon.supervisor.children[uuid]
         instance = daemon.children.get(uuid)
         usage = daemon.usage.get(uuid)
+        last = child.last_exit
+        state = deployment_state(
+            running=child.running,
+            in_registry=daemon._live_instance(uuid) is not None,
+            exited=last is not None,
+            quick_death=child.delay > daemon.supervisor.min_restart_delay,
+            registered_before_exit=last is not None
+            and daemon.registered_pids.get(uuid) == last.pid,
+        )
+        last_error = None
+        if state == FAILING and last is not None:
+            last_error = "\n".join([last.describe(), *child.last_output[-ERROR_LINES:]])
         services.append(SubServiceStatus(
             uuid=uuid,
             service=deployment.service,
@@ -55,6 +94,9 @@ def sub_services(daemon: Daemon) -> list[SubServiceStatus]:
             log=child.log_path,
             cpu=usage.cpu if usage else None,
             rss=usage.rss if usage else None,
+            state=state,
+            last_error=last_error,
+            probe_failures=daemon.probes.guard.failures(uuid),
         ))  # fmt: skip
     return services
 

@@ -13,8 +13,9 @@ L{registry_from_url} picks a backend from a URL:
 
 from __future__ import annotations
 
+import importlib
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from skynet.registry.base import (
@@ -26,8 +27,27 @@ from skynet.registry.base import (
     Query,
     RegistryError,
 )
-from skynet.registry.files import FileRegistry, default_registry_root
-from skynet.registry.memory import MemoryRegistry, named_store
+
+if TYPE_CHECKING:
+    from skynet.registry.files import FileRegistry, default_registry_root
+    from skynet.registry.memory import MemoryRegistry, named_store
+
+#: Names served lazily from the backend modules, so that importing
+#: C{skynet.registry} imports no backend (and never kazoo).
+_LAZY = {
+    "FileRegistry": "skynet.registry.files",
+    "default_registry_root": "skynet.registry.files",
+    "MemoryRegistry": "skynet.registry.memory",
+    "named_store": "skynet.registry.memory",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
 
 #: The environment variable naming the registry URL used when none is given.
 DEFAULT_REGISTRY_ENV = "SKYNET_REGISTRY"
@@ -57,6 +77,8 @@ def registry_from_url(
     if not url:
         url = os.environ.get(DEFAULT_REGISTRY_ENV)
         if not url:
+            from skynet.registry.files import FileRegistry, default_registry_root
+
             return FileRegistry(default_registry_root(), reactor=reactor)
     try:
         parts = urlsplit(url)
@@ -68,6 +90,8 @@ def registry_from_url(
     if scheme == "memory":
         if parts.path.strip("/") or parts.query or parts.fragment:
             raise RegistryError(f"bad registry URL {url!r}: use memory://name")
+        from skynet.registry.memory import MemoryRegistry, named_store
+
         return MemoryRegistry(reactor=reactor, store=named_store(parts.netloc))
     if scheme == "zk":
         try:
@@ -81,6 +105,8 @@ def registry_from_url(
 
 
 def _file_registry(url: str, parts: Any, reactor: Any) -> FileRegistry:
+    from skynet.registry.files import FileRegistry
+
     if parts.netloc not in ("", "localhost") or parts.fragment:
         raise RegistryError(f"bad registry URL {url!r}: use file:///absolute/path")
     path = unquote(parts.path)
@@ -123,5 +149,7 @@ __all__ = [
     "MemoryRegistry",
     "Query",
     "RegistryError",
+    "default_registry_root",
+    "named_store",
     "registry_from_url",
 ]

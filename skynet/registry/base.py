@@ -6,6 +6,15 @@ Go Skynet protocol (see C{docs/architecture.md}):
 
     /services/<Name>/<Version>/<Region>/<Host>/<Port>     the instance (JSON)
     /statistics/<Name>/<Version>/<Region>/<Host>/<Port>   its statistics (JSON)
+    /data/<key>                                           a data node (bytes)
+
+Data nodes (L{IRegistry.get_value} and friends) are small persistent values
+that outlive their writer, for cluster-wide settings and state of our own
+(revocation lists, desired state).  Go Skynet reads only C{/services} and
+C{/statistics}, so it never sees them.  A key is a C{/}-separated name; each
+backend stores it as one node directly below C{/data}, named by
+L{data_node_name} (the key with C{/} escaped as C{%2F}), so that C{a} and
+C{a/b} are independent keys on every backend.
 
 Every backend (L{skynet.registry.memory.MemoryRegistry}, the embedded
 L{skynet.registry.files.FileRegistry} and ZooKeeper) implements L{IRegistry}
@@ -15,11 +24,15 @@ and delivers the same events to an L{IInstanceListener}.
 from __future__ import annotations
 
 import json
+import math
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
+from urllib.parse import quote, unquote
 
 import attr
-from zope.interface import Attribute, Interface
+from twisted.logger import Logger
+from zope.interface import Attribute, Interface, implementer
 
 #: Go Skynet's defaults for the load balancer's critical thresholds.
 DEFAULT_CRITICAL_CLIENT_COUNT = 100
@@ -27,6 +40,17 @@ DEFAULT_CRITICAL_AVERAGE_RESPONSE_TIME = 5.0  # seconds
 
 #: Characters that cannot appear in one path component of the tree.
 _FORBIDDEN_IN_COMPONENT = ("/", "\x00")
+
+#: The subtree, beside C{/services} and C{/statistics}, of the data nodes.
+DATA_DIR = "data"
+
+#: The largest value a data node may hold, in bytes (ZooKeeper refuses
+#: nodes near 1 MiB by default; a data node is meant to be small).
+MAX_VALUE_SIZE = 512 * 1024
+
+#: The longest data node name (a key once escaped), so that it fits a file
+#: name on every file system.
+MAX_KEY_LENGTH = 200
 
 
 class RegistryError(Exception):
@@ -50,6 +74,62 @@ def check_component(what: str, value: str) -> str:
     return value
 
 
+def check_key(key: str) -> str:
+    """
+    Check that C{key} names a data node: C{/}-separated components, each a
+    valid path component (see L{check_component}), at most
+    L{MAX_KEY_LENGTH} characters once escaped.
+
+    @raise ValueError: if it does not.
+    """
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"a data key must be a non-empty string, not {key!r}")
+    for part in key.split("/"):
+        check_component("data key component", part)
+    if len(data_node_name(key)) > MAX_KEY_LENGTH:
+        raise ValueError(f"data key too long (at most {MAX_KEY_LENGTH} once escaped): {key!r}")
+    return key
+
+
+def check_value(value: bytes) -> bytes:
+    """
+    Check that C{value} can be stored in a data node.
+
+    @raise TypeError: if it is not L{bytes}.
+    @raise ValueError: if it is larger than L{MAX_VALUE_SIZE}.
+    """
+    if not isinstance(value, bytes):
+        raise TypeError(f"a data value must be bytes, not {type(value).__name__}")
+    if len(value) > MAX_VALUE_SIZE:
+        raise ValueError(f"data value of {len(value)} bytes; at most {MAX_VALUE_SIZE}")
+    return value
+
+
+def data_node_name(key: str) -> str:
+    """
+    The name of the node (or file) below C{/data} that holds C{key}: the key
+    percent-escaped so that it is one path component (C{a/b} is C{a%2Fb}),
+    with a leading dot escaped too (dot files are temporary files).
+    """
+    name = quote(key, safe="")
+    if name.startswith("."):
+        name = "%2E" + name[1:]
+    return name
+
+
+def key_of_data_node(name: str) -> str | None:
+    """
+    The key a node below C{/data} holds, or L{None} if C{name} is not the
+    name of a data node (L{data_node_name} is its inverse).
+    """
+    key = unquote(name, errors="strict") if "%" in name else name
+    try:
+        check_key(key)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return key if data_node_name(key) == name else None
+
+
 @attr.frozen
 class Address:
     """
@@ -64,13 +144,28 @@ class Address:
         return {"IPAddress": self.ip_address, "Port": self.port, "MaxPort": self.max_port}
 
     @classmethod
-    def from_go(cls, data: dict[str, Any] | None) -> "Address" | None:
+    def from_go(cls, data: Any) -> "Address" | None:
+        """
+        Read an address from its Go shape, strictly: an object with a string
+        C{IPAddress}, a C{Port} 1..65535 and an optional C{MaxPort}
+        0..65535.  L{None}, an empty object and a port of 0 (Go's "not
+        bound") are no address.
+
+        @raise RegistryError: if C{data} is anything else.
+        """
+        if data is None:
+            return None
+        if not isinstance(data, dict):
+            raise RegistryError(f"an address must be an object, not {_describe(data)}")
         if not data:
             return None
+        port = _integer(data.get("Port", 0), "Port", 0, MAX_PORT)
+        if port == 0:
+            return None
         return cls(
-            ip_address=str(data.get("IPAddress", "")),
-            port=int(data.get("Port", 0)),
-            max_port=int(data.get("MaxPort", 0) or 0),
+            ip_address=_text(data.get("IPAddress"), "IPAddress"),
+            port=port,
+            max_port=_integer(data.get("MaxPort", 0) or 0, "MaxPort", 0, MAX_PORT),
         )
 
     def __str__(self) -> str:
@@ -129,7 +224,7 @@ class Instance:
                 "ServiceAddr": Address(self.host, self.port).to_go(),
                 "AdminAddr": self.admin.to_go() if self.admin is not None else None,
                 "CriticalClientCount": self.critical_client_count,
-                "CriticalAverageResponseTime": int(self.critical_average_response_time * 1e9),
+                "CriticalAverageResponseTime": round(self.critical_average_response_time * 1e9),
             },
             "Registered": self.registered,
         }
@@ -142,50 +237,204 @@ class Instance:
     def to_json(self) -> bytes:
         return json.dumps(self.to_go(), sort_keys=False).encode("utf-8")
 
-    @classmethod
-    def from_go(cls, doc: dict[str, Any]) -> "Instance":
+    def checked_json(self) -> bytes:
         """
-        Read an instance from its Go-shaped JSON document.
+        L{to_json}, for writing: a node that every reader will accept.
 
-        @raise RegistryError: if required keys are missing or mistyped.
+        @raise ValueError: if the node would be larger than L{MAX_NODE_SIZE}
+            less 1 KiB for a backend's own keys (readers ignore larger
+            nodes), or readers would refuse it.
+        """
+        data = self.to_json()
+        if len(data) > MAX_NODE_SIZE - 1024:
+            raise ValueError(
+                f"instance node of {len(data)} bytes; at most {MAX_NODE_SIZE - 1024} are written"
+            )
+        try:
+            Instance.from_json(data, self.path)
+        except RegistryError as e:
+            raise ValueError(f"readers would refuse this instance: {e}") from None
+        return data
+
+    @classmethod
+    def from_go(cls, doc: Any) -> "Instance":
+        """
+        Read an instance from its Go-shaped JSON document, treating it as
+        untrusted: every field must have its type (strings that can name a
+        path component, ports 1..65535, finite numbers, booleans that are
+        booleans, objects where objects belong).
+
+        @raise RegistryError: naming the first field that is wrong; never
+            anything else, whatever C{doc} is.
         """
         try:
-            config = doc["Config"]
-            addr = config["ServiceAddr"]
-            return cls(
-                uuid=str(config["UUID"]),
-                name=str(config["Name"]),
-                version=str(config["Version"]),
-                region=str(config["Region"]),
-                host=str(addr["IPAddress"]),
-                port=int(addr["Port"]),
-                admin=Address.from_go(config.get("AdminAddr")),
-                registered=bool(doc.get("Registered", False)),
-                critical_client_count=int(
-                    config.get("CriticalClientCount", DEFAULT_CRITICAL_CLIENT_COUNT)
-                ),
-                critical_average_response_time=int(
-                    config.get(
-                        "CriticalAverageResponseTime",
-                        DEFAULT_CRITICAL_AVERAGE_RESPONSE_TIME * 1e9,
-                    )
-                )
-                / 1e9,
-                pid=int(doc["PID"]) if doc.get("PID") is not None else None,
-                extra=dict(doc.get("Extra") or {}),
-            )
-        except (KeyError, TypeError, ValueError) as e:
+            return cls._from_go(doc)
+        except RegistryError:
+            raise
+        except Exception as e:  # noqa: BLE001 (untrusted input: any failure is a bad node)
             raise RegistryError(f"malformed instance node: {e!r}") from e
 
     @classmethod
-    def from_json(cls, data: bytes) -> "Instance":
-        try:
-            doc = json.loads(data)
-        except ValueError as e:
-            raise RegistryError(f"instance node is not JSON: {e}") from e
+    def _from_go(cls, doc: Any) -> "Instance":
         if not isinstance(doc, dict):
-            raise RegistryError("instance node is not a JSON object")
-        return cls.from_go(doc)
+            raise RegistryError(f"an instance node must be an object, not {_describe(doc)}")
+        config = doc.get("Config")
+        if not isinstance(config, dict):
+            raise RegistryError(f"Config must be an object, not {_describe(config)}")
+        addr = config.get("ServiceAddr")
+        if not isinstance(addr, dict):
+            raise RegistryError(f"ServiceAddr must be an object, not {_describe(addr)}")
+        registered = doc.get("Registered", False)
+        if not isinstance(registered, bool):
+            raise RegistryError(f"Registered must be true or false, not {_describe(registered)}")
+        pid = doc.get("PID")
+        extra = doc.get("Extra")
+        if extra is not None and not isinstance(extra, dict):
+            raise RegistryError(f"Extra must be an object, not {_describe(extra)}")
+        response_time = _number(
+            config.get(
+                "CriticalAverageResponseTime",
+                int(DEFAULT_CRITICAL_AVERAGE_RESPONSE_TIME * 1e9),
+            ),
+            "CriticalAverageResponseTime",
+            0,
+            2**53,  # nanoseconds: 104 days, and exact in a float
+        )
+        return cls(
+            uuid=_text(config.get("UUID"), "UUID"),
+            name=_component(config.get("Name"), "Name"),
+            version=_component(config.get("Version"), "Version"),
+            region=_component(config.get("Region"), "Region"),
+            host=_component(addr.get("IPAddress"), "ServiceAddr.IPAddress"),
+            port=_integer(addr.get("Port"), "ServiceAddr.Port", 1, MAX_PORT),
+            admin=Address.from_go(config.get("AdminAddr")),
+            registered=registered,
+            critical_client_count=_integer(
+                config.get("CriticalClientCount", DEFAULT_CRITICAL_CLIENT_COUNT),
+                "CriticalClientCount",
+                -(2**63),
+                2**63 - 1,
+            ),
+            critical_average_response_time=round(response_time) / 1e9,
+            pid=None if pid is None else _integer(pid, "PID", 1, 2**63 - 1),
+            extra=dict(extra or {}),
+        )
+
+    @classmethod
+    def from_json(cls, data: bytes, path: str | None = None) -> "Instance":
+        """
+        Read an instance node's bytes, treating them as untrusted.
+
+        @param path: the node's path below C{/services}, if known: the
+            document must describe the instance at that path.
+        @raise RegistryError: if the node is larger than L{MAX_NODE_SIZE},
+            is not a JSON object (nested too deep included) or
+            L{from_go} refuses it; never anything else.
+        """
+        instance = cls.from_go(parse_json_node(data))
+        if path is not None and instance.path != path:
+            raise RegistryError(f"the node describes {instance.path}")
+        return instance
+
+
+#: The largest instance or statistics node a reader accepts, in bytes (a
+#: real one is well under 1 KiB).
+MAX_NODE_SIZE = 64 * 1024
+
+#: The largest port number.
+MAX_PORT = 65535
+
+
+def parse_json_node(data: bytes) -> dict[str, Any]:
+    """
+    Parse an untrusted registry node holding a JSON object.
+
+    @raise RegistryError: if it is larger than L{MAX_NODE_SIZE}, not UTF-8,
+        not JSON, nested too deep to parse, or not an object; never
+        anything else.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise RegistryError(f"a node must be bytes, not {_describe(data)}")
+    if len(data) > MAX_NODE_SIZE:
+        raise RegistryError(f"node of {len(data)} bytes; at most {MAX_NODE_SIZE} are read")
+    try:
+        doc = json.loads(bytes(data))
+    except RecursionError:
+        raise RegistryError("JSON nested too deep") from None
+    except ValueError as e:  # also UnicodeDecodeError, and too many digits
+        raise RegistryError(f"not JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise RegistryError(f"not a JSON object but {_describe(doc)}")
+    return doc
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise RegistryError(f"{what} must be a non-empty string, not {_describe(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RegistryError(f"{what} is not valid Unicode: {value!r}") from None
+    return value
+
+
+def _component(value: Any, what: str) -> str:
+    _text(value, what)
+    try:
+        check_component(what, value)
+    except ValueError as e:
+        raise RegistryError(str(e)) from None
+    # Names, versions, regions and hosts repeat across thousands of
+    # instances: one copy each (a watch of 10,000 instances saves ~2 MB).
+    return sys.intern(value)
+
+
+def _integer(value: Any, what: str, low: int, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise RegistryError(f"{what} must be an integer, not {_describe(value)}")
+    if not low <= value <= high:
+        raise RegistryError(f"{what} must be in {low}..{high}, not {value}")
+    return value
+
+
+def _number(value: Any, what: str, low: float, high: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise RegistryError(f"{what} must be a number, not {_describe(value)}")
+    if not math.isfinite(value) or not low <= value <= high:
+        raise RegistryError(f"{what} must be a finite number in {low}..{high}, not {value}")
+    return value
+
+
+class NodeWarnings:
+    """
+    Logs a bad registry node once, not at every read: one warning per node
+    path per C{interval} seconds, naming the node and what is wrong.
+    """
+
+    def __init__(self, log: Logger, clock: Any, interval: float = 60.0) -> None:
+        self._log = log
+        self._clock = clock
+        self._interval = interval
+        self._last: dict[str, float] = {}
+
+    def warn(self, path: str, error: object) -> None:
+        now = self._clock.seconds()
+        last = self._last.get(path)
+        if last is not None and now - last < self._interval:
+            return
+        if len(self._last) > 10_000:
+            self._last = {p: t for p, t in self._last.items() if now - t < self._interval}
+        self._last[path] = now
+        self._log.warn(  # noqa: G010 (twisted.logger's name)
+            "Ignoring registry node {path}: {error}", path=path, error=str(error)
+        )
 
 
 def instance_path(name: str, version: str, region: str, host: str, port: int) -> str:
@@ -333,11 +582,110 @@ class IRegistry(Interface):
             matching C{query}, sorted by path.
         """
 
+    def get(uuid: str):
+        """
+        Find one live instance by its uuid, from what the backend already
+        knows where it can (no walk of the whole tree for a known uuid).
+
+        @return: a Deferred firing with the L{Instance}, or L{None} if no
+            live instance has that uuid.
+        """
+
     def watch(query: Query, listener: IInstanceListener) -> IWatch:
         """
         Deliver the instances matching C{query} to C{listener}: first a
         snapshot, then added/updated/removed events.
         """
+
+    def get_value(key: str):
+        """
+        Read a data node.
+
+        @param key: a C{/}-separated name (see L{check_key}).
+        @return: a Deferred firing with its value (L{bytes}), or L{None} if
+            there is no such node; failing with L{ValueError} for a bad key
+            and L{RegistryError} if the registry cannot be read.
+        """
+
+    def set_value(key: str, value: bytes):
+        """
+        Create or replace a data node, atomically: a reader sees the old
+        value or the new one, never a mix.  Data nodes are persistent: they
+        belong to nobody and stay when their writer stops or dies.
+
+        @param value: at most L{MAX_VALUE_SIZE} bytes.
+        @return: a Deferred firing with L{None} once stored; failing with
+            L{ValueError}/L{TypeError} for a bad key or value, and
+            L{RegistryError} if the registry cannot be written.
+        """
+
+    def delete_value(key: str):
+        """
+        Delete a data node; deleting an absent one is not an error.
+        @return: a Deferred firing with L{None}.
+        """
+
+    def watch_value(key: str, callback: Callable[[bytes | None], None]) -> IWatch:
+        """
+        Call C{callback} with the value of a data node (L{None} while there
+        is none) as soon as it is known, then again whenever it changes.
+
+        Calls arrive in the reactor thread, never from inside
+        C{watch_value} or the write that caused them.  They are coalesced:
+        C{callback} sees the latest value, not necessarily every
+        intermediate one, and never the same value twice in a row.  A
+        callback that raises is logged and keeps being called.
+
+        @raise ValueError: if C{key} is malformed.
+        """
+
+
+@implementer(IWatch)
+class ValueDelivery:
+    """
+    The part of a value watch every backend shares: it calls the callback
+    with each new value (not twice the same in a row), survives the
+    callback's exceptions, and stops.
+
+    @ivar stopped: set by L{stop}; a backend checks it before reading.
+    """
+
+    log = Logger()
+    _unknown = object()
+
+    def __init__(
+        self,
+        key: str,
+        callback: Callable[[bytes | None], None],
+        on_stop: Callable[[], None] | None = None,
+    ) -> None:
+        self.key = check_key(key)
+        self.callback = callback
+        self.stopped = False
+        self._last: Any = self._unknown
+        self._on_stop = on_stop
+
+    def deliver(self, value: bytes | None) -> None:
+        """
+        The node holds C{value} now.
+        """
+        if self.stopped or value == self._last:
+            return
+        self._last = value
+        try:
+            self.callback(value)
+        except Exception:  # noqa: BLE001 (the callback's bug must not stop the watch)
+            self.log.failure(
+                "Callback {callback!r} of the watch of data node {key} failed",
+                callback=self.callback,
+                key=self.key,
+            )
+
+    def stop(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            if self._on_stop is not None:
+                self._on_stop()
 
 
 class ListingMixin:
@@ -379,13 +727,24 @@ class InstanceDiff:
     Backends that learn about changes by re-reading (the file registry) or by
     per-node notifications (ZooKeeper) feed their current view here; it
     delivers a snapshot first and then only the differences, keyed by uuid.
+
+    A listener that raises is logged, and its view still moves on: one
+    listener's bug never stops a watch or the listeners of other watches.
     """
+
+    log = Logger()
 
     def __init__(self, query: Query, listener: IInstanceListener) -> None:
         self.query = query
         self.listener = listener
         self.known: dict[str, Instance] | None = None
         self.stopped = False
+
+    def _tell(self, method: Callable[[Any], None], argument: Any) -> None:
+        try:
+            method(argument)
+        except Exception:  # noqa: BLE001 (one listener's bug must not stop the rest)
+            self.log.failure("Registry listener {listener!r} failed", listener=self.listener)
 
     def feed(self, instances: Iterable[Instance]) -> None:
         """
@@ -396,24 +755,25 @@ class InstanceDiff:
         current = {i.uuid: i for i in instances if self.query.matches(i)}
         if self.known is None:
             self.known = current
-            self.listener.snapshot(sorted(current.values(), key=_sort_key))
+            self._tell(self.listener.snapshot, sorted(current.values(), key=_sort_key))
             return
         previous = self.known
         self.known = current
         for uuid, old in previous.items():
             if uuid not in current:
-                self.listener.removed(old)
+                self._tell(self.listener.removed, old)
         for uuid, new in current.items():
             known = previous.get(uuid)
             if known is None:
-                self.listener.added(new)
+                self._tell(self.listener.added, new)
             elif _differs(known, new):
-                self.listener.updated(new)
+                self._tell(self.listener.updated, new)
 
     def change(self, old: Instance | None, new: Instance | None) -> None:
         """
-        One instance changed from C{old} to C{new} (either may be L{None}).
-        Only valid after the first L{feed}.
+        One node changed from C{old} to C{new} (either may be L{None}; a node
+        now holding another uuid is one instance leaving and another
+        arriving).  Only valid after the first L{feed}.
         """
         if self.stopped or self.known is None:
             return
@@ -423,17 +783,19 @@ class InstanceDiff:
             self.change(old, None)
             self.change(None, new)
             return
+        if old is None and new is None:
+            return
         uuid = (new or old).uuid  # type: ignore[union-attr]
         was = self.known.get(uuid)
         if new is not None and self.query.matches(new):
             self.known[uuid] = new
             if was is None:
-                self.listener.added(new)
+                self._tell(self.listener.added, new)
             elif _differs(was, new):
-                self.listener.updated(new)
+                self._tell(self.listener.updated, new)
         elif was is not None:
             del self.known[uuid]
-            self.listener.removed(was)
+            self._tell(self.listener.removed, was)
 
 
 def _differs(a: Instance, b: Instance) -> bool:

@@ -6,6 +6,7 @@ layout, below a root directory (by default L{default_registry_root}):
 
     <root>/services/<Name>/<Version>/<Region>/<Host>/<Port>     the instance
     <root>/statistics/<Name>/<Version>/<Region>/<Host>/<Port>   its statistics
+    <root>/data/<escaped key>                                   a data node
 
 Each file holds the Go-shaped JSON document plus an C{"Owner"} record:
 C{{"pid", "start_time", "registry"}}, the writing process's id, its start
@@ -21,17 +22,31 @@ changes from inotify where Linux offers it, and by polling otherwise; process
 deaths make no file event, so owners' liveness is swept every
 C{poll_interval} either way.
 
+Data nodes (L{FileRegistry.get_value} and friends) are plain files holding
+the value's bytes, with no owner: they outlive their writer.  Their
+watches stat their file every C{poll_interval}, and at once on an inotify
+event in C{<root>/data} or a write of this registry object.
+
+What the registry creates is private, whatever the umask: directories
+0700, files 0600.  L{FileRegistry.start} refuses a root (or top directory)
+that another user could write to, and scans skip tree directories that
+another user could have written, so another local user can neither add a
+fake instance nor read admin addresses.
+
 Every process sharing a root must see the same process ids (one host, one
 PID namespace): a node whose owner's pid is not visible counts as dead.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import secrets
+import stat
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from urllib.parse import quote
 from uuid import uuid4
@@ -45,15 +60,26 @@ from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
+from skynet.config import default_reactor, skynet_path
 from skynet.registry.base import (
+    MAX_NODE_SIZE,
+    MAX_VALUE_SIZE,
     IInstanceListener,
     Instance,
     InstanceDiff,
     IRegistry,
     IWatch,
     ListingMixin,
+    NodeWarnings,
     Query,
     RegistryError,
+    ValueDelivery,
+    check_component,
+    check_key,
+    check_value,
+    data_node_name,
+    key_of_data_node,
+    parse_json_node,
     sort_instances,
 )
 
@@ -81,10 +107,7 @@ def default_registry_root() -> str:
     Where the embedded registry lives: C{$SKYNET_HOME/registry} if
     C{SKYNET_HOME} is set, else C{~/.skynet/registry}.
     """
-    home = os.environ.get("SKYNET_HOME")
-    if home:
-        return os.path.join(home, "registry")
-    return os.path.join(os.path.expanduser("~"), ".skynet", "registry")
+    return skynet_path("registry")
 
 
 # Owners and their liveness.
@@ -168,6 +191,7 @@ class Owner:
             or isinstance(pid, bool)
             or not isinstance(start_time, (int, float))
             or isinstance(start_time, bool)
+            or not math.isfinite(start_time)
             or not (registry is None or isinstance(registry, str))
         ):
             raise RegistryError(f"malformed owner record: {data!r}")
@@ -213,12 +237,72 @@ class Liveness:
 # Files.
 
 
+#: The modes of what the embedded registry creates, whatever the umask:
+#: other users may neither read (admin addresses) nor write (fake instances).
+DIRECTORY_MODE = 0o700
+FILE_MODE = 0o600
+
+
+def make_private_dirs(path: str) -> None:
+    """
+    C{os.makedirs}, but every directory it creates is mode
+    L{DIRECTORY_MODE}, whatever the umask.
+    """
+    missing = []
+    while path and not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, DIRECTORY_MODE)
+        except FileExistsError:
+            continue  # made by another process meanwhile
+        os.chmod(directory, DIRECTORY_MODE)
+
+
+def check_private_dir(path: str, uid: int | None = None) -> bool:
+    """
+    Refuse a registry directory that another user could write to (a fake
+    instance there would take a service's traffic), and make one of ours
+    that others may read private.
+
+    @return: whether it exists.
+    @raise RegistryError: if it is not a directory, belongs to another user
+        (other than root), or is writable by group or others.
+    """
+    uid = os.geteuid() if uid is None else uid
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISDIR(st.st_mode):
+        raise RegistryError(f"registry path {path} is not a directory")
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid not in (uid, 0):
+        raise RegistryError(
+            f"registry directory {path} belongs to another user (uid {st.st_uid}):"
+            " refusing it; use a registry directory of your own"
+        )
+    if mode & 0o022:
+        raise RegistryError(
+            f"registry directory {path} is writable by other users (mode {mode:04o}), who"
+            f" could add fake instances: refusing it; run chmod 700 {path}"
+        )
+    if mode & 0o077 and st.st_uid == uid:
+        os.chmod(path, DIRECTORY_MODE)
+    return True
+
+
 def write_atomically(path: str, data: bytes, attempts: int = 5) -> None:
     """
     Replace the file at C{path} with C{data} so that a reader sees either
     the old content or the new, never part of it: write a temporary file
     (a dot file, which scanners skip) in the same directory and rename it
-    into place.  Missing parent directories are created.
+    into place.  Missing parent directories are created.  The file is mode
+    L{FILE_MODE} and new directories L{DIRECTORY_MODE}, whatever the umask.
 
     @raise OSError: if it cannot be done.
     """
@@ -226,8 +310,8 @@ def write_atomically(path: str, data: bytes, attempts: int = 5) -> None:
     for attempt in range(attempts):
         temporary = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         try:
-            os.makedirs(directory, exist_ok=True)
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            make_private_dirs(directory)
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         except FileNotFoundError:
             # Another process pruned a directory of the path, empty a moment
             # ago, while we were making it or before we opened: again.
@@ -235,6 +319,7 @@ def write_atomically(path: str, data: bytes, attempts: int = 5) -> None:
                 raise
             continue
         try:
+            os.fchmod(fd, FILE_MODE)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(temporary, path)
@@ -275,28 +360,34 @@ def prune_empty_dirs(top: str, directory: str) -> None:
 
 def _read_file(path: str) -> tuple[tuple[int, int, int], bytes] | None:
     """
+    Read a node file, as untrusted: never through a symbolic link, never
+    blocking on a FIFO or device, at most L{MAX_NODE_SIZE} + 1 bytes.
+
     @return: the file's cache key (inode, mtime_ns, size) as of its reading
-        and its content, or L{None} if it does not exist.
+        and its content, or L{None} if there is no regular file there.
     """
     try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            return (st.st_ino, st.st_mtime_ns, st.st_size), f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # a symbolic link: not a node
+            return None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size), f.read(MAX_NODE_SIZE + 1)
 
 
 def _parse_document(data: bytes) -> tuple[dict[str, Any], Owner | None]:
     """
     @return: a node's JSON object without its owner record, and the owner.
-    @raise RegistryError: if it is not a JSON object or its owner is malformed.
+    @raise RegistryError: if it is not a JSON object (see
+        L{parse_json_node}) or its owner is malformed; never anything else.
     """
-    try:
-        doc = json.loads(data)
-    except ValueError as e:
-        raise RegistryError(f"not JSON: {e}") from e
-    if not isinstance(doc, dict):
-        raise RegistryError("not a JSON object")
+    doc = parse_json_node(data)
     owner_data = doc.pop(OWNER_KEY, None)
     owner = Owner.from_json(owner_data) if owner_data is not None else None
     return doc, owner
@@ -313,7 +404,7 @@ def _node_uuid(path: str) -> str | None:
     try:
         doc, _ = _parse_document(found[1])
         return str(doc["Config"]["UUID"])
-    except (RegistryError, KeyError, TypeError):
+    except (RegistryError, KeyError, TypeError, ValueError):
         return None
 
 
@@ -347,6 +438,9 @@ if inotify is not None:
         | inotify.IN_CLOSE_WRITE
         | inotify.IN_DELETE_SELF
         | inotify.IN_MOVE_SELF
+        # Never through a link: a directory link in the tree is not watched.
+        | inotify.IN_DONT_FOLLOW
+        | inotify.IN_ONLYDIR
     )
 
     class _TreeNotify(inotify.INotify):
@@ -366,24 +460,49 @@ if inotify is not None:
             inotify.INotify.__init__(self, reactor=reactor)
             self._root = FilePath(root)
             self._callback = callback
+            #: Directories watched, as C{str} paths.
+            self._watched: set[str] = set()
 
         def ensure_watched(self, path: str) -> None:
             """
             Watch directory C{path} (not its subdirectories) unless watched.
             """
+            if path in self._watched:
+                return  # the common case, without Twisted's FilePath work
             self.watch(
                 FilePath(path),
                 mask=_WATCH_MASK,
                 autoAdd=True,
                 callbacks=[self._callback],
             )
+            self._watched.add(path)
 
         def _watch_subtree(self, path: str) -> None:
-            for directory, _, _ in os.walk(path):
+            """
+            Watch C{path} and the directories below it down to the depth
+            of instance files, never following links.
+            """
+            root = os.fsdecode(self._root.path)
+            rel = os.path.relpath(path, root)
+            depth = 0 if rel == "." else rel.count(os.sep) + 1
+            stack = [(path, depth)]
+            while stack:
+                directory, depth = stack.pop()
                 try:
                     self.ensure_watched(directory)
                 except inotify.INotifyError:
-                    pass  # gone again already
+                    continue  # gone again already (or out of watches: the scan says so)
+                if depth >= 4:
+                    continue
+                try:
+                    with os.scandir(directory) as entries:
+                        for entry in entries:
+                            if not entry.name.startswith(".") and entry.is_dir(
+                                follow_symlinks=False
+                            ):
+                                stack.append((entry.path, depth + 1))
+                except OSError:
+                    continue
 
         def _doRead(self, in_: bytes) -> None:
             self._buffer += in_
@@ -402,6 +521,7 @@ if inotify is not None:
                     del self._watchpoints[wd]
                     if self._watchpaths.get(iwp.path) == wd:
                         del self._watchpaths[iwp.path]
+                    self._watched.discard(os.fsdecode(iwp.path.path))
                     iwp._notify(iwp.path, mask)
                     continue
                 path = iwp.path.child(name) if name else iwp.path
@@ -416,20 +536,70 @@ if inotify is not None:
 
 # The scanner, shared by every watch on one tree in this process.
 
+#: Depth of an instance file below C{services}: Name/Version/Region/Host/Port.
+LEAF_DEPTH = 5
+
+
+def query_base(query: Query) -> str:
+    """
+    The subtree below C{services} that holds every instance C{query} can
+    match: the path components it fixes, in order, up to the first it
+    leaves open (C{""} for the whole tree).
+    """
+    parts = []
+    for name, value in (
+        ("service name", query.service),
+        ("version", query.version),
+        ("region", query.region),
+        ("host", query.host),
+        ("port", query.port),
+    ):
+        if value is None:
+            break
+        parts.append("/" + check_component(name, str(value)))
+    return "".join(parts)
+
+
+def _outermost(bases: Iterable[str]) -> list[str]:
+    """
+    The subtrees among C{bases} that no other one contains.
+    """
+    result: list[str] = []
+    for base in sorted(set(bases)):
+        if not any(base == r or base.startswith(r + "/") or r == "" for r in result):
+            result.append(base)
+    return result
+
+
+def _covering(bases: list[str]) -> Callable[[str], bool]:
+    """
+    A test of whether a path lies in one of the subtrees C{bases}.
+    """
+    if "" in bases:
+        return lambda rel: True
+    prefixes = tuple(b + "/" for b in bases)
+    exact = set(bases)
+    return lambda rel: rel in exact or rel.startswith(prefixes)
+
 
 @implementer(IWatch)
 class _FileWatch:
-    def __init__(self, scanner: _Scanner, registry: FileRegistry, diff: InstanceDiff) -> None:
+    def __init__(
+        self, scanner: _Scanner, diff: InstanceDiff, on_stop: Callable[[_FileWatch], None]
+    ) -> None:
         self.scanner = scanner
-        self.registry = registry
         self.diff = diff
-        self.fed_generation = -1
+        #: The subtree below C{services} its query can match (C{""}: all).
+        self.base = query_base(diff.query)
+        #: The scanner's change sequence number its snapshot included.
+        self.seen = -1
+        self._on_stop = on_stop
 
     def stop(self) -> None:
         if not self.diff.stopped:
             self.diff.stopped = True
             self.scanner.remove_watch(self)
-            self.registry._forget_watch(self)
+            self._on_stop(self)
 
 
 class _Scanner:
@@ -453,7 +623,16 @@ class _Scanner:
         self._use_inotify = use_inotify
         self._cache: dict[str, _Entry] = {}
         self._dead: set[str] = set()
-        self._owners: set[Owner] = set()
+        #: The live instances by path below C{services}.
+        self._live: dict[str, Instance] = {}
+        #: Changes to C{_live} not yet delivered: (sequence, old, new).
+        self._changes: list[tuple[int, Instance | None, Instance | None]] = []
+        self._sequence = 0
+        self._delivery: Any = None
+        #: Subtrees to rescan at the next scan.
+        self._dirty: set[str] = set()
+        #: Subtrees read by a scan since the watches started.
+        self._scanned_bases: set[str] = set()
         self.generation = 0
         self.reads = 0
         self.users = 0
@@ -465,34 +644,45 @@ class _Scanner:
         self._warned_unwatched = False
         self._unprunable: set[tuple[str, tuple[int, int, int]]] = set()
         self.notifier = None
+        self.bad_nodes = NodeWarnings(self.log, reactor)
+        self._by_uuid: dict[str, str] = {}
+        self._uid = os.geteuid()
 
     # Scanning.
 
-    def _walk(self) -> Iterator[tuple[str, str, os.stat_result]]:
+    def _walk(self, base: str) -> Iterator[tuple[str, str, os.stat_result]]:
         """
         Yield C{(relative path, path, stat)} of every file at instance depth
-        below C{services}, skipping dot files (temporary files).  Each
-        directory is watched before it is listed, so that nothing created in
-        it afterwards goes unnoticed.
+        below C{services + base}, skipping dot files (temporary files),
+        links and directories another user could write.  Each directory is
+        watched before it is listed, so that nothing created in it
+        afterwards goes unnoticed; so are the directories above C{base}.
         """
-        self._unwatched = False
-        stack = [(self.services, 0, "")]
+        parts = [p for p in base.split("/") if p]
+        rel = ""
+        for part in parts[:-1] if len(parts) == LEAF_DEPTH else parts:
+            self._watch_directory(self.services + rel)
+            rel += "/" + part
+            try:
+                st = os.stat(self.services + rel, follow_symlinks=False)
+            except OSError:
+                return
+            if not stat.S_ISDIR(st.st_mode) or self._foreign(self.services + rel, st):
+                return
+        if len(parts) == LEAF_DEPTH:
+            # One instance's path: its host directory, then the one file.
+            self._watch_directory(self.services + rel)
+            try:
+                st = os.stat(self.services + base, follow_symlinks=False)
+            except OSError:
+                return
+            if stat.S_ISREG(st.st_mode):
+                yield base, self.services + base, st
+            return
+        stack = [(self.services + base, len(parts), base)]
         while stack:
             directory, depth, rel = stack.pop()
-            if self.notifier is not None:
-                try:
-                    self.notifier.ensure_watched(directory)
-                except inotify.INotifyError:
-                    # Gone (then listing fails too), or out of inotify
-                    # watches: then poll, as without inotify.
-                    if os.path.isdir(directory):
-                        self._unwatched = True
-                    if self._unwatched and not self._warned_unwatched:
-                        self._warned_unwatched = True
-                        self.log.warn(  # noqa: G010 (twisted.logger's name)
-                            "Cannot watch {directory} with inotify: polling",
-                            directory=directory,
-                        )
+            self._watch_directory(directory)
             try:
                 entries = os.scandir(directory)
             except (FileNotFoundError, NotADirectoryError):
@@ -509,8 +699,11 @@ class _Scanner:
                     if entry.name.startswith("."):
                         continue
                     try:
-                        if depth < 4:
+                        if depth < LEAF_DEPTH - 1:
                             if entry.is_dir(follow_symlinks=False):
+                                st = entry.stat(follow_symlinks=False)
+                                if self._foreign(entry.path, st):
+                                    continue
                                 stack.append((entry.path, depth + 1, f"{rel}/{entry.name}"))
                             continue
                         if not entry.is_file(follow_symlinks=False):
@@ -520,13 +713,48 @@ class _Scanner:
                         continue  # gone meanwhile, or not ours to see
                     yield f"{rel}/{entry.name}", entry.path, st
 
+    def _watch_directory(self, directory: str) -> None:
+        if self.notifier is None:
+            return
+        try:
+            self.notifier.ensure_watched(directory)
+        except inotify.INotifyError:
+            # Gone (then listing fails too), or out of inotify watches: then
+            # poll, as without inotify.
+            if os.path.isdir(directory):
+                self._unwatched = True
+            if self._unwatched and not self._warned_unwatched:
+                self._warned_unwatched = True
+                self.log.warn(  # noqa: G010 (twisted.logger's name)
+                    "Cannot watch {directory} with inotify: polling",
+                    directory=directory,
+                )
+
+    def _foreign(self, path: str, st: os.stat_result) -> bool:
+        """
+        Whether a directory of the tree could have been written by another
+        user (group or other writable, or another user's): its nodes are
+        not trusted, and it is skipped with a warning.
+        """
+        if st.st_uid in (self._uid, 0) and not st.st_mode & 0o022:
+            return False
+        self.bad_nodes.warn(
+            path,
+            f"directory writable by other users (mode {stat.S_IMODE(st.st_mode):04o},"
+            f" uid {st.st_uid}): skipped",
+        )
+        return True
+
     def _parse(self, rel: str, path: str, st: os.stat_result) -> _Entry | None:
+        """
+        Parse one node file, as untrusted: whatever it holds, a bad node
+        becomes an entry without an instance (kept until the file changes)
+        and one warning naming it.
+        """
         try:
             found = _read_file(path)
         except OSError as e:
-            self.log.warn(  # noqa: G010 (twisted.logger's name)
-                "Cannot read registry node {path}: {error}", path=path, error=e
-            )
+            self.bad_nodes.warn(path, f"cannot read it: {e}")
             return _Entry((st.st_ino, st.st_mtime_ns, st.st_size), None, None)
         if found is None:
             return None
@@ -536,61 +764,117 @@ class _Scanner:
             doc, owner = _parse_document(data)
             instance = Instance.from_go(doc)
             if instance.path != rel:
-                raise RegistryError(f"it describes {instance.path}")
-        except (RegistryError, ValueError) as e:
-            self.log.warn(  # noqa: G010 (twisted.logger's name)
-                "Skipping malformed registry node {path}: {error}",
-                path=path,
-                error=str(e),
-            )
+                raise RegistryError(f"the node describes {instance.path}")
+        except Exception as e:  # noqa: BLE001 (untrusted: no node may fail a scan)
+            self.bad_nodes.warn(path, e)
             return _Entry(key, None, None)
         return _Entry(key, instance, owner)
 
-    def scan(self) -> tuple[dict[str, Instance], bool]:
+    def scan(self, bases: Iterable[str] = ("",)) -> tuple[dict[str, Instance], bool]:
         """
-        Bring the cache up to date with the disk (parsing only files whose
-        inode, mtime or size changed), and hide and prune the nodes of dead
-        owners.
+        Bring the cache of the subtrees C{bases} (paths below C{services},
+        C{""} for all) up to date with the disk, parsing only files whose
+        inode, mtime or size changed, and hide and prune the nodes of dead
+        owners there.  The changes are queued for the watches (L{deliver}).
 
-        @return: the live instances by path, and whether they may differ from
-            the previous scan's.
+        @return: the live instances by path (of the whole cache), and
+            whether this scan changed any.
         """
-        changed = False
-        cache: dict[str, _Entry] = {}
-        for rel, path, st in self._walk():
-            entry = self._cache.get(rel)
-            if entry is None or entry.key != (st.st_ino, st.st_mtime_ns, st.st_size):
-                entry = self._parse(rel, path, st)
-                if entry is None:
-                    continue
-                changed = True
-            cache[rel] = entry
-        if len(cache) != len(self._cache):
-            changed = True
-        self._cache = cache
-
+        bases = _outermost(bases)
+        scanned: dict[str, _Entry] = {}
+        for base in bases:
+            for rel, path, st in self._walk(base):
+                entry = self._cache.get(rel)
+                if entry is None or entry.key != (st.st_ino, st.st_mtime_ns, st.st_size):
+                    entry = self._parse(rel, path, st)
+                    if entry is None:
+                        continue
+                scanned[rel] = entry
+        covered = _covering(bases)
+        changes_before = len(self._changes)
+        for rel in [r for r in self._cache if covered(r) and r not in scanned]:
+            del self._cache[rel]
+            self._dead.discard(rel)
+            self._set_live(rel, None)
         liveness = Liveness()
-        live: dict[str, Instance] = {}
-        dead: set[str] = set()
-        owners: set[Owner] = set()
-        for rel, entry in cache.items():
+        for rel, entry in scanned.items():
+            self._cache[rel] = entry
             if entry.instance is None:
-                continue
-            if entry.owner is not None:
-                if not liveness.alive(entry.owner):
-                    dead.add(rel)
-                    continue
-                owners.add(entry.owner)
-            live[rel] = entry.instance
-        for rel in dead:
-            self._prune(rel, cache[rel], liveness)
-        if dead != self._dead:
-            changed = True
-        self._dead = dead
-        self._owners = owners
+                self._dead.discard(rel)
+                self._set_live(rel, None)
+            elif entry.owner is not None and not liveness.alive(entry.owner):
+                self._dead.add(rel)
+                self._set_live(rel, None)
+                self._prune(rel, entry, liveness)
+            else:
+                self._dead.discard(rel)
+                self._set_live(rel, entry.instance)
+        self._scanned_bases.update(bases)
+        changed = len(self._changes) > changes_before
         if changed:
             self.generation += 1
-        return live, changed
+            self._schedule_delivery()
+        return self._live, changed
+
+    def _set_live(self, rel: str, instance: Instance | None) -> None:
+        old = self._live.get(rel)
+        if old is instance:
+            return
+        if instance is None:
+            del self._live[rel]
+            if self._by_uuid.get(old.uuid) == rel:  # type: ignore[union-attr]
+                del self._by_uuid[old.uuid]  # type: ignore[union-attr]
+        else:
+            self._live[rel] = instance
+            if old is not None and self._by_uuid.get(old.uuid) == rel:
+                del self._by_uuid[old.uuid]
+            self._by_uuid[instance.uuid] = rel
+        self._sequence += 1
+        self._changes.append((self._sequence, old, instance))
+
+    def _covered(self, base: str) -> bool:
+        """
+        Whether a scan has read the subtree C{base} (and inotify, if any,
+        watches it since).
+        """
+        return any(base == b or base.startswith(b + "/") or b == "" for b in self._scanned_bases)
+
+    def fresh(self, base: str = "") -> bool:
+        """
+        Whether the cache of C{base} is as current as a scan would make it:
+        inotify watches the tree, a scan has read C{base}, and no event (or
+        own write) has come since.
+        """
+        return (
+            self.notifier is not None
+            and not self._unwatched
+            and self._pending is None
+            and not self._dirty
+            and self._covered(base)
+        )
+
+    def get(self, uuid: str) -> Instance | None:
+        """
+        The live instance with C{uuid}: from the cache when it is
+        L{fresh} (checking only its owner's liveness), else after a scan
+        (which re-reads only changed files).
+        """
+        if not self.fresh():
+            self.scan()
+        rel = self._by_uuid.get(uuid)
+        if rel is None:
+            return None
+        entry = self._cache.get(rel)
+        if entry is None or entry.instance is None or rel in self._dead:
+            return None
+        if entry.owner is not None and not Liveness().alive(entry.owner):
+            self.request_scan(0, [rel])  # pruned, and the watches told
+            return None
+        return entry.instance
+
+    def live_under(self, base: str) -> list[Instance]:
+        covered = _covering([base])
+        return [instance for rel, instance in self._live.items() if covered(rel)]
 
     def _prune(self, rel: str, entry: _Entry, liveness: Liveness) -> None:
         """
@@ -628,47 +912,82 @@ class _Scanner:
         self._watches.append(watch)
         if len(self._watches) == 1:
             self._start_timers()
-        self.request_scan(0)
+        self.request_scan(0, [watch.base])
 
     def remove_watch(self, watch: _FileWatch) -> None:
         if watch in self._watches:
             self._watches.remove(watch)
             if not self._watches:
                 self._stop_timers()
+                self._scanned_bases.clear()
 
-    def request_scan(self, delay: float = DEBOUNCE) -> None:
+    def request_scan(self, delay: float = DEBOUNCE, bases: Iterable[str] | None = None) -> None:
         """
-        Rescan and feed the watches after C{delay} seconds (or sooner, if a
-        scan is due sooner already).
+        Rescan C{bases} (by default every watched subtree) and deliver the
+        changes after C{delay} seconds (or sooner, if a scan is due sooner
+        already).
         """
         if not self._watches:
             return
+        self._dirty.update(bases if bases is not None else [w.base for w in self._watches])
         if self._pending is None:
             self._pending = self._reactor.callLater(delay, self._scan_and_feed)
         elif self._pending.getTime() - self._reactor.seconds() > delay:
             self._pending.reset(delay)
+
+    def _watched_bases(self) -> list[str]:
+        return _outermost(w.base for w in self._watches)
 
     def _scan_and_feed(self) -> None:
         if self._pending is not None:
             if self._pending.active():
                 self._pending.cancel()
             self._pending = None
+        dirty, self._dirty = self._dirty, set()
+        watched = self._watched_bases()
+        inside = _covering(watched)
+        # Only what a watch can see: the dirty subtrees within the watched
+        # ones, and the watched ones within a dirty subtree.
+        bases = [d for d in dirty if inside(d)] + [
+            w for w in watched if any(w.startswith(d + "/") or d == "" for d in dirty)
+        ]
         try:
-            live, _ = self.scan()
+            if bases:
+                self.scan(bases)
+        except OSError as e:
+            self.log.warn(  # noqa: G010 (twisted.logger's name)
+                "Cannot scan registry {root}: {error}", root=self.root, error=e
+            )
         except Exception:  # noqa: BLE001 (keep watching; the next scan may do)
             self.log.failure("Scanning registry {root} failed", root=self.root)
-            return
+        self.deliver()
+
+    def _schedule_delivery(self) -> None:
+        if self._delivery is None and self._watches:
+            self._delivery = self._reactor.callLater(0, self.deliver)
+
+    def deliver(self) -> None:
+        """
+        Give every watch its snapshot, once its subtree has been scanned,
+        and then the changes it has not seen, in order.
+        """
+        if self._delivery is not None:
+            if self._delivery.active():
+                self._delivery.cancel()
+            self._delivery = None
+        changes, self._changes = self._changes, []
         for watch in list(self._watches):
-            if watch.diff.stopped or watch.fed_generation == self.generation:
+            if watch.diff.stopped:
                 continue
-            watch.fed_generation = self.generation
-            try:
-                watch.diff.feed(live.values())
-            except Exception:  # noqa: BLE001 (one listener's bug must not stop the rest)
-                self.log.failure(
-                    "Registry listener {listener!r} failed",
-                    listener=watch.diff.listener,
-                )
+            if watch.diff.known is None:
+                if self._covered(watch.base):
+                    watch.seen = self._sequence
+                    watch.diff.feed(self.live_under(watch.base))
+                continue
+            for sequence, old, new in changes:
+                if sequence > watch.seen:
+                    watch.diff.change(old, new)
+            watch.seen = self._sequence
 
     def _tick(self) -> None:
         """
@@ -683,19 +1002,29 @@ class _Scanner:
             or self._ticks % SAFETY_RESCAN_TICKS == 0
             or self._an_owner_died()
         ):
-            self._scan_and_feed()
+            self.request_scan(0)
 
     def _an_owner_died(self) -> bool:
         liveness = Liveness()
-        return not all(liveness.alive(owner) for owner in self._owners)
+        owners = {self._cache[rel].owner for rel in self._live}
+        return not all(liveness.alive(owner) for owner in owners if owner is not None)
 
     def _on_event(self, _watch: object, path: FilePath, mask: int) -> None:
         name = os.path.basename(os.fsencode(path.path))
         if name.startswith(b".") and not mask & inotify.IN_IGNORED:
             return  # a writer's temporary file
-        self.request_scan(DEBOUNCE)
+        full = os.fsdecode(path.path)
+        if mask & inotify.IN_Q_OVERFLOW or not full.startswith(self.services + "/"):
+            self.request_scan(DEBOUNCE)  # events lost, or the top itself: all
+            return
+        rel = full[len(self.services) :]
+        if rel.count("/") == LEAF_DEPTH:
+            rel = rel.rpartition("/")[0]  # a node: its host directory
+        self.request_scan(DEBOUNCE, [rel])
 
     def _start_timers(self) -> None:
+        # What was scanned without inotify may have changed unseen.
+        self._scanned_bases.clear()
         if self._use_inotify:
             self.notifier = self._start_inotify()
         self._ticks = 0
@@ -712,25 +1041,21 @@ class _Scanner:
             )
             return None
         try:
-            os.makedirs(self.services, exist_ok=True)
+            make_private_dirs(self.services)
             notifier = _TreeNotify(self._reactor, self.services, self._on_event)
         except (OSError, inotify.INotifyError) as e:
             self.log.warn(  # noqa: G010 (twisted.logger's name)
                 "Cannot use inotify ({error}): polling {root}", error=e, root=self.root
             )
             return None
+        # Not Twisted's recursive watch: it follows directory links (and
+        # fails on a link loop).  The scan that follows watches every
+        # directory it lists; this only makes sure the top is watched now.
         try:
-            notifier.watch(
-                FilePath(self.services),
-                mask=_WATCH_MASK,
-                autoAdd=True,
-                callbacks=[self._on_event],
-                recursive=True,
-            )
+            notifier.ensure_watched(self.services)
         except (OSError, inotify.INotifyError) as e:
-            # The scan that follows watches what it can.
             self.log.warn(  # noqa: G010 (twisted.logger's name)
-                "Cannot watch all of {root} ({error})", root=self.services, error=e
+                "Cannot watch {root} ({error})", root=self.services, error=e
             )
         notifier.startReading()
         return notifier
@@ -744,6 +1069,11 @@ class _Scanner:
             if self._pending.active():
                 self._pending.cancel()
             self._pending = None
+        if self._delivery is not None:
+            if self._delivery.active():
+                self._delivery.cancel()
+            self._delivery = None
+        self._dirty.clear()
         if self.notifier is not None:
             self.notifier.loseConnection()
             self.notifier = None
@@ -818,11 +1148,11 @@ class FileRegistry(ListingMixin):
         poll_interval: float = 0.5,
         use_inotify: bool = True,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = default_reactor(reactor)
         self.root = os.path.abspath(os.fspath(root))
         self.services_dir = os.path.join(self.root, "services")
         self.statistics_dir = os.path.join(self.root, "statistics")
+        self.data_dir = os.path.join(self.root, "data")
         self.poll_interval = poll_interval
         self.use_inotify = use_inotify
         self._reactor = reactor
@@ -831,6 +1161,7 @@ class FileRegistry(ListingMixin):
         self._owned_stats: set[str] = set()
         self._watches: list[_FileWatch] = []
         self._scanner: _Scanner | None = None
+        self._values = _DataWatches(self)
         self._stopped = False
 
     @property
@@ -852,13 +1183,14 @@ class FileRegistry(ListingMixin):
             )
         return self._scanner
 
-    def _changed(self) -> None:
+    def _changed(self, rel: str | None = None) -> None:
         """
-        Our own write: let this process's watches see it without waiting for
-        inotify or polling.
+        Our own write (of the node at C{rel}, or of several): let this
+        process's watches see it without waiting for inotify or polling.
         """
         if self._scanner is not None:
-            self._scanner.request_scan(DEBOUNCE)
+            bases = None if rel is None else [rel.rpartition("/")[0]]
+            self._scanner.request_scan(DEBOUNCE, bases)
 
     def _io(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
         def call():
@@ -875,12 +1207,19 @@ class FileRegistry(ListingMixin):
 
     def start(self) -> Deferred[None]:
         """
-        Create the root (and its C{services} and C{statistics}) if missing.
+        Create the root (and its C{services} and C{statistics}) if missing,
+        mode 0700.
+
+        @raise RegistryError: (through the Deferred) if the root, or one of
+            its top directories, could be written by another user (see
+            L{check_private_dir}).
         """
 
         def make() -> None:
-            os.makedirs(self.services_dir, exist_ok=True)
-            os.makedirs(self.statistics_dir, exist_ok=True)
+            for directory in (self.root, self.services_dir, self.statistics_dir, self.data_dir):
+                check_private_dir(directory)
+            make_private_dirs(self.services_dir)
+            make_private_dirs(self.statistics_dir)
 
         self._stopped = False
         return self._io(make)
@@ -894,6 +1233,7 @@ class FileRegistry(ListingMixin):
             return succeed(None)
         for watch in list(self._watches):
             watch.stop()
+        self._values.stop()
         for rel in sorted(self._owned):
             self._delete_if_mine(self.services_dir, rel)
         for rel in sorted(self._owned_stats):
@@ -939,6 +1279,7 @@ class FileRegistry(ListingMixin):
         return self._io(self._write_instance, instance, True)
 
     def _write_instance(self, instance: Instance, keep_owner: bool) -> None:
+        instance.checked_json()
         rel = instance.path
         path = self.services_dir + rel
         owner = self._owner()
@@ -954,7 +1295,7 @@ class FileRegistry(ListingMixin):
         write_atomically(path, encode_node(instance.to_go(), owner))
         if owner.registry == self._token:
             self._owned.add(rel)
-        self._changed()
+        self._changed(rel)
 
     def remove(self, instance: Instance) -> Deferred[None]:
         """
@@ -973,7 +1314,7 @@ class FileRegistry(ListingMixin):
                 prune_empty_dirs(top, os.path.dirname(top + rel))
             self._owned.discard(rel)
             self._owned_stats.discard(rel)
-            self._changed()
+            self._changed(rel)
 
         return self._io(remove)
 
@@ -1025,19 +1366,25 @@ class FileRegistry(ListingMixin):
 
         def run() -> list[Instance]:
             scanner = self._get_scanner()
-            live, changed = scanner.scan()
-            if changed:
-                scanner.request_scan(0)
-            return query.filter(sort_instances(live.values()))
+            base = query_base(query)
+            scanner.scan([base])
+            return query.filter(sort_instances(scanner.live_under(base)))
 
         return self._io(run)
+
+    def get(self, uuid: str) -> Deferred[Instance | None]:
+        """
+        The live instance with C{uuid}, or L{None}, from the scanner's cache
+        (see L{_Scanner.get}).
+        """
+        return self._io(lambda: self._get_scanner().get(uuid))
 
     def watch(self, query: Query, listener: IInstanceListener) -> IWatch:
         """
         Watch the tree: the snapshot comes from the reactor, soon after.
         """
         scanner = self._get_scanner()
-        watch = _FileWatch(scanner, self, InstanceDiff(query, listener))
+        watch = _FileWatch(scanner, InstanceDiff(query, listener), self._forget_watch)
         self._watches.append(watch)
         scanner.add_watch(watch)
         return watch
@@ -1045,6 +1392,214 @@ class FileRegistry(ListingMixin):
     def _forget_watch(self, watch: _FileWatch) -> None:
         if watch in self._watches:
             self._watches.remove(watch)
+
+    # Data nodes.
+
+    def _data_path(self, key: str) -> str:
+        return os.path.join(self.data_dir, data_node_name(check_key(key)))
+
+    def get_value(self, key: str) -> Deferred[bytes | None]:
+        """
+        The bytes of the data node C{key}, or L{None}.
+        """
+        return self._io(lambda: _read_value(self._data_path(key)))
+
+    def set_value(self, key: str, value: bytes) -> Deferred[None]:
+        """
+        Replace the file of data node C{key} atomically.
+        """
+
+        def write() -> None:
+            path = self._data_path(key)
+            write_atomically(path, check_value(value))
+            self._values.changed(key)
+
+        return self._io(write)
+
+    def delete_value(self, key: str) -> Deferred[None]:
+        def delete() -> None:
+            _unlink(self._data_path(key))
+            self._values.changed(key)
+
+        return self._io(delete)
+
+    def watch_value(self, key: str, callback: Callable[[bytes | None], None]) -> IWatch:
+        """
+        Watch the data node C{key}: its file is checked soon, then every
+        C{poll_interval}, and at once when inotify reports a change.
+        """
+        if self._stopped:
+            raise RegistryError(f"{self!r} is stopped")
+        return self._values.watch(self._data_path(key), key, callback)
+
+
+_MISSING = object()
+
+
+def _read_value(path: str) -> bytes | None:
+    """
+    The bytes of the data node file at C{path}, or L{None} if there is none.
+
+    @raise RegistryError: if it is larger than a data node may be.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise RegistryError(f"data node {path} is a symbolic link") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RegistryError(f"data node {path} is not a regular file")
+        data = f.read(MAX_VALUE_SIZE + 1)
+    if len(data) > MAX_VALUE_SIZE:
+        raise RegistryError(f"data node {path} is larger than {MAX_VALUE_SIZE} bytes")
+    return data
+
+
+class _FileValueWatch(ValueDelivery):
+    def __init__(self, path: str, key: str, callback, on_stop) -> None:
+        ValueDelivery.__init__(self, key, callback, on_stop)
+        self.path = path
+        self._seen: Any = _MISSING
+
+    def check(self) -> None:
+        """
+        Re-read the file if its inode, mtime or size changed.
+        """
+        if self.stopped:
+            return
+        try:
+            st = os.stat(self.path)
+            seen: Any = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            seen = None
+        except OSError as e:
+            self.log.warn(  # noqa: G010 (twisted.logger's name)
+                "Cannot read data node {path}: {error}", path=self.path, error=e
+            )
+            return
+        if seen == self._seen:
+            return
+        try:
+            value = _read_value(self.path)
+        except (OSError, RegistryError) as e:
+            self.log.warn(  # noqa: G010 (twisted.logger's name)
+                "Cannot read data node {path}: {error}", path=self.path, error=e
+            )
+            return
+        self._seen = seen
+        self.deliver(value)
+
+
+class _DataWatches:
+    """
+    The value watches of one L{FileRegistry}: a poll every
+    C{poll_interval} while there are any, an inotify watch of the data
+    directory where available, and a check soon after each own write.
+    """
+
+    log = Logger()
+
+    def __init__(self, registry: FileRegistry) -> None:
+        self._registry = registry
+        self._reactor = registry._reactor
+        self._watches: dict[str, list[_FileValueWatch]] = {}
+        self._loop: LoopingCall | None = None
+        self._notifier: Any = None
+        self._soon: dict[str, Any] = {}
+
+    def watch(self, path: str, key: str, callback) -> _FileValueWatch:
+        def forget() -> None:
+            self._forget(key, watch)
+
+        watch = _FileValueWatch(path, key, callback, forget)
+        self._watches.setdefault(key, []).append(watch)
+        if self._loop is None:
+            self._start()
+        self.changed(key)
+        return watch
+
+    def changed(self, key: str) -> None:
+        """
+        Check the watches of C{key} from the reactor, soon.
+        """
+        if key in self._watches and key not in self._soon:
+            self._soon[key] = self._reactor.callLater(0, self._check, key)
+
+    def _check(self, key: str) -> None:
+        self._soon.pop(key, None)
+        for watch in list(self._watches.get(key, ())):
+            watch.check()
+
+    def _poll(self) -> None:
+        for key in list(self._watches):
+            self._check(key)
+
+    def _forget(self, key: str, watch: _FileValueWatch) -> None:
+        watches = self._watches.get(key, [])
+        if watch in watches:
+            watches.remove(watch)
+        if not watches:
+            self._watches.pop(key, None)
+            call = self._soon.pop(key, None)
+            if call is not None and call.active():
+                call.cancel()
+        if not self._watches:
+            self._stop_timers()
+
+    def _start(self) -> None:
+        self._loop = LoopingCall(self._poll)
+        self._loop.clock = self._reactor
+        self._loop.start(self._registry.poll_interval, now=False)
+        if (
+            self._registry.use_inotify
+            and inotify is not None
+            and IReactorFDSet.providedBy(self._reactor)
+        ):
+            try:
+                make_private_dirs(self._registry.data_dir)
+                notifier = _TreeNotify(self._reactor, self._registry.data_dir, self._on_event)
+                notifier.ensure_watched(self._registry.data_dir)
+            except (OSError, inotify.INotifyError) as e:
+                self.log.warn(  # noqa: G010 (twisted.logger's name)
+                    "Cannot watch {directory} with inotify ({error}): polling",
+                    directory=self._registry.data_dir,
+                    error=e,
+                )
+            else:
+                notifier.startReading()
+                self._notifier = notifier
+
+    def _on_event(self, _watch: object, path: FilePath, mask: int) -> None:
+        name = os.path.basename(os.fsdecode(path.path))
+        if name == os.path.basename(self._registry.data_dir) or mask & inotify.IN_Q_OVERFLOW:
+            self._poll()  # the directory itself, or events were lost
+            return
+        key = key_of_data_node(name)
+        if key is not None:
+            self.changed(key)
+
+    def _stop_timers(self) -> None:
+        if self._loop is not None:
+            if self._loop.running:
+                self._loop.stop()
+            self._loop = None
+        for call in self._soon.values():
+            if call.active():
+                call.cancel()
+        self._soon.clear()
+        if self._notifier is not None:
+            self._notifier.loseConnection()
+            self._notifier = None
+
+    def stop(self) -> None:
+        for watches in list(self._watches.values()):
+            for watch in list(watches):
+                watch.stop()
+        self._stop_timers()
 
 
 __all__ = [

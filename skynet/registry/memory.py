@@ -21,6 +21,7 @@ C{clock.advance(0)}.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 import attr
@@ -28,6 +29,7 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from skynet.config import default_reactor
 from skynet.registry.base import (
     IInstanceListener,
     Instance,
@@ -37,6 +39,9 @@ from skynet.registry.base import (
     ListingMixin,
     Query,
     RegistryError,
+    ValueDelivery,
+    check_key,
+    check_value,
     sort_instances,
 )
 
@@ -61,8 +66,22 @@ class MemoryStore:
     def __init__(self, name: str | None = None) -> None:
         self.name = name if name is not None else f"anonymous-{next(_anonymous)}"
         self.nodes: dict[str, _Node] = {}
+        #: uuid -> path of its node.
+        self.paths_by_uuid: dict[str, str] = {}
         self.stats: dict[str, _Node] = {}
         self.watches: list[_MemoryWatch] = []
+        #: Data nodes: key -> value.  They belong to no registry object.
+        self.values: dict[str, bytes] = {}
+        self.value_watches: list[_MemoryValueWatch] = []
+
+    def set_value(self, key: str, value: bytes | None) -> None:
+        if value is None:
+            self.values.pop(key, None)
+        else:
+            self.values[key] = value
+        for watch in list(self.value_watches):
+            if watch.key == key:
+                watch.schedule()
 
     def instances(self) -> list[Instance]:
         """
@@ -78,12 +97,17 @@ class MemoryStore:
             node.value = instance
         else:
             self.nodes[path] = _Node(instance, owner)
+        if old is not None and self.paths_by_uuid.get(old.uuid) == path:
+            del self.paths_by_uuid[old.uuid]
+        self.paths_by_uuid[instance.uuid] = path
         self._changed(old, instance)
 
     def delete(self, path: str) -> None:
         self.stats.pop(path, None)
         node = self.nodes.pop(path, None)
         if node is not None:
+            if self.paths_by_uuid.get(node.value.uuid) == path:
+                del self.paths_by_uuid[node.value.uuid]
             self._changed(node.value, None)
 
     def drop_owner(self, owner: MemoryRegistry) -> None:
@@ -98,15 +122,8 @@ class MemoryStore:
                 self.delete(path)
 
     def _changed(self, old: Instance | None, new: Instance | None) -> None:
-        # A node rewritten with another uuid is, for a listener keyed by uuid,
-        # one instance leaving and another arriving.
-        if old is not None and new is not None and old.uuid != new.uuid:
-            changes = [(old, None), (None, new)]
-        else:
-            changes = [(old, new)]
         for watch in list(self.watches):
-            for change in changes:
-                watch.enqueue(change)
+            watch.enqueue((old, new))
 
 
 @implementer(IWatch)
@@ -140,16 +157,10 @@ class _MemoryWatch:
         for item in queue:
             if self._diff.stopped:
                 return
-            try:
-                if isinstance(item, list):
-                    self._diff.feed(item)
-                else:
-                    self._diff.change(*item)
-            except Exception:  # noqa: BLE001 (one listener's bug must not stop the rest)
-                self.log.failure(
-                    "Registry listener {listener!r} failed",
-                    listener=self._diff.listener,
-                )
+            if isinstance(item, list):
+                self._diff.feed(item)
+            else:
+                self._diff.change(*item)
 
     def stop(self) -> None:
         self._diff.stopped = True
@@ -159,6 +170,36 @@ class _MemoryWatch:
             self._pending = None
         if self in self._store.watches:
             self._store.watches.remove(self)
+
+
+class _MemoryValueWatch(ValueDelivery):
+    """
+    A watch of one data node: delivers the store's current value from the
+    reactor whenever it may have changed.
+    """
+
+    def __init__(self, store: MemoryStore, key: str, callback, reactor, on_stop) -> None:
+        ValueDelivery.__init__(self, key, callback, on_stop)
+        self._store = store
+        self._reactor = reactor
+        self._pending: Any = None
+        self.schedule()
+
+    def schedule(self) -> None:
+        if self._pending is None and not self.stopped:
+            self._pending = self._reactor.callLater(0, self._deliver)
+
+    def _deliver(self) -> None:
+        self._pending = None
+        self.deliver(self._store.values.get(self.key))
+
+    def stop(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
+        if self in self._store.value_watches:
+            self._store.value_watches.remove(self)
+        ValueDelivery.stop(self)
 
 
 @implementer(IRegistry)
@@ -173,11 +214,10 @@ class MemoryRegistry(ListingMixin):
     log = Logger()
 
     def __init__(self, reactor=None, store: MemoryStore | None = None) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
-        self._reactor = reactor
+        self._reactor = default_reactor(reactor)
         self.store = store if store is not None else MemoryStore()
         self._watches: list[_MemoryWatch] = []
+        self._value_watches: list[_MemoryValueWatch] = []
         self._stopped = False
 
     @property
@@ -214,6 +254,8 @@ class MemoryRegistry(ListingMixin):
         for watch in self._watches:
             watch.stop()
         self._watches = []
+        for value_watch in list(self._value_watches):
+            value_watch.stop()
         self.store.drop_owner(self)
         self._stopped = True
 
@@ -228,6 +270,7 @@ class MemoryRegistry(ListingMixin):
         return maybeDeferred(self._set, instance, True)
 
     def _set(self, instance: Instance, keep_owner: bool) -> None:
+        instance.checked_json()
         self._check()
         self.store.set(instance, self, keep_owner=keep_owner)
 
@@ -258,11 +301,56 @@ class MemoryRegistry(ListingMixin):
     def query(self, query: Query) -> Deferred[list[Instance]]:
         return succeed(query.filter(self.store.instances()))
 
+    def get(self, uuid: str) -> Deferred[Instance | None]:
+        path = self.store.paths_by_uuid.get(uuid)
+        node = self.store.nodes.get(path) if path is not None else None
+        return succeed(node.value if node is not None else None)
+
     def watch(self, query: Query, listener: IInstanceListener) -> IWatch:
         self._check()
         watch = _MemoryWatch(self.store, query, listener, self._reactor)
         self.store.watches.append(watch)
         self._watches.append(watch)
+        return watch
+
+    # Data nodes.
+
+    def get_value(self, key: str) -> Deferred[bytes | None]:
+        def get() -> bytes | None:
+            check_key(key)
+            self._check()
+            return self.store.values.get(key)
+
+        return maybeDeferred(get)
+
+    def set_value(self, key: str, value: bytes) -> Deferred[None]:
+        def set_() -> None:
+            check_key(key)
+            check_value(value)
+            self._check()
+            self.store.set_value(key, value)
+
+        return maybeDeferred(set_)
+
+    def delete_value(self, key: str) -> Deferred[None]:
+        def delete() -> None:
+            check_key(key)
+            self._check()
+            self.store.set_value(key, None)
+
+        return maybeDeferred(delete)
+
+    def watch_value(self, key: str, callback: Callable[[bytes | None], None]) -> IWatch:
+        check_key(key)
+        self._check()
+
+        def forget() -> None:
+            if watch in self._value_watches:
+                self._value_watches.remove(watch)
+
+        watch = _MemoryValueWatch(self.store, key, callback, self._reactor, forget)
+        self.store.value_watches.append(watch)
+        self._value_watches.append(watch)
         return watch
 
 

@@ -6,8 +6,10 @@ Under a chroot (default C{/skynet}):
 
     /services/<Name>/<Version>/<Region>/<Host>/<Port>     the instance (JSON)
     /statistics/<Name>/<Version>/<Region>/<Host>/<Port>   its statistics (JSON)
+    /data/<escaped key>                                   a data node (bytes)
 
-Both leaves are ephemeral nodes of this registry's session: they vanish when
+Data nodes are persistent (they outlive their writer's session); Go Skynet
+never reads C{/data}.  Instance and statistics leaves are ephemeral nodes of this registry's session: they vanish when
 the process dies (after the session timeout) or closes its session.  Parent
 nodes are created as needed and pruned when a removal leaves them empty.
 
@@ -55,25 +57,40 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import stat
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
+import attr
 from kazoo.client import KazooClient, KazooState  # type: ignore[import-untyped]
 from kazoo.exceptions import (  # type: ignore[import-untyped]
+    AuthFailedError,
     BadVersionError,
     ConnectionClosedError,
     ConnectionLoss,
     KazooException,
+    NoAuthError,
     NodeExistsError,
     NoNodeError,
     NotEmptyError,
     OperationTimeoutError,
+    RolledBackError,
+    RuntimeInconsistency,
     SessionExpiredError,
 )
 from kazoo.protocol.states import EventType  # type: ignore[import-untyped]
 from kazoo.retry import KazooRetry  # type: ignore[import-untyped]
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, succeed
+from kazoo.security import make_acl, make_digest_acl  # type: ignore[import-untyped]
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    DeferredLock,
+    fail,
+    succeed,
+)
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -81,6 +98,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from skynet.config import default_reactor
 from skynet.registry.base import (
     IInstanceListener,
     Instance,
@@ -88,9 +106,15 @@ from skynet.registry.base import (
     IRegistry,
     IWatch,
     ListingMixin,
+    NodeWarnings,
     Query,
     RegistryError,
+    ValueDelivery,
     check_component,
+    check_key,
+    check_value,
+    data_node_name,
+    parse_json_node,
     sort_instances,
 )
 
@@ -213,6 +237,104 @@ def _first_error(results: list[tuple[bool, Any]]) -> list[Any]:
     return [value for _, value in results]
 
 
+@attr.frozen(repr=False)
+class Credentials:
+    """
+    A ZooKeeper digest identity: the cluster's members share one.
+
+    @ivar user: the digest user name.
+    @ivar secret: its password (never shown by C{repr}).
+    @ivar file: the credentials file it was read from, if any.
+    """
+
+    user: str
+    secret: str
+    file: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<Credentials {self.user}:***{' from ' + self.file if self.file else ''}>"
+
+    @classmethod
+    def parse(cls, text: str, file: str | None = None) -> Credentials:
+        """
+        Read C{user:secret}.
+
+        @raise ValueError: if either part is empty.
+        """
+        user, sep, secret = text.strip().partition(":")
+        if not sep or not user or not secret or "\n" in secret:
+            where = f" in {file}" if file else ""
+            raise ValueError(f"ZooKeeper credentials{where} must be one line user:secret")
+        return cls(user, secret, file)
+
+    @classmethod
+    def from_file(cls, path: str) -> Credentials:
+        """
+        Read C{user:secret} from a file that only its owner may read.
+
+        @raise ValueError: if the file is missing, not a regular file,
+            readable or writable by group or others, or malformed.
+        """
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as e:
+            raise ValueError(f"cannot read ZooKeeper credentials file {path}: {e}") from None
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError(f"ZooKeeper credentials file {path} is not a regular file")
+            if st.st_mode & 0o077:
+                raise ValueError(
+                    f"ZooKeeper credentials file {path} is accessible by other users"
+                    f" (mode {stat.S_IMODE(st.st_mode):04o}): chmod 600 {path}"
+                )
+            data = f.read(4096)
+        try:
+            return cls.parse(data.decode("utf-8"), path)
+        except UnicodeDecodeError:
+            raise ValueError(f"ZooKeeper credentials file {path} is not UTF-8") from None
+
+    def acl(self, open_reads: bool) -> list[Any]:
+        """
+        The ACL of every node this registry creates: all permissions for
+        the members, and read for anyone if C{open_reads}.
+        """
+        acl = [make_digest_acl(self.user, self.secret, all=True)]
+        if open_reads:
+            acl.append(make_acl("world", "anyone", read=True))
+        return acl
+
+
+@attr.frozen
+class _WatchContext:
+    """
+    All a watch may use of its registry: reads with a ZooKeeper watch
+    attached, whether the session is up, the hop to the reactor thread, the
+    strict parse of an instance node, and leaving the registry's list of
+    watches.  (A narrow internal API: watches read no private attribute of
+    the registry.)
+
+    @ivar services: the full path of C{/services}.
+    @ivar get: C{get(path, watcher)} -> Deferred of C{(data, stat)}.
+    @ivar get_children: C{get_children(path, watcher)} -> Deferred of names.
+    @ivar exists: C{exists(path, watcher)} -> Deferred of a stat or L{None}.
+    @ivar connected: C{connected()} -> whether the session is up now.
+    @ivar call_from_thread: the reactor's C{callFromThread}, for watchers.
+    @ivar parse_instance: C{parse_instance(path, data)} -> the instance, or
+        L{None} for a bad node (logged).
+    @ivar forget: C{forget(watch)}: the watch has stopped.
+    """
+
+    services: str
+    get: Callable[[str, Callable[[Any], None]], Deferred]
+    get_children: Callable[[str, Callable[[Any], None]], Deferred]
+    exists: Callable[[str, Callable[[Any], None]], Deferred]
+    connected: Callable[[], bool]
+    call_from_thread: Callable[..., None]
+    parse_instance: Callable[[str, bytes], Instance | None]
+    forget: Callable[[Any], None]
+
+
 @implementer(IRegistry)
 class ZooKeeperRegistry(ListingMixin):
     """
@@ -236,6 +358,8 @@ class ZooKeeperRegistry(ListingMixin):
         threadpool: ThreadPool | None = None,
         *,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        credentials: Credentials | None = None,
+        open_reads: bool = True,
     ) -> None:
         """
         @param hosts: kazoo's host list, C{"h1:2181,h2:2181"}.
@@ -247,19 +371,39 @@ class ZooKeeperRegistry(ListingMixin):
             default the registry makes one and stops it in L{stop}.
         @param connect_timeout: how long L{start} waits for a session
             before it fires anyway and keeps trying in the background.
+        @param credentials: the cluster's digest identity: the session
+            authenticates with it, and every node it creates carries an ACL
+            that lets only that identity create, change or delete (see
+            L{Credentials.acl}).  L{None}: no authentication, open ACLs.
+        @param open_reads: with C{credentials}, whether anyone may read
+            the nodes this registry creates (C{False}: members only).
         @raise ValueError: if an argument is malformed.
         """
-        if reactor is None:
-            from twisted.internet import reactor  # type: ignore[no-redef]
-        self._reactor = reactor
+        self._reactor = default_reactor(reactor)
         self.zk_hosts = _parse_hosts(hosts)
         self.chroot = _parse_chroot(chroot) or "/"
         self._root = _parse_chroot(chroot)
         self.session_timeout = _parse_timeout("session_timeout", session_timeout)
         self.connect_timeout = _parse_timeout("connect_timeout", connect_timeout)
-        self.url = f"zk://{self.zk_hosts}{self.chroot}"
+        self.credentials = credentials
+        self.open_reads = open_reads
+        self._acl = credentials.acl(open_reads) if credentials is not None else None
+        options = []
         if self.session_timeout != DEFAULT_SESSION_TIMEOUT:
-            self.url += f"?session_timeout={self.session_timeout:g}"
+            options.append(f"session_timeout={self.session_timeout:g}")
+        if credentials is not None and credentials.file is not None:
+            options.append(f"auth={quote(credentials.file)}")
+        if credentials is not None and not open_reads:
+            options.append("read=members")
+        query = "?" + "&".join(options) if options else ""
+        userinfo = shown = ""
+        if credentials is not None and credentials.file is None:
+            user = quote(credentials.user, safe="")
+            userinfo = f"{user}:{quote(credentials.secret, safe='')}@"
+            shown = f"{user}:***@"
+        self.url = f"zk://{userinfo}{self.zk_hosts}{self.chroot}{query}"
+        #: The URL without an inline secret, for logs and messages.
+        self.display_url = f"zk://{shown}{self.zk_hosts}{self.chroot}{query}"
 
         if threadpool is None:
             threadpool = ThreadPool(minthreads=0, maxthreads=1, name="skynet-zookeeper")
@@ -273,6 +417,10 @@ class ZooKeeperRegistry(ListingMixin):
             timeout=self.session_timeout,
             connection_retry=KazooRetry(max_tries=-1, delay=0.1, backoff=2, max_delay=1.0),
             logger=_kazoo_log,
+            auth_data=(
+                [("digest", f"{credentials.user}:{credentials.secret}")] if credentials else None
+            ),
+            default_acl=self._acl,
         )
 
         #: Nodes this registry owns, full path -> contents.
@@ -286,19 +434,39 @@ class ZooKeeperRegistry(ListingMixin):
         self._syncs: dict[str, list[Deferred]] = {}
         self._running: set[str] = set()
 
+        self.bad_nodes = NodeWarnings(self.log, self._reactor)
         self._watches: set[_ZooKeeperWatch] = set()
+        self._value_watches: set[_ZooKeeperValueWatch] = set()
         self._waiters: list[Deferred] = []
         self._sleeps: set[Deferred] = set()
         self._connected = False
         self._offline = False
         self._session_id: int | None = None
         self._offline_call: Any = None
+        #: uuid -> the full path its instance was last seen at (L{get}).
+        self._paths_by_uuid: dict[str, str] = {}
+        self._securing: Deferred | None = None
+        self._batch = _CreateBatch(self._zk, self._call, self._reactor)
+        self._context = _WatchContext(
+            services=f"{self._root}/services",
+            get=lambda path, watcher: self._call(self._zk.get_async, path, watch=watcher),
+            get_children=lambda path, watcher: self._call(
+                self._zk.get_children_async, path, watch=watcher
+            ),
+            exists=lambda path, watcher: self._call(self._zk.exists_async, path, watch=watcher),
+            connected=lambda: self._connected,
+            call_from_thread=self._reactor.callFromThread,
+            parse_instance=self.parse_instance,
+            forget=self._forget_watch,
+        )
         self._started = False
         self._stopping = False
         self._start_d: Deferred | None = None
         self._kazoo_starting: Deferred | None = None
         self._stop_d: Deferred | None = None
         self._shutdown_trigger: Any = None
+        #: Stop at reactor shutdown (see the hook in _start).
+        self.stop_at_shutdown = True
 
     @classmethod
     def from_url(
@@ -308,12 +476,18 @@ class ZooKeeperRegistry(ListingMixin):
         session_timeout: float | None = None,
     ) -> ZooKeeperRegistry:
         """
-        Make a registry from C{zk://h1:2181,h2:2181/chroot?session_timeout=4}.
+        Make a registry from
+        C{zk://[user:secret@]h1:2181,h2:2181/chroot?session_timeout=4&auth=FILE&read=members}.
 
         The chroot defaults to C{/skynet}, the port to 2181.  An explicit
-        C{session_timeout} argument wins over the URL's.
+        C{session_timeout} argument wins over the URL's.  Credentials come
+        from the URL's user and password (percent-escaped) or from
+        C{auth=FILE}, a file holding C{user:secret} that only its owner may
+        read; C{read=members} makes the nodes it creates unreadable to
+        others (default C{read=open}).
 
-        @raise RegistryError: if the URL is malformed.
+        @raise RegistryError: if the URL or the credentials file is
+            malformed.
         """
         try:
             parts = urlsplit(url)
@@ -329,7 +503,7 @@ class ZooKeeperRegistry(ListingMixin):
             )
         except ValueError as e:
             raise RegistryError(f"bad ZooKeeper URL {url!r}: {e}") from None
-        unknown = set(options) - {"session_timeout"}
+        unknown = set(options) - {"session_timeout", "auth", "read"}
         if unknown:
             raise RegistryError(
                 f"bad ZooKeeper URL {url!r}: unknown option(s) {', '.join(sorted(unknown))}"
@@ -341,14 +515,37 @@ class ZooKeeperRegistry(ListingMixin):
             timeout = options["session_timeout"][0]
         if session_timeout is not None:
             timeout = session_timeout
+        for name, values in options.items():
+            if len(values) != 1:
+                raise RegistryError(f"bad ZooKeeper URL {_redact(url)!r}: {name} given twice")
         chroot = parts.path if parts.path not in ("", "/") else DEFAULT_CHROOT
+        userinfo, at, hosts = parts.netloc.rpartition("@")
         try:
-            return cls(parts.netloc, chroot, reactor=reactor, session_timeout=timeout)
+            credentials = None
+            if at:
+                credentials = Credentials.parse(unquote(userinfo))
+            if "auth" in options:
+                if credentials is not None:
+                    raise ValueError("give credentials in the URL or in auth=FILE, not both")
+                credentials = Credentials.from_file(options["auth"][0])
+            read = options.get("read", ["open"])[0]
+            if read not in ("open", "members"):
+                raise ValueError(f"read must be open or members, not {read!r}")
+            if read == "members" and credentials is None:
+                raise ValueError("read=members needs credentials")
+            return cls(
+                hosts,
+                chroot,
+                reactor=reactor,
+                session_timeout=timeout,
+                credentials=credentials,
+                open_reads=read == "open",
+            )
         except ValueError as e:
-            raise RegistryError(f"bad ZooKeeper URL {url!r}: {e}") from None
+            raise RegistryError(f"bad ZooKeeper URL {_redact(url)!r}: {e}") from None
 
     def __repr__(self) -> str:
-        return f"<ZooKeeperRegistry {self.url}>"
+        return f"<ZooKeeperRegistry {self.display_url}>"
 
     # -- state, for callers and tests
 
@@ -369,6 +566,17 @@ class ZooKeeperRegistry(ListingMixin):
 
     # -- lifecycle
 
+    # The one accessor skynet.registry.locks needs (added by the cluster
+    # work, issue 16): kazoo's Lock recipe runs on this registry's session,
+    # so a lock dies with the registering process's session.
+    @property
+    def kazoo_client(self) -> KazooClient:
+        """
+        The underlying kazoo client, for kazoo recipes (locks).  Its calls
+        block or run on kazoo's threads: bridge them to the reactor.
+        """
+        return self._zk
+
     def start(self) -> Deferred:
         """
         Connect to ZooKeeper.
@@ -379,7 +587,7 @@ class ZooKeeperRegistry(ListingMixin):
             nodes as soon as it connects.
         """
         if self._stopping:
-            return fail(RegistryError(f"{self.url} is stopped"))
+            return fail(RegistryError(f"{self.display_url} is stopped"))
         if self._start_d is None:
             self._started = True
             self._start_d = Deferred.fromCoroutine(self._start())
@@ -388,26 +596,35 @@ class ZooKeeperRegistry(ListingMixin):
     async def _start(self) -> None:
         if self._own_pool:
             self._pool.start()
-        self._shutdown_trigger = self._reactor.addSystemEventTrigger(
-            "before", "shutdown", self._stop_at_shutdown
-        )
+        # Hook for skynet.service.ServiceHost (wire helper): an owner that
+        # stops this registry itself, after unregistering and draining, sets
+        # stop_at_shutdown to False so that the registry is not stopped
+        # under it by the same shutdown phase.
+        if self.stop_at_shutdown:
+            self._shutdown_trigger = self._reactor.addSystemEventTrigger(
+                "before", "shutdown", self._stop_at_shutdown
+            )
         self._zk.add_listener(self._state_from_kazoo)
         self._kazoo_starting = deferToThreadPool(self._reactor, self._pool, self._zk.start_async)
         await self._kazoo_starting
-        if self._connected or self._stopping:
+        if self._stopping:
             return
-        timer = self._reactor.callLater(self.connect_timeout, self._start_timed_out)
-        try:
-            await self._when_connected()
-        finally:
-            if timer.active():
-                timer.cancel()
+        if not self._connected:
+            timer = self._reactor.callLater(self.connect_timeout, self._start_timed_out)
+            try:
+                await self._when_connected()
+            finally:
+                if timer.active():
+                    timer.cancel()
+        if self._securing is not None:
+            # Started means the chroot is guarded.
+            await _follow(self._securing)
 
     def _start_timed_out(self) -> None:
         self.log.warn(
             "ZooKeeper at {hosts} unreachable; waiting to register",
             hosts=self.zk_hosts,
-            registry=self.url,
+            registry=self.display_url,
         )
         self._go_offline()
 
@@ -436,6 +653,8 @@ class ZooKeeperRegistry(ListingMixin):
             self._offline_call.cancel()
         for watch in list(self._watches):
             watch.stop()
+        for value_watch in list(self._value_watches):
+            value_watch.stop()
         if not self._started:
             return
         owned = list(self._desired)
@@ -491,7 +710,9 @@ class ZooKeeperRegistry(ListingMixin):
     def _state_from_kazoo(self, state: str) -> None:
         # In kazoo's connection thread; the session id is read here because
         # it is the one the new state belongs to.
-        self._reactor.callFromThread(self._state_changed, state, self._zk._session_id)
+        client_id = self._zk.client_id
+        session_id = client_id[0] if client_id else None
+        self._reactor.callFromThread(self._state_changed, state, session_id)
 
     def _state_changed(self, state: str, session_id: int | None) -> None:
         if self._stopping:
@@ -505,7 +726,7 @@ class ZooKeeperRegistry(ListingMixin):
                 " reconnecting",
                 hosts=self.zk_hosts,
                 session=_hex(self._session_id),
-                registry=self.url,
+                registry=self.display_url,
             )
             self._start_offline_timer()
         elif state == KazooState.LOST:
@@ -516,7 +737,7 @@ class ZooKeeperRegistry(ListingMixin):
                 session=_hex(self._session_id),
                 count=len(self._desired),
                 hosts=self.zk_hosts,
-                registry=self.url,
+                registry=self.display_url,
             )
             self._start_offline_timer()
 
@@ -534,7 +755,7 @@ class ZooKeeperRegistry(ListingMixin):
             hosts=self.zk_hosts,
             which="new" if new_session else "resumed",
             session=_hex(session_id),
-            registry=self.url,
+            registry=self.display_url,
             was_offline=was_offline,
         )
         # Before the waiters run: what they write now is not a re-creation.
@@ -543,17 +764,50 @@ class ZooKeeperRegistry(ListingMixin):
         )
         self._fire_waiters(True)
 
+    async def _secure_tree(self) -> None:
+        """
+        With credentials: make the chroot and its C{/services},
+        C{/statistics} and C{/data} exist with the members' ACL, and give
+        them that ACL if they were created without it (by a registry
+        without credentials, or before ACLs were turned on).  Nodes below
+        them that predate the ACL keep theirs.
+        """
+        zk = self._zk
+        wanted = self._acl or []
+        # Never the ZooKeeper root itself (a chroot of "/"): not ours.
+        for path in ([self._root] if self._root else []) + [
+            f"{self._root}/{top}" for top in ("services", "statistics", "data")
+        ]:
+            try:
+                await self._call(zk.ensure_path_async, path, wanted)
+                acl, stat_ = await self._call(zk.get_acls_async, path)
+                if sorted(map(repr, acl)) != sorted(map(repr, wanted)):
+                    await self._call(zk.set_acls_async, path, wanted, stat_.aversion)
+                    self.log.info("Set the members' ACL on {path}", path=path)
+            except _CONNECTION_ERRORS:
+                return  # the next session tries again
+            except KazooException as e:
+                self.log.warn(
+                    "Cannot set the members' ACL on {path}: {error}",
+                    path=path,
+                    error=_refusal(path, e, self),
+                )
+
     async def _after_connect(self, new_session: bool) -> None:
+        if new_session and self._acl is not None:
+            self._securing = Deferred.fromCoroutine(self._secure_tree())
+            await _follow(self._securing)
         paths = set(self._dirty)
         if new_session:
             self._written.clear()
+            self._batch.forget()
             paths.update(self._desired)
             if self._desired:
                 self.log.info(
                     "Re-creating {count} nodes on ZooKeeper session {session}",
                     count=len(self._desired),
                     session=_hex(self._session_id),
-                    registry=self.url,
+                    registry=self.display_url,
                 )
         writes = [self._sync(path) for path in sorted(paths)]
         if new_session:
@@ -562,6 +816,8 @@ class ZooKeeperRegistry(ListingMixin):
         if self._connected:
             for watch in list(self._watches):
                 watch.resync()
+            for value_watch in list(self._value_watches):
+                value_watch.read()
 
     def _start_offline_timer(self) -> None:
         if self._offline or (self._offline_call is not None and self._offline_call.active()):
@@ -574,7 +830,7 @@ class ZooKeeperRegistry(ListingMixin):
             "ZooKeeper at {hosts} unreachable for {seconds}s; writes are queued until it is back",
             hosts=self.zk_hosts,
             seconds=self.session_timeout,
-            registry=self.url,
+            registry=self.display_url,
         )
         self._go_offline()
 
@@ -623,9 +879,11 @@ class ZooKeeperRegistry(ListingMixin):
         """
         try:
             path, _ = self._paths(instance)
+            data = instance.checked_json()
         except ValueError:
             return fail()
-        return self._set(path, instance.to_json())
+        self._paths_by_uuid[instance.uuid] = path
+        return self._set(path, data)
 
     def update(self, instance: Instance) -> Deferred:
         """
@@ -665,7 +923,7 @@ class ZooKeeperRegistry(ListingMixin):
 
     def _set(self, path: str, data: bytes) -> Deferred:
         if self._stopping:
-            return fail(RegistryError(f"{self.url} is stopped"))
+            return fail(RegistryError(f"{self.display_url} is stopped"))
         self._desired[path] = data
         self._removing.pop(path, None)
         return self._sync(path)
@@ -691,8 +949,25 @@ class ZooKeeperRegistry(ListingMixin):
                     await self._apply(path)
                 except Exception:  # noqa: BLE001 - reported to every waiter
                     failure = Failure()
-                    self.log.failure("could not write {path} in ZooKeeper", failure, path=path)
-                    error = RegistryError(f"could not write {path}: {failure.value!r}")
+                    if failure.check(KazooException):
+                        # ZooKeeper said no (no permission, bad arguments):
+                        # the caller is told; no traceback.
+                        self.log.warn(
+                            "Could not write {path} in ZooKeeper: {error!r}",
+                            path=path,
+                            error=failure.value,
+                        )
+                    else:
+                        self.log.failure("could not write {path} in ZooKeeper", failure, path=path)
+                    if failure.check(NoAuthError):
+                        # Not ours to write: do not try again on the next
+                        # session, nor delete it at stop.
+                        self._desired.pop(path, None)
+                        self._dirty.discard(path)
+                    if failure.check(KazooException):
+                        error = _refusal(path, failure.value, self)
+                    else:
+                        error = RegistryError(f"could not write {path}: {failure.value!r}")
                     for d in waiters:
                         d.errback(error)
                 else:
@@ -743,7 +1018,8 @@ class ZooKeeperRegistry(ListingMixin):
                 except NoNodeError:
                     del self._written[path]
             try:
-                await self._call(zk.create_async, path, data, ephemeral=True, makepath=True)
+                if not await self._batch.create(path, data):
+                    await self._call(zk.create_async, path, data, ephemeral=True, makepath=True)
                 self._written[path] = session  # type: ignore[assignment]
                 return
             except NodeExistsError:
@@ -841,6 +1117,8 @@ class ZooKeeperRegistry(ListingMixin):
             except _CONNECTION_ERRORS:
                 await self._sleep(delay)
                 delay = min(delay * 2, 1.0)
+            except (NoAuthError, AuthFailedError) as e:
+                raise _refusal(self.chroot, e, self) from None
 
     def query(self, query: Query) -> Deferred:
         """
@@ -865,11 +1143,8 @@ class ZooKeeperRegistry(ListingMixin):
                 data, _ = await self._call(self._zk.get_async, path)
             except NoNodeError:
                 return []
-            try:
-                return [Instance.from_json(data)]
-            except RegistryError as e:
-                self.log.warn("Ignoring {path}: {error}", path=path, error=e)
-                return []
+            found = self.parse_instance(path, data)
+            return [] if found is None else [found]
         try:
             children = await self._call(self._zk.get_children_async, path)
         except NoNodeError:
@@ -883,6 +1158,53 @@ class ZooKeeperRegistry(ListingMixin):
             consumeErrors=True,
         )
         return [instance for found in _first_error(results) for instance in found]
+
+    def parse_instance(self, path: str, data: bytes) -> Instance | None:
+        """
+        The instance an untrusted node at C{path} holds, or L{None} (and
+        one rate-limited warning naming the node) if it is not a valid
+        instance node describing its own path.
+        """
+        services = f"{self._root}/services"
+        try:
+            instance = Instance.from_json(data, path[len(services) :])
+        except Exception as e:  # noqa: BLE001 (untrusted: no node may fail a read)
+            self.bad_nodes.warn(path, e)
+            return None
+        self._paths_by_uuid[instance.uuid] = path
+        return instance
+
+    def _forget_watch(self, watch: Any) -> None:
+        self._watches.discard(watch)
+        self._value_watches.discard(watch)
+
+    def get(self, uuid: str) -> Deferred:
+        """
+        The live instance with C{uuid}, or L{None}: one read of the node it
+        was last seen at (by a query, a watch or L{add}), and a walk of
+        C{/services} only for a uuid not seen there.
+        """
+
+        async def get() -> Instance | None:
+            path = self._paths_by_uuid.get(uuid)
+            if path is not None:
+                try:
+                    data, _ = await self._call(self._zk.get_async, path)
+                except NoNodeError:
+                    data = None
+                if data is not None:
+                    found = self.parse_instance(path, data)
+                    if found is not None and found.uuid == uuid:
+                        return found
+                if self._paths_by_uuid.get(uuid) == path:
+                    del self._paths_by_uuid[uuid]
+            query = Query(uuid=uuid)
+            for instance in sort_instances(await self._collect(self._context.services, 0, query)):
+                if instance.uuid == uuid:
+                    return instance
+            return None
+
+        return Deferred.fromCoroutine(self._read(get))
 
     def get_stats(self, instance: Instance) -> Deferred:
         """
@@ -900,10 +1222,10 @@ class ZooKeeperRegistry(ListingMixin):
             except NoNodeError:
                 return None
             try:
-                stats = json.loads(data)
-            except ValueError as e:
-                raise RegistryError(f"statistics node {path} is not JSON: {e}") from None
-            return stats if isinstance(stats, dict) else None
+                return parse_json_node(data)
+            except RegistryError as e:
+                self.bad_nodes.warn(path, e)
+                return None
 
         return Deferred.fromCoroutine(self._read(get))
 
@@ -915,11 +1237,345 @@ class ZooKeeperRegistry(ListingMixin):
 
         @raise ValueError: if the query names an impossible path component.
         """
-        watch = _ZooKeeperWatch(self, query, listener)
+        watch = _ZooKeeperWatch(self._context, query, listener)
         if not self._stopping:
             self._watches.add(watch)
             watch.resync()
         return watch
+
+    # -- data nodes
+
+    def _data_path(self, key: str) -> str:
+        return f"{self._root}/data/{data_node_name(check_key(key))}"
+
+    def get_value(self, key: str) -> Deferred:
+        """
+        @return: a Deferred firing with the bytes of data node C{key}, or
+            L{None} if there is none.
+        """
+        try:
+            path = self._data_path(key)
+        except ValueError:
+            return fail()
+
+        async def get() -> bytes | None:
+            try:
+                data, _ = await self._call(self._zk.get_async, path)
+            except NoNodeError:
+                return None
+            return bytes(data)
+
+        return Deferred.fromCoroutine(self._read(get))
+
+    def set_value(self, key: str, value: bytes) -> Deferred:
+        """
+        Create or replace the persistent node of data node C{key} (a
+        ZooKeeper C{set} replaces the data atomically).
+        """
+        try:
+            path = self._data_path(key)
+            check_value(value)
+        except (TypeError, ValueError):
+            return fail()
+        if self._stopping:
+            return fail(RegistryError(f"{self.display_url} is stopped"))
+
+        async def put() -> None:
+            while True:
+                try:
+                    await self._call(self._zk.set_async, path, value)
+                    return
+                except NoNodeError:
+                    pass
+                try:
+                    await self._call(self._zk.create_async, path, value, makepath=True)
+                    return
+                except NodeExistsError:
+                    continue  # created meanwhile (or by our own retried create)
+
+        return Deferred.fromCoroutine(self._guarded_write(path, put))
+
+    def delete_value(self, key: str) -> Deferred:
+        """
+        Delete data node C{key}; an absent one is fine.
+        """
+        try:
+            path = self._data_path(key)
+        except ValueError:
+            return fail()
+        if self._stopping:
+            return fail(RegistryError(f"{self.display_url} is stopped"))
+
+        async def delete() -> None:
+            try:
+                await self._call(self._zk.delete_async, path)
+            except NoNodeError:
+                pass
+
+        return Deferred.fromCoroutine(self._guarded_write(path, delete))
+
+    async def _guarded_write(self, path: str, operation: Callable[[], Any]) -> None:
+        try:
+            await self._read(operation)
+        except RegistryError:
+            raise
+        except KazooException as e:
+            raise _refusal(path, e, self) from None
+
+    def watch_value(self, key: str, callback: Callable[[bytes | None], None]) -> IWatch:
+        """
+        Watch data node C{key} with a ZooKeeper data watch (an exists
+        watch while it is absent), re-read on every reconnection.
+        """
+        watch = _ZooKeeperValueWatch(self._context, self._data_path(key), key, callback)
+        if not self._stopping:
+            self._value_watches.add(watch)
+            watch.read()
+        return watch
+
+
+class _ZooKeeperValueWatch(ValueDelivery):
+    """
+    A watch of one data node: reads it with a watch, and again on every
+    event of that watch and every reconnection.
+    """
+
+    def __init__(self, context: _WatchContext, path: str, key: str, callback) -> None:
+        ValueDelivery.__init__(self, key, callback, lambda: context.forget(self))
+        self._context = context
+        self._path = path
+        self._generation = 0
+        # One bound method, so kazoo keeps one watcher per path for us.
+        self._watcher = self._event_from_kazoo
+
+    def read(self) -> None:
+        if self.stopped or not self._context.connected():
+            return
+        self._generation += 1
+        Deferred.fromCoroutine(self._read(self._generation)).addErrback(
+            lambda f: self.log.failure("watch of data node {path}", f, path=self._path)
+        )
+
+    async def _read(self, generation: int) -> None:
+        context = self._context
+        try:
+            try:
+                data, _ = await context.get(self._path, self._watcher)
+                value: bytes | None = bytes(data)
+            except NoNodeError:
+                # A read of a missing node leaves no watch: watch its creation.
+                stat = await context.exists(self._path, self._watcher)
+                if stat is not None:
+                    if generation == self._generation:
+                        self.read()  # created meanwhile
+                    return
+                value = None
+        except _CONNECTION_ERRORS:
+            return  # the reconnection reads again
+        except KazooException as e:
+            self.log.warn("Cannot read data node {path}: {error!r}", path=self._path, error=e)
+            return
+        if generation == self._generation:
+            self.deliver(value)
+
+    def _event_from_kazoo(self, event: Any) -> None:
+        # In one of kazoo's threads.
+        self._context.call_from_thread(self._event, event)
+
+    def _event(self, event: Any) -> None:
+        if event.type != EventType.NONE:
+            self.read()
+
+
+#: At most this many creates, and this many bytes, in one transaction.
+BATCH_OPERATIONS = 250
+BATCH_BYTES = 512 * 1024
+
+
+class _CreateBatch:
+    """
+    Gathers the creates of new ephemeral nodes made in one reactor turn
+    into ZooKeeper transactions (C{multi}): one request for up to
+    L{BATCH_OPERATIONS} nodes instead of one each, which is what makes
+    registering thousands of instances fast (kazoo's cost is per request).
+    Missing parents are created first, one transaction per depth.  Whatever
+    a transaction cannot do (a node exists, a parent vanished, ...) is left
+    to the caller's one-at-a-time path.
+    """
+
+    def __init__(self, zk: Any, call: Callable[..., Deferred], reactor: Any) -> None:
+        self._zk = zk
+        self._call = call
+        self._reactor = reactor
+        self._queue: list[tuple[str, bytes, Deferred]] = []
+        self._flush_call: Any = None
+        #: Parents known to exist (they are persistent; pruned ones are
+        #: found out by a failed transaction).
+        self._parents: set[str] = set()
+        self._parents_lock = DeferredLock()
+
+    def create(self, path: str, data: bytes) -> Deferred:
+        """
+        @return: a Deferred firing with C{True} once C{path} was created in a
+            transaction, C{False} if the caller must create it alone; or
+            failing with a connection error.
+        """
+        d: Deferred = Deferred()
+        self._queue.append((path, data, d))
+        if len(self._queue) >= BATCH_OPERATIONS:
+            self._flush()
+        elif self._flush_call is None:
+            self._flush_call = self._reactor.callLater(0, self._flush)
+        return d
+
+    def _flush(self) -> None:
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        items, self._queue = self._queue, []
+        if items:
+            Deferred.fromCoroutine(self._run(items)).addErrback(lambda f: None)
+
+    async def _run(self, items: list[tuple[str, bytes, Deferred]]) -> None:
+        try:
+            # One batch's parents at a time: concurrent ones would race to
+            # make the same parents and fall back to one at a time.
+            await self._parents_lock.acquire()
+            try:
+                await self._make_parents({path.rpartition("/")[0] for path, _, _ in items})
+            finally:
+                self._parents_lock.release()
+        except _CONNECTION_ERRORS:
+            failure = Failure()
+            for _, _, d in items:
+                d.errback(failure)
+            return
+        except Exception:  # noqa: BLE001 - a parent pruned, or refused: one at a time
+            self._parents.clear()
+            for _, _, d in items:
+                d.callback(False)
+            return
+        try:
+            created: set[str] = set()
+            for chunk in _chunks(items):
+                paths = [(path, data) for path, data, _ in chunk]
+                for _ in range(3):
+                    transaction = self._zk.transaction()
+                    for path, data in paths:
+                        transaction.create(path, data, ephemeral=True)
+                    results = await self._call(transaction.commit_async)
+                    if all(isinstance(r, str) for r in results):
+                        created.update(path for path, _ in paths)
+                        break
+                    # All or nothing: drop the operations that failed (an
+                    # existing node, a pruned parent) and try the rest.
+                    failed = {
+                        path
+                        for (path, _), result in zip(paths, results, strict=False)
+                        if not isinstance(result, (str, RolledBackError, RuntimeInconsistency))
+                    }
+                    if not failed:
+                        break
+                    for path in failed:
+                        self._parents.discard(path.rpartition("/")[0])
+                    paths = [(path, data) for path, data in paths if path not in failed]
+        except Exception:  # noqa: BLE001 - each caller decides (retries connection errors)
+            failure = Failure()
+            for _, _, d in items:
+                if not d.called:
+                    d.errback(failure)
+            return
+        for path, _, d in items:
+            d.callback(path in created)
+
+    async def _make_parents(self, parents: set[str]) -> None:
+        missing: set[str] = set()
+        for parent in parents:
+            while parent and parent not in self._parents and parent not in missing:
+                missing.add(parent)
+                parent = parent.rpartition("/")[0]
+        for depth in sorted({p.count("/") for p in missing}):
+            level = sorted(p for p in missing if p.count("/") == depth)
+            for _ in range(3):
+                if not level:
+                    break
+                transaction = self._zk.transaction()
+                for path in level:
+                    transaction.create(path, b"")
+                results = await self._call(transaction.commit_async)
+                failed = [
+                    path
+                    for path, result in zip(level, results, strict=False)
+                    if isinstance(result, NodeExistsError)
+                ]
+                if all(isinstance(r, str) for r in results):
+                    self._parents.update(level)
+                    level = []
+                elif failed:
+                    # Those exist already; the rest were rolled back.
+                    self._parents.update(failed)
+                    level = [p for p in level if p not in failed]
+                else:
+                    break
+            if level:
+                # Still failing (created concurrently, over and over): one
+                # at a time; an existing parent is fine.
+                outcomes = await DeferredList(
+                    [self._call(self._zk.create_async, p, b"") for p in level],
+                    consumeErrors=True,
+                )
+                for path, (ok, value) in zip(level, outcomes, strict=True):
+                    if ok or value.check(NodeExistsError):
+                        self._parents.add(path)
+                    else:
+                        value.raiseException()
+
+    def forget(self) -> None:
+        """
+        A new session: parents may have been pruned meanwhile.
+        """
+        self._parents.clear()
+
+
+def _chunks(items: list[tuple[str, bytes, Deferred]]) -> list[list[tuple[str, bytes, Deferred]]]:
+    chunks: list[list[tuple[str, bytes, Deferred]]] = []
+    size = 0
+    for item in items:
+        if not chunks or len(chunks[-1]) >= BATCH_OPERATIONS or size > BATCH_BYTES:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(item)
+        size += len(item[0]) + len(item[1]) + 64
+    return chunks
+
+
+def _redact(url: str) -> str:
+    """
+    C{url} with the password of its user information hidden.
+    """
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, tail = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    if not at:
+        return url
+    user = userinfo.partition(":")[0]
+    return f"{scheme}{sep}{user}:***@{hosts}{slash}{tail}"
+
+
+def _refusal(path: str, error: Exception, registry: ZooKeeperRegistry) -> RegistryError:
+    """
+    The error for a write or read that ZooKeeper refused.
+    """
+    if isinstance(error, NoAuthError):
+        how = (
+            "these credentials are not allowed there"
+            if registry.credentials is not None
+            else "give the cluster's credentials (zk://user:secret@hosts/chroot or ?auth=FILE)"
+        )
+        return RegistryError(f"ZooKeeper refused access to {path}: not authorized; {how}")
+    if isinstance(error, AuthFailedError):
+        return RegistryError(f"ZooKeeper refused the credentials of {registry.display_url}")
+    return RegistryError(f"ZooKeeper refused access to {path}: {error!r}")
 
 
 def _follow(d: Deferred) -> Deferred:
@@ -957,14 +1613,12 @@ class _ZooKeeperWatch:
 
     log = Logger()
 
-    def __init__(
-        self, registry: ZooKeeperRegistry, query: Query, listener: IInstanceListener
-    ) -> None:
-        self._registry = registry
+    def __init__(self, context: _WatchContext, query: Query, listener: IInstanceListener) -> None:
+        self._context = context
         self._query = query
         self._diff = InstanceDiff(query, listener)
         parts = _prefix_of(query)
-        self._services = f"{registry._root}/services"
+        self._services = context.services
         self._base = self._services + "".join("/" + p for p in parts)
         #: Interior nodes read so far -> names of their wanted children.
         self._children: dict[str, set[str]] = {}
@@ -980,7 +1634,7 @@ class _ZooKeeperWatch:
     def stop(self) -> None:
         self._stopped = True
         self._diff.stopped = True
-        self._registry._watches.discard(self)
+        self._context.forget(self)
 
     # -- reading the tree
 
@@ -989,7 +1643,7 @@ class _ZooKeeperWatch:
         Read the subtree afresh (a new generation: answers to older reads
         are ignored); once read, report the differences.
         """
-        if self._stopped or not self._registry._connected:
+        if self._stopped or not self._context.connected():
             return
         self._generation += 1
         self._pending = 0
@@ -1030,18 +1684,22 @@ class _ZooKeeperWatch:
             if failure.check(*_CONNECTION_ERRORS):
                 # The reconnection's resync reads the subtree again.
                 return
-            if not failure.check(NoNodeError):
+            if failure.check(KazooException) and not failure.check(NoNodeError):
+                self.log.warn(
+                    "Cannot read {path} from ZooKeeper: {error!r}", path=path, error=failure.value
+                )
+            elif not failure.check(NoNodeError):
                 self.log.failure("reading {path} from ZooKeeper", failure, path=path)
             on_error(path)
             self._check_synced()
 
-        d = self._registry._call(method, path, watch=self._watcher)
+        d = method(path, self._watcher)
         d.addCallbacks(result, error)
         d.addErrback(lambda f: self.log.failure("watch of {path}", f, path=self._base))
 
     def _list(self, path: str, root: bool = False) -> None:
         on_missing = self._base_missing if root or path == self._base else self._drop
-        self._request(self._registry._zk.get_children_async, path, self._listed, on_missing)
+        self._request(self._context.get_children, path, self._listed, on_missing)
 
     def _tracked(self, path: str) -> bool:
         """
@@ -1069,7 +1727,7 @@ class _ZooKeeperWatch:
         # The query's subtree does not exist (yet): drop what we knew and
         # wait for it to be created.
         self._drop(self._base)
-        self._request(self._registry._zk.exists_async, self._base, self._base_exists, _ignore)
+        self._request(self._context.exists, self._base, self._base_exists, _ignore)
 
     def _base_exists(self, path: str, stat: Any) -> None:
         if stat is not None:
@@ -1079,16 +1737,12 @@ class _ZooKeeperWatch:
         # A read of a missing node leaves no watch: the base, which has no
         # parent watched, needs an exists watch instead.
         on_missing = self._base_missing if path == self._base else self._drop
-        self._request(self._registry._zk.get_async, path, self._leaf_read, on_missing)
+        self._request(self._context.get, path, self._leaf_read, on_missing)
 
     def _leaf_read(self, path: str, value: tuple[bytes, Any]) -> None:
         if not self._tracked(path):
             return  # dropped meanwhile
-        try:
-            instance: Instance | None = Instance.from_json(value[0])
-        except RegistryError as e:
-            self.log.warn("Ignoring {path}: {error}", path=path, error=e)
-            instance = None
+        instance = self._context.parse_instance(path, value[0])
         old = self._leaves.get(path)
         self._leaves[path] = instance
         self._changed(old, instance)
@@ -1114,16 +1768,19 @@ class _ZooKeeperWatch:
 
     def _event_from_kazoo(self, event: Any) -> None:
         # In one of kazoo's threads.
-        self._registry._reactor.callFromThread(self._event, event)
+        self._context.call_from_thread(self._event, event)
 
     def _event(self, event: Any) -> None:
         if self._stopped or event.type == EventType.NONE:
             # NONE: the connection dropped; resync() follows reconnection.
             return
-        if not self._registry._connected:
+        if not self._context.connected():
             return
         path = event.path
-        if path == self._base:
+        if event.type == EventType.DELETED and path != self._base and self._tracked(path):
+            # Gone: nothing to read (the parent's child watch also fires).
+            self._drop(path)
+        elif path == self._base:
             self._explore(self._base, root=True)
         elif not self._tracked(path):
             return
@@ -1137,25 +1794,13 @@ class _ZooKeeperWatch:
     # -- delivering
 
     def _changed(self, old: Instance | None, new: Instance | None) -> None:
-        if not self._synced:
-            return
-        try:
-            if old is not None and new is not None and old.uuid != new.uuid:
-                # Another instance took this host:port.
-                self._diff.change(old, None)
-                self._diff.change(None, new)
-            elif old is not None or new is not None:
-                self._diff.change(old, new)
-        except Exception:  # noqa: BLE001 - a listener's bug must not stop the watch
-            self.log.failure("instance listener failed")
+        if self._synced:
+            self._diff.change(old, new)
 
     def _check_synced(self) -> None:
         if self._pending == 0 and not self._synced:
             self._synced = True
-            try:
-                self._diff.feed(i for i in self._leaves.values() if i is not None)
-            except Exception:  # noqa: BLE001 - a listener's bug must not stop the watch
-                self.log.failure("instance listener failed")
+            self._diff.feed(i for i in self._leaves.values() if i is not None)
 
 
 def _ignore(*args: Any) -> None:

@@ -95,7 +95,8 @@ class InstanceActions:
                 raise ActionError(409, f"{instance.name} {instance.address} has no admin endpoint")
             else:
                 method, params = ADMIN_ACTIONS[action]
-                await admin_call(self.reactor, instance.admin, method, params, self.timeout)
+                await admin_call(self.reactor, instance.admin, method, params, self.timeout,
+                                 tls=bool(instance.extra.get("AdminTLS")))  # fmt: skip
                 result = {}
         except ActionError as e:
             self.model.add_event(

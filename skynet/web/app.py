@@ -7,20 +7,32 @@ on one port.
     GET  /ws                        the WebSocket: a snapshot, then deltas
     GET  /api/state                 the snapshot, as JSON
     GET  /api/series?key=K&key=...  full time series (i:<uuid>, s:<service>, h:<host>)
-    GET  /api/auth                  200 if the request's token allows actions, else 403
+    GET  /api/auth                  200 if the request may act (token or session), else 403
+    POST /api/session               the token (Authorization: Bearer) for a session cookie
+    DELETE /api/session             end the session
     POST /api/instances/<uuid>/<action>   register, unregister, stop, restart
     GET  /metrics                   Prometheus text format
 
 Actions need the configured token in an C{Authorization: Bearer <token>}
-header.  Without a configured token the dashboard is read-only: every
-action is refused with 403 and changes nothing, as is any action without
-the right token.
+header (scripts), or a session: the page exchanges the token once at
+C{POST /api/session} for an C{HttpOnly}, C{SameSite=Strict} cookie and a
+CSRF token it sends back in C{X-Skynet-CSRF} with every action (a page of
+another site can neither read it nor set the header).  Without a configured
+token the dashboard is read-only: every action is refused with 403 and
+changes nothing, as is any action without the right token or session.
+
+Every request must name, in its C{Host} header, a name the dashboard
+serves (loopback, its interface, and C{--allowed-host} names), so that a
+page whose DNS name was rebound to this address cannot read it; a
+WebSocket's C{Origin} must be the dashboard's own.  The access log has no
+query strings (a token given as C{/?token=...} never reaches it).
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,7 +44,7 @@ from autobahn.websocket.types import ConnectionDeny
 from klein import Klein
 from twisted.internet.defer import ensureDeferred
 from twisted.logger import Logger
-from twisted.web.resource import Resource
+from twisted.web.resource import ErrorPage, Resource
 from twisted.web.server import Site
 from twisted.web.static import File
 
@@ -88,6 +100,115 @@ def same_origin(origin: str | None, host: str | None) -> bool:
     except ValueError:
         return False
     return bool(host) and netloc.lower() == (host or "").lower()
+
+
+#: The session cookie and the header that must repeat its CSRF token.
+SESSION_COOKIE = b"skynet_session"
+CSRF_HEADER = b"x-skynet-csrf"
+
+#: Names every dashboard answers to.
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def request_hostname(request: Any) -> str | None:
+    """
+    The host name of a request's C{Host} header, without the port,
+    lower-cased (L{None} without one).
+    """
+    raw = request.getHeader(b"host")
+    if not raw:
+        return None
+    host = raw.decode("latin-1") if isinstance(raw, bytes) else raw
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+def access_log_line(timestamp: str, request: Any) -> str:
+    """
+    A combined-log-format line without the query string (which may hold a
+    token) and without the referrer (which may too).
+    """
+
+    def text(value: Any) -> str:
+        raw = value.decode("latin-1") if isinstance(value, bytes) else str(value)
+        return json.dumps(raw)[1:-1]  # quotes and control characters escaped
+
+    ip = getattr(request.getClientAddress(), "host", "-")
+    path = request.uri.split(b"?", 1)[0]
+    agent = request.getHeader(b"user-agent") or b"-"
+    return (
+        f'"{text(ip)}" - - {timestamp} "{text(request.method)} {text(path)} '
+        f'{text(request.clientproto)}" {request.code} {request.sentLength or "-"} "-" '
+        f'"{text(agent)}"'
+    )
+
+
+class Sessions:
+    """
+    The dashboard's sessions: an id (the cookie) and a CSRF token each,
+    for C{ttl} seconds; at most C{limit} (the oldest go first).
+    """
+
+    def __init__(self, clock: Any, ttl: float = 12 * 3600.0, limit: int = 256) -> None:
+        self.clock = clock
+        self.ttl = ttl
+        self.limit = limit
+        self._sessions: dict[str, tuple[str, float]] = {}
+
+    def create(self) -> tuple[str, str]:
+        while len(self._sessions) >= self.limit:
+            self._sessions.pop(next(iter(self._sessions)))
+        session, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        self._sessions[session] = (csrf, self.clock.seconds() + self.ttl)
+        return session, csrf
+
+    def csrf(self, session: str | None) -> str | None:
+        """
+        The CSRF token of a live session, else L{None}.
+        """
+        if not session:
+            return None
+        entry = self._sessions.get(session)
+        if entry is None:
+            return None
+        if entry[1] < self.clock.seconds():
+            del self._sessions[session]
+            return None
+        return entry[0]
+
+    def end(self, session: str | None) -> None:
+        if session:
+            self._sessions.pop(session, None)
+
+
+def _equal(a: str | None, b: str | None) -> bool:
+    if not a or not b:
+        return False
+    return hmac.compare_digest(a.encode("utf-8"), b.encode("utf-8"))
+
+
+class _HostGuard(Resource):
+    """
+    Answers 421 to a request whose C{Host} the dashboard does not serve
+    (DNS rebinding), else hands it to the application.
+    """
+
+    isLeaf = True
+
+    def __init__(self, app: "DashboardApp", wrapped: Resource) -> None:
+        super().__init__()
+        self.app = app
+        self.wrapped = wrapped
+
+    def render(self, request: Any) -> Any:
+        if not self.app.host_allowed(request):
+            self.app.log.warn("refused a request for host {host!r} from {peer}",
+                              host=request_hostname(request),
+                              peer=getattr(request.getClientAddress(), "host", "?"))  # fmt: skip
+            return ErrorPage(421, "Misdirected Request", "unknown host name").render(request)
+        return self.wrapped.render(request)
 
 
 class _StaticFiles(File):
@@ -173,32 +294,55 @@ class DashboardApp:
         token: str | None = None,
         actions: InstanceActions | None = None,
         static_dir: Path = STATIC_DIR,
+        allowed_hosts: Any = (),
     ) -> None:
         self.model = model
         self.token = token or None
+        self.allowed_hosts = LOOPBACK_NAMES | {h.lower() for h in allowed_hosts}
+        self.sessions = Sessions(model.reactor)
         self.actions = actions or InstanceActions(model, model.reactor)
         self.static_dir = static_dir
         self.socket_factory = DashboardSocketFactory(self)
 
     def resource(self) -> Resource:
-        return self.app.resource()
+        return _HostGuard(self, self.app.resource())
 
     def site(self) -> Site:
-        site = Site(self.resource())
+        site = Site(self.resource(), logFormatter=access_log_line)
         site.displayTracebacks = False
         return site
 
-    def authorized(self, request: Any) -> bool:
+    def host_allowed(self, request: Any) -> bool:
+        return request_hostname(request) in self.allowed_hosts
+
+    def authorized(self, request: Any, state_changing: bool = True) -> bool:
         """
-        Whether the request carries the configured token (never when none
-        is configured).
+        Whether the request may act: it carries the configured token, or a
+        live session cookie and (for a state-changing request) that
+        session's CSRF token in C{X-Skynet-CSRF}, from no other origin.
+        Never when no token is configured.
         """
         if self.token is None:
             return False
         presented = bearer_token(request)
-        if presented is None:
+        if presented is not None:
+            return _equal(presented, self.token)
+        csrf = self.sessions.csrf(self._session_id(request))
+        if csrf is None:
             return False
-        return hmac.compare_digest(presented.encode("utf-8"), self.token.encode("utf-8"))
+        if not state_changing:
+            return True
+        origin = request.getHeader(b"origin")
+        if origin is not None and not same_origin(
+            origin.decode("latin-1"), (request.getHeader(b"host") or b"").decode("latin-1")
+        ):
+            return False
+        header = request.getHeader(CSRF_HEADER)
+        return _equal(header.decode("latin-1") if header else None, csrf)
+
+    def _session_id(self, request: Any) -> str | None:
+        raw = request.received_cookies.get(SESSION_COOKIE)
+        return raw.decode("latin-1") if raw else None
 
     def snapshot(self) -> dict[str, Any]:
         message = self.model.snapshot_message()
@@ -245,8 +389,36 @@ class DashboardApp:
     def auth(self, request: Any) -> bytes:
         if self.token is None:
             return _json(request, {"ok": False, "error": "read-only: no token configured"}, 403)
-        if not self.authorized(request):
+        if not self.authorized(request, state_changing=False):
             return _json(request, {"ok": False, "error": "wrong or missing token"}, 403)
+        return _json(request, {"ok": True})
+
+    @app.route("/api/session", methods=["POST"])
+    def login(self, request: Any) -> bytes:
+        """
+        Exchange the token (C{Authorization: Bearer}) for a session: an
+        C{HttpOnly}, C{SameSite=Strict} cookie and its CSRF token.
+        """
+        if self.token is None:
+            return _json(request, {"ok": False, "error": "read-only: no token configured"}, 403)
+        origin = request.getHeader(b"origin")
+        host = (request.getHeader(b"host") or b"").decode("latin-1")
+        if origin is not None and not same_origin(origin.decode("latin-1"), host):
+            return _json(request, {"ok": False, "error": "cross-origin request refused"}, 403)
+        if not _equal(bearer_token(request), self.token):
+            self._refused(request, "login", "-", "wrong or missing token")
+            return _json(request, {"ok": False, "error": "wrong or missing token"}, 403)
+        session, csrf = self.sessions.create()
+        request.addCookie(SESSION_COOKIE, session.encode(), path=b"/", httpOnly=True,
+                          sameSite="strict", secure=request.isSecure())  # fmt: skip
+        return _json(request, {"ok": True, "csrf": csrf})
+
+    @app.route("/api/session", methods=["DELETE"])
+    def logout(self, request: Any) -> bytes:
+        if self.authorized(request):
+            self.sessions.end(self._session_id(request))
+        request.addCookie(SESSION_COOKIE, b"", path=b"/", httpOnly=True, sameSite="strict",
+                          max_age=b"0")  # fmt: skip
         return _json(request, {"ok": True})
 
     @app.route("/api/instances/<uuid>/<action>", methods=["POST"])
@@ -255,7 +427,7 @@ class DashboardApp:
             self._refused(request, action, uuid, "read-only")
             return _json(request, {"ok": False, "error": "read-only: no token configured"}, 403)
         if not self.authorized(request):
-            self._refused(request, action, uuid, "wrong or missing token")
+            self._refused(request, action, uuid, "wrong or missing token or session")
             return _json(request, {"ok": False, "error": "wrong or missing token"}, 403)
         return ensureDeferred(self._act(request, uuid, action))
 
@@ -284,4 +456,13 @@ class DashboardApp:
         return prometheus_text(self.model).encode("utf-8")
 
 
-__all__ = ["STATIC_DIR", "DashboardApp", "DashboardSocket", "bearer_token", "same_origin"]
+__all__ = [
+    "STATIC_DIR",
+    "DashboardApp",
+    "DashboardSocket",
+    "Sessions",
+    "access_log_line",
+    "bearer_token",
+    "request_hostname",
+    "same_origin",
+]

@@ -19,7 +19,7 @@
     config: { interval: 2, history: HISTORY_FALLBACK, actions: false },
     serverId: null,
     rows: new Map(),      // uuid -> {data, tr, cells, group}
-    groups: new Map(),    // region|host -> {key, region, host, section, tbody, head, rows:Set}
+    groups: new Map(),    // host -> {key, host, section, tbody, head, rows:Set}
     hosts: new Map(),     // host -> header figures
     series: new Map(),    // key -> {t: [], v: [[...]]}
     requested: new Set(), // series keys asked for and not yet received
@@ -98,6 +98,7 @@
     { key: "service", title: "service", deps: ["service", "is_daemon"], text: (d) => d.service },
     { key: "version", title: "version", deps: ["version"], text: (d) => d.version },
     { key: "address", title: "address", deps: ["address"], text: (d) => d.address },
+    { key: "region", title: "region", deps: ["region"], text: (d) => d.region },
     { key: "registered", title: "state", deps: ["registered"], html: true,
       render: (td, d) => {
         td.textContent = "";
@@ -119,7 +120,8 @@
       text: (d) => fmtAgo(d.last_request) },
     { key: "cpu", title: "CPU %", num: true, deps: ["cpu"], text: (d) => fmtNum(d.cpu, 1) },
     { key: "rss", title: "RSS", num: true, deps: ["rss"], text: (d) => fmtBytes(d.rss) },
-    { key: "actions", title: "actions", deps: ["registered", "daemon", "admin"], html: true,
+    { key: "actions", title: "actions", deps: ["registered", "daemon", "admin", "is_daemon"],
+      html: true,
       render: renderActions },
   ];
   const TICKING = COLUMNS.filter((c) => c.tick);
@@ -137,9 +139,21 @@
 
   function renderActions(td, d) {
     td.textContent = "";
+    if (d.is_daemon) {
+      // A daemon goes down with every service of its host: no button here,
+      // as sky does not act on daemons either.
+      const note = document.createElement("span");
+      note.className = "daemon-note";
+      note.textContent = "host daemon";
+      note.title = "Not stopped or unregistered from here: it supervises this host's services,"
+        + " which stop with it. Stop it on its host (SIGTERM to its process).";
+      td.appendChild(note);
+      return;
+    }
+    // Only the registration change that applies, to keep the column narrow.
     const actions = [
-      ["register", "reg", d.registered, "Register: take new clients"],
-      ["unregister", "unreg", !d.registered, "Unregister: take no new clients"],
+      d.registered ? ["unregister", "unreg", false, "Unregister: take no new clients"]
+        : ["register", "reg", false, "Register: take new clients"],
       ["stop", "stop", false, "Stop the instance gracefully"],
       ["restart", "restart", !d.daemon,
         d.daemon ? "Restart through the host's skynet daemon"
@@ -158,7 +172,8 @@
 
   // ---- host groups ----------------------------------------------------------
 
-  function groupKey(d) { return d.region + "|" + d.host; }
+  // One table per host, whatever the regions of its instances (a column).
+  function groupKey(d) { return d.host; }
 
   function ensureGroup(d) {
     const key = groupKey(d);
@@ -166,7 +181,6 @@
     if (g) return g;
     const section = document.createElement("section");
     section.className = "host";
-    section.dataset.region = d.region;
     section.dataset.host = d.host;
     const head = document.createElement("div");
     head.className = "host-head";
@@ -183,14 +197,16 @@
     const tbody = document.createElement("tbody");
     table.append(thead, tbody);
     section.append(head, table);
-    g = { key, region: d.region, host: d.host, section, tbody, head, rows: new Set() };
+    g = { key, host: d.host, section, tbody, head, rows: new Set() };
     state.groups.set(key, g);
-    // Keep sections sorted by region, then host.
+    // Keep sections sorted by host.
     const main = $("topology");
     let before = null;
     for (const el of main.querySelectorAll("section.host")) {
-      const k = el.dataset.region + "|" + el.dataset.host;
-      if (k.localeCompare(key, undefined, { numeric: true }) > 0) { before = el; break; }
+      if (el.dataset.host.localeCompare(key, undefined, { numeric: true }) > 0) {
+        before = el;
+        break;
+      }
     }
     main.insertBefore(section, before);
     renderHostHead(g);
@@ -220,9 +236,15 @@
     const name = document.createElement("span");
     name.className = "name";
     name.textContent = g.host;
+    const regions = new Set();
+    for (const uuid of g.rows) {
+      const r = state.rows.get(uuid);
+      if (r) regions.add(r.data.region);
+    }
     const region = document.createElement("span");
     region.className = "region";
-    region.textContent = g.region;
+    region.textContent = Array.from(regions).sort(collator.compare).join(", ");
+    region.title = regions.size === 1 ? "region" : "regions of this host's instances";
     head.append(name, region);
     const v = (k) => (h && h[k] !== undefined && h[k] !== null ? h[k] : null);
     const load = [v("load1"), v("load5"), v("load15")];
@@ -274,9 +296,9 @@
     }
     const row = { data: d, tr, cells, group: null };
     if (screenObserver) screenObserver.observe(tr);
+    state.rows.set(d.uuid, row); // before placeRow: the host head lists its regions
     placeRow(row);
     applyRowClasses(row);
-    state.rows.set(d.uuid, row);
     return row;
   }
 
@@ -332,6 +354,7 @@
     if (!changed.size) return;
     if (changed.has("region") || changed.has("host") || changed.has("service")
       || changed.has("port")) placeRow(row);
+    if (changed.has("region") && row.group) renderHostHead(row.group);
     const shown = flashChanges && (!screenObserver || onScreen.has(row.tr));
     for (const col of COLUMNS) {
       if (col.deps.some((k) => changed.has(k))) {
@@ -953,11 +976,15 @@
     }
   }
 
+  // security (issue 12): the token is exchanged once for an HttpOnly session
+  // cookie; only the session's CSRF token is kept, and sent with each action.
   async function checkToken(token) {
     try {
-      const r = await fetch("/api/auth", { headers: { Authorization: "Bearer " + token } });
+      const r = await fetch("/api/session", {
+        method: "POST", headers: { Authorization: "Bearer " + token },
+      });
       const body = await r.json().catch(() => ({}));
-      return { ok: r.status === 200, error: body.error || "HTTP " + r.status };
+      return { ok: r.status === 200, csrf: body.csrf, error: body.error || "HTTP " + r.status };
     } catch (e) {
       return { ok: false, error: String(e) };
     }
@@ -967,22 +994,36 @@
     if (!token) return;
     const answer = await checkToken(token);
     if (answer.ok) {
-      state.token = token;
-      state.authorized = true;
-      try { sessionStorage.setItem("skynet-token", token); } catch (e) { /* private mode */ }
+      adoptSession(answer.csrf);
     } else {
-      state.token = null;
-      state.authorized = false;
-      try { sessionStorage.removeItem("skynet-token"); } catch (e) { /* private mode */ }
+      lock();
       toast("Token refused: " + answer.error, true);
     }
     updateMode();
   }
 
+  function adoptSession(csrf) {
+    state.token = csrf;
+    state.authorized = true;
+    try { sessionStorage.setItem("skynet-csrf", csrf); } catch (e) { /* private mode */ }
+    updateMode();
+  }
+
+  async function resumeSession(csrf) {
+    try {
+      const r = await fetch("/api/auth");
+      if (r.status === 200) adoptSession(csrf);
+    } catch (e) { /* stays locked */ }
+  }
+
   function lock() {
+    if (state.token) {
+      fetch("/api/session", { method: "DELETE", headers: { "X-Skynet-CSRF": state.token } })
+        .catch(() => {});
+    }
     state.token = null;
     state.authorized = false;
-    try { sessionStorage.removeItem("skynet-token"); } catch (e) { /* private mode */ }
+    try { sessionStorage.removeItem("skynet-csrf"); } catch (e) { /* private mode */ }
     updateMode();
   }
 
@@ -1015,6 +1056,7 @@
     const row = state.rows.get(uuid);
     if (!row || !state.authorized) return;
     const d = row.data;
+    if (d.is_daemon) return; // never from here (see renderActions)
     const ok = await modal(action.charAt(0).toUpperCase() + action.slice(1) + " " + d.service
       + " " + d.address + " (" + d.uuid + ")?", false);
     if (!ok) return;
@@ -1022,7 +1064,7 @@
     try {
       r = await fetch("/api/instances/" + encodeURIComponent(uuid) + "/" + action, {
         method: "POST",
-        headers: { Authorization: "Bearer " + state.token },
+        headers: { "X-Skynet-CSRF": state.token },
       });
       body = await r.json().catch(() => ({}));
     } catch (e) {
@@ -1134,14 +1176,15 @@
       params.delete("token");
       const rest = params.toString();
       history.replaceState(null, "", location.pathname + (rest ? "?" + rest : "") + location.hash);
-    } else {
-      try { token = sessionStorage.getItem("skynet-token"); } catch (e) { token = null; }
     }
+    let csrf = null;
+    try { csrf = sessionStorage.getItem("skynet-csrf"); } catch (e) { csrf = null; }
     wire();
     updateMode();
     refreshScopes();
     connect();
     if (token) adoptToken(token);
+    else if (csrf) resumeSession(csrf);
   }
 
   // For tests and the curious: the live state, and what the graphs drew.

@@ -1,0 +1,613 @@
+"""
+Every hand-written BSON codec and exact-layout fast path of the wire
+protocol, in one place, behind one switch.
+
+pymongo's C codec costs about 2-3 us per tiny document, a third of a call,
+so the fixed-shape documents of the protocol are built and read here
+directly.  Readers take only the exact layout Go Skynet and we write, and
+hand anything else to C{bson.decode}, so that they accept and reject exactly
+what it does; writers produce pymongo's bytes exactly.  The differential
+tests (C{tests/test_protocol.py}) compare each of them with the general
+path, valid, damaged, short and truncated documents alike.
+
+Set L{FAST} to C{False} (before connections are made) to turn every fast
+path off: the module functions then call pymongo, and each L{ServerLayout}
+and L{ClientLayout} made afterwards declines every frame.  A layout may
+also be made with C{fast=False} on its own.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import bson
+from bson.int64 import Int64
+
+#: The one switch: C{False} sends every document through pymongo.
+FAST = True
+
+#: The empty BSON document, the client handshake and error response body.
+EMPTY_DOCUMENT = b"\x05\x00\x00\x00\x00"
+
+_INT32_MAX = 2**31 - 1
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+
+_pack_i32 = struct.Struct("<i").pack
+_pack_i64 = struct.Struct("<q").pack
+unpack_length = struct.Struct("<i").unpack_from
+_unpack_i64 = struct.Struct("<q").unpack_from
+
+_encode = bson.encode
+_decode = bson.decode
+
+SERVICEMETHOD = b"\x02servicemethod\x00"
+SEQ64 = b"\x12seq\x00"
+_SEQ32 = b"\x10seq\x00"
+_ERROR = b"\x02error\x00"
+OUT = b"\x05out\x00"
+_ERRSTRING = b"\x02errstring\x00"
+CLIENTID = b"\x02clientid\x00"
+METHOD = b"\x02method\x00"
+_REQUESTINFO = b"\x03requestinfo\x00"
+_ORIGINADDRESS = b"\x02originaddress\x00"
+_CONNECTIONADDRESS = b"\x02connectionaddress\x00"
+_REQUESTID = b"\x02requestid\x00"
+_RETRYCOUNT = b"\x10retrycount\x00"
+_IN = b"\x05in\x00"
+
+#: How a response header with an empty error ends, and a body with an empty errstring.
+OK_HEADER_SUFFIX = _ERROR + b"\x01\x00\x00\x00\x00\x00"
+OK_BODY_SUFFIX = _ERRSTRING + b"\x01\x00\x00\x00\x00\x00"
+_OK_BODY_SUFFIX_LENGTH = len(OK_BODY_SUFFIX)
+
+#: What the fast readers may raise on a frame not in their layout.
+_DECLINE = (struct.error, UnicodeDecodeError, IndexError)
+
+
+class _NotFastPath(Exception):
+    """
+    The document is not in the exact layout the fast readers handle.
+    """
+
+
+_DECLINE_ALL = (_NotFastPath, *_DECLINE)
+
+
+def string_element(prefix: bytes, value: str) -> bytes:
+    """
+    A BSON string element; C{prefix} is the type byte and the name's cstring.
+    """
+    data = value.encode("utf-8")
+    return prefix + _pack_i32(len(data) + 1) + data + b"\x00"
+
+
+def document(elements: bytes) -> bytes:
+    """
+    A BSON document of the given encoded elements.
+    """
+    return _pack_i32(len(elements) + 5) + elements + b"\x00"
+
+
+def _read_string(frame: bytes, pos: int) -> tuple[str, int]:
+    n = unpack_length(frame, pos)[0]
+    end = pos + 3 + n
+    if n < 1 or end >= len(frame) or frame[end] != 0:
+        raise _NotFastPath()
+    return frame[pos + 4 : end].decode("utf-8"), end + 1
+
+
+# Writers
+
+
+def encode_header(servicemethod: str, seq: int, error: str | None = None) -> bytes:
+    """
+    A request header (C{error} is L{None}) or a response header, C{seq}
+    as int64: C{{servicemethod, seq[, error]}}.
+    """
+    if not FAST:
+        doc: dict[str, Any] = {"servicemethod": servicemethod, "seq": Int64(seq)}
+        if error is not None:
+            doc["error"] = error
+        return _encode(doc)
+    elements = string_element(SERVICEMETHOD, servicemethod) + SEQ64 + _pack_i64(seq)
+    if error is not None:
+        elements += string_element(_ERROR, error)
+    return document(elements)
+
+
+def response_body_parts(out: bytes, errstring: str) -> tuple[bytes, ...]:
+    """
+    The pieces of a response body C{{out: binary, errstring}}, to be joined
+    (with the header) in one copy of C{out}.
+    """
+    if not FAST:
+        return (_encode({"out": out, "errstring": errstring}),)
+    tail = string_element(_ERRSTRING, errstring) + b"\x00"
+    return (_pack_i32(4 + 5 + len(OUT) + len(out) + len(tail)), OUT,
+            _pack_i32(len(out)), b"\x00", out, tail)  # fmt: skip
+
+
+def encode_response_body(out: bytes, errstring: str) -> bytes:
+    """
+    C{{out: binary, errstring}}.
+    """
+    return b"".join(response_body_parts(out, errstring))
+
+
+def request_info_bson(
+    request_id: str, retry_count: int, origin_address: str, connection_address: str
+) -> dict[str, Any]:
+    """
+    The Go C{RequestInfo} document, fields in the Go order (C{retrycount}
+    as int32, clamped to its range).
+    """
+    return {
+        "originaddress": origin_address,
+        "connectionaddress": connection_address,
+        "requestid": request_id,
+        "retrycount": retry_count if 0 <= retry_count <= _INT32_MAX else _INT32_MAX,
+    }
+
+
+def encode_request_info(info: Any) -> bytes:
+    """
+    The C{requestinfo} element of a request body, in the Go layout
+    (C{info} is a L{skynet.protocol.RequestInfo}).
+    """
+    request_id = info.request_id
+    if (
+        not info.origin_address
+        and not info.connection_address
+        and len(request_id) == 36
+        and request_id.isascii()
+        and 0 <= info.retry_count <= _INT32_MAX
+    ):
+        return (
+            _REQUESTINFO_EMPTY_ADDRESSES
+            + request_id.encode()
+            + _END_ID
+            + _pack_i32(info.retry_count)
+            + b"\x00"
+        )
+    retry = info.retry_count if 0 <= info.retry_count <= _INT32_MAX else _INT32_MAX
+    return _REQUESTINFO + document(
+        string_element(_ORIGINADDRESS, info.origin_address)
+        + string_element(_CONNECTIONADDRESS, info.connection_address)
+        + string_element(_REQUESTID, info.request_id)
+        + _RETRYCOUNT
+        + _pack_i32(retry)
+    )
+
+
+_REQUESTINFO_EMPTY_ADDRESSES = (
+    _REQUESTINFO
+    + _pack_i32(
+        4
+        + len(string_element(_ORIGINADDRESS, ""))
+        + len(string_element(_CONNECTIONADDRESS, ""))
+        + len(_REQUESTID)
+        + 4
+        + 37
+        + len(_RETRYCOUNT)
+        + 4
+        + 1
+    )
+    + string_element(_ORIGINADDRESS, "")
+    + string_element(_CONNECTIONADDRESS, "")
+    + _REQUESTID
+    + _pack_i32(37)
+)
+_END_ID = b"\x00" + _RETRYCOUNT
+
+
+def request_body_parts(
+    clientid_element: bytes, method_element: bytes, info: Any, params: bytes
+) -> tuple[bytes, ...]:
+    """
+    The pieces of a request body C{{clientid, method, requestinfo, in}},
+    to be joined (with what goes before it) in one copy of C{params}; the
+    client passes its cached C{clientid} and C{method} elements.
+    """
+    elements = clientid_element + method_element + encode_request_info(info) + _IN
+    return (
+        _pack_i32(len(elements) + 5 + len(params) + 5),
+        elements,
+        _pack_i32(len(params)),
+        b"\x00",
+        params,
+        b"\x00",
+    )
+
+
+def encode_request_body(clientid: str, method: str, info: Any, params: bytes) -> bytes:
+    """
+    C{{clientid, method, requestinfo, in: binary}}; C{params} is the
+    encoded parameters document.
+    """
+    if not FAST:
+        return _encode(
+            {
+                "clientid": clientid,
+                "method": method,
+                "requestinfo": request_info_bson(
+                    info.request_id,
+                    info.retry_count,
+                    info.origin_address,
+                    info.connection_address,
+                ),
+                "in": params,
+            }
+        )
+    return b"".join(
+        request_body_parts(
+            string_element(CLIENTID, clientid), string_element(METHOD, method), info, params
+        )
+    )
+
+
+# General readers (fast first, pymongo for anything else)
+
+
+def decode_header(frame: bytes) -> tuple[Any, Any, Any]:
+    """
+    Read a request or response header: (servicemethod, seq, error), each
+    L{None} where absent; values are not type-checked.
+
+    @raise bson.errors.BSONError: if the document is not valid BSON.
+    """
+    if FAST:
+        try:
+            return _fast_header(frame)
+        except _DECLINE_ALL:
+            pass
+    doc = _decode(frame)
+    return doc.get("servicemethod"), doc.get("seq"), doc.get("error")
+
+
+def _fast_header(frame: bytes) -> tuple[str, int, str | None]:
+    if frame[4:19] != SERVICEMETHOD:
+        raise _NotFastPath()
+    servicemethod, pos = _read_string(frame, 19)
+    tag = frame[pos : pos + 5]
+    if tag == SEQ64:
+        seq = _unpack_i64(frame, pos + 5)[0]
+        pos += 13
+    elif tag == _SEQ32:
+        seq = unpack_length(frame, pos + 5)[0]
+        pos += 9
+    else:
+        raise _NotFastPath()
+    error = None
+    if frame[pos : pos + 7] == _ERROR:
+        error, pos = _read_string(frame, pos + 7)
+    if pos != len(frame) - 1 or frame[pos] != 0 or unpack_length(frame, 0)[0] != len(frame):
+        raise _NotFastPath()
+    return servicemethod, seq, error
+
+
+def decode_response_header(frame: bytes) -> tuple[Any, Any]:
+    """
+    Read a response header's (seq, error): the servicemethod, which a
+    client does not need, is checked but not returned.
+
+    @raise bson.errors.BSONError: if the document is not valid BSON.
+    """
+    _, seq, error = decode_header(frame)
+    return seq, error
+
+
+def decode_response_body(frame: bytes) -> tuple[Any, Any]:
+    """
+    Read a response body: (out, errstring), each L{None} where absent.
+
+    @raise bson.errors.BSONError: if the document is not valid BSON.
+    """
+    if FAST:
+        try:
+            return _fast_response_body(frame)
+        except _DECLINE_ALL:
+            pass
+    doc = _decode(frame)
+    return doc.get("out"), doc.get("errstring")
+
+
+def _fast_response_body(frame: bytes) -> tuple[bytes, str]:
+    if len(frame) < 14 or frame[4:9] != OUT or unpack_length(frame, 0)[0] != len(frame):
+        raise _NotFastPath()
+    n = unpack_length(frame, 9)[0]
+    end = 14 + n
+    if n < 0 or frame[13] != 0 or end >= len(frame):
+        raise _NotFastPath()
+    out = frame[14:end]
+    if frame[end : end + 11] != _ERRSTRING:
+        raise _NotFastPath()
+    errstring, pos = _read_string(frame, end + 11)
+    if pos != len(frame) - 1 or frame[pos] != 0:
+        raise _NotFastPath()
+    return out, errstring
+
+
+# Per-connection layouts
+
+
+class ServerLayout:
+    """
+    The precomputed bytes of one service connection: the exact request
+    header for C{<Name>.Forward}, this connection's client id element, and
+    the prefix of an answer with an empty error.
+
+    @ivar fast: whether the fast readers are tried at all.
+    """
+
+    __slots__ = (
+        "fast",
+        "forward",
+        "_header_length",
+        "_header_prefix",
+        "_ok_prefix",
+        "_clientid_element",
+    )
+
+    def __init__(self, service_name: str, clientid: str, fast: bool | None = None) -> None:
+        self.fast = FAST if fast is None else fast
+        self.forward = f"{service_name}.Forward"
+        forward = string_element(SERVICEMETHOD, self.forward) + SEQ64
+        self._header_length = 4 + len(forward) + 8 + 1
+        self._header_prefix = _pack_i32(self._header_length) + forward
+        self._ok_prefix = _pack_i32(4 + len(forward) + 8 + len(OK_HEADER_SUFFIX)) + forward
+        self._clientid_element = string_element(CLIENTID, clientid)
+
+    def read_forward_header(self, frame: bytes) -> int | None:
+        """
+        The C{seq} of C{{servicemethod: "<Name>.Forward", seq: int64}}
+        exactly, or L{None} for any other document.
+        """
+        if (
+            self.fast
+            and len(frame) == self._header_length
+            and frame.startswith(self._header_prefix)
+            and frame[-1] == 0
+        ):
+            return _unpack_i64(frame, self._header_length - 9)[0]  # type: ignore[no-any-return]
+        return None
+
+    def ok_header(self, seq: int) -> bytes:
+        """
+        The response header C{{servicemethod: "<Name>.Forward", seq, error: ""}}.
+        """
+        if not self.fast:
+            return encode_header(self.forward, seq, "")
+        return self._ok_prefix + _pack_i64(seq) + OK_HEADER_SUFFIX
+
+    def read_body(self, frame: bytes) -> tuple[str, str, int, bytes] | None:
+        """
+        Read a request body in the exact layout our client and Go's write,
+        with this connection's client id: (method, request id, retry count,
+        encoded params); L{None} for anything else (left to bson.decode).
+        """
+        if not self.fast:
+            return None
+        clientid = self._clientid_element
+        if not frame.startswith(clientid, 4):
+            return None
+        try:
+            if unpack_length(frame, 0)[0] != len(frame):
+                return None
+            pos = 4 + len(clientid)
+            if frame[pos : pos + 8] != METHOD:
+                return None
+            method, pos = _read_string(frame, pos + 8)
+            if frame[pos : pos + 13] != _REQUESTINFO:
+                return None
+            end = pos + 13 + unpack_length(frame, pos + 13)[0]
+            pos += 17
+            if frame[pos : pos + 15] != _ORIGINADDRESS:
+                return None
+            _, pos = _read_string(frame, pos + 15)
+            if frame[pos : pos + 19] != _CONNECTIONADDRESS:
+                return None
+            _, pos = _read_string(frame, pos + 19)
+            if frame[pos : pos + 11] != _REQUESTID:
+                return None
+            request_id, pos = _read_string(frame, pos + 11)
+            if frame[pos : pos + 12] != _RETRYCOUNT:
+                return None
+            retry_count = unpack_length(frame, pos + 12)[0]
+            pos += 16
+            if pos + 1 != end or frame[pos] != 0 or frame[end : end + 4] != _IN:
+                return None
+            n = unpack_length(frame, end + 4)[0]
+            start = end + 9
+            if n < 5 or frame[end + 8] != 0 or start + n + 1 != len(frame) or frame[-1] != 0:
+                return None
+            return method, request_id, retry_count, frame[start : start + n]
+        except _DECLINE_ALL:
+            return None
+
+
+class ClientLayout:
+    """
+    The precomputed bytes of one client connection: the request header
+    prefix for C{<Name>.Forward} and the exact answer header with an empty
+    error.
+
+    @ivar fast: whether the fast readers and writers are used at all.
+    """
+
+    __slots__ = (
+        "fast",
+        "servicemethod",
+        "clientid_element",
+        "_header_prefix",
+        "_ok_header_length",
+        "_ok_header_prefix",
+        "_ok_header_seq_at",
+    )
+
+    def __init__(self, servicemethod: str, clientid: str, fast: bool | None = None) -> None:
+        self.fast = FAST if fast is None else fast
+        self.servicemethod = servicemethod
+        self._header_prefix = string_element(SERVICEMETHOD, servicemethod) + SEQ64
+        self._ok_header_length = 4 + len(self._header_prefix) + 8 + len(OK_HEADER_SUFFIX)
+        self._ok_header_prefix = _pack_i32(self._ok_header_length) + self._header_prefix
+        self._ok_header_seq_at = len(self._ok_header_prefix)
+        self.clientid_element = string_element(CLIENTID, clientid)
+
+    def request_header(self, seq: int) -> bytes:
+        """
+        C{{servicemethod: "<Name>.Forward", seq: int64}}.
+        """
+        if not self.fast:
+            return encode_header(self.servicemethod, seq)
+        return document(self._header_prefix + _pack_i64(seq))
+
+    def read_ok_header(self, frame: bytes) -> int | None:
+        """
+        The C{seq} of our (and Go's) exact answer header with an empty
+        error, or L{None} for any other document.
+        """
+        if (
+            self.fast
+            and len(frame) == self._ok_header_length
+            and frame.startswith(self._ok_header_prefix)
+            and frame.endswith(OK_HEADER_SUFFIX)
+        ):
+            return _unpack_i64(frame, self._ok_header_seq_at)[0]  # type: ignore[no-any-return]
+        return None
+
+    def read_ok_body(self, frame: bytes) -> bytes | None:
+        """
+        The C{out} bytes of C{{out: binary, errstring: ""}} exactly, or
+        L{None} for any other document (short ones included).
+
+        @param frame: a whole frame as L{skynet.protocol.FrameProtocol}
+            delivers it: its length prefix is its length.
+        """
+        if (
+            self.fast
+            and len(frame) >= 14 + _OK_BODY_SUFFIX_LENGTH
+            and frame[4:9] == OUT
+            and frame[13] == 0
+            and frame.endswith(OK_BODY_SUFFIX)
+        ):
+            n = unpack_length(frame, 9)[0]
+            if len(frame) == 14 + n + _OK_BODY_SUFFIX_LENGTH:
+                return frame[14 : 14 + n]
+        return None
+
+
+# Writing at once to plain TCP
+
+
+_plain_tcp_types: tuple[type, ...] | None = None
+
+
+def plain_tcp() -> tuple[type, ...]:
+    """
+    The transports L{write_now} may write to directly: Twisted's plain TCP
+    connections, if their write buffer still has the shape it relies on
+    (private attributes of L{twisted.internet.abstract.FileDescriptor},
+    pinned by a test); none otherwise, and every write goes the usual way.
+
+    Probed on first use, with a stand-in reactor, so that importing this
+    module never installs the global reactor.
+    """
+    global _plain_tcp_types
+    if _plain_tcp_types is None:
+        _plain_tcp_types = _probe_plain_tcp() if FAST else ()
+    return _plain_tcp_types
+
+
+def _probe_plain_tcp() -> tuple[type, ...]:
+    from twisted.internet import abstract, tcp
+
+    needed = ("connected", "disconnecting", "offset", "dataBuffer", "_writeDisconnected")
+    if not all(hasattr(abstract.FileDescriptor, name) for name in needed):
+        return ()
+    probe = abstract.FileDescriptor.__new__(abstract.FileDescriptor)
+    try:
+        abstract.FileDescriptor.__init__(probe, reactor=object())  # type: ignore[arg-type]
+    except Exception:
+        return ()
+    if not isinstance(getattr(probe, "_tempDataBuffer", None), list):
+        return ()
+    return (tcp.Client, tcp.Server)
+
+
+def write_now(transport: Any, data: bytes) -> None:
+    """
+    Send C{data} at once when the transport holds nothing else to send (a
+    plain TCP connection), rather than queueing it for the reactor's next
+    round (which costs two epoll_ctl calls and a loop iteration on each side
+    of every call); what the socket does not take, and every other
+    transport, goes through C{transport.write}.
+    """
+    types = _plain_tcp_types if _plain_tcp_types is not None else plain_tcp()
+    if (
+        FAST
+        and type(transport) in types
+        and transport.connected
+        and not transport.disconnecting
+        and not transport.TLS
+        and not transport._tempDataBuffer
+        and transport.offset == len(transport.dataBuffer)
+        and not transport._writeDisconnected
+    ):
+        try:
+            sent = transport.socket.send(data)
+        except OSError:
+            sent = 0  # full, or broken: the reactor's own write deals with it
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
+
+
+class _CountingDocument(dict):  # type: ignore[type-arg]
+    """
+    A decoded document that counts every element set in it, duplicate
+    names included (a plain dict keeps one of a million C{"a"}s).
+    """
+
+    elements = 0
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        _CountingDocument.elements += 1
+        super().__setitem__(key, value)
+
+
+_COUNTING = bson.CodecOptions(document_class=_CountingDocument)
+
+
+def count_elements(data: bytes, depth: int = 0) -> int:
+    """
+    The number of elements of the BSON document C{data}, those of nested
+    documents and arrays included, and those of binary values that hold a
+    document (as C{in} holds the parameters).  Run in a worker process:
+    decoding a large document holds the GIL for as long as it takes.
+
+    @raise Exception: whatever C{bson.decode} raises for C{data}.
+    """
+    _CountingDocument.elements = 0
+    doc = bson.decode(data, codec_options=_COUNTING)
+    total = _CountingDocument.elements
+    stack: list[Any] = [doc]
+    nested: list[bytes] = []
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif type(value) is list:
+            total += len(value)
+            stack.extend(value)
+        elif isinstance(value, bytes) and len(value) >= 5 and depth < 2:
+            if unpack_length(value, 0)[0] == len(value) and value[-1] == 0:
+                nested.append(value)
+    for inner in nested:
+        try:
+            total += count_elements(inner, depth + 1)
+        except Exception:
+            pass  # a blob, not a document: the method gets it as bytes
+    return total

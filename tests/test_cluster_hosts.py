@@ -1,0 +1,348 @@
+"""
+The cluster on real processes: three C{twistd -n skynet-daemon} hosts on
+127.0.0.2-4 (the embedded registry), two cluster controllers
+(C{python -m skynet.cluster.leader --reconcile}) and C{python -m
+skynet.cluster apply}.  C{kill -9} of one host's daemon and children under
+load: capacity back to 3 on the survivors, zero failed calls; the host back:
+exactly 3, one per host; C{kill -9} of the leading controller: the other
+acts.
+
+The reconciler is not wired into the daemon yet (see docs/cluster.md):
+the controllers stand in for the daemons' own campaign.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import psutil
+import pytest
+from twisted.internet import reactor
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from skynet.client import Client
+from skynet.registry import Query, registry_from_url
+from tests.processes import ROOT, child_env, fibonacci_load, sleep, terminate, twistd, wait_for
+from tests.test_cluster_election import Campaigner, elect
+from tests.zkserver import ZooKeeperCluster
+
+pytestmark = pytest.mark.slow
+
+HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+
+APPLY = """
+[services.Fibonacci]
+run = "{run}"
+instances = {instances}
+args = ["--stats-interval", "0.5"]
+version = "{version}"
+ready_timeout = {ready_timeout}
+"""
+
+
+def figure(text: str) -> None:
+    print(f"\n[cluster figure] {text}", file=sys.stderr)
+
+
+class Host:
+    """
+    One C{twistd -n skynet-daemon} bound to its own loopback address, with
+    a state file so that a restart brings its children back.
+    """
+
+    def __init__(self, root: str, address: str, registry: str) -> None:
+        self.address = address
+        self.dir = os.path.join(root, address)
+        os.makedirs(self.dir, exist_ok=True)
+        self.registry = registry
+        self.popen: subprocess.Popen | None = None
+        self.children: list[int] = []
+
+    def start(self) -> "Host":
+        command = [
+            twistd(), "-n", "--pidfile=", "skynet-daemon",
+            "--registry", self.registry,
+            "--listen", f"tcp:0:interface={self.address}",
+            "--state", os.path.join(self.dir, "state.json"),
+            "--log-dir", os.path.join(self.dir, "logs"),
+            "--stats-interval", "0.5", "--stop-grace", "3", "--kill-time", "2",
+        ]  # fmt: skip
+        self.log = open(os.path.join(self.dir, "daemon.log"), "ab")
+        self.popen = subprocess.Popen(
+            command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=child_env(SKYNET_HOME=self.dir, SKYNET_BIND_IP=self.address),
+        )  # fmt: skip
+        return self
+
+    def melt(self) -> None:
+        """
+        The host dies: its daemon and every child, at once, with SIGKILL.
+        """
+        assert self.popen is not None
+        try:
+            victims = psutil.Process(self.popen.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            victims = []
+        self.popen.kill()
+        for child in victims:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.popen.wait(10)
+        psutil.wait_procs(victims, timeout=10)
+
+    def stop(self) -> None:
+        if self.popen is not None:
+            terminate(self.popen, grace=20)
+            self.log.close()
+
+    def output(self) -> str:
+        try:
+            with open(os.path.join(self.dir, "daemon.log"), errors="replace") as f:
+                return f.read()[-3000:]
+        except OSError:
+            return ""
+
+
+def kill_strays(root: str) -> None:
+    """
+    Kill, by pid, processes whose command line names this test's temp dir.
+    """
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if root in " ".join(process.info["cmdline"] or []) and process.pid != os.getpid():
+                process.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+
+
+class _ClusterMixin:
+    """
+    Three hosts, two controllers, and the host-loss test, on the registry
+    of L{registry_url}.
+    """
+
+    timeout = 240
+    kind = "embedded"
+
+    async def setup_cluster(self) -> None:
+        self.root = tempfile.mkdtemp(prefix="skynet-cluster-hosts-")
+        self.addCleanup(shutil.rmtree, self.root, True)
+        self.addCleanup(kill_strays, self.root)
+        self.url = self.registry_url()
+        self.registry = registry_from_url(self.url, reactor)
+        await self.registry.start()
+        self.addCleanup(self.registry.stop)
+        self.client = Client(registry=self.registry, reactor=reactor)
+        self.addCleanup(self.client.stop)
+        self.hosts = {a: Host(self.root, a, self.url).start() for a in HOSTS}
+        for host in self.hosts.values():
+            self.addCleanup(host.stop)
+        await wait_for(self.daemons_up, timeout=60, what="3 daemons registered")
+        self.controllers = []
+        for name in ("controller-1", "controller-2"):
+            c = Campaigner(self.url, name, self.root,
+                           "--reconcile", "--interval", "0.5", "--list-interval", "3")  # fmt: skip
+            self.controllers.append(c)
+            self.addCleanup(c.close)
+
+    def registry_url(self) -> str:
+        return "file://" + os.path.join(self.root, "registry")
+
+    async def daemons_up(self, count: int = 3) -> bool:
+        found = await self.registry.query(Query(service="SkynetDaemon", registered=True))
+        return len({i.host for i in found}) == count
+
+    async def fibonacci(self) -> dict[str, int]:
+        found = await self.registry.query(Query(service="Fibonacci", registered=True))
+        per_host: dict[str, int] = {}
+        for i in found:
+            per_host[i.host] = per_host.get(i.host, 0) + 1
+        return per_host
+
+    def sky(self, *argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "skynet.cluster", "--registry", self.url, *argv],
+            cwd=ROOT, env=child_env(SKYNET_HOME=self.root), capture_output=True, text=True,
+            timeout=60,
+        )  # fmt: skip
+
+    async def apply(
+        self,
+        instances: int,
+        version: str = "1",
+        run: str = "examples.fibonacci:Fibonacci",
+        ready_timeout: float = 30,
+    ) -> str:
+        path = os.path.join(self.root, "cluster.toml")
+        with open(path, "w") as f:
+            f.write(APPLY.format(instances=instances, version=version, run=run,
+                                 ready_timeout=ready_timeout))  # fmt: skip
+        result = await deferToThread(self.sky, "apply", path)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return result.stdout
+
+    async def wait_placement(self, wanted: dict[str, int], timeout: float = 60.0) -> None:
+        async def placed() -> bool:
+            return await self.fibonacci() == wanted
+
+        try:
+            await wait_for(placed, timeout=timeout, what=f"placement {wanted}")
+        except AssertionError:
+            listing = await deferToThread(self.sky, "deployments")
+            raise AssertionError(
+                f"placement is {await self.fibonacci()}, not {wanted}\n{listing.stdout}"
+                f"{[(c.name, c.drain()[-5:]) for c in self.controllers]}"
+                f"\n{self.hosts[HOSTS[0]].output()}"
+            ) from None
+
+    async def test_host_loss_return_and_leader_loss(self) -> None:
+        await self.setup_cluster()
+        leader = await deferToThread(elect, self.controllers)
+        out = await self.apply(3)
+        self.assertIn("+ Fibonacci: 3 x examples.fibonacci:Fibonacci", out)
+        await self.wait_placement(dict.fromkeys(HOSTS, 1))
+        # Applying again changes nothing.
+        self.assertIn("No changes.", await self.apply(3))
+
+        # A host melts under load.
+        fib = self.client.service("Fibonacci")
+        await fib.call("Index", {"index": 10})
+        callers, results = fibonacci_load(fib, seconds=8.0, callers=8)
+        await sleep(1.5)
+        melted = self.hosts["127.0.0.4"]
+        melted_at = time.monotonic()
+        await deferToThread(melted.melt)
+
+        async def back_to_three() -> bool:
+            per_host = await self.fibonacci()
+            return "127.0.0.4" not in per_host and sum(per_host.values()) == 3
+
+        await wait_for(back_to_three, timeout=60, what="3 instances on the survivors")
+        healed = time.monotonic() - melted_at
+        await callers
+        self.assertEqual(results["failed"], [])
+        self.assertGreater(results["ok"], 100)
+        figure(f"{self.kind}: host kill -9 -> 3 registered on the survivors in {healed:.2f}s; "
+               f"{results['ok']} calls, 0 failed")  # fmt: skip
+
+        # It comes back: its daemon restarts its old child; one instance is
+        # stopped so that exactly 3 remain, one per host.
+        melted.start()
+        await self.wait_placement(dict.fromkeys(HOSTS, 1), timeout=90)
+        await sleep(4.0)
+        self.assertEqual(await self.fibonacci(), dict.fromkeys(HOSTS, 1))
+
+        # The leading controller dies: the other acts.
+        others = [c for c in self.controllers if c is not leader]
+        leader.kill(signal.SIGKILL)
+        await deferToThread(elect, others)
+        result = await deferToThread(self.sky, "scale", "Fibonacci=4")
+        self.assertEqual(result.returncode, 0, result.stderr)
+
+        async def four() -> bool:
+            return sum((await self.fibonacci()).values()) == 4
+
+        await wait_for(four, timeout=60, what="4 instances after the leader's death")
+        listing = await deferToThread(self.sky, "deployments")
+        self.assertIn("Fibonacci", listing.stdout)
+        self.assertIn("Leader: controller-2" if leader is self.controllers[0]
+                      else "Leader: controller-1", listing.stdout)  # fmt: skip
+
+
+class EmbeddedClusterTests(_ClusterMixin, TestCase):
+    """
+    On the embedded registry, and rolling upgrades.
+    """
+
+    async def test_rolling_upgrade_and_a_broken_one(self) -> None:
+        await self.setup_cluster()
+        await deferToThread(elect, self.controllers)
+        await self.apply(4)
+
+        async def four() -> bool:
+            return sum((await self.fibonacci()).values()) == 4
+
+        await wait_for(four, timeout=60, what="4 instances")
+        fib = self.client.service("Fibonacci")
+        await fib.call("Index", {"index": 10})
+
+        # Load, and the lowest number of registered instances seen, while
+        # the rollout runs.
+        running = [True]
+        results: dict = {"ok": 0, "failed": []}
+        lowest = [4]
+
+        async def caller(n: int) -> None:
+            i = n
+            while running[0]:
+                i = (i + 7) % 90
+                try:
+                    r = await fib.call("Index", {"index": i})
+                    assert r["index"] == i, r
+                    results["ok"] += 1
+                except Exception as e:
+                    results["failed"].append(repr(e))
+
+        async def counter() -> None:
+            while running[0]:
+                lowest[0] = min(lowest[0], sum((await self.fibonacci()).values()))
+                await sleep(0.05)
+
+        from twisted.internet.defer import DeferredList, ensureDeferred
+
+        load = DeferredList(
+            [ensureDeferred(caller(n)) for n in range(6)] + [ensureDeferred(counter())]
+        )
+        started = time.monotonic()
+        self.assertIn("version 1 -> 2 (rolling replacement)", await self.apply(4, version="2"))
+        status = await deferToThread(self.sky, "rollout", "status", "Fibonacci",
+                                     "--timeout", "150")  # fmt: skip
+        took = time.monotonic() - started
+        running[0] = False
+        await load
+        self.assertEqual(status.returncode, 0, status.stdout + status.stderr)
+        self.assertIn("Fibonacci: rolled out.", status.stdout)
+        found = await self.registry.query(Query(service="Fibonacci", registered=True))
+        self.assertEqual(sorted(i.version for i in found), ["2"] * 4)
+        self.assertEqual(results["failed"], [])
+        self.assertGreaterEqual(lowest[0], 4)
+        figure(f"rolling upgrade of 4 instances: {took:.1f}s, {results['ok']} calls, "
+               f"0 failed, never fewer than {lowest[0]} registered")  # fmt: skip
+
+        # A broken version: the rollout stops, the old ones keep serving.
+        before = sorted(i.uuid for i in found)
+        await self.apply(4, version="3", run="examples.nosuch:Thing", ready_timeout=8)
+        status = await deferToThread(self.sky, "rollout", "status", "Fibonacci",
+                                     "--timeout", "120")  # fmt: skip
+        self.assertEqual(status.returncode, 1, status.stdout + status.stderr)
+        self.assertIn("stopped: new instance", status.stdout)
+        found = await self.registry.query(Query(service="Fibonacci", registered=True))
+        self.assertEqual(sorted(i.uuid for i in found), before)
+        listing = await deferToThread(self.sky, "deployments")
+        self.assertIn("failing", listing.stdout)
+        self.assertIn("last exit:", listing.stdout)
+        await fib.call("Index", {"index": 20})
+
+
+class ZooKeeperClusterTests(_ClusterMixin, TestCase):
+    """
+    The same on a real ZooKeeper server (2 s sessions): a melted host's
+    nodes go when its sessions expire.
+    """
+
+    kind = "zookeeper"
+
+    def registry_url(self) -> str:
+        zookeeper = ZooKeeperCluster(size=1).start()
+        self.addCleanup(zookeeper.close)
+        return zookeeper.url("/cluster-hosts", session_timeout=2)
