@@ -38,6 +38,7 @@ __all__ = [
     "RUNNING",
     "RESTART_ALL_SUB_SERVICES",
     "RESTART_SUB_SERVICE",
+    "SEARCH_LOGS",
     "STARTING",
     "STOP_ALL_SUB_SERVICES",
     "STOP_SUB_SERVICE",
@@ -69,6 +70,7 @@ RESTART_ALL_SUB_SERVICES = "RestartAllSubServices"
 REGISTER_SUB_SERVICE = "RegisterSubService"
 UNREGISTER_SUB_SERVICE = "UnregisterSubService"
 HOST_STATS = "HostStats"
+SEARCH_LOGS = "SearchLogs"  # (observe hook) the host's JSON logs: skynet.observe.logsearch
 
 DAEMON_METHODS = (
     DEPLOY,
@@ -80,6 +82,7 @@ DAEMON_METHODS = (
     STOP_ALL_SUB_SERVICES,
     STOP_SUB_SERVICE,
     UNREGISTER_SUB_SERVICE,
+    SEARCH_LOGS,  # (observe hook)
 )
 
 #: The admin calls behind the operators' actions (restart has none: only a

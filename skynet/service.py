@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from skynet.config import default_reactor
+from skynet.observe.histogram import MethodStats  # (observe hook)
 from skynet.protocol import (
     AdminProtocol,
     BufferBudget,
@@ -512,6 +513,10 @@ class ServiceHost(MultiService):
         self.connections: dict[str, ServerProtocol] = {}
         self.stats = ServiceStats(reactor.seconds)
         self.methods = {n: getattr(service, n) for n in remote_method_names(cls)}
+        # (observe hook) per-method counts and latency histograms, and the
+        # request's context for log events: see skynet.observe.histogram.
+        self.method_stats = MethodStats(reactor.seconds)
+        self.methods = self.method_stats.instrument(self.methods, self.service_name, self.uuid)
         self.port: IListeningPort | None = None
         self.admin_port: IListeningPort | None = None
         self.instance: Instance = Instance(
@@ -622,6 +627,7 @@ class ServiceHost(MultiService):
         doc = self.stats.to_go(self.clients)
         doc["UUID"] = self.uuid
         doc["Registered"] = self.registered
+        doc.update(self.method_stats.to_bson())  # (observe hook) Methods, LatencyBuckets
         if self._reactor_lag is not None:  # (heal, issue 16: Go readers ignore it)
             doc[REACTOR_LAG_KEY] = self._reactor_lag.lag
         try:

@@ -216,6 +216,10 @@ def makeService(options: Options) -> MultiService:
         own_registry=True,
     )
     host.instance_extra = listeners.extra  # security hook (issue 12)
+    # (observe hook) a daemon's child writes its JSON log: skynet.observe.logs
+    from skynet.observe.logs import add_instance_log
+
+    add_instance_log(top, host)
     host.setServiceParent(top)
     return top
 

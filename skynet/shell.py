@@ -83,6 +83,7 @@ COMMANDS = (
     "host",
     "hosts",
     "instances",
+    "logs",  # (observe hook) skynet.observe.commands
     "port",
     "python",
     "quit",
@@ -133,6 +134,10 @@ Commands:
   watch [SECONDS]
                  Print instances as they are added, updated and removed (Ctrl-C stops)
   stats          Requests, clients and response times of the instances that match the filters
+  stats --by-method
+                 Requests, errors, rate, p50/p99 per service and method (from the buckets)
+  logs [--grep REGEX] [--since 10m] [--level warn] [--request-id ID] [--uuid U] [--limit N] [-f]
+                 Search the logs of the hosts that match the filters (through their SkynetDaemon)
   python         A Python shell with registry, client and daemon bound (Ctrl-D returns)
   help           This help
   exit           Leave the shell (or Ctrl-D)
@@ -937,6 +942,12 @@ class Shell(_Commands, _Completion):
 
     async def _run(self, argv: list[str], io: IShellIO) -> int:
         try:
+            # (observe hook) stats --by-method, logs: skynet.observe.commands
+            from skynet.observe.commands import dispatch as observe_dispatch
+
+            status = await observe_dispatch(self, argv, io)
+            if status is not None:
+                return status
             invocation = parse(argv)
             return await self._dispatch(invocation, io)
         except UsageError as e:
@@ -1179,6 +1190,12 @@ class CommandSpec:
     usage: str = ""
 
 
+async def _observe_logs(shell: Shell, inv: Invocation, filters: Filters, io: IShellIO) -> int:
+    from skynet.observe.logsearch import run_logs_command  # (observe hook)
+
+    return await run_logs_command(shell, filters, inv, {}, io)
+
+
 def _table() -> dict[str, CommandSpec]:
     table = {
         "help": CommandSpec(Shell._help),
@@ -1204,6 +1221,8 @@ def _table() -> dict[str, CommandSpec]:
         ),  # fmt: skip
         "stats": CommandSpec(lambda sh, inv, f, io: sh._stats(f, inv, io), 0, 0, "stats"),
         "python": CommandSpec(Shell._python),
+        # (observe hook) logs and its options are run by skynet.observe.commands.dispatch
+        "logs": CommandSpec(lambda sh, inv, f, io: _observe_logs(sh, inv, f, io)),
         "exit": CommandSpec(Shell._exit),
         "quit": CommandSpec(Shell._exit),
     }

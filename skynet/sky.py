@@ -26,6 +26,7 @@ from typing import Any, NoReturn
 
 from twisted.internet.defer import Deferred, ensureDeferred
 
+from skynet.observe.commands import shell_argv  # (observe hook)
 from skynet.shell import (
     HELP,
     Filters,
@@ -250,7 +251,7 @@ async def _main(reactor: Any, registry_url: str | None, timeout: float, argv: li
     from skynet.registry import registry_from_url
     from skynet.registry.base import RegistryError
 
-    invocation = parse(argv)
+    invocation = parse(shell_argv(argv))  # (observe hook)
     try:
         registry = registry_from_url(registry_url, reactor=reactor)
     except RegistryError as e:
@@ -318,7 +319,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
     try:
         create_registry, argv = take_create_registry(argv)
         registry_url, timeout, rest = split_global_options(argv)
-        invocation = parse(rest)
+        invocation = parse(shell_argv(rest))  # (observe hook) its options: skynet.observe
     except UsageError as e:
         sys.stderr.write(f"sky: {e}\n")
         sys.exit(2)

@@ -238,8 +238,9 @@ class DaemonUnitTests(SynchronousTestCase):
         self.assertEqual(
             sorted(self.daemon.host.methods),
             ["Deploy", "HostStats", "ListSubServices", "RegisterSubService",
-             "RestartAllSubServices", "RestartSubService", "StopAllSubServices",
-             "StopSubService", "UnregisterSubService"],
+             "RestartAllSubServices", "RestartSubService",
+             "SearchLogs",  # (observe) skynet.observe.logsearch
+             "StopAllSubServices", "StopSubService", "UnregisterSubService"],
         )  # fmt: skip
 
     def test_deploy_and_list(self) -> None:

@@ -427,18 +427,13 @@ class MetricsTextTests(SynchronousTestCase):
         self.assertEqual(samples[f"skynet_registered{{{labels}}}"], 1)
         self.assertEqual(samples[f"skynet_cpu_percent{{{labels}}}"], 5.0)
         self.assertEqual(samples[f"skynet_rss_bytes{{{labels}}}"], 2048)
-        self.assertEqual(samples[f"skynet_request_duration_seconds_count{{{labels}}}"], 1000)
-        self.assertAlmostEqual(samples[f"skynet_request_duration_seconds_sum{{{labels}}}"], 2.0)
-        buckets = [samples[f'skynet_request_duration_seconds_bucket{{{labels},le="{b!r}"}}']
-                   for b in LATENCY_BUCKETS]  # fmt: skip
-        self.assertEqual(buckets, sorted(buckets))
-        self.assertEqual(samples[f'skynet_request_duration_seconds_bucket{{{labels},le="+Inf"}}'],
-                         1000)  # fmt: skip
+        # (observe) A node without published buckets gets no histogram: no
+        # estimate from p50/p99 (real buckets: tests/test_observe_histogram.py).
+        self.assertFalse([k for k in samples if k.startswith("skynet_request_duration")])
         self.assertEqual(
             samples[f'skynet_response_time_quantile_seconds{{{labels},quantile="0.99"}}'], 0.04
         )
         self.assertEqual(samples['skynet_host_load1{host="127.0.0.1",region="north"}'], 0.5)
-        self.assertIn("# TYPE skynet_request_duration_seconds histogram", text)
         self.assertIn("# TYPE skynet_requests_total counter", text)
         # The daemon has no daemon above it: no CPU line rather than a made-up one.
         self.assertFalse([k for k in samples if k.startswith("skynet_cpu_percent") and
@@ -606,7 +601,6 @@ class DashboardHTTPTests(SynchronousTestCase):
         self.assertEqual(samples[f"skynet_errors_total{{{one}}}"], 2)
         self.assertEqual(samples[f"skynet_registered{{{one}}}"], 1)
         self.assertEqual(samples[f"skynet_registered{{{two}}}"], 0)
-        self.assertEqual(samples[f'skynet_request_duration_seconds_bucket{{{one},le="+Inf"}}'], 77)
         # No daemon: no CPU or RSS rather than zeros.
         self.assertFalse([k for k in samples if k.startswith(("skynet_cpu", "skynet_rss"))])
 

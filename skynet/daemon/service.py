@@ -249,6 +249,8 @@ class Daemon(SequentialMultiService):
         env = dict(os.environ)
         env.update(PYTHONUNBUFFERED="1", SKYNET_REGISTRY=self.registry_url,
                    SKYNET_UUID=deployment.uuid)  # fmt: skip
+        if self.supervisor.log_dir:  # (observe hook) children write JSON logs there
+            env["SKYNET_LOG_DIR"] = self.supervisor.log_dir
         self.supervisor.add_child(deployment.uuid, self.command(deployment), env=env,
                                    cwd=self.cwd, label=deployment.label)  # fmt: skip
 
@@ -620,6 +622,14 @@ class SkynetDaemon(Service):
                                       uuid=uuid, error=str(e))  # fmt: skip
             raise DeployFailed(f"cannot deploy {params.get('service')}: {e}") from None
         return {"uuid": uuid}
+
+    def SearchLogs(self, request_info: Any, params: dict[str, Any]) -> Any:
+        """
+        (observe hook) Search this host's JSON logs: skynet.observe.logsearch.
+        """
+        from skynet.observe.logsearch import search_logs
+
+        return search_logs(self.daemon.supervisor.log_dir, params, self.daemon.reactor)
 
     def ListSubServices(self, request_info: Any, params: dict[str, Any]) -> dict[str, Any]:
         """

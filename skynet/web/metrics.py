@@ -3,12 +3,15 @@ Metrics export: the Prometheus text format for C{/metrics}, and an optional
 Graphite plaintext push.
 
 Every instance metric is labelled C{service}, C{version}, C{region},
-C{host} and C{uuid}.  Statistics nodes carry a request count, the median
-and 99th percentile and the average of response times, not a histogram:
-C{skynet_request_duration_seconds} is a histogram estimated from those (see
-L{skynet.web.model.latency_fraction_below}), its C{_count} the exact
-request count and its C{_sum} the average times the count; the instances'
-own percentiles are exported as they are, beside it.
+C{host} and C{uuid} (the instance: Prometheus keeps the label C{instance}
+for the scrape target).  C{skynet_request_duration_seconds} is a true
+histogram, per instance and C{method}, from the buckets instances publish
+in their statistics node (L{skynet.observe.histogram}): its C{_bucket}
+counts, C{_sum} and C{_count} are the instances' own, never estimated.
+C{skynet_service_request_duration_seconds} is the same summed over the
+instances of each service and method.  Instances that publish no buckets
+(Go Skynet's) have no histogram; their request counts and own percentiles
+are exported as they are.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from twisted.application.service import MultiService
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from skynet.web.model import LATENCY_BUCKETS, DashboardModel, InstanceState
+from skynet.observe.histogram import Histogram, method_histograms
+from skynet.web.model import DashboardModel, InstanceState
 
 #: The content type of the Prometheus text format.
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -75,6 +79,15 @@ class _Family:
         return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"] + self.samples
 
 
+def _add_histogram(family: _Family, labels: list[tuple[str, str]], h: Histogram) -> None:
+    cumulative = h.cumulative()
+    for bound, count in zip(h.bounds, cumulative, strict=False):
+        family.add(labels + [("le", _value(bound))], count, "_bucket")
+    family.add(labels + [("le", "+Inf")], cumulative[-1], "_bucket")
+    family.add(labels, h.total, "_sum")
+    family.add(labels, cumulative[-1], "_count")
+
+
 def prometheus_text(model: DashboardModel) -> str:
     """
     The model's figures in the Prometheus text exposition format (0.0.4).
@@ -89,7 +102,11 @@ def prometheus_text(model: DashboardModel) -> str:
             ("skynet_errors_total", "counter", "Requests that failed."),
             ("skynet_requests_per_second", "gauge", "Request rate seen by the dashboard."),
             ("skynet_request_duration_seconds", "histogram",
-             "Response times (buckets estimated from the instance's p50 and p99)."),
+             "Response times per method, as counted by the instance."),
+            ("skynet_service_request_duration_seconds", "histogram",
+             "Response times per method, summed over the instances of the service."),
+            ("skynet_method_requests_total", "counter", "Requests served, per method."),
+            ("skynet_method_errors_total", "counter", "Requests that failed, per method."),
             ("skynet_response_time_quantile_seconds", "gauge",
              "Response time quantiles reported by the instance (recent requests)."),
             ("skynet_response_time_average_seconds", "gauge",
@@ -106,6 +123,7 @@ def prometheus_text(model: DashboardModel) -> str:
             ("skynet_host_boot_time_seconds", "gauge", "When the host booted (POSIX)."),
         ]
     }  # fmt: skip
+    per_service: dict[tuple[str, str], Histogram] = {}
     for state in sorted(model.instances.values(), key=lambda s: s.instance.path):
         labels = _instance_labels(state)
         row = state.row()
@@ -120,14 +138,16 @@ def prometheus_text(model: DashboardModel) -> str:
         f["skynet_rss_bytes"].add(labels, state.rss)
         if state.stats is not None:
             f["skynet_requests_per_second"].add(labels, round(state.rps, 6))
-        if state.requests is not None:
-            histogram = f["skynet_request_duration_seconds"]
-            for bound, count in zip(LATENCY_BUCKETS, state.buckets, strict=True):
-                histogram.add(labels + [("le", _value(bound))], count, "_bucket")
-            histogram.add(labels + [("le", "+Inf")], state.histogram_count, "_bucket")
-            average = (row["avg_ms"] or 0) / 1e3
-            histogram.add(labels, average * state.histogram_count, "_sum")
-            histogram.add(labels, state.histogram_count, "_count")
+        for method, h in sorted(method_histograms(state.stats).items()):
+            method_labels = labels + [("method", method)]
+            _add_histogram(f["skynet_request_duration_seconds"], method_labels, h)
+            f["skynet_method_requests_total"].add(method_labels, h.requests)
+            f["skynet_method_errors_total"].add(method_labels, h.errors)
+            skey = (state.instance.name, method)
+            if skey in per_service and per_service[skey].bounds == h.bounds:
+                per_service[skey] = per_service[skey] + h
+            elif skey not in per_service:
+                per_service[skey] = h
         for quantile, key in (("0.5", "p50_ms"), ("0.99", "p99_ms")):
             if row[key] is not None:
                 f["skynet_response_time_quantile_seconds"].add(
@@ -135,6 +155,12 @@ def prometheus_text(model: DashboardModel) -> str:
                 )
         if row["avg_ms"] is not None:
             f["skynet_response_time_average_seconds"].add(labels, row["avg_ms"] / 1e3)
+    for (service, method), h in sorted(per_service.items()):
+        _add_histogram(
+            f["skynet_service_request_duration_seconds"],
+            [("service", service), ("method", method)],
+            h,
+        )
     for name, header in sorted(model.hosts.items()):
         labels = [("host", name), ("region", str(header.get("region", "")))]
         f["skynet_host_load1"].add(labels, header.get("load1"))
