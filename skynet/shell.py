@@ -75,8 +75,10 @@ FILTER_NAMES = ("region", "host", "port", "service", "version", "registered")
 
 #: Every command of the language (what Tab completes first).
 COMMANDS = (
+    "apply",
     "call",
     "deploy",
+    "deployments",
     "exit",
     "filters",
     "help",
@@ -92,11 +94,14 @@ COMMANDS = (
     "registered",
     "reset",
     "restart",
+    "rollout",
+    "scale",
     "service",
     "services",
     "stats",
     "stop",
     "topology",
+    "undeploy",
     "unregister",
     "version",
     "versions",
@@ -133,6 +138,20 @@ Commands:
   watch [SECONDS]
                  Print instances as they are added, updated and removed (Ctrl-C stops)
   stats          Requests, clients and response times of the instances that match the filters
+
+The cluster (desired state across hosts, kept by the leading daemon; see docs/cluster.md):
+  apply FILE [--prune] [--dry-run] [--json]
+                 Store the deployments of a TOML file ([services.NAME] run=..., instances=N)
+  scale NAME=N [NAME=N ...]
+                 Change how many instances of deployments should run
+  undeploy NAME [NAME ...]
+                 Remove deployments; their instances are drained and stopped
+  deployments [--json]
+                 Each deployment: desired, ready, starting, per host, state and why
+  rollout status NAME [--timeout S] [--no-follow]
+                 Follow a rolling replacement until it is done (0), stopped (1) or times out (3)
+  rollout restart NAME
+                 Replace every instance of a deployment, one at a time
   python         A Python shell with registry, client and daemon bound (Ctrl-D returns)
   help           This help
   exit           Leave the shell (or Ctrl-D)
@@ -406,6 +425,49 @@ def parse(argv: list[str]) -> Invocation:
         else:
             args.append(word)
     return Invocation(command, args, filters, json=flags["json"], yes=flags["yes"])
+
+
+#: The cluster's commands (L{skynet.cluster.commands}): their own options.
+CLUSTER_COMMANDS = frozenset({"apply", "scale", "undeploy", "deployments", "rollout"})
+
+
+def cluster_argv(argv: list[str]) -> list[str] | None:
+    """
+    C{argv} as L{skynet.cluster.commands.run_command} takes it (options
+    given before the command moved after it), if it names a cluster
+    command; else L{None}.
+    """
+    for index, word in enumerate(argv):
+        if word == "--":
+            return None
+        if not word.startswith("-") or len(word) == 1:
+            if word not in CLUSTER_COMMANDS:
+                return None
+            return [word, *argv[index + 1 :], *argv[:index]]
+    return None
+
+
+class _LineWriter:
+    """
+    A text stream for L{skynet.cluster.commands.run_command} whose
+    complete lines go to C{emit} (a shell IO's C{out} or C{err}).
+    """
+
+    def __init__(self, emit: Callable[[str], Any]) -> None:
+        self.emit = emit
+        self.buffer = ""
+
+    def write(self, text: str) -> int:
+        self.buffer += text
+        *lines, self.buffer = self.buffer.split("\n")
+        for line in lines:
+            self.emit(line)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.buffer:
+            line, self.buffer = self.buffer, ""
+            self.emit(line)
 
 
 def split_line(line: str) -> list[str]:
@@ -936,6 +998,9 @@ class Shell(_Commands, _Completion):
         return ensureDeferred(self._run(argv, io))
 
     async def _run(self, argv: list[str], io: IShellIO) -> int:
+        cluster_words = cluster_argv(argv)
+        if cluster_words is not None:
+            return await self._cluster(cluster_words, io)
         try:
             invocation = parse(argv)
             return await self._dispatch(invocation, io)
@@ -971,6 +1036,28 @@ class Shell(_Commands, _Completion):
         ):
             raise UsageError(f"Usage: {spec.usage}")
         return await spec.run(self, inv, self.filters.overlaid(inv.filters), io)
+
+    async def _cluster(self, argv: list[str], io: IShellIO) -> int:
+        """
+        A cluster command (L{skynet.cluster.commands.run_command}), its
+        output line by line on C{io}.
+        """
+        from skynet.cluster.commands import run_command
+
+        out, err = _LineWriter(io.out), _LineWriter(io.err)
+        try:
+            return await run_command(argv, self.registry, out, err,  # type: ignore[arg-type]
+                                     reactor=self.reactor)  # fmt: skip
+        except CancelledError:
+            io.err("interrupted")
+            return 130
+        except Exception as e:
+            self.log.failure("command {argv!r} failed", argv=argv)
+            io.err(f"error: {type(e).__name__}: {e}")
+            return 1
+        finally:
+            out.flush()
+            err.flush()
 
     def namespace(self) -> dict[str, Any]:
         """

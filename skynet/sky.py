@@ -34,6 +34,7 @@ from skynet.shell import (
     ShellError,
     ShellProtocol,
     UsageError,
+    cluster_argv,
     default_history_path,
     parse,
 )
@@ -250,7 +251,8 @@ async def _main(reactor: Any, registry_url: str | None, timeout: float, argv: li
     from skynet.registry import registry_from_url
     from skynet.registry.base import RegistryError
 
-    invocation = parse(argv)
+    # The cluster's commands (apply, scale, ...) take their own options.
+    invocation = parse([] if cluster_argv(argv) is not None else argv)
     try:
         registry = registry_from_url(registry_url, reactor=reactor)
     except RegistryError as e:
@@ -318,7 +320,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
     try:
         create_registry, argv = take_create_registry(argv)
         registry_url, timeout, rest = split_global_options(argv)
-        invocation = parse(rest)
+        invocation = parse(["cluster"] if cluster_argv(rest) is not None else rest)
     except UsageError as e:
         sys.stderr.write(f"sky: {e}\n")
         sys.exit(2)
