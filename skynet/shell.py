@@ -130,7 +130,10 @@ Commands:
   register       Register the instances that match the filters
   unregister     Unregister the instances that match the filters
   stop           Stop the instances that match the filters
-  restart        Restart the instances that match the filters (through their host's SkynetDaemon)
+  restart [--all-at-once]
+                 Restart the instances that match the filters (through their host's SkynetDaemon):
+                 several one at a time, each replaced by a fresh process that answers before the
+                 old one stops (--all-at-once: all together, in place)
   deploy MODULE:CLASS [args]
                  Start a new instance on every host that matches the filters (through its SkynetDaemon)
   call SERVICE METHOD ['{"json": "params"}']
@@ -377,10 +380,11 @@ class Invocation:
     filters: Filters
     json: bool = False
     yes: bool = False
+    all_at_once: bool = False
 
 
 _VALUE_OPTIONS = FILTER_NAMES
-_FLAG_OPTIONS = {"json": "json", "yes": "yes", "y": "yes"}
+_FLAG_OPTIONS = {"json": "json", "yes": "yes", "y": "yes", "all-at-once": "all_at_once"}
 
 
 def parse(argv: list[str]) -> Invocation:
@@ -395,7 +399,7 @@ def parse(argv: list[str]) -> Invocation:
     @raise UsageError: for an unknown option or a bad value.
     """
     filters = Filters()
-    flags = {"json": False, "yes": False}
+    flags = {"json": False, "yes": False, "all_at_once": False}
     command: str | None = None
     args: list[str] = []
     i = 0
@@ -424,7 +428,8 @@ def parse(argv: list[str]) -> Invocation:
             command = word
         else:
             args.append(word)
-    return Invocation(command, args, filters, json=flags["json"], yes=flags["yes"])
+    return Invocation(command, args, filters, json=flags["json"], yes=flags["yes"],
+                      all_at_once=flags["all_at_once"])  # fmt: skip
 
 
 #: The cluster's commands (L{skynet.cluster.commands}): their own options.
@@ -1139,6 +1144,8 @@ class Shell(_Commands, _Completion):
             io.err("Cancelled.")
             return 1
         supervisor, unreachable = await self._routes(instances)
+        if action == "restart" and len(instances) > 1 and not inv.all_at_once:
+            return await self._rolling_restart(instances, supervisor, unreachable, inv, io)
         results = []
         for instance in instances:
             result = await self._act_on(action, instance, supervisor, unreachable)
@@ -1148,6 +1155,95 @@ class Shell(_Commands, _Completion):
         if inv.json:
             io.out(to_json([r.to_json() for r in results]))
         return 0 if all(r.ok for r in results) else 1
+
+    async def _rolling_restart(
+        self,
+        instances: list[Instance],
+        supervisor: dict[str, Instance],
+        unreachable: dict[str, str],
+        inv: Invocation,
+        io: IShellIO,
+    ) -> int:
+        """
+        Restart several instances one at a time, capacity never below what
+        it was: for each, its daemon starts a fresh process of the same
+        service and arguments (a new uuid); once that one is registered
+        and answers a call, the old one is stopped (it drains).  The first
+        failure stops the restart; the instances not reached yet are left
+        as they were.
+        """
+        from skynet.cluster.reconciler import call_probe
+
+        probe = call_probe(self.reactor, timeout=min(self.timeout, 5.0),
+                           connector=self.client.connector)  # fmt: skip
+        results: list[ActionResult] = []
+
+        def report(r: ActionResult) -> None:
+            results.append(r)
+            if not inv.json:
+                (io.out if r.ok else io.err)(r.message)
+
+        for index, instance in enumerate(sorted(instances, key=lambda i: (i.host, i.uuid))):
+            uuid = instance.uuid
+
+            def failed(why: str, uuid: str = uuid, instance: Instance = instance) -> ActionResult:
+                return ActionResult("restart", False,
+                                    f"Could not restart service with UUID {uuid}: {why}", uuid,
+                                    instance.name, str(instance.address), instance.host,
+                                    "daemon")  # fmt: skip
+
+            daemon = supervisor.get(uuid)
+            if daemon is None:
+                report(await self._act_on("restart", instance, supervisor, unreachable))
+                break
+            try:
+                listing = sub_services_from_bson(
+                    await self._ask_daemon(daemon, "ListSubServices", {})
+                )
+                sub = listing.get(uuid)
+                if sub is None:
+                    report(failed(f"the daemon on host {daemon.host} no longer runs it"))
+                    break
+                answer = await self._ask_daemon(daemon, "Deploy", {
+                    "service": sub.service, "args": list(sub.args), "registered": True})  # fmt: skip
+                new_uuid = answer.get("uuid") if isinstance(answer, dict) else None
+                if not isinstance(new_uuid, str):
+                    report(failed(f"the daemon on host {daemon.host} answered {answer!r}"))
+                    break
+                fresh = await self._wait_answering(new_uuid, probe)
+                if fresh is None:
+                    await self._ask_daemon(daemon, "StopSubService", {"uuid": new_uuid})
+                    report(failed(f"its replacement {new_uuid} did not answer within "
+                                  f"{self.timeout:g}s (stopped; the old one keeps serving)"))  # fmt: skip
+                    break
+                await self._ask_daemon(daemon, "StopSubService", {"uuid": uuid})
+            except (ShellError, SkynetError, ValueError) as e:
+                report(failed(str(e)))
+                break
+            report(ActionResult(
+                "restart", True,
+                f"Restarted service with UUID {uuid} ({index + 1}/{len(instances)}): now "
+                f"{new_uuid} at {fresh.address}, registered and answering.",
+                uuid, instance.name, str(instance.address), instance.host, "daemon"))  # fmt: skip
+        ok = len(results) == len(instances) and all(r.ok for r in results)
+        if inv.json:
+            io.out(to_json([r.to_json() for r in results]))
+        elif ok:
+            io.out(f"Restarted {plural(len(instances), 'instance')}, one at a time.")
+        return 0 if ok else 1
+
+    async def _wait_answering(self, uuid: str, probe: Callable[[Instance], Any]) -> Any:
+        """
+        The instance C{uuid} once it is registered and answers a call, or
+        L{None} after C{self.timeout} seconds.
+        """
+        deadline = self.reactor.seconds() + self.timeout
+        while self.reactor.seconds() < deadline:
+            found = await self.registry.query(Query(uuid=uuid, registered=True))
+            if found and await probe(found[0]):
+                return found[0]
+            await deferLater(self.reactor, 0.1, lambda: None)
+        return None
 
     async def _act_on(
         self,

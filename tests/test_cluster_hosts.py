@@ -55,7 +55,8 @@ def paced_load(
     C{fibonacci}, together at most C{rate} calls a second, for C{seconds}.
 
     @return: a Deferred firing when all are done, and the results so far
-        (C{{"ok": count, "failed": [repr, ...], "seconds": elapsed}}).
+        (C{{"ok": count, "failed": [repr, ...], "seconds": elapsed}}; set
+        C{"stop"} there to end the load early).
     """
     from twisted.internet.defer import DeferredList, ensureDeferred
 
@@ -67,7 +68,7 @@ def paced_load(
     async def caller(n: int) -> None:
         i = n
         due = started + n * period / callers
-        while time.monotonic() < stop_at:
+        while time.monotonic() < stop_at and not results.get("stop"):
             wait = due - time.monotonic()
             if wait > 0:
                 await sleep(wait)
