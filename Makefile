@@ -84,3 +84,11 @@ fuzz: setup
 
 clean:
 	rm -rf $(VENV) benchmarks/.venv build *.egg-info
+
+# How fast the cluster heals (issue 16, docs/cluster.md): host deaths, leader
+# deaths and a rolling upgrade of 10 on three loopback daemons, embedded and
+# ZooKeeper; HEAL_ARGS="--rounds 2" for a shorter run.
+.PHONY: bench-heal cluster-multi
+HEAL_ARGS ?=
+bench-heal: system-deps-test $(BIN)/.skynet-runtime
+	$(BIN)/python -m benchmarks.heal $(HEAL_ARGS)
