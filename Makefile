@@ -92,3 +92,9 @@ clean:
 HEAL_ARGS ?=
 bench-heal: system-deps-test $(BIN)/.skynet-runtime
 	$(BIN)/python -m benchmarks.heal $(HEAL_ARGS)
+
+# Three daemons on 127.0.0.2-4 with examples/cluster.toml applied, a host
+# killed and healed (README, "Self-healing cluster").
+cluster-multi: system-deps-cluster
+	$(MAKE) --no-print-directory $(BIN)/.skynet-runtime
+	$(BIN)/python -m examples.cluster_multi
