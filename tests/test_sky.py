@@ -427,6 +427,32 @@ class SkyTests(SynchronousTestCase):
         wait_until(lambda: not self.cluster.instances(service="Sleeper"), 60, "no Sleeper left")
         self.assertEqual(self.json("deployments")["deployments"], [])
 
+    def test_cluster_deployments_show_the_daemons_view_of_a_failing_child(self) -> None:
+        """
+        A deployment whose instances cannot start: C{sky deployments} shows
+        it failing, and for its unregistered instance what its daemon says
+        (its state and last error, from C{ListSubServices}).
+        """
+        path = os.path.join(self.cluster.home, "broken.toml")
+        with open(path, "w") as f:
+            f.write('[services.Broken]\nrun = "examples.nosuch:Thing"\nready_timeout = 30\n')
+        self.sky("apply", path)
+        self.addCleanup(self.cluster.sky, "undeploy", "Broken")
+
+        def child() -> Any:
+            [row] = self.json("deployments")["deployments"]
+            children = row.get("children") or []
+            return children[0] if children and children[0]["last_error"] else None
+
+        seen = wait_until(child, 60, "the daemon's view of the Broken child")
+        self.assertIn(seen["state"], ("restarting", "failing"))
+        self.assertIn("examples.nosuch", seen["last_error"])
+        self.assertEqual(seen["host"], "127.0.0.1")
+        lines = self.lines("deployments")
+        line = next(x for x in lines if x.startswith("  Broken "))
+        self.assertRegex(line, r"^  Broken [0-9a-f]{8} on 127\.0\.0\.1: (restarting|failing) \(")
+        self.sky("undeploy", "Broken")
+
     def test_deploy_restart_stop_through_the_daemon(self) -> None:
         result = self.sky("deploy", "examples.sleeper:Sleeper", "--stats-interval", "0.5")
         lines = result.stdout.splitlines()
