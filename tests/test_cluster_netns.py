@@ -142,6 +142,8 @@ class NetworkNamespaceClusterTests(TestCase):
             "--state", str(home / "state.json"), "--log-dir", str(home / "logs"),
             "--stats-interval", "0.5", "--stop-grace", "3", "--kill-time", "2",
             "--cluster-interval", "0.5", "--cluster-list-interval", "3",
+            # The switch's addresses are not loopback: without TLS, say so.
+            "--insecure",
         ]  # fmt: skip
         log = open(home / "daemon.log", "ab")
         self.addCleanup(log.close)
@@ -200,7 +202,10 @@ class NetworkNamespaceClusterTests(TestCase):
             found = await self.registry.query(Query(service="SkynetDaemon", registered=True))
             return {i.host for i in found} == set(addresses.values())
 
-        await wait_for(daemons, timeout=60, what="3 daemons registered")
+        try:
+            await wait_for(daemons, timeout=60, what="3 daemons registered")
+        except AssertionError:
+            self.fail(await self.dump(url))
         path = self.directory / "cluster.toml"
         path.write_text(APPLY)
         applied = await deferToThread(
