@@ -1172,8 +1172,23 @@ class Shell(_Commands, _Completion):
         failure stops the restart; the instances not reached yet are left
         as they were.
         """
-        from skynet.cluster.reconciler import call_probe
+        from skynet.cluster.reconciler import STATE_KEY, StoredState, call_probe
 
+        # A cluster deployment's instances are the leader's to replace: a new
+        # uuid here would be adopted and the old one re-created (churn).
+        try:
+            stored = StoredState.from_bytes(await self.registry.get_value(STATE_KEY))
+        except Exception:
+            stored = StoredState()
+        owners = {u: name for name, record in stored.deployments.items()
+                  for u in record.instances}  # fmt: skip
+        managed = sorted({owners[i.uuid] for i in instances if i.uuid in owners})
+        if managed:
+            raise ShellError(
+                f"these instances belong to the cluster deployment(s) {', '.join(managed)}: "
+                f"`sky rollout restart {managed[0]}` replaces them one at a time through the "
+                "leader (or restart with --all-at-once, in place)"
+            )
         probe = call_probe(self.reactor, timeout=min(self.timeout, 5.0),
                            connector=self.client.connector)  # fmt: skip
         results: list[ActionResult] = []

@@ -515,6 +515,35 @@ class DaemonRouteTests(ShellTestCase):
         self.assertEqual(self.daemon.calls, [])
 
 
+class RollingRestartGuardTests(ShellTestCase):
+    def test_cluster_instances_are_the_leaders_to_restart(self) -> None:
+        """
+        A rolling restart of instances a cluster deployment records is
+        refused (the leader replaces them: C{sky rollout restart}); nothing
+        is asked of any daemon.
+        """
+        from skynet.cluster.reconciler import (
+            STATE_KEY,
+            DeploymentRecord,
+            InstanceRecord,
+            StoredState,
+        )
+
+        first = self.cluster.add(Fibonacci())
+        second = self.cluster.add(Fibonacci())
+        daemon = FakeDaemon({first.uuid, second.uuid})
+        self.cluster.add(daemon)
+        record = InstanceRecord(uuid=first.uuid, host="127.0.0.1", fingerprint="f", started=0.0)
+        stored = StoredState(deployments={"Fib": DeploymentRecord(instances={first.uuid: record})})
+        self.successResultOf(self.writer.set_value(STATE_KEY, stored.to_bytes()))
+        status, io = self.sh(self.shell(), "restart --service Fibonacci --yes")
+        self.assertEqual(status, 1)
+        self.assertIn(
+            "belong to the cluster deployment(s) Fib: `sky rollout restart Fib`", io.errors
+        )
+        self.assertEqual(daemon.calls, [])
+
+
 class WatchTests(ShellTestCase):
     def test_watch_for_a_while(self) -> None:
         self.record(port=1)
