@@ -84,3 +84,17 @@ fuzz: setup
 
 clean:
 	rm -rf $(VENV) benchmarks/.venv build *.egg-info
+
+# How fast the cluster heals (issue 16, docs/cluster.md): host deaths, leader
+# deaths and a rolling upgrade of 10 on three loopback daemons, embedded and
+# ZooKeeper; HEAL_ARGS="--rounds 2" for a shorter run.
+.PHONY: bench-heal cluster-multi
+HEAL_ARGS ?=
+bench-heal: system-deps-test $(BIN)/.skynet-runtime
+	$(BIN)/python -m benchmarks.heal $(HEAL_ARGS)
+
+# Three daemons on 127.0.0.2-4 with examples/cluster.toml applied, a host
+# killed and healed (README, "Self-healing cluster").
+cluster-multi: system-deps-cluster
+	$(MAKE) --no-print-directory $(BIN)/.skynet-runtime
+	$(BIN)/python -m examples.cluster_multi

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
@@ -36,6 +37,21 @@ def default_log_dir() -> str:
     C{$SKYNET_HOME/logs}, else C{~/.skynet/logs}.
     """
     return skynet_path("logs")
+
+
+def with_session_timeout(url: str, timeout: Any) -> str:
+    """
+    The zk:// URL C{url} with C{session_timeout=timeout} (in place of one it
+    has: the option wins, as for the daemon itself), so that the children
+    get the daemon's session timeout through their URL.
+    """
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+             if k != "session_timeout"]  # fmt: skip
+    query.append(
+        ("session_timeout", f"{timeout:g}" if isinstance(timeout, float) else str(timeout))
+    )
+    return urlunsplit(parts._replace(query=urlencode(query, safe="/,:")))
 
 
 def _number(options: usage.Options, name: str, kind: type = float, *, positive: bool = False,
@@ -119,12 +135,28 @@ class Options(usage.Options):
          "A child's reactor lag (seconds, its ReactorLag statistic) above which a probe "
          "counts as failed (0: not looked at)."],
         ["max-events", None, 1000, "How many recent events the daemon keeps in memory."],
+        ["capacity", None, None,
+         "How many instances the cluster may place on this host (published as Host.capacity "
+         "in its statistics; default: no limit). See docs/cluster.md."],
+        ["cluster-interval", None, 2.0, "Seconds between two passes of the cluster's reconciler "
+         "(while this daemon leads)."],
+        ["cluster-list-interval", None, 30.0,
+         "Seconds between two listings of every daemon's children by the reconciler."],
         ["authorized-keys", None, None,
          "The SSH shell's authorized_keys file (default $SKYNET_HOME/ssh/authorized_keys)."],
         ["host-key", None, None,
          "The SSH shell's host key, made on first start with mode 0600 (default "
          "$SKYNET_HOME/ssh/host_key)."],
     ]  # fmt: skip
+
+    optFlags = [
+        [
+            "no-cluster",
+            None,
+            "Take no part in the cluster: do not campaign for its leadership nor run its "
+            "reconciler (this daemon's host is still placed on). See docs/cluster.md.",
+        ],
+    ]
 
     def opt_ssh(self, endpoint: str) -> None:
         """Serve the SSH shell on this endpoint (127.0.0.1 unless it names an interface); repeatable."""
@@ -150,6 +182,10 @@ class Options(usage.Options):
             raise usage.UsageError("--max-restart-delay must be at least 1 (second)")
         for name in ("child-samples", "load-samples", "max-events"):
             _number(self, name, int, minimum=1)
+        for name in ("cluster-interval", "cluster-list-interval"):
+            _number(self, name, positive=True)
+        if self["capacity"] is not None:
+            _number(self, "capacity", int)
         if self["load-low"] is not None:
             _number(self, "load-low")
             if not self["load-high"]:
@@ -211,8 +247,7 @@ class Options(usage.Options):
             )
         url = self["registry"] or self.registry.url
         if self["zk-session-timeout"] is not None and url.startswith("zk://"):
-            # The children get the same session timeout, through their URL.
-            url += ("&" if "?" in url else "?") + f"session_timeout={self['zk-session-timeout']}"
+            url = with_session_timeout(url, self["zk-session-timeout"])
         self.registry_url = url
 
     def _files(self) -> None:
@@ -285,6 +320,10 @@ def makeService(options: Options) -> MultiService:
         sampler=options.sampler,
         stats_interval=options["stats-interval"],
         max_events=options["max-events"],
+        cluster=not options["no-cluster"],
+        capacity=options["capacity"],
+        cluster_interval=options["cluster-interval"],
+        cluster_list_interval=options["cluster-list-interval"],
     )
     daemon.host.instance_extra = listeners.extra  # security hook (issue 12)
     tls.restrict_deploy(daemon, tls.deploy_policy(options))  # security hook (issue 12)

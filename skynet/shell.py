@@ -75,8 +75,10 @@ FILTER_NAMES = ("region", "host", "port", "service", "version", "registered")
 
 #: Every command of the language (what Tab completes first).
 COMMANDS = (
+    "apply",
     "call",
     "deploy",
+    "deployments",
     "exit",
     "filters",
     "help",
@@ -93,11 +95,14 @@ COMMANDS = (
     "registered",
     "reset",
     "restart",
+    "rollout",
+    "scale",
     "service",
     "services",
     "stats",
     "stop",
     "topology",
+    "undeploy",
     "unregister",
     "version",
     "versions",
@@ -126,7 +131,10 @@ Commands:
   register       Register the instances that match the filters
   unregister     Unregister the instances that match the filters
   stop           Stop the instances that match the filters
-  restart        Restart the instances that match the filters (through their host's SkynetDaemon)
+  restart [--all-at-once]
+                 Restart the instances that match the filters (through their host's SkynetDaemon):
+                 several one at a time, each replaced by a fresh process that answers before the
+                 old one stops (--all-at-once: all together, in place)
   deploy MODULE:CLASS [args]
                  Start a new instance on every host that matches the filters (through its SkynetDaemon)
   call SERVICE METHOD ['{"json": "params"}']
@@ -141,6 +149,20 @@ Commands:
   python         A Python shell with registry, client and daemon bound (Ctrl-D returns)
   help           This help
   exit           Leave the shell (or Ctrl-D)
+
+The cluster (desired state across hosts, kept by the leading daemon; see docs/cluster.md):
+  apply FILE [--prune] [--dry-run] [--json]
+                 Store the deployments of a TOML file ([services.NAME] run=..., instances=N)
+  scale NAME=N [NAME=N ...]
+                 Change how many instances of deployments should run
+  undeploy NAME [NAME ...]
+                 Remove deployments; their instances are drained and stopped
+  deployments [--json]
+                 Each deployment: desired, ready, starting, per host, state and why
+  rollout status NAME [--timeout S] [--no-follow]
+                 Follow a rolling replacement until it is done (0), stopped (1) or times out (3)
+  rollout restart NAME
+                 Replace every instance of a deployment, one at a time
 
 Filters:
   filters                 List the current filters
@@ -363,10 +385,11 @@ class Invocation:
     filters: Filters
     json: bool = False
     yes: bool = False
+    all_at_once: bool = False
 
 
 _VALUE_OPTIONS = FILTER_NAMES
-_FLAG_OPTIONS = {"json": "json", "yes": "yes", "y": "yes"}
+_FLAG_OPTIONS = {"json": "json", "yes": "yes", "y": "yes", "all-at-once": "all_at_once"}
 
 
 def parse(argv: list[str]) -> Invocation:
@@ -381,7 +404,7 @@ def parse(argv: list[str]) -> Invocation:
     @raise UsageError: for an unknown option or a bad value.
     """
     filters = Filters()
-    flags = {"json": False, "yes": False}
+    flags = {"json": False, "yes": False, "all_at_once": False}
     command: str | None = None
     args: list[str] = []
     i = 0
@@ -410,7 +433,51 @@ def parse(argv: list[str]) -> Invocation:
             command = word
         else:
             args.append(word)
-    return Invocation(command, args, filters, json=flags["json"], yes=flags["yes"])
+    return Invocation(command, args, filters, json=flags["json"], yes=flags["yes"],
+                      all_at_once=flags["all_at_once"])  # fmt: skip
+
+
+#: The cluster's commands (L{skynet.cluster.commands}): their own options.
+CLUSTER_COMMANDS = frozenset({"apply", "scale", "undeploy", "deployments", "rollout"})
+
+
+def cluster_argv(argv: list[str]) -> list[str] | None:
+    """
+    C{argv} as L{skynet.cluster.commands.run_command} takes it (options
+    given before the command moved after it), if it names a cluster
+    command; else L{None}.
+    """
+    for index, word in enumerate(argv):
+        if word == "--":
+            return None
+        if not word.startswith("-") or len(word) == 1:
+            if word not in CLUSTER_COMMANDS:
+                return None
+            return [word, *argv[index + 1 :], *argv[:index]]
+    return None
+
+
+class _LineWriter:
+    """
+    A text stream for L{skynet.cluster.commands.run_command} whose
+    complete lines go to C{emit} (a shell IO's C{out} or C{err}).
+    """
+
+    def __init__(self, emit: Callable[[str], Any]) -> None:
+        self.emit = emit
+        self.buffer = ""
+
+    def write(self, text: str) -> int:
+        self.buffer += text
+        *lines, self.buffer = self.buffer.split("\n")
+        for line in lines:
+            self.emit(line)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.buffer:
+            line, self.buffer = self.buffer, ""
+            self.emit(line)
 
 
 def split_line(line: str) -> list[str]:
@@ -941,6 +1008,9 @@ class Shell(_Commands, _Completion):
         return ensureDeferred(self._run(argv, io))
 
     async def _run(self, argv: list[str], io: IShellIO) -> int:
+        cluster_words = cluster_argv(argv)
+        if cluster_words is not None:
+            return await self._cluster(cluster_words, io)
         try:
             # (observe hook) stats --by-method, logs: skynet.observe.commands
             from skynet.observe.commands import dispatch as observe_dispatch
@@ -982,6 +1052,28 @@ class Shell(_Commands, _Completion):
         ):
             raise UsageError(f"Usage: {spec.usage}")
         return await spec.run(self, inv, self.filters.overlaid(inv.filters), io)
+
+    async def _cluster(self, argv: list[str], io: IShellIO) -> int:
+        """
+        A cluster command (L{skynet.cluster.commands.run_command}), its
+        output line by line on C{io}.
+        """
+        from skynet.cluster.commands import run_command
+
+        out, err = _LineWriter(io.out), _LineWriter(io.err)
+        try:
+            return await run_command(argv, self.registry, out, err,  # type: ignore[arg-type]
+                                     reactor=self.reactor)  # fmt: skip
+        except CancelledError:
+            io.err("interrupted")
+            return 130
+        except Exception as e:
+            self.log.failure("command {argv!r} failed", argv=argv)
+            io.err(f"error: {type(e).__name__}: {e}")
+            return 1
+        finally:
+            out.flush()
+            err.flush()
 
     def namespace(self) -> dict[str, Any]:
         """
@@ -1063,6 +1155,8 @@ class Shell(_Commands, _Completion):
             io.err("Cancelled.")
             return 1
         supervisor, unreachable = await self._routes(instances)
+        if action == "restart" and len(instances) > 1 and not inv.all_at_once:
+            return await self._rolling_restart(instances, supervisor, unreachable, inv, io)
         results = []
         for instance in instances:
             result = await self._act_on(action, instance, supervisor, unreachable)
@@ -1072,6 +1166,110 @@ class Shell(_Commands, _Completion):
         if inv.json:
             io.out(to_json([r.to_json() for r in results]))
         return 0 if all(r.ok for r in results) else 1
+
+    async def _rolling_restart(
+        self,
+        instances: list[Instance],
+        supervisor: dict[str, Instance],
+        unreachable: dict[str, str],
+        inv: Invocation,
+        io: IShellIO,
+    ) -> int:
+        """
+        Restart several instances one at a time, capacity never below what
+        it was: for each, its daemon starts a fresh process of the same
+        service and arguments (a new uuid); once that one is registered
+        and answers a call, the old one is stopped (it drains).  The first
+        failure stops the restart; the instances not reached yet are left
+        as they were.
+        """
+        from skynet.cluster.reconciler import STATE_KEY, StoredState, call_probe
+
+        # A cluster deployment's instances are the leader's to replace: a new
+        # uuid here would be adopted and the old one re-created (churn).
+        try:
+            stored = StoredState.from_bytes(await self.registry.get_value(STATE_KEY))
+        except Exception:
+            stored = StoredState()
+        owners = {u: name for name, record in stored.deployments.items()
+                  for u in record.instances}  # fmt: skip
+        managed = sorted({owners[i.uuid] for i in instances if i.uuid in owners})
+        if managed:
+            raise ShellError(
+                f"these instances belong to the cluster deployment(s) {', '.join(managed)}: "
+                f"`sky rollout restart {managed[0]}` replaces them one at a time through the "
+                "leader (or restart with --all-at-once, in place)"
+            )
+        probe = call_probe(self.reactor, timeout=min(self.timeout, 5.0),
+                           connector=self.client.connector)  # fmt: skip
+        results: list[ActionResult] = []
+
+        def report(r: ActionResult) -> None:
+            results.append(r)
+            if not inv.json:
+                (io.out if r.ok else io.err)(r.message)
+
+        for index, instance in enumerate(sorted(instances, key=lambda i: (i.host, i.uuid))):
+            uuid = instance.uuid
+
+            def failed(why: str, uuid: str = uuid, instance: Instance = instance) -> ActionResult:
+                return ActionResult("restart", False,
+                                    f"Could not restart service with UUID {uuid}: {why}", uuid,
+                                    instance.name, str(instance.address), instance.host,
+                                    "daemon")  # fmt: skip
+
+            daemon = supervisor.get(uuid)
+            if daemon is None:
+                report(await self._act_on("restart", instance, supervisor, unreachable))
+                break
+            try:
+                listing = sub_services_from_bson(
+                    await self._ask_daemon(daemon, "ListSubServices", {})
+                )
+                sub = listing.get(uuid)
+                if sub is None:
+                    report(failed(f"the daemon on host {daemon.host} no longer runs it"))
+                    break
+                answer = await self._ask_daemon(daemon, "Deploy", {
+                    "service": sub.service, "args": list(sub.args), "registered": True})  # fmt: skip
+                new_uuid = answer.get("uuid") if isinstance(answer, dict) else None
+                if not isinstance(new_uuid, str):
+                    report(failed(f"the daemon on host {daemon.host} answered {answer!r}"))
+                    break
+                fresh = await self._wait_answering(new_uuid, probe)
+                if fresh is None:
+                    await self._ask_daemon(daemon, "StopSubService", {"uuid": new_uuid})
+                    report(failed(f"its replacement {new_uuid} did not answer within "
+                                  f"{self.timeout:g}s (stopped; the old one keeps serving)"))  # fmt: skip
+                    break
+                await self._ask_daemon(daemon, "StopSubService", {"uuid": uuid})
+            except (ShellError, SkynetError, ValueError) as e:
+                report(failed(str(e)))
+                break
+            report(ActionResult(
+                "restart", True,
+                f"Restarted service with UUID {uuid} ({index + 1}/{len(instances)}): now "
+                f"{new_uuid} at {fresh.address}, registered and answering.",
+                uuid, instance.name, str(instance.address), instance.host, "daemon"))  # fmt: skip
+        ok = len(results) == len(instances) and all(r.ok for r in results)
+        if inv.json:
+            io.out(to_json([r.to_json() for r in results]))
+        elif ok:
+            io.out(f"Restarted {plural(len(instances), 'instance')}, one at a time.")
+        return 0 if ok else 1
+
+    async def _wait_answering(self, uuid: str, probe: Callable[[Instance], Any]) -> Any:
+        """
+        The instance C{uuid} once it is registered and answers a call, or
+        L{None} after C{self.timeout} seconds.
+        """
+        deadline = self.reactor.seconds() + self.timeout
+        while self.reactor.seconds() < deadline:
+            found = await self.registry.query(Query(uuid=uuid, registered=True))
+            if found and await probe(found[0]):
+                return found[0]
+            await deferLater(self.reactor, 0.1, lambda: None)
+        return None
 
     async def _act_on(
         self,

@@ -35,6 +35,7 @@ from skynet.shell import (
     ShellError,
     ShellProtocol,
     UsageError,
+    cluster_argv,
     default_history_path,
     parse,
 )
@@ -251,7 +252,9 @@ async def _main(reactor: Any, registry_url: str | None, timeout: float, argv: li
     from skynet.registry import registry_from_url
     from skynet.registry.base import RegistryError
 
-    invocation = parse(shell_argv(argv))  # (observe hook)
+    # The cluster's commands (apply, scale, ...) take their own options;
+    # (observe hook) stats --by-method and logs theirs: skynet.observe.
+    invocation = parse([] if cluster_argv(argv) is not None else shell_argv(argv))
     try:
         registry = registry_from_url(registry_url, reactor=reactor)
     except RegistryError as e:
@@ -319,7 +322,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
     try:
         create_registry, argv = take_create_registry(argv)
         registry_url, timeout, rest = split_global_options(argv)
-        invocation = parse(shell_argv(rest))  # (observe hook) its options: skynet.observe
+        invocation = parse(["cluster"] if cluster_argv(rest) is not None else shell_argv(rest))
     except UsageError as e:
         sys.stderr.write(f"sky: {e}\n")
         sys.exit(2)

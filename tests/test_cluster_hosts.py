@@ -1,25 +1,21 @@
 """
 The cluster on real processes: three C{twistd -n skynet-daemon} hosts on
-127.0.0.2-4 (the embedded registry), two cluster controllers
-(C{python -m skynet.cluster.leader --reconcile}) and C{python -m
-skynet.cluster apply}.  C{kill -9} of one host's daemon and children under
-load: capacity back to 3 on the survivors, zero failed calls; the host back:
-exactly 3, one per host; C{kill -9} of the leading controller: the other
-acts.
-
-The reconciler is not wired into the daemon yet (see docs/cluster.md):
-the controllers stand in for the daemons' own campaign.
+127.0.0.2-4, nothing else (every daemon campaigns; the leader reconciles),
+and C{sky apply}.  C{kill -9} of one host's daemon and children under a
+bounded load (250 calls/s): capacity back to 3 on the survivors, zero
+failed calls; the host back: exactly 3, one per host; C{kill -9} of the
+leader daemon (and its children): another daemon leads and acts.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 import psutil
 import pytest
@@ -28,9 +24,9 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from skynet.client import Client
+from skynet.cluster.commands import read_statuses
 from skynet.registry import Query, registry_from_url
-from tests.processes import ROOT, child_env, fibonacci_load, sleep, terminate, twistd, wait_for
-from tests.test_cluster_election import Campaigner, elect
+from tests.processes import ROOT, child_env, sleep, terminate, twistd, wait_for
 from tests.zkserver import ZooKeeperCluster
 
 pytestmark = pytest.mark.slow
@@ -49,6 +45,53 @@ ready_timeout = {ready_timeout}
 
 def figure(text: str) -> None:
     print(f"\n[cluster figure] {text}", file=sys.stderr)
+
+
+def paced_load(
+    fibonacci: Any, seconds: float, rate: float = 250.0, callers: int = 10
+) -> tuple[Any, dict[str, Any]]:
+    """
+    A bounded load: C{callers} loops calling C{Fibonacci.Index} on
+    C{fibonacci}, together at most C{rate} calls a second, for C{seconds}.
+
+    @return: a Deferred firing when all are done, and the results so far
+        (C{{"ok": count, "failed": [repr, ...], "seconds": elapsed}}; set
+        C{"stop"} there to end the load early).
+    """
+    from twisted.internet.defer import DeferredList, ensureDeferred
+
+    results: dict[str, Any] = {"ok": 0, "failed": [], "seconds": seconds}
+    started = time.monotonic()
+    stop_at = started + seconds
+    period = callers / rate
+
+    async def caller(n: int) -> None:
+        i = n
+        due = started + n * period / callers
+        while time.monotonic() < stop_at and not results.get("stop"):
+            wait = due - time.monotonic()
+            if wait > 0:
+                await sleep(wait)
+            due += period
+            i = (i + 7) % 90
+            try:
+                r = await fibonacci.call("Index", {"index": i})
+                assert r["index"] == i, r
+                results["ok"] += 1
+            except Exception as e:
+                results["failed"].append(repr(e))
+
+    def done(result: Any) -> Any:
+        results["seconds"] = time.monotonic() - started
+        return result
+
+    return DeferredList([ensureDeferred(caller(n)) for n in range(callers)]).addCallback(
+        done
+    ), results
+
+
+def rate(results: dict[str, Any]) -> str:
+    return f"{results['ok'] / max(results['seconds'], 1e-9):.0f} calls/s"
 
 
 class Host:
@@ -73,6 +116,7 @@ class Host:
             "--state", os.path.join(self.dir, "state.json"),
             "--log-dir", os.path.join(self.dir, "logs"),
             "--stats-interval", "0.5", "--stop-grace", "3", "--kill-time", "2",
+            "--cluster-interval", "0.5", "--cluster-list-interval", "3",
         ]  # fmt: skip
         self.log = open(os.path.join(self.dir, "daemon.log"), "ab")
         self.popen = subprocess.Popen(
@@ -127,8 +171,8 @@ def kill_strays(root: str) -> None:
 
 class _ClusterMixin:
     """
-    Three hosts, two controllers, and the host-loss test, on the registry
-    of L{registry_url}.
+    Three hosts (daemons) and the host-loss test, on the registry of
+    L{registry_url}.
     """
 
     timeout = 240
@@ -148,12 +192,26 @@ class _ClusterMixin:
         for host in self.hosts.values():
             self.addCleanup(host.stop)
         await wait_for(self.daemons_up, timeout=60, what="3 daemons registered")
-        self.controllers = []
-        for name in ("controller-1", "controller-2"):
-            c = Campaigner(self.url, name, self.root,
-                           "--reconcile", "--interval", "0.5", "--list-interval", "3")  # fmt: skip
-            self.controllers.append(c)
-            self.addCleanup(c.close)
+
+    async def leader(self, other_than: "Host | None" = None, timeout: float = 60.0) -> "Host":
+        """
+        The host whose daemon leads (the lock's holder names its pid),
+        once there is one (other than C{other_than}).
+        """
+        found: list[Host] = []
+
+        async def led() -> bool:
+            _statuses, _stored, holder = await read_statuses(self.registry)
+            if not holder or " pid " not in holder:
+                return False
+            pid = int(holder.rsplit(" pid ", 1)[1].split()[0])
+            found[:] = [h for h in self.hosts.values()
+                        if h.popen is not None and h.popen.pid == pid and h is not other_than
+                        and h.popen.poll() is None]  # fmt: skip
+            return bool(found)
+
+        await wait_for(led, timeout=timeout, interval=0.02, what="a leading daemon")
+        return found[0]
 
     def registry_url(self) -> str:
         return "file://" + os.path.join(self.root, "registry")
@@ -171,7 +229,7 @@ class _ClusterMixin:
 
     def sky(self, *argv: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "skynet.cluster", "--registry", self.url, *argv],
+            [sys.executable, "-m", "skynet.sky", "--registry", self.url, *argv],
             cwd=ROOT, env=child_env(SKYNET_HOME=self.root), capture_output=True, text=True,
             timeout=60,
         )  # fmt: skip
@@ -201,62 +259,79 @@ class _ClusterMixin:
             listing = await deferToThread(self.sky, "deployments")
             raise AssertionError(
                 f"placement is {await self.fibonacci()}, not {wanted}\n{listing.stdout}"
-                f"{[(c.name, c.drain()[-5:]) for c in self.controllers]}"
-                f"\n{self.hosts[HOSTS[0]].output()}"
+                + "".join(f"\n--- {a}:\n{h.output()}" for a, h in self.hosts.items())
             ) from None
 
     async def test_host_loss_return_and_leader_loss(self) -> None:
         await self.setup_cluster()
-        leader = await deferToThread(elect, self.controllers)
+        leader = await self.leader()
         out = await self.apply(3)
         self.assertIn("+ Fibonacci: 3 x examples.fibonacci:Fibonacci", out)
         await self.wait_placement(dict.fromkeys(HOSTS, 1))
         # Applying again changes nothing.
         self.assertIn("No changes.", await self.apply(3))
 
-        # A host melts under load.
+        # A host (not the leader's) melts under load.
         fib = self.client.service("Fibonacci")
         await fib.call("Index", {"index": 10})
-        callers, results = fibonacci_load(fib, seconds=8.0, callers=8)
+        callers, results = paced_load(fib, seconds=8.0)
         await sleep(1.5)
-        melted = self.hosts["127.0.0.4"]
+        melted = next(h for h in self.hosts.values() if h is not leader)
         melted_at = time.monotonic()
         await deferToThread(melted.melt)
 
-        async def back_to_three() -> bool:
+        async def three_without(address: str) -> bool:
             per_host = await self.fibonacci()
-            return "127.0.0.4" not in per_host and sum(per_host.values()) == 3
+            return address not in per_host and sum(per_host.values()) == 3
 
-        await wait_for(back_to_three, timeout=60, what="3 instances on the survivors")
+        await wait_for(lambda: three_without(melted.address), timeout=60,
+                       what="3 instances on the survivors")  # fmt: skip
         healed = time.monotonic() - melted_at
         await callers
         self.assertEqual(results["failed"], [])
         self.assertGreater(results["ok"], 100)
         figure(f"{self.kind}: host kill -9 -> 3 registered on the survivors in {healed:.2f}s; "
-               f"{results['ok']} calls, 0 failed")  # fmt: skip
+               f"{results['ok']} calls ({rate(results)}), 0 failed")  # fmt: skip
 
         # It comes back: its daemon restarts its old child; one instance is
-        # stopped so that exactly 3 remain, one per host.
+        # stopped so that exactly 3 remain, one per host, none duplicated.
         melted.start()
         await self.wait_placement(dict.fromkeys(HOSTS, 1), timeout=90)
         await sleep(4.0)
         self.assertEqual(await self.fibonacci(), dict.fromkeys(HOSTS, 1))
+        found = await self.registry.query(Query(service="Fibonacci", registered=True))
+        self.assertEqual(len({i.uuid for i in found}), 3)
 
-        # The leading controller dies: the other acts.
-        others = [c for c in self.controllers if c is not leader]
-        leader.kill(signal.SIGKILL)
-        await deferToThread(elect, others)
+        # The leader's host melts under load: another daemon leads and
+        # re-creates its instance.
+        callers, results = paced_load(fib, seconds=8.0)
+        await sleep(1.5)
+        killed_at = time.monotonic()
+        await deferToThread(leader.melt)
+        successor = await self.leader(other_than=leader)
+        took_over = time.monotonic() - killed_at
+        await wait_for(lambda: three_without(leader.address), timeout=60,
+                       what="3 instances after the leader's death")  # fmt: skip
+        healed = time.monotonic() - killed_at
+        await callers
+        self.assertEqual(results["failed"], [])
+        self.assertNotEqual(successor, leader)
+        figure(f"{self.kind}: leader kill -9 -> {successor.address} leads after "
+               f"{took_over:.2f}s, 3 registered on the survivors after {healed:.2f}s; "
+               f"{results['ok']} calls ({rate(results)}), 0 failed")  # fmt: skip
+
+        # And it carries out a change.
         result = await deferToThread(self.sky, "scale", "Fibonacci=4")
         self.assertEqual(result.returncode, 0, result.stderr)
 
         async def four() -> bool:
-            return sum((await self.fibonacci()).values()) == 4
+            per_host = await self.fibonacci()
+            return leader.address not in per_host and sum(per_host.values()) == 4
 
         await wait_for(four, timeout=60, what="4 instances after the leader's death")
         listing = await deferToThread(self.sky, "deployments")
         self.assertIn("Fibonacci", listing.stdout)
-        self.assertIn("Leader: controller-2" if leader is self.controllers[0]
-                      else "Leader: controller-1", listing.stdout)  # fmt: skip
+        self.assertIn(f"pid {successor.popen.pid}", listing.stdout)
 
 
 class EmbeddedClusterTests(_ClusterMixin, TestCase):
@@ -266,7 +341,7 @@ class EmbeddedClusterTests(_ClusterMixin, TestCase):
 
     async def test_rolling_upgrade_and_a_broken_one(self) -> None:
         await self.setup_cluster()
-        await deferToThread(elect, self.controllers)
+        await self.leader()
         await self.apply(4)
 
         async def four() -> bool:

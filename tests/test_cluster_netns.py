@@ -1,8 +1,9 @@
 """
 The cluster across network namespaces: three hosts (namespaces A, B, C on
 one switch), each a C{twistd -n skynet-daemon} on ZooKeeper (a server in
-the root namespace: a 3-node ensemble, 2 s sessions), two cluster controllers and the load in
-the root namespace.  B's cable is pulled under load: its instance is
+the root namespace: a 3-node ensemble, 2 s sessions) that campaigns for the
+cluster's leadership (the leader reconciles), and a bounded load (250
+calls/s) in the root namespace.  B's cable is pulled under load: its instance is
 replaced on A or C within the session timeout plus the start time, zero
 failed calls; the cable back in: exactly 3 instances, one per host.
 
@@ -27,8 +28,8 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from skynet.client import Client
 from skynet.registry import Query, registry_from_url
-from tests.processes import ROOT, child_env, fibonacci_load, sleep, twistd, wait_for
-from tests.test_cluster_election import Campaigner, elect
+from tests.processes import ROOT, child_env, sleep, twistd, wait_for
+from tests.test_cluster_hosts import paced_load, rate
 from tests.test_zookeeper_cluster import BridgeZooKeeper, Network, namespaces_unavailable
 from tests.zkserver import ZooKeeperServer, free_ports
 
@@ -140,8 +141,8 @@ class NetworkNamespaceClusterTests(TestCase):
             "--listen", f"tcp:0:interface={address}",
             "--state", str(home / "state.json"), "--log-dir", str(home / "logs"),
             "--stats-interval", "0.5", "--stop-grace", "3", "--kill-time", "2",
-            # Off loopback a daemon wants TLS credentials; this test is about
-            # link cuts, not credentials (tests/test_tls_cluster.py is).
+            "--cluster-interval", "0.5", "--cluster-list-interval", "3",
+            # The switch's addresses are not loopback: without TLS, say so.
             "--insecure",
         ]  # fmt: skip
         log = open(home / "daemon.log", "ab")
@@ -167,15 +168,13 @@ class NetworkNamespaceClusterTests(TestCase):
             counts[i.host] = counts.get(i.host, 0) + 1
         return counts
 
-    async def dump(self, url: str, controllers: list) -> str:
+    async def dump(self, url: str) -> str:
         listing = await deferToThread(
             subprocess.run,
-            [sys.executable, "-m", "skynet.cluster", "--registry", url, "deployments"],
+            [sys.executable, "-m", "skynet.sky", "--registry", url, "deployments"],
             cwd=ROOT, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         text = f"placement {await self.per_host()}\n{listing.stdout}{listing.stderr}\n"
-        for c in controllers:
-            text += f"--- {c.name}: {c.drain()[-20:]}\n"
         for role in ("a", "b", "c"):
             log = self.directory / role / "daemon.log"
             text += f"--- daemon {role} ---\n{log.read_text(errors='replace')[-2500:]}\n"
@@ -203,29 +202,15 @@ class NetworkNamespaceClusterTests(TestCase):
             found = await self.registry.query(Query(service="SkynetDaemon", registered=True))
             return {i.host for i in found} == set(addresses.values())
 
-        await wait_for(daemons, timeout=60, what="3 daemons registered")
-        controllers = [
-            Campaigner(
-                url,
-                name,
-                str(self.directory),
-                "--reconcile",
-                "--interval",
-                "0.5",
-                "--list-interval",
-                "3",
-            )  # fmt: skip
-            for name in ("controller-1", "controller-2")
-        ]
-        for c in controllers:
-            self.addCleanup(c.close)
-        await deferToThread(elect, controllers)
-
+        try:
+            await wait_for(daemons, timeout=60, what="3 daemons registered")
+        except AssertionError:
+            self.fail(await self.dump(url))
         path = self.directory / "cluster.toml"
         path.write_text(APPLY)
         applied = await deferToThread(
             subprocess.run,
-            [sys.executable, "-m", "skynet.cluster", "--registry", url, "apply", str(path)],
+            [sys.executable, "-m", "skynet.sky", "--registry", url, "apply", str(path)],
             cwd=ROOT, env=child_env(SKYNET_HOME=str(self.directory)), capture_output=True,
             text=True, timeout=60,
         )  # fmt: skip
@@ -238,11 +223,11 @@ class NetworkNamespaceClusterTests(TestCase):
         try:
             await wait_for(lambda: placed(spread), timeout=90, what="one instance per host")
         except AssertionError:
-            self.fail(await self.dump(url, controllers))
+            self.fail(await self.dump(url))
 
         fib = client.service("Fibonacci")
         await fib.call("Index", {"index": 10})
-        callers, results = fibonacci_load(fib, seconds=12.0, callers=8)
+        callers, results = paced_load(fib, seconds=12.0)
         await sleep(1.5)
         cut = time.monotonic()
         self.network.cut("b")
@@ -263,7 +248,7 @@ class NetworkNamespaceClusterTests(TestCase):
         figure(
             f"netns: B's link cut -> B's daemon gone after {gone:.2f}s, "
             f"3 registered on A and C after {took:.2f}s "
-            f"(session timeout {SESSION_TIMEOUT:g}s); {results['ok']} calls, "
+            f"(session timeout {SESSION_TIMEOUT:g}s); {results['ok']} calls ({rate(results)}), "
             f"{len(results['failed'])} failed"
         )
         self.assertEqual(results["failed"], [])

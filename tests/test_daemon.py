@@ -692,6 +692,51 @@ class DaemonUnitTests(SynchronousTestCase):
         self.assertEqual([e.kind for e in reading.events], ["started", "deployed"])
         self.assertEqual(self.successResultOf(self.call("HostStats"))["children"][uuid]["cpu"], 1.0)
 
+    def test_capacity_is_published_for_placement(self) -> None:
+        """
+        C{capacity} goes into the statistics node's C{Host}, where the
+        cluster's placement reads it; without it there is no limit.
+        """
+        from skynet.cluster.reconciler import host_view
+
+        self.make(capacity=4)
+        self.settle(1.5)
+        stats = self.daemon.host.statistics()
+        self.assertEqual(stats["Host"]["capacity"], 4)
+        daemon_node = self.successResultOf(self.daemon.registry.query(
+            Query(service="SkynetDaemon")))[0]  # fmt: skip
+        self.assertEqual(host_view(daemon_node, stats).capacity, 4)
+        read_daemon_node(stats)  # still the contract the dashboard reads
+        self._stop()
+        self.make()
+        self.settle(1.5)
+        stats = self.daemon.host.statistics()
+        self.assertNotIn("capacity", stats["Host"])
+        self.assertIsNone(host_view(daemon_node, stats).capacity)
+
+    def test_cluster_role_campaigns_and_leads(self) -> None:
+        """
+        With C{cluster=True} the daemon campaigns once its host is up and
+        leads (alone here); its event log says so; on stop it steps down
+        first, while its registry still runs.
+        """
+        daemon = self.make(cluster=True, cluster_interval=0.5)
+        self.settle(2.0)
+        self.assertIsNotNone(daemon.cluster)
+        self.assertTrue(daemon.cluster.leading)
+        self.assertIn("cluster_elected", [e.kind for e in daemon.events.recent(100)])
+        d = daemon.stopService()
+        self.settle(30.0)
+        self.successResultOf(d)
+        self.assertFalse(daemon.cluster.leading)
+        self.assertIn("cluster_deposed", [e.kind for e in daemon.events.recent(100)])
+
+    def test_no_cluster_role_by_default_in_the_class(self) -> None:
+        daemon = self.make()
+        self.settle(2.0)
+        self.assertIsNone(daemon.cluster)
+        self.assertNotIn("cluster", [child.name for child in daemon])
+
     def test_cleanup_with_the_registry_down_is_a_warning(self) -> None:
         self.make()
         uuid = self.successResultOf(self.call("Deploy", {"service": "m:A"}))["uuid"]
@@ -1243,6 +1288,36 @@ class OptionsTests(SynchronousTestCase):
             options = Options()
             options.parseOptions(["--registry", "zk://127.0.0.1:1/skynet",
                                   "--zk-session-timeout", "never"])  # fmt: skip
+
+    def test_zk_session_timeout_in_the_url_and_the_option(self) -> None:
+        """
+        A URL that has C{session_timeout} and C{--zk-session-timeout}: the
+        option wins, and the children's URL says it once (it said it twice,
+        and every child exited with "session_timeout given twice").
+        """
+
+        options = Options()
+        options.parseOptions(["--registry", "zk://127.0.0.1:1,127.0.0.1:2/skynet?session_timeout=2",
+                              "--zk-session-timeout", "3", "--log-dir", tempfile.mkdtemp()])  # fmt: skip
+        self.assertEqual(options.registry.session_timeout, 3.0)
+        self.assertEqual(options.registry_url,
+                         "zk://127.0.0.1:1,127.0.0.1:2/skynet?session_timeout=3")  # fmt: skip
+        child = registry_from_url(options.registry_url)
+        self.assertEqual(child.session_timeout, 3.0)
+
+    def test_cluster_options(self) -> None:
+        options = self.parse()
+        self.assertFalse(options["no-cluster"])
+        self.assertIsNone(options["capacity"])
+        self.assertEqual((options["cluster-interval"], options["cluster-list-interval"]),
+                         (2.0, 30.0))  # fmt: skip
+        options = self.parse("--no-cluster", "--capacity", "5", "--cluster-interval", "0.5")
+        self.assertTrue(options["no-cluster"])
+        self.assertEqual(options["capacity"], 5)
+        self.assertEqual(options["cluster-interval"], 0.5)
+        for bad in (["--capacity", "-1"], ["--capacity", "many"], ["--cluster-interval", "0"]):
+            with self.assertRaises(UsageError):
+                self.parse(*bad)
 
     def test_bad_options(self) -> None:
         directory = tempfile.mkdtemp(prefix="skynet-bad-")

@@ -515,6 +515,35 @@ class DaemonRouteTests(ShellTestCase):
         self.assertEqual(self.daemon.calls, [])
 
 
+class RollingRestartGuardTests(ShellTestCase):
+    def test_cluster_instances_are_the_leaders_to_restart(self) -> None:
+        """
+        A rolling restart of instances a cluster deployment records is
+        refused (the leader replaces them: C{sky rollout restart}); nothing
+        is asked of any daemon.
+        """
+        from skynet.cluster.reconciler import (
+            STATE_KEY,
+            DeploymentRecord,
+            InstanceRecord,
+            StoredState,
+        )
+
+        first = self.cluster.add(Fibonacci())
+        second = self.cluster.add(Fibonacci())
+        daemon = FakeDaemon({first.uuid, second.uuid})
+        self.cluster.add(daemon)
+        record = InstanceRecord(uuid=first.uuid, host="127.0.0.1", fingerprint="f", started=0.0)
+        stored = StoredState(deployments={"Fib": DeploymentRecord(instances={first.uuid: record})})
+        self.successResultOf(self.writer.set_value(STATE_KEY, stored.to_bytes()))
+        status, io = self.sh(self.shell(), "restart --service Fibonacci --yes")
+        self.assertEqual(status, 1)
+        self.assertIn(
+            "belong to the cluster deployment(s) Fib: `sky rollout restart Fib`", io.errors
+        )
+        self.assertEqual(daemon.calls, [])
+
+
 class WatchTests(ShellTestCase):
     def test_watch_for_a_while(self) -> None:
         self.record(port=1)
@@ -817,9 +846,62 @@ class OutputTests(ShellTestCase):
 
 class CommandTableTests(SynchronousTestCase):
     def test_every_command_is_in_the_table_and_completed(self) -> None:
-        from skynet.shell import COMMAND_TABLE, COMMANDS
+        from skynet.shell import CLUSTER_COMMANDS, COMMAND_TABLE, COMMANDS
 
-        self.assertEqual(set(COMMAND_TABLE) - {"h"}, set(COMMANDS))
+        self.assertEqual((set(COMMAND_TABLE) - {"h"}) | CLUSTER_COMMANDS, set(COMMANDS))
+
+    def test_cluster_commands_in_the_shell(self) -> None:
+        """
+        The cluster's commands run in the shell on its registry, their
+        options their own (before or after the command), output line by
+        line, and their exit codes.
+        """
+        cluster = LocalCluster()
+        self.addCleanup(cluster.stop)
+        shell = Shell(cluster.registry, cluster.client(), reactor=cluster.clock)
+        with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+            f.write('[services.Fibonacci]\nrun = "examples.fibonacci:Fibonacci"\ninstances = 3\n')
+        self.addCleanup(os.unlink, f.name)
+
+        def run(line: str) -> tuple[int, BufferIO]:
+            io = BufferIO()
+            return self.successResultOf(shell.run_line(line, io)), io
+
+        status, io = run(f"apply {f.name} --dry-run")
+        self.assertEqual(
+            (status, io.stdout[0]),
+            (0, "+ Fibonacci: 3 x examples.fibonacci:Fibonacci (spread host)"),
+        )
+        status, io = run(f"apply {f.name}")
+        self.assertEqual(
+            (status, io.stdout),
+            (
+                0,
+                [
+                    "+ Fibonacci: 3 x examples.fibonacci:Fibonacci (spread host)",
+                    "Applied 1 change(s).",
+                ],
+            ),
+        )
+        status, io = run("--json deployments")
+        self.assertEqual(status, 0)
+        [row] = json.loads("\n".join(io.stdout))["deployments"]
+        self.assertEqual(
+            (row["name"], row["desired"], row["state"]), ("Fibonacci", 3, "progressing")
+        )
+        status, io = run("scale Fibonacci=5")
+        self.assertEqual((status, io.stdout[0]), (0, "~ Fibonacci: instances 3 -> 5"))
+        status, io = run("scale Fibonacci=lots")
+        self.assertEqual(status, 2)
+        self.assertIn("Fibonacci=lots", "\n".join(io.stderr))
+        status, io = run("undeploy Nobody")
+        self.assertEqual(
+            (status, io.stderr),
+            (1, ["sky undeploy: no deployment named 'Nobody' (`sky deployments` lists them)"]),
+        )
+        self.assertEqual(run("undeploy Fibonacci")[0], 0)
+        self.assertEqual(run("deployments")[1].stdout[0],
+                         "No deployments (`sky apply FILE` makes some).")  # fmt: skip
 
     def test_argument_counts_come_from_the_table(self) -> None:
         cluster = LocalCluster()

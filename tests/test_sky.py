@@ -139,6 +139,10 @@ class Cluster:
                 pass
         return "\n".join(parts)
 
+    def daemon_uuid(self) -> str:
+        [daemon] = self.instances(service="SkynetDaemon")
+        return daemon.uuid
+
     # sky
 
     def sky_command(self, *args: str) -> list[str]:
@@ -377,6 +381,77 @@ class SkyTests(SynchronousTestCase):
         )
         self.assertEqual(extra.wait(20), 0)
         self.assertEqual(self.cluster.instances(uuid=instance.uuid), [])
+
+    def test_cluster_commands(self) -> None:
+        """
+        C{sky apply}, C{deployments}, C{scale}, C{rollout status} and
+        C{undeploy}, through the real C{sky}: the daemon (the only one, so
+        the leader) places what the file asks for, and the shell reads the
+        same.
+        """
+        path = os.path.join(self.cluster.home, "cluster.toml")
+        with open(path, "w") as f:
+            f.write('[services.Sleepers]\nrun = "examples.sleeper:Sleeper"\ninstances = 2\n'
+                    'args = ["--stats-interval", "0.7"]\nready_timeout = 20\n')  # fmt: skip
+        self.assertEqual(self.lines("apply", path), [
+            "+ Sleepers: 2 x examples.sleeper:Sleeper --stats-interval 0.7 (spread host)",
+            "Applied 1 change(s)."])  # fmt: skip
+        self.assertEqual(self.lines("apply", path)[-1], "No changes.")
+        self.assertEqual(self.sky("apply", "/no/such.toml", status=1).stderr.count("\n"), 1)
+        self.cluster.wait_for_instances(2, timeout=60, service="Sleeper", registered=True)
+
+        def ok() -> Any:
+            listing = self.json("deployments")
+            [row] = listing["deployments"]
+            return row if row["state"] == "ok" else None
+
+        row = wait_until(ok, 60, "the deployment ok")
+        self.assertEqual((row["name"], row["ready"], row["desired"]), ("Sleepers", 2, 2))
+        self.assertEqual(row["hosts"]["127.0.0.1"]["registered"], 2)
+        lines = self.lines("deployments")
+        self.assertRegex(lines[1], r"^Sleepers\s+ok\s+2\s+2\s")
+        assert self.cluster.daemon is not None
+        self.assertIn(f"Leader: daemon {self.cluster.daemon_uuid()} pid {self.cluster.daemon.pid}",
+                      lines)  # fmt: skip
+        self.assertEqual(self.lines("rollout", "status", "Sleepers", "--no-follow"),
+                         ["Sleepers: no rollout; ok, 2/2 ready, 0 starting", "Sleepers: ok."])  # fmt: skip
+        # The interactive shell has the same commands.
+        shell = self.sky("cli", input="deployments\nscale Sleepers=1\n")
+        self.assertIn("~ Sleepers: instances 2 -> 1", shell.stdout)
+        self.assertRegex(shell.stdout, r"Sleepers\s+ok\s+2\s+2\s")
+        self.cluster.wait_for_instances(1, timeout=60, service="Sleeper")
+        self.assertEqual(self.sky("scale", "Nobody=3", status=1).stderr.strip(),
+                         "sky scale: no deployment named 'Nobody' (`sky deployments` lists them)")  # fmt: skip
+        self.assertEqual(self.lines("undeploy", "Sleepers")[0],
+                         "- Sleepers: removed (its instances are stopped)")  # fmt: skip
+        wait_until(lambda: not self.cluster.instances(service="Sleeper"), 60, "no Sleeper left")
+        self.assertEqual(self.json("deployments")["deployments"], [])
+
+    def test_cluster_deployments_show_the_daemons_view_of_a_failing_child(self) -> None:
+        """
+        A deployment whose instances cannot start: C{sky deployments} shows
+        it failing, and for its unregistered instance what its daemon says
+        (its state and last error, from C{ListSubServices}).
+        """
+        path = os.path.join(self.cluster.home, "broken.toml")
+        with open(path, "w") as f:
+            f.write('[services.Broken]\nrun = "examples.nosuch:Thing"\nready_timeout = 30\n')
+        self.sky("apply", path)
+        self.addCleanup(self.cluster.sky, "undeploy", "Broken")
+
+        def child() -> Any:
+            [row] = self.json("deployments")["deployments"]
+            children = row.get("children") or []
+            return children[0] if children and children[0]["last_error"] else None
+
+        seen = wait_until(child, 60, "the daemon's view of the Broken child")
+        self.assertIn(seen["state"], ("restarting", "failing"))
+        self.assertIn("examples.nosuch", seen["last_error"])
+        self.assertEqual(seen["host"], "127.0.0.1")
+        lines = self.lines("deployments")
+        line = next(x for x in lines if x.startswith("  Broken "))
+        self.assertRegex(line, r"^  Broken [0-9a-f]{8} on 127\.0\.0\.1: (restarting|failing) \(")
+        self.sky("undeploy", "Broken")
 
     def test_deploy_restart_stop_through_the_daemon(self) -> None:
         result = self.sky("deploy", "examples.sleeper:Sleeper", "--stats-interval", "0.5")

@@ -1,6 +1,6 @@
 """
 C{python -m skynet.cluster COMMAND ...}: the cluster's commands (see
-L{skynet.cluster.commands}) until C{sky} offers them.
+L{skynet.cluster.commands}), as C{sky COMMAND ...} runs them.
 """
 
 import sys

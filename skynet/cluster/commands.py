@@ -128,7 +128,7 @@ async def run_command(
         if args.command == "undeploy":
             return await _undeploy(args, registry, out)
         if args.command == "deployments":
-            return await _deployments(args, registry, out)
+            return await _deployments(args, registry, out, reactor)
         if args.action == "restart":
             return await _rollout_restart(args, registry, out)
         return await _rollout_status(args, registry, out, reactor)
@@ -278,12 +278,74 @@ def _hosts_text(status: DeploymentStatus) -> str:
     return " ".join(parts) or "-"
 
 
-async def _deployments(args: Any, registry: Any, out: IO[str]) -> int:
+#: Seconds a daemon has to answer C{ListSubServices} for C{deployments}.
+CHILDREN_TIMEOUT = 2.0
+
+
+async def daemon_children(
+    registry: Any, stored: StoredState, names: list[str], reactor: Any
+) -> dict[str, list[dict[str, Any]]]:
+    """
+    What the daemons say of the recorded instances of the deployments
+    C{names} that are not registered: per deployment, C{{uuid, host,
+    state, last_error}} from its daemon's C{ListSubServices} (the state
+    C{"unknown"} if the daemon does not answer within L{CHILDREN_TIMEOUT},
+    C{"gone"} if it no longer has the child).
+    """
+    from twisted.internet.defer import DeferredList
+
+    from skynet.admin import call_instance
+    from skynet.control import sub_services_from_bson
+
+    instances = await registry.query(Query())
+    registered = {i.uuid for i in instances if i.registered}
+    daemons = {i.host: i for i in instances if i.name == DAEMON_SERVICE and i.registered}
+    wanted: dict[str, list[tuple[str, str]]] = {}
+    for name in names:
+        record = stored.deployments.get(name)
+        for uuid, r in sorted((record.instances if record else {}).items()):
+            if uuid not in registered:
+                wanted.setdefault(name, []).append((uuid, r.host))
+    hosts = sorted({host for pairs in wanted.values() for _, host in pairs if host in daemons})
+
+    async def listing(host: str) -> Any:
+        try:
+            answer = await call_instance(reactor, daemons[host], "ListSubServices", {},
+                                         CHILDREN_TIMEOUT)  # fmt: skip
+            return sub_services_from_bson(answer)
+        except Exception:
+            return None
+
+    answers = await DeferredList(
+        [Deferred.fromCoroutine(listing(h)) for h in hosts], consumeErrors=True
+    )
+    listings = {h: (a[1] if a[0] else None) for h, a in zip(hosts, answers, strict=True)}
+    found: dict[str, list[dict[str, Any]]] = {}
+    for name, pairs in wanted.items():
+        for uuid, host in pairs:
+            children = listings.get(host)
+            child = children.get(uuid) if children else None
+            state = child.state if child else ("gone" if children is not None else "unknown")
+            found.setdefault(name, []).append({
+                "uuid": uuid, "host": host, "state": state,
+                "last_error": child.last_error if child else None})  # fmt: skip
+    return found
+
+
+async def _deployments(args: Any, registry: Any, out: IO[str], reactor: Any = None) -> int:
     statuses, stored, leader = await read_statuses(registry)
+    troubled = [s.name for s in statuses if s.state != "ok"]
+    children = await daemon_children(registry, stored, troubled, default_reactor(reactor))
     if args.json:
+        docs = []
+        for status in statuses:
+            doc = status.to_json()
+            if status.name in children:
+                doc["children"] = children[status.name]
+            docs.append(doc)
         doc = {
             "leader": leader,
-            "deployments": [s.to_json() for s in statuses],
+            "deployments": docs,
             "events": list(stored.events[-20:]),
         }
         out.write(json.dumps(doc, indent=1) + "\n")
@@ -311,6 +373,11 @@ async def _deployments(args: Any, registry: Any, out: IO[str]) -> int:
         for s in statuses:
             if s.reason or (s.state == "failing" and s.last_error):
                 out.write(f"{s.name}: {s.reason or s.last_error}\n")
+            for child in children.get(s.name, []):
+                line = f"  {s.name} {child['uuid'][:8]} on {child['host']}: {child['state']}"
+                if child["last_error"]:
+                    line += f" ({child['last_error']})"
+                out.write(line + "\n")
     out.write(f"Leader: {leader or 'none (no reconciler is running)'}\n")
     events = [e for e in stored.events if e.get("kind") != "status"][-5:]
     if events:

@@ -12,9 +12,9 @@ it before it reports a loss, so that elected and deposed never overlap.
     python -m skynet.cluster.leader --registry URL [--name ID] [--reconcile]
 
 campaigns from the command line and prints C{ELECTED} and C{DEPOSED}
-lines; with C{--reconcile} it runs the L{Reconciler} while it leads: a
-cluster controller beside the daemons, until the daemons campaign
-themselves.
+lines (the election tests use it); with C{--reconcile} it runs the
+L{Reconciler} while it leads: a cluster controller beside daemons started
+with C{--no-cluster} (every other daemon campaigns and reconciles itself).
 """
 
 from __future__ import annotations

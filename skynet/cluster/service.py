@@ -7,9 +7,12 @@ run the reconciler.
     ...
     await cluster.stopService()  # before the registry stops
 
-The daemon starts it after its registry and C{SkynetDaemon} service, and
-stops it first (see C{docs/cluster.md}, "What remains to wire").  C{python
--m skynet.cluster.leader --reconcile} runs the same as a process of its own.
+Every daemon runs one (L{skynet.daemon.Daemon}C{(cluster=True)}, which
+C{twistd skynet-daemon} passes unless C{--no-cluster}): started after its
+registry and C{SkynetDaemon} service, stopped first (see C{docs/cluster.md},
+"Leader election").  C{python -m skynet.cluster.leader --reconcile} runs
+the same as a process of its own, beside daemons started with
+C{--no-cluster}.
 """
 
 from __future__ import annotations

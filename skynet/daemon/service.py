@@ -114,6 +114,14 @@ class Daemon(SequentialMultiService):
     @param probes: the L{ProbeConfig} of the children's liveness probes.
     @param start_timeout: how long C{Deploy} waits for a new child to be
         in the registry (or to fail) before it answers (0: not at all).
+    @param cluster: campaign for the cluster's leadership and, while
+        leading, run its reconciler (L{skynet.cluster.service.ClusterService};
+        C{twistd skynet-daemon} does unless C{--no-cluster}).
+    @param capacity: how many instances the cluster's placement may put on
+        this host (published as C{Host.capacity}; L{None}: no limit).
+    @param cluster_interval: seconds between two reconciler passes.
+    @param cluster_list_interval: seconds between two listings of every
+        daemon's children by the reconciler.
     """
 
     log = Logger()
@@ -146,8 +154,13 @@ class Daemon(SequentialMultiService):
         own_session: bool = True,
         start_timeout: float = DEFAULT_START_TIMEOUT,
         probes: ProbeConfig | None = None,
+        cluster: bool = False,
+        capacity: int | None = None,
+        cluster_interval: float = 2.0,
+        cluster_list_interval: float = 30.0,
     ) -> None:
         super().__init__()
+        self.capacity = capacity
         self.start_timeout = start_timeout
         # uuid -> Deferreds of Deploy calls waiting for its first node.
         self._start_waiters: dict[str, list[Deferred]] = {}
@@ -191,14 +204,29 @@ class Daemon(SequentialMultiService):
         self.sampling.clock = reactor
         self.probes = ProbeRunner(self, probes or ProbeConfig())
         gate = self.registry_start
-        for name, child in [
+        parts: list[tuple[str, Any]] = [
             ("registry", gate),
             ("children", StartAfter(gate, self.children)),
             ("supervisor", self.supervisor),
             ("host", StartAfter(gate, self.host)),
             ("guards", StartAfter(gate, self.sampling)),
             ("probes", StartAfter(gate, self.probes)),
-        ]:
+        ]
+        self.cluster: Any = None
+        if cluster:
+            # Last added: it starts after the host is up and stops first.
+            from skynet.cluster.service import ClusterService
+
+            self.cluster = ClusterService(
+                registry,
+                reactor=reactor,
+                identifier=f"daemon {self.host.uuid} pid {os.getpid()}",
+                interval=cluster_interval,
+                list_interval=cluster_list_interval,
+                on_change=self._cluster_changed,
+            )
+            parts.append(("cluster", StartAfter(gate, self.cluster)))
+        for name, child in parts:
             child.setName(name)
             child.setServiceParent(self)
         for deployment in deployments:
@@ -207,6 +235,16 @@ class Daemon(SequentialMultiService):
     @property
     def uuid(self) -> str:
         return self.host.uuid
+
+    def _cluster_changed(self, what: str) -> None:
+        kind, _, reason = what.partition(": ")
+        if kind == "elected":
+            self.events.record("cluster_elected",
+                               "this daemon leads the cluster: its reconciler runs")  # fmt: skip
+        else:
+            self.events.record("cluster_deposed",
+                               "this daemon no longer leads the cluster: {reason}",
+                               reason=reason)  # fmt: skip
 
     @property
     def deployments(self) -> dict[str, Deployment]:
@@ -528,8 +566,12 @@ class Daemon(SequentialMultiService):
         return status.host_stats(self)
 
     def extra_statistics(self) -> dict[str, Any]:
+        host = self.host_stats().to_bson()
+        if self.capacity is not None:
+            # Read by the cluster's placement (skynet.cluster.reconciler).
+            host["capacity"] = self.capacity
         return {
-            "Host": self.host_stats().to_bson(),
+            "Host": host,
             "Events": [e.to_bson() for e in self.events.recent(EVENTS_IN_STATISTICS)],
         }
 

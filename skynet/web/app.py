@@ -380,6 +380,23 @@ class DashboardApp:
     def state(self, request: Any) -> bytes:
         return _json(request, self.snapshot())
 
+    @app.route("/api/deployments", methods=["GET"])
+    async def deployments(self, request: Any) -> bytes:
+        """
+        The cluster's deployments (desired vs actual, state and why, the
+        leader) and its last placement events, as C{sky deployments --json}.
+        """
+        from skynet.cluster.commands import read_statuses
+
+        try:
+            statuses, stored, leader = await read_statuses(self.model.registry)
+        except Exception as e:
+            return _json(request, {"ok": False, "error": f"registry: {e}"}, 503)
+        events = [e for e in stored.events if e.get("kind") != "status"][-20:]
+        return _json(request, {"ok": True, "leader": leader,
+                               "deployments": [st.to_json() for st in statuses],
+                               "events": events})  # fmt: skip
+
     @app.route("/api/series", methods=["GET"])
     def series(self, request: Any) -> bytes:
         keys = [k.decode("utf-8", "replace") for k in request.args.get(b"key", [])][:1000]

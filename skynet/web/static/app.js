@@ -1168,6 +1168,69 @@
     setInterval(() => { state.chartsDirty = true; scheduleFlush(); }, 5000);
   }
 
+  // The cluster's deployments: desired vs actual, failing rows, placement events
+  // (GET /api/deployments, every 2 s; hidden while there are none).
+  function cell(tr, text, title) {
+    const td = document.createElement("td");
+    td.textContent = text;
+    if (title) td.title = title;
+    tr.appendChild(td);
+    return td;
+  }
+
+  function hostsText(hosts) {
+    const parts = Object.keys(hosts || {}).sort().map((h) => {
+      const c = hosts[h];
+      return h + "=" + c.registered + (c.starting ? "(+" + c.starting + ")" : "");
+    });
+    return parts.join(" ") || "-";
+  }
+
+  function renderDeployments(doc) {
+    const section = $("deployments");
+    const rows = (doc && doc.deployments) || [];
+    state.deployments = rows;
+    section.hidden = rows.length === 0;
+    const body = section.querySelector("tbody");
+    body.textContent = "";
+    for (const d of rows) {
+      const tr = document.createElement("tr");
+      tr.className = "deployment " + d.state;
+      tr.dataset.name = d.name;
+      cell(tr, d.name);
+      cell(tr, d.state, d.reason || d.last_error || "");
+      cell(tr, d.ready + "/" + d.desired + (d.starting ? " (+" + d.starting + ")" : ""));
+      cell(tr, hostsText(d.hosts));
+      body.appendChild(tr);
+      const why = d.state === "failing" ? (d.last_error || d.reason) : d.reason;
+      if (why && d.state !== "ok") {
+        const more = document.createElement("tr");
+        more.className = "why " + d.state;
+        const td = cell(more, why + (d.restarts ? " (" + d.restarts + " restarts)" : ""));
+        td.colSpan = 4;
+        body.appendChild(more);
+      }
+    }
+    $("deployment-leader").textContent = doc && doc.leader ? "leader: " + doc.leader : "no leader";
+    const list = $("placement-list");
+    list.textContent = "";
+    for (const e of ((doc && doc.events) || []).slice(-8).reverse()) {
+      const li = document.createElement("li");
+      const t = typeof e.time === "number" ? new Date(e.time * 1000).toLocaleTimeString() : "";
+      li.textContent = (t ? t + "  " : "") + (e.message || e.kind || "");
+      list.appendChild(li);
+    }
+  }
+
+  async function pollDeployments() {
+    try {
+      const response = await fetch("/api/deployments", { credentials: "same-origin" });
+      if (response.ok) renderDeployments(await response.json());
+    } catch (e) {
+      // The dashboard is restarting: the next poll tries again.
+    }
+  }
+
   function start() {
     // A token given as ?token=... is kept for this tab and taken off the address bar.
     const params = new URLSearchParams(location.search);
@@ -1183,6 +1246,8 @@
     updateMode();
     refreshScopes();
     connect();
+    pollDeployments();
+    setInterval(pollDeployments, 2000);
     if (token) adoptToken(token);
     else if (csrf) resumeSession(csrf);
   }
@@ -1192,6 +1257,7 @@
     state,
     rows: () => Array.from(state.rows.values()).map((r) => Object.assign({}, r.data)),
     graphData: () => state.lastDraw,
+    deployments: () => state.deployments || [],
     stats: () => Object.assign({}, state.stats, { rows: state.rows.size, connected: state.connected }),
     setScope: (scope) => { state.scope = scope; drawCharts(); },
   };
