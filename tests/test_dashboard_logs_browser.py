@@ -165,6 +165,15 @@ def test_logs_view_search_instance_and_live_tail(cluster: dict[str, Any]) -> Non
             wait_until(lambda: line_uuids() and set(line_uuids()) == {chatty[1]}, 30,
                        "the lines of the other instance")  # fmt: skip
 
+            # An event's logs button: the lines of the event's instance.
+            page.click(f'#event-list li[data-uuid="{chatty[0]}"] button[data-logs]')
+            wait_until(lambda: line_uuids() and set(line_uuids()) == {chatty[0]}, 30,
+                       "the lines of the event's instance")  # fmt: skip
+            # A host header's logs button: every instance of the host.
+            page.click('.host-head button[data-logs-host="127.0.0.1"]')
+            wait_until(lambda: set(chatty) <= set(line_uuids()), 30, "the host's lines")
+            assert "host 127.0.0.1" in page.inner_text("#log-scope")
+
             # Live tail: back to every instance, search for a word not yet
             # written, write it, see it arrive.
             page.click("#log-instance-clear")

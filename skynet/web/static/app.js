@@ -278,6 +278,10 @@
     upSpan.classList.add("host-uptime");
     head.append(upSpan);
     head.append(fig("instances", String(g.rows.size)));
+    const logs = logsButton("", "The logs of every instance on this host");
+    delete logs.dataset.logs;
+    logs.dataset.logsHost = g.host;
+    head.append(logs);
     if (!h) {
       const note = document.createElement("span");
       note.className = "note";

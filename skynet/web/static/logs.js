@@ -15,6 +15,7 @@
 
   const view = {
     uuid: "",          // one instance, from a "logs" button
+    host: "",          // one host, from a host header's "logs" button
     generation: 0,     // a new search drops the answers of the old one
     cursor: null,
     timer: null,
@@ -35,6 +36,7 @@
     if ($("log-since").value) p.set("since", $("log-since").value);
     if (view.uuid) p.set("uuid", view.uuid);
     else if (f.service) p.set("service", f.service);
+    if (view.host) p.set("host", view.host);
     if (f.region && f.region !== "*") p.set("region", f.region);
     return p;
   }
@@ -44,9 +46,11 @@
     const parts = [];
     if (view.uuid) parts.push("instance " + view.uuid);
     else if (f.service) parts.push("service " + f.service);
+    if (view.host) parts.push("host " + view.host);
     if (f.region && f.region !== "*") parts.push("region " + f.region);
     $("log-scope").textContent = parts.length ? parts.join(" · ") : "every host";
-    $("log-instance-clear").hidden = !view.uuid;
+    $("log-instance-clear").hidden = !view.uuid && !view.host;
+    $("log-instance-clear").textContent = view.uuid ? "× instance" : "× host";
   }
 
   function stamp(t) {
@@ -141,6 +145,8 @@
   async function poll() {
     const generation = view.generation;
     if (view.busy) return;
+    // A tab nobody looks at asks no daemon; it catches up (the cursor) when shown.
+    if (document.hidden) { schedule(); return; }
     view.busy = true;
     try {
       const p = params();
@@ -159,8 +165,9 @@
     if (generation === view.generation) schedule();
   }
 
-  function openFor(uuid) {
+  function openFor(uuid, host) {
     view.uuid = uuid;
+    view.host = host;
     $("logs").scrollIntoView({ block: "start" });
     search();
   }
@@ -175,17 +182,21 @@
     $("log-level").addEventListener("change", search);
     $("log-since").addEventListener("change", search);
     $("log-live").addEventListener("change", () => { if ($("log-live").checked) poll(); else schedule(); });
-    $("log-instance-clear").addEventListener("click", () => { view.uuid = ""; search(); });
+    $("log-instance-clear").addEventListener("click", () => {
+      view.uuid = "";
+      view.host = "";
+      search();
+    });
     // The page's filters are the view's: re-search when they change.
     $("service-filter").addEventListener("change", () => { view.uuid = ""; search(); });
     $("tabs").addEventListener("click", (e) => { if (e.target.closest("button")) search(); });
     // Captured before the row's own click (which would select it).
     document.addEventListener("click", (e) => {
-      const b = e.target.closest && e.target.closest("button[data-logs]");
+      const b = e.target.closest && e.target.closest("button[data-logs], button[data-logs-host]");
       if (!b) return;
       e.stopPropagation();
       e.preventDefault();
-      openFor(b.dataset.logs);
+      openFor(b.dataset.logs || "", b.dataset.logsHost || "");
     }, true);
   }
 
