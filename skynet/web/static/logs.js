@@ -112,10 +112,10 @@
     return body;
   }
 
-  function schedule() {
+  function schedule(soon) {
     clearTimeout(view.timer);
     view.timer = null;
-    if ($("log-live").checked && view.cursor) view.timer = setTimeout(poll, POLL_MS);
+    if ($("log-live").checked && view.cursor) view.timer = setTimeout(poll, soon ? 0 : POLL_MS);
   }
 
   async function search() {
@@ -144,6 +144,7 @@
 
   async function poll() {
     const generation = view.generation;
+    let more = false;
     if (view.busy) return;
     // A tab nobody looks at asks no daemon; it catches up (the cursor) when shown.
     if (document.hidden) { schedule(); return; }
@@ -154,6 +155,7 @@
       const body = await ask(p);
       if (generation !== view.generation) return;
       view.cursor = body.cursor;
+      more = !!body.more;  // a daemon stopped early: the rest at once
       if (body.events.length) addLines(body.events, true);
       if (body.errors.length) status(body.errors.join(" · "), true);
       else if (view.count) status("");
@@ -162,7 +164,7 @@
     } finally {
       view.busy = false;
     }
-    if (generation === view.generation) schedule();
+    if (generation === view.generation) schedule(more);
   }
 
   function openFor(uuid, host) {
