@@ -186,6 +186,11 @@ def test_logs_view_search_instance_and_live_tail(cluster: dict[str, Any]) -> Non
             say(registry, f"{tail} again")
             wait_until(lambda: lines() == [f"said {tail} arrives", f"said {tail} again"], 30,
                        "the second live line, and the first not twice")  # fmt: skip
+
+            # A line's request id: every line of that request (here one).
+            page.click("#log-lines li:first-child [data-request]")
+            wait_until(lambda: lines() == [f"said {tail} arrives"], 30, "the request's line")
+            assert "request " in page.inner_text("#log-scope")
             assert errors == [], errors
         finally:
             browser.close()

@@ -16,6 +16,7 @@
   const view = {
     uuid: "",          // one instance, from a "logs" button
     host: "",          // one host, from a host header's "logs" button
+    request: "",       // one request, from a line's request id
     generation: 0,     // a new search drops the answers of the old one
     cursor: null,
     timer: null,
@@ -37,6 +38,7 @@
     if (view.uuid) p.set("uuid", view.uuid);
     else if (f.service) p.set("service", f.service);
     if (view.host) p.set("host", view.host);
+    if (view.request) p.set("request_id", view.request);
     if (f.region && f.region !== "*") p.set("region", f.region);
     return p;
   }
@@ -47,10 +49,12 @@
     if (view.uuid) parts.push("instance " + view.uuid);
     else if (f.service) parts.push("service " + f.service);
     if (view.host) parts.push("host " + view.host);
+    if (view.request) parts.push("request " + view.request);
     if (f.region && f.region !== "*") parts.push("region " + f.region);
     $("log-scope").textContent = parts.length ? parts.join(" · ") : "every host";
-    $("log-instance-clear").hidden = !view.uuid && !view.host;
-    $("log-instance-clear").textContent = view.uuid ? "× instance" : "× host";
+    $("log-instance-clear").hidden = !view.uuid && !view.host && !view.request;
+    $("log-instance-clear").textContent = view.request ? "× request"
+      : view.uuid ? "× instance" : "× host";
   }
 
   function stamp(t) {
@@ -85,7 +89,11 @@
         span("level", String(e.level || "").toUpperCase()),
         span("text", String(e.text === undefined ? "" : e.text)),
       );
-      if (e.request_id) li.append(span("rid", "request " + e.request_id));
+      if (e.request_id) {
+        const rid = span("rid", "request " + e.request_id, "Every line of this request, on every host");
+        rid.dataset.request = e.request_id;
+        li.append(rid);
+      }
       if (fresh) li.classList.add("fresh");
       frag.append(li);
       view.count++;
@@ -170,6 +178,7 @@
   function openFor(uuid, host) {
     view.uuid = uuid;
     view.host = host;
+    view.request = "";
     $("logs").scrollIntoView({ block: "start" });
     search();
   }
@@ -187,11 +196,21 @@
     $("log-instance-clear").addEventListener("click", () => {
       view.uuid = "";
       view.host = "";
+      view.request = "";
       search();
     });
     // The page's filters are the view's: re-search when they change.
     $("service-filter").addEventListener("change", () => { view.uuid = ""; search(); });
     $("tabs").addEventListener("click", (e) => { if (e.target.closest("button")) search(); });
+    $("log-lines").addEventListener("click", (e) => {
+      const rid = e.target.closest("[data-request]");
+      if (!rid) return;
+      view.uuid = "";
+      view.host = "";
+      view.request = rid.dataset.request;
+      $("log-grep").value = "";
+      search();
+    });
     // Captured before the row's own click (which would select it).
     document.addEventListener("click", (e) => {
       const b = e.target.closest && e.target.closest("button[data-logs], button[data-logs-host]");
