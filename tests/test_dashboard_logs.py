@@ -208,3 +208,25 @@ class DashboardLogsTests(SynchronousTestCase):
         answer = self.successResultOf(Deferred.fromCoroutine(logs.search({})))
         self.assertEqual(len(answer["errors"]), 2)
         self.assertTrue(all("no log directory" in e for e in answer["errors"]))
+
+    def test_a_daemon_answering_garbage_is_said_and_the_others_answer(self) -> None:
+        self.writers[1].log.info("from south")
+
+        def ask(daemon: Any, params: dict[str, Any]) -> Deferred:
+            if daemon.uuid == "daemon-0":
+                return succeed(["not", "an", "answer"])
+            return self.daemons(daemon, params)
+
+        logs = DashboardLogs(self.model, self.clock, ask=ask)
+        answer = self.successResultOf(Deferred.fromCoroutine(logs.search({})))
+        self.assertEqual([e["text"] for e in answer["events"]], ["from south"])
+        self.assertEqual(len(answer["errors"]), 1)
+        self.assertIn("host 127.0.0.1: bad answer to SearchLogs", answer["errors"][0])
+
+        def broken(daemon: Any, params: dict[str, Any]) -> Deferred:
+            raise RuntimeError("the call itself broke")
+
+        logs = DashboardLogs(self.model, self.clock, ask=broken)
+        answer = self.successResultOf(Deferred.fromCoroutine(logs.search({})))
+        self.assertEqual(answer["events"], [])
+        self.assertTrue(all("the call itself broke" in e for e in answer["errors"]))
