@@ -1,7 +1,8 @@
 """
 Searching the JSON logs of a host (L{skynet.observe.logs}), for the daemon's
 C{SearchLogs} method, and C{sky logs}, which asks every daemon of the hosts
-that match its filters and merges their answers by time.
+that match its filters and merges their answers by time (L{fan_out}, which
+the dashboard's logs view, L{skynet.web.logs}, uses too).
 
 A search without a cursor answers the newest C{limit} matching events
 (oldest first) and a cursor at the end of every file as it was when the
