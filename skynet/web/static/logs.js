@@ -9,7 +9,7 @@
 (function () {
   "use strict";
 
-  const POLL_MS = 1000;
+  const POLL_MS = 500;
   const MAX_LINES = 2000;
   const $ = (id) => document.getElementById(id);
 
