@@ -1,7 +1,8 @@
 """
 Searching the JSON logs of a host (L{skynet.observe.logs}), for the daemon's
 C{SearchLogs} method, and C{sky logs}, which asks every daemon of the hosts
-that match its filters and merges their answers by time.
+that match its filters and merges their answers by time (L{fan_out}, which
+the dashboard's logs view, L{skynet.web.logs}, uses too).
 
 A search without a cursor answers the newest C{limit} matching events
 (oldest first) and a cursor at the end of every file as it was when the
@@ -599,10 +600,12 @@ def parse_since(value: str, now: float | None = None) -> float:
 __all__ = [
     "LEVELS",
     "LogQuery",
+    "LogRound",
     "LogSearch",
     "SearchError",
     "decode_cursor",
     "encode_cursor",
+    "fan_out",
     "parse_level",
     "parse_since",
 ]
@@ -710,7 +713,7 @@ async def run_logs_command(shell: Any, filters: Any, inv: Any, options: dict[str
     daemon of every host that matches the filters, print the events
     merged by time; with C{-f}, go on printing new ones until interrupted.
     """
-    from twisted.internet.defer import CancelledError, DeferredList
+    from twisted.internet.defer import CancelledError
     from twisted.internet.task import deferLater
 
     from skynet.control import DAEMON_SERVICE, SEARCH_LOGS
@@ -736,64 +739,123 @@ async def run_logs_command(shell: Any, filters: Any, inv: Any, options: dict[str
         raise ShellError("no SkynetDaemon is registered on the hosts that match the filters"
                          " (logs are searched by the daemons)")  # fmt: skip
     limit = params.get("limit", DEFAULT_LIMIT)
-    failures = 0
-
-    async def ask(daemon: Any, cursor: str | None) -> dict[str, Any] | None:
-        nonlocal failures
-        asked = dict(params)
-        if cursor is not None:
-            asked["cursor"] = cursor
-            asked["limit"] = MAX_LIMIT
-        try:
-            answer = await shell._ask_daemon(daemon, SEARCH_LOGS, asked)
-        except (ShellError, SkynetError) as e:
-            failures += 1
-            say(daemon, [str(e)])
-            return None
-        say(daemon, [str(error) for error in answer.get("errors", [])])
-        return answer
-
     said: dict[str, list[str]] = {}
 
-    def say(daemon: Any, errors: list[str]) -> None:
+    async def ask(daemon: Any, asked: dict[str, Any]) -> Any:
+        return await shell._ask_daemon(daemon, SEARCH_LOGS, asked)
+
+    def say(answer: LogRound) -> None:
         # Each daemon's trouble once, not at every poll of -f.
-        if errors != said.get(daemon.uuid, []):
-            for error in errors:
-                io.err(f"host {daemon.host}: {error}")
-        said[daemon.uuid] = errors
+        for daemon in daemons:
+            errors = answer.errors.get(daemon.uuid, [])
+            if errors != said.get(daemon.uuid, []):
+                for error in errors:
+                    io.err(f"host {daemon.host}: {error}")
+            said[daemon.uuid] = errors
 
     def show(pairs: list[tuple[dict[str, Any], str]]) -> None:
-        pairs.sort(key=lambda p: p[0].get("time") or 0.0)
         for event, host in pairs:
             if inv.json:
                 io.out(to_json(dict(event, daemon_host=host)))
             else:
                 io.out(format_event(event, host))
 
-    async def round_of(cursors: dict[str, str | None]) -> list[tuple[dict[str, Any], str]]:
-        found: list[tuple[dict[str, Any], str]] = []
-        by_uuid = {d.uuid: d for d in daemons}
-        answers = await DeferredList(
-            [Deferred.fromCoroutine(ask(by_uuid[u], c)) for u, c in cursors.items()]
-        )
-        for uuid, (_, answer) in zip(list(cursors), answers, strict=True):
-            if answer is None:
-                continue
-            cursors[uuid] = answer.get("cursor")
-            found.extend((e, by_uuid[uuid].host) for e in answer.get("events", []))
-        return found
-
-    from twisted.internet.defer import Deferred
-
     cursors: dict[str, str | None] = {d.uuid: None for d in daemons}
-    first = await round_of(cursors)
-    first.sort(key=lambda p: p[0].get("time") or 0.0)
-    show(first[-limit:])
+    first = await fan_out(ask, daemons, params, cursors, (ShellError, SkynetError))
+    say(first)
+    show(first.events[-limit:])
     if not options.get("follow"):
-        return 1 if failures == len(daemons) else 0
+        return 1 if len(first.failed) == len(daemons) else 0
     try:
         while True:
             await deferLater(shell.reactor, FOLLOW_INTERVAL, lambda: None)
-            show(await round_of(cursors))
+            more = await fan_out(ask, daemons, params, cursors, (ShellError, SkynetError))
+            say(more)
+            show(more.events)
     except CancelledError:
         return 0
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class LogRound:
+    """
+    One round of a search across daemons (L{fan_out}).
+
+    @ivar events: C{(event, daemon host)} pairs merged by time, oldest first.
+    @ivar errors: per daemon uuid, what went wrong (a failed call, files
+        that could not be read).
+    @ivar failed: the uuids of the daemons whose call failed.
+    @ivar more: whether any daemon said it stopped early (poll again soon).
+    """
+
+    events: list[tuple[dict[str, Any], str]]
+    errors: dict[str, list[str]]
+    failed: frozenset[str]
+    more: bool
+
+
+async def fan_out(
+    ask: Any,
+    daemons: list[Any],
+    params: dict[str, Any],
+    cursors: dict[str, str | None],
+    expected: tuple[type[BaseException], ...] = (Exception,),
+) -> LogRound:
+    """
+    Ask every daemon of C{cursors} (uuids of C{daemons}) for C{params} at
+    once, with its cursor when it has one (and then the largest limit), and
+    merge the answers by time.  C{cursors} is updated in place with each
+    answer's cursor, so that the next round (of C{sky logs -f}, or of the
+    dashboard's live tail) asks only for what is new.
+
+    @param ask: C{ask(daemon, params)} -> awaitable answer of C{SearchLogs}.
+    @param expected: the failures of one daemon's call that are reported in
+        the round's C{errors} instead of failing it.
+    """
+    from twisted.internet.defer import Deferred, DeferredList
+
+    by_uuid = {d.uuid: d for d in daemons}
+    uuids = [u for u in cursors if u in by_uuid]
+
+    async def one(uuid: str) -> Any:
+        asked = dict(params)
+        if cursors[uuid] is not None:
+            asked["cursor"] = cursors[uuid]
+            asked["limit"] = MAX_LIMIT
+        try:
+            return await ask(by_uuid[uuid], asked)
+        except expected as e:
+            return e
+
+    answers = await DeferredList(
+        [Deferred.fromCoroutine(one(u)) for u in uuids], consumeErrors=True
+    )
+    events: list[tuple[dict[str, Any], str]] = []
+    errors: dict[str, list[str]] = {}
+    failed: set[str] = set()
+    more = False
+    for uuid, (ok, answer) in zip(uuids, answers, strict=True):
+        if not ok:  # a failure that was not expected: said, not raised
+            why = answer.getErrorMessage()
+        elif isinstance(answer, BaseException):
+            why = str(answer)
+        elif not isinstance(answer, dict):
+            why = f"bad answer to SearchLogs: {answer!r:.200}"
+        else:
+            why = None
+        if why is not None:
+            failed.add(uuid)
+            errors[uuid] = [why]
+            continue
+        errors[uuid] = [str(error) for error in answer.get("errors", [])]
+        cursors[uuid] = answer.get("cursor")
+        more = more or bool(answer.get("more"))
+        host = by_uuid[uuid].host
+        events.extend((e, host) for e in answer.get("events", []) if isinstance(e, dict))
+    events.sort(key=lambda p: _sort_time(p[0]))
+    return LogRound(events, errors, frozenset(failed), more)
+
+
+def _sort_time(event: dict[str, Any]) -> float:
+    t = event.get("time")
+    return float(t) if isinstance(t, (int, float)) else 0.0

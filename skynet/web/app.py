@@ -11,6 +11,7 @@ on one port.
     POST /api/session               the token (Authorization: Bearer) for a session cookie
     DELETE /api/session             end the session
     POST /api/instances/<uuid>/<action>   register, unregister, stop, restart
+    GET  /api/logs?grep=RE&...      the logs view: the daemons' SearchLogs (skynet.web.logs)
     GET  /metrics                   Prometheus text format
 
 Actions need the configured token in an C{Authorization: Bearer <token>}
@@ -48,7 +49,9 @@ from twisted.web.resource import ErrorPage, Resource
 from twisted.web.server import Site
 from twisted.web.static import File
 
+from skynet.observe.logsearch import SearchError
 from skynet.web.actions import ACTIONS, ActionError, InstanceActions
+from skynet.web.logs import DashboardLogs
 from skynet.web.metrics import PROMETHEUS_CONTENT_TYPE, prometheus_text
 from skynet.web.model import DashboardModel
 
@@ -295,12 +298,14 @@ class DashboardApp:
         actions: InstanceActions | None = None,
         static_dir: Path = STATIC_DIR,
         allowed_hosts: Any = (),
+        logs: DashboardLogs | None = None,
     ) -> None:
         self.model = model
         self.token = token or None
         self.allowed_hosts = LOOPBACK_NAMES | {h.lower() for h in allowed_hosts}
         self.sessions = Sessions(model.reactor)
         self.actions = actions or InstanceActions(model, model.reactor)
+        self.logs = logs or DashboardLogs(model, model.reactor)
         self.static_dir = static_dir
         self.socket_factory = DashboardSocketFactory(self)
 
@@ -466,6 +471,21 @@ class DashboardApp:
         except ActionError as e:
             return _json(request, {"ok": False, "error": e.message}, e.status)
         return _json(request, result)
+
+    @app.route("/api/logs", methods=["GET"])
+    def search_logs(self, request: Any) -> Any:
+        # Read like /api/state (the Host check of _HostGuard applies); the
+        # page renders the text of the events as text, never as markup.
+        args = {k.decode("utf-8", "replace"): v[0].decode("utf-8", "replace")
+                for k, v in request.args.items() if v}  # fmt: skip
+        return ensureDeferred(self._search_logs(request, args))
+
+    async def _search_logs(self, request: Any, args: dict[str, str]) -> bytes:
+        try:
+            answer = await self.logs.search(args)
+        except SearchError as e:
+            return _json(request, {"ok": False, "error": str(e)}, 400)
+        return _json(request, answer)
 
     @app.route("/metrics", methods=["GET"])
     def metrics(self, request: Any) -> bytes:

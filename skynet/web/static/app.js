@@ -123,6 +123,8 @@
     { key: "actions", title: "actions", deps: ["registered", "daemon", "admin", "is_daemon"],
       html: true,
       render: renderActions },
+    // The logs view (logs.js) opens on a click of [data-logs].
+    { key: "logs", title: "", deps: ["is_daemon", "uuid"], html: true, render: renderLogsLink },
   ];
   const TICKING = COLUMNS.filter((c) => c.tick);
 
@@ -168,6 +170,21 @@
       b.disabled = disabled || (action !== "restart" && !d.daemon && !d.admin);
       td.appendChild(b);
     }
+  }
+
+  function logsButton(uuid, title) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = "logs-link";
+    b.textContent = "logs";
+    b.title = title;
+    b.dataset.logs = uuid;
+    return b;
+  }
+
+  function renderLogsLink(td, d) {
+    td.textContent = "";
+    if (!d.is_daemon) td.appendChild(logsButton(d.uuid, "This instance's logs"));
   }
 
   // ---- host groups ----------------------------------------------------------
@@ -261,6 +278,10 @@
     upSpan.classList.add("host-uptime");
     head.append(upSpan);
     head.append(fig("instances", String(g.rows.size)));
+    const logs = logsButton("", "The logs of every instance on this host");
+    delete logs.dataset.logs;
+    logs.dataset.logsHost = g.host;
+    head.append(logs);
     if (!h) {
       const note = document.createElement("span");
       note.className = "note";
@@ -516,6 +537,7 @@
       text.className = "text";
       text.textContent = e.text;
       li.append(time, kind, text);
+      if (e.uuid) li.append(logsButton(e.uuid, "The logs of this event's instance"));
       list.insertBefore(li, list.firstChild);
       if (flashNew) flash(li, "rgba(74, 163, 255, .35)");
     }
