@@ -14,27 +14,14 @@ one-line hook) and answers L{None} for every command it does not own.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from datetime import datetime
 from typing import Any
 
 from skynet.observe.histogram import Histogram, format_seconds, method_histograms
-
-_GO_FORMATS = ("%Y-%m-%dT%H:%M:%SZ%z", "%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S.%f%z")
+from skynet.registry.base import parse_go_time
 
 #: Options of these commands that take no value / one value.
 FLAG_OPTIONS = ("--by-method", "--follow", "-f")
 VALUE_OPTIONS = ("--grep", "--since", "--until", "--level", "--request-id", "--uuid", "--limit")
-
-
-def _go_time(value: Any) -> float | None:
-    if not isinstance(value, str) or not value:
-        return None
-    for layout in _GO_FORMATS:
-        try:
-            return datetime.strptime(value, layout).timestamp()
-        except ValueError:
-            continue
-    return None
 
 
 def by_method_rows(nodes: Iterable[tuple[str, Mapping[str, Any] | None]]) -> list[dict[str, Any]]:
@@ -50,8 +37,8 @@ def by_method_rows(nodes: Iterable[tuple[str, Mapping[str, Any] | None]]) -> lis
     rates: dict[tuple[str, str], float] = {}
     counts: dict[tuple[str, str], int] = {}
     for service, node in nodes:
-        start = _go_time((node or {}).get("StartTime"))
-        updated = _go_time((node or {}).get("Updated"))
+        start = parse_go_time((node or {}).get("StartTime"))
+        updated = parse_go_time((node or {}).get("Updated"))
         elapsed = (updated - start) if start is not None and updated is not None else 0.0
         for method, h in method_histograms(node).items():
             key = (service, method)

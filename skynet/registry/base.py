@@ -27,6 +27,7 @@ import json
 import math
 import sys
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -818,3 +819,23 @@ def sort_instances(instances: Iterable[Instance]) -> list[Instance]:
     Sort instances by their registry path (then uuid).
     """
     return sorted(instances, key=_sort_key)
+
+
+_GO_FORMATS = ("%Y-%m-%dT%H:%M:%SZ%z", "%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S.%f%z")
+
+
+def parse_go_time(value: Any) -> float | None:
+    """
+    A Go Skynet time (C{2006-01-02T15:04:05Z-0700}) as POSIX seconds, or
+    L{None} if it is empty or unreadable.
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, str) or not value:
+        return None
+    for layout in _GO_FORMATS:
+        try:
+            return datetime.strptime(value, layout).timestamp()
+        except ValueError:
+            continue
+    return None

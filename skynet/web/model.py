@@ -26,7 +26,6 @@ import math
 import secrets
 from collections import deque
 from collections.abc import Callable, Iterable
-from datetime import datetime
 from typing import Any
 
 from twisted.application.service import Service
@@ -44,7 +43,7 @@ from zope.interface import implementer
 
 from skynet._services import RetryingStart
 from skynet.config import default_reactor
-from skynet.registry.base import IInstanceListener, Instance, Query
+from skynet.registry.base import IInstanceListener, Instance, Query, parse_go_time
 from skynet.web.deltas import Changes
 from skynet.web.hosts import DAEMON_SERVICE, Daemons
 
@@ -69,25 +68,6 @@ STALE_AFTER = 30.0
 #: How many events the model keeps, and how many a snapshot carries.
 MAX_EVENTS = 1000
 SNAPSHOT_EVENTS = 200
-
-_GO_FORMATS = ("%Y-%m-%dT%H:%M:%SZ%z", "%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S.%f%z")
-
-
-def parse_go_time(value: Any) -> float | None:
-    """
-    A Go Skynet time (C{2006-01-02T15:04:05Z-0700}) as POSIX seconds, or
-    L{None} if it is empty or unreadable.
-    """
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, str) or not value:
-        return None
-    for layout in _GO_FORMATS:
-        try:
-            return datetime.strptime(value, layout).timestamp()
-        except ValueError:
-            continue
-    return None
 
 
 def _number(value: Any) -> float | None:
