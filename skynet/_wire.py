@@ -247,6 +247,89 @@ def encode_request_body(clientid: str, method: str, info: Any, params: bytes) ->
     )
 
 
+#: Documents holding at least this many bytes of binary values are encoded
+#: by L{encode_parts} (pymongo copies a large bytes value several times).
+LARGE_BINARY = 32768
+
+_pack_double = struct.Struct("<d").pack
+_INT32_MIN = -(2**31)
+
+
+def encode_parts(doc: Any) -> tuple[list[Any], int] | None:
+    """
+    The BSON encoding of C{doc} as pieces to be joined (its large binary
+    values as they are, uncopied) and their total length, byte for byte
+    what C{bson.encode(doc)} makes; L{None} unless C{doc} is a plain dict
+    with plain C{str} keys (no C{"_id"}, which pymongo moves first) whose
+    values are plain C{bytes}, C{int}, C{str}, C{float}, C{bool} or
+    L{None}, with at least L{LARGE_BINARY} bytes of binary values: anything
+    else, and every small document, is pymongo's.
+    """
+    if not FAST or type(doc) is not dict or "_id" in doc:
+        return None
+    try:
+        return _encode_parts(doc)
+    except UnicodeEncodeError:
+        return None  # pymongo's error, then
+
+
+def _encode_parts(doc: dict[Any, Any]) -> tuple[list[Any], int] | None:
+    parts: list[Any] = [b""]
+    binary = 0
+    head: list[bytes] = []  # the small elements before the next large value
+    for key, value in doc.items():
+        if type(key) is not str:
+            return None
+        name = key.encode("utf-8")
+        if b"\x00" in name:
+            return None
+        kind = type(value)
+        if kind is bytes:
+            head.append(b"\x05" + name + b"\x00" + _pack_i32(len(value)) + b"\x00")
+            if len(value) >= 1024:
+                parts.append(b"".join(head))
+                parts.append(value)
+                head = []
+            else:
+                head.append(value)
+            binary += len(value)
+        elif kind is int:
+            if _INT32_MIN <= value <= _INT32_MAX:
+                head.append(b"\x10" + name + b"\x00" + _pack_i32(value))
+            elif INT64_MIN <= value <= INT64_MAX:
+                head.append(b"\x12" + name + b"\x00" + _pack_i64(value))
+            else:
+                return None
+        elif kind is str:
+            head.append(string_element(b"\x02" + name + b"\x00", value))
+        elif kind is float:
+            head.append(b"\x01" + name + b"\x00" + _pack_double(value))
+        elif kind is bool:
+            head.append(b"\x08" + name + (b"\x00\x01" if value else b"\x00\x00"))
+        elif value is None:
+            head.append(b"\x0a" + name + b"\x00")
+        else:
+            return None
+    if binary < LARGE_BINARY:
+        return None
+    head.append(b"\x00")
+    parts.append(b"".join(head))
+    total = 4 + sum(len(p) for p in parts)
+    parts[0] = _pack_i32(total)
+    return parts, total
+
+
+def encode_large(doc: Any) -> bytes:
+    """
+    C{bson.encode(doc)}, with one copy of its large binary values (see
+    L{encode_parts}).
+    """
+    encoded = encode_parts(doc)
+    if encoded is None:
+        return _encode(doc)
+    return b"".join(encoded[0])
+
+
 # General readers (fast first, pymongo for anything else)
 
 

@@ -20,7 +20,6 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import bson
 from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectError, ConnectionLost
@@ -31,6 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
+from skynet import _wire
 from skynet.config import default_reactor
 from skynet.errors import (
     ConnectionFailed,
@@ -46,7 +46,7 @@ from skynet.registry.base import IInstanceListener, Instance, Query
 DEFAULT_RETRY_INTERVAL = 2.0
 DEFAULT_GIVEUP_TIMEOUT = 10.0
 
-_encode = bson.encode
+_encode = _wire.encode_large
 
 
 class ILoadBalancer(Interface):

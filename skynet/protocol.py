@@ -37,6 +37,7 @@ from skynet._wire import (
     decode_response_header,
     document,
     encode_header,
+    encode_large,
     encode_request_body,
     encode_request_info,
     encode_response_body,
@@ -881,7 +882,7 @@ class ServerProtocol(FrameProtocol):
             out = EMPTY_DOCUMENT
         else:
             try:
-                out = _encode(result)
+                out = encode_large(result)
             except Exception as e:
                 self._respond(
                     servicemethod,
@@ -1173,7 +1174,7 @@ class ClientProtocol(FrameProtocol):
                 self.forget(sent[0])
 
         d: Deferred = Deferred(cancel)
-        sent.append(self.send(method, params if encoded else _encode(params), request_info, d))
+        sent.append(self.send(method, params if encoded else encode_large(params), request_info, d))
         return d
 
     def _fail_connection(self, error: Exception) -> None:

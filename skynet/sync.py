@@ -654,7 +654,7 @@ class ServiceClient:
         client = self.client
         client._ensure_started(self)
         try:
-            encoded = bson.encode(params if params is not None else {})
+            encoded = _wire.encode_large(params if params is not None else {})
         except Exception as e:
             raise TypeError(f"parameters of {method} cannot be encoded as BSON: {e}") from None
         if request_info is None:

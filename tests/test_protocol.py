@@ -1012,6 +1012,61 @@ class FastCodecTests(SynchronousTestCase):
     damaged, short or truncated.
     """
 
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.dictionaries(
+            st.text(max_size=6),
+            st.one_of(
+                st.binary(max_size=40),
+                st.integers(-(2**70), 2**70),
+                st.text(max_size=10),
+                st.floats(allow_nan=False),
+                st.booleans(),
+                st.none(),
+                st.lists(st.integers(0, 3), max_size=2),
+            ),
+            max_size=5,
+        ),
+        st.lists(st.sampled_from([0, 1023, 1024, 40000]), max_size=3),
+    )
+    def test_large_binary_documents_encode_as_pymongo_does(self, doc, sizes) -> None:
+        """
+        L{_wire.encode_large} (and the pieces of L{_wire.encode_parts}) make
+        C{bson.encode}'s bytes, or its error, for any document, large binary
+        values or not; with the fast paths off it is pymongo's own.
+        """
+        for n, size in enumerate(sizes):
+            doc[f"blob{n}"] = b"\x01" * size
+        doc = dict(reversed(list(doc.items())))  # large values anywhere
+        fast, general = both_paths(_wire.encode_large, doc)
+        self.assertEqual(fast, _ours_or_error(bson.encode, doc))
+        self.assertEqual(fast, general)
+        parts = _wire.encode_parts(doc)
+        if parts is not None:
+            self.assertGreaterEqual(sum(size for size in sizes), _wire.LARGE_BINARY)
+            self.assertEqual(b"".join(parts[0]), bson.encode(doc))
+            self.assertEqual(parts[1], len(bson.encode(doc)))
+
+    def test_large_binary_documents_declined(self) -> None:
+        """
+        What pymongo treats specially is left to it: an C{_id} (moved
+        first), keys with NUL or not text, subclasses, unencodable text.
+        """
+        blob = b"x" * _wire.LARGE_BINARY
+        self.assertIsNotNone(_wire.encode_parts({"a": 1, "b": blob}))
+        for doc in (
+            {"_id": 1, "b": blob},
+            {"a\x00": 1, "b": blob},
+            {1: 1, "b": blob},
+            {"a": bson.Binary(b"1"), "b": blob},
+            {"a": "\ud800", "b": blob},
+            bson.SON([("b", blob)]),
+            {"b": blob[:-1]},
+        ):
+            self.assertIsNone(_wire.encode_parts(doc), doc)
+            self.assertEqual(_ours_or_error(_wire.encode_large, doc),
+                             _ours_or_error(bson.encode, doc))  # fmt: skip
+
     def test_switch_turns_the_fast_paths_off(self) -> None:
         """
         With C{FAST} off, the layouts decline every frame and the writers
