@@ -129,6 +129,18 @@ def response_body_parts(out: bytes, errstring: str) -> tuple[bytes, ...]:
             _pack_i32(len(out)), b"\x00", out, tail)  # fmt: skip
 
 
+def response_body_parts_of(out: list[Any], length: int, errstring: str) -> tuple[Any, ...]:
+    """
+    L{response_body_parts} of an C{out} given in pieces (of L{encode_parts}),
+    C{length} bytes in all.
+    """
+    if not FAST:
+        return response_body_parts(b"".join(out), errstring)
+    tail = string_element(_ERRSTRING, errstring) + b"\x00"
+    return (_pack_i32(4 + 5 + len(OUT) + length + len(tail)), OUT,
+            _pack_i32(length), b"\x00", *out, tail)  # fmt: skip
+
+
 def encode_response_body(out: bytes, errstring: str) -> bytes:
     """
     C{{out: binary, errstring}}.
@@ -470,6 +482,16 @@ class ServerLayout:
         with this connection's client id: (method, request id, retry count,
         encoded params); L{None} for anything else (left to bson.decode).
         """
+        span = self.read_body_span(frame)
+        if span is None:
+            return None
+        return span[0], span[1], span[2], frame[span[3] : span[4]]
+
+    def read_body_span(self, frame: bytes) -> tuple[str, str, int, int, int] | None:
+        """
+        L{read_body}, with the encoded params' place in C{frame} (start,
+        end) instead of a copy of them.
+        """
         if not self.fast:
             return None
         clientid = self._clientid_element
@@ -505,7 +527,7 @@ class ServerLayout:
             start = end + 9
             if n < 5 or frame[end + 8] != 0 or start + n + 1 != len(frame) or frame[-1] != 0:
                 return None
-            return method, request_id, retry_count, frame[start : start + n]
+            return method, request_id, retry_count, start, start + n
         except _DECLINE_ALL:
             return None
 
@@ -606,7 +628,8 @@ def plain_tcp() -> tuple[type, ...]:
 def _probe_plain_tcp() -> tuple[type, ...]:
     from twisted.internet import abstract, tcp
 
-    needed = ("connected", "disconnecting", "offset", "dataBuffer", "_writeDisconnected")
+    needed = ("connected", "disconnecting", "offset", "dataBuffer", "_writeDisconnected",
+              "_maybePauseProducer", "startWriting")  # fmt: skip
     if not all(hasattr(abstract.FileDescriptor, name) for name in needed):
         return ()
     probe = abstract.FileDescriptor.__new__(abstract.FileDescriptor)
@@ -644,7 +667,14 @@ def write_now(transport: Any, data: bytes) -> None:
             sent = 0  # full, or broken: the reactor's own write deals with it
         if sent == len(data):
             return
-        data = data[sent:]
+        if sent:
+            # The rest stays where it is, as Twisted's own buffer holds a
+            # partly sent string (no copy of a large answer's tail).
+            transport.dataBuffer = data
+            transport.offset = sent
+            transport._maybePauseProducer()
+            transport.startWriting()
+            return
     transport.write(data)
 
 

@@ -38,11 +38,13 @@ from skynet._wire import (
     document,
     encode_header,
     encode_large,
+    encode_parts,
     encode_request_body,
     encode_request_info,
     encode_response_body,
     request_body_parts,
     response_body_parts,
+    response_body_parts_of,
     string_element,
     write_now,
 )
@@ -293,6 +295,10 @@ class FrameProtocol(Protocol):
                 break
             if offset == 0 and length == end and type(data) is bytes:
                 frame = data
+            elif offset == 0 and length == end and data is buf and length >= 65536:
+                # A large frame that fills the buffer: handed over, not copied.
+                frame = buf
+                self._buffer = buf = b""
             else:
                 frame = bytes(memoryview(data)[offset : offset + length])
             offset += length
@@ -556,7 +562,7 @@ class ServerProtocol(FrameProtocol):
         self._forward = self._layout.forward
         # Bound once: the per-request path skips the attribute lookups.
         self._read_forward_header = self._layout.read_forward_header
-        self._read_body = self._layout.read_body
+        self._read_body = self._layout.read_body_span
         self._ok_header = self._layout.ok_header
         self._max_elements = getattr(dispatcher, "max_request_elements", None)
 
@@ -721,16 +727,24 @@ class ServerProtocol(FrameProtocol):
         fast_method = dispatcher.find_method(fast[0]) if fast is not None else None
         limit = self._max_elements
         if limit and not checked:
-            data = fast[3] if fast_method is not None else frame  # type: ignore[index]
+            if fast_method is not None:
+                start, stop = fast[3], fast[4]  # type: ignore[index]
+            else:
+                start, stop = 0, len(frame)
             # Each element has a name ending in NUL: no more NULs, no more
             # elements, and no need for the exact count off this process.
-            if len(data) > limit and data.count(0) > limit:
+            if stop - start > limit and frame.count(0, start, stop) > limit:
+                data = frame[start:stop] if stop - start < len(frame) else frame
                 self._check_elements(servicemethod, seq, frame, data, limit)
                 return
         if fast is not None:
             if fast_method is not None:
+                start, stop = fast[3], fast[4]  # type: ignore[misc]
                 try:
-                    fast_params = _decode(fast[3])
+                    # The parameters where they lie (a large slice is a copy).
+                    fast_params = _decode(
+                        frame[start:stop] if stop - start < 4096 else memoryview(frame)[start:stop]
+                    )
                 except Exception as e:
                     self._send_error(servicemethod, seq, f"in: {e}")
                     return
@@ -882,7 +896,9 @@ class ServerProtocol(FrameProtocol):
             out = EMPTY_DOCUMENT
         else:
             try:
-                out = encode_large(result)
+                # A large result in pieces: joined once, with the rest.
+                parts = encode_parts(result)
+                out = _encode(result) if parts is None else parts
             except Exception as e:
                 self._respond(
                     servicemethod,
@@ -899,7 +915,7 @@ class ServerProtocol(FrameProtocol):
         self,
         servicemethod: str,
         seq: int,
-        out: bytes,
+        out: bytes | tuple[list[Any], int],
         errstring: str,
         started: float,
         failed: bool,
@@ -912,7 +928,11 @@ class ServerProtocol(FrameProtocol):
                 else:
                     header = encode_header(servicemethod, seq, "")
                 # One copy of the result (a chain of + would make several).
-                self.send_bytes(b"".join((header, *response_body_parts(out, errstring))))
+                if type(out) is tuple:
+                    body = response_body_parts_of(out[0], out[1], errstring)
+                else:
+                    body = response_body_parts(out, errstring)  # type: ignore[arg-type]
+                self.send_bytes(b"".join((header, *body)))
         finally:
             # Last: this may finish a drain, which closes the connection.
             self.dispatcher.request_finished(started, failed)

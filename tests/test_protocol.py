@@ -1328,6 +1328,63 @@ class WriteNowTests(TestCase):
         self.assertEqual(b"".join(received), b"nowqueuedafter")
         transport.loseConnection()
 
+    async def test_a_partly_sent_large_write_finishes_in_order(self) -> None:
+        """
+        What the socket does not take at once is sent by the reactor, in
+        order with later writes, and pauses a streaming producer as
+        C{transport.write} would.
+        """
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import (
+            TCP4ClientEndpoint,
+            TCP4ServerEndpoint,
+            connectProtocol,
+        )
+        from twisted.internet.protocol import Factory, Protocol
+
+        received: list[bytes] = []
+
+        class Sink(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                received.append(data)
+
+        class Producer:
+            paused = 0
+
+            def pauseProducing(self) -> None:
+                self.paused += 1
+
+            def resumeProducing(self) -> None:
+                pass
+
+            def stopProducing(self) -> None:
+                pass
+
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Factory.forProtocol(Sink)
+        )
+        self.addCleanup(port.stopListening)
+        client = await connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), Protocol()
+        )
+        transport = client.transport
+        producer = Producer()
+        transport.registerProducer(producer, True)
+        large = bytes(range(256)) * 40_000  # 10 MB: more than a socket buffer holds
+        write_now(transport, large)
+        self.assertGreater(len(transport.dataBuffer) - transport.offset, 0)
+        self.assertEqual(producer.paused, 1)
+        write_now(transport, b"after")
+        transport.write(b"end")
+        expected = large + b"afterend"
+        for _ in range(1000):
+            if sum(map(len, received)) >= len(expected):
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(b"".join(received), expected)
+        transport.unregisterProducer()
+        transport.loseConnection()
+
     def test_other_transports_write(self) -> None:
         transport = StringTransport()
         write_now(transport, b"data")
