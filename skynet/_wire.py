@@ -416,6 +416,8 @@ def _fast_response_body(frame: bytes) -> tuple[bytes, str]:
     if n < 0 or frame[13] != 0 or end >= len(frame):
         raise _NotFastPath()
     out = frame[14:end]
+    if type(out) is not bytes:  # a large frame may be a bytearray
+        out = bytes(out)
     if frame[end : end + 11] != _ERRSTRING:
         raise _NotFastPath()
     errstring, pos = _read_string(frame, end + 11)
@@ -590,6 +592,13 @@ class ClientLayout:
         @param frame: a whole frame as L{skynet.protocol.FrameProtocol}
             delivers it: its length prefix is its length.
         """
+        span = self.read_ok_body_span(frame)
+        return None if span is None else frame[span[0] : span[1]]
+
+    def read_ok_body_span(self, frame: bytes) -> tuple[int, int] | None:
+        """
+        L{read_ok_body}, as the place of C{out} in C{frame} (start, end).
+        """
         if (
             self.fast
             and len(frame) >= 14 + _OK_BODY_SUFFIX_LENGTH
@@ -599,7 +608,7 @@ class ClientLayout:
         ):
             n = unpack_length(frame, 9)[0]
             if len(frame) == 14 + n + _OK_BODY_SUFFIX_LENGTH:
-                return frame[14 : 14 + n]
+                return 14, 14 + n
         return None
 
 

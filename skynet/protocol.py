@@ -1088,9 +1088,14 @@ class ClientProtocol(FrameProtocol):
             if error:
                 d.errback(RemoteCallError(error))
                 return
-            out = self._read_ok_body(frame)
+            span = self._read_ok_body(frame)
+            out: Any = None
+            if span is not None:
+                start, stop = span
+                # The result where it lies (a large slice is a copy).
+                out = frame[start:stop] if stop - start < 4096 else memoryview(frame)[start:stop]
             try:
-                if out is None:
+                if span is None:
                     out, errstring = decode_response_body(frame)
                     if errstring:
                         d.errback(ServiceError(str(errstring)))
@@ -1128,7 +1133,7 @@ class ClientProtocol(FrameProtocol):
         self.clientid = clientid if type(clientid) is str else ""
         self._layout = ClientLayout(self.servicemethod, self.clientid)
         self._read_ok_header = self._layout.read_ok_header
-        self._read_ok_body = self._layout.read_ok_body
+        self._read_ok_body = self._layout.read_ok_body_span
         self._request_header = self._layout.request_header
         self._state = _HEADER
         self.ready.callback(self)
