@@ -259,8 +259,8 @@ def encode_request_body(clientid: str, method: str, info: Any, params: bytes) ->
     )
 
 
-#: Documents holding at least this many bytes of binary values are encoded
-#: by L{encode_parts} (pymongo copies a large bytes value several times).
+#: Documents holding a binary value of at least this many bytes are encoded
+#: by L{encode_parts} (pymongo grows its buffer, copying, as it goes).
 LARGE_BINARY = 32768
 
 _pack_double = struct.Struct("<d").pack
@@ -274,10 +274,17 @@ def encode_parts(doc: Any) -> tuple[list[Any], int] | None:
     what C{bson.encode(doc)} makes; L{None} unless C{doc} is a plain dict
     with plain C{str} keys (no C{"_id"}, which pymongo moves first) whose
     values are plain C{bytes}, C{int}, C{str}, C{float}, C{bool} or
-    L{None}, with at least L{LARGE_BINARY} bytes of binary values: anything
-    else, and every small document, is pymongo's.
+    L{None}, one of them a binary value of at least L{LARGE_BINARY} bytes:
+    anything else, and every small document, is pymongo's.
     """
-    if not FAST or type(doc) is not dict or "_id" in doc:
+    if not FAST or type(doc) is not dict:
+        return None
+    for value in doc.values():  # the usual small document: declined at once
+        if type(value) is bytes and len(value) >= LARGE_BINARY:
+            break
+    else:
+        return None
+    if "_id" in doc:
         return None
     try:
         return _encode_parts(doc)
@@ -287,7 +294,6 @@ def encode_parts(doc: Any) -> tuple[list[Any], int] | None:
 
 def _encode_parts(doc: dict[Any, Any]) -> tuple[list[Any], int] | None:
     parts: list[Any] = [b""]
-    binary = 0
     head: list[bytes] = []  # the small elements before the next large value
     for key, value in doc.items():
         if type(key) is not str:
@@ -304,7 +310,6 @@ def _encode_parts(doc: dict[Any, Any]) -> tuple[list[Any], int] | None:
                 head = []
             else:
                 head.append(value)
-            binary += len(value)
         elif kind is int:
             if _INT32_MIN <= value <= _INT32_MAX:
                 head.append(b"\x10" + name + b"\x00" + _pack_i32(value))
@@ -322,8 +327,6 @@ def _encode_parts(doc: dict[Any, Any]) -> tuple[list[Any], int] | None:
             head.append(b"\x0a" + name + b"\x00")
         else:
             return None
-    if binary < LARGE_BINARY:
-        return None
     head.append(b"\x00")
     parts.append(b"".join(head))
     total = 4 + sum(len(p) for p in parts)
