@@ -334,6 +334,28 @@ def _encode_parts(doc: dict[Any, Any]) -> tuple[list[Any], int] | None:
     return parts, total
 
 
+def encode_for_send(doc: Any) -> bytes | tuple[list[Any], int]:
+    """
+    C{bson.encode(doc)}, or for a document with a large binary value the
+    pieces and length of L{encode_parts}, for a writer to join once with the
+    rest of its message (L{request_body_parts_of}).
+    """
+    encoded = encode_parts(doc)
+    return _encode(doc) if encoded is None else encoded
+
+
+def request_body_parts_of(
+    clientid_element: bytes, method_element: bytes, info: Any, params: list[Any], length: int
+) -> tuple[Any, ...]:
+    """
+    L{request_body_parts} of parameters given in pieces (of L{encode_parts}),
+    C{length} bytes in all.
+    """
+    elements = clientid_element + method_element + encode_request_info(info) + _IN
+    return (_pack_i32(len(elements) + 5 + length + 5), elements, _pack_i32(length),
+            b"\x00", *params, b"\x00")  # fmt: skip
+
+
 def encode_large(doc: Any) -> bytes:
     """
     C{bson.encode(doc)}, with one copy of its large binary values (see

@@ -46,7 +46,7 @@ from skynet.registry.base import IInstanceListener, Instance, Query
 DEFAULT_RETRY_INTERVAL = 2.0
 DEFAULT_GIVEUP_TIMEOUT = 10.0
 
-_encode = _wire.encode_large
+_encode = _wire.encode_for_send
 
 
 class ILoadBalancer(Interface):
@@ -210,7 +210,7 @@ class InstanceHandle:
         """
         return now >= self.evicted_until and (not self.probing or self.probe is None)
 
-    def send(self, attempt: "_Attempt", method: str, encoded: bytes, info: RequestInfo) -> None:
+    def send(self, attempt: "_Attempt", method: str, encoded: Any, info: RequestInfo) -> None:
         """
         Send one attempt of a call on a pooled connection (connecting first
         if there is none); its answer goes to C{attempt}.
@@ -496,7 +496,7 @@ class _Call:
         self,
         service: "ServiceClient",
         method: str,
-        encoded: bytes,
+        encoded: Any,  # bytes, or pieces and length (encode_for_send)
         info: RequestInfo,
         retry_interval: float,
         timeout: float,

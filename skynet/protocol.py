@@ -36,13 +36,14 @@ from skynet._wire import (
     decode_response_body,
     decode_response_header,
     document,
+    encode_for_send,
     encode_header,
-    encode_large,
     encode_parts,
     encode_request_body,
     encode_request_info,
     encode_response_body,
     request_body_parts,
+    request_body_parts_of,
     response_body_parts,
     response_body_parts_of,
     string_element,
@@ -1139,13 +1140,18 @@ class ClientProtocol(FrameProtocol):
         self.ready.callback(self)
 
     def send(
-        self, method: str, params: bytes, request_info: RequestInfo, receiver: IReceiver
+        self,
+        method: str,
+        params: bytes | tuple[list[Any], int],
+        request_info: RequestInfo,
+        receiver: IReceiver,
     ) -> int:
         """
         Send one request; its answer goes to C{receiver.callback(result)}
         or C{receiver.errback(exception)}.
 
-        @param params: the encoded parameters document.
+        @param params: the encoded parameters document (or its pieces and
+            length, from L{skynet._wire.encode_for_send}).
         @return: the request's C{seq}, for L{forget}.
         @raise ConnectionFailed: if the connection is not usable.
         """
@@ -1157,16 +1163,13 @@ class ClientProtocol(FrameProtocol):
         self.pending[seq] = receiver
         method_element = self._method_elements.get(method) or self._method_element(method)
         # One copy of the parameters (a chain of + would make several).
-        self.send_bytes(
-            b"".join(
-                (
-                    self._request_header(seq),
-                    *request_body_parts(
-                        layout.clientid_element, method_element, request_info, params
-                    ),
-                )
+        if type(params) is tuple:  # large, in pieces: encode_for_send
+            body = request_body_parts_of(
+                layout.clientid_element, method_element, request_info, params[0], params[1]
             )
-        )
+        else:
+            body = request_body_parts(layout.clientid_element, method_element, request_info, params)
+        self.send_bytes(b"".join((self._request_header(seq), *body)))
         return seq
 
     def _method_element(self, method: str) -> bytes:
@@ -1199,7 +1202,9 @@ class ClientProtocol(FrameProtocol):
                 self.forget(sent[0])
 
         d: Deferred = Deferred(cancel)
-        sent.append(self.send(method, params if encoded else encode_large(params), request_info, d))
+        sent.append(
+            self.send(method, params if encoded else encode_for_send(params), request_info, d)
+        )
         return d
 
     def _fail_connection(self, error: Exception) -> None:

@@ -1313,6 +1313,31 @@ class LargeFrameTests(SynchronousTestCase):
         pump()
         return outcome
 
+    def test_large_requests_are_the_general_bytes(self) -> None:
+        """
+        A request with large binary parameters, built from pieces, is byte
+        for byte the general path's.
+        """
+        params = {"a": 1, "data": bytes(range(256)) * 400, "s": "x"}
+        sent = []
+        for fast in (True, False):
+            _wire.FAST = fast
+            try:
+                client = ClientProtocol("Echo")
+                transport = StringTransport()
+                client.makeConnection(transport)
+                client.dataReceived(bson.encode({"registered": True, "clientid": "c"}))
+                transport.clear()
+                client.call("Echo", params, RequestInfo("r", 2))
+                sent.append(transport.value())
+            finally:
+                _wire.FAST = True
+        with general_path():
+            expected = encode_header("Echo.Forward", 0) + encode_request_body(
+                "c", "Echo", RequestInfo("r", 2), bson.encode(params)
+            )
+        self.assertEqual(sent, [expected, expected])
+
     def test_large_frames_both_paths(self) -> None:
         for size in (65_000, 70_000, 1_000_000):
             data = bytes(range(256)) * (size // 256)
