@@ -893,6 +893,7 @@ class ServerProtocol(FrameProtocol):
         self._respond(servicemethod, seq, EMPTY_DOCUMENT, text, started, True)
 
     def _method_returned(self, result: Any, servicemethod: str, seq: int, started: float):
+        out: bytes | tuple[list[Any], int]
         if result is None:
             out = EMPTY_DOCUMENT
         else:
@@ -1168,7 +1169,12 @@ class ClientProtocol(FrameProtocol):
                 layout.clientid_element, method_element, request_info, params[0], params[1]
             )
         else:
-            body = request_body_parts(layout.clientid_element, method_element, request_info, params)
+            body = request_body_parts(
+                layout.clientid_element,
+                method_element,
+                request_info,
+                params,  # type: ignore[arg-type]
+            )
         self.send_bytes(b"".join((self._request_header(seq), *body)))
         return seq
 
