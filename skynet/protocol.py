@@ -42,6 +42,7 @@ from skynet._wire import (
     encode_request_body,
     encode_request_info,
     encode_response_body,
+    plain_tcp,
     request_body_parts,
     request_body_parts_of,
     response_body_parts,
@@ -212,6 +213,12 @@ class BufferBudget:
         self.used = 0
 
 
+#: Twisted's read size on TCP, and the largest this raises it to for a
+#: large frame.
+_READ_SIZE = 65536
+_LARGE_READ = 1 << 20
+
+
 class FrameProtocol(Protocol):
     """
     Splits a TCP stream into whole BSON documents, whatever the segmentation.
@@ -316,6 +323,26 @@ class FrameProtocol(Protocol):
             self._buffer = bytearray(memoryview(data)[offset:])
         if self._buffer or self._frame_timer is not None:
             self._unfinished(offset > 0)
+        if needed - len(self._buffer) > _READ_SIZE or self._large_reads:
+            self._read_size(needed - len(self._buffer))
+
+    _large_reads = False
+
+    def _read_size(self, wanted: int) -> None:
+        """
+        Read a large frame's rest in pieces of up to L{_LARGE_READ} bytes
+        rather than Twisted's 64 KiB (a reactor round each), on plain TCP;
+        back to Twisted's size when no large frame is pending.
+        """
+        transport = self.transport
+        if type(transport) not in plain_tcp():
+            return
+        if wanted > _READ_SIZE:
+            transport.bufferSize = min(wanted, _LARGE_READ)  # type: ignore[union-attr]
+            self._large_reads = True
+        elif self._large_reads:
+            self._large_reads = False
+            del transport.bufferSize  # type: ignore[union-attr]
 
     def _unfinished(self, completed: bool) -> None:
         """

@@ -1456,6 +1456,51 @@ class WriteNowTests(TestCase):
         transport.unregisterProducer()
         transport.loseConnection()
 
+    async def test_large_frames_over_tcp_read_in_large_pieces(self) -> None:
+        """
+        Over real TCP a large request raises the service connection's read
+        size while it is pending and puts it back after; the answers are
+        whole.
+        """
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import (
+            TCP4ClientEndpoint,
+            TCP4ServerEndpoint,
+            connectProtocol,
+        )
+        from twisted.internet.protocol import Factory
+
+        host = make_host(clock=reactor)
+        servers: list[ServerProtocol] = []
+        sizes: list[int] = []
+
+        class Watched(ServerProtocol):
+            def _read_size(self, wanted: int) -> None:
+                super()._read_size(wanted)
+                sizes.append(self.transport.bufferSize)
+
+        def build(_: object) -> ServerProtocol:
+            servers.append(Watched(host))
+            return servers[-1]
+
+        factory = Factory()
+        factory.buildProtocol = build  # type: ignore[method-assign]
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(port.stopListening)
+        client = await connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), ClientProtocol("Echo")
+        )
+        await client.ready
+        for size in (3_000_000, 100, 1_000_000):
+            data = bytes(range(256)) * (size // 256)
+            result = await client.call("Echo", {"data": data}, RequestInfo("r"))
+            self.assertEqual(result, {"data": data})
+        self.assertGreater(max(sizes), 65536)
+        self.assertEqual(servers[0].transport.bufferSize, 65536)
+        client.transport.loseConnection()
+        for server in servers:
+            server.transport.loseConnection()
+
     def test_other_transports_write(self) -> None:
         transport = StringTransport()
         write_now(transport, b"data")
