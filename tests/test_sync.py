@@ -7,6 +7,7 @@ socket (fast).
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
@@ -412,6 +413,9 @@ def answer(connection: socket.socket, seq: int, result: Any = None, error: str =
                        + encode_response_body(out, errstring))  # fmt: skip
 
 
+_stores = itertools.count()
+
+
 @pytest.fixture
 def scripted() -> Iterator[Any]:
     servers: list[ScriptedServer] = []
@@ -422,7 +426,9 @@ def scripted() -> Iterator[Any]:
         A server per script, all in a registry of their own; a client's
         L{ServiceClient} for them, with C{servers} the servers in order.
         """
-        name = f"sync-wire-{id(clients)}-{len(clients)}"
+        # Unique in the process: id() of a list is reused once it is freed,
+        # and a store of that name would still hold an earlier test's instances.
+        name = f"sync-wire-{os.getpid()}-{next(_stores)}"
         writer = MemoryRegistry(store=named_store(name), reactor=_background().reactor)
         mine = []
         for script in scripts:
