@@ -33,6 +33,12 @@ The systems:
   - bare: a bare Twisted request/response loop over the same BSON framing
     (one document each way, no handshake, no registry: see
     L{benchmarks.bare}), the floor of this design;
+  - raw: the machine's own limit for these bytes: the same payload each
+    way over a loopback socket, a 4-byte length and the bytes, with
+    blocking C{sendall}/C{recv_into} into a buffer allocated once and no
+    codec (a thread per connection on the server; concurrent: a thread per
+    call in flight, each with its own connection); every system's ratio to
+    it is in a table of its own;
   - pyro5: Pyro5 5.x, its threaded server, marshal serializer, TCP_NODELAY;
   - grpc: grpcio, protobuf stubs generated at run time, an asyncio server;
     sequential calls through the blocking stub.
@@ -71,12 +77,13 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PEERS_VENV = ROOT / "benchmarks" / ".venv"
 PEER_PACKAGES = ["Pyro5", "grpcio", "grpcio-tools"]
 
-SYSTEMS = ["skynet", "sync", "bare", "pyro5", "grpc"]
+SYSTEMS = ["skynet", "sync", "bare", "raw", "pyro5", "grpc"]
 PEERS = {"pyro5", "grpc", "fake"}
 LABELS = {
     "skynet": "skynet",
     "sync": "sync",
     "bare": "bare",
+    "raw": "raw",
     "pyro5": "Pyro5",
     "grpc": "gRPC",
     "fake": "fake",
@@ -192,6 +199,111 @@ def serve_bare(port_file: str) -> None:
     port = reactor.listenTCP(0, Factory.forProtocol(server), interface="127.0.0.1")
     _write(port_file, str(port.getHost().port))
     reactor.run()
+
+
+def serve_raw(port_file: str) -> None:
+    """
+    The C{raw} system's server: a thread per connection, each echoing
+    length-prefixed messages through one buffer, no codec.
+    """
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    _write(port_file, str(listener.getsockname()[1]))
+
+    def serve(sock: socket.socket) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        buffer = bytearray(4)
+        view = memoryview(buffer)
+        try:
+            while True:
+                if not _recv_exactly(sock, view[:4]):
+                    return
+                length = 4 + int.from_bytes(view[:4], "little")
+                if len(buffer) < length:
+                    buffer = bytearray(length)
+                    buffer[:4] = view[:4]
+                    view = memoryview(buffer)
+                if not _recv_exactly(sock, view[4:length]):
+                    return
+                sock.sendall(view[:length])
+        except OSError:
+            return
+        finally:
+            sock.close()
+
+    while True:
+        sock, _ = listener.accept()
+        threading.Thread(target=serve, args=(sock,), daemon=True).start()
+
+
+def _recv_exactly(sock: Any, view: memoryview) -> bool:
+    """
+    Fill C{view} from C{sock}; C{False} if the peer closed first.
+    """
+    got, want = 0, len(view)
+    while got < want:
+        n = sock.recv_into(view[got:])
+        if not n:
+            return False
+        got += n
+    return True
+
+
+def raw_caller(port: int, payload: bytes) -> tuple[Callable[[], Any], Callable[[], None]]:
+    """
+    One connection of the C{raw} system: a call sends the payload and
+    receives it back into a buffer allocated once.
+    """
+    import socket
+
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    message = len(payload).to_bytes(4, "little") + payload
+    answer = memoryview(bytearray(len(message)))
+
+    def call() -> None:
+        sock.sendall(message)
+        if not _recv_exactly(sock, answer):
+            raise ConnectionError("raw server closed the connection")
+
+    return call, sock.close
+
+
+def run_raw_client(args: argparse.Namespace) -> None:
+    from benchmarks.peers import ready_then_wait, report, sequential, threaded
+
+    payload = b"x" * args.payload
+    port = int(args.target)
+    if args.mode == "connections":
+        call, close = raw_caller(port, payload)
+        call()
+        ready_then_wait()
+        extra = [raw_caller(port, payload) for _ in range(args.connections)]
+        ready_then_wait()
+        for _, other in extra:
+            other()
+        close()
+        report({"connections": len(extra)})
+        return
+    width = args.width if args.mode == "concurrent" else 1
+    callers = [raw_caller(port, payload) for _ in range(width)]
+    calls = [c for c, _ in callers]
+    warmup = min(0.5, args.seconds / 4)
+    if width > 1:
+        threaded(calls, warmup)
+        ready_then_wait()
+        result = threaded(calls, args.seconds)
+        result["style"] = "threads"
+    else:
+        sequential(calls[0], warmup)
+        ready_then_wait()
+        result = sequential(calls[0], args.seconds)
+        result["style"] = "blocking"
+    for _, close in callers:
+        close()
+    report(result)
 
 
 def _pythonpath() -> str:
@@ -410,6 +522,8 @@ class Server:
                        "--listen", "tcp:0:interface=127.0.0.1"]  # fmt: skip
         elif system == "bare":
             command = [sys.executable, "-m", "benchmarks.compare", "--serve-bare", str(port_file)]
+        elif system == "raw":
+            command = [sys.executable, "-m", "benchmarks.compare", "--serve-raw", str(port_file)]
         else:
             assert peers_python is not None
             command = [peers_python, "-m", "benchmarks.peers", "serve", system, str(port_file)]
@@ -674,6 +788,10 @@ def tables(report: dict[str, Any]) -> str:
                 row += f"{ratio_cell(mine, theirs, SYNC_GOALS.get(mode)):>12}"
             lines.append(row)
     lines.append("")
+    if "raw" in systems:
+        lines += _table("calls/s / raw (the machine's own limit for these bytes)", config,
+                        systems, results, lambda f, raw: f"{f['calls_per_s'] / raw:.2f}",
+                        per_row=lambda row: row["raw"]["calls_per_s"])  # fmt: skip
     lines += _table("latency p50 / p99, ms", config, systems, results,
                     lambda f: f"{_ms(f['p50_ms'])} / {_ms(f['p99_ms'])}")  # fmt: skip
     lines += _table("CPU us per call, client + server", config, systems, results,
@@ -689,16 +807,20 @@ def tables(report: dict[str, Any]) -> str:
 
 def _table(
     title: str, config: dict[str, Any], systems: list[str], results: dict[str, Any],
-    cell: Callable[[dict[str, Any]], str],
+    cell: Callable[..., str], per_row: Callable[[dict[str, Any]], Any] | None = None,
 ) -> list[str]:  # fmt: skip
     """
-    One table of the report: a row per mode and payload, a column per system.
+    One table of the report: a row per mode and payload, a column per
+    system; C{cell(figures)}, or C{cell(figures, per_row(row))} where
+    C{row} maps each system to its figures.
     """
     lines = [title, f"{'mode':11}{'payload':>8}" + "".join(f"{LABELS[s]:>18}" for s in systems)]
     for payload in config["payloads"]:
         for mode in config["modes"]:
+            row = {s: results[s][mode][str(payload)] for s in systems}
+            extra = () if per_row is None else (per_row(row),)
             lines.append(f"{mode:11}{_size(payload):>8}" + "".join(
-                f"{cell(results[s][mode][str(payload)]):>18}" for s in systems))  # fmt: skip
+                f"{cell(row[s], *extra):>18}" for s in systems))  # fmt: skip
     lines.append("")
     return lines
 
@@ -726,6 +848,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         help="only make the peers' environment")  # fmt: skip
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     parser.add_argument("--serve-bare", metavar="PORTFILE", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-raw", metavar="PORTFILE", help=argparse.SUPPRESS)
     parser.add_argument("--client", nargs=2, metavar=("KIND", "TARGET"), help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--payload", type=int, default=100, help=argparse.SUPPRESS)
@@ -751,10 +874,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.serve_bare:
         serve_bare(args.serve_bare)
         return
+    if args.serve_raw:
+        serve_raw(args.serve_raw)
+        return
     if args.client:
         args.kind, args.target = args.client
         if args.kind == "sync":
             run_sync_client(args)
+        elif args.kind == "raw":
+            run_raw_client(args)
         else:
             run_twisted_client(args)
         return

@@ -129,6 +129,18 @@ def response_body_parts(out: bytes, errstring: str) -> tuple[bytes, ...]:
             _pack_i32(len(out)), b"\x00", out, tail)  # fmt: skip
 
 
+def response_body_parts_of(out: list[Any], length: int, errstring: str) -> tuple[Any, ...]:
+    """
+    L{response_body_parts} of an C{out} given in pieces (of L{encode_parts}),
+    C{length} bytes in all.
+    """
+    if not FAST:
+        return response_body_parts(b"".join(out), errstring)
+    tail = string_element(_ERRSTRING, errstring) + b"\x00"
+    return (_pack_i32(4 + 5 + len(OUT) + length + len(tail)), OUT,
+            _pack_i32(length), b"\x00", *out, tail)  # fmt: skip
+
+
 def encode_response_body(out: bytes, errstring: str) -> bytes:
     """
     C{{out: binary, errstring}}.
@@ -247,6 +259,114 @@ def encode_request_body(clientid: str, method: str, info: Any, params: bytes) ->
     )
 
 
+#: Documents holding a binary value of at least this many bytes are encoded
+#: by L{encode_parts} (pymongo grows its buffer, copying, as it goes).
+LARGE_BINARY = 32768
+
+_pack_double = struct.Struct("<d").pack
+_INT32_MIN = -(2**31)
+
+
+def encode_parts(doc: Any) -> tuple[list[Any], int] | None:
+    """
+    The BSON encoding of C{doc} as pieces to be joined (its large binary
+    values as they are, uncopied) and their total length, byte for byte
+    what C{bson.encode(doc)} makes; L{None} unless C{doc} is a plain dict
+    with plain C{str} keys (no C{"_id"}, which pymongo moves first) whose
+    values are plain C{bytes}, C{int}, C{str}, C{float}, C{bool} or
+    L{None}, one of them a binary value of at least L{LARGE_BINARY} bytes:
+    anything else, and every small document, is pymongo's.
+    """
+    if not FAST or type(doc) is not dict:
+        return None
+    for value in doc.values():  # the usual small document: declined at once
+        if type(value) is bytes and len(value) >= LARGE_BINARY:
+            break
+    else:
+        return None
+    if "_id" in doc:
+        return None
+    try:
+        return _encode_parts(doc)
+    except UnicodeEncodeError:
+        return None  # pymongo's error, then
+
+
+def _encode_parts(doc: dict[Any, Any]) -> tuple[list[Any], int] | None:
+    parts: list[Any] = [b""]
+    head: list[bytes] = []  # the small elements before the next large value
+    for key, value in doc.items():
+        if type(key) is not str:
+            return None
+        name = key.encode("utf-8")
+        if b"\x00" in name:
+            return None
+        kind = type(value)
+        if kind is bytes:
+            head.append(b"\x05" + name + b"\x00" + _pack_i32(len(value)) + b"\x00")
+            if len(value) >= 1024:
+                parts.append(b"".join(head))
+                parts.append(value)
+                head = []
+            else:
+                head.append(value)
+        elif kind is int:
+            if _INT32_MIN <= value <= _INT32_MAX:
+                head.append(b"\x10" + name + b"\x00" + _pack_i32(value))
+            elif INT64_MIN <= value <= INT64_MAX:
+                head.append(b"\x12" + name + b"\x00" + _pack_i64(value))
+            else:
+                return None
+        elif kind is str:
+            head.append(string_element(b"\x02" + name + b"\x00", value))
+        elif kind is float:
+            head.append(b"\x01" + name + b"\x00" + _pack_double(value))
+        elif kind is bool:
+            head.append(b"\x08" + name + (b"\x00\x01" if value else b"\x00\x00"))
+        elif value is None:
+            head.append(b"\x0a" + name + b"\x00")
+        else:
+            return None
+    head.append(b"\x00")
+    parts.append(b"".join(head))
+    total = 4 + sum(len(p) for p in parts)
+    parts[0] = _pack_i32(total)
+    return parts, total
+
+
+def encode_for_send(doc: Any) -> bytes | tuple[list[Any], int]:
+    """
+    C{bson.encode(doc)}, or for a document with a large binary value the
+    pieces and length of L{encode_parts}, for a writer to join once with the
+    rest of its message (L{request_body_parts_of}).
+    """
+    encoded = encode_parts(doc)
+    return _encode(doc) if encoded is None else encoded
+
+
+def request_body_parts_of(
+    clientid_element: bytes, method_element: bytes, info: Any, params: list[Any], length: int
+) -> tuple[Any, ...]:
+    """
+    L{request_body_parts} of parameters given in pieces (of L{encode_parts}),
+    C{length} bytes in all.
+    """
+    elements = clientid_element + method_element + encode_request_info(info) + _IN
+    return (_pack_i32(len(elements) + 5 + length + 5), elements, _pack_i32(length),
+            b"\x00", *params, b"\x00")  # fmt: skip
+
+
+def encode_large(doc: Any) -> bytes:
+    """
+    C{bson.encode(doc)}, with one copy of its large binary values (see
+    L{encode_parts}).
+    """
+    encoded = encode_parts(doc)
+    if encoded is None:
+        return _encode(doc)
+    return b"".join(encoded[0])
+
+
 # General readers (fast first, pymongo for anything else)
 
 
@@ -321,6 +441,8 @@ def _fast_response_body(frame: bytes) -> tuple[bytes, str]:
     if n < 0 or frame[13] != 0 or end >= len(frame):
         raise _NotFastPath()
     out = frame[14:end]
+    if type(out) is not bytes:  # a large frame may be a bytearray
+        out = bytes(out)
     if frame[end : end + 11] != _ERRSTRING:
         raise _NotFastPath()
     errstring, pos = _read_string(frame, end + 11)
@@ -387,6 +509,16 @@ class ServerLayout:
         with this connection's client id: (method, request id, retry count,
         encoded params); L{None} for anything else (left to bson.decode).
         """
+        span = self.read_body_span(frame)
+        if span is None:
+            return None
+        return span[0], span[1], span[2], frame[span[3] : span[4]]
+
+    def read_body_span(self, frame: bytes) -> tuple[str, str, int, int, int] | None:
+        """
+        L{read_body}, with the encoded params' place in C{frame} (start,
+        end) instead of a copy of them.
+        """
         if not self.fast:
             return None
         clientid = self._clientid_element
@@ -422,7 +554,7 @@ class ServerLayout:
             start = end + 9
             if n < 5 or frame[end + 8] != 0 or start + n + 1 != len(frame) or frame[-1] != 0:
                 return None
-            return method, request_id, retry_count, frame[start : start + n]
+            return method, request_id, retry_count, start, start + n
         except _DECLINE_ALL:
             return None
 
@@ -485,6 +617,13 @@ class ClientLayout:
         @param frame: a whole frame as L{skynet.protocol.FrameProtocol}
             delivers it: its length prefix is its length.
         """
+        span = self.read_ok_body_span(frame)
+        return None if span is None else frame[span[0] : span[1]]
+
+    def read_ok_body_span(self, frame: bytes) -> tuple[int, int] | None:
+        """
+        L{read_ok_body}, as the place of C{out} in C{frame} (start, end).
+        """
         if (
             self.fast
             and len(frame) >= 14 + _OK_BODY_SUFFIX_LENGTH
@@ -494,7 +633,7 @@ class ClientLayout:
         ):
             n = unpack_length(frame, 9)[0]
             if len(frame) == 14 + n + _OK_BODY_SUFFIX_LENGTH:
-                return frame[14 : 14 + n]
+                return 14, 14 + n
         return None
 
 
@@ -523,7 +662,8 @@ def plain_tcp() -> tuple[type, ...]:
 def _probe_plain_tcp() -> tuple[type, ...]:
     from twisted.internet import abstract, tcp
 
-    needed = ("connected", "disconnecting", "offset", "dataBuffer", "_writeDisconnected")
+    needed = ("connected", "disconnecting", "offset", "dataBuffer", "_writeDisconnected",
+              "_maybePauseProducer", "startWriting")  # fmt: skip
     if not all(hasattr(abstract.FileDescriptor, name) for name in needed):
         return ()
     probe = abstract.FileDescriptor.__new__(abstract.FileDescriptor)
@@ -561,7 +701,14 @@ def write_now(transport: Any, data: bytes) -> None:
             sent = 0  # full, or broken: the reactor's own write deals with it
         if sent == len(data):
             return
-        data = data[sent:]
+        if sent:
+            # The rest stays where it is, as Twisted's own buffer holds a
+            # partly sent string (no copy of a large answer's tail).
+            transport.dataBuffer = data
+            transport.offset = sent
+            transport._maybePauseProducer()
+            transport.startWriting()
+            return
     transport.write(data)
 
 

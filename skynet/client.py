@@ -20,7 +20,6 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import bson
 from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectError, ConnectionLost
@@ -31,6 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
+from skynet import _wire
 from skynet.config import default_reactor
 from skynet.errors import (
     ConnectionFailed,
@@ -46,7 +46,7 @@ from skynet.registry.base import IInstanceListener, Instance, Query
 DEFAULT_RETRY_INTERVAL = 2.0
 DEFAULT_GIVEUP_TIMEOUT = 10.0
 
-_encode = bson.encode
+_encode = _wire.encode_for_send
 
 
 class ILoadBalancer(Interface):
@@ -210,7 +210,7 @@ class InstanceHandle:
         """
         return now >= self.evicted_until and (not self.probing or self.probe is None)
 
-    def send(self, attempt: "_Attempt", method: str, encoded: bytes, info: RequestInfo) -> None:
+    def send(self, attempt: "_Attempt", method: str, encoded: Any, info: RequestInfo) -> None:
         """
         Send one attempt of a call on a pooled connection (connecting first
         if there is none); its answer goes to C{attempt}.
@@ -496,7 +496,7 @@ class _Call:
         self,
         service: "ServiceClient",
         method: str,
-        encoded: bytes,
+        encoded: Any,  # bytes, or pieces and length (encode_for_send)
         info: RequestInfo,
         retry_interval: float,
         timeout: float,

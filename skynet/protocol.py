@@ -36,12 +36,17 @@ from skynet._wire import (
     decode_response_body,
     decode_response_header,
     document,
+    encode_for_send,
     encode_header,
+    encode_parts,
     encode_request_body,
     encode_request_info,
     encode_response_body,
+    plain_tcp,
     request_body_parts,
+    request_body_parts_of,
     response_body_parts,
+    response_body_parts_of,
     string_element,
     write_now,
 )
@@ -208,6 +213,12 @@ class BufferBudget:
         self.used = 0
 
 
+#: Twisted's read size on TCP, and the largest this raises it to for a
+#: large frame.
+_READ_SIZE = 65536
+_LARGE_READ = 1 << 20
+
+
 class FrameProtocol(Protocol):
     """
     Splits a TCP stream into whole BSON documents, whatever the segmentation.
@@ -292,6 +303,10 @@ class FrameProtocol(Protocol):
                 break
             if offset == 0 and length == end and type(data) is bytes:
                 frame = data
+            elif offset == 0 and length == end and data is buf and length >= 65536:
+                # A large frame that fills the buffer: handed over, not copied.
+                frame = buf
+                self._buffer = buf = b""
             else:
                 frame = bytes(memoryview(data)[offset : offset + length])
             offset += length
@@ -308,6 +323,26 @@ class FrameProtocol(Protocol):
             self._buffer = bytearray(memoryview(data)[offset:])
         if self._buffer or self._frame_timer is not None:
             self._unfinished(offset > 0)
+        if needed - len(self._buffer) > _READ_SIZE or self._large_reads:
+            self._read_size(needed - len(self._buffer))
+
+    _large_reads = False
+
+    def _read_size(self, wanted: int) -> None:
+        """
+        Read a large frame's rest in pieces of up to L{_LARGE_READ} bytes
+        rather than Twisted's 64 KiB (a reactor round each), on plain TCP;
+        back to Twisted's size when no large frame is pending.
+        """
+        transport = self.transport
+        if type(transport) not in plain_tcp():
+            return
+        if wanted > _READ_SIZE:
+            transport.bufferSize = min(wanted, _LARGE_READ)  # type: ignore[union-attr]
+            self._large_reads = True
+        elif self._large_reads:
+            self._large_reads = False
+            del transport.bufferSize  # type: ignore[union-attr]
 
     def _unfinished(self, completed: bool) -> None:
         """
@@ -555,7 +590,7 @@ class ServerProtocol(FrameProtocol):
         self._forward = self._layout.forward
         # Bound once: the per-request path skips the attribute lookups.
         self._read_forward_header = self._layout.read_forward_header
-        self._read_body = self._layout.read_body
+        self._read_body = self._layout.read_body_span
         self._ok_header = self._layout.ok_header
         self._max_elements = getattr(dispatcher, "max_request_elements", None)
 
@@ -721,16 +756,24 @@ class ServerProtocol(FrameProtocol):
         fast_method = dispatcher.find_method(fast[0]) if fast is not None else None
         limit = self._max_elements
         if limit and not checked:
-            data = fast[3] if fast_method is not None else frame  # type: ignore[index]
+            if fast_method is not None:
+                start, stop = fast[3], fast[4]  # type: ignore[index]
+            else:
+                start, stop = 0, len(frame)
             # Each element has a name ending in NUL: no more NULs, no more
             # elements, and no need for the exact count off this process.
-            if len(data) > limit and data.count(0) > limit:
+            if stop - start > limit and frame.count(0, start, stop) > limit:
+                data = frame[start:stop] if stop - start < len(frame) else frame
                 self._check_elements(servicemethod, seq, frame, data, limit)
                 return
         if fast is not None:
             if fast_method is not None:
+                start, stop = fast[3], fast[4]  # type: ignore[misc]
                 try:
-                    fast_params = _decode(fast[3])
+                    # The parameters where they lie (a large slice is a copy).
+                    fast_params = _decode(
+                        frame[start:stop] if stop - start < 4096 else memoryview(frame)[start:stop]
+                    )
                 except Exception as e:
                     self._send_error(servicemethod, seq, f"in: {e}")
                     return
@@ -878,11 +921,14 @@ class ServerProtocol(FrameProtocol):
         self._respond(servicemethod, seq, EMPTY_DOCUMENT, text, started, True)
 
     def _method_returned(self, result: Any, servicemethod: str, seq: int, started: float):
+        out: bytes | tuple[list[Any], int]
         if result is None:
             out = EMPTY_DOCUMENT
         else:
             try:
-                out = _encode(result)
+                # A large result in pieces: joined once, with the rest.
+                parts = encode_parts(result)
+                out = _encode(result) if parts is None else parts
             except Exception as e:
                 self._respond(
                     servicemethod,
@@ -899,7 +945,7 @@ class ServerProtocol(FrameProtocol):
         self,
         servicemethod: str,
         seq: int,
-        out: bytes,
+        out: bytes | tuple[list[Any], int],
         errstring: str,
         started: float,
         failed: bool,
@@ -912,7 +958,11 @@ class ServerProtocol(FrameProtocol):
                 else:
                     header = encode_header(servicemethod, seq, "")
                 # One copy of the result (a chain of + would make several).
-                self.send_bytes(b"".join((header, *response_body_parts(out, errstring))))
+                if type(out) is tuple:
+                    body = response_body_parts_of(out[0], out[1], errstring)
+                else:
+                    body = response_body_parts(out, errstring)  # type: ignore[arg-type]
+                self.send_bytes(b"".join((header, *body)))
         finally:
             # Last: this may finish a drain, which closes the connection.
             self.dispatcher.request_finished(started, failed)
@@ -1073,9 +1123,14 @@ class ClientProtocol(FrameProtocol):
             if error:
                 d.errback(RemoteCallError(error))
                 return
-            out = self._read_ok_body(frame)
+            span = self._read_ok_body(frame)
+            out: Any = None
+            if span is not None:
+                start, stop = span
+                # The result where it lies (a large slice is a copy).
+                out = frame[start:stop] if stop - start < 4096 else memoryview(frame)[start:stop]
             try:
-                if out is None:
+                if span is None:
                     out, errstring = decode_response_body(frame)
                     if errstring:
                         d.errback(ServiceError(str(errstring)))
@@ -1113,19 +1168,24 @@ class ClientProtocol(FrameProtocol):
         self.clientid = clientid if type(clientid) is str else ""
         self._layout = ClientLayout(self.servicemethod, self.clientid)
         self._read_ok_header = self._layout.read_ok_header
-        self._read_ok_body = self._layout.read_ok_body
+        self._read_ok_body = self._layout.read_ok_body_span
         self._request_header = self._layout.request_header
         self._state = _HEADER
         self.ready.callback(self)
 
     def send(
-        self, method: str, params: bytes, request_info: RequestInfo, receiver: IReceiver
+        self,
+        method: str,
+        params: bytes | tuple[list[Any], int],
+        request_info: RequestInfo,
+        receiver: IReceiver,
     ) -> int:
         """
         Send one request; its answer goes to C{receiver.callback(result)}
         or C{receiver.errback(exception)}.
 
-        @param params: the encoded parameters document.
+        @param params: the encoded parameters document (or its pieces and
+            length, from L{skynet._wire.encode_for_send}).
         @return: the request's C{seq}, for L{forget}.
         @raise ConnectionFailed: if the connection is not usable.
         """
@@ -1137,16 +1197,18 @@ class ClientProtocol(FrameProtocol):
         self.pending[seq] = receiver
         method_element = self._method_elements.get(method) or self._method_element(method)
         # One copy of the parameters (a chain of + would make several).
-        self.send_bytes(
-            b"".join(
-                (
-                    self._request_header(seq),
-                    *request_body_parts(
-                        layout.clientid_element, method_element, request_info, params
-                    ),
-                )
+        if type(params) is tuple:  # large, in pieces: encode_for_send
+            body = request_body_parts_of(
+                layout.clientid_element, method_element, request_info, params[0], params[1]
             )
-        )
+        else:
+            body = request_body_parts(
+                layout.clientid_element,
+                method_element,
+                request_info,
+                params,  # type: ignore[arg-type]
+            )
+        self.send_bytes(b"".join((self._request_header(seq), *body)))
         return seq
 
     def _method_element(self, method: str) -> bytes:
@@ -1179,7 +1241,9 @@ class ClientProtocol(FrameProtocol):
                 self.forget(sent[0])
 
         d: Deferred = Deferred(cancel)
-        sent.append(self.send(method, params if encoded else _encode(params), request_info, d))
+        sent.append(
+            self.send(method, params if encoded else encode_for_send(params), request_info, d)
+        )
         return d
 
     def _fail_connection(self, error: Exception) -> None:

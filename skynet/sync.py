@@ -46,6 +46,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from skynet import _wire
 from skynet.client import DEFAULT_GIVEUP_TIMEOUT, DEFAULT_RETRY_INTERVAL, GoScoreBalancer
 from skynet.errors import (
     ConnectionFailed,
@@ -77,6 +78,7 @@ _SLICE = 1 / 32
 
 _unpack_i32 = struct.Struct("<i").unpack_from
 _pack_i64 = struct.Struct("<q").pack
+_unpack_i64 = struct.Struct("<q").unpack_from
 
 
 # A successful response body, encode_response_body's layout: the length,
@@ -85,18 +87,12 @@ _pack_i64 = struct.Struct("<q").pack
 _EMPTY_BODY = encode_response_body(b"", "")
 _OUT_HEAD, _OK_TAIL = _EMPTY_BODY[4:9], _EMPTY_BODY[14:]
 
-_buffers = threading.local()
+#: A connection's first receive buffer; a larger frame gets a larger one.
+_BUFFER = 65536
 
-
-def _receive_buffer() -> memoryview:
-    """
-    The calling thread's receive buffer (64 KiB, one per thread: a
-    connection is only ever read by one thread at a time).
-    """
-    view: memoryview | None = getattr(_buffers, "view", None)
-    if view is None:
-        view = _buffers.view = memoryview(bytearray(65536))
-    return view
+#: Parameters from this size on are sent as they are, not joined with the
+#: rest of the request.
+_GATHER = 65536
 
 
 def _timeval(seconds: float) -> bytes:
@@ -253,6 +249,14 @@ class _Handle:
 class _Connection:
     """
     One blocking socket to one instance, handshake done; used by one thread.
+
+    Received bytes go straight from the socket into this connection's
+    buffer, allocated once (and replaced by a larger one for a larger
+    frame, never resized: L{view} stays valid); frames are read where they
+    lie, and the usual answer's result is decoded from the buffer without
+    a copy of the frame.  A request is built from bytes precomputed per
+    connection, and a large one is sent with its parameters as they are
+    (no join).
     """
 
     def __init__(self, instance: Instance, connect_timeout: float, max_frame: int,
@@ -261,13 +265,19 @@ class _Connection:
         self.max_frame = max_frame
         self.servicemethod = f"{instance.name}.Forward"
         # encode_header's output around the seq (an int64 right after the
-        # servicemethod element), to compare answers with as bytes.
+        # servicemethod element), to compare answers with.
         template = encode_header(self.servicemethod, 0, "")
         at = len(encode_header(self.servicemethod, 0)) - 1 - 8
         self._ok_prefix, self._ok_suffix = template[:at], template[at + 8 :]
-        self.buffer = bytearray()
+        self._ok_length = len(template)
+        # A request header up to its seq.
+        self._request_prefix = encode_header(self.servicemethod, 0)[:at]
+        self.buf = bytearray(_BUFFER)
+        self.view = memoryview(self.buf)
+        self.start = self.end = 0  # the unread bytes: buf[start:end]
         self.next_seq = 0
         self.closed = False
+        self._methods: dict[str, bytes] = {}
         try:
             sock = socket.create_connection((instance.host, instance.port), connect_timeout)
         except OSError as e:
@@ -293,6 +303,7 @@ class _Connection:
                 raise ServiceUnregistered(f"{instance.name} is not registered")
             clientid = doc.get("clientid")
             self.clientid = clientid if isinstance(clientid, str) else ""
+            self._clientid_element = _wire.string_element(_wire.CLIENTID, self.clientid)
             # From here on the socket blocks in the kernel, with the kernel's
             # own timeouts: one system call per send and per receive, where
             # Python's timeout mode adds a poll() before each.
@@ -316,14 +327,28 @@ class _Connection:
         self.closed = True
         self.sock.close()
 
+    # Sending
+
     def send(self, method: str, params: bytes, info: RequestInfo) -> int:
         seq = self.next_seq
         self.next_seq = seq + 1
-        data = encode_header(self.servicemethod, seq) + encode_request_body(
-            self.clientid, method, info, params
-        )
+        if _wire.FAST:
+            method_element = self._methods.get(method)
+            if method_element is None:
+                method_element = _wire.string_element(_wire.METHOD, method)
+                if len(self._methods) < 64:
+                    self._methods[method] = method_element
+            parts = (self._request_prefix, _pack_i64(seq), b"\x00",
+                     *_wire.request_body_parts(self._clientid_element, method_element,
+                                               info, params))  # fmt: skip
+        else:
+            parts = (encode_header(self.servicemethod, seq),
+                     encode_request_body(self.clientid, method, info, params))  # fmt: skip
         try:
-            self.sock.sendall(data)
+            if len(params) < _GATHER:
+                self.sock.sendall(b"".join(parts))
+            else:
+                self._send_parts(list(parts))
         except OSError as e:
             # Part of the request may be out (SO_SNDTIMEO): the stream is
             # unusable.
@@ -331,18 +356,60 @@ class _Connection:
             raise ConnectionFailed(f"connection to {self.instance.name} lost: {e}") from None
         return seq
 
-    def _frame(self) -> bytes | None:
-        buffer = self.buffer
-        if len(buffer) < 4:
-            return None
-        length = _unpack_i32(buffer)[0]
+    def _send_parts(self, parts: list[Any]) -> None:
+        """
+        Send C{parts} in order with C{sendmsg}, the large parameters as
+        they are, however the kernel splits them.
+        """
+        sock = self.sock
+        while parts:
+            sent = sock.sendmsg(parts)
+            while parts and sent >= len(parts[0]):
+                sent -= len(parts.pop(0))
+            if sent:
+                parts[0] = memoryview(parts[0])[sent:]
+
+    # Receiving
+
+    def _complete(self, pos: int) -> int:
+        """
+        The length of the frame at C{buf[pos:]} if all of it has arrived,
+        else 0 (after making room for it from L{start} on).
+
+        @raise ProtocolError: for a length out of bounds.
+        """
+        have = self.end - pos
+        if have < 4:
+            if len(self.buf) - pos < 4:
+                self._room(pos - self.start + 4)
+            return 0
+        length = _unpack_i32(self.buf, pos)[0]
         if length < 5 or length > self.max_frame:
             raise ProtocolError(f"bad frame length {length} from the service")
-        if len(buffer) < length:
-            return None
-        frame = bytes(buffer[:length])
-        del buffer[:length]
-        return frame
+        if have < length:
+            if len(self.buf) - pos < length:
+                self._room(pos - self.start + length)
+            return 0
+        return length  # type: ignore[no-any-return]
+
+    def _room(self, needed: int) -> None:
+        """
+        Make C{buf} hold C{needed} bytes from L{start}: the unread bytes move
+        to its front, into a new larger buffer if need be.
+        """
+        unread = bytes(self.view[self.start : self.end])
+        if needed > len(self.buf):
+            self.view.release()
+            self.buf = bytearray(max(needed, 2 * len(self.buf)))
+            self.view = memoryview(self.buf)
+        self.buf[: len(unread)] = unread
+        self.start, self.end = 0, len(unread)
+
+    def _consumed(self, pos: int) -> None:
+        if pos == self.end:
+            self.start = self.end = 0
+        else:
+            self.start = pos
 
     def _receive(self) -> bool:
         """
@@ -350,11 +417,12 @@ class _Connection:
 
         @raise ConnectionFailed: if the service closed the connection.
         """
+        end = self.end
+        if end == len(self.buf):
+            self._room(end - self.start + 4)
+            end = self.end
         try:
-            # Into this thread's buffer: a fresh large buffer per receive
-            # costs a system call or page faults on every call.
-            view = _receive_buffer()
-            count = self.sock.recv_into(view)
+            count = self.sock.recv_into(self.view[end:])
         except (BlockingIOError, TimeoutError):  # SO_RCVTIMEO, or the handshake's timeout
             return False
         except OSError as e:
@@ -363,7 +431,7 @@ class _Connection:
         if not count:
             self.close()
             raise ConnectionFailed(f"connection to {self.instance.name} lost: closed by the peer")
-        self.buffer += view[:count]
+        self.end = end + count
         return True
 
     def read_frame(self, until: float) -> bytes | None:
@@ -371,8 +439,11 @@ class _Connection:
         The next frame, or L{None} if none came before C{until}.
         """
         while True:
-            frame = self._frame()
-            if frame is not None:
+            start = self.start
+            length = self._complete(start)
+            if length:
+                frame = bytes(self.view[start : start + length])
+                self._consumed(start + length)
                 return frame
             if time.monotonic() >= until:
                 return None
@@ -389,35 +460,57 @@ class _Connection:
         """
         received = False
         while True:
-            header = self._frame()
-            while header is not None:
-                body = self._frame()
-                if body is None:
-                    self.buffer[:0] = header  # wait for the body
+            while True:
+                start = self.start
+                length = self._complete(start)
+                if not length:
                     break
-                if header == self._ok_header(seq):  # the usual answer, as Go writes it
-                    return True, self._result(None, body)
+                body_length = self._complete(start + length)
+                if not body_length:
+                    break
+                body = start + length
+                self._consumed(body + body_length)
+                buf = self.buf
+                if (
+                    length == self._ok_length
+                    and _wire.FAST
+                    and buf.startswith(self._ok_prefix, start)
+                    and _unpack_i64(buf, start + len(self._ok_prefix))[0] == seq
+                    and buf.startswith(self._ok_suffix, body - len(self._ok_suffix))
+                ):  # the usual answer, as Go writes it
+                    return True, self._body_result(body, body_length)
+                header = bytes(self.view[start:body])
                 try:
                     got, error = decode_response_header(header)
                 except Exception as e:
                     raise ProtocolError(f"undecodable response header: {e}") from None
                 if got == seq:
-                    return True, self._result(error, body)
-                header = self._frame()
+                    return True, self._result(error, bytes(self.view[body : body + body_length]))
             if (poll and received) or time.monotonic() >= until:
                 return False, None
             received = self._receive() or received
+
+    def _body_result(self, pos: int, length: int) -> Any:
+        """
+        The result in the body at C{buf[pos:pos + length]}, decoded where it
+        lies when it has the usual layout C{{out, errstring: ""}}.
+        """
+        buf = self.buf
+        try:
+            if buf.startswith(_OUT_HEAD, pos + 4) and buf[pos + 13] == 0:
+                n = _unpack_i32(buf, pos + 9)[0]
+                out = pos + 14
+                if 14 + n + len(_OK_TAIL) == length and buf.startswith(_OK_TAIL, out + n):
+                    return bson.decode(self.view[out : out + n]) if n else {}
+        except Exception as e:
+            return RemoteCallError(f"undecodable response body: {e}")
+        return self._result(None, bytes(self.view[pos : pos + length]))
 
     @staticmethod
     def _result(error: Any, body: bytes) -> Any:
         if isinstance(error, str) and error:
             return RemoteCallError(error)
         try:
-            # The usual answer, as Go and skynet write it: {out, errstring: ""}.
-            if body[4:9] == _OUT_HEAD and body[13] == 0 and body.endswith(_OK_TAIL):
-                n = _unpack_i32(body, 9)[0]
-                if 14 + n + len(_OK_TAIL) == len(body):
-                    return bson.decode(body[14 : 14 + n]) if n else {}
             out, errstring = decode_response_body(body)
             if errstring:
                 return ServiceError(str(errstring))
@@ -561,7 +654,7 @@ class ServiceClient:
         client = self.client
         client._ensure_started(self)
         try:
-            encoded = bson.encode(params if params is not None else {})
+            encoded = _wire.encode_large(params if params is not None else {})
         except Exception as e:
             raise TypeError(f"parameters of {method} cannot be encoded as BSON: {e}") from None
         if request_info is None:

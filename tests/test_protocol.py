@@ -1022,6 +1022,61 @@ class FastCodecTests(SynchronousTestCase):
     damaged, short or truncated.
     """
 
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.dictionaries(
+            st.text(max_size=6),
+            st.one_of(
+                st.binary(max_size=40),
+                st.integers(-(2**70), 2**70),
+                st.text(max_size=10),
+                st.floats(allow_nan=False),
+                st.booleans(),
+                st.none(),
+                st.lists(st.integers(0, 3), max_size=2),
+            ),
+            max_size=5,
+        ),
+        st.lists(st.sampled_from([0, 1023, 1024, 40000]), max_size=3),
+    )
+    def test_large_binary_documents_encode_as_pymongo_does(self, doc, sizes) -> None:
+        """
+        L{_wire.encode_large} (and the pieces of L{_wire.encode_parts}) make
+        C{bson.encode}'s bytes, or its error, for any document, large binary
+        values or not; with the fast paths off it is pymongo's own.
+        """
+        for n, size in enumerate(sizes):
+            doc[f"blob{n}"] = b"\x01" * size
+        doc = dict(reversed(list(doc.items())))  # large values anywhere
+        fast, general = both_paths(_wire.encode_large, doc)
+        self.assertEqual(fast, _ours_or_error(bson.encode, doc))
+        self.assertEqual(fast, general)
+        parts = _wire.encode_parts(doc)
+        if parts is not None:
+            self.assertGreaterEqual(max(sizes), _wire.LARGE_BINARY)
+            self.assertEqual(b"".join(parts[0]), bson.encode(doc))
+            self.assertEqual(parts[1], len(bson.encode(doc)))
+
+    def test_large_binary_documents_declined(self) -> None:
+        """
+        What pymongo treats specially is left to it: an C{_id} (moved
+        first), keys with NUL or not text, subclasses, unencodable text.
+        """
+        blob = b"x" * _wire.LARGE_BINARY
+        self.assertIsNotNone(_wire.encode_parts({"a": 1, "b": blob}))
+        for doc in (
+            {"_id": 1, "b": blob},
+            {"a\x00": 1, "b": blob},
+            {1: 1, "b": blob},
+            {"a": bson.Binary(b"1"), "b": blob},
+            {"a": "\ud800", "b": blob},
+            bson.SON([("b", blob)]),
+            {"b": blob[:-1]},
+        ):
+            self.assertIsNone(_wire.encode_parts(doc), doc)
+            self.assertEqual(_ours_or_error(_wire.encode_large, doc),
+                             _ours_or_error(bson.encode, doc))  # fmt: skip
+
     def test_switch_turns_the_fast_paths_off(self) -> None:
         """
         With C{FAST} off, the layouts decline every frame and the writers
@@ -1237,6 +1292,77 @@ class FastPathEquivalenceTests(SynchronousTestCase):
         self.assertFalse(closed)
 
 
+class LargeFrameTests(SynchronousTestCase):
+    """
+    Large requests and answers, arriving in socket-sized pieces (so that a
+    frame is completed in the receive buffer and handed over), are served
+    and understood the same with the fast paths on and off, answers with
+    errors included.
+    """
+
+    def exchange(self, method: str, params: dict, chunk: int = 65536) -> list:
+        host = make_host()
+        server, server_transport = connect_server(host)
+        client = ClientProtocol("Echo")
+        client_transport = StringTransport()
+        client.makeConnection(client_transport)
+
+        def pump() -> None:
+            for transport, protocol in ((client_transport, server), (server_transport, client)):
+                data = transport.value()
+                transport.clear()
+                for at in range(0, len(data), chunk):
+                    protocol.dataReceived(data[at : at + chunk])
+
+        pump()
+        pump()
+        outcome: list = []
+        d = client.call(method, params, RequestInfo("r"))
+        d.addCallbacks(outcome.append, lambda f: outcome.append((f.type, str(f.value))))
+        pump()
+        pump()
+        return outcome
+
+    def test_large_requests_are_the_general_bytes(self) -> None:
+        """
+        A request with large binary parameters, built from pieces, is byte
+        for byte the general path's.
+        """
+        params = {"a": 1, "data": bytes(range(256)) * 400, "s": "x"}
+        sent = []
+        for fast in (True, False):
+            _wire.FAST = fast
+            try:
+                client = ClientProtocol("Echo")
+                transport = StringTransport()
+                client.makeConnection(transport)
+                client.dataReceived(bson.encode({"registered": True, "clientid": "c"}))
+                transport.clear()
+                client.call("Echo", params, RequestInfo("r", 2))
+                sent.append(transport.value())
+            finally:
+                _wire.FAST = True
+        with general_path():
+            expected = encode_header("Echo.Forward", 0) + encode_request_body(
+                "c", "Echo", RequestInfo("r", 2), bson.encode(params)
+            )
+        self.assertEqual(sent, [expected, expected])
+
+    def test_large_frames_both_paths(self) -> None:
+        for size in (65_000, 70_000, 1_000_000):
+            data = bytes(range(256)) * (size // 256)
+            for chunk in (65536, 1000, 3_000_000):
+                fast = self.exchange("Echo", {"data": data, "n": 1}, chunk)
+                with general_path():
+                    general = self.exchange("Echo", {"data": data, "n": 1}, chunk)
+                self.assertEqual(fast, [{"data": data, "n": 1}])
+                self.assertEqual(general, fast)
+                failed = self.exchange("Fail", {"data": data}, chunk)
+                self.assertEqual(failed, [(ServiceError, "intentional failure")])
+                with general_path():
+                    self.assertEqual(self.exchange("Fail", {"data": data}, chunk), failed)
+
+
 class WriteNowTests(TestCase):
     """
     Writes go to the socket at once on plain TCP (relying on the shape of
@@ -1282,6 +1408,108 @@ class WriteNowTests(TestCase):
             await deferLater(reactor, 0.01, lambda: None)
         self.assertEqual(b"".join(received), b"nowqueuedafter")
         transport.loseConnection()
+
+    async def test_a_partly_sent_large_write_finishes_in_order(self) -> None:
+        """
+        What the socket does not take at once is sent by the reactor, in
+        order with later writes, and pauses a streaming producer as
+        C{transport.write} would.
+        """
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import (
+            TCP4ClientEndpoint,
+            TCP4ServerEndpoint,
+            connectProtocol,
+        )
+        from twisted.internet.protocol import Factory, Protocol
+
+        received: list[bytes] = []
+
+        class Sink(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                received.append(data)
+
+        class Producer:
+            paused = 0
+
+            def pauseProducing(self) -> None:
+                self.paused += 1
+
+            def resumeProducing(self) -> None:
+                pass
+
+            def stopProducing(self) -> None:
+                pass
+
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Factory.forProtocol(Sink)
+        )
+        self.addCleanup(port.stopListening)
+        client = await connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), Protocol()
+        )
+        transport = client.transport
+        producer = Producer()
+        transport.registerProducer(producer, True)
+        large = bytes(range(256)) * 40_000  # 10 MB: more than a socket buffer holds
+        write_now(transport, large)
+        self.assertGreater(len(transport.dataBuffer) - transport.offset, 0)
+        self.assertEqual(producer.paused, 1)
+        write_now(transport, b"after")
+        transport.write(b"end")
+        expected = large + b"afterend"
+        for _ in range(1000):
+            if sum(map(len, received)) >= len(expected):
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(b"".join(received), expected)
+        transport.unregisterProducer()
+        transport.loseConnection()
+
+    async def test_large_frames_over_tcp_read_in_large_pieces(self) -> None:
+        """
+        Over real TCP a large request raises the service connection's read
+        size while it is pending and puts it back after; the answers are
+        whole.
+        """
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import (
+            TCP4ClientEndpoint,
+            TCP4ServerEndpoint,
+            connectProtocol,
+        )
+        from twisted.internet.protocol import Factory
+
+        host = make_host(clock=reactor)
+        servers: list[ServerProtocol] = []
+        sizes: list[int] = []
+
+        class Watched(ServerProtocol):
+            def _read_size(self, wanted: int) -> None:
+                super()._read_size(wanted)
+                sizes.append(self.transport.bufferSize)
+
+        def build(_: object) -> ServerProtocol:
+            servers.append(Watched(host))
+            return servers[-1]
+
+        factory = Factory()
+        factory.buildProtocol = build  # type: ignore[method-assign]
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(port.stopListening)
+        client = await connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), ClientProtocol("Echo")
+        )
+        await client.ready
+        for size in (3_000_000, 100, 1_000_000):
+            data = bytes(range(256)) * (size // 256)
+            result = await client.call("Echo", {"data": data}, RequestInfo("r"))
+            self.assertEqual(result, {"data": data})
+        self.assertGreater(max(sizes), 65536)
+        self.assertEqual(servers[0].transport.bufferSize, 65536)
+        client.transport.loseConnection()
+        for server in servers:
+            server.transport.loseConnection()
 
     def test_other_transports_write(self) -> None:
         transport = StringTransport()

@@ -7,6 +7,7 @@ socket (fast).
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
@@ -22,6 +23,7 @@ from typing import Any
 import bson
 import pytest
 
+from skynet import _wire
 from skynet.errors import (
     ConnectionFailed,
     NoInstances,
@@ -31,7 +33,12 @@ from skynet.errors import (
     ServiceError,
     ServiceUnregistered,
 )
-from skynet.protocol import encode_header, encode_response_body
+from skynet.protocol import (
+    RequestInfo,
+    encode_header,
+    encode_request_body,
+    encode_response_body,
+)
 from skynet.registry import RegistryError
 from skynet.registry.base import Instance
 from skynet.registry.memory import MemoryRegistry, named_store
@@ -355,6 +362,7 @@ class ScriptedServer:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.requests: list[tuple[int, str, int]] = []
+        self.frames: list[tuple[bytes, bytes]] = []
         self.closed_by_client = 0
         threading.Thread(target=self._serve, daemon=True).start()
 
@@ -386,6 +394,7 @@ class ScriptedServer:
                 if header is None or body is None:
                     self.closed_by_client += 1
                     return
+                self.frames.append((header, body))
                 seq = bson.decode(header)["seq"]
                 request = bson.decode(body)
                 info = request["requestinfo"]
@@ -404,6 +413,9 @@ def answer(connection: socket.socket, seq: int, result: Any = None, error: str =
                        + encode_response_body(out, errstring))  # fmt: skip
 
 
+_stores = itertools.count()
+
+
 @pytest.fixture
 def scripted() -> Iterator[Any]:
     servers: list[ScriptedServer] = []
@@ -414,7 +426,9 @@ def scripted() -> Iterator[Any]:
         A server per script, all in a registry of their own; a client's
         L{ServiceClient} for them, with C{servers} the servers in order.
         """
-        name = f"sync-wire-{id(clients)}-{len(clients)}"
+        # Unique in the process: id() of a list is reused once it is freed,
+        # and a store of that name would still hold an earlier test's instances.
+        name = f"sync-wire-{os.getpid()}-{next(_stores)}"
         writer = MemoryRegistry(store=named_store(name), reactor=_background().reactor)
         mine = []
         for script in scripts:
@@ -446,6 +460,44 @@ def test_answers_to_older_requests_are_skipped(scripted: Any) -> None:
 
     service = scripted(script)
     assert [service.call("Echo", {"n": n}, timeout=5)["echo"] for n in range(5)] == list(range(5))
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "general"])
+def test_payloads_of_every_size_in_any_segmentation(
+    scripted: Any, monkeypatch: pytest.MonkeyPatch, fast: bool
+) -> None:
+    """
+    Payloads around the receive buffer's and the gathered send's sizes, up
+    to megabytes, come back whole when the answer (after a stale one)
+    arrives in uneven pieces; every request is byte for byte what the
+    general (pymongo) encoders make.
+    """
+    monkeypatch.setattr(_wire, "FAST", fast)
+
+    def script(connection: socket.socket, seq: int, method: str, params: Any) -> bool:
+        stale = encode_header("Scripted.Forward", seq + 7, "") + encode_response_body(b"", "")
+        out = bson.encode({"data": params["data"]})
+        data = stale + encode_header("Scripted.Forward", seq, "") + encode_response_body(out, "")
+        step = 1 + len(data) // 5
+        for at in range(0, len(data), step):
+            connection.sendall(data[at : at + step])
+        return False
+
+    service = scripted(script)
+    sizes = [0, 100, 65_000, 65_536, 70_000, 1_000_000, 3_000_000, 10]
+    for size in sizes:
+        data = os.urandom(size)
+        assert service.call("Echo", {"data": data}, timeout=30) == {"data": data}
+    frames = service.servers[0].frames
+    assert len(frames) == len(sizes)
+    monkeypatch.setattr(_wire, "FAST", False)
+    for seq, (header, body) in enumerate(frames):
+        request = bson.decode(body)
+        info = RequestInfo(request["requestinfo"]["requestid"], 0)
+        assert len(info.request_id) == 36
+        assert header == encode_header("Scripted.Forward", seq)
+        assert body == encode_request_body("c-1", "Echo", info, request["in"])
+        assert bson.decode(request["in"])["data"].__len__() == sizes[seq]
 
 
 def test_errors_are_mapped(scripted: Any) -> None:
