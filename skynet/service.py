@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from skynet.config import default_reactor
+from skynet.observe import tracing  # (trace hook)
 from skynet.observe.histogram import MethodStats  # (observe hook)
 from skynet.protocol import (
     AdminProtocol,
@@ -517,6 +518,7 @@ class ServiceHost(MultiService):
         # request's context for log events: see skynet.observe.histogram.
         self.method_stats = MethodStats(reactor.seconds)
         self.methods = self.method_stats.instrument(self.methods, self.service_name, self.uuid)
+        self.methods[tracing.SPANS_METHOD] = tracing.spans_method  # (trace hook) spans served
         self.port: IListeningPort | None = None
         self.admin_port: IListeningPort | None = None
         self.instance: Instance = Instance(

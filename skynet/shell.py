@@ -88,6 +88,7 @@ COMMANDS = (
     "python",
     "quit",
     "region",
+    "trace",  # (trace hook) skynet.observe.tracing via skynet.observe.commands
     "regions",
     "register",
     "registered",

@@ -34,6 +34,8 @@ import attr
 from bson.int64 import Int64
 from twisted.internet.defer import Deferred, ensureDeferred
 
+from skynet.observe import tracing
+
 #: Upper bounds, in seconds, of the latency buckets (then C{+Inf}).
 BUCKETS: tuple[float, ...] = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -66,7 +68,7 @@ class _Site:
 
 #: (request info, site) of the request served in this context, set around
 #: each remote method: a cheap tuple per call; L{current_call} reads it.
-_serving: contextvars.ContextVar[tuple[Any, _Site] | None] = contextvars.ContextVar(
+_serving: contextvars.ContextVar[tuple[Any, _Site, Any] | None] = contextvars.ContextVar(
     "skynet_serving", default=None
 )
 
@@ -79,7 +81,7 @@ def current_call() -> CallContext | None:
     serving = _serving.get()
     if serving is None:
         return None
-    info, site = serving
+    info, site = serving[0], serving[1]
     return CallContext(getattr(info, "request_id", "") or "", site.method, site.service, site.uuid)
 
 
@@ -166,8 +168,10 @@ class MethodStats:
         serving_set = _serving.set
         serving_reset = _serving.reset
 
-        def finished(started: float, failed: bool) -> None:
+        def finished(started: float, failed: bool, span: Any, error: Any = None) -> None:
             elapsed = now() - started
+            if span is not None:  # (trace hook) skynet.observe.tracing
+                tracing.server_finish(span, elapsed, str(error) if failed else None)
             h.requests += 1
             if failed:
                 h.errors += 1
@@ -176,30 +180,32 @@ class MethodStats:
 
         def call(request_info: Any, params: Any) -> Any:
             started = now()
-            token = serving_set((request_info, site))
+            # (trace hook) the server span, and the parent of the calls made inside
+            span = tracing.server_start(site, request_info, started) if tracing.ENABLED else None
+            token = serving_set((request_info, site, span))
             try:
                 result = f(request_info, params)
                 if isinstance(result, CoroutineType):
                     # Made into a Deferred here, inside the context, so that
                     # the coroutine's every step sees its request.
                     result = ensureDeferred(result)
-            except BaseException:
-                finished(started, True)
+            except BaseException as e:
+                finished(started, True, span, e)
                 raise
             finally:
                 serving_reset(token)
             if isinstance(result, Deferred):
 
                 def done(value: Any) -> Any:
-                    finished(started, False)
+                    finished(started, False, span)
                     return value
 
                 def failed(failure: Any) -> Any:
-                    finished(started, True)
+                    finished(started, True, span, failure.getErrorMessage())
                     return failure
 
                 return result.addCallbacks(done, failed)
-            finished(started, False)
+            finished(started, False, span)
             return result
 
         call.__name__ = getattr(f, "__name__", name)
