@@ -151,8 +151,13 @@ class SpanRecordingTests(TestCase):
         self.assertEqual(len(tracing.RING.spans), 3)
 
     def test_spans_method(self) -> None:
-        tracing.RING.add({"kind": "server", "id": "x", "request_id": "abc"})
-        self.assertEqual(tracing.spans_method(None, {"request_id": "abc"})["spans"][0]["id"], "x")
+        self.cluster.add(Slow(self.cluster.clock))
+        d = self.cluster.client().service("Slow").call("Fail", {}, RequestInfo("abc"))
+        self.cluster.settle()
+        self.failureResultOf(d, ServiceError)
+        spans = tracing.spans_method(None, {"request_id": "abc"})["spans"]
+        self.assertEqual(sorted(s["kind"] for s in spans), ["client", "server"])
+        self.assertEqual(tracing.spans_method(None, {"request_id": "abd"}), {"spans": []})
         self.assertRaises(ServiceError, tracing.spans_method, None, {})
         self.assertRaises(ServiceError, tracing.spans_method, None, {"request_id": 5})
 

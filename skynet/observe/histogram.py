@@ -23,7 +23,6 @@ result (or error) is ready to be written.
 
 from __future__ import annotations
 
-import contextvars
 import math
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
@@ -66,11 +65,11 @@ class _Site:
     uuid: str
 
 
-#: (request info, site) of the request served in this context, set around
-#: each remote method: a cheap tuple per call; L{current_call} reads it.
-_serving: contextvars.ContextVar[tuple[Any, _Site, Any] | None] = contextvars.ContextVar(
-    "skynet_serving", default=None
-)
+#: (request info, site, span) of the request served in this context, set
+#: around each remote method: a cheap tuple per call; L{current_call} reads
+#: it.  It lives in L{skynet.observe.tracing}, whose client spans read the
+#: parent from it.
+_serving = tracing.serving
 
 
 def current_call() -> CallContext | None:

@@ -24,12 +24,16 @@ registry and L{build_tree} joins the spans into the call tree.
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import os
 import uuid as _uuid
+import weakref
 from collections import deque
 from collections.abc import Iterable
 from typing import Any
+
+from twisted.python.failure import Failure
 
 #: The remote method an instance serves its spans with.
 SPANS_METHOD = "SkynetSpans"
@@ -50,26 +54,34 @@ def _ring_size(environ: dict[str, str] | os._Environ[str] = os.environ) -> int:
 
 class Ring:
     """
-    The last C{size} finished spans of this process.
+    The last C{size} finished spans of this process, kept raw (lists, see
+    L{_server_doc} and L{_client_doc}) so that recording stays cheap; they
+    are made into dicts only when asked for.
     """
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.spans: deque[dict[str, Any]] = deque(maxlen=max(size, 1))
-
-    def add(self, span: dict[str, Any]) -> None:
-        self.spans.append(span)
+        self.spans: deque[list[Any]] = deque(maxlen=max(size, 1))
+        self.add = self.spans.append
 
     def find(self, request_id: str) -> list[dict[str, Any]]:
-        return [s for s in self.spans if s["request_id"] == request_id]
+        return [_doc(s) for s in self.spans if s[2] == request_id]
 
 
 #: This process's ring, and whether spans are recorded at all.
 RING = Ring(_ring_size())
 ENABLED = RING.size > 0
 
+#: (request info, site, server span) of the request served in this
+#: context, set around each remote method by the wrapper of
+#: L{skynet.observe.histogram}.
+serving: contextvars.ContextVar[tuple[Any, Any, Any] | None] = contextvars.ContextVar(
+    "skynet_serving", default=None
+)
+
 _process = _uuid.uuid4().hex[:8]
 _ids = itertools.count(1)
+_next_id = _ids.__next__
 
 
 def configure(size: int) -> None:
@@ -81,46 +93,70 @@ def configure(size: int) -> None:
     ENABLED = size > 0
 
 
-def new_span_id() -> str:
-    return f"{_process}-{next(_ids)}"
+def _span_id(n: int) -> str:
+    return f"{_process}-{n}" if n else ""
 
 
 # Server side (called by the method wrapper of skynet.observe.histogram)
 
+_SERVER, _CLIENT = 0, 1
 
-def server_start(site: Any, request_info: Any, started: float) -> dict[str, Any]:
+
+def server_start(site: Any, request_info: Any, started: float) -> list[Any]:
     """
-    A server span begun for the remote method of C{site}.
+    A server span begun for the remote method of C{site}: [kind, id,
+    request id, site, peer, retry count, start, duration, error].
     """
+    try:
+        request_id = request_info.request_id
+        peer = request_info.connection_address
+        retry = request_info.retry_count
+    except AttributeError:  # not a RequestInfo (a test's, or a caller's own)
+        request_id = getattr(request_info, "request_id", "")
+        peer = getattr(request_info, "connection_address", "")
+        retry = getattr(request_info, "retry_count", 0)
+    return [_SERVER, _next_id(), request_id, site, peer, retry, started, None, None]
+
+
+def server_finish(span: list[Any], elapsed: float, error: str | None) -> None:
+    span[7] = elapsed
+    span[8] = error
+    RING.add(span)
+
+
+def _server_doc(span: list[Any]) -> dict[str, Any]:
+    site = span[3]
     return {
         "kind": "server",
-        "id": new_span_id(),
-        "request_id": getattr(request_info, "request_id", "") or "",
+        "id": _span_id(span[1]),
+        "request_id": span[2] or "",
         "service": site.service,
         "method": site.method,
         "uuid": site.uuid,
-        "peer": getattr(request_info, "connection_address", "") or "",
-        "retry": getattr(request_info, "retry_count", 0) or 0,
-        "start": started,
+        "peer": span[4] or "",
+        "retry": span[5] or 0,
+        "start": span[6],
+        "duration": span[7],
+        "outcome": "ok" if span[8] is None else f"error: {span[8]}",
     }
-
-
-def server_finish(span: dict[str, Any], elapsed: float, error: str | None) -> None:
-    span["duration"] = elapsed
-    span["outcome"] = "ok" if error is None else f"error: {error}"
-    RING.add(span)
 
 
 # Client side (called by skynet.client.ServiceClient._call)
 
+#: The local address of each client connection, found once.
+_local: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 
-def _parent() -> str:
-    from skynet.observe.histogram import _serving
 
-    serving = _serving.get()
-    if serving is None or len(serving) < 3 or serving[2] is None:
-        return ""
-    return serving[2]["id"]
+def _local_address(connection: Any) -> str:
+    address = _local.get(connection)
+    if address is None:
+        try:
+            host = connection.transport.getHost()
+            address = f"{host.host}:{host.port}"
+        except Exception:
+            address = ""
+        _local[connection] = address
+    return address
 
 
 def client_call(service: Any, call: Any) -> Any:
@@ -128,48 +164,67 @@ def client_call(service: Any, call: Any) -> Any:
     Start C{call} (a L{skynet.client._Call}) and record its client span when
     it ends; return its Deferred.
     """
-    now = service.client.reactor.seconds
-    span: dict[str, Any] = {
-        "kind": "client",
-        "id": new_span_id(),
-        "parent": _parent(),
-        "request_id": call.info.request_id,
-        "service": service.query.service,
-        "method": call.method,
-        "start": now(),
-    }
+    serving_now = serving.get()
+    parent = serving_now[2] if serving_now is not None else None
+    span = [
+        _CLIENT,
+        _next_id(),
+        call.info.request_id,
+        service,
+        call.method,
+        service.client.reactor.seconds(),
+        None,
+        None,
+        parent[1] if parent is not None else 0,
+        call,
+        None,
+    ]
     d = call.start()
-
-    def done(result: Any) -> Any:
-        span["duration"] = now() - span["start"]
-        if hasattr(result, "getErrorMessage"):
-            span["outcome"] = f"error: {result.getErrorMessage()}"
-        else:
-            span["outcome"] = "ok"
-        span["attempts"] = call.attempts
-        tried = list(call.tried)
-        span["tried"] = tried
-        local: list[str] = []
-        targets: list[str] = []
-        for uuid in tried:
-            handle = service.handles.get(uuid)
-            if handle is None:
-                continue
-            inst = handle.instance
-            targets.append(f"{inst.host}:{inst.port}")
-            for connection in handle.connections:
-                try:
-                    host = connection.transport.getHost()
-                    local.append(f"{host.host}:{host.port}")
-                except Exception:
-                    pass
-        span["targets"] = targets
-        span["local"] = local
-        RING.add(span)
-        return result
-
-    d.addBoth(done)
+    d.addBoth(_client_done, span)
     return d
+
+
+def _client_done(result: Any, span: list[Any]) -> Any:
+    service = span[3]
+    call = span[9]
+    span[6] = service.client.reactor.seconds() - span[5]
+    if isinstance(result, Failure):
+        span[7] = result.getErrorMessage()
+    handles = service.handles
+    # Keep what the tree needs, not the call (its payload).
+    tried = tuple(call.tried)
+    local = []
+    for uuid in tried:
+        handle = handles.get(uuid)
+        if handle is not None:
+            for connection in handle.connections:
+                local.append(_local_address(connection))
+    span[9] = (call.attempts, tried, local, [handles.get(u) for u in tried])
+    RING.add(span)
+    return result
+
+
+def _client_doc(span: list[Any]) -> dict[str, Any]:
+    attempts, tried, local, handles = span[9]
+    return {
+        "kind": "client",
+        "id": _span_id(span[1]),
+        "parent": _span_id(span[8]),
+        "request_id": span[2],
+        "service": span[3].query.service,
+        "method": span[4],
+        "start": span[5],
+        "duration": span[6],
+        "outcome": "ok" if span[7] is None else f"error: {span[7]}",
+        "attempts": attempts,
+        "tried": list(tried),
+        "local": list(local),
+        "targets": [f"{h.instance.host}:{h.instance.port}" for h in handles if h is not None],
+    }
+
+
+def _doc(span: list[Any]) -> dict[str, Any]:
+    return _server_doc(span) if span[0] == _SERVER else _client_doc(span)
 
 
 # Serving and collecting
