@@ -65,7 +65,7 @@ class _Site:
     uuid: str
 
 
-#: (request info, site, span) of the request served in this context, set
+#: (request info, site, server span id) of the request served in this context, set
 #: around each remote method: a cheap tuple per call; L{current_call} reads
 #: it.  It lives in L{skynet.observe.tracing}, whose client spans read the
 #: parent from it.
@@ -167,10 +167,12 @@ class MethodStats:
         serving_set = _serving.set
         serving_reset = _serving.reset
 
-        def finished(started: float, failed: bool, span: Any, error: Any = None) -> None:
+        def finished(
+            started: float, failed: bool, span: int, info: Any = None, error: Any = None
+        ) -> None:
             elapsed = now() - started
-            if span is not None:  # (trace hook) skynet.observe.tracing
-                tracing.server_finish(span, elapsed, str(error) if failed else None)
+            if span:  # (trace hook) skynet.observe.tracing
+                tracing.server_finish(span, info, site, started, elapsed, error)
             h.requests += 1
             if failed:
                 h.errors += 1
@@ -180,7 +182,7 @@ class MethodStats:
         def call(request_info: Any, params: Any) -> Any:
             started = now()
             # (trace hook) the server span, and the parent of the calls made inside
-            span = tracing.server_start(site, request_info, started) if tracing.ENABLED else None
+            span = tracing.next_id() if tracing.ENABLED else 0
             token = serving_set((request_info, site, span))
             try:
                 result = f(request_info, params)
@@ -189,22 +191,22 @@ class MethodStats:
                     # the coroutine's every step sees its request.
                     result = ensureDeferred(result)
             except BaseException as e:
-                finished(started, True, span, e)
+                finished(started, True, span, request_info, str(e))
                 raise
             finally:
                 serving_reset(token)
             if isinstance(result, Deferred):
 
                 def done(value: Any) -> Any:
-                    finished(started, False, span)
+                    finished(started, False, span, request_info)
                     return value
 
                 def failed(failure: Any) -> Any:
-                    finished(started, True, span, failure.getErrorMessage())
+                    finished(started, True, span, request_info, failure.getErrorMessage())
                     return failure
 
                 return result.addCallbacks(done, failed)
-            finished(started, False, span)
+            finished(started, False, span, request_info)
             return result
 
         call.__name__ = getattr(f, "__name__", name)

@@ -54,14 +54,14 @@ def _ring_size(environ: dict[str, str] | os._Environ[str] = os.environ) -> int:
 
 class Ring:
     """
-    The last C{size} finished spans of this process, kept raw (lists, see
+    The last C{size} finished spans of this process, kept raw (tuples, see
     L{_server_doc} and L{_client_doc}) so that recording stays cheap; they
     are made into dicts only when asked for.
     """
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.spans: deque[list[Any]] = deque(maxlen=max(size, 1))
+        self.spans: deque[tuple[Any, ...]] = deque(maxlen=max(size, 1))
         self.add = self.spans.append
 
     def find(self, request_id: str) -> list[dict[str, Any]]:
@@ -81,7 +81,8 @@ serving: contextvars.ContextVar[tuple[Any, Any, Any] | None] = contextvars.Conte
 
 _process = _uuid.uuid4().hex[:8]
 _ids = itertools.count(1)
-_next_id = _ids.__next__
+#: A new span id of this process (never 0).
+next_id = _ids.__next__
 
 
 def configure(size: int) -> None:
@@ -102,29 +103,26 @@ def _span_id(n: int) -> str:
 _SERVER, _CLIENT = 0, 1
 
 
-def server_start(site: Any, request_info: Any, started: float) -> list[Any]:
+def server_finish(
+    span: int, info: Any, site: Any, started: float, elapsed: float, error: str | None
+) -> None:
     """
-    A server span begun for the remote method of C{site}: [kind, id,
-    request id, site, peer, retry count, start, duration, error].
+    Record the server span C{span} (an id from L{next_id}) of a remote
+    method of C{site}: one tuple, [kind, id, request id, site, peer, retry
+    count, start, duration, error].
     """
     try:
-        request_id = request_info.request_id
-        peer = request_info.connection_address
-        retry = request_info.retry_count
+        request_id = info.request_id
+        peer = info.connection_address
+        retry = info.retry_count
     except AttributeError:  # not a RequestInfo (a test's, or a caller's own)
-        request_id = getattr(request_info, "request_id", "")
-        peer = getattr(request_info, "connection_address", "")
-        retry = getattr(request_info, "retry_count", 0)
-    return [_SERVER, _next_id(), request_id, site, peer, retry, started, None, None]
+        request_id = getattr(info, "request_id", "")
+        peer = getattr(info, "connection_address", "")
+        retry = getattr(info, "retry_count", 0)
+    RING.add((_SERVER, span, request_id, site, peer, retry, started, elapsed, error))
 
 
-def server_finish(span: list[Any], elapsed: float, error: str | None) -> None:
-    span[7] = elapsed
-    span[8] = error
-    RING.add(span)
-
-
-def _server_doc(span: list[Any]) -> dict[str, Any]:
+def _server_doc(span: tuple[Any, ...]) -> dict[str, Any]:
     site = span[3]
     return {
         "kind": "server",
@@ -165,33 +163,16 @@ def client_call(service: Any, call: Any) -> Any:
     it ends; return its Deferred.
     """
     serving_now = serving.get()
-    parent = serving_now[2] if serving_now is not None else None
-    span = [
-        _CLIENT,
-        _next_id(),
-        call.info.request_id,
-        service,
-        call.method,
-        service.client.reactor.seconds(),
-        None,
-        None,
-        parent[1] if parent is not None else 0,
-        call,
-        None,
-    ]
+    started = service.client.reactor.seconds()
     d = call.start()
-    d.addBoth(_client_done, span)
+    d.addBoth(_client_done, service, call, started, serving_now[2] if serving_now else 0)
     return d
 
 
-def _client_done(result: Any, span: list[Any]) -> Any:
-    service = span[3]
-    call = span[9]
-    span[6] = service.client.reactor.seconds() - span[5]
-    if isinstance(result, Failure):
-        span[7] = result.getErrorMessage()
+def _client_done(result: Any, service: Any, call: Any, started: float, parent: int) -> Any:
+    # One tuple, not the call (its payload): [kind, id, request id, service,
+    # method, start, duration, error, parent id, attempts, tried, local].
     handles = service.handles
-    # Keep what the tree needs, not the call (its payload).
     tried = tuple(call.tried)
     local = []
     for uuid in tried:
@@ -199,31 +180,46 @@ def _client_done(result: Any, span: list[Any]) -> Any:
         if handle is not None:
             for connection in handle.connections:
                 local.append(_local_address(connection))
-    span[9] = (call.attempts, tried, local, [handles.get(u) for u in tried])
-    RING.add(span)
+    RING.add(
+        (
+            _CLIENT,
+            next_id(),
+            call.info.request_id,
+            service,
+            call.method,
+            started,
+            service.client.reactor.seconds() - started,
+            result.getErrorMessage() if isinstance(result, Failure) else None,
+            parent,
+            call.attempts,
+            tried,
+            tuple(local),
+        )
+    )
     return result
 
 
-def _client_doc(span: list[Any]) -> dict[str, Any]:
-    attempts, tried, local, handles = span[9]
+def _client_doc(span: tuple[Any, ...]) -> dict[str, Any]:
+    service, tried = span[3], span[10]
+    handles = [service.handles.get(u) for u in tried]
     return {
         "kind": "client",
         "id": _span_id(span[1]),
         "parent": _span_id(span[8]),
         "request_id": span[2],
-        "service": span[3].query.service,
+        "service": service.query.service,
         "method": span[4],
         "start": span[5],
         "duration": span[6],
         "outcome": "ok" if span[7] is None else f"error: {span[7]}",
-        "attempts": attempts,
+        "attempts": span[9],
         "tried": list(tried),
-        "local": list(local),
+        "local": list(span[11]),
         "targets": [f"{h.instance.host}:{h.instance.port}" for h in handles if h is not None],
     }
 
 
-def _doc(span: list[Any]) -> dict[str, Any]:
+def _doc(span: tuple[Any, ...]) -> dict[str, Any]:
     return _server_doc(span) if span[0] == _SERVER else _client_doc(span)
 
 
