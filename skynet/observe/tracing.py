@@ -306,9 +306,9 @@ def build_tree(spans: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             nodes[cid]["servers"].append(s)
             server_node[s["id"]] = nodes[cid]
         else:
-            node = {"client": None, "servers": [s], "children": []}
-            server_node[s["id"]] = node
-            roots.append(node)
+            orphan: dict[str, Any] = {"client": None, "servers": [s], "children": []}
+            server_node[s["id"]] = orphan
+            roots.append(orphan)
     for c in clients:
         parent = server_node.get(c.get("parent") or "")
         if parent is not None:
