@@ -239,6 +239,14 @@ def spans_method(request_info: Any, params: Any) -> dict[str, Any]:
     return {"spans": RING.find(request_id)}
 
 
+def find_method(name: str) -> Any:
+    """
+    L{spans_method} for C{SkynetSpans}, for a host's C{find_method}; L{None}
+    for any other name.
+    """
+    return spans_method if name == SPANS_METHOD else None
+
+
 async def collect(shell: Any, request_id: str, timeout: float = 5.0) -> list[dict[str, Any]]:
     """
     The spans of C{request_id} from every registered instance (and this
@@ -255,7 +263,12 @@ async def collect(shell: Any, request_id: str, timeout: float = 5.0) -> list[dic
             continue
         try:
             answer = await call_instance(
-                shell.reactor, instance, SPANS_METHOD, {"request_id": request_id}, timeout
+                shell.reactor,
+                instance,
+                SPANS_METHOD,
+                {"request_id": request_id},
+                timeout,
+                connector=getattr(shell.client, "connector", None),  # TLS when the shell has it
             )
         except Exception:
             continue  # a Go instance, or one that is gone: it has none for us
