@@ -5,6 +5,8 @@ its text and JSON forms (the real processes are in test_trace_cluster).
 
 from __future__ import annotations
 
+import json
+
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
@@ -209,3 +211,61 @@ class TreeTests(TestCase):
         [doc] = tracing.tree_json([root])
         self.assertEqual(doc["children"][0]["start"], 0.5)
         self.assertEqual(doc["server_spans"], ["s1"])
+
+
+class ShellTraceTests(TestCase):
+    """
+    C{call --trace} and C{trace} in the shell, on a L{LocalCluster}.
+    """
+
+    def setUp(self) -> None:
+        self.saved = tracing.RING, tracing.ENABLED
+        tracing.configure(1000)
+        self.addCleanup(self.restore)
+
+    def restore(self) -> None:
+        tracing.RING, tracing.ENABLED = self.saved
+
+    def run_line(self, shell, cluster, line):
+        from skynet.shell import BufferIO
+
+        io = BufferIO()
+        d = shell.run_line(line, io)
+        for _ in range(20):
+            cluster.settle()
+        return self.successResultOf(d), io
+
+    def test_call_trace_then_trace(self) -> None:
+        from skynet.shell import Shell
+
+        cluster = LocalCluster()
+        self.addCleanup(cluster.stop)
+        hosts = [cluster.add(Fibonacci()), cluster.add(Fibonacci())]
+        shell = Shell(cluster.registry, cluster.client(), reactor=cluster.clock)
+        status, io = self.run_line(
+            shell, cluster, """call --trace Fibonacci Index '{"index": 6}'"""
+        )
+        self.assertEqual(status, 0, io.stderr)
+        served = sum(h.method_stats.methods["Index"].requests for h in hosts)
+        lines = "\n".join(io.stdout).splitlines()
+        self.assertIn('"value": 8', "\n".join(lines))
+        [header] = [line for line in lines if line.startswith("request ")]
+        request_id = header.split()[1].rstrip(":")
+        self.assertIn(f": {served} call(s)", header)
+        tree = lines[lines.index(header) + 1 :]
+        self.assertEqual(len(tree), served)
+        self.assertEqual(sum(1 for line in tree if not line.startswith(" ")), 1)
+
+        status, io = self.run_line(shell, cluster, f"trace {request_id} --json")
+        self.assertEqual(status, 0)
+        doc = json.loads("\n".join("\n".join(io.stdout).splitlines()))
+        self.assertEqual(doc["request_id"], request_id)
+        self.assertEqual(len(doc["calls"]), 1)
+        self.assertEqual(
+            tracing.count_calls(tracing.build_tree(tracing.RING.find(request_id))), served
+        )
+
+        status, io = self.run_line(shell, cluster, "trace no-such-request")
+        self.assertEqual(status, 1)
+        status, io = self.run_line(shell, cluster, "call --trace Fibonacci Index '[1]'")
+        self.assertEqual(status, 2)
