@@ -96,7 +96,9 @@ async def wait_file(path: Path, reactor: Any) -> str:
     raise RuntimeError(f"{path} never appeared")
 
 
-async def bench_skynet(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
+async def bench_skynet(
+    reactor: Any, args: argparse.Namespace, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     from skynet.client import Client
     from skynet.registry import registry_from_url
 
@@ -105,7 +107,7 @@ async def bench_skynet(reactor: Any, args: argparse.Namespace) -> dict[str, Any]
     service = subprocess.Popen(
         [twistd(), "-n", "--pidfile=", "skynet-service", "--service", "benchmarks.adder:Adder",
          "--registry", url, "--listen", "tcp:0:interface=127.0.0.1"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env,
     )  # fmt: skip
     registry = registry_from_url(url, reactor=reactor)
     await registry.start()
@@ -149,7 +151,33 @@ async def bench_bare(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
     return {"sequential": seq, "concurrent": conc}
 
 
+async def trace_compare(reactor: Any, args: argparse.Namespace) -> None:
+    """
+    Calls/s at C{--concurrency} in flight with spans off and on (client and
+    service both), alternating in one run, C{--trace-compare} rounds.
+    """
+    from skynet.observe import tracing
+
+    size = tracing.RING.size or 4096
+    print(f"spans off/on, {args.concurrency} in flight, {args.seconds}s per figure")
+    for round_ in range(args.trace_compare):
+        figures = {}
+        for mode in ("off", "on"):
+            tracing.configure(size if mode == "on" else 0)
+            env = dict(os.environ, SKYNET_TRACE="1" if mode == "on" else "0")
+            figures[mode] = (await bench_skynet(reactor, args, env))["concurrent"]
+        off, on = figures["off"], figures["on"]
+        print(f"round {round_ + 1}: off {off['calls/s']:.0f} calls/s "
+              f"({off['client us/call']:.1f} + {off['server us/call']:.1f} us/call), "
+              f"on {on['calls/s']:.0f} calls/s "
+              f"({on['client us/call']:.1f} + {on['server us/call']:.1f} us/call): "
+              f"{(on['calls/s'] / off['calls/s'] - 1) * 100:+.1f} %")  # fmt: skip
+
+
 async def main(reactor: Any, args: argparse.Namespace) -> None:
+    if args.trace_compare:
+        await trace_compare(reactor, args)
+        return
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, {args.seconds}s per figure, "
           f"{args.concurrency} in flight")  # fmt: skip
     sky = await bench_skynet(reactor, args)
@@ -172,6 +200,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--trace-compare", type=int, default=0, metavar="ROUNDS",
+                        help="only calls/s with spans off and on ($SKYNET_TRACE), ROUNDS times")  # fmt: skip
     return parser.parse_args(argv)
 
 

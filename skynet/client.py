@@ -40,6 +40,7 @@ from skynet.errors import (
     ServiceError,
     ServiceUnregistered,
 )
+from skynet.observe import tracing as _trace  # (trace hook)
 from skynet.protocol import DEFAULT_MAX_FRAME, ClientProtocol, RequestInfo, new_request_id
 from skynet.registry.base import IInstanceListener, Instance, Query
 
@@ -852,7 +853,7 @@ class ServiceClient:
             self.giveup_timeout if timeout is None else timeout,
             hedge,
         )
-        return call.start()
+        return _trace.client_call(self, call) if _trace.ENABLED else call.start()  # (trace hook)
 
     def sweep(self, max_idle: int) -> None:
         for handle in self.handles.values():

@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from skynet.config import default_reactor
+from skynet.observe import tracing  # (trace hook)
 from skynet.observe.histogram import MethodStats  # (observe hook)
 from skynet.protocol import (
     AdminProtocol,
@@ -548,7 +549,8 @@ class ServiceHost(MultiService):
         return clientid in self.connections
 
     def find_method(self, name: str) -> Callable[..., Any] | None:
-        return self.methods.get(name)
+        # (trace hook) SkynetSpans is served beside the methods, not listed with them
+        return self.methods.get(name) or tracing.find_method(name)
 
     def request_started(self) -> float:
         self.stats.in_flight += 1

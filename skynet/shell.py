@@ -90,6 +90,7 @@ COMMANDS = (
     "python",
     "quit",
     "region",
+    "trace",  # (trace hook) skynet.observe.tracing via skynet.observe.commands
     "regions",
     "register",
     "registered",
@@ -1394,6 +1395,12 @@ async def _observe_logs(shell: Shell, inv: Invocation, filters: Filters, io: ISh
     return await run_logs_command(shell, filters, inv, {}, io)
 
 
+async def _observe_trace(shell: Shell, inv: Invocation, filters: Filters, io: IShellIO) -> int:
+    from skynet.observe.tracing import run_trace_command  # (trace hook)
+
+    return await run_trace_command(shell, filters, inv, io)
+
+
 def _table() -> dict[str, CommandSpec]:
     table = {
         "help": CommandSpec(Shell._help),
@@ -1421,6 +1428,9 @@ def _table() -> dict[str, CommandSpec]:
         "python": CommandSpec(Shell._python),
         # (observe hook) logs and its options are run by skynet.observe.commands.dispatch
         "logs": CommandSpec(lambda sh, inv, f, io: _observe_logs(sh, inv, f, io)),
+        "trace": CommandSpec(  # (trace hook) skynet.observe.tracing
+            lambda sh, inv, f, io: _observe_trace(sh, inv, f, io), 1, 1, "trace REQUEST_ID"
+        ),
         "exit": CommandSpec(Shell._exit),
         "quit": CommandSpec(Shell._exit),
     }

@@ -20,7 +20,7 @@ from skynet.observe.histogram import Histogram, format_seconds, method_histogram
 from skynet.registry.base import parse_go_time
 
 #: Options of these commands that take no value / one value.
-FLAG_OPTIONS = ("--by-method", "--follow", "-f")
+FLAG_OPTIONS = ("--by-method", "--follow", "-f", "--trace")
 VALUE_OPTIONS = ("--grep", "--since", "--until", "--level", "--request-id", "--uuid", "--limit")
 
 
@@ -146,10 +146,17 @@ async def dispatch(shell: Any, argv: list[str], io: Any) -> int | None:
     from skynet.shell import UsageError, parse
 
     options, rest = split_options(argv)
-    if not options and (not rest or _command(rest) not in ("logs",)):
+    if not options and (not rest or _command(rest) not in ("logs", "trace")):
         return None
     inv = parse(rest)
     filters = shell.filters.overlaid(inv.filters)
+    if inv.command in ("trace", "call") and (inv.command == "trace" or "trace" in options):
+        # (trace hook) sky call --trace, sky trace: skynet.observe.tracing
+        from skynet.observe.tracing import run_trace_command
+
+        if set(options) - {"trace"}:
+            raise UsageError(f"{inv.command} does not take {', '.join('--' + o for o in options)}")
+        return await run_trace_command(shell, filters, inv, io)
     if inv.command == "stats":
         if set(options) - {"by-method"}:
             raise UsageError("stats takes --by-method (and filters, --json) only")

@@ -23,7 +23,6 @@ result (or error) is ready to be written.
 
 from __future__ import annotations
 
-import contextvars
 import math
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
@@ -33,6 +32,8 @@ from typing import Any
 import attr
 from bson.int64 import Int64
 from twisted.internet.defer import Deferred, ensureDeferred
+
+from skynet.observe import tracing
 
 #: Upper bounds, in seconds, of the latency buckets (then C{+Inf}).
 BUCKETS: tuple[float, ...] = (
@@ -64,11 +65,11 @@ class _Site:
     uuid: str
 
 
-#: (request info, site) of the request served in this context, set around
-#: each remote method: a cheap tuple per call; L{current_call} reads it.
-_serving: contextvars.ContextVar[tuple[Any, _Site] | None] = contextvars.ContextVar(
-    "skynet_serving", default=None
-)
+#: (request info, site, server span id) of the request served in this context, set
+#: around each remote method: a cheap tuple per call; L{current_call} reads
+#: it.  It lives in L{skynet.observe.tracing}, whose client spans read the
+#: parent from it.
+_serving = tracing.serving
 
 
 def current_call() -> CallContext | None:
@@ -79,7 +80,7 @@ def current_call() -> CallContext | None:
     serving = _serving.get()
     if serving is None:
         return None
-    info, site = serving
+    info, site = serving[0], serving[1]
     return CallContext(getattr(info, "request_id", "") or "", site.method, site.service, site.uuid)
 
 
@@ -166,8 +167,12 @@ class MethodStats:
         serving_set = _serving.set
         serving_reset = _serving.reset
 
-        def finished(started: float, failed: bool) -> None:
+        def finished(
+            started: float, failed: bool, span: int, info: Any = None, error: Any = None
+        ) -> None:
             elapsed = now() - started
+            if span:  # (trace hook) skynet.observe.tracing
+                tracing.server_finish(span, info, site, started, elapsed, error)
             h.requests += 1
             if failed:
                 h.errors += 1
@@ -176,30 +181,32 @@ class MethodStats:
 
         def call(request_info: Any, params: Any) -> Any:
             started = now()
-            token = serving_set((request_info, site))
+            # (trace hook) the server span, and the parent of the calls made inside
+            span = tracing.next_id() if tracing.ENABLED else 0
+            token = serving_set((request_info, site, span))
             try:
                 result = f(request_info, params)
                 if isinstance(result, CoroutineType):
                     # Made into a Deferred here, inside the context, so that
                     # the coroutine's every step sees its request.
                     result = ensureDeferred(result)
-            except BaseException:
-                finished(started, True)
+            except BaseException as e:
+                finished(started, True, span, request_info, str(e))
                 raise
             finally:
                 serving_reset(token)
             if isinstance(result, Deferred):
 
                 def done(value: Any) -> Any:
-                    finished(started, False)
+                    finished(started, False, span, request_info)
                     return value
 
                 def failed(failure: Any) -> Any:
-                    finished(started, True)
+                    finished(started, True, span, request_info, failure.getErrorMessage())
                     return failure
 
                 return result.addCallbacks(done, failed)
-            finished(started, False)
+            finished(started, False, span, request_info)
             return result
 
         call.__name__ = getattr(f, "__name__", name)
