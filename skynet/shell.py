@@ -981,8 +981,8 @@ class Shell(_Commands, _Completion):
         self.filters = Filters()
         self.extra_namespace = dict(namespace or {})
         self._admin = admin or (
-            lambda address, method, params: admin_call(
-                self.reactor, address, method, params, self.timeout
+            lambda address, method, params, tls=None: admin_call(
+                self.reactor, address, method, params, self.timeout, tls=tls
             )
         )
 
@@ -1328,7 +1328,10 @@ class Shell(_Commands, _Completion):
             )
         method, params = ADMIN_ACTIONS[action]
         try:
-            await self._admin(instance.admin, method, params)
+            # TLS exactly when the instance advertises it: a process with
+            # credentials still reaches a Go service's plain admin endpoint.
+            await self._admin(instance.admin, method, params,
+                              tls=bool(instance.extra.get("AdminTLS")))  # fmt: skip
         except (ConnectionFailed, RemoteCallError, ConnectionError, OSError) as e:
             return failed(f"admin endpoint {instance.admin}: {e}", "admin")
         return result(True, f"{done} service with UUID {uuid}.", "admin")

@@ -44,10 +44,13 @@ class FakeAdmin:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, dict]] = []
+        self.tls: list[bool | None] = []
         self.broken: set[str] = set()
 
-    def __call__(self, address: Address, method: str, params: dict) -> Deferred:
+    def __call__(self, address: Address, method: str, params: dict,
+                 tls: bool | None = None) -> Deferred:  # fmt: skip
         self.calls.append((str(address), method, params))
+        self.tls.append(tls)
         if str(address) in self.broken:
             return fail(ConnectionFailed(f"cannot reach the admin endpoint {address}"))
         return succeed(None)
@@ -341,6 +344,19 @@ class ActionTests(ShellTestCase):
             io.stdout,
             ["Stopped service with UUID u-1.", "Stopped service with UUID u-2."],
         )
+
+    def test_admin_tls_as_advertised(self) -> None:
+        """
+        An admin endpoint is reached over TLS exactly when its instance
+        advertises C{AdminTLS}: a shell with credentials still reaches a Go
+        service's plain endpoint.
+        """
+        self.record(port=3, uuid="tls", extra={"TLS": True, "AdminTLS": True})
+        status, _ = self.sh(self.shell(), "stop --yes")
+        self.assertEqual(status, 0)
+        by_address = dict(zip([c[0] for c in self.admin.calls], self.admin.tls, strict=True))
+        self.assertEqual(by_address, {"10.0.0.9:20001": False, "10.0.0.9:20002": False,
+                                      "10.0.0.9:20003": True})  # fmt: skip
 
     def test_register_unregister_json(self) -> None:
         shell = self.shell()
