@@ -152,7 +152,7 @@ Commands:
   exit           Leave the shell (or Ctrl-D)
 
 The cluster (desired state across hosts, kept by the leading daemon; see docs/cluster.md):
-  apply FILE [--prune] [--dry-run] [--json]
+  apply FILE [--prune] [--dry-run] [--json] [--ready-timeout S]
                  Store the deployments of a TOML file ([services.NAME] run=..., instances=N)
   scale NAME=N [NAME=N ...]
                  Change how many instances of deployments should run

@@ -79,6 +79,20 @@ class CommandTests(SynchronousTestCase):
         doc = json.loads(out)
         self.assertEqual(doc["changes"][0]["fields"], [{"field": "instances", "old": 3, "new": 4}])
 
+    def test_apply_ready_timeout_option_wins_over_the_file(self) -> None:
+        """
+        C{--ready-timeout} gives every deployment of the file that long for
+        its new instances; a bad value is a usage error that stores nothing.
+        """
+        path = self.file(FILE)
+        code, _, err = self.sky("apply", path, "--ready-timeout", "45")
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(self.desired().get("Fib").ready_timeout, 45.0)
+        code, _, err = self.sky("apply", path, "--ready-timeout", "0")
+        self.assertEqual(code, 1, err)
+        self.assertIn("ready_timeout", err)
+        self.assertEqual(self.desired().get("Fib").ready_timeout, 45.0)
+
     def test_apply_dry_run_and_prune(self) -> None:
         self.sky("apply", self.file(FILE))
         other = self.file('[services.Echo]\nrun = "m:Echo"\n', "other.toml")

@@ -2,7 +2,8 @@
 The cluster's commands, for C{sky} to hook in (and C{python -m
 skynet.cluster} meanwhile):
 
-    apply FILE [--prune] [--dry-run] [--json]   store the file's deployments
+    apply FILE [--prune] [--dry-run] [--json] [--ready-timeout S]
+                                                store the file's deployments
     scale NAME=N [NAME=N ...]                   change instance counts
     undeploy NAME [NAME ...]                    remove deployments (their
                                                 instances are stopped)
@@ -80,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     apply.add_argument("--prune", action="store_true")
     apply.add_argument("--dry-run", action="store_true")
     apply.add_argument("--json", action="store_true")
+    apply.add_argument("--ready-timeout", type=float, default=None)
     scale = sub.add_parser("scale", add_help=False)
     scale.add_argument("counts", nargs="+", metavar="NAME=N")
     scale.add_argument("--json", action="store_true")
@@ -166,6 +168,10 @@ def _print_changes(changes: list[Change], out: IO[str], as_json: bool, dry_run: 
 
 async def _apply(args: Any, registry: Any, out: IO[str]) -> int:
     wanted = parse_apply_file(args.file)
+    if args.ready_timeout is not None:
+        # The command line wins over the file: every deployment's new
+        # instances have this long to become ready.
+        wanted = [attr.evolve(d, ready_timeout=args.ready_timeout) for d in wanted]
     stored = await _desired(registry)
     changes = diff(stored, wanted, prune=args.prune)
     if any(c.kind != "same" for c in changes) and not args.dry_run:
