@@ -19,7 +19,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from skynet import tls  # security hook (issue 12)
-from skynet.config import skynet_path
+from skynet.config import environment_defaults, skynet_path
 from skynet.daemon import (
     Daemon,
     GuardConfig,
@@ -299,6 +299,7 @@ def makeService(options: Options) -> MultiService:
                                   reactor=reactor, control=True)  # fmt: skip
     for extra_service in listeners.services:
         extra_service.setServiceParent(top)
+    defaults = environment_defaults()  # the edge reads SKYNET_VERSION/REGION/BIND_IP
     daemon = Daemon(
         options.registry,
         listeners.endpoints,
@@ -324,6 +325,7 @@ def makeService(options: Options) -> MultiService:
         capacity=options["capacity"],
         cluster_interval=options["cluster-interval"],
         cluster_list_interval=options["cluster-list-interval"],
+        defaults=defaults,
     )
     daemon.host.instance_extra = listeners.extra  # security hook (issue 12)
     tls.restrict_deploy(daemon, tls.deploy_policy(options))  # security hook (issue 12)
@@ -333,7 +335,8 @@ def makeService(options: Options) -> MultiService:
         from skynet.manhole import ManholeService
 
         shell = ManholeService(daemon.registry, options.ssh_endpoints, options["authorized-keys"],
-                               options["host-key"], reactor=reactor, daemon=daemon)  # fmt: skip
+                               options["host-key"], reactor=reactor, daemon=daemon,
+                               defaults=defaults)  # fmt: skip
         shell.setName("ssh")
         shell.setServiceParent(top)
     return top

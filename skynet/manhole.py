@@ -592,7 +592,11 @@ class ManholeService(Service):
         client: Any = None,
         history_dir: str | None = None,
         namespace: dict[str, Any] | None = None,
+        defaults: Any = None,
     ) -> None:
+        #: Go Skynet's environment as the edge read it (skynet.config.EnvDefaults):
+        #: the region and host the shell's own client prefers.
+        self.defaults = defaults
         if reactor is None:
             from twisted.internet import reactor as _reactor
 
@@ -617,7 +621,10 @@ class ManholeService(Service):
         if self._client is None:
             from skynet.client import Client
 
-            self._client = Client(registry=self.registry, reactor=self.reactor)
+            region = self.defaults.region if self.defaults else None
+            host = self.defaults.bind_ip if self.defaults else None
+            self._client = Client(registry=self.registry, reactor=self.reactor,
+                                  region=region, host=host)  # fmt: skip
         return self._client
 
     def make_shell(self) -> Shell:

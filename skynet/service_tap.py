@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from skynet import tls  # security hook (issue 12)
-from skynet.config import default_reactor
+from skynet.config import default_reactor, environment_defaults
 from skynet.service import Service, ServiceHost
 from skynet.taps import (
     ZK_SESSION_TIMEOUT_OPTION,
@@ -214,6 +214,7 @@ def makeService(options: Options) -> MultiService:
         linger=options["linger"],
         stats_interval=options["stats-interval"],
         own_registry=True,
+        defaults=environment_defaults(),  # the edge reads SKYNET_VERSION/REGION/BIND_IP
     )
     host.instance_extra = listeners.extra  # security hook (issue 12)
     # (observe hook) a daemon's child writes its JSON log: skynet.observe.logs

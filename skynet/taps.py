@@ -8,13 +8,13 @@ Each raises L{usage.UsageError} with a message for the user.
 from __future__ import annotations
 
 import math
-import os
 import sys
 from typing import Any
 
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
+from skynet.config import EnvDefaults, environment_defaults
 from skynet.registry.base import RegistryError
 
 
@@ -34,13 +34,16 @@ def positive(name: str, value: Any, kind: type = float, zero: bool = False) -> A
     return number
 
 
-def port_range() -> tuple[int, int]:
+def port_range(env: EnvDefaults | None = None) -> tuple[int, int]:
     """
     Go Skynet's C{SKYNET_MIN_PORT}..C{SKYNET_MAX_PORT} (9000..9999).
+
+    @param env: the environment (default: L{environment_defaults} now).
     """
+    env = environment_defaults() if env is None else env
     try:
-        low = int(os.environ.get("SKYNET_MIN_PORT", "9000"))
-        high = int(os.environ.get("SKYNET_MAX_PORT", "9999"))
+        low = int(env.min_port or "9000")
+        high = int(env.max_port or "9999")
     except ValueError as e:
         raise usage.UsageError(f"SKYNET_MIN_PORT/SKYNET_MAX_PORT must be integers: {e}") from e
     if not (0 < low <= high < 65536):
@@ -71,8 +74,9 @@ def service_endpoints(reactor: Any, listen: str | None, admin: str) -> tuple[lis
     if listen:
         specs = [with_backlog(listen)]
     else:
-        ip = os.environ.get("SKYNET_BIND_IP", "127.0.0.1")
-        low, high = port_range()
+        env = environment_defaults()
+        ip = env.bind_ip or "127.0.0.1"
+        low, high = port_range(env)
         specs = [f"tcp:{p}:interface={ip}:backlog={LISTEN_BACKLOG}" for p in range(low, high + 1)]
     admin_specs = [] if admin.lower() == "none" else [admin]
     try:
