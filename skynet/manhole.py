@@ -637,11 +637,28 @@ class ManholeService(Service):
             namespace=self.namespace,
         )
 
-    def startService(self) -> Deferred:  # type: ignore[override]
+    def startService(self) -> None:
+        # Returns None as IService says; callers that must wait use when_started.
         super().startService()
         self._starting = ensureDeferred(self._start())
         self._starting.addErrback(lambda f: self.log.failure("the SSH shell could not start", f))
-        return self._starting
+
+    def when_started(self) -> Deferred:
+        """
+        Fires (with L{None}) when the start is done: listening on every
+        endpoint, or its failure logged.  At once if it was never started.
+        """
+        d: Deferred = Deferred()
+        if self._starting is None:
+            d.callback(None)
+            return d
+
+        def fire(result: Any) -> Any:
+            d.callback(None)
+            return result
+
+        self._starting.addBoth(fire)
+        return d
 
     async def _start(self) -> None:
         key = ensure_host_key(self.host_key)
