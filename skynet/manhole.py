@@ -47,6 +47,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from skynet.config import default_reactor
+from skynet.config import skynet_home as config_skynet_home
 from skynet.shell import History, Shell, ShellProtocol
 
 #: The port of the SSH shell in examples and docs.
@@ -95,9 +96,9 @@ def loopback_unless_told(spec: str) -> str:
 
 def skynet_home() -> str:
     """
-    C{$SKYNET_HOME}, else C{~/.skynet}.
+    C{$SKYNET_HOME}, else C{~/.skynet} (L{skynet.config.skynet_home}).
     """
-    return os.environ.get("SKYNET_HOME") or os.path.join(os.path.expanduser("~"), ".skynet")
+    return config_skynet_home()
 
 
 def default_ssh_dir() -> str:
@@ -597,11 +598,7 @@ class ManholeService(Service):
         #: Go Skynet's environment as the edge read it (skynet.config.EnvDefaults):
         #: the region and host the shell's own client prefers.
         self.defaults = defaults
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
-        self.reactor = reactor
+        self.reactor = reactor = default_reactor(reactor)
         self.registry = registry
         self.endpoints = list(endpoints)
         self.authorized_keys = os.path.abspath(authorized_keys)

@@ -1537,8 +1537,9 @@ def default_history_path(name: str = "history") -> str:
     """
     C{$SKYNET_HOME/<name>}, else C{~/.skynet/<name>}.
     """
-    home = os.environ.get("SKYNET_HOME") or os.path.join(os.path.expanduser("~"), ".skynet")
-    return os.path.join(home, name)
+    from skynet.config import skynet_path
+
+    return skynet_path(name)
 
 
 CTRL_C = b"\x03"
