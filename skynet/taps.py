@@ -27,7 +27,8 @@ def number(name: str, kind: type = float, *, positive: bool = False,
     option's value as a finite C{kind} (C{float} or C{int}) of zero or more,
     above zero if C{positive}, at least C{minimum} if given.  A bad value
     raises L{usage.UsageError} naming the option (Twisted would wrap a
-    C{ValueError} as "Parameter type enforcement failed").  Defaults are not
+    C{ValueError} as "Parameter type enforcement failed"); one that is no
+    number says "--NAME must be a number".  Defaults are not
     coerced: give them as numbers (or L{None}).
 
     @param name: the option, for the message.
@@ -38,7 +39,7 @@ def number(name: str, kind: type = float, *, positive: bool = False,
         try:
             result = kind(value)
         except (TypeError, ValueError):
-            what = "a whole number" if whole else "a number"
+            what = "a number (an integer)" if whole else "a number"
             raise usage.UsageError(f"--{name} must be {what}, not {value!r}") from None
         if isinstance(result, float) and not math.isfinite(result):
             raise usage.UsageError(f"--{name} must be finite, not {value!r}")
@@ -50,11 +51,8 @@ def number(name: str, kind: type = float, *, positive: bool = False,
             raise usage.UsageError(f"--{name} must be at least {minimum:g}, not {value!r}")
         return result
 
-    if minimum is not None:
-        least = f"at least {minimum:g}"
-    else:
-        least = "above zero" if positive else "zero or more"
-    coerce.coerceDoc = f"{'A whole number' if whole else 'A number'}, {least}."  # type: ignore[attr-defined]
+    # No coerceDoc: Twisted would append it to the help after ". ", and the
+    # rows' texts already say what they take.
     return coerce
 
 
