@@ -12,6 +12,7 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import react
 
 from skynet.client import Client
+from skynet.config import environment_defaults
 from skynet.errors import SkynetError
 
 
@@ -29,7 +30,10 @@ def run(
     args = parser.parse_args()
 
     async def main(reactor: Any) -> None:
-        client = Client(registry=args.registry, reactor=reactor)
+        env = environment_defaults()
+        client = Client(
+            registry=args.registry, reactor=reactor, region=env.region, host=env.bind_ip
+        )
         try:
             await body(client, args)
         except SkynetError as e:

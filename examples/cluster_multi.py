@@ -34,7 +34,7 @@ from twisted.internet.task import deferLater, react
 from examples.local_cluster import stop_child
 from skynet.client import Client
 from skynet.cluster.commands import read_statuses, run_command
-from skynet.config import skynet_path
+from skynet.config import environment_defaults, skynet_path
 from skynet.registry import Query, registry_from_url
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,7 +151,8 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     print("\n$ sky deployments")
     print(await sky(registry, reactor, "deployments"), end="")
 
-    client = Client(registry=registry, reactor=reactor)
+    env = environment_defaults()
+    client = Client(registry=registry, reactor=reactor, region=env.region, host=env.bind_ip)
     fib = client.service("Fibonacci")
     print(f"\nFibonacci.Index(50) = {(await fib.call('Index', {'index': 50}))['value']}")
     victim = hosts["127.0.0.4"]

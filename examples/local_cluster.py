@@ -40,7 +40,7 @@ from twisted.internet.task import deferLater, react
 from twisted.internet.threads import deferToThread
 
 from skynet.client import Client
-from skynet.config import skynet_path
+from skynet.config import environment_defaults, skynet_path
 from skynet.manhole import DEFAULT_SSH_PORT, default_ssh_dir, ensure_client_key
 from skynet.registry import Query, registry_from_url
 
@@ -235,7 +235,8 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     [instance] = await wait_for("the daemon's registration", daemon_up)
     print(f"daemon: SkynetDaemon {instance.uuid} at {instance.host}:{instance.port} "
           f"pid {daemon.pid}")  # fmt: skip
-    client = Client(registry=registry, reactor=reactor)
+    env = environment_defaults()
+    client = Client(registry=registry, reactor=reactor, region=env.region, host=env.bind_ip)
     skynet_daemon = client.service("SkynetDaemon", host=instance.host)
     uuids = []
     for spec in SERVICES:

@@ -32,6 +32,7 @@ import sys
 from typing import Any
 
 from skynet import client as _client
+from skynet.config import environment_defaults
 from skynet.protocol import RequestInfo
 
 __all__ = ["Client", "ServiceClient", "asyncio_reactor"]
@@ -99,10 +100,17 @@ class Client:
     """
     L{skynet.client.Client} for asyncio code; make it inside a coroutine
     (it binds to the running loop).  Keyword arguments are those of
-    L{skynet.client.Client}.
+    L{skynet.client.Client}; C{region} and C{host} default to
+    C{$SKYNET_REGION} and C{$SKYNET_BIND_IP} (this is an edge: user code
+    builds it).
     """
 
     def __init__(self, registry: Any = None, **options: Any) -> None:
+        env = environment_defaults()
+        if options.get("region") is None:
+            options["region"] = env.region
+        if options.get("host") is None:
+            options["host"] = env.bind_ip
         self.loop = asyncio.get_running_loop()
         self.reactor = asyncio_reactor(self.loop)
         self.client = _client.Client(registry, reactor=self.reactor, **options)

@@ -16,7 +16,6 @@ fails with L{RequestTimeout}.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -906,6 +905,11 @@ class Client:
         made from a URL belongs to this client.
     @param balancer: an L{ILoadBalancer} (default L{GoScoreBalancer} for
         this client's region and host).
+    @param region: the region the default balancer prefers (L{None}: none).
+        This client never reads C{os.environ}; the edges pass
+        C{$SKYNET_REGION} (L{skynet.config.environment_defaults}), as do
+        L{skynet.sync.Client} and L{skynet.aio.Client}.
+    @param host: likewise the host (the edges pass C{$SKYNET_BIND_IP}).
     @param connector: how to reach an instance: a callable taking an
         L{Instance} and returning a Deferred firing with a ready
         L{ClientProtocol} (default TCP; L{skynet.testing} has an in-memory
@@ -942,8 +946,9 @@ class Client:
         self.registry = registry
         self.retry_interval = retry_interval
         self.giveup_timeout = giveup_timeout
-        self.region = region if region is not None else os.environ.get("SKYNET_REGION")
-        self.host = host if host is not None else os.environ.get("SKYNET_BIND_IP")
+        # The environment is the edges' (skynet.config.environment_defaults).
+        self.region = region
+        self.host = host
         self.balancer_factory = balancer or (lambda: GoScoreBalancer(self.region, self.host))
         self.max_connections = max_connections
         self.max_idle = max_idle

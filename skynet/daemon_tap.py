@@ -9,7 +9,6 @@ See C{docs/daemon.md} and L{skynet.daemon}.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -19,7 +18,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from skynet import tls  # security hook (issue 12)
-from skynet.config import skynet_path
+from skynet.config import environment_defaults, skynet_path
 from skynet.daemon import (
     Daemon,
     GuardConfig,
@@ -29,7 +28,13 @@ from skynet.daemon import (
     load_state,
     parse_deploy_file,
 )
-from skynet.taps import ZK_SESSION_TIMEOUT_OPTION, open_registry, run_plugin, service_endpoints
+from skynet.taps import (
+    ZK_SESSION_TIMEOUT_OPTION,
+    number,
+    open_registry,
+    run_plugin,
+    service_endpoints,
+)
 
 
 def default_log_dir() -> str:
@@ -52,25 +57,6 @@ def with_session_timeout(url: str, timeout: Any) -> str:
         ("session_timeout", f"{timeout:g}" if isinstance(timeout, float) else str(timeout))
     )
     return urlunsplit(parts._replace(query=urlencode(query, safe="/,:")))
-
-
-def _number(options: usage.Options, name: str, kind: type = float, *, positive: bool = False,
-            minimum: float | None = None) -> Any:  # fmt: skip
-    value = options[name]
-    try:
-        number = kind(value)
-    except (TypeError, ValueError):
-        raise usage.UsageError(f"--{name} must be a number, not {value!r}") from None
-    if isinstance(number, float) and not math.isfinite(number):
-        raise usage.UsageError(f"--{name} must be finite")
-    if number < 0:
-        raise usage.UsageError(f"--{name} must not be negative")
-    if positive and number <= 0:
-        raise usage.UsageError(f"--{name} must be positive")
-    if minimum is not None and number < minimum:
-        raise usage.UsageError(f"--{name} must be at least {minimum:g}")
-    options[name] = number
-    return number
 
 
 class Options(usage.Options):
@@ -97,51 +83,63 @@ class Options(usage.Options):
         ["log-dir", None, None,
          "Directory of the children's log files (default $SKYNET_HOME/logs, else "
          "~/.skynet/logs)."],
-        ["stats-interval", None, 5.0, "Seconds between statistics updates in the registry."],
+        ["stats-interval", None, 5.0, "Seconds between statistics updates in the registry.",
+         number("stats-interval", positive=True)],
         ["stable-after", None, 10.0,
          "Seconds a child must stay up for a death not to count as a crash loop; quicker "
-         "deaths back off 1, 2, 4 ... s."],
-        ["max-restart-delay", None, 60.0, "Cap of the restart back-off, in seconds."],
+         "deaths back off 1, 2, 4 ... s.", number("stable-after")],
+        ["max-restart-delay", None, 60.0, "Cap of the restart back-off, in seconds.",
+         number("max-restart-delay", minimum=1)],
         ["stop-grace", None, 15.0,
-         "Seconds a child gets after Admin.Stop (to drain) before SIGTERM."],
-        ["kill-time", None, 5.0, "Seconds a child gets after SIGTERM before SIGKILL."],
+         "Seconds a child gets after Admin.Stop (to drain) before SIGTERM.", number("stop-grace")],
+        ["kill-time", None, 5.0, "Seconds a child gets after SIGTERM before SIGKILL.",
+         number("kill-time")],
         ["start-timeout", None, 15.0,
          "Seconds Deploy waits for a new child to register (or fail) before it answers; a "
-         "child that ends first, or takes longer, fails the call (0: answer at once)."],
-        ["sample-interval", None, 2.0, "Seconds between the guards' samples."],
+         "child that ends first, or takes longer, fails the call (0: answer at once).",
+         number("start-timeout")],
+        ["sample-interval", None, 2.0, "Seconds between the guards' samples.",
+         number("sample-interval", positive=True)],
         ["child-max-cpu", None, 0.0,
          "A child's CPU percent (100 = one core) that, sustained, gets it restarted "
-         "(0: off)."],
+         "(0: off).", number("child-max-cpu")],
         ["child-max-rss", None, 0.0,
-         "A child's resident memory in MiB that, sustained, gets it restarted (0: off)."],
-        ["child-samples", None, 3, "Consecutive samples over a child threshold before acting."],
+         "A child's resident memory in MiB that, sustained, gets it restarted (0: off).",
+         number("child-max-rss")],
+        ["child-samples", None, 3, "Consecutive samples over a child threshold before acting.",
+         number("child-samples", int, minimum=1)],
         ["load-source", None, "loadavg",
          "What the host guard reads: loadavg (1-minute load average), cpu (host CPU percent) "
          "or file:PATH (a number in a file)."],
         ["load-high", None, 0.0,
          "High-water mark of the load reading: above it for --load-samples samples, this "
-         "host's instances are unregistered (0: off)."],
+         "host's instances are unregistered (0: off).", number("load-high")],
         ["load-low", None, None,
          "Low-water mark: below it for --load-samples samples, they are registered again "
-         "(default: half the high-water mark)."],
-        ["load-samples", None, 3, "Consecutive samples beyond a mark before acting."],
+         "(default: half the high-water mark).", number("load-low")],
+        ["load-samples", None, 3, "Consecutive samples beyond a mark before acting.",
+         number("load-samples", int, minimum=1)],
         ["probe-interval", None, 2.0,
          "Seconds between two liveness probes (an Admin.Ping on its admin listener) of each "
-         "child in the registry (0: no probes)."],
-        ["probe-timeout", None, 1.0, "Seconds a probe waits for its answer."],
+         "child in the registry (0: no probes).", number("probe-interval")],
+        ["probe-timeout", None, 1.0, "Seconds a probe waits for its answer.",
+         number("probe-timeout", positive=True)],
         ["probe-failures", None, 3,
-         "Failed probes in a row after which a child is unregistered, killed and restarted."],
+         "Failed probes in a row after which a child is unregistered, killed and restarted.",
+         number("probe-failures", int, minimum=1)],
         ["probe-max-lag", None, 0.0,
          "A child's reactor lag (seconds, its ReactorLag statistic) above which a probe "
-         "counts as failed (0: not looked at)."],
-        ["max-events", None, 1000, "How many recent events the daemon keeps in memory."],
+         "counts as failed (0: not looked at).", number("probe-max-lag")],
+        ["max-events", None, 1000, "How many recent events the daemon keeps in memory.",
+         number("max-events", int, minimum=1)],
         ["capacity", None, None,
          "How many instances the cluster may place on this host (published as Host.capacity "
-         "in its statistics; default: no limit). See docs/cluster.md."],
+         "in its statistics; default: no limit). See docs/cluster.md.", number("capacity", int)],
         ["cluster-interval", None, 2.0, "Seconds between two passes of the cluster's reconciler "
-         "(while this daemon leads)."],
+         "(while this daemon leads).", number("cluster-interval", positive=True)],
         ["cluster-list-interval", None, 30.0,
-         "Seconds between two listings of every daemon's children by the reconciler."],
+         "Seconds between two listings of every daemon's children by the reconciler.",
+         number("cluster-list-interval", positive=True)],
         ["authorized-keys", None, None,
          "The SSH shell's authorized_keys file (default $SKYNET_HOME/ssh/authorized_keys)."],
         ["host-key", None, None,
@@ -167,27 +165,11 @@ class Options(usage.Options):
     daemon_uuid: str | None
 
     def postOptions(self) -> None:
-        for name in ("stats-interval", "sample-interval", "probe-timeout"):
-            _number(self, name, positive=True)
-        for name in ("probe-interval", "probe-max-lag"):
-            _number(self, name)
-        _number(self, "probe-failures", int, minimum=1)
+        # The numbers are checked by their rows' coerce column (skynet.taps.number).
         self.probes = ProbeConfig(interval=self["probe-interval"], timeout=self["probe-timeout"],
                                   failures=self["probe-failures"],
                                   max_lag=self["probe-max-lag"] or None)  # fmt: skip
-        for name in ("stable-after", "max-restart-delay", "stop-grace", "kill-time", "start-timeout",
-                     "child-max-cpu", "child-max-rss", "load-high"):  # fmt: skip
-            _number(self, name)
-        if self["max-restart-delay"] < 1:
-            raise usage.UsageError("--max-restart-delay must be at least 1 (second)")
-        for name in ("child-samples", "load-samples", "max-events"):
-            _number(self, name, int, minimum=1)
-        for name in ("cluster-interval", "cluster-list-interval"):
-            _number(self, name, positive=True)
-        if self["capacity"] is not None:
-            _number(self, "capacity", int)
         if self["load-low"] is not None:
-            _number(self, "load-low")
             if not self["load-high"]:
                 raise usage.UsageError("--load-low needs --load-high")
         try:
@@ -299,6 +281,7 @@ def makeService(options: Options) -> MultiService:
                                   reactor=reactor, control=True)  # fmt: skip
     for extra_service in listeners.services:
         extra_service.setServiceParent(top)
+    defaults = environment_defaults()  # the edge reads SKYNET_VERSION/REGION/BIND_IP
     daemon = Daemon(
         options.registry,
         listeners.endpoints,
@@ -324,6 +307,7 @@ def makeService(options: Options) -> MultiService:
         capacity=options["capacity"],
         cluster_interval=options["cluster-interval"],
         cluster_list_interval=options["cluster-list-interval"],
+        defaults=defaults,
     )
     daemon.host.instance_extra = listeners.extra  # security hook (issue 12)
     tls.restrict_deploy(daemon, tls.deploy_policy(options))  # security hook (issue 12)
@@ -333,7 +317,8 @@ def makeService(options: Options) -> MultiService:
         from skynet.manhole import ManholeService
 
         shell = ManholeService(daemon.registry, options.ssh_endpoints, options["authorized-keys"],
-                               options["host-key"], reactor=reactor, daemon=daemon)  # fmt: skip
+                               options["host-key"], reactor=reactor, daemon=daemon,
+                               defaults=defaults)  # fmt: skip
         shell.setName("ssh")
         shell.setServiceParent(top)
     return top

@@ -25,7 +25,7 @@ from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
-from skynet.taps import open_registry, positive
+from skynet.taps import number, open_registry
 
 
 def read_token(path: str) -> str:
@@ -64,8 +64,10 @@ class Options(usage.Options):
          "(e.g. tcp:HOST:2003)."],
         ["graphite-prefix", None, "skynet", "Prefix of the Graphite metric paths."],
         ["stats-interval", None, 2.0,
-         "Seconds between reads of every instance's statistics (and graph points)."],
-        ["history", None, 900.0, "Seconds of time series kept for the graphs."],
+         "Seconds between reads of every instance's statistics (and graph points).",
+         number("stats-interval", positive=True)],
+        ["history", None, 900.0, "Seconds of time series kept for the graphs.",
+         number("history", positive=True)],
         ["tls", None, None,
          "Credentials directory the dashboard presents to daemons and admin endpoints "
          "(default $SKYNET_TLS, else $SKYNET_HOME/tls if present)."],
@@ -81,8 +83,6 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         from twisted.internet import reactor
 
-        self["stats-interval"] = positive("stats-interval", self["stats-interval"])
-        self["history"] = positive("history", self["history"])
         self.token = read_token(self["token-file"]) if self["token-file"] else None
         try:
             self.endpoint = serverFromString(reactor, self["listen"])

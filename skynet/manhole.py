@@ -47,6 +47,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from skynet.config import default_reactor
+from skynet.config import skynet_home as config_skynet_home
 from skynet.shell import History, Shell, ShellProtocol
 
 #: The port of the SSH shell in examples and docs.
@@ -95,9 +96,9 @@ def loopback_unless_told(spec: str) -> str:
 
 def skynet_home() -> str:
     """
-    C{$SKYNET_HOME}, else C{~/.skynet}.
+    C{$SKYNET_HOME}, else C{~/.skynet} (L{skynet.config.skynet_home}).
     """
-    return os.environ.get("SKYNET_HOME") or os.path.join(os.path.expanduser("~"), ".skynet")
+    return config_skynet_home()
 
 
 def default_ssh_dir() -> str:
@@ -592,12 +593,12 @@ class ManholeService(Service):
         client: Any = None,
         history_dir: str | None = None,
         namespace: dict[str, Any] | None = None,
+        defaults: Any = None,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
-        self.reactor = reactor
+        #: Go Skynet's environment as the edge read it (skynet.config.EnvDefaults):
+        #: the region and host the shell's own client prefers.
+        self.defaults = defaults
+        self.reactor = reactor = default_reactor(reactor)
         self.registry = registry
         self.endpoints = list(endpoints)
         self.authorized_keys = os.path.abspath(authorized_keys)
@@ -617,7 +618,10 @@ class ManholeService(Service):
         if self._client is None:
             from skynet.client import Client
 
-            self._client = Client(registry=self.registry, reactor=self.reactor)
+            region = self.defaults.region if self.defaults else None
+            host = self.defaults.bind_ip if self.defaults else None
+            self._client = Client(registry=self.registry, reactor=self.reactor,
+                                  region=region, host=host)  # fmt: skip
         return self._client
 
     def make_shell(self) -> Shell:
@@ -630,11 +634,28 @@ class ManholeService(Service):
             namespace=self.namespace,
         )
 
-    def startService(self) -> Deferred:  # type: ignore[override]
+    def startService(self) -> None:
+        # Returns None as IService says; callers that must wait use when_started.
         super().startService()
         self._starting = ensureDeferred(self._start())
         self._starting.addErrback(lambda f: self.log.failure("the SSH shell could not start", f))
-        return self._starting
+
+    def when_started(self) -> Deferred:
+        """
+        Fires (with L{None}) when the start is done: listening on every
+        endpoint, or its failure logged.  At once if it was never started.
+        """
+        d: Deferred = Deferred()
+        if self._starting is None:
+            d.callback(None)
+            return d
+
+        def fire(result: Any) -> Any:
+            d.callback(None)
+            return result
+
+        self._starting.addBoth(fire)
+        return d
 
     async def _start(self) -> None:
         key = ensure_host_key(self.host_key)

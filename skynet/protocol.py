@@ -79,7 +79,10 @@ class RequestInfo:
     @ivar request_id: a UUID4 string made by the first client, kept across
         retries and passed on by services calling other services.
     @ivar retry_count: how many extra attempts preceded this one.
-    @ivar origin_address: C{ip:port} of the originating client.
+    @ivar origin_address: C{ip:port} of the originating client.  A client
+        sends what its caller gave; a service does not trust it and hands
+        its methods the peer of the connection the request came on, as in
+        C{connection_address}.
     @ivar connection_address: C{ip:port} of the peer of this connection.
     """
 

@@ -29,7 +29,7 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from skynet.config import default_reactor
+from skynet.config import EnvDefaults, default_reactor
 from skynet.observe import tracing  # (trace hook)
 from skynet.observe.histogram import MethodStats  # (observe hook)
 from skynet.protocol import (
@@ -407,13 +407,16 @@ class _AdminFactory(Factory):
         return AdminProtocol(self.host)
 
 
-def advertised_address(interface: str) -> str:
+def advertised_address(interface: str, bind_ip: str | None = None) -> str:
     """
     The address clients should use for a listener bound to C{interface}.
+
+    @param bind_ip: the address to advertise when C{interface} is a
+        wildcard (the edges pass C{SKYNET_BIND_IP}); else this host's name's.
     """
     if interface and interface not in ("0.0.0.0", "::"):
         return interface
-    ip = os.environ.get("SKYNET_BIND_IP", "")
+    ip = bind_ip or ""
     if ip and ip not in ("0.0.0.0", "::"):
         return ip
     try:
@@ -445,6 +448,11 @@ class ServiceHost(MultiService):
         in flight (L{None}: forever).
     @param buffer_budget: bytes of unfinished requests all connections may
         hold at once.
+    @param defaults: Go Skynet's environment as the edge read it
+        (L{skynet.config.environment_defaults}): the version and region used
+        when neither the argument nor the class names one, the address
+        advertised for a wildcard listener, and the region and host this
+        host's own client prefers.  Default: none; C{os.environ} is never read.
     """
 
     log = Logger()
@@ -480,9 +488,11 @@ class ServiceHost(MultiService):
         stop_process: Callable[[], Any] | None = None,
         own_registry: bool = False,
         client: Any = None,
+        defaults: EnvDefaults | None = None,
     ) -> None:
         super().__init__()
         reactor = default_reactor(reactor)
+        self.defaults = defaults = defaults or EnvDefaults()
         self.reactor = reactor
         self.service = service
         self.registry = registry
@@ -490,8 +500,8 @@ class ServiceHost(MultiService):
         self.admin_endpoints = list(admin_endpoints)
         cls = type(service)
         self.service_name: str = name or cls.name or cls.__name__
-        self.version = version or cls.version or os.environ.get("SKYNET_VERSION") or "unknown"
-        self.region = region or cls.region or os.environ.get("SKYNET_REGION") or "unknown"
+        self.version = version or cls.version or defaults.version or "unknown"
+        self.region = region or cls.region or defaults.region or "unknown"
         self.uuid = uuid or new_id()
         self.registered = registered
         self.advertise_host = advertise_host
@@ -611,7 +621,8 @@ class ServiceHost(MultiService):
         if self._client is None:
             from skynet.client import Client
 
-            self._client = Client(registry=self.registry, reactor=self.reactor)
+            self._client = Client(registry=self.registry, reactor=self.reactor,
+                                  region=self.defaults.region, host=self.defaults.bind_ip)  # fmt: skip
             self._own_client = True
         return self._client
 
@@ -677,7 +688,9 @@ class ServiceHost(MultiService):
     def _make_instance(self) -> Instance:
         port: Any = self.port.getHost() if self.port is not None else None
         admin: Any = self.admin_port.getHost() if self.admin_port is not None else None
-        host = self.advertise_host or (advertised_address(port.host) if port else "")
+        host = self.advertise_host or (
+            advertised_address(port.host, self.defaults.bind_ip) if port else ""
+        )
         return Instance(
             uuid=self.uuid,
             name=self.service_name,
@@ -685,7 +698,9 @@ class ServiceHost(MultiService):
             region=self.region,
             host=host,
             port=port.port if port is not None else 0,
-            admin=Address(advertised_address(admin.host), admin.port) if admin else None,
+            admin=Address(advertised_address(admin.host, self.defaults.bind_ip), admin.port)
+            if admin
+            else None,
             registered=self.registered,
             critical_client_count=self.service.critical_client_count,
             critical_average_response_time=self.service.critical_average_response_time,

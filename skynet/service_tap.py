@@ -30,12 +30,12 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from skynet import tls  # security hook (issue 12)
-from skynet.config import default_reactor
+from skynet.config import default_reactor, environment_defaults
 from skynet.service import Service, ServiceHost
 from skynet.taps import (
     ZK_SESSION_TIMEOUT_OPTION,
+    number,
     open_registry,
-    positive,
     run_plugin,
     service_endpoints,
 )
@@ -87,12 +87,14 @@ class Options(usage.Options):
         ["host", None, None, "Address to advertise (default: the listener's interface)."],
         ["max-frame", None, None,
          "Largest accepted request, in bytes (default: the service class's max_request_size, "
-         "4 MiB unless it says otherwise)."],  # fmt: skip
-        ["drain-timeout", None, 10.0, "Seconds to let requests in flight finish on stop."],
+         "4 MiB unless it says otherwise).", number("max-frame", int, minimum=5)],
+        ["drain-timeout", None, 10.0, "Seconds to let requests in flight finish on stop.",
+         number("drain-timeout")],
         ["linger", None, 0.5,
          "Seconds to keep serving after unregistering on stop, so that every client sees the "
-         "unregistration before the instance leaves (0: none)."],
-        ["stats-interval", None, 5.0, "Seconds between statistics updates in the registry."],
+         "unregistration before the instance leaves (0: none).", number("linger")],
+        ["stats-interval", None, 5.0, "Seconds between statistics updates in the registry.",
+         number("stats-interval", positive=True)],
     ]  # fmt: skip
     optFlags = [
         ["unregistered", "u", "Start unregistered (not taking new clients)."],
@@ -121,13 +123,6 @@ class Options(usage.Options):
         if not self["service"]:
             raise usage.UsageError("--service module:Class is required")
         self.service_class = load_service_class(self["service"])
-        if self["max-frame"] is not None:
-            self["max-frame"] = positive("max-frame", self["max-frame"], int)
-            if self["max-frame"] < 5:
-                raise usage.UsageError("--max-frame must be at least 5")
-        self["drain-timeout"] = positive("drain-timeout", self["drain-timeout"], zero=True)
-        self["linger"] = positive("linger", self["linger"], zero=True)
-        self["stats-interval"] = positive("stats-interval", self["stats-interval"])
         self.endpoints, self.admin_endpoints = service_endpoints(
             reactor, self["listen"], self["admin"]
         )
@@ -214,6 +209,7 @@ def makeService(options: Options) -> MultiService:
         linger=options["linger"],
         stats_interval=options["stats-interval"],
         own_registry=True,
+        defaults=environment_defaults(),  # the edge reads SKYNET_VERSION/REGION/BIND_IP
     )
     host.instance_extra = listeners.extra  # security hook (issue 12)
     # (observe hook) a daemon's child writes its JSON log: skynet.observe.logs

@@ -46,6 +46,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from skynet.admin import admin_call, call_instance
+from skynet.config import default_reactor, skynet_path
 from skynet.control import (
     ADMIN_ACTIONS,
     DAEMON_ACTIONS,
@@ -967,11 +968,7 @@ class Shell(_Commands, _Completion):
         call_timeout: float | None = None,
         namespace: dict[str, Any] | None = None,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
-        self.reactor = reactor
+        self.reactor = reactor = default_reactor(reactor)
         self.registry = registry
         self.client = client
         self.daemon = daemon
@@ -1540,8 +1537,7 @@ def default_history_path(name: str = "history") -> str:
     """
     C{$SKYNET_HOME/<name>}, else C{~/.skynet/<name>}.
     """
-    home = os.environ.get("SKYNET_HOME") or os.path.join(os.path.expanduser("~"), ".skynet")
-    return os.path.join(home, name)
+    return skynet_path(name)
 
 
 CTRL_C = b"\x03"

@@ -26,6 +26,7 @@ from typing import Any, NoReturn
 
 from twisted.internet.defer import Deferred, ensureDeferred
 
+from skynet.config import environment_defaults
 from skynet.observe.commands import shell_argv  # (observe hook)
 from skynet.shell import (
     HELP,
@@ -260,7 +261,7 @@ async def _main(reactor: Any, registry_url: str | None, timeout: float, argv: li
     except RegistryError as e:
         sys.stderr.write(f"sky: {e}\n")
         raise SystemExit(2) from None
-    explicit = bool(registry_url or os.environ.get("SKYNET_REGISTRY"))
+    explicit = bool(registry_url or environment_defaults().registry)
     missing = None if create_registry else missing_registry(registry, explicit)
     if missing:
         sys.stderr.write(f"sky: {missing}\n")
@@ -276,7 +277,8 @@ async def _main(reactor: Any, registry_url: str | None, timeout: float, argv: li
     finally:
         if timer.active():
             timer.cancel()
-    client = Client(registry=registry, reactor=reactor)
+    env = environment_defaults()  # the edge reads SKYNET_REGION/SKYNET_BIND_IP
+    client = Client(registry=registry, reactor=reactor, region=env.region, host=env.bind_ip)
     status = 1
     try:
         if invocation.command == "cli":

@@ -48,6 +48,7 @@ from zope.interface import implementer
 
 from skynet import _wire
 from skynet.client import DEFAULT_GIVEUP_TIMEOUT, DEFAULT_RETRY_INTERVAL, GoScoreBalancer
+from skynet.config import environment_defaults
 from skynet.errors import (
     ConnectionFailed,
     NoInstances,
@@ -833,6 +834,9 @@ class Client:
     @param balancer: a callable making an L{skynet.client.ILoadBalancer}
         per service (default L{GoScoreBalancer} for this client's region
         and host).
+    @param region: the region the default balancer prefers (default:
+        C{$SKYNET_REGION}; this constructor is an edge, read when called).
+    @param host: likewise the host (default: C{$SKYNET_BIND_IP}).
     """
 
     def __init__(self, registry: str | None = None, *,
@@ -846,8 +850,10 @@ class Client:
         self.registry_url = registry
         self.retry_interval = retry_interval
         self.giveup_timeout = giveup_timeout
-        self.region = region if region is not None else os.environ.get("SKYNET_REGION")
-        self.host = host if host is not None else os.environ.get("SKYNET_BIND_IP")
+        # An edge: a client built by user code honours Go Skynet's environment.
+        env = environment_defaults()
+        self.region = region if region is not None else env.region
+        self.host = host if host is not None else env.bind_ip
         self.balancer_factory = balancer or (lambda: GoScoreBalancer(self.region, self.host))
         self.connect_timeout = connect_timeout
         self.max_frame = max_frame

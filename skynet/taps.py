@@ -1,6 +1,7 @@
 """
 What the twistd taps (C{skynet-service}, C{skynet-daemon},
-C{skynet-dashboard}) share: checking numbers, the Go defaults for where a
+C{skynet-dashboard}) share: checking numbers (L{number}, their options'
+coerce column), the Go defaults for where a
 service listens, opening the registry, and running a plugin as a module.
 Each raises L{usage.UsageError} with a message for the user.
 """
@@ -8,39 +9,63 @@ Each raises L{usage.UsageError} with a message for the user.
 from __future__ import annotations
 
 import math
-import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
+from skynet.config import EnvDefaults, environment_defaults
 from skynet.registry.base import RegistryError
 
 
-def positive(name: str, value: Any, kind: type = float, zero: bool = False) -> Any:
+def number(name: str, kind: type = float, *, positive: bool = False,
+           minimum: float | None = None) -> Callable[[str], Any]:  # fmt: skip
     """
-    C{value} as a finite number above zero (or at least zero if C{zero}).
+    A coerce function for the fifth column of an C{optParameters} row: the
+    option's value as a finite C{kind} (C{float} or C{int}) of zero or more,
+    above zero if C{positive}, at least C{minimum} if given.  A bad value
+    raises L{usage.UsageError} naming the option (Twisted would wrap a
+    C{ValueError} as "Parameter type enforcement failed"); one that is no
+    number says "--NAME must be a number".  Defaults are not
+    coerced: give them as numbers (or L{None}).
 
     @param name: the option, for the message.
     """
-    try:
-        number = kind(value)
-    except (TypeError, ValueError) as e:
-        raise usage.UsageError(f"--{name} must be a number, not {value!r}") from e
-    if not math.isfinite(number) or number < 0 or (number == 0 and not zero):
-        least = "zero or more" if zero else "a positive number"
-        raise usage.UsageError(f"--{name} must be {least}, not {value!r}")
-    return number
+    whole = kind is int
+
+    def coerce(value: str) -> Any:
+        try:
+            result = kind(value)
+        except (TypeError, ValueError):
+            what = "a number (an integer)" if whole else "a number"
+            raise usage.UsageError(f"--{name} must be {what}, not {value!r}") from None
+        if isinstance(result, float) and not math.isfinite(result):
+            raise usage.UsageError(f"--{name} must be finite, not {value!r}")
+        if result < 0:
+            raise usage.UsageError(f"--{name} must not be negative, not {value!r}")
+        if positive and result <= 0:
+            raise usage.UsageError(f"--{name} must be positive, not {value!r}")
+        if minimum is not None and result < minimum:
+            raise usage.UsageError(f"--{name} must be at least {minimum:g}, not {value!r}")
+        return result
+
+    # No coerceDoc: Twisted would append it to the help after ". ", and the
+    # rows' texts already say what they take.
+    return coerce
 
 
-def port_range() -> tuple[int, int]:
+def port_range(env: EnvDefaults | None = None) -> tuple[int, int]:
     """
     Go Skynet's C{SKYNET_MIN_PORT}..C{SKYNET_MAX_PORT} (9000..9999).
+
+    @param env: the environment (default: L{environment_defaults} now).
     """
+    env = environment_defaults() if env is None else env
     try:
-        low = int(os.environ.get("SKYNET_MIN_PORT", "9000"))
-        high = int(os.environ.get("SKYNET_MAX_PORT", "9999"))
+        low = int(env.min_port or "9000")
+        high = int(env.max_port or "9999")
     except ValueError as e:
         raise usage.UsageError(f"SKYNET_MIN_PORT/SKYNET_MAX_PORT must be integers: {e}") from e
     if not (0 < low <= high < 65536):
@@ -71,8 +96,9 @@ def service_endpoints(reactor: Any, listen: str | None, admin: str) -> tuple[lis
     if listen:
         specs = [with_backlog(listen)]
     else:
-        ip = os.environ.get("SKYNET_BIND_IP", "127.0.0.1")
-        low, high = port_range()
+        env = environment_defaults()
+        ip = env.bind_ip or "127.0.0.1"
+        low, high = port_range(env)
         specs = [f"tcp:{p}:interface={ip}:backlog={LISTEN_BACKLOG}" for p in range(low, high + 1)]
     admin_specs = [] if admin.lower() == "none" else [admin]
     try:
@@ -87,19 +113,20 @@ def service_endpoints(reactor: Any, listen: str | None, admin: str) -> tuple[lis
 ZK_SESSION_TIMEOUT_OPTION = [
     "zk-session-timeout", None, None,
     "ZooKeeper session timeout in seconds, for a zk:// registry (default: the URL's "
-    "?session_timeout=, else 4).",
+    "?session_timeout=, else 4).", number("zk-session-timeout", positive=True),
 ]  # fmt: skip
 
 
 def open_registry(reactor: Any, url: str | None, zk_session_timeout: Any = None) -> Any:
     """
     The registry at C{url} (L{None}: C{$SKYNET_REGISTRY}, else embedded).
+
+    @param zk_session_timeout: seconds, already checked (the option's
+        coerce column), or L{None}.
     """
     from skynet.registry import registry_from_url
 
-    timeout = None
-    if zk_session_timeout is not None:
-        timeout = positive("zk-session-timeout", zk_session_timeout)
+    timeout = zk_session_timeout
     try:
         if timeout is None:
             return registry_from_url(url, reactor=reactor)

@@ -60,7 +60,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from zope.interface import implementer
 
-from skynet.config import default_reactor, skynet_path
+from skynet.config import default_reactor, environment_defaults, skynet_path
 
 __all__ = [
     "CRL_KEY",
@@ -262,7 +262,7 @@ def default_hosts() -> list[str]:
     name = socket.gethostname()
     if name and name not in hosts:
         hosts.append(name)
-    bind = os.environ.get("SKYNET_BIND_IP", "")
+    bind = environment_defaults().bind_ip or ""
     if bind and bind not in ("0.0.0.0", "::") and bind not in hosts:
         hosts.append(bind)
     return hosts

@@ -5,11 +5,30 @@ Tests for L{skynet.config}.
 import os
 import subprocess
 import sys
+from unittest import mock
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from skynet.config import default_reactor, skynet_home, skynet_path
+from skynet.client import Client
+from skynet.config import (
+    EnvDefaults,
+    default_reactor,
+    environment_defaults,
+    skynet_home,
+    skynet_path,
+)
+from skynet.registry.memory import MemoryRegistry
+from skynet.service import Service, ServiceHost, advertised_address
+
+GO_ENV = {
+    "SKYNET_VERSION": "7",
+    "SKYNET_REGION": "Mars",
+    "SKYNET_BIND_IP": "127.0.0.9",
+    "SKYNET_REGISTRY": "memory://env",
+    "SKYNET_MIN_PORT": "9100",
+    "SKYNET_MAX_PORT": "9200",
+}
 
 
 class ConfigTests(SynchronousTestCase):
@@ -32,3 +51,111 @@ class ConfigTests(SynchronousTestCase):
         code = "import sys, skynet.config\nprint('twisted.internet.reactor' in sys.modules)\n"
         out = subprocess.check_output([sys.executable, "-c", code], text=True)
         self.assertEqual(out.strip(), "False")
+
+
+class EnvironmentDefaultsTests(SynchronousTestCase):
+    def test_reads_go_variables(self):
+        """Each of Go Skynet's variables lands in its field."""
+        self.assertEqual(
+            environment_defaults(GO_ENV),
+            EnvDefaults(version="7", region="Mars", bind_ip="127.0.0.9",
+                        registry="memory://env", min_port="9100", max_port="9200"),
+        )  # fmt: skip
+
+    def test_unset_and_empty_are_none(self):
+        """An unset or empty variable is L{None}, not C{""}."""
+        self.assertEqual(environment_defaults({}), EnvDefaults())
+        self.assertIsNone(environment_defaults({"SKYNET_REGION": ""}).region)
+
+    def test_default_is_os_environ(self):
+        """Without an argument, the process's environment, read at call time."""
+        with mock.patch.dict(os.environ, {"SKYNET_REGION": "Phobos"}):
+            self.assertEqual(environment_defaults().region, "Phobos")
+
+    def test_frozen(self):
+        """The record cannot be changed after the edge read it."""
+        import attr
+
+        with self.assertRaises(attr.exceptions.FrozenInstanceError):
+            environment_defaults({}).region = "x"  # type: ignore[misc]
+
+
+class Anonymous(Service):
+    """A service class naming no version or region."""
+
+    def Echo(self, params):
+        return params
+
+
+class Named(Service):
+    """A service class naming its version and region."""
+
+    version = "3"
+    region = "Earth"
+
+    def Echo(self, params):
+        return params
+
+
+class LibraryIgnoresEnvironmentTests(SynchronousTestCase):
+    """
+    Objects built in code take Go Skynet's environment only as parameters;
+    the edges (taps, C{sky}, examples, L{skynet.sync}, L{skynet.aio}) read it.
+    """
+
+    def host(self, **kwargs):
+        return ServiceHost(Anonymous(), MemoryRegistry(), [], reactor=Clock(), **kwargs)
+
+    def test_service_host_ignores_os_environ(self):
+        """A ServiceHost built in code with SKYNET_* set keeps its defaults."""
+        with mock.patch.dict(os.environ, GO_ENV):
+            host = self.host()
+        self.assertEqual((host.version, host.region), ("unknown", "unknown"))
+
+    def test_service_host_takes_defaults(self):
+        """The edge's L{EnvDefaults} fill in what neither argument nor class says."""
+        host = self.host(defaults=environment_defaults(GO_ENV))
+        self.assertEqual((host.version, host.region), ("7", "Mars"))
+        explicit = self.host(defaults=environment_defaults(GO_ENV), version="9", region="Venus")
+        self.assertEqual((explicit.version, explicit.region), ("9", "Venus"))
+
+    def test_class_wins_over_defaults(self):
+        """A class's own version and region win over the environment's."""
+        host = ServiceHost(Named(), MemoryRegistry(), [], reactor=Clock(),
+                           defaults=environment_defaults(GO_ENV))  # fmt: skip
+        self.assertEqual((host.version, host.region), ("3", "Earth"))
+
+    def test_advertised_address(self):
+        """A wildcard listener advertises the given bind IP, never os.environ's."""
+        self.assertEqual(advertised_address("0.0.0.0", "127.0.0.9"), "127.0.0.9")
+        self.assertEqual(advertised_address("127.0.0.5", "127.0.0.9"), "127.0.0.5")
+        with mock.patch.dict(os.environ, GO_ENV):
+            self.assertNotEqual(advertised_address("0.0.0.0"), "127.0.0.9")
+
+    def test_host_client_prefers_defaults(self):
+        """A host's own client prefers the edge's region and host."""
+        host = self.host(defaults=environment_defaults(GO_ENV))
+        self.assertEqual((host.client.region, host.client.host), ("Mars", "127.0.0.9"))
+        with mock.patch.dict(os.environ, GO_ENV):
+            bare = self.host()
+            self.assertEqual((bare.client.region, bare.client.host), (None, None))
+
+    def test_client_ignores_os_environ(self):
+        """A Twisted L{Client} built in code prefers no region unless told."""
+        with mock.patch.dict(os.environ, GO_ENV):
+            client = Client(registry=MemoryRegistry(), reactor=Clock())
+            told = Client(registry=MemoryRegistry(), reactor=Clock(), region="Io", host="h")
+        self.assertEqual((client.region, client.host), (None, None))
+        self.assertEqual((told.region, told.host), ("Io", "h"))
+
+    def test_sync_client_honours_environment(self):
+        """L{skynet.sync.Client} is an edge: it reads SKYNET_REGION/BIND_IP when made."""
+        from skynet import sync
+
+        with mock.patch.dict(os.environ, GO_ENV):
+            client = sync.Client("memory://sync-env")
+            told = sync.Client("memory://sync-env", region="Io", host="h")
+        self.addCleanup(client.close)
+        self.addCleanup(told.close)
+        self.assertEqual((client.region, client.host), ("Mars", "127.0.0.9"))
+        self.assertEqual((told.region, told.host), ("Io", "h"))

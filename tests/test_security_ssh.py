@@ -74,8 +74,8 @@ class RealServerTests(TestCase):
             registry, [TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")],
             self.key.authorized_keys, os.path.join(ssh_dir, "host_key"), reactor=reactor,
         )  # fmt: skip
-        self.service.startService()
-        await self.service._starting
+        self.assertIsNone(self.service.startService())
+        await self.service.when_started()
         self.addCleanup(self.service.stopService)
         self.port = self.service.ports[0].getHost().port
 

@@ -33,7 +33,7 @@ from zope.interface import implementer
 from skynet import control
 from skynet._services import RetryingStart, SequentialMultiService, StartAfter
 from skynet.admin import admin_call
-from skynet.config import default_reactor
+from skynet.config import EnvDefaults, default_reactor
 from skynet.control import (
     Deployment,
     HostStats,
@@ -122,6 +122,8 @@ class Daemon(SequentialMultiService):
     @param cluster_interval: seconds between two reconciler passes.
     @param cluster_list_interval: seconds between two listings of every
         daemon's children by the reconciler.
+    @param defaults: Go Skynet's environment as the edge read it, for the
+        daemon's own L{ServiceHost} (see there); C{os.environ} is not read.
     """
 
     log = Logger()
@@ -158,6 +160,7 @@ class Daemon(SequentialMultiService):
         capacity: int | None = None,
         cluster_interval: float = 2.0,
         cluster_list_interval: float = 30.0,
+        defaults: EnvDefaults | None = None,
     ) -> None:
         super().__init__()
         self.capacity = capacity
@@ -199,7 +202,7 @@ class Daemon(SequentialMultiService):
         self.service = SkynetDaemon(self)
         self.host = ServiceHost(self.service, registry, endpoints, admin_endpoints,
                                 reactor=reactor, uuid=uuid, stats_interval=stats_interval,
-                                advertise_host=advertise_host)  # fmt: skip
+                                advertise_host=advertise_host, defaults=defaults)  # fmt: skip
         self.sampling = TimerService(self.guards.sample_interval, self.sample)
         self.sampling.clock = reactor
         self.probes = ProbeRunner(self, probes or ProbeConfig())

@@ -15,7 +15,11 @@ nodes are created as needed and pruned when a removal leaves them empty.
 
 Threads
 =======
-This is the only module of skynet that touches threads.  kazoo runs its
+Threads elsewhere in skynet are few and named: L{skynet.sync} runs its
+registry on a private reactor in a daemon thread, L{skynet.registry.locks}
+blocks in a pool of its own, log searches (L{skynet.observe.logsearch}) run
+in the reactor's thread pool and C{sky} reads stdin in a thread.  Here,
+kazoo runs its
 connection and its callbacks on threads of its own; everything that comes
 back from kazoo is hopped onto the reactor thread with C{callFromThread}:
 

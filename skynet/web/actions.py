@@ -17,6 +17,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from skynet.admin import ADMIN_ACTIONS, DAEMON_ACTIONS, admin_call, call_instance
+from skynet.config import default_reactor
 from skynet.errors import RemoteCallError, ServiceError
 
 #: The actions the dashboard offers.
@@ -43,12 +44,8 @@ class InstanceActions:
     log = Logger()
 
     def __init__(self, model: Any, reactor: Any = None, timeout: float = 10.0) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
         self.model = model
-        self.reactor = reactor
+        self.reactor = reactor = default_reactor(reactor)
         self.timeout = timeout
 
     def describe(self, uuid: str) -> dict[str, bool]:
