@@ -948,7 +948,8 @@ class Shell(_Commands, _Completion):
     @param interactive: ask for confirmation before any action, not only
         those on several instances (as Go Skynet's C{sky cli} did).
     @param admin: how to make an admin call: C{admin(address,
-        servicemethod, params)} returning a Deferred (default: TCP).
+        servicemethod, params, tls=...)} returning a Deferred (default:
+        L{admin_call}, over TLS when the instance advertises C{AdminTLS}).
     @param timeout: seconds a daemon or an admin endpoint has to answer.
     @param namespace: more objects to bind in C{python}.
     """
@@ -963,7 +964,7 @@ class Shell(_Commands, _Completion):
         reactor: Any = None,
         daemon: Any = None,
         interactive: bool = False,
-        admin: Callable[[Address, str, dict[str, Any]], Deferred] | None = None,
+        admin: Callable[..., Deferred] | None = None,
         timeout: float = 30.0,
         call_timeout: float | None = None,
         namespace: dict[str, Any] | None = None,
@@ -977,11 +978,11 @@ class Shell(_Commands, _Completion):
         self.call_timeout = call_timeout
         self.filters = Filters()
         self.extra_namespace = dict(namespace or {})
-        self._admin = admin or (
-            lambda address, method, params, tls=None: admin_call(
-                self.reactor, address, method, params, self.timeout, tls=tls
-            )
-        )
+        self._admin: Callable[..., Deferred] = admin or self._admin_call
+
+    def _admin_call(self, address: Address, method: str, params: dict[str, Any],
+                    tls: bool | None = None) -> Deferred:  # fmt: skip
+        return admin_call(self.reactor, address, method, params, self.timeout, tls=tls)
 
     # Running commands
 
