@@ -508,7 +508,7 @@ class Server:
     """
 
     def __init__(self, system: str, workdir: Path, peers_python: str | None,
-                 pyro_threads: int = 300) -> None:  # fmt: skip
+                 pyro_threads: int = 300, connections: int = 1000) -> None:  # fmt: skip
         self.system = system
         self.workdir = workdir
         self.peers_python = peers_python
@@ -519,7 +519,9 @@ class Server:
             twistd = str(Path(sys.executable).parent / "twistd")
             command = [twistd, "-n", "--pidfile=", "skynet-service",
                        "--service", "benchmarks.compare:Adder", "--registry", self.target,
-                       "--listen", "tcp:0:interface=127.0.0.1"]  # fmt: skip
+                       "--listen", "tcp:0:interface=127.0.0.1",
+                       # The memory figure opens --connections from one address.
+                       "--max-connections-per-peer", str(connections + 100)]  # fmt: skip
         elif system == "bare":
             command = [sys.executable, "-m", "benchmarks.compare", "--serve-bare", str(port_file)]
         elif system == "raw":
@@ -694,7 +696,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for system in systems:
             # Pyro5's threaded server needs a thread per connection.
             threads = max(args.connections, args.concurrency) + args.processes + 16
-            servers[system] = Server(system, workdir, peers_python, threads)
+            servers[system] = Server(system, workdir, peers_python, threads, args.connections)
         for system in systems:
             memory[system] = measure_memory(servers[system], args)
         for payload in args.payloads:

@@ -88,6 +88,11 @@ class Options(usage.Options):
         ["max-frame", None, None,
          "Largest accepted request, in bytes (default: the service class's max_request_size, "
          "4 MiB unless it says otherwise).", number("max-frame", int, minimum=5)],
+        ["max-connections", None, None,
+         "Most connections served at once (default 4,096, fewer when the process may open "
+         "fewer descriptors).", number("max-connections", int, minimum=1)],
+        ["max-connections-per-peer", None, 256, "Most connections from one peer address.",
+         number("max-connections-per-peer", int, minimum=1)],
         ["drain-timeout", None, 10.0, "Seconds to let requests in flight finish on stop.",
          number("drain-timeout")],
         ["linger", None, 0.5,
@@ -205,6 +210,8 @@ def makeService(options: Options) -> MultiService:
         registered=not options["unregistered"],
         advertise_host=options["host"],
         max_frame=options["max-frame"],
+        max_connections=options["max-connections"],
+        max_connections_per_peer=options["max-connections-per-peer"],
         drain_timeout=options["drain-timeout"],
         linger=options["linger"],
         stats_interval=options["stats-interval"],

@@ -69,8 +69,20 @@ class TapOptionTests(SynchronousTestCase):
             (["--linger", "-1"], "--linger must not be negative"),
             (["--stats-interval", "0"], "--stats-interval must be positive"),
             (["--zk-session-timeout", "never"], "--zk-session-timeout must be a number"),
+            (["--max-connections-per-peer", "0"], "--max-connections-per-peer must be at least 1"),
+            (["--max-connections", "lots"], "--max-connections must be a number (an integer)"),
         ]:
             self.refused(service_tap.Options, args, message)
+
+    def test_service_connection_limits_reach_the_host(self):
+        """--max-connections and --max-connections-per-peer are the host's limits."""
+        from skynet.service import ServiceHost
+
+        options = self.service("--max-connections", "50", "--max-connections-per-peer", "2000")
+        [host] = [s for s in service_tap.makeService(options) if isinstance(s, ServiceHost)]
+        self.assertEqual((host.max_connections, host.max_connections_per_peer), (50, 2000))
+        [host] = [s for s in service_tap.makeService(self.service()) if isinstance(s, ServiceHost)]
+        self.assertEqual(host.max_connections_per_peer, 256)
 
     def test_dashboard_numbers(self):
         """skynet-dashboard: --stats-interval and --history must be positive."""
