@@ -61,6 +61,31 @@ class ILoadBalancer(Interface):
         """
 
 
+def pick_handle(handles: dict[str, Any], balancer: Any, exclude: Any, now: float,
+                fresh_only: bool = False) -> Any:  # fmt: skip
+    """
+    The rule both clients (this one and L{skynet.sync}) choose by: the
+    C{balancer}'s choice among the C{handles} (uuid -> handle with C{uuid},
+    C{available(now)} and C{evicted_until}) in rotation and not in
+    C{exclude}; failing that, the evicted one due back soonest (unless
+    C{fresh_only}); L{None} if there is none.
+    """
+    if not handles:
+        return None
+    if not exclude and len(handles) == 1:
+        (only,) = handles.values()
+        return only if only.available(now) or not fresh_only else None
+    candidates = [h for h in handles.values() if h.uuid not in exclude and h.available(now)]
+    if not candidates:
+        if fresh_only:
+            return None
+        candidates = [h for h in handles.values() if h.uuid not in exclude]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda h: h.evicted_until)
+    return balancer.choose(candidates)
+
+
 @implementer(ILoadBalancer)
 class GoScoreBalancer:
     """
@@ -767,21 +792,7 @@ class ServiceClient:
         C{exclude}; failing that, among those evicted (unless
         C{fresh_only}).
         """
-        handles = self.handles
-        if not handles:
-            return None
-        if not exclude and len(handles) == 1:
-            (only,) = handles.values()
-            return only if only.available(now) or not fresh_only else None
-        candidates = [h for h in handles.values() if h.uuid not in exclude and h.available(now)]
-        if not candidates:
-            if fresh_only:
-                return None
-            candidates = [h for h in handles.values() if h.uuid not in exclude]
-            if not candidates:
-                return None
-            return min(candidates, key=lambda h: h.evicted_until)
-        return self.balancer.choose(candidates)
+        return pick_handle(self.handles, self.balancer, exclude, now, fresh_only)
 
     # Calls
 

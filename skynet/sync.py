@@ -47,7 +47,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from skynet import _wire
-from skynet.client import DEFAULT_GIVEUP_TIMEOUT, DEFAULT_RETRY_INTERVAL, GoScoreBalancer
+from skynet.client import (
+    DEFAULT_GIVEUP_TIMEOUT,
+    DEFAULT_RETRY_INTERVAL,
+    GoScoreBalancer,
+    pick_handle,
+)
 from skynet.config import environment_defaults
 from skynet.errors import (
     ConnectionFailed,
@@ -596,21 +601,7 @@ class ServiceClient:
     # Calls (in the caller's thread)
 
     def _pick(self, exclude: set[str], now: float, fresh_only: bool = False) -> _Handle | None:
-        handles = self.handles
-        if not exclude and len(handles) == 1:
-            (only,) = handles.values()
-            return only if only.available(now) or not fresh_only else None
-        candidates = [h for h in handles.values() if h.uuid not in exclude and h.available(now)]
-        if not candidates:
-            if fresh_only:
-                return None
-            candidates = [h for h in handles.values() if h.uuid not in exclude]
-            if not candidates:
-                return None
-            return min(candidates, key=lambda h: h.evicted_until)
-        if len(candidates) == 1:
-            return candidates[0]
-        return self.balancer.choose(candidates)
+        return pick_handle(self.handles, self.balancer, exclude, now, fresh_only)
 
     def _wait_for_news(self, until: float) -> None:
         error = self.client._start_error
