@@ -308,9 +308,10 @@ def makeService(options: Options) -> MultiService:
         cluster_interval=options["cluster-interval"],
         cluster_list_interval=options["cluster-list-interval"],
         defaults=defaults,
+        # security (issue 12): --deploy-classes-only, --deploy-command-prefix
+        deploy_check=tls.deploy_policy(options).check,
     )
     daemon.host.instance_extra = listeners.extra  # security hook (issue 12)
-    tls.restrict_deploy(daemon, tls.deploy_policy(options))  # security hook (issue 12)
     daemon.setName("daemon")
     daemon.setServiceParent(top)
     if options.ssh_endpoints:

@@ -1228,22 +1228,6 @@ def deploy_policy(options: Any) -> DeployPolicy:
     return DeployPolicy(bool(options.get("deploy-classes-only")), prefixes)
 
 
-def restrict_deploy(daemon: Any, policy: DeployPolicy) -> None:
-    """
-    Make C{daemon.deploy} (what C{Deploy} calls) refuse what C{policy}
-    does not allow, with a C{ValueError} the caller receives.
-    """
-    if not policy.restricted:
-        return
-    deploy = daemon.deploy
-
-    def checked(service: Any, *args: Any, **kwargs: Any) -> Any:
-        policy.check(service)
-        return deploy(service, *args, **kwargs)
-
-    daemon.deploy = checked
-
-
 # sky tls
 
 

@@ -452,17 +452,7 @@ class DeployPolicyTests(SynchronousTestCase):
         policy = tls.deploy_policy(options)
         self.assertEqual(policy.command_prefixes, (("/opt/app/bin/run",),))
 
-        class Daemon:
-            def __init__(self) -> None:
-                self.deployed: list = []
-
-            def deploy(self, service, args=None, registered=True):
-                self.deployed.append(service)
-                return "uuid"
-
-        daemon = Daemon()
-        tls.restrict_deploy(daemon, policy)
         with self.assertRaises(ValueError):
-            daemon.deploy("/usr/bin/touch /tmp/x", [], True)
-        self.assertEqual(daemon.deploy("/opt/app/bin/run", [], True), "uuid")
-        self.assertEqual(daemon.deployed, ["/opt/app/bin/run"])
+            policy.check("/usr/bin/touch /tmp/x")
+        policy.check("/opt/app/bin/run")  # allowed: returns
+        policy.check("/opt/app/bin/run --flag")

@@ -161,8 +161,11 @@ class Daemon(SequentialMultiService):
         cluster_interval: float = 2.0,
         cluster_list_interval: float = 30.0,
         defaults: EnvDefaults | None = None,
+        deploy_check: Callable[[Any], None] | None = None,
     ) -> None:
         super().__init__()
+        # Refuses (ValueError) what this host may not run: skynet.tls.DeployPolicy.
+        self.deploy_check = deploy_check
         self.capacity = capacity
         self.start_timeout = start_timeout
         # uuid -> Deferreds of Deploy calls waiting for its first node.
@@ -312,9 +315,11 @@ class Daemon(SequentialMultiService):
             again what a uuid already names changes nothing (so that a
             retried C{Deploy} does not start a second instance).
         @return: its uuid.
-        @raise ValueError: if the request is malformed, or C{uuid} names
-            another deployment.
+        @raise ValueError: if the request is malformed, C{uuid} names
+            another deployment, or C{deploy_check} refuses C{service}.
         """
+        if self.deploy_check is not None:
+            self.deploy_check(service)
         deployment = make_deployment(service, args, registered, uuid=uuid)
         known = self.store.get(deployment.uuid)
         if known is not None:
