@@ -300,8 +300,11 @@ class NamespaceTests(TestCase):
     timeout = 180
 
     def setUp(self) -> None:
-        if os.geteuid() != 0 or shutil.which("ip") is None:
-            raise SkipTest("network namespaces need root and iproute2")
+        from tests.test_zookeeper_cluster import namespaces_unavailable
+
+        reason = namespaces_unavailable()
+        if reason is not None:
+            raise SkipTest(reason)
         tag = uuidlib.uuid4().hex[:6]
         self.ns = [f"sktls-a-{tag}", f"sktls-b-{tag}"]
         self.addresses = ["10.231.7.1", "10.231.7.2"]

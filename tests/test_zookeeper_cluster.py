@@ -657,11 +657,19 @@ class Caller(ProcessProtocol):
 
 
 def namespaces_unavailable() -> str | None:
+    """
+    Why network namespaces cannot be made here, or L{None}.  Under CI
+    (C{$CI} set, where .ci/run installs iproute2 and runs as root) that is
+    a failure, never a skip: a missing dependency must not hide the tests.
+    """
+    reason = None
     if os.geteuid() != 0:
-        return "network namespaces need root"
-    if shutil.which("ip") is None:
-        return "the ip command (iproute2) is not installed"
-    return None
+        reason = "network namespaces need root"
+    elif shutil.which("ip") is None:
+        reason = "the ip command (iproute2) is not installed"
+    if reason is not None and os.environ.get("CI"):
+        raise AssertionError(f"CI must run the network-namespace tests: {reason}")
+    return reason
 
 
 class NetworkNamespaceTests(TestCase):
