@@ -30,6 +30,9 @@ The systems:
     (blocking sockets in the calling threads; concurrent: that many
     threads sharing one client); its ratio to Pyro5, the other blocking
     client, is in a column of its own;
+  - notrace: skynet with span recording off in the service and the
+    client (C{SKYNET_TRACE=0}); skynet's ratio to it is the cost of tracing
+    (issue 14: at most 5 % at 64 in flight), in a column of its own;
   - bare: a bare Twisted request/response loop over the same BSON framing
     (one document each way, no handshake, no registry: see
     L{benchmarks.bare}), the floor of this design;
@@ -77,10 +80,11 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PEERS_VENV = ROOT / "benchmarks" / ".venv"
 PEER_PACKAGES = ["Pyro5", "grpcio", "grpcio-tools"]
 
-SYSTEMS = ["skynet", "sync", "bare", "raw", "pyro5", "grpc"]
+SYSTEMS = ["skynet", "notrace", "sync", "bare", "raw", "pyro5", "grpc"]
 PEERS = {"pyro5", "grpc", "fake"}
 LABELS = {
     "skynet": "skynet",
+    "notrace": "notrace",
     "sync": "sync",
     "bare": "bare",
     "raw": "raw",
@@ -103,6 +107,12 @@ GOALS = {
 
 #: sync / Pyro5, at least (issue 13): both are blocking clients.
 SYNC_GOALS = {"sequential": 1.5}
+
+#: skynet / notrace, at least (issue 14): tracing costs at most 5 %.
+TRACE_GOALS = {"concurrent": 0.95}
+
+#: The systems served by C{twistd skynet-service}.
+SKYNET_SERVED = ("skynet", "notrace", "sync")
 
 
 # -- the skynet service and the bare server
@@ -335,7 +345,11 @@ async def _twisted_client(reactor: Any, args: argparse.Namespace) -> None:
     from benchmarks.peers import report
 
     payload = b"x" * args.payload
-    if args.kind == "skynet":
+    if args.kind == "notrace":
+        from skynet.observe import tracing
+
+        tracing.configure(0)
+    if args.kind in ("skynet", "notrace"):
         call, connect, close = await _skynet_setup(reactor, args.target, payload)
     else:
         call, connect, close = await _bare_setup(reactor, int(args.target), payload)
@@ -514,7 +528,7 @@ class Server:
         self.peers_python = peers_python
         self.log = open(workdir / f"{system}-server.log", "wb")
         port_file = workdir / f"{system}.port"
-        if system in ("skynet", "sync"):
+        if system in SKYNET_SERVED:
             self.target = f"file://{workdir}/registry"
             twistd = str(Path(sys.executable).parent / "twistd")
             command = [twistd, "-n", "--pidfile=", "skynet-service",
@@ -532,10 +546,12 @@ class Server:
         command = _die_with_parent() + command
         env = dict(os.environ, SKYNET_HOME=str(workdir), PYTHONPATH=_pythonpath(),
                    BENCH_PYRO_THREADS=str(pyro_threads))  # fmt: skip
+        if system == "notrace":
+            env["SKYNET_TRACE"] = "0"
         self.popen = subprocess.Popen(command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                                       stdout=self.log, stderr=subprocess.STDOUT)  # fmt: skip
         self.process = psutil.Process(self.popen.pid)
-        if system not in ("skynet", "sync"):
+        if system not in SKYNET_SERVED:
             deadline = time.monotonic() + 60
             while not port_file.exists():
                 if self.popen.poll() is not None or time.monotonic() > deadline:
@@ -752,8 +768,9 @@ def ratio_cell(mine: float, theirs: float, goal: float | None) -> str:
 def tables(report: dict[str, Any]) -> str:
     systems = report["systems"]
     config = report["config"]
-    others = [s for s in systems if s not in ("skynet", "sync")]
+    others = [s for s in systems if s not in SKYNET_SERVED]
     sync_column = "sync" in systems and "pyro5" in systems
+    trace_column = "skynet" in systems and "notrace" in systems
     lines = []
     m = report["machine"]
     lines.append(
@@ -771,6 +788,8 @@ def tables(report: dict[str, Any]) -> str:
         header += "".join(f"{'/' + LABELS[s]:>12}" for s in others)
     if sync_column:
         header += f"{'sync/Pyro5':>12}"
+    if trace_column:
+        header += f"{'/notrace':>12}"
     lines.append(header)
     results = report["results"]
     for payload in config["payloads"]:
@@ -788,6 +807,10 @@ def tables(report: dict[str, Any]) -> str:
                 mine = figures["sync"]["calls_per_s"]
                 theirs = figures["pyro5"]["calls_per_s"]
                 row += f"{ratio_cell(mine, theirs, SYNC_GOALS.get(mode)):>12}"
+            if trace_column:
+                mine = figures["skynet"]["calls_per_s"]
+                theirs = figures["notrace"]["calls_per_s"]
+                row += f"{ratio_cell(mine, theirs, TRACE_GOALS.get(mode)):>12}"
             lines.append(row)
     lines.append("")
     if "raw" in systems:

@@ -515,6 +515,8 @@ class _Call:
         "hedge",
         "waiting",
         "last_sent",
+        "started",
+        "trace",
     )
 
     def __init__(
@@ -534,7 +536,10 @@ class _Call:
         self.retry_interval = retry_interval
         self.hedge = hedge
         reactor = service.client.reactor
-        self.deadline = reactor.seconds() + timeout
+        self.started = now = reactor.seconds()
+        self.deadline = now + timeout
+        #: The parent span id when spans are recorded (0: a root), else None.
+        self.trace: int | None = None
         self.result: Deferred = Deferred(self._cancelled)
         self.outstanding: list[_Attempt] = []
         self.tried: set[str] = set()
@@ -603,7 +608,7 @@ class _Call:
             # keep new calls away from it for a while.
             if overtaken.started < attempt.started:
                 overtaken.handle.evict("overtaken by a retry on another instance")
-        self._finish()
+        self._finish(None, attempt)
         self.result.callback(result)
 
     def _failed(self, attempt: _Attempt, error: BaseException) -> None:
@@ -613,11 +618,11 @@ class _Call:
         handle = attempt.handle
         if isinstance(error, (ServiceError, RemoteCallError)):
             handle.record(self.service.client.reactor.seconds() - attempt.started)
-            self._finish()
+            self._finish(error, attempt)
             self.result.errback(error)
             return
         if not isinstance(error, _CONNECTION_ERRORS):
-            self._finish()
+            self._finish(error, attempt)
             self.result.errback(error)
             return
         handle.evict("unregistered" if isinstance(error, ServiceUnregistered) else str(error))
@@ -661,11 +666,19 @@ class _Call:
                 f"{self.attempts} attempt(s)"
                 + (f"; last error: {self.last_error}" if self.last_error else "")
             )
-        self._finish()
+        self._finish(error)
         self.result.errback(error)
 
-    def _finish(self) -> None:
+    def _finish(self, error: BaseException | str | None = None,
+                attempt: _Attempt | None = None) -> None:  # fmt: skip
+        """
+        The call is over (C{error} L{None}: it succeeded, through
+        C{attempt} if given): stop its timer and attempts, and record its
+        client span when spans are recorded.
+        """
         self.done = True
+        if self.trace is not None:  # (trace hook) skynet.observe.tracing
+            _trace.client_finish(self, error, attempt)
         if self.timer is not None:
             self.wheel.discard(self, self.timer)
             self.timer = None
@@ -679,7 +692,7 @@ class _Call:
 
     def _cancelled(self, d: Deferred) -> None:
         if not self.done:
-            self._finish()
+            self._finish("cancelled")
 
     def abort(self, error: Exception) -> None:
         """
@@ -687,7 +700,7 @@ class _Call:
         """
         if not self.done:
             self.timer = None
-            self._finish()
+            self._finish(error)
             self.result.errback(error)
 
 
@@ -863,7 +876,10 @@ class ServiceClient:
             self.giveup_timeout if timeout is None else timeout,
             hedge,
         )
-        return _trace.client_call(self, call) if _trace.ENABLED else call.start()  # (trace hook)
+        if _trace.ENABLED:  # (trace hook) the span's parent: the request served now, if any
+            serving = _trace.serving.get()
+            call.trace = serving[2] if serving is not None else 0
+        return call.start()
 
     def sweep(self, max_idle: int) -> None:
         for handle in self.handles.values():
@@ -897,7 +913,7 @@ class _OnceCall(_Call):
             return
         if isinstance(error, _CONNECTION_ERRORS) and not isinstance(error, ServiceUnregistered):
             attempt.handle.evict(str(error))
-        self._finish()
+        self._finish(error, attempt)
         self.result.errback(error)
 
     def _attempt(self) -> None:
