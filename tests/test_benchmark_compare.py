@@ -107,6 +107,32 @@ class CompareRun(TestCase):
         self.assertEqual(report["results"]["fake"]["sequential"]["100"]["style"], "blocking")
         self.assertIn("/fake", result.stdout)
 
+    def test_tracing_cost(self) -> None:
+        """
+        The notrace system (skynet with span recording off) has its column,
+        skynet / notrace, with issue 14's 0.95 goal; and
+        L{benchmarks.trace_cost} alternates the two and prints the median
+        ratio and the CPU per call of both.
+        """
+        result, report = self.run_compare("--systems", "skynet,notrace", "--payloads", "100")
+        self.check_figures(report, ["skynet", "notrace"], [100])
+        header = next(
+            ln for ln in result.stdout.splitlines() if ln.startswith("mode") and "/notrace" in ln
+        )
+        self.assertEqual(header.split(), ["mode", "payload", "skynet", "notrace", "/notrace"])
+        row = self.table_row(result.stdout, "concurrent", "B")
+        self.assertTrue(row[-1] == "ok" or row[-1] == "<0.95", row)
+        cost = subprocess.run(
+            [sys.executable, "-m", "benchmarks.trace_cost", "--rounds", "2", "--seconds", "0.2",
+             "--payloads", "100", "--concurrency", "4"],
+            cwd=ROOT, capture_output=True, text=True, timeout=170, env=child_env(),
+        )  # fmt: skip
+        self.assertEqual(cost.returncode, 0, cost.stdout + cost.stderr)
+        self.assertEqual(cost.stdout.count(" round "), 2, cost.stdout)
+        summary = [ln for ln in cost.stdout.splitlines() if "median" in ln]
+        self.assertEqual(len(summary), 1, cost.stdout)
+        self.assertRegex(summary[0], r"100 B  median \d\.\d{3}  range .* CPU per call [\d.]+ vs")
+
     def test_real_peers_if_installed(self) -> None:
         python, why = ensure_peers(DEFAULT_PEERS_VENV, create=False)
         if python is None:

@@ -1,0 +1,101 @@
+"""
+What recording spans costs (issue 14: at most 5 % of calls/s with 64
+calls in flight), measured as robustly as a shared machine allows.
+
+    python -m benchmarks.trace_cost [--rounds 7] [--seconds 1] [--payloads 100,10000]
+
+Two C{twistd skynet-service} processes serve L{benchmarks.compare.Adder}:
+one records spans (the default), one does not (C{SKYNET_TRACE=0}); their
+clients likewise.  The rounds alternate between the two, each a fresh
+client process of L{benchmarks.compare} with C{--concurrency} calls in
+flight, so that a burst of load elsewhere on the machine falls on both
+alike.  It prints, per payload, the calls/s of each round, the median ratio
+traced / untraced and its range, and the CPU per call of both sides (client
+and service, medians): on a busy machine the calls/s of one round swing with
+the load, while the CPU a call costs barely does, so its ratio is the
+steadier estimate of what tracing costs a machine that is not shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks.compare import Server, measure
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    workdir = Path(tempfile.mkdtemp(prefix="skynet-trace-cost-"))
+    servers: dict[str, Server] = {}
+    report: dict[str, Any] = {}
+    try:
+        for system in ("skynet", "notrace"):
+            servers[system] = Server(system, workdir, None, connections=args.connections)
+        for payload in args.payloads:
+            rounds: list[dict[str, Any]] = []
+            for n in range(args.rounds):
+                order = ("skynet", "notrace") if n % 2 == 0 else ("notrace", "skynet")
+                figures = {s: measure(servers[s], "concurrent", args, payload) for s in order}
+                rounds.append(figures)
+                print(f"  {payload:>8} B round {n + 1}: traced "
+                      f"{figures['skynet']['calls_per_s']:9,.0f}  untraced "
+                      f"{figures['notrace']['calls_per_s']:9,.0f} calls/s", flush=True)  # fmt: skip
+            ratios = [r["skynet"]["calls_per_s"] / r["notrace"]["calls_per_s"] for r in rounds]
+
+            def cpu(system: str, rounds: list[dict[str, Any]] = rounds) -> float:
+                return statistics.median(
+                    r[system]["client_cpu_us"] + r[system]["server_cpu_us"] for r in rounds
+                )
+
+            report[str(payload)] = {
+                "ratios": ratios,
+                "median": statistics.median(ratios),
+                "cpu_us_traced": cpu("skynet"),
+                "cpu_us_untraced": cpu("notrace"),
+            }
+    finally:
+        for server in servers.values():
+            server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return report
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="The cost of recording spans.")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--seconds", type=float, default=1.0, help="per figure")
+    parser.add_argument("--payloads", default="100,10000")
+    parser.add_argument("--concurrency", type=int, default=64)
+    args = parser.parse_args(argv)
+    try:
+        args.payloads = [int(p) for p in args.payloads.split(",") if p]
+    except ValueError:
+        parser.error("--payloads: comma-separated byte counts")
+    if args.rounds < 1 or args.seconds <= 0 or args.concurrency < 1:
+        parser.error("--rounds, --seconds and --concurrency must be positive")
+    # What benchmarks.compare's client command line needs.
+    args.connections = 1
+    args.processes = 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    report = run(args)
+    print()
+    print(f"{args.concurrency} calls in flight, {args.rounds} rounds of {args.seconds:g} s, "
+          "traced / untraced calls/s (issue 14: at least 0.95)")  # fmt: skip
+    for payload, r in report.items():
+        low, high = min(r["ratios"]), max(r["ratios"])
+        extra = r["cpu_us_traced"] / r["cpu_us_untraced"] - 1
+        print(f"  {int(payload):>8} B  median {r['median']:.3f}  range {low:.3f}-{high:.3f}  "
+              f"CPU per call {r['cpu_us_traced']:.1f} vs {r['cpu_us_untraced']:.1f} us "
+              f"({extra:+.1%})")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
