@@ -19,6 +19,7 @@ also be made with C{fast=False} on its own.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from typing import Any
 
 import bson
@@ -758,3 +759,138 @@ def count_elements(data: bytes, depth: int = 0) -> int:
         except Exception:
             pass  # a blob, not a document: the method gets it as bytes
     return total
+
+
+# Writing large answers without joining them
+
+
+#: Below this many bytes the pieces of a frame are joined (one small copy
+#: beats a gathered send); at and above, they are sent as they are.
+GATHER = 64 * 1024
+
+
+def write_parts_now(transport: Any, parts: Sequence[Any]) -> None:
+    """
+    Send the pieces C{parts} of a large frame in order, with one gathered
+    C{sendmsg} when the transport holds nothing else to send (a plain TCP
+    connection, as for L{write_now}): a large result goes from its encoded
+    pieces to the socket without being joined first.  What the socket does
+    not take is joined once (only that tail) into Twisted's buffer; every
+    other transport gets C{writeSequence}.
+    """
+    types = _plain_tcp_types if _plain_tcp_types is not None else plain_tcp()
+    if (
+        FAST
+        and type(transport) in types
+        and transport.connected
+        and not transport.disconnecting
+        and not transport.TLS
+        and not transport._tempDataBuffer
+        and transport.offset == len(transport.dataBuffer)
+        and not transport._writeDisconnected
+        and len(parts) <= 512
+    ):
+        try:
+            sent = transport.socket.sendmsg(parts)
+        except OSError:
+            sent = 0  # full, or broken: the reactor's own write deals with it
+        rest: list[Any] = []
+        for part in parts:
+            size = len(part)
+            if sent >= size:
+                sent -= size
+            elif sent:
+                rest.append(memoryview(part)[sent:])
+                sent = 0
+            else:
+                rest.append(part)
+        if not rest:
+            return
+        transport.dataBuffer = rest[0] if len(rest) == 1 and type(rest[0]) is bytes else (
+            b"".join(rest))  # fmt: skip
+        transport.offset = 0
+        transport._maybePauseProducer()
+        transport.startWriting()
+        return
+    transport.writeSequence([p if type(p) is bytes else bytes(p) for p in parts])
+
+
+# A bound on the elements of a request, without reading every byte
+
+#: Elements walked at most before falling back to counting NUL bytes.
+_WALK_BUDGET = 256
+
+#: BSON element types of a fixed value size.
+_FIXED = {0x01: 8, 0x07: 12, 0x08: 1, 0x09: 8, 0x0A: 0, 0x06: 0, 0x10: 4, 0x11: 8, 0x12: 8,
+          0x13: 16, 0xFF: 0, 0x7F: 0}  # fmt: skip
+#: Types whose value is an int32 length and that many bytes.
+_SIZED = {0x02: 4, 0x0D: 4, 0x0E: 4}
+
+
+def element_bound(data: Any, start: int, stop: int) -> int:
+    """
+    An upper bound of the elements of the BSON document at
+    C{data[start:stop]} as L{count_elements} counts them (nested documents
+    and arrays, and documents held in binary values): the exact count of a
+    walk over the elements, which jumps over strings and binary values in
+    one step, with the NUL bytes of a binary value that could hold a
+    document counted instead of its elements (every element name ends in
+    one); or, when the walk meets more than L{_WALK_BUDGET} elements or a
+    layout it does not know, the NUL bytes of the whole span, as before.
+    A few large values cost a few steps rather than a scan of every byte.
+    """
+    counted = _walk(data, start, stop, [0])
+    if counted is None:
+        return data.count(0, start, stop)  # type: ignore[no-any-return]
+    return counted
+
+
+def _walk(data: Any, start: int, stop: int, steps: list[int]) -> int | None:
+    if stop - start < 5 or unpack_length(data, start)[0] != stop - start or data[stop - 1]:
+        return None
+    total = 0
+    pos = start + 4
+    end = stop - 1
+    while pos < end:
+        steps[0] += 1
+        if steps[0] > _WALK_BUDGET:
+            return None
+        kind = data[pos]
+        name_end = data.find(0, pos + 1, end)
+        if name_end < 0:
+            return None
+        pos = name_end + 1
+        total += 1
+        size = _FIXED.get(kind)
+        if size is not None:
+            pos += size
+        elif kind in _SIZED:
+            if pos + 4 > end:
+                return None
+            pos += 4 + unpack_length(data, pos)[0]
+        elif kind == 0x03 or kind == 0x04:
+            if pos + 4 > end:
+                return None
+            inner_end = pos + unpack_length(data, pos)[0]
+            if inner_end > end:
+                return None
+            inner = _walk(data, pos, inner_end, steps)
+            if inner is None:
+                return None
+            total += inner
+            pos = inner_end
+        elif kind == 0x05:
+            if pos + 5 > end:
+                return None
+            n = unpack_length(data, pos)[0]
+            value = pos + 5
+            pos = value + n
+            if n < 0 or pos > end:
+                return None
+            if n >= 5 and unpack_length(data, value)[0] == n and data[pos - 1] == 0:
+                total += data.count(0, value, pos)  # it may hold a document
+        else:
+            return None  # regex, code with scope, DBPointer...: not walked
+        if pos > end:
+            return None
+    return total if pos == end else None

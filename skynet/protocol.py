@@ -36,6 +36,7 @@ from skynet._wire import (
     decode_response_body,
     decode_response_header,
     document,
+    element_bound,
     encode_for_send,
     encode_header,
     encode_parts,
@@ -49,6 +50,10 @@ from skynet._wire import (
     response_body_parts_of,
     string_element,
     write_now,
+    write_parts_now,
+)
+from skynet._wire import (
+    GATHER as _GATHER,
 )
 from skynet._wire import (
     METHOD as _METHOD,
@@ -259,6 +264,18 @@ class FrameProtocol(Protocol):
             self._batch.append(data)
         elif self.transport is not None:
             write_now(self.transport, data)
+
+    def send_parts(self, parts: list[Any]) -> None:
+        """
+        Write the pieces of one large frame (at least L{_GATHER} bytes in
+        all) after what is already queued, without joining them first.
+        """
+        batch = self._batch
+        if batch:
+            self._batch = []
+            parts = [*batch, *parts]
+        if self.transport is not None:
+            write_parts_now(self.transport, parts)
 
     def flush(self) -> None:
         batch = self._batch
@@ -764,8 +781,9 @@ class ServerProtocol(FrameProtocol):
             else:
                 start, stop = 0, len(frame)
             # Each element has a name ending in NUL: no more NULs, no more
-            # elements, and no need for the exact count off this process.
-            if stop - start > limit and frame.count(0, start, stop) > limit:
+            # elements, and no need for the exact count off this process
+            # (a walk bounds a document of a few large values in a few steps).
+            if stop - start > limit and element_bound(frame, start, stop) > limit:
                 data = frame[start:stop] if stop - start < len(frame) else frame
                 self._check_elements(servicemethod, seq, frame, data, limit)
                 return
@@ -963,6 +981,9 @@ class ServerProtocol(FrameProtocol):
                 # One copy of the result (a chain of + would make several).
                 if type(out) is tuple:
                     body = response_body_parts_of(out[0], out[1], errstring)
+                    if out[1] >= _GATHER:
+                        self.send_parts([header, *body])
+                        return
                 else:
                     body = response_body_parts(out, errstring)  # type: ignore[arg-type]
                 self.send_bytes(b"".join((header, *body)))
@@ -1204,6 +1225,9 @@ class ClientProtocol(FrameProtocol):
             body = request_body_parts_of(
                 layout.clientid_element, method_element, request_info, params[0], params[1]
             )
+            if params[1] >= _GATHER:  # sent as they are, not joined
+                self.send_parts([self._request_header(seq), *body])
+                return seq
         else:
             body = request_body_parts(
                 layout.clientid_element,

@@ -703,16 +703,44 @@ class ServerBehaviourTests(SynchronousTestCase):
         self.assert_still_serving()
 
     def test_large_request_with_few_elements_served(self) -> None:
+        """
+        A large request of a few values is bounded by a walk over its
+        elements (a binary value is one step, however many NUL bytes it
+        holds), served at once without the count off the reactor.
+        """
         counts = self.fake_counter()
         self.request("Echo", {"blob": b"\x00" * 100_000}, seq=5)
-        [(data, d)] = counts
-        # The params (fast path) or the whole body (general path) are counted.
-        self.assertIn(bson.encode({"blob": b"\x00" * 100_000}), data)
-        d.callback(1)
+        self.assertEqual(counts, [])
         [(header, body)] = self.responses()
         self.assertEqual((header["seq"], header["error"]), (5, ""))
         self.assertEqual(bson.decode(body["out"]), {"blob": b"\x00" * 100_000})
         self.assertEqual((self.host.stats.in_flight, self.host.stats.requests_served), (0, 1))
+
+    def test_large_binary_holding_a_document_counted(self) -> None:
+        """
+        A binary value that could hold a document of many elements is
+        bounded by its NUL bytes, as the exact count (which decodes such
+        documents) would find them: counted off the reactor first.
+        """
+        counts = self.fake_counter()
+        inner = self.many_elements(30_000)
+        self.request("Echo", {"blob": inner}, seq=6)
+        [(data, d)] = counts
+        self.assertIn(inner, data)
+        d.callback(30_001)
+        [(header, _)] = self.responses()
+        self.assertEqual(
+            (header["seq"], header["error"]),
+            (6, "request has 30001 elements, more than the 20000 this service takes"),
+        )
+
+    def test_large_request_with_many_small_values_counted(self) -> None:
+        counts = self.fake_counter()
+        self.request("Echo", {"k": [b"x" * 10] * 25_000}, seq=7)
+        [(data, d)] = counts
+        d.callback(25_001)
+        [(header, _)] = self.responses()
+        self.assertIn("more than the 20000", header["error"])
 
     def test_small_requests_not_counted(self) -> None:
         counts = self.fake_counter()
@@ -1511,7 +1539,115 @@ class WriteNowTests(TestCase):
         for server in servers:
             server.transport.loseConnection()
 
+    async def test_gathered_parts_over_tcp_in_order(self) -> None:
+        """
+        The pieces of a large frame go out with one gathered send, what the
+        socket does not take at once follows through the reactor, in order
+        with later writes; other transports get C{writeSequence}.
+        """
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import (
+            TCP4ClientEndpoint,
+            TCP4ServerEndpoint,
+            connectProtocol,
+        )
+        from twisted.internet.protocol import Factory, Protocol
+
+        received: list[bytes] = []
+
+        class Sink(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                received.append(data)
+
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Factory.forProtocol(Sink)
+        )
+        self.addCleanup(port.stopListening)
+        client = await connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), Protocol()
+        )
+        transport = client.transport
+        small = [b"head", memoryview(b"-view-")[1:5], b"tail"]
+        _wire.write_parts_now(transport, small)
+        self.assertEqual((transport.dataBuffer[transport.offset :], transport._tempDataBuffer),
+                         (b"", []))  # fmt: skip
+        large = [b"<", bytes(range(256)) * 20_000, bytearray(b"x" * 5_000_000), b">"]
+        _wire.write_parts_now(transport, large)  # more than a socket buffer holds
+        self.assertGreater(len(transport.dataBuffer) - transport.offset, 0)
+        _wire.write_parts_now(transport, [b"after", b"!"])  # queued behind: writeSequence
+        write_now(transport, b"end")
+        expected = b"headviewtail" + b"".join(large) + b"after!end"
+        for _ in range(1000):
+            if sum(map(len, received)) >= len(expected):
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(b"".join(received), expected)
+        transport.loseConnection()
+        other = StringTransport()
+        _wire.write_parts_now(other, [b"a", memoryview(b"bc"), bytearray(b"d")])
+        self.assertEqual(other.value(), b"abcd")
+
     def test_other_transports_write(self) -> None:
         transport = StringTransport()
         write_now(transport, b"data")
         self.assertEqual(transport.value(), b"data")
+
+
+_values = st.recursive(
+    st.one_of(
+        st.integers(-(2**63), 2**63 - 1),
+        st.floats(allow_nan=False),
+        st.text(max_size=20),
+        st.binary(max_size=40),
+        st.booleans(),
+        st.none(),
+    ),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=5),
+        st.dictionaries(
+            st.text(min_size=1, max_size=4).filter(lambda k: "\x00" not in k), inner, max_size=5
+        ),  # fmt: skip
+        # a binary value holding a document, as C{in} holds the parameters
+        st.dictionaries(st.sampled_from("abc"), inner, max_size=4).map(bson.encode),
+    ),
+    max_leaves=40,
+)
+_nested_documents = st.dictionaries(
+    st.text(min_size=1, max_size=6).filter(lambda k: "\x00" not in k), _values, max_size=8
+)
+
+
+class ElementBoundTests(SynchronousTestCase):
+    """
+    L{_wire.element_bound} never counts fewer elements than the exact count
+    does (which it lets the service skip), and walks large values in one
+    step.
+    """
+
+    @settings(max_examples=300, deadline=None)
+    @given(_nested_documents)
+    def test_never_below_the_exact_count(self, doc: dict) -> None:
+        data = bson.encode(doc)
+        bound = _wire.element_bound(data, 0, len(data))
+        self.assertGreaterEqual(bound, _wire.count_elements(data))
+        self.assertLessEqual(bound, data.count(0))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.binary(max_size=200), st.integers(0, 10))
+    def test_damaged_documents_fall_back_to_the_nul_count(self, data: bytes, cut: int) -> None:
+        """
+        Whatever the bytes, an answer, and never above the NUL count.
+        """
+        framed = (len(data) + 5).to_bytes(4, "little") + data + b"\x00"
+        for candidate in (framed, framed[: max(0, len(framed) - cut)]):
+            bound = _wire.element_bound(candidate, 0, len(candidate))
+            self.assertLessEqual(bound, candidate.count(0))
+
+    def test_large_values_are_one_step(self) -> None:
+        data = bson.encode({"a": b"\x00" * 1_000_000, "b": "x" * 1_000_000, "c": 1})
+        self.assertEqual(_wire.element_bound(data, 0, len(data)), 3)
+        self.assertGreater(data.count(0), 1_000_000)
+
+    def test_many_elements_fall_back_to_the_nul_count(self) -> None:
+        data = bson.encode({"k": list(range(1000))})
+        self.assertEqual(_wire.element_bound(data, 0, len(data)), data.count(0))
