@@ -14,6 +14,13 @@ Set L{FAST} to C{False} (before connections are made) to turn every fast
 path off: the module functions then call pymongo, and each L{ServerLayout}
 and L{ClientLayout} made afterwards declines every frame.  A layout may
 also be made with C{fast=False} on its own.
+
+The module compiles with mypyc as it is (C{python -m benchmarks.wire
+--build} measures it so; it did not pay enough to ship, see
+docs/benchmarks.md): its constants are C{Final}, L{FAST} is the one global
+meant to be set from outside, and frames are typed as what arrives,
+C{bytes} or, for a large one, the C{bytearray} receive buffer (a compiled
+C{bytes} parameter would refuse the latter).
 """
 
 from __future__ import annotations
