@@ -14,13 +14,20 @@ Set L{FAST} to C{False} (before connections are made) to turn every fast
 path off: the module functions then call pymongo, and each L{ServerLayout}
 and L{ClientLayout} made afterwards declines every frame.  A layout may
 also be made with C{fast=False} on its own.
+
+The module compiles with mypyc as it is (C{python -m benchmarks.wire
+--build} measures it so; it did not pay enough to ship, see
+docs/benchmarks.md): its constants are C{Final}, L{FAST} is the one global
+meant to be set from outside, and frames are typed as what arrives,
+C{bytes} or, for a large one, the C{bytearray} receive buffer (a compiled
+C{bytes} parameter would refuse the latter).
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar, Final
 
 import bson
 from bson.int64 import Int64
@@ -29,42 +36,46 @@ from bson.int64 import Int64
 FAST = True
 
 #: The empty BSON document, the client handshake and error response body.
-EMPTY_DOCUMENT = b"\x05\x00\x00\x00\x00"
+EMPTY_DOCUMENT: Final = b"\x05\x00\x00\x00\x00"
 
-_INT32_MAX = 2**31 - 1
-INT64_MIN = -(2**63)
-INT64_MAX = 2**63 - 1
+_INT32_MAX: Final = 2**31 - 1
+INT64_MIN: Final = -(2**63)
+INT64_MAX: Final = 2**63 - 1
 
-_pack_i32 = struct.Struct("<i").pack
-_pack_i64 = struct.Struct("<q").pack
-unpack_length = struct.Struct("<i").unpack_from
-_unpack_i64 = struct.Struct("<q").unpack_from
+_pack_i32: Final = struct.Struct("<i").pack
+_pack_i64: Final = struct.Struct("<q").pack
+unpack_length: Final = struct.Struct("<i").unpack_from
+_unpack_i64: Final = struct.Struct("<q").unpack_from
 
-_encode = bson.encode
-_decode = bson.decode
+#: What the readers take: a whole frame, as L{skynet.protocol.FrameProtocol}
+#: and L{skynet.sync} deliver it (a large one may be the receive buffer).
+Frame = bytes | bytearray
 
-SERVICEMETHOD = b"\x02servicemethod\x00"
-SEQ64 = b"\x12seq\x00"
-_SEQ32 = b"\x10seq\x00"
-_ERROR = b"\x02error\x00"
-OUT = b"\x05out\x00"
-_ERRSTRING = b"\x02errstring\x00"
-CLIENTID = b"\x02clientid\x00"
-METHOD = b"\x02method\x00"
-_REQUESTINFO = b"\x03requestinfo\x00"
-_ORIGINADDRESS = b"\x02originaddress\x00"
-_CONNECTIONADDRESS = b"\x02connectionaddress\x00"
-_REQUESTID = b"\x02requestid\x00"
-_RETRYCOUNT = b"\x10retrycount\x00"
-_IN = b"\x05in\x00"
+_encode: Final = bson.encode
+_decode: Final = bson.decode
+
+SERVICEMETHOD: Final = b"\x02servicemethod\x00"
+SEQ64: Final = b"\x12seq\x00"
+_SEQ32: Final = b"\x10seq\x00"
+_ERROR: Final = b"\x02error\x00"
+OUT: Final = b"\x05out\x00"
+_ERRSTRING: Final = b"\x02errstring\x00"
+CLIENTID: Final = b"\x02clientid\x00"
+METHOD: Final = b"\x02method\x00"
+_REQUESTINFO: Final = b"\x03requestinfo\x00"
+_ORIGINADDRESS: Final = b"\x02originaddress\x00"
+_CONNECTIONADDRESS: Final = b"\x02connectionaddress\x00"
+_REQUESTID: Final = b"\x02requestid\x00"
+_RETRYCOUNT: Final = b"\x10retrycount\x00"
+_IN: Final = b"\x05in\x00"
 
 #: How a response header with an empty error ends, and a body with an empty errstring.
-OK_HEADER_SUFFIX = _ERROR + b"\x01\x00\x00\x00\x00\x00"
-OK_BODY_SUFFIX = _ERRSTRING + b"\x01\x00\x00\x00\x00\x00"
-_OK_BODY_SUFFIX_LENGTH = len(OK_BODY_SUFFIX)
+OK_HEADER_SUFFIX: Final = _ERROR + b"\x01\x00\x00\x00\x00\x00"
+OK_BODY_SUFFIX: Final = _ERRSTRING + b"\x01\x00\x00\x00\x00\x00"
+_OK_BODY_SUFFIX_LENGTH: Final = len(OK_BODY_SUFFIX)
 
 #: What the fast readers may raise on a frame not in their layout.
-_DECLINE = (struct.error, UnicodeDecodeError, IndexError)
+_DECLINE: Final = (struct.error, UnicodeDecodeError, IndexError)
 
 
 class _NotFastPath(Exception):
@@ -73,7 +84,7 @@ class _NotFastPath(Exception):
     """
 
 
-_DECLINE_ALL = (_NotFastPath, *_DECLINE)
+_DECLINE_ALL: Final = (_NotFastPath, *_DECLINE)
 
 
 def string_element(prefix: bytes, value: str) -> bytes:
@@ -91,7 +102,7 @@ def document(elements: bytes) -> bytes:
     return _pack_i32(len(elements) + 5) + elements + b"\x00"
 
 
-def _read_string(frame: bytes, pos: int) -> tuple[str, int]:
+def _read_string(frame: Frame, pos: int) -> tuple[str, int]:
     n = unpack_length(frame, pos)[0]
     end = pos + 3 + n
     if n < 1 or end >= len(frame) or frame[end] != 0:
@@ -194,7 +205,7 @@ def encode_request_info(info: Any) -> bytes:
     )
 
 
-_REQUESTINFO_EMPTY_ADDRESSES = (
+_REQUESTINFO_EMPTY_ADDRESSES: Final = (
     _REQUESTINFO
     + _pack_i32(
         4
@@ -212,7 +223,7 @@ _REQUESTINFO_EMPTY_ADDRESSES = (
     + _REQUESTID
     + _pack_i32(37)
 )
-_END_ID = b"\x00" + _RETRYCOUNT
+_END_ID: Final = b"\x00" + _RETRYCOUNT
 
 
 def request_body_parts(
@@ -262,10 +273,10 @@ def encode_request_body(clientid: str, method: str, info: Any, params: bytes) ->
 
 #: Documents holding a binary value of at least this many bytes are encoded
 #: by L{encode_parts} (pymongo grows its buffer, copying, as it goes).
-LARGE_BINARY = 32768
+LARGE_BINARY: Final = 32768
 
-_pack_double = struct.Struct("<d").pack
-_INT32_MIN = -(2**31)
+_pack_double: Final = struct.Struct("<d").pack
+_INT32_MIN: Final = -(2**31)
 
 
 def encode_parts(doc: Any) -> tuple[list[Any], int] | None:
@@ -371,7 +382,7 @@ def encode_large(doc: Any) -> bytes:
 # General readers (fast first, pymongo for anything else)
 
 
-def decode_header(frame: bytes) -> tuple[Any, Any, Any]:
+def decode_header(frame: Frame) -> tuple[Any, Any, Any]:
     """
     Read a request or response header: (servicemethod, seq, error), each
     L{None} where absent; values are not type-checked.
@@ -387,7 +398,7 @@ def decode_header(frame: bytes) -> tuple[Any, Any, Any]:
     return doc.get("servicemethod"), doc.get("seq"), doc.get("error")
 
 
-def _fast_header(frame: bytes) -> tuple[str, int, str | None]:
+def _fast_header(frame: Frame) -> tuple[str, int, str | None]:
     if frame[4:19] != SERVICEMETHOD:
         raise _NotFastPath()
     servicemethod, pos = _read_string(frame, 19)
@@ -408,7 +419,7 @@ def _fast_header(frame: bytes) -> tuple[str, int, str | None]:
     return servicemethod, seq, error
 
 
-def decode_response_header(frame: bytes) -> tuple[Any, Any]:
+def decode_response_header(frame: Frame) -> tuple[Any, Any]:
     """
     Read a response header's (seq, error): the servicemethod, which a
     client does not need, is checked but not returned.
@@ -419,7 +430,7 @@ def decode_response_header(frame: bytes) -> tuple[Any, Any]:
     return seq, error
 
 
-def decode_response_body(frame: bytes) -> tuple[Any, Any]:
+def decode_response_body(frame: Frame) -> tuple[Any, Any]:
     """
     Read a response body: (out, errstring), each L{None} where absent.
 
@@ -434,7 +445,7 @@ def decode_response_body(frame: bytes) -> tuple[Any, Any]:
     return doc.get("out"), doc.get("errstring")
 
 
-def _fast_response_body(frame: bytes) -> tuple[bytes, str]:
+def _fast_response_body(frame: Frame) -> tuple[bytes, str]:
     if len(frame) < 14 or frame[4:9] != OUT or unpack_length(frame, 0)[0] != len(frame):
         raise _NotFastPath()
     n = unpack_length(frame, 9)[0]
@@ -482,7 +493,7 @@ class ServerLayout:
         self._ok_prefix = _pack_i32(4 + len(forward) + 8 + len(OK_HEADER_SUFFIX)) + forward
         self._clientid_element = string_element(CLIENTID, clientid)
 
-    def read_forward_header(self, frame: bytes) -> int | None:
+    def read_forward_header(self, frame: Frame) -> int | None:
         """
         The C{seq} of C{{servicemethod: "<Name>.Forward", seq: int64}}
         exactly, or L{None} for any other document.
@@ -504,7 +515,7 @@ class ServerLayout:
             return encode_header(self.forward, seq, "")
         return self._ok_prefix + _pack_i64(seq) + OK_HEADER_SUFFIX
 
-    def read_body(self, frame: bytes) -> tuple[str, str, int, bytes] | None:
+    def read_body(self, frame: Frame) -> tuple[str, str, int, Frame] | None:
         """
         Read a request body in the exact layout our client and Go's write,
         with this connection's client id: (method, request id, retry count,
@@ -515,7 +526,7 @@ class ServerLayout:
             return None
         return span[0], span[1], span[2], frame[span[3] : span[4]]
 
-    def read_body_span(self, frame: bytes) -> tuple[str, str, int, int, int] | None:
+    def read_body_span(self, frame: Frame) -> tuple[str, str, int, int, int] | None:
         """
         L{read_body}, with the encoded params' place in C{frame} (start,
         end) instead of a copy of them.
@@ -596,7 +607,7 @@ class ClientLayout:
             return encode_header(self.servicemethod, seq)
         return document(self._header_prefix + _pack_i64(seq))
 
-    def read_ok_header(self, frame: bytes) -> int | None:
+    def read_ok_header(self, frame: Frame) -> int | None:
         """
         The C{seq} of our (and Go's) exact answer header with an empty
         error, or L{None} for any other document.
@@ -610,7 +621,7 @@ class ClientLayout:
             return _unpack_i64(frame, self._ok_header_seq_at)[0]  # type: ignore[no-any-return]
         return None
 
-    def read_ok_body(self, frame: bytes) -> bytes | None:
+    def read_ok_body(self, frame: Frame) -> Frame | None:
         """
         The C{out} bytes of C{{out: binary, errstring: ""}} exactly, or
         L{None} for any other document (short ones included).
@@ -621,7 +632,7 @@ class ClientLayout:
         span = self.read_ok_body_span(frame)
         return None if span is None else frame[span[0] : span[1]]
 
-    def read_ok_body_span(self, frame: bytes) -> tuple[int, int] | None:
+    def read_ok_body_span(self, frame: Frame) -> tuple[int, int] | None:
         """
         L{read_ok_body}, as the place of C{out} in C{frame} (start, end).
         """
@@ -719,17 +730,17 @@ class _CountingDocument(dict):  # type: ignore[type-arg]
     names included (a plain dict keeps one of a million C{"a"}s).
     """
 
-    elements = 0
+    elements: ClassVar[int] = 0
 
     def __setitem__(self, key: Any, value: Any) -> None:
         _CountingDocument.elements += 1
         super().__setitem__(key, value)
 
 
-_COUNTING = bson.CodecOptions(document_class=_CountingDocument)
+_COUNTING: Final = bson.CodecOptions(document_class=_CountingDocument)
 
 
-def count_elements(data: bytes, depth: int = 0) -> int:
+def count_elements(data: Frame, depth: int = 0) -> int:
     """
     The number of elements of the BSON document C{data}, those of nested
     documents and arrays included, and those of binary values that hold a
