@@ -14,6 +14,11 @@ traced / untraced and its range, and the CPU per call of both sides (client
 and service, medians): on a busy machine the calls/s of one round swing with
 the load, while the CPU a call costs barely does, so its ratio is the
 steadier estimate of what tracing costs a machine that is not shared.
+
+Then, in this process, the same calls through a L{skynet.testing.LocalCluster}
+(client and service on in-memory connections: no kernel, no scheduler), with
+recording switched on and off between batches of C{--concurrency} calls, and
+the best CPU per call of each: the cost of the recording code itself.
 """
 
 from __future__ import annotations
@@ -64,6 +69,50 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def in_process(
+    payloads: list[int], width: int, batches: int = 40, repeat: int = 9
+) -> dict[str, Any]:
+    """
+    CPU microseconds per call with spans recorded and not, per payload: the
+    best of C{repeat} alternating runs of C{batches} batches of C{width}
+    calls in flight.
+    """
+    import time
+
+    from benchmarks.compare import Adder
+    from skynet.observe import tracing
+    from skynet.testing import LocalCluster
+
+    size = tracing.RING.size or 4096
+    cluster = LocalCluster()
+    cluster.add(Adder())
+    service = cluster.client().service("Adder")
+    figures: dict[str, Any] = {}
+    try:
+        for payload in payloads:
+            params = {"a": 1, "b": 2, "data": b"x" * payload}
+            best = {"on": float("inf"), "off": float("inf")}
+            for n in range(repeat * 2):
+                mode = "on" if n % 2 == 0 else "off"
+                tracing.configure(size if mode == "on" else 0)
+                for _ in range(4):  # settle in after the switch
+                    [service.call("Add", params) for _ in range(width)]
+                    cluster.settle()
+                started = time.process_time()
+                for _ in range(batches):
+                    calls = [service.call("Add", params) for _ in range(width)]
+                    cluster.settle()
+                    for d in calls:
+                        if d.result["sum"] != 3:
+                            raise AssertionError(f"Add answered {d.result!r}")
+                us = (time.process_time() - started) / (batches * width) * 1e6
+                best[mode] = min(best[mode], us)
+            figures[str(payload)] = best
+    finally:
+        tracing.configure(size)
+    return figures
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="The cost of recording spans.")
     parser.add_argument("--rounds", type=int, default=7)
@@ -95,6 +144,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {int(payload):>8} B  median {r['median']:.3f}  range {low:.3f}-{high:.3f}  "
               f"CPU per call {r['cpu_us_traced']:.1f} vs {r['cpu_us_untraced']:.1f} us "
               f"({extra:+.1%})")  # fmt: skip
+    print()
+    print("in one process (LocalCluster, no kernel): best CPU per call, recording on / off")
+    for payload, best in in_process(args.payloads, args.concurrency).items():
+        print(f"  {int(payload):>8} B  {best['on']:.2f} / {best['off']:.2f} us "
+              f"({best['on'] / best['off'] - 1:+.1%})")  # fmt: skip
 
 
 if __name__ == "__main__":
