@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -132,6 +133,28 @@ class CompareRun(TestCase):
         summary = [ln for ln in cost.stdout.splitlines() if "median" in ln]
         self.assertEqual(len(summary), 1, cost.stdout)
         self.assertRegex(summary[0], r"100 B  median \d\.\d{3}  range .* CPU per call [\d.]+ vs")
+
+    def test_floors(self) -> None:
+        """
+        L{benchmarks.floors} makes its three sequential rows for real (each
+        client checks its answers) and prints calls/s and CPU for each.
+        """
+        result = subprocess.run(
+            [sys.executable, "-m", "benchmarks.floors", "--calls", "50", "--rounds", "2"],
+            cwd=ROOT, capture_output=True, text=True, timeout=170, env=child_env(),
+        )  # fmt: skip
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        rows = {}
+        for line in result.stdout.splitlines():
+            m = re.match(r"(.+? -> \w+) +([\d,]+) +([\d.]+)$", line)
+            if m:
+                rows[m.group(1)] = (float(m.group(2).replace(",", "")), float(m.group(3)))
+        self.assertEqual(
+            list(rows),
+            ["blocking -> bare", "connection -> skynet", "sync -> skynet"],
+            result.stdout,
+        )
+        self.assertTrue(all(rate > 0 and cpu > 0 for rate, cpu in rows.values()), rows)
 
     def test_real_peers_if_installed(self) -> None:
         python, why = ensure_peers(DEFAULT_PEERS_VENV, create=False)
