@@ -45,6 +45,7 @@ from urllib.parse import urlsplit, urlunsplit
 import attr
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
@@ -323,6 +324,26 @@ class _Body:
         pass
 
 
+class _Answer(Protocol):
+    """
+    Reads a collector's answer (its first 4 KiB: only for error messages).
+    """
+
+    def __init__(self, done: Deferred) -> None:
+        self.done = done
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.size < 4096:
+            self.parts.append(data[: 4096 - self.size])
+            self.size += len(self.parts[-1])
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if not self.done.called:
+            self.done.callback(b"".join(self.parts))
+
+
 class ExportFailed(Exception):
     """
     The collector did not take a batch; C{retry} says whether to send it again.
@@ -565,18 +586,18 @@ class OTLPExporter(Service):
 
             self._pool = HTTPConnectionPool(self.reactor, persistent=True)
             self._pool.maxPersistentPerHost = 1
+            self._pool._factory = _quiet_factory()  # no "Starting factory" line per try
             self._agent = Agent(self.reactor, connectTimeout=self.timeout, pool=self._pool)
         return self._agent
 
     async def _post(self, body: bytes) -> None:
-        from twisted.web.client import readBody
-
         d = self.agent().request(
             b"POST", self.endpoint.encode("ascii"), self.headers.copy(), _Body(body)
         )
         d.addTimeout(self.timeout, self.reactor)
         response = await d
-        answer = readBody(response)
+        answer: Deferred = Deferred()
+        response.deliverBody(_Answer(answer))
         answer.addTimeout(self.timeout, self.reactor)
         try:
             text = await answer
@@ -589,6 +610,15 @@ class OTLPExporter(Service):
         raise ExportFailed(
             f"HTTP {code}" + (f": {detail}" if detail else ""), retry=code in RETRYABLE
         )
+
+
+def _quiet_factory() -> Any:
+    from twisted.web.client import _HTTP11ClientFactory
+
+    class Quiet(_HTTP11ClientFactory):
+        noisy = False
+
+    return Quiet
 
 
 def _within(reactor: Any, d: Deferred, seconds: float) -> Deferred:
