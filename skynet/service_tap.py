@@ -126,8 +126,7 @@ class Options(usage.Options):
 
     def opt_otlp_header(self, header: str) -> None:
         """
-        A header NAME=VALUE sent to the OTLP collector (repeatable), e.g.
-        for its authentication.
+        A header NAME=VALUE for the OTLP collector, e.g. its auth (repeatable).
         """
         from skynet.observe.otlp import parse_header
 
@@ -172,7 +171,8 @@ def _otlp_endpoint(options: Options) -> str | None:
     try:
         endpoint = otlp.parse_endpoint(url)
     except ValueError as e:
-        raise usage.UsageError(f"--otlp-endpoint: {e}") from None
+        source = "--otlp-endpoint" if options["otlp-endpoint"] else "$SKYNET_OTLP_ENDPOINT"
+        raise usage.UsageError(f"{source}: {e}") from None
     if not tracing.ENABLED:
         raise usage.UsageError(
             "--otlp-endpoint exports spans, but recording them is off "

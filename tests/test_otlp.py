@@ -468,6 +468,10 @@ class TapTests(SynchronousTestCase):
         self.assertEqual(self.options().otlp_endpoint, "http://10.1.1.1:9/v1/traces")
         self.assertEqual(self.options("--otlp-endpoint", "http://h:2").otlp_endpoint,
                          "http://h:2/v1/traces")  # fmt: skip
+        self.patch(os, "environ", {**os.environ, "SKYNET_OTLP_ENDPOINT": "10.1.1.1:9"})
+        with self.assertRaises(usage.UsageError) as e:
+            self.options()
+        self.assertIn("$SKYNET_OTLP_ENDPOINT: bad OTLP endpoint '10.1.1.1:9'", str(e.exception))
 
     def test_bad_values_are_usage_errors(self) -> None:
         for args, says in [
