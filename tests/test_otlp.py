@@ -26,8 +26,8 @@ from skynet.config import environment_defaults
 from skynet.errors import ServiceError
 from skynet.observe import otlp, tracing
 from skynet.protocol import RequestInfo, new_request_id
-from skynet.service import Service
 from skynet.testing import LocalCluster
+from tests.test_trace import Slow
 
 REQUEST = "0f8fad5b-d9cb-469f-a165-70867728950e"
 
@@ -98,21 +98,6 @@ def attributes(span: dict[str, Any]) -> dict[str, Any]:
         (value,) = a["value"].values()
         out[a["key"]] = value
     return out
-
-
-class Slow(Service):
-    name = "Slow"
-
-    def __init__(self, clock) -> None:
-        self.clock = clock
-
-    def Wait(self, request_info, params):
-        d: Deferred = Deferred()
-        self.clock.callLater(params["seconds"], d.callback, {"ok": True})
-        return d
-
-    def Fail(self, request_info, params):
-        raise ServiceError("no luck")
 
 
 class Exporting(TestCase):

@@ -29,7 +29,7 @@ from skynet.observe import otlp, tracing
 from skynet.protocol import RequestInfo, new_request_id
 from skynet.registry import Query
 from skynet.registry.files import FileRegistry
-from tests.processes import ServiceProcess, sleep, wait_for
+from tests.processes import ServiceProcess, served_calls, sleep, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -121,6 +121,20 @@ class OTLPExportTests(TestCase):
         await wait_for(registered, timeout=60, what=f"{count} Fibonacci instance(s) registered")
         return registry
 
+    async def call_index_5(self, registry: FileRegistry) -> tuple[Client, str]:
+        """
+        Call C{Fibonacci.Index 5} with a new request id from a client of this
+        process; the client and the request id.
+        """
+        client = Client(registry=registry, reactor=reactor)
+        self.addCleanup(client.stop)
+        request_id = new_request_id()
+        result = await client.service("Fibonacci").call(
+            "Index", {"index": 5}, RequestInfo(request_id)
+        )
+        self.assertEqual(result["value"], 5)
+        return client, request_id
+
     async def test_traced_call_arrives_as_one_tree(self) -> None:
         self.assertTrue(tracing.ENABLED, "span recording is off in the test process")
         collector, url = self.collect()
@@ -134,29 +148,10 @@ class OTLPExportTests(TestCase):
                                      reactor=reactor, interval=0.2)  # fmt: skip
         exporter.startService()
         self.addCleanup(exporter.stopService)
-        client = Client(registry=registry, reactor=reactor)
-        self.addCleanup(client.stop)
-        request_id = new_request_id()
-        result = await client.service("Fibonacci").call(
-            "Index", {"index": 5}, RequestInfo(request_id)
-        )
-        self.assertEqual(result["value"], 5)
+        client, request_id = await self.call_index_5(registry)
 
         # Independently: the calls of Index the instances served.
-        async def served() -> int:
-            total = 0
-            for instance in instances:
-                node = await registry.get_stats(instance) or {}
-                total += (node.get("Methods", {}).get("Index") or {}).get("Requests", 0)
-            return total
-
-        readings: list[int] = []
-
-        async def settled():
-            readings.append(await served())
-            return readings[-1] if len(readings) > 8 and len(set(readings[-8:])) == 1 else None
-
-        calls = await wait_for(settled, timeout=60, interval=0.25, what="statistics settled")
+        calls = await served_calls(registry, instances, "Index")
         self.assertGreater(calls, 2)
         trace = otlp.trace_id(request_id)
 
@@ -211,13 +206,7 @@ class OTLPExportTests(TestCase):
         log_dir = tempfile.mkdtemp(prefix="skynet-logs-")
         process = self.fibonacci("--otlp-endpoint", url, env={"SKYNET_LOG_DIR": log_dir})
         registry = await self.registry(1)
-        client = Client(registry=registry, reactor=reactor)
-        self.addCleanup(client.stop)
-        request_id = new_request_id()
-        result = await client.service("Fibonacci").call(
-            "Index", {"index": 5}, RequestInfo(request_id)
-        )
-        self.assertEqual(result["value"], 5)
+        client, request_id = await self.call_index_5(registry)
 
         def events() -> list[dict[str, Any]]:
             out = []

@@ -219,26 +219,37 @@ def _status(error: str | None) -> dict[str, Any]:
     return {"code": _STATUS_ERROR, "message": error}
 
 
-def _server_span(span: tuple[Any, ...], linker: Linker) -> dict[str, Any]:
-    _, number, request_id, site, peer, retry, started, duration, error = span[:9]
-    request_id = request_id or ""
-    doc: dict[str, Any] = {
+def _span(
+    number: int, span_id: str, request_id: str, name: str, kind: int, started: float,
+    duration: float, error: str | None, attributes: list[dict[str, Any]],
+) -> dict[str, Any]:  # fmt: skip
+    return {
         "traceId": trace_id(request_id) if request_id else _hash_hex(f"span:{number}", 32),
-        "spanId": _span_id(number),
-        "name": f"{site.service}.{site.method}",
-        "kind": _KIND_SERVER,
+        "spanId": span_id,
+        "name": name,
+        "kind": kind,
         "startTimeUnixNano": _nanos(started),
         "endTimeUnixNano": _nanos(started + duration),
         "attributes": [
             _attribute("skynet.request_id", request_id),
             _attribute("skynet.span", tracing._span_id(number)),
-            _attribute("skynet.uuid", site.uuid),
-            _attribute("net.peer", peer or ""),
-            _attribute("skynet.retry", int(retry or 0)),
+            *attributes,
             _attribute("skynet.outcome", "ok" if error is None else f"error: {error}"),
         ],
         "status": _status(error),
     }
+
+
+def _server_span(span: tuple[Any, ...], linker: Linker) -> dict[str, Any]:
+    _, number, request_id, site, peer, retry, started, duration, error = span[:9]
+    request_id = request_id or ""
+    attributes = [
+        _attribute("skynet.uuid", site.uuid),
+        _attribute("net.peer", peer or ""),
+        _attribute("skynet.retry", int(retry or 0)),
+    ]
+    doc = _span(number, _span_id(number), request_id, f"{site.service}.{site.method}",
+                _KIND_SERVER, started, duration, error, attributes)  # fmt: skip
     if request_id and peer:
         doc["parentSpanId"] = linker.next("server", request_id, peer)
     return doc
@@ -254,23 +265,13 @@ def _client_span(span: tuple[Any, ...], linker: Linker) -> dict[str, Any]:
         span_id = linker.next("client", request_id, local[0])
     else:
         span_id = _span_id(number)
-    doc: dict[str, Any] = {
-        "traceId": trace_id(request_id) if request_id else _hash_hex(f"span:{number}", 32),
-        "spanId": span_id,
-        "name": f"{service.query.service}.{method}",
-        "kind": _KIND_CLIENT,
-        "startTimeUnixNano": _nanos(started),
-        "endTimeUnixNano": _nanos(started + duration),
-        "attributes": [
-            _attribute("skynet.request_id", request_id),
-            _attribute("skynet.span", tracing._span_id(number)),
-            _attribute("net.peer", ",".join(targets)),
-            _attribute("skynet.attempts", int(attempts)),
-            _attribute("skynet.tried", list(tried)),
-            _attribute("skynet.outcome", "ok" if error is None else f"error: {error}"),
-        ],
-        "status": _status(error),
-    }
+    attributes = [
+        _attribute("net.peer", ",".join(targets)),
+        _attribute("skynet.attempts", int(attempts)),
+        _attribute("skynet.tried", list(tried)),
+    ]
+    doc = _span(number, span_id, request_id, f"{service.query.service}.{method}",
+                _KIND_CLIENT, started, duration, error, attributes)  # fmt: skip
     if parent:
         doc["parentSpanId"] = _span_id(parent)
     return doc
