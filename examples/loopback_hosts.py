@@ -25,6 +25,19 @@ ROOT = Path(__file__).resolve().parent.parent
 HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
 
 
+def terminate(popen: subprocess.Popen, grace: float = 10.0) -> None:
+    """
+    SIGTERM, then SIGKILL if it is still there after C{grace} seconds.
+    """
+    if popen.poll() is None:
+        popen.terminate()
+        try:
+            popen.wait(grace)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait(5)
+
+
 class Host:
     """
     One daemon bound to its loopback address, with a state file (so that a
@@ -96,15 +109,8 @@ class Host:
         SIGTERM (the daemon stops its services gracefully), then SIGKILL
         after C{grace} seconds; wait for it.
         """
-        popen = self.popen
-        if popen is None or popen.poll() is not None:
-            return
-        popen.terminate()
-        try:
-            popen.wait(grace)
-        except subprocess.TimeoutExpired:
-            popen.kill()
-            popen.wait(5)
+        if self.popen is not None:
+            terminate(self.popen, grace)
 
     def output(self, last: int = 3000) -> str:
         """

@@ -19,6 +19,8 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
+from examples.loopback_hosts import terminate as terminate  # (SIGTERM, then SIGKILL)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -97,19 +99,6 @@ class ServiceProcess:
             return
         terminate(self.popen, grace=10)
         self.log.close()
-
-
-def terminate(popen: subprocess.Popen, grace: float = 10.0) -> None:
-    """
-    SIGTERM, then SIGKILL if it is still there after C{grace} seconds.
-    """
-    if popen.poll() is None:
-        popen.terminate()
-        try:
-            popen.wait(grace)
-        except subprocess.TimeoutExpired:
-            popen.kill()
-            popen.wait(5)
 
 
 async def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05,
