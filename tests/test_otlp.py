@@ -253,6 +253,31 @@ class EncodingTests(Exporting):
         [root] = tracing.build_tree(tracing.RING.find(request_id))
         check(root)
 
+    def test_retry_on_another_instance_links_to_the_attempt_that_answered(self) -> None:
+        """
+        The instance serving a call dies; the retry on another answers: its
+        server span is the client span's child, and the dead one's names a
+        parent that no exported span has.
+        """
+        self.exporter()
+        first = self.cluster.add(Slow(self.clock))
+        d = self.cluster.call("Slow", "Wait", {"seconds": 5}, RequestInfo(REQUEST))
+        second = self.cluster.add(Slow(self.clock))
+        self.cluster.settle()
+        self.cluster.kill(first)
+        self.clock.advance(5)
+        self.cluster.settle()
+        self.assertEqual(self.successResultOf(d), {"ok": True})
+        self.clock.advance(1)
+        spans = [s for r in range(len(self.agent.requests)) for s in self.agent.spans(r)]
+        [client] = [s for s in spans if s["kind"] == 3]
+        self.assertEqual(attributes(client)["skynet.attempts"], "2")
+        servers = {attributes(s)["skynet.uuid"]: s for s in spans if s["kind"] == 2}
+        self.assertEqual(servers[second.uuid]["parentSpanId"], client["spanId"])
+        # The dead instance's method still ended (on the clock) after the kill.
+        self.assertNotIn(servers[first.uuid]["parentSpanId"], {s["spanId"] for s in spans})
+        self.assertEqual(len(spans), 3)
+
     def test_trace_ids(self) -> None:
         self.assertEqual(otlp.trace_id(REQUEST.upper()), "0f8fad5bd9cb469fa16570867728950e")
         other = otlp.trace_id("go-style-request-17")

@@ -26,10 +26,12 @@ Ids:
     the connection (the client's local address, the server's peer) and the
     ordinal of the answer among the answers of that request on that
     connection (answers leave the server and reach the client in one order).
-    A client span gets this id when its call made one attempt on one
-    connection; a call retried or hedged keeps its ring id, and the server
-    spans of its attempts then name a parent that no exported span has (or,
-    on the same connection, a sibling's).
+    A client span gets this id when one connection is left in question at
+    its end (one attempt, or a retry after the first one's connection was
+    lost); a call hedged on several connections keeps its ring id.  The
+    server span of an attempt that no client span names (hedged, or on a
+    lost connection) then names a parent that no exported span has (or, on
+    a connection reused by the same request, a sibling's).
 """
 
 from __future__ import annotations
@@ -261,7 +263,7 @@ def _client_span(span: tuple[Any, ...], linker: Linker) -> dict[str, Any]:
     request_id = request_id or ""
     handles = [service.handles.get(u) for u in tried]
     targets = [f"{h.instance.host}:{h.instance.port}" for h in handles if h is not None]
-    if request_id and attempts == 1 and len(local) == 1 and local[0]:
+    if request_id and len(local) == 1 and local[0]:
         span_id = linker.next("client", request_id, local[0])
     else:
         span_id = _span_id(number)
