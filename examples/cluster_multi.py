@@ -18,74 +18,24 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import shlex
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.task import deferLater, react
 
 from examples.local_cluster import stop_child
+from examples.loopback_hosts import HOSTS, Host
 from skynet.client import Client
 from skynet.cluster.commands import read_statuses, run_command
 from skynet.config import environment_defaults, skynet_path
 from skynet.registry import Query, registry_from_url
 
 ROOT = Path(__file__).resolve().parent.parent
-HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
-
-
-class Host:
-    """
-    One daemon bound to its loopback address, with a state file (so that
-    a restart brings its children back) and its logs in its directory.
-    """
-
-    def __init__(self, root: Path, address: str, registry: str) -> None:
-        self.address = address
-        self.dir = root / address
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.registry = registry
-        self.popen: subprocess.Popen | None = None
-
-    def start(self) -> Host:
-        setpriv = shutil.which("setpriv")
-        command = [*([setpriv, "--pdeathsig", "TERM"] if setpriv else []),
-                   str(Path(sys.executable).parent / "twistd"), "-n", "--pidfile=",
-                   "skynet-daemon", "--registry", self.registry,
-                   "--listen", f"tcp:0:interface={self.address}",
-                   "--state", str(self.dir / "state.json"), "--log-dir", str(self.dir / "logs"),
-                   "--stats-interval", "1", "--cluster-interval", "0.5"]  # fmt: skip
-        env = dict(os.environ, SKYNET_BIND_IP=self.address, SKYNET_HOME=str(self.dir))
-        with open(self.dir / "daemon.log", "ab") as log:
-            self.popen = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log,
-                                          stderr=subprocess.STDOUT, env=env,
-                                          start_new_session=True)  # fmt: skip
-        return self
-
-    def melt(self) -> None:
-        """
-        The host dies: its daemon and every child, with SIGKILL.
-        """
-        assert self.popen is not None
-        try:
-            victims = psutil.Process(self.popen.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            victims = []
-        self.popen.kill()
-        for child in victims:
-            try:
-                child.kill()
-            except psutil.NoSuchProcess:
-                pass
-        self.popen.wait(10)
-        psutil.wait_procs(victims, timeout=10)
+DAEMON_ARGS = ["--stats-interval", "1", "--cluster-interval", "0.5"]
 
 
 async def sky(registry: Any, reactor: Any, *argv: str) -> str:
@@ -104,7 +54,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     registry = registry_from_url(url, reactor=reactor)
     await registry.start()
     print(f"registry: {url}")
-    hosts = {a: Host(root, a, url).start() for a in HOSTS}
+    hosts = {a: Host(root, a, url, DAEMON_ARGS, own_session=True).start() for a in HOSTS}
 
     async def stop_all() -> None:
         print("\nstopping the cluster...", flush=True)

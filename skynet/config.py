@@ -65,6 +65,8 @@ class EnvDefaults:
     @ivar registry: C{SKYNET_REGISTRY}, the registry URL.
     @ivar min_port: C{SKYNET_MIN_PORT}, unparsed (see L{skynet.taps.port_range}).
     @ivar max_port: C{SKYNET_MAX_PORT}, unparsed.
+    @ivar otlp_endpoint: C{SKYNET_OTLP_ENDPOINT}, the OTLP/HTTP collector
+        spans are exported to (L{skynet.observe.otlp}), unparsed.
     """
 
     version: str | None = None
@@ -73,6 +75,7 @@ class EnvDefaults:
     registry: str | None = None
     min_port: str | None = None
     max_port: str | None = None
+    otlp_endpoint: str | None = None
 
 
 def environment_defaults(environ: Mapping[str, str] | None = None) -> EnvDefaults:
@@ -91,4 +94,5 @@ def environment_defaults(environ: Mapping[str, str] | None = None) -> EnvDefault
         registry=get("SKYNET_REGISTRY"),
         min_port=get("SKYNET_MIN_PORT"),
         max_port=get("SKYNET_MAX_PORT"),
+        otlp_endpoint=get("SKYNET_OTLP_ENDPOINT"),
     )

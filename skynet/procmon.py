@@ -623,6 +623,18 @@ class Supervisor(service.Service):
         child.waiters.append(d)
         return d
 
+    def _ending(self, name: str) -> tuple[Any, ChildProtocol | None, Deferred]:
+        """
+        The child C{name}, its running process (L{None} if none runs) and a
+        Deferred firing with that process's L{ExitRecord} (at once with
+        L{None} if none runs): what ending it starts from.
+        """
+        child = self.children[name]
+        proto = child.protocol
+        if proto is None:
+            return child, None, succeed(None)
+        return child, proto, self.when_exited(name)
+
     def stop_child(self, name: str) -> Deferred:
         """
         Stop the running process of C{name} gracefully: the polite request,
@@ -633,11 +645,9 @@ class Supervisor(service.Service):
         @return: a Deferred firing with the L{ExitRecord} (or L{None} if it
             was not running).
         """
-        child = self.children[name]
-        proto = child.protocol
+        child, proto, exited = self._ending(name)
         if proto is None:
-            return succeed(None)
-        exited = self.when_exited(name)
+            return exited
         if child.stopping:
             return exited
         child.stopping = True
@@ -700,14 +710,12 @@ class Supervisor(service.Service):
         C{kill_time}.  It restarts as after any death, with the usual
         back-off.
 
-        @return: a Deferred firing with the L{ExitRecord} (or L{None} if it
-            was not running).
+        @return: a Deferred firing with the L{ExitRecord} once it has died
+            (at once with L{None} if it was not running).
         """
-        child = self.children[name]
-        proto = child.protocol
+        child, proto, exited = self._ending(name)
         if proto is None:
-            return succeed(None)
-        exited = self.when_exited(name)
+            return exited
         if child.grace_call is not None and child.grace_call.active():
             child.grace_call.cancel()
         child.grace_call = None

@@ -4,7 +4,8 @@ C{twistd skynet-service}: run one service instance.
     twistd -n skynet-service --service examples.tutorial:TutorialService \\
         [--name N] [--version V] [--region R] \\
         [--listen tcp:0:interface=127.0.0.1] [--admin ENDPOINT] \\
-        [--registry URL] [--zk-session-timeout SECONDS] [--unregistered] [--uuid UUID]
+        [--registry URL] [--zk-session-timeout SECONDS] [--unregistered] [--uuid UUID] \\
+        [--otlp-endpoint URL [--otlp-header NAME=VALUE ...]]
 
 Defaults follow Go Skynet's environment: C{SKYNET_BIND_IP} (127.0.0.1) and
 the port range C{SKYNET_MIN_PORT}..C{SKYNET_MAX_PORT} (9000..9999) for the
@@ -13,6 +14,10 @@ listener, C{SKYNET_REGION}, C{SKYNET_VERSION}, and C{SKYNET_REGISTRY}.
 C{--zk-session-timeout} sets the ZooKeeper session timeout of a C{zk://}
 registry (winning over the URL's C{?session_timeout=}; 4 s if neither says);
 other registries have no sessions and ignore it.
+
+C{--otlp-endpoint} (default C{SKYNET_OTLP_ENDPOINT}) exports the spans the
+instance records to an OpenTelemetry collector, OTLP over HTTP
+(L{skynet.observe.otlp}).
 """
 
 from __future__ import annotations
@@ -100,6 +105,9 @@ class Options(usage.Options):
          "unregistration before the instance leaves (0: none).", number("linger")],
         ["stats-interval", None, 5.0, "Seconds between statistics updates in the registry.",
          number("stats-interval", positive=True)],
+        ["otlp-endpoint", None, None,
+         "Export spans to this OpenTelemetry collector, OTLP/HTTP JSON: http[s]://host:port"
+         "[/path] (no path: /v1/traces; default $SKYNET_OTLP_ENDPOINT)."],
     ]  # fmt: skip
     optFlags = [
         ["unregistered", "u", "Start unregistered (not taking new clients)."],
@@ -114,6 +122,18 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["version"] = None
+        self["otlp-headers"] = []
+
+    def opt_otlp_header(self, header: str) -> None:
+        """
+        A header NAME=VALUE for the OTLP collector, e.g. its auth (repeatable).
+        """
+        from skynet.observe.otlp import parse_header
+
+        try:
+            self["otlp-headers"].append(parse_header(header))
+        except ValueError as e:
+            raise usage.UsageError(f"--otlp-header: {e}") from None
 
     def opt_version(self, version: str) -> None:  # type: ignore[override]
         """
@@ -133,6 +153,32 @@ class Options(usage.Options):
         )
         self.registry = open_registry(reactor, self["registry"], self["zk-session-timeout"])
         self.tls = tls.tap_tls(self, reactor)  # security hook (issue 12)
+        self.otlp_endpoint = _otlp_endpoint(self)
+
+
+def _otlp_endpoint(options: Options) -> str | None:
+    """
+    The collector's traces URL (C{--otlp-endpoint}, else
+    C{$SKYNET_OTLP_ENDPOINT}), checked; L{None} for no export.
+    """
+    url = options["otlp-endpoint"] or environment_defaults().otlp_endpoint
+    if not url:
+        if options["otlp-headers"]:
+            raise usage.UsageError("--otlp-header needs --otlp-endpoint")
+        return None
+    from skynet.observe import otlp, tracing
+
+    try:
+        endpoint = otlp.parse_endpoint(url)
+    except ValueError as e:
+        source = "--otlp-endpoint" if options["otlp-endpoint"] else "$SKYNET_OTLP_ENDPOINT"
+        raise usage.UsageError(f"{source}: {e}") from None
+    if not tracing.ENABLED:
+        raise usage.UsageError(
+            "--otlp-endpoint exports spans, but recording them is off "
+            "($SKYNET_TRACE=0 or $SKYNET_TRACE_RING=0)"
+        )
+    return endpoint
 
 
 tls.add_tls_options(Options, service=True)  # security hook: --tls, --insecure, ...
@@ -223,7 +269,22 @@ def makeService(options: Options) -> MultiService:
     from skynet.observe.logs import add_instance_log
 
     add_instance_log(top, host)
-    host.setServiceParent(top)
+    if options.otlp_endpoint:
+        # Export spans; the exporter stops after the host, so that the spans
+        # of the requests drained at stop go out too.
+        from skynet.observe.otlp import ExportingService, OTLPExporter, Resource
+
+        exporter = OTLPExporter(
+            options.otlp_endpoint,
+            lambda: Resource(host.service_name, host.version or "", host.uuid),
+            headers=options["otlp-headers"],
+            reactor=reactor,
+        )
+        exporting = ExportingService(exporter)
+        exporting.setServiceParent(top)
+        host.setServiceParent(exporting)
+    else:
+        host.setServiceParent(top)
     return top
 
 

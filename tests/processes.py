@@ -19,6 +19,8 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
+from examples.loopback_hosts import terminate as terminate  # (SIGTERM, then SIGKILL)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -99,19 +101,6 @@ class ServiceProcess:
         self.log.close()
 
 
-def terminate(popen: subprocess.Popen, grace: float = 10.0) -> None:
-    """
-    SIGTERM, then SIGKILL if it is still there after C{grace} seconds.
-    """
-    if popen.poll() is None:
-        popen.terminate()
-        try:
-            popen.wait(grace)
-        except subprocess.TimeoutExpired:
-            popen.kill()
-            popen.wait(5)
-
-
 async def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05,
                    what: str = "condition") -> Any:  # fmt: skip
     """
@@ -127,6 +116,27 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, interval
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await deferLater(reactor, interval, lambda: None)
+
+
+async def served_calls(registry: Any, instances: Any, method: str, timeout: float = 60) -> int:
+    """
+    How many calls of C{method} the C{instances} served, from the per-method
+    statistics they publish in C{registry}, once that count has settled
+    (the same over eight readings 0.25 s apart, so published every 0.5 s or
+    faster it is final).
+    """
+    readings: list[int] = []
+
+    async def settled() -> int | None:
+        total = 0
+        for instance in instances:
+            node = await registry.get_stats(instance) or {}
+            total += (node.get("Methods", {}).get(method) or {}).get("Requests", 0)
+        readings.append(total)
+        return total if len(readings) > 8 and len(set(readings[-8:])) == 1 else None
+
+    return await wait_for(settled, timeout=timeout, interval=0.25,  # type: ignore[no-any-return]
+                          what=f"statistics of {method} settled")  # fmt: skip
 
 
 async def sleep(seconds: float) -> None:

@@ -23,15 +23,15 @@ from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
+from examples import loopback_hosts
+from examples.loopback_hosts import HOSTS
 from skynet.client import Client
 from skynet.cluster.commands import read_statuses
 from skynet.registry import Query, registry_from_url
-from tests.processes import ROOT, child_env, sleep, terminate, twistd, wait_for
+from tests.processes import ROOT, child_env, sleep, wait_for
 from tests.zkserver import ZooKeeperCluster
 
 pytestmark = pytest.mark.slow
-
-HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
 
 APPLY = """
 [services.Fibonacci]
@@ -94,67 +94,19 @@ def rate(results: dict[str, Any]) -> str:
     return f"{results['ok'] / max(results['seconds'], 1e-9):.0f} calls/s"
 
 
-class Host:
+#: The daemon flags of these tests: quick stops, ticks and listings.
+DAEMON_ARGS = ["--stats-interval", "0.5", "--stop-grace", "3", "--kill-time", "2",
+               "--cluster-interval", "0.5", "--cluster-list-interval", "3"]  # fmt: skip
+
+
+class Host(loopback_hosts.Host):
     """
-    One C{twistd -n skynet-daemon} bound to its own loopback address, with
-    a state file so that a restart brings its children back.
+    A host of L{examples.loopback_hosts} with these tests' daemon flags and
+    environment.
     """
 
     def __init__(self, root: str, address: str, registry: str) -> None:
-        self.address = address
-        self.dir = os.path.join(root, address)
-        os.makedirs(self.dir, exist_ok=True)
-        self.registry = registry
-        self.popen: subprocess.Popen | None = None
-        self.children: list[int] = []
-
-    def start(self) -> "Host":
-        command = [
-            twistd(), "-n", "--pidfile=", "skynet-daemon",
-            "--registry", self.registry,
-            "--listen", f"tcp:0:interface={self.address}",
-            "--state", os.path.join(self.dir, "state.json"),
-            "--log-dir", os.path.join(self.dir, "logs"),
-            "--stats-interval", "0.5", "--stop-grace", "3", "--kill-time", "2",
-            "--cluster-interval", "0.5", "--cluster-list-interval", "3",
-        ]  # fmt: skip
-        self.log = open(os.path.join(self.dir, "daemon.log"), "ab")
-        self.popen = subprocess.Popen(
-            command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env=child_env(SKYNET_HOME=self.dir, SKYNET_BIND_IP=self.address),
-        )  # fmt: skip
-        return self
-
-    def melt(self) -> None:
-        """
-        The host dies: its daemon and every child, at once, with SIGKILL.
-        """
-        assert self.popen is not None
-        try:
-            victims = psutil.Process(self.popen.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            victims = []
-        self.popen.kill()
-        for child in victims:
-            try:
-                child.kill()
-            except psutil.NoSuchProcess:
-                pass
-        self.popen.wait(10)
-        psutil.wait_procs(victims, timeout=10)
-
-    def stop(self) -> None:
-        if self.popen is not None:
-            terminate(self.popen, grace=20)
-            self.log.close()
-
-    def output(self) -> str:
-        try:
-            with open(os.path.join(self.dir, "daemon.log"), errors="replace") as f:
-                return f.read()[-3000:]
-        except OSError:
-            return ""
+        super().__init__(root, address, registry, DAEMON_ARGS, env=child_env())
 
 
 def kill_strays(root: str) -> None:

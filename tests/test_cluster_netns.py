@@ -8,30 +8,24 @@ replaced on A or C within the session timeout plus the start time, zero
 failed calls; the cable back in: exactly 3 instances, one per host.
 
 Needs root and C{ip} (as the network namespace test of
-L{tests.test_zookeeper_cluster}, whose network it uses).
+L{tests.test_zookeeper_cluster}; both use L{tests.netns}).
 """
 
 from __future__ import annotations
 
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SkipTest, TestCase
 
 from skynet.client import Client
 from skynet.registry import Query, registry_from_url
+from tests.netns import NamespaceTestCase
 from tests.processes import ROOT, child_env, sleep, twistd, wait_for
 from tests.test_cluster_hosts import paced_load, rate
-from tests.test_zookeeper_cluster import BridgeZooKeeper, Network, namespaces_unavailable
-from tests.zkserver import ZooKeeperServer, free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -49,85 +43,9 @@ def figure(text: str) -> None:
     print(f"\n[cluster figure] {text}", file=sys.stderr)
 
 
-class BridgeMember(BridgeZooKeeper):
-    """
-    A member of an ensemble, its client port on the switch's address.
-    """
-
-    def __init__(
-        self,
-        directory: Path,
-        ip: str,
-        client_port: int,
-        myid: int,
-        peers: list[tuple[int, int, int]],
-    ) -> None:
-        self.ip = ip
-        ZooKeeperServer.__init__(self, directory, client_port, myid=myid, peers=peers)
-
-
-class NetworkNamespaceClusterTests(TestCase):
+class NetworkNamespaceClusterTests(NamespaceTestCase):
     timeout = 240
-
-    def setUp(self) -> None:
-        reason = namespaces_unavailable()
-        if reason is not None:
-            raise SkipTest(reason)
-        Network.sweep_leftovers()
-        self.network = Network()
-        self.addCleanup(self.network.destroy)
-        self.network.create()
-        self.directory = Path(tempfile.mkdtemp(prefix="skynet-cluster-netns-"))
-        self.addCleanup(shutil.rmtree, self.directory, True)
-        self.children: list[subprocess.Popen] = []
-        self.addCleanup(self._stop_children)
-
-    def _stop_children(self) -> None:
-        for child in self.children:
-            if child.poll() is None:
-                child.kill()
-        for child in self.children:
-            child.wait(10)
-        # The daemons' children run in their own sessions: kill what is left
-        # by its command line naming this test's directory.
-        import psutil
-
-        for process in psutil.process_iter(["pid", "cmdline"]):
-            try:
-                if str(self.directory) in " ".join(process.info["cmdline"] or []):
-                    process.kill()
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-
-    def start_ensemble(self) -> list["BridgeMember"]:
-        """
-        A 3-node ensemble whose client ports listen on the switch's address
-        in the root namespace (quorum traffic stays on loopback).
-        """
-        sockets = []
-        for _ in range(3):
-            s = socket.socket()
-            s.bind((self.network.gateway, 0))
-            sockets.append(s)
-        client_ports = [s.getsockname()[1] for s in sockets]
-        for s in sockets:
-            s.close()
-        quorum = free_ports(6)
-        peers = [(i + 1, quorum[2 * i], quorum[2 * i + 1]) for i in range(3)]
-        members = [
-            BridgeMember(
-                self.directory / f"zk{i + 1}",
-                self.network.gateway,
-                client_ports[i],
-                myid=i + 1,
-                peers=peers,
-            )  # fmt: skip
-            for i in range(3)
-        ]
-        for member in members:
-            self.addCleanup(member.kill)
-            member.start()
-        return members
+    directory_prefix = "skynet-cluster-netns-"
 
     def start_daemon(self, role: str, url: str) -> subprocess.Popen:
         address = self.network.addresses[role]

@@ -41,8 +41,8 @@ from skynet.registry.base import (
 from skynet.registry.files import FileRegistry, write_atomically
 from skynet.registry.memory import MemoryRegistry
 from skynet.registry.zookeeper import ZooKeeperRegistry
+from tests.netns import SharedZooKeeper
 from tests.registry_conformance import RecordingListener, make_instance
-from tests.zkserver import ZooKeeperCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 _chroots = itertools.count(1)
@@ -308,12 +308,11 @@ class FileUntrustedTests(_UntrustedNodesMixin, _Fuzz, TestCase):
 
 
 @pytest.mark.slow
-class ZooKeeperUntrustedTests(_UntrustedNodesMixin, _Fuzz, TestCase):
+class ZooKeeperUntrustedTests(SharedZooKeeper, _UntrustedNodesMixin, _Fuzz, TestCase):
     """
     Bad nodes in a real ZooKeeper, written by a plain kazoo client.
     """
 
-    cluster: ZooKeeperCluster
     fuzz_count = 150
 
     def plant_or_skip(self, rel: str, data: bytes) -> Any:
@@ -321,19 +320,6 @@ class ZooKeeperUntrustedTests(_UntrustedNodesMixin, _Fuzz, TestCase):
             return self.plant(rel, data)
         except (BadArgumentsError, ValueError):
             return False  # a path ZooKeeper itself refuses
-
-    @classmethod
-    def setUpClass(cls) -> None:
-        cls.cluster = ZooKeeperCluster(1)
-        try:
-            cls.cluster.start()
-        except BaseException:
-            cls.cluster.close()
-            raise
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        cls.cluster.close()
 
     def setUp(self) -> None:
         self.chroot = f"/untrusted{next(_chroots)}/skynet"

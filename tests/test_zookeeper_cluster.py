@@ -17,13 +17,11 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -41,7 +39,7 @@ from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from skynet.client import Client
 from skynet.registry import registry_from_url
@@ -49,12 +47,13 @@ from skynet.registry.base import Instance, RegistryError
 from skynet.registry.files import FileRegistry
 from skynet.registry.memory import MemoryRegistry
 from skynet.registry.zookeeper import DEFAULT_SESSION_TIMEOUT, ZooKeeperRegistry
+from tests.netns import NamespaceTestCase, SharedZooKeeper
+from tests.netns import namespaces_unavailable as namespaces_unavailable  # test_tls_cluster's
 from tests.netns_caller import SteadyLoad
 from tests.processes import ROOT, ServiceProcess, child_env, sleep, twistd, wait_for
 from tests.zkserver import (
     ZooKeeperCluster,
     ZooKeeperServer,
-    _die_with_parent,
     four_letter_word,
 )
 
@@ -246,26 +245,14 @@ class _ClusterTestCase(TestCase):
         return service
 
 
-class EnsembleTests(_ClusterTestCase):
+class EnsembleTests(SharedZooKeeper, _ClusterTestCase):
     """
     A 3-node ensemble shared by the tests of this class; each test starts
     with every member serving.
     """
 
     pytestmark = [pytest.mark.slow]
-
-    @classmethod
-    def setUpClass(cls) -> None:
-        cls.cluster = ZooKeeperCluster(3)
-        try:
-            cls.cluster.start()
-        except BaseException:
-            cls.cluster.close()
-            raise
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        cls.cluster.close()
+    zookeeper_size = 3
 
     def setUp(self) -> None:
         super().setUp()
@@ -458,164 +445,6 @@ class EnsembleTests(_ClusterTestCase):
 # -- hosts as network namespaces
 
 
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=20)
-    if check and result.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {result.stderr.strip()}")
-    return result
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class Network:
-    """
-    Hosts as network namespaces on one switch::
-
-        root namespace  10.77.N.1  vz<pid>r --- root   --+
-        <tag>-a         10.77.N.2  eth0     --- host-a --+-- br0 in <tag>-sw
-        <tag>-b         10.77.N.3  eth0     --- host-b --+
-        <tag>-c         10.77.N.4  eth0     --- host-c --+
-
-    The bridge lives in a namespace of its own, so the host's firewall never
-    sees the traffic between hosts.  C{N} is chosen so that no route of this
-    machine already covers it.  Names carry the test process's pid; those of
-    processes that are gone are deleted on creation.
-    """
-
-    PREFIX = "skz"
-    ROLES = ("a", "b", "c")
-
-    def __init__(self) -> None:
-        pid = os.getpid()
-        self.tag = f"{self.PREFIX}{pid}"
-        self.switch = f"{self.tag}-sw"
-        self.namespaces = {role: f"{self.tag}-{role}" for role in self.ROLES}
-        self.root_link = f"vz{pid}r"
-        self.subnet = self._free_subnet()
-        self.gateway = f"{self.subnet}.1"
-        self.addresses = {role: f"{self.subnet}.{i}" for i, role in enumerate(self.ROLES, 2)}
-
-    @classmethod
-    def sweep_leftovers(cls) -> None:
-        """
-        Delete the namespaces and links of earlier test processes that died
-        without cleaning up.
-        """
-        names = _ip("netns", "list", check=False).stdout.split()
-        for name in names:
-            match = re.fullmatch(rf"{cls.PREFIX}(\d+)-(sw|a|b|c)", name)
-            if match and not _alive(int(match.group(1))):
-                _ip("netns", "delete", name, check=False)
-        for line in _ip("-o", "link", "show", check=False).stdout.splitlines():
-            match = re.search(r"^\d+: (vz(\d+)r)[@:]", line)
-            if match and not _alive(int(match.group(2))):
-                _ip("link", "delete", match.group(1), check=False)
-
-    def _free_subnet(self) -> str:
-        used = _ip("-4", "route", "show", "table", "all", check=False).stdout
-        used += _ip("-4", "addr", "show", check=False).stdout
-        for i in range(200):
-            third = (os.getpid() + i) % 200 + 20
-            if f"10.77.{third}." not in used:
-                return f"10.77.{third}"
-        raise RuntimeError("no free 10.77.x.0/24 subnet")
-
-    def create(self) -> None:
-        sw = self.switch
-        result = _ip("netns", "add", sw, check=False)
-        if result.returncode != 0:
-            raise SkipTest(f"cannot create network namespaces here: {result.stderr.strip()}")
-        _ip("-n", sw, "link", "set", "lo", "up")
-        _ip("-n", sw, "link", "add", "br0", "type", "bridge")
-        _ip("-n", sw, "link", "set", "br0", "up")
-        _ip("link", "add", self.root_link, "type", "veth", "peer", "name", "root", "netns", sw)
-        _ip("-n", sw, "link", "set", "root", "master", "br0", "up")
-        _ip("addr", "add", f"{self.gateway}/24", "dev", self.root_link)
-        _ip("link", "set", self.root_link, "up")
-        for role, ns in self.namespaces.items():
-            _ip("netns", "add", ns)
-            _ip("-n", ns, "link", "set", "lo", "up")
-            port = f"host-{role}"  # not "a": ip reads that as "address"
-            _ip("-n", sw, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns)
-            _ip("-n", sw, "link", "set", port, "master", "br0", "up")
-            _ip("-n", ns, "addr", "add", f"{self.addresses[role]}/24", "dev", "eth0")
-            _ip("-n", ns, "link", "set", "eth0", "up")
-
-    def cut(self, role: str) -> None:
-        """
-        Pull the host's cable out of the switch.
-        """
-        _ip("-n", self.switch, "link", "set", f"host-{role}", "down")
-
-    def destroy(self) -> None:
-        """
-        Delete everything (deleting a namespace deletes its veth ends, and so
-        their peers).  Processes inside must be gone first.
-        """
-        for ns in [*self.namespaces.values(), self.switch]:
-            _ip("netns", "delete", ns, check=False)
-        _ip("link", "delete", self.root_link, check=False)
-
-    def command(self, role: str, argv: list[str]) -> list[str]:
-        """
-        C{argv} run on host C{role}, killed if the test process dies.
-        """
-        return _die_with_parent() + ["ip", "netns", "exec", self.namespaces[role], *argv]
-
-
-def _four_letter_word(ip: str, port: int, command: str) -> str | None:
-    try:
-        with socket.create_connection((ip, port), timeout=0.5) as s:
-            s.sendall(command.encode("ascii"))
-            chunks = []
-            while chunk := s.recv(65536):
-                chunks.append(chunk)
-    except OSError:
-        return None
-    return b"".join(chunks).decode("utf-8", "replace")
-
-
-class BridgeZooKeeper(ZooKeeperServer):
-    """
-    A standalone server listening on the switch's address in the root
-    namespace, where every host can reach it.
-    """
-
-    def __init__(self, directory: Path, ip: str, client_port: int) -> None:
-        self.ip = ip
-        super().__init__(directory, client_port)
-
-    def _write_config(self) -> None:
-        super()._write_config()
-        config = self.directory / "zoo.cfg"
-        text = config.read_text().replace(
-            "clientPortAddress=127.0.0.1", f"clientPortAddress={self.ip}"
-        )
-        config.write_text(text)
-
-    @property
-    def address(self) -> str:
-        return f"{self.ip}:{self.client_port}"
-
-    def ruok(self) -> bool:
-        return _four_letter_word(self.ip, self.client_port, "ruok") == "imok"
-
-    def mode(self) -> str | None:
-        answer = _four_letter_word(self.ip, self.client_port, "srvr") or ""
-        for line in answer.splitlines():
-            if line.startswith("Mode:"):
-                return line.split(":", 1)[1].strip()
-        return None
-
-
 class Caller(ProcessProtocol):
     """
     The C{tests.netns_caller} child: its JSON lines as they come.
@@ -656,23 +485,7 @@ class Caller(ProcessProtocol):
         return self.ended
 
 
-def namespaces_unavailable() -> str | None:
-    """
-    Why network namespaces cannot be made here, or L{None}.  Under CI
-    (C{$CI} set, where .ci/run installs iproute2 and runs as root) that is
-    a failure, never a skip: a missing dependency must not hide the tests.
-    """
-    reason = None
-    if os.geteuid() != 0:
-        reason = "network namespaces need root"
-    elif shutil.which("ip") is None:
-        reason = "the ip command (iproute2) is not installed"
-    if reason is not None and os.environ.get("CI"):
-        raise AssertionError(f"CI must run the network-namespace tests: {reason}")
-    return reason
-
-
-class NetworkNamespaceTests(TestCase):
+class NetworkNamespaceTests(NamespaceTestCase):
     """
     Two hosts, A and B, each running an instance; a third, C, runs a client
     calling at a steady rate; ZooKeeper runs in the root namespace on the
@@ -681,35 +494,6 @@ class NetworkNamespaceTests(TestCase):
 
     pytestmark = [pytest.mark.slow]
     timeout = 120
-
-    def setUp(self) -> None:
-        reason = namespaces_unavailable()
-        if reason is not None:
-            raise SkipTest(reason)
-        Network.sweep_leftovers()
-        self.network = Network()
-        self.addCleanup(self.network.destroy)
-        self.network.create()  # raises SkipTest if namespaces cannot be made
-        self.directory = Path(tempfile.mkdtemp(prefix="skynet-netns-"))
-        self.addCleanup(shutil.rmtree, self.directory, True)
-        self.children: list[subprocess.Popen] = []
-        self.addCleanup(self._stop_children)
-
-    def _stop_children(self) -> None:
-        for child in self.children:
-            if child.poll() is None:
-                child.kill()
-        for child in self.children:
-            child.wait(10)
-
-    def start_zookeeper(self) -> BridgeZooKeeper:
-        with socket.socket() as s:
-            s.bind((self.network.gateway, 0))
-            port = s.getsockname()[1]
-        server = BridgeZooKeeper(self.directory / "zk", self.network.gateway, port)
-        self.addCleanup(server.kill)
-        server.start()
-        return server
 
     def start_service(self, role: str, url: str) -> subprocess.Popen:
         address = self.network.addresses[role]

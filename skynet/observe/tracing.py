@@ -61,6 +61,23 @@ class Ring:
         self.spans: deque[tuple[Any, ...]] = deque(maxlen=max(size, 1))
         self.add = self.spans.append
 
+    def sink(self, sink: Any) -> None:
+        """
+        (otlp hook) Also hand every span added from now on to C{sink}, a
+        callable (L{skynet.observe.otlp}); L{None} stops it.  Without a sink
+        C{add} is the bare C{append} it always was.
+        """
+        append = self.spans.append
+        if sink is None:
+            self.add = append
+            return
+
+        def add(span: tuple[Any, ...]) -> None:
+            append(span)
+            sink(span)
+
+        self.add = add
+
     def find(self, request_id: str) -> list[dict[str, Any]]:
         return [_doc(s) for s in self.spans if s[2] == request_id]
 
