@@ -8,11 +8,15 @@ request too.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import tempfile
 
 import pytest
 from twisted.internet import reactor
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from skynet.admin import call_instance
@@ -22,9 +26,17 @@ from skynet.observe import tracing
 from skynet.protocol import DEFAULT_MAX_FRAME, RequestInfo
 from skynet.registry import Query
 from skynet.registry.files import FileRegistry
-from tests.processes import wait_for
+from tests.processes import ROOT, wait_for
 
 pytestmark = pytest.mark.slow
+
+
+def _walk(calls: list[dict]) -> list[dict]:
+    out = []
+    for call in calls:
+        out.append(call)
+        out.extend(_walk(call["children"]))
+    return out
 
 
 class SpansThroughTheDaemonTests(TestCase):
@@ -108,6 +120,18 @@ class SpansThroughTheDaemonTests(TestCase):
         self.assertEqual(len(roots), 1)  # this process's client span is the root
         self.assertIsNotNone(roots[0]["client"])
         self.assertEqual(tracing.count_calls(roots), total)
+
+        # sky trace, as an operator runs it, reads the same tree.
+        result = await deferToThread(
+            subprocess.run,
+            [sys.executable, "-m", "skynet.sky", "--registry", f"file://{root}/registry",
+             "trace", request_id, "--json"],
+            capture_output=True, text=True, timeout=60, cwd=ROOT,
+        )  # fmt: skip
+        self.assertEqual(result.returncode, 0, result.stderr)
+        doc = json.loads(result.stdout)
+        self.assertEqual(len(_walk(doc["calls"])), total)
+        self.assertTrue(all(c["server_spans"] for c in _walk(doc["calls"])))
 
         # The slowest form: one span per request, longest first, each the
         # longest of its request.
