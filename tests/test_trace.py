@@ -272,6 +272,71 @@ class ShellTraceTests(TestCase):
         self.assertEqual(status, 2)
 
 
+class ShellSlowestTests(TestCase):
+    """
+    C{trace --slowest N [--since W]} in the shell, on a L{LocalCluster} at
+    the real time (an instance reads C{since} on the global reactor).
+    """
+
+    def setUp(self) -> None:
+        import time
+
+        from skynet.shell import Shell
+
+        self.saved = tracing.RING, tracing.ENABLED
+        tracing.configure(1000)
+        self.addCleanup(self.restore)
+        self.cluster = LocalCluster()
+        self.addCleanup(self.cluster.stop)
+        self.cluster.clock.advance(time.time())
+        self.cluster.add(Slow(self.cluster.clock))
+        self.shell = Shell(self.cluster.registry, self.cluster.client(), reactor=self.cluster.clock)
+
+    def restore(self) -> None:
+        tracing.RING, tracing.ENABLED = self.saved
+
+    def run_line(self, line):
+        from skynet.shell import BufferIO
+
+        io = BufferIO()
+        d = self.shell.run_line(line, io)
+        for _ in range(20):
+            self.cluster.settle()
+        return self.successResultOf(d), io
+
+    def wait(self, seconds: float, request_id: str) -> None:
+        d = self.cluster.call("Slow", "Wait", {"seconds": seconds}, RequestInfo(request_id))
+        self.cluster.clock.advance(seconds)
+        self.cluster.settle()
+        self.assertEqual(self.successResultOf(d), {"ok": True})
+
+    def test_slowest_listed_longest_first(self) -> None:
+        status, io = self.run_line("trace --slowest 5")
+        self.assertEqual(status, 1)
+        self.assertIn("no calls recorded", "\n".join(io.stderr))
+        self.wait(2, "two")
+        self.wait(3, "three")
+        self.wait(1, "one")
+        status, io = self.run_line("trace --slowest 2")
+        self.assertEqual(status, 0, io.stderr)
+        lines = "\n".join(io.stdout).splitlines()
+        self.assertEqual([line.split()[-1] for line in lines], ["three", "two"])
+        self.assertTrue(lines[0].split()[0].startswith("3000.00ms"), lines)
+        self.assertIn(" Slow.Wait ", lines[0])
+        status, io = self.run_line("trace --slowest 10 --since 1h --json")
+        self.assertEqual(status, 0, io.stderr)
+        doc = json.loads("\n".join(io.stdout))
+        self.assertEqual([c["request_id"] for c in doc["calls"]], ["three", "two", "one"])
+        for line, error in [("trace --slowest 0", "must be 1..1000"),
+                            ("trace --slowest many", "--slowest must be a whole number"),
+                            ("trace --slowest 3 --since soon", "since must be like 30s"),
+                            ("trace abc --slowest 3", "Usage: trace --slowest N"),
+                            ("trace abc --grep x", "trace does not take --grep")]:  # fmt: skip
+            status, io = self.run_line(line)
+            self.assertEqual(status, 2, (line, io.stdout, io.stderr))
+            self.assertIn(error, "\n".join(io.stderr))
+
+
 class SpansQueryTests(TestCase):
     """
     The two forms of the spans question, and what is refused.

@@ -148,3 +148,16 @@ class SpansThroughTheDaemonTests(TestCase):
         [mine] = [s for s in slow if s["request_id"] == request_id]
         self.assertEqual(mine["duration"], longest)
         self.assertEqual((mine["service"], mine["method"]), ("Fibonacci", "Index"))
+
+        # sky trace --slowest, as an operator lists them.
+        result = await deferToThread(
+            subprocess.run,
+            [sys.executable, "-m", "skynet.sky", "--registry", f"file://{root}/registry",
+             "trace", "--slowest", "5", "--since", "10m"],
+            capture_output=True, text=True, timeout=60, cwd=ROOT,
+        )  # fmt: skip
+        self.assertEqual(result.returncode, 0, result.stderr)
+        lines = result.stdout.splitlines()
+        self.assertEqual(sorted(line.split()[-1] for line in lines),
+                         [request_id, "trace-daemon-7"])  # fmt: skip
+        self.assertTrue(all(" Fibonacci.Index 127.0.0.1:" in line for line in lines), lines)

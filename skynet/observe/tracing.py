@@ -694,13 +694,78 @@ def format_tree(roots: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+# The slow calls
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_window(value: str) -> float:
+    """
+    C{30s}, C{15m}, C{2h}, C{1d} or a number of seconds, as seconds.
+
+    @raise ValueError: for anything else.
+    """
+    text = value.strip().lower()
+    factor = _UNITS.get(text[-1:], None)
+    number = text[:-1] if factor is not None else text
+    try:
+        seconds = float(number) * (factor or 1.0)
+    except ValueError:
+        raise ValueError(f"since must be like 30s, 15m, 2h or 1d, not {value!r}") from None
+    if not 0 < seconds < float("inf"):
+        raise ValueError(f"since must be more than 0 seconds, not {value!r}")
+    return seconds
+
+
+def slow_entry(span: dict[str, Any]) -> dict[str, Any]:
+    """
+    One slow call, from a span of a C{slowest} answer: C{request_id,
+    service, method, address, start, duration, outcome, kind}.
+    """
+    address = span.get("address")
+    if not address and span.get("kind") == "client":
+        address = ",".join(str(t) for t in span.get("targets") or [])
+    return {
+        "request_id": span.get("request_id", ""),
+        "service": span.get("service", ""),
+        "method": span.get("method", ""),
+        "address": address or "",
+        "start": span.get("start"),
+        "duration": span.get("duration"),
+        "outcome": span.get("outcome", ""),
+        "kind": span.get("kind", ""),
+    }
+
+
+def format_slow(entries: list[dict[str, Any]]) -> list[str]:
+    """
+    Slow calls as text, one line each: C{duration service.method host:port
+    outcome request_id}.
+    """
+    lines = []
+    for e in entries:
+        duration = e["duration"]
+        took = "?" if not isinstance(duration, (int, float)) else f"{duration * 1000:.2f}ms"
+        lines.append(f"{took:>11} {e['service']}.{e['method']} {e['address'] or '?'}"
+                     f" {e['outcome']} {e['request_id']}")  # fmt: skip
+    return lines
+
+
 # The sky commands
 
 
-async def run_trace_command(shell: Any, filters: Any, inv: Any, io: Any) -> int:
+#: The slow list's length when C{--slowest} is not given a number.
+DEFAULT_SLOWEST = 20
+
+
+async def run_trace_command(
+    shell: Any, filters: Any, inv: Any, io: Any, options: dict[str, Any] | None = None
+) -> int:
     """
     C{call --trace SERVICE METHOD [JSON]}: the call, its result, then its
-    call tree; C{trace REQUEST_ID}: the tree of an earlier request.
+    call tree; C{trace REQUEST_ID}: the tree of an earlier request;
+    C{trace --slowest N [--since 1h]}: the slowest recent calls of the
+    cluster, one per request, longest first.
     """
     import json
 
@@ -709,9 +774,14 @@ async def run_trace_command(shell: Any, filters: Any, inv: Any, io: Any) -> int:
     from skynet.protocol import RequestInfo, new_request_id
     from skynet.shell import ShellError, UsageError, to_json
 
+    options = options or {}
+    if inv.command == "trace" and ("slowest" in options or "since" in options):
+        if inv.args:
+            raise UsageError("Usage: trace --slowest N [--since 1h] [--json]")
+        return await _run_slowest(shell, inv, options, io)
     if inv.command == "trace":
         if len(inv.args) != 1:
-            raise UsageError("Usage: trace REQUEST_ID [--json]")
+            raise UsageError("Usage: trace REQUEST_ID [--json] | trace --slowest N [--since 1h]")
         request_id = inv.args[0]
     else:
         if len(inv.args) not in (2, 3):
@@ -746,5 +816,39 @@ async def run_trace_command(shell: Any, filters: Any, inv: Any, io: Any) -> int:
     else:
         io.out(f"request {request_id}: {count_calls(roots)} call(s)")
         for line in format_tree(roots):
+            io.out(line)
+    return 0
+
+
+async def _run_slowest(shell: Any, inv: Any, options: dict[str, Any], io: Any) -> int:
+    from skynet.registry.base import Query
+    from skynet.shell import ShellError, UsageError, to_json
+
+    raw = options.get("slowest", str(DEFAULT_SLOWEST))
+    try:
+        limit = int(raw)
+    except ValueError:
+        raise UsageError(f"--slowest must be a whole number, not {raw!r}") from None
+    params: dict[str, Any] = {"slowest": limit}
+    if "since" in options:
+        try:
+            params["since"] = parse_window(str(options["since"]))
+        except ValueError as e:
+            raise UsageError(f"--{e}") from None
+    try:
+        SpansQuery.from_bson(params)
+    except ValueError as e:
+        raise UsageError(f"trace --slowest: {e}") from None
+    instances = await shell.registry.query(Query())
+    connector = getattr(shell.client, "connector", None)
+    found = await gather(shell.reactor, instances, params, getattr(shell, "timeout", 5.0),
+                         connector)  # fmt: skip
+    entries = [slow_entry(span) for span in found.spans]
+    if inv.json:
+        io.out(to_json({"calls": entries, "errors": found.errors}))
+    elif not entries:
+        raise ShellError("no calls recorded" + (" in that window" if "since" in params else ""))
+    else:
+        for line in format_slow(entries):
             io.out(line)
     return 0

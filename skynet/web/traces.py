@@ -35,8 +35,6 @@ MAX_SLOW = 200
 #: The slow list's default window, in seconds.
 DEFAULT_SINCE = 3600.0
 
-_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
 
 class TraceError(ValueError):
     """
@@ -46,40 +44,16 @@ class TraceError(ValueError):
 
 def parse_window(value: str) -> float:
     """
-    C{30s}, C{15m}, C{2h}, C{1d} or a number of seconds, as seconds.
-
-    @raise TraceError: for anything else.
+    L{tracing.parse_window}, raising L{TraceError}.
     """
-    text = value.strip().lower()
-    factor = _UNITS.get(text[-1:], None)
-    number = text[:-1] if factor is not None else text
     try:
-        seconds = float(number) * (factor or 1.0)
-    except ValueError:
-        raise TraceError(f"since must be like 30s, 15m, 2h or 1d, not {value!r}") from None
-    if not 0 < seconds < float("inf"):
-        raise TraceError(f"since must be more than 0 seconds, not {value!r}")
-    return seconds
+        return tracing.parse_window(value)
+    except ValueError as e:
+        raise TraceError(str(e)) from None
 
 
-def slow_entry(span: dict[str, Any]) -> dict[str, Any]:
-    """
-    One line of the slow list, from the span a L{tracing.SpansQuery}'s
-    C{slowest} form answered with.
-    """
-    address = span.get("address")
-    if not address and span.get("kind") == "client":
-        address = ",".join(str(t) for t in span.get("targets") or [])
-    return {
-        "request_id": span.get("request_id", ""),
-        "service": span.get("service", ""),
-        "method": span.get("method", ""),
-        "address": address or "",
-        "start": span.get("start"),
-        "duration": span.get("duration"),
-        "outcome": span.get("outcome", ""),
-        "kind": span.get("kind", ""),
-    }
+#: One line of the slow list (L{tracing.slow_entry}).
+slow_entry = tracing.slow_entry
 
 
 class DashboardTraces:
