@@ -1,9 +1,9 @@
 """
 Acting on one particular instance, as operators' tools do: its admin
 listener (Go Skynet's raw C{Admin.Register {}}, C{Admin.Unregister {}},
-C{Admin.Stop {waitforclients}}, and skynet's C{Admin.Spans}), or a call to exactly that instance rather
-than to whichever the load balancer picks (to ask a host's daemon about its
-own children).
+C{Admin.Stop {waitforclients}}, and skynet's C{Admin.Spans}), or a call to
+exactly that instance rather than to whichever the load balancer picks (to
+ask a host's daemon about its own children).
 
 Used by the daemon, C{sky} and its shell, and the dashboard.  The action
 tables (L{ADMIN_ACTIONS}, L{DAEMON_ACTIONS}) live in L{skynet.control} with
