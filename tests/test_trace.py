@@ -621,3 +621,41 @@ class GatherTests(TestCase):
         result, connected, (daemon, fib0, fib1) = self.gather(broken=True)
         self.assertEqual(connected[0], daemon)
         self.assertEqual(sorted(connected[1:]), sorted([fib0, fib1]))
+
+    def test_unregistered_instance_answers_on_its_admin_listener(self) -> None:
+        import attr
+        from twisted.internet.defer import succeed
+
+        from skynet.registry.base import Address
+
+        cluster = LocalCluster()
+        self.addCleanup(cluster.stop)
+        cluster.add(Fibonacci())
+        d = cluster.client().service("Fibonacci").call("Index", {"index": 3}, RequestInfo("u1"))
+        for _ in range(20):
+            cluster.settle()
+        self.successResultOf(d)
+        quiet = [cluster.add(Fibonacci(), registered=False) for _ in range(3)]
+        # One with its admin listener on its own address, one elsewhere, one without.
+        own = attr.evolve(quiet[0].instance, admin=Address(quiet[0].instance.host, 7001))
+        elsewhere = attr.evolve(quiet[1].instance, admin=Address("127.0.0.1", 7002))
+        without = quiet[2].instance
+        asked: list[Address] = []
+
+        def admin(address, method, params):
+            asked.append(address)
+            return succeed(tracing.admin_spans(params)[0])
+
+        found = Deferred.fromCoroutine(tracing.gather(
+            cluster.clock, [own, elsewhere, without], {"request_id": "u1"},
+            connector=cluster.connect, admin=admin))  # fmt: skip
+        for _ in range(20):
+            cluster.settle()
+        result = self.successResultOf(found)
+        self.assertEqual(asked, [own.admin])
+        self.assertEqual(len(result.errors), 2)
+        self.assertIn(elsewhere.uuid, result.errors[0])
+        self.assertIn(without.uuid, result.errors[1])
+        self.assertTrue(result.spans)
+        self.assertTrue(all(s["address"] == f"{own.host}:{own.port}"
+                            for s in result.spans if s["kind"] == "server"))  # fmt: skip

@@ -497,23 +497,31 @@ async def gather(
     params: Any,
     timeout: float = 5.0,
     connector: Any = None,
+    admin: Any = None,
 ) -> Gathered:
     """
     Put a L{SpansQuery} to the whole cluster: one C{SearchSpans} call per
     host's daemon (registered C{SkynetDaemon}s among C{instances}, asked
     at once by L{skynet.observe.logsearch.fan_out}), then C{SkynetSpans}
     to each instance that no daemon answered for (not supervised, its
-    daemon unreachable or older, its admin listener off); and this
+    daemon unreachable or older, its admin listener off), and
+    C{Admin.Spans} to those of them that refuse it but have an admin
+    listener on their address (an unregistered instance refuses new
+    clients); and this
     process's own ring.
 
     @param instances: the registry's instances.
     @param connector: how to reach an instance (a client's C{connector}:
         TLS when it has it; default TCP).
+    @param admin: C{admin(address, servicemethod, params)} -> Deferred of
+        the answer's body (default L{skynet.admin.admin_call}).
     @raise ValueError: for a bad question.
     """
-    from twisted.internet.defer import DeferredList
+    from functools import partial
 
-    from skynet.admin import call_instance
+    from twisted.internet.defer import Deferred, DeferredList
+
+    from skynet.admin import admin_call, call_instance
     from skynet.control import DAEMON_SERVICE, SEARCH_SPANS
     from skynet.observe.logsearch import fan_out
 
@@ -539,9 +547,23 @@ async def gather(
         spans.extend(span for span, _host in answered.events if isinstance(span.get("id"), str))
     rest = [i for i in instances
             if i.name != DAEMON_SERVICE and i.port and i.uuid not in covered]  # fmt: skip
+    admin = admin or partial(admin_call, reactor, timeout=timeout)
+
+    async def direct(instance: Any) -> Any:
+        try:
+            return await call_instance(reactor, instance, SPANS_METHOD, asked, timeout, connector)
+        except Exception as e:
+            # Only an admin listener on the instance's own address: a
+            # loopback one advertised by another host is not its.
+            if instance.admin is None or instance.admin.ip_address != instance.host:
+                raise
+            try:
+                return await admin(instance.admin, ADMIN_SPANS, asked)
+            except Exception as again:
+                raise ConnectionError(f"{e}; admin {instance.admin}: {again}") from None
+
     results = await DeferredList(
-        [call_instance(reactor, i, SPANS_METHOD, asked, timeout, connector) for i in rest],
-        consumeErrors=True,
+        [Deferred.fromCoroutine(direct(i)) for i in rest], consumeErrors=True
     )
     for instance, (ok, value) in zip(rest, results, strict=True):
         value = cast(Any, value)  # an answer, or a Failure when not ok
