@@ -199,6 +199,31 @@ def test_waterfall_from_the_logs_view_and_the_slow_list(cluster: dict[str, Any])
             assert page.locator("#trace-rows img, #slow-list img").count() == 0
             page.wait_for_timeout(300)  # an image that loaded would have fired by now
             assert page.evaluate("window.__owned") is None
+            # A hedged call (its tree as tracing.tree_json makes it): one bar,
+            # and a mark for each attempt that arrived, the failed one red.
+            hedged = {"ok": True, "request_id": "hedged", "spans": 3, "errors": [], "calls": [{
+                "service": "Svc", "method": "Slow", "address": "127.0.0.1:1", "start": 0.0,
+                "duration": 0.3, "server_duration": 0.1, "outcome": "ok", "attempts": 2,
+                "retry": 0, "client_span": "c", "server_spans": ["s1", "s2"], "children": [],
+                "arrived": [
+                    {"address": "127.0.0.1:1", "start": 0.0, "duration": 0.3,
+                     "outcome": "error: stuck", "retry": 0},
+                    {"address": "127.0.0.1:2", "start": 0.2, "duration": 0.1,
+                     "outcome": "ok", "retry": 1},
+                ]}]}  # fmt: skip
+            page.route("**/api/trace/hedged",
+                       lambda route: route.fulfill(json=hedged))  # fmt: skip
+            page.evaluate("window.skynetTrace.open('hedged')")
+            wait_until(lambda: "hedged" in page.inner_text("#trace-id") and bars() == 1, 30,
+                       "the hedged call's trace")  # fmt: skip
+            assert "2 attempts" in page.inner_text("#trace-rows .trace-info")
+            marks = page.evaluate(
+                """() => Array.from(document.querySelectorAll('#trace-rows .trace-attempt'))
+                    .map((m) => ({error: m.classList.contains('error'), title: m.title,
+                                  left: m.getBoundingClientRect().left}))"""
+            )
+            assert [m["error"] for m in marks] == [True, False], marks
+            assert "127.0.0.1:2" in marks[1]["title"] and marks[1]["left"] > marks[0]["left"]
             assert errors == [], errors
         finally:
             browser.close()

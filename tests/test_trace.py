@@ -201,6 +201,10 @@ class TreeTests(TestCase):
         self.assertEqual([s["id"] for s in root["servers"]], ["s1", "s2"])
         [line] = tracing.format_tree([root])
         self.assertIn("retries=2", line)  # one more attempt, and the server saw retry 1
+        # Both attempts, as the waterfall draws them, offset from the call's start.
+        [doc] = tracing.tree_json([root])
+        self.assertEqual([(round(a["start"], 3), a["duration"], a["retry"]) for a in doc["arrived"]],
+                         [(0.1, 0.5, 0), (0.6, 0.5, 1)])  # fmt: skip
 
     def test_server_without_its_client_is_a_root_with_children(self) -> None:
         spans = [_server("s1", 0.0), _client("c1", 0.5, parent="s1", local=("b:9",)),

@@ -685,6 +685,17 @@ def tree_json(roots: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "retry": s.get("retry", 0) if s else 0,
             "client_span": c["id"] if c else None,
             "server_spans": [x["id"] for x in node["servers"]],
+            # Each attempt that arrived (a retry or a hedge makes several).
+            "arrived": [
+                {
+                    "address": x.get("address") or "",
+                    "start": float(x["start"]) - origin,
+                    "duration": x.get("duration"),
+                    "outcome": x.get("outcome"),
+                    "retry": x.get("retry", 0),
+                }
+                for x in node["servers"]
+            ],
             "children": [one(n) for n in node["children"]],
         }
 

@@ -91,6 +91,20 @@
       bar.style.left = (100 * start / end) + "%";
       bar.style.width = Math.max(100 * duration / end, 0.4) + "%";
       lane.append(bar);
+      // A retried or hedged call: each attempt that arrived, under the bar.
+      const arrived = Array.isArray(call.arrived) ? call.arrived : [];
+      if (arrived.length > 1) {
+        arrived.forEach((a, n) => {
+          const aStart = Number(a.start) || 0;
+          const aDuration = Number(a.duration) || 0;
+          const mark = el("span", failed(a.outcome) ? "trace-attempt error" : "trace-attempt", "",
+            "attempt " + (n + 1) + " at " + (a.address || "?") + ": +" + ms(aStart) + " for "
+            + ms(aDuration) + ", " + String(a.outcome));
+          mark.style.left = (100 * aStart / end) + "%";
+          mark.style.width = Math.max(100 * aDuration / end, 0.4) + "%";
+          lane.append(mark);
+        });
+      }
       const info = el("span", "trace-info");
       info.append(el("span", "trace-dur", ms(duration)),
         el("span", "trace-outcome", bad ? "✗ " + String(call.outcome) : "ok", call.outcome));
