@@ -183,12 +183,22 @@ def test_waterfall_from_the_logs_view_and_the_slow_list(cluster: dict[str, Any])
             # opens the same waterfall.
             page.click("#trace-close")
             assert page.locator("#trace").is_hidden()
+            assert page.evaluate("location.hash") == ""
             page.click("#slow-refresh")
             entry = f'#slow-list [data-request="{request_id}"]'
             page.wait_for_selector(entry, timeout=30000)
             page.click(entry)
             wait_until(lambda: page.locator("#trace").is_visible() and bars() == len(calls), 30,
                        "the trace opened from the slow list")  # fmt: skip
+
+            # The address names the trace: a new page at it shows the same.
+            assert page.evaluate("location.hash") == f"#trace={request_id}"
+            linked = browser.new_page(viewport={"width": 1600, "height": 1000})
+            linked.on("pageerror", lambda e: errors.append(str(e)))
+            linked.goto(f"{url}/#trace={request_id}")
+            wait_until(lambda: linked.evaluate("window.skynetTrace.bars()") == len(calls), 30,
+                       "the linked trace")  # fmt: skip
+            linked.close()
 
             # A failed call: marked, and its markup shown as text.
             page.click(f'#slow-list [data-request="{failing}"]')

@@ -1,7 +1,8 @@
 // The dashboard's traces: one request's calls as a waterfall (GET
 // /api/trace/<id>: the tree `sky trace` prints, gathered from every host's
 // daemon) and the slowest recent calls of the cluster (GET /api/slow), each
-// opening its trace.  The logs view opens a trace from a line's request id.
+// opening its trace.  The logs view opens a trace from a line's request id;
+// /#trace=ID opens one directly.
 //
 // Service and method names, addresses and outcomes come from the cluster:
 // they are only ever set as textContent.  Bars are placed with CSSOM
@@ -123,9 +124,25 @@
       + " · " + ms(end) + (errors ? " · " + errors + " failed" : "");
   }
 
+  // The address names the trace shown (#trace=ID), so that it can be
+  // shared or reloaded.
+  function remember(requestId) {
+    const hash = requestId ? "#trace=" + encodeURIComponent(requestId) : "";
+    if (location.hash !== hash) {
+      history.replaceState(null, "", location.pathname + location.search + hash);
+    }
+  }
+
+  function fromAddress() {
+    const m = /^#trace=(.+)$/.exec(location.hash);
+    if (!m) return "";
+    try { return decodeURIComponent(m[1]); } catch (e) { return ""; }
+  }
+
   async function open(requestId) {
     const generation = ++view.generation;
     view.request = String(requestId);
+    remember(view.request);
     view.calls = 0;
     $("trace").hidden = false;
     $("trace-id").textContent = "request " + view.request;
@@ -147,6 +164,7 @@
   function close() {
     view.generation++;
     view.request = "";
+    remember("");
     $("trace").hidden = true;
   }
 
@@ -208,6 +226,8 @@
     });
     loadSlow();
     scheduleSlow();
+    const linked = fromAddress();
+    if (linked) open(linked);
   }
 
   // For the logs view, tests and the curious.
