@@ -91,8 +91,12 @@
         span("text", String(e.text === undefined ? "" : e.text)),
       );
       if (e.request_id) {
-        const rid = span("rid", "request " + e.request_id,
-          "Its trace, and every line of this request on every host");
+        // A button, so that a keyboard reaches it too.
+        const rid = document.createElement("button");
+        rid.type = "button";
+        rid.className = "rid";
+        rid.textContent = "request " + e.request_id;
+        rid.title = "Its trace, and every line of this request on every host";
         rid.dataset.request = e.request_id;
         li.append(rid);
       }
