@@ -191,6 +191,21 @@ def test_waterfall_from_the_logs_view_and_the_slow_list(cluster: dict[str, Any])
             wait_until(lambda: page.locator("#trace").is_visible() and bars() == len(calls), 30,
                        "the trace opened from the slow list")  # fmt: skip
 
+            # The page's service filter is the slow list's too.
+            page.select_option("#service-filter", "Fibonacci")
+
+            def listed() -> list[str]:
+                return page.evaluate(
+                    "Array.from(document.querySelectorAll('#slow-list .slow-name'))"
+                    ".map((e) => e.textContent)"
+                )
+
+            wait_until(lambda: listed() == ["Fibonacci.Index"], 30,
+                       "the slowest call of Fibonacci only")  # fmt: skip
+            page.select_option("#service-filter", "")
+            wait_until(lambda: sorted(listed()) == ["Front.Ask", "Front.Fail"], 30,
+                       "every service's again")  # fmt: skip
+
             # The address names the trace: a new page at it shows the same.
             assert page.evaluate("location.hash") == f"#trace={request_id}"
             linked = browser.new_page(viewport={"width": 1600, "height": 1000})

@@ -142,6 +142,11 @@ class DashboardTracesTests(SynchronousTestCase):
         self.assertEqual(self.asked[-1], {"slowest": 5, "since": 3600.0})
         self.get("/api/slow", since="15m")
         self.assertEqual(self.asked[-1], {"slowest": 20, "since": 900.0})
+        code, body = self.get("/api/slow", service="Fibonacci")
+        self.assertEqual(self.asked[-1], {"slowest": 20, "since": 3600.0, "service": "Fibonacci"})
+        self.assertEqual(len(body["calls"]), 2)
+        code, body = self.get("/api/slow", service="Other")
+        self.assertEqual((code, body["calls"]), (200, []))
         for args, error in [({"limit": "0"}, "limit must be 1..200"),
                             ({"limit": "lots"}, "limit must be a whole number"),
                             ({"since": "soon"}, "since must be like 30s")]:  # fmt: skip

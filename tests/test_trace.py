@@ -327,6 +327,11 @@ class ShellSlowestTests(TestCase):
         self.assertEqual([line.split()[-1] for line in lines], ["three", "two"])
         self.assertTrue(lines[0].split()[0].startswith("3000.00ms"), lines)
         self.assertIn(" Slow.Wait ", lines[0])
+        status, io = self.run_line("trace --slowest 10 --service Nobody")
+        self.assertEqual(status, 1)
+        status, io = self.run_line("trace --slowest 1 --service Slow")
+        self.assertEqual(status, 0, io.stderr)
+        self.assertEqual(["\n".join(io.stdout).split()[-1]], ["three"])
         status, io = self.run_line("trace --slowest 10 --since 1h --json")
         self.assertEqual(status, 0, io.stderr)
         doc = json.loads("\n".join(io.stdout))
@@ -349,8 +354,8 @@ class SpansQueryTests(TestCase):
     def test_forms(self) -> None:
         parse = tracing.SpansQuery.from_bson
         self.assertEqual(parse({"request_id": "r"}), tracing.SpansQuery(request_id="r"))
-        query = parse({"slowest": 5, "since": 60})
-        self.assertEqual(query, tracing.SpansQuery(slowest=5, since=60.0))
+        query = parse({"slowest": 5, "since": 60, "service": "Fibonacci"})
+        self.assertEqual(query, tracing.SpansQuery(slowest=5, since=60.0, service="Fibonacci"))
         self.assertEqual(parse(query.to_bson()), query)
         self.assertEqual(parse({"slowest": 3}).to_bson(), {"slowest": 3})
         self.assertEqual(parse({"request_id": "r"}).to_bson(), {"request_id": "r"})
@@ -359,7 +364,8 @@ class SpansQueryTests(TestCase):
         bad = [None, [], {}, {"request_id": ""}, {"request_id": 5}, {"slowest": 0},
                {"slowest": True}, {"slowest": 1001}, {"slowest": "3"}, {"slowest": 2.5},
                {"slowest": 3, "since": -1}, {"slowest": 3, "since": "1m"},
-               {"request_id": "r", "slowest": 3}]  # fmt: skip
+               {"request_id": "r", "slowest": 3}, {"request_id": "r", "service": "S"},
+               {"slowest": 3, "service": ""}, {"slowest": 3, "service": 7}]  # fmt: skip
         for params in bad:
             with self.assertRaises(ValueError, msg=repr(params)):
                 tracing.SpansQuery.from_bson(params)
@@ -415,6 +421,14 @@ class SlowestTests(TestCase):
         # The remote method's form.
         answer = tracing.spans_method(None, {"slowest": 2})
         self.assertEqual([s["request_id"] for s in answer["spans"]], ["b", "c"])
+        # One service's calls only: b's longest call of Slow is its 3 s Wait.
+        slow = tracing.slowest(10, service="Slow")
+        self.assertEqual([(s["request_id"], s["method"]) for s in slow],
+                         [("c", "Wait"), ("b", "Wait"), ("a", "Wait"), ("d", "Fail")])  # fmt: skip
+        self.assertEqual(round(slow[1]["duration"], 3), 3.0)
+        answer = tracing.spans_method(None, {"slowest": 5, "service": "Outer"})
+        self.assertEqual([s["request_id"] for s in answer["spans"]], ["b"])
+        self.assertEqual(tracing.slowest(5, service="Nobody"), [])
 
     def test_admin_listener_answers_both_forms(self) -> None:
         import bson

@@ -241,14 +241,16 @@ CHILD_TIMEOUT = 2.0
 class SpansQuery:
     """
     One question to span rings, in either of two forms: C{{request_id}},
-    every span of that request; or C{{slowest: N[, since: S]}}, the C{N}
-    slowest calls (root or server spans, at most one per request: its
-    longest), optionally only those that started in the last C{S} seconds.
+    every span of that request; or C{{slowest: N[, since: S][, service:
+    NAME]}}, the C{N} slowest calls (root or server spans, at most one per
+    request: its longest), optionally only those that started in the last
+    C{S} seconds, only calls of service C{NAME}.
     """
 
     request_id: str | None = None
     slowest: int = 0
     since: float | None = None
+    service: str | None = None
 
     @classmethod
     def from_bson(cls, params: Any) -> SpansQuery:
@@ -257,14 +259,17 @@ class SpansQuery:
         """
         if not isinstance(params, dict):
             raise ValueError("the parameters must be a document")
-        request_id, slowest, since = (
+        request_id, slowest, since, service = (
             params.get("request_id"),
             params.get("slowest"),
             params.get("since"),
+            params.get("service"),
         )
         if request_id is not None:
-            if slowest is not None or since is not None:
-                raise ValueError("give either 'request_id' or 'slowest' (and 'since'), not both")
+            if slowest is not None or since is not None or service is not None:
+                raise ValueError(
+                    "give either 'request_id' or 'slowest' (and 'since', 'service'), not both"
+                )
             if not isinstance(request_id, str) or not request_id:
                 raise ValueError("'request_id' must be a non-empty string")
             return cls(request_id=request_id)
@@ -280,7 +285,9 @@ class SpansQuery:
             if not since > 0:
                 raise ValueError(f"'since' must be more than 0 seconds, not {since}")
             since = float(since)
-        return cls(slowest=int(slowest), since=since)
+        if service is not None and (not isinstance(service, str) or not service):
+            raise ValueError(f"'service' must be a non-empty string, not {service!r}")
+        return cls(slowest=int(slowest), since=since, service=service)
 
     def to_bson(self) -> dict[str, Any]:
         if self.request_id is not None:
@@ -288,11 +295,17 @@ class SpansQuery:
         doc: dict[str, Any] = {"slowest": self.slowest}
         if self.since is not None:
             doc["since"] = self.since
+        if self.service is not None:
+            doc["service"] = self.service
         return doc
 
 
 def slowest(
-    limit: int, since: float | None = None, now: float | None = None, ring: Ring | None = None
+    limit: int,
+    since: float | None = None,
+    now: float | None = None,
+    ring: Ring | None = None,
+    service: str | None = None,
 ) -> list[dict[str, Any]]:
     """
     The C{limit} slowest calls in this process's ring, longest first: its
@@ -303,6 +316,7 @@ def slowest(
     @param since: only spans that started in the last C{since} seconds
         before C{now} (default: the reactor's time, the clock spans are
         recorded on).
+    @param service: only calls of this service.
     """
     ring = RING if ring is None else ring
     cutoff = None
@@ -316,10 +330,14 @@ def slowest(
     for span in ring.spans:
         if span[0] == _SERVER:
             start, duration = span[6], span[7]
+            if service is not None and span[3].service != service:
+                continue
         elif span[8]:
             continue  # a call made while serving: the server span it is part of counts
         else:
             start, duration = span[5], span[6]
+            if service is not None and span[3].query.service != service:
+                continue
         request_id = span[2]
         if not request_id or (cutoff is not None and start < cutoff):
             continue
@@ -336,7 +354,7 @@ def answer_query(query: SpansQuery, now: float | None = None) -> dict[str, Any]:
     """
     if query.request_id is not None:
         return {"spans": RING.find(query.request_id)}
-    return {"spans": slowest(query.slowest, query.since, now)}
+    return {"spans": slowest(query.slowest, query.since, now, service=query.service)}
 
 
 def spans_method(request_info: Any, params: Any) -> dict[str, Any]:
@@ -798,7 +816,8 @@ async def run_trace_command(
     C{call --trace SERVICE METHOD [JSON]}: the call, its result, then its
     call tree; C{trace REQUEST_ID}: the tree of an earlier request;
     C{trace --slowest N [--since 1h]}: the slowest recent calls of the
-    cluster, one per request, longest first.
+    cluster (of the filters' service, if any), one per request, longest
+    first.
     """
     import json
 
@@ -811,7 +830,7 @@ async def run_trace_command(
     if inv.command == "trace" and ("slowest" in options or "since" in options):
         if inv.args:
             raise UsageError("Usage: trace --slowest N [--since 1h] [--json]")
-        return await _run_slowest(shell, inv, options, io)
+        return await _run_slowest(shell, filters, inv, options, io)
     if inv.command == "trace":
         if len(inv.args) != 1:
             raise UsageError("Usage: trace REQUEST_ID [--json] | trace --slowest N [--since 1h]")
@@ -853,7 +872,7 @@ async def run_trace_command(
     return 0
 
 
-async def _run_slowest(shell: Any, inv: Any, options: dict[str, Any], io: Any) -> int:
+async def _run_slowest(shell: Any, filters: Any, inv: Any, options: dict[str, Any], io: Any) -> int:
     from skynet.registry.base import Query
     from skynet.shell import ShellError, UsageError, to_json
 
@@ -863,6 +882,8 @@ async def _run_slowest(shell: Any, inv: Any, options: dict[str, Any], io: Any) -
     except ValueError:
         raise UsageError(f"--slowest must be a whole number, not {raw!r}") from None
     params: dict[str, Any] = {"slowest": limit}
+    if getattr(filters, "service", None):
+        params["service"] = filters.service
     if "since" in options:
         try:
             params["since"] = parse_window(str(options["since"]))

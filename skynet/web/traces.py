@@ -18,7 +18,8 @@ C{/api/slow?limit=N&since=S} answers C{{ok, calls, errors}}: the C{N}
 (default 20, at most 200) slowest recent calls of the cluster, one per
 request, longest first, each C{{request_id, service, method, address,
 start, duration, outcome, kind}} (C{start} in POSIX seconds); C{since}
-(C{30s}, C{15m}, C{1h}, C{1d}; default 1 h) bounds how recent.
+(C{30s}, C{15m}, C{1h}, C{1d}; default 1 h) bounds how recent; C{service}
+keeps the calls of one service.
 """
 
 from __future__ import annotations
@@ -112,9 +113,10 @@ class DashboardTraces:
         if not 1 <= limit <= MAX_SLOW:
             raise TraceError(f"limit must be 1..{MAX_SLOW}, not {limit}")
         since = parse_window(args["since"]) if args.get("since") else DEFAULT_SINCE
-        found = await self.gather(
-            self.reactor, self.instances(), {"slowest": limit, "since": since}, self.timeout
-        )
+        params: dict[str, Any] = {"slowest": limit, "since": since}
+        if args.get("service"):
+            params["service"] = args["service"]
+        found = await self.gather(self.reactor, self.instances(), params, self.timeout)
         return {
             "ok": True,
             "calls": [slow_entry(span) for span in found.spans],

@@ -194,6 +194,9 @@
     view.slowBusy = true;
     try {
       const p = new URLSearchParams({ limit: String(SLOW_LIMIT), since: $("slow-since").value || "1h" });
+      // The page's service filter is the list's too.
+      const f = (window.skynetDashboard && window.skynetDashboard.state.filter) || {};
+      if (f.service) p.set("service", f.service);
       const body = await getJSON("/api/slow?" + p.toString());
       renderSlow(body.calls);
       status("slow-status", body.calls.length ? (body.errors.length
@@ -220,6 +223,7 @@
     $("trace-close").addEventListener("click", close);
     $("slow-refresh").addEventListener("click", loadSlow);
     $("slow-since").addEventListener("change", loadSlow);
+    $("service-filter").addEventListener("change", loadSlow);
     $("slow-list").addEventListener("click", (e) => {
       const b = e.target.closest("[data-request]");
       if (b) open(b.dataset.request);
