@@ -17,9 +17,13 @@ Links:
     started (one connection carries its requests in order).  No field is
     added to the wire: Go peers see the same bytes.
 
-Instances serve their ring as the remote method C{SkynetSpans
-{request_id}} (L{SPANS_METHOD}); L{collect} asks every instance of the
-registry and L{build_tree} joins the spans into the call tree.
+A ring answers two questions (L{SpansQuery}): the spans of one request,
+or the slowest recent calls.  Each instance answers them on its admin
+listener (C{Admin.Spans}, L{admin_spans}) and on its service port
+(C{SkynetSpans}, L{SPANS_METHOD}); each host's daemon answers for its
+children (C{SearchSpans}, L{host_spans}).  L{gather} asks every host's
+daemon and then only the instances no daemon answered for; L{build_tree}
+joins the spans into the call tree.
 """
 
 from __future__ import annotations
