@@ -462,9 +462,13 @@ class SlowestTests(TestCase):
 
 
 def _span(id_, request_id="R", kind="server", duration=1.0, uuid="u"):
-    return {"kind": kind, "id": id_, "request_id": request_id, "service": "S", "method": "M",
-            "uuid": uuid, "peer": "p:1", "start": 0.0, "duration": duration,
-            "outcome": "ok"}  # fmt: skip
+    span = {"kind": kind, "id": id_, "request_id": request_id, "service": "S", "method": "M",
+            "start": 0.0, "duration": duration, "outcome": "ok"}  # fmt: skip
+    if kind == "server":
+        span.update(uuid=uuid, peer="p:1", retry=0)
+    else:
+        span.update(parent="", attempts=1, tried=[uuid], local=["p:1"], targets=["h:1"])
+    return span
 
 
 class HostSpansTests(TestCase):
@@ -520,14 +524,33 @@ class HostSpansTests(TestCase):
         addresses = {s["id"]: s.get("address") for s in answer["spans"]}
         self.assertEqual(addresses, {"p1-1": "10.0.0.5:9001", "p1-2": None,
                                      "p2-1": "10.0.0.5:9002"})  # fmt: skip
-        self.assertEqual(len(answer["errors"]), 2)
-        self.assertIn("u4", answer["errors"][0])
-        self.assertIn("u5", answer["errors"][1])
-        self.assertIn("can't find method Admin.Spans", answer["errors"][1])
+        self.assertEqual(len(answer["errors"]), 3)
+        self.assertIn("u2 (admin 127.0.0.1:9102): 1 malformed span(s)", answer["errors"][0])
+        self.assertIn("u4", answer["errors"][1])
+        self.assertIn("u5", answer["errors"][2])
+        self.assertIn("can't find method Admin.Spans", answer["errors"][2])
         # Each child with an admin listener asked once, the question as given.
         self.assertEqual(self.asked, [(p, "Admin.Spans", {"request_id": "R"})
                                       for p in (9101, 9102, 9104, 9105)])  # fmt: skip
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_malformed_spans_left_out_and_said(self) -> None:
+        bad = [
+            dict(_span("x1"), start="soon"),
+            dict(_span("x2"), kind="other"),
+            {k: v for k, v in _span("x3", kind="client").items() if k != "tried"},
+            dict(_span("x4", kind="client"), tried=[1]),
+            dict(_span("x5"), retry=True),
+            7,
+        ]
+        self.answers = {9101: {"spans": [_span("good")] + bad}, 9102: {"spans": []}}  # fmt: skip
+        d = self.run_host({"request_id": "R"})
+        self.clock.advance(tracing.CHILD_TIMEOUT)
+        answer = self.successResultOf(d)
+        self.assertEqual([s["id"] for s in answer["spans"]], ["good"])
+        self.assertEqual(answer["instances"], ["u1", "u2"])
+        self.assertIn("u1 (admin 127.0.0.1:9101): 6 malformed span(s) left out",
+                      answer["errors"][0])  # fmt: skip
 
     def test_slowest_merged_across_children(self) -> None:
         self.answers = {

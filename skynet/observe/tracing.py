@@ -394,21 +394,59 @@ def find_method(name: str) -> Any:
     return spans_method if name == SPANS_METHOD else None
 
 
-def _labelled(spans: Any, instance: Any) -> list[dict[str, Any]]:
+_NUMBER = (int, float)
+#: What the tree reads of a span from another process, and its types.
+_SPAN_FIELDS: dict[str, tuple[tuple[str, Any], ...]] = {
+    "server": (("id", str), ("request_id", str), ("service", str), ("method", str),
+               ("start", _NUMBER), ("duration", _NUMBER), ("outcome", str), ("uuid", str),
+               ("peer", str), ("retry", int)),
+    "client": (("id", str), ("request_id", str), ("service", str), ("method", str),
+               ("start", _NUMBER), ("duration", _NUMBER), ("outcome", str), ("parent", str),
+               ("attempts", int), ("tried", list), ("local", list), ("targets", list)),
+}  # fmt: skip
+
+
+def _sane(span: Any) -> bool:
+    """
+    Whether a span document from another process has every field the tree
+    reads, of its type (a peer's bad answer must not break a trace).
+    """
+    if not isinstance(span, dict):
+        return False
+    fields = _SPAN_FIELDS.get(span.get("kind"))  # type: ignore[arg-type]
+    if fields is None:
+        return False
+    for key, kind in fields:
+        value = span.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return False
+    return all(
+        isinstance(x, str) for key in ("tried", "local", "targets") for x in span.get(key, ())
+    )
+
+
+def _labelled(spans: Any, instance: Any) -> tuple[list[dict[str, Any]], int]:
     """
     The span documents of one instance's answer, each server span labelled
-    with the instance's C{host:port} (what the tree shows).
+    with the instance's C{host:port} (what the tree shows), and how many
+    were left out as malformed.
+
+    @raise ValueError: for an answer that holds no list of spans.
     """
     if not isinstance(spans, list):
         raise ValueError(f"bad spans in the answer: {spans!r:.200}")
     out = []
     for span in spans:
-        if not isinstance(span, dict) or not isinstance(span.get("id"), str):
+        if not _sane(span):
             continue
-        if span.get("kind") == "server":
+        if span["kind"] == "server":
             span["address"] = f"{instance.host}:{instance.port}"
         out.append(span)
-    return out
+    return out, len(spans) - len(out)
+
+
+def _dropped(what: str, count: int) -> str:
+    return f"{what}: {count} malformed span(s) left out"
 
 
 def merge(query: SpansQuery, spans: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -490,11 +528,14 @@ async def host_spans(
             errors.append(f"{what}: {value.getErrorMessage() or value.type.__name__}")
             continue
         try:
-            spans.extend(_labelled(value.get("spans") if isinstance(value, dict) else None,
-                                   instance))  # fmt: skip
+            good, dropped = _labelled(value.get("spans") if isinstance(value, dict) else None,
+                                      instance)  # fmt: skip
         except ValueError as e:
             errors.append(f"{what}: {e}")
             continue
+        spans.extend(good)
+        if dropped:
+            errors.append(_dropped(what, dropped))
         answered.append(instance.uuid)
     return {"spans": merge(query, spans), "instances": answered, "errors": errors}
 
@@ -566,7 +607,13 @@ async def gather(
     errors: list[str] = []
     if daemons:
         answered = await fan_out(ask, daemons, asked, {d.uuid: None for d in daemons})
-        spans.extend(span for span, _host in answered.events if isinstance(span.get("id"), str))
+        by_host: dict[str, int] = {}
+        for span, host in answered.events:
+            if _sane(span):
+                spans.append(span)
+            else:
+                by_host[host] = by_host.get(host, 0) + 1
+        errors.extend(_dropped(f"the daemon of host {h}", n) for h, n in sorted(by_host.items()))
     rest = [i for i in instances
             if i.name != DAEMON_SERVICE and i.port and i.uuid not in covered]  # fmt: skip
     admin = admin or partial(admin_call, reactor, timeout=timeout)
@@ -594,10 +641,14 @@ async def gather(
             errors.append(f"{what}: {value.getErrorMessage()}")
             continue
         try:
-            spans.extend(_labelled(value.get("spans") if isinstance(value, dict) else None,
-                                   instance))  # fmt: skip
+            good, dropped = _labelled(value.get("spans") if isinstance(value, dict) else None,
+                                      instance)  # fmt: skip
         except ValueError as e:
             errors.append(f"{what}: {e}")
+            continue
+        spans.extend(good)
+        if dropped:
+            errors.append(_dropped(what, dropped))
     # Last, so that the labelled copies of spans recorded here come first.
     spans.extend(answer_query(query)["spans"])
     return Gathered(merge(query, spans), errors)
