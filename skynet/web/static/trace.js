@@ -202,7 +202,7 @@
       status("slow-status", body.calls.length ? (body.errors.length
         ? body.errors.length + " instance(s) not asked" : "") : "no calls recorded in this window",
         false);
-      if (body.errors.length) $("slow-status").title = body.errors.join("\n");
+      $("slow-status").title = body.errors.join("\n");
     } catch (e) {
       status("slow-status", String(e.message || e), true);
     } finally {
