@@ -1,9 +1,9 @@
 """
 Acting on one particular instance, as operators' tools do: its admin
 listener (Go Skynet's raw C{Admin.Register {}}, C{Admin.Unregister {}},
-C{Admin.Stop {waitforclients}}), or a call to exactly that instance rather
-than to whichever the load balancer picks (to ask a host's daemon about its
-own children).
+C{Admin.Stop {waitforclients}}, and skynet's C{Admin.Spans}), or a call to
+exactly that instance rather than to whichever the load balancer picks (to
+ask a host's daemon about its own children).
 
 Used by the daemon, C{sky} and its shell, and the dashboard.  The action
 tables (L{ADMIN_ACTIONS}, L{DAEMON_ACTIONS}) live in L{skynet.control} with
@@ -41,7 +41,7 @@ class _AdminCall(FrameProtocol):
 
     def __init__(self, servicemethod: str, params: dict[str, Any]) -> None:
         self.request = encode_header(servicemethod, 0) + bson.encode(params)
-        self.result: Deferred[None] = Deferred()
+        self.result: Deferred[dict[str, Any]] = Deferred()
         self._error: str | None = None
 
     def connectionMade(self) -> None:
@@ -60,8 +60,13 @@ class _AdminCall(FrameProtocol):
         if not self.result.called:
             if error:
                 self.result.errback(RemoteCallError(error))
-            else:
-                self.result.callback(None)
+                return
+            try:
+                body = bson.decode(frame)
+            except Exception as e:
+                self.result.errback(RemoteCallError(f"undecodable admin response body: {e}"))
+                return
+            self.result.callback(body)
 
     def connectionLost(self, reason: Any = None) -> None:
         if not self.result.called:
@@ -75,14 +80,15 @@ def admin_call(
     params: dict[str, Any] | None = None,
     timeout: float = 5.0,
     tls: bool | None = None,
-) -> Deferred[None]:
+) -> Deferred[dict[str, Any]]:
     """
     Call C{servicemethod} (C{Admin.Register}, C{Admin.Unregister},
-    C{Admin.Stop}) on the admin listener at C{address}.
+    C{Admin.Stop}, C{Admin.Spans}) on the admin listener at C{address}.
 
     @param tls: speak TLS (L{True}: the instance advertises C{AdminTLS}) or
         not; L{None}: when this process has credentials (L{skynet.tls}).
-    @return: a Deferred firing with L{None}, or failing with
+    @return: a Deferred firing with the answer's body (C{{}} for all but
+        C{Admin.Spans}), or failing with
         L{RemoteCallError} (the answer's error) or L{ConnectionFailed}
         (unreachable, closed, or no answer within C{timeout}).
     """

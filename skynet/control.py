@@ -39,6 +39,7 @@ __all__ = [
     "RESTART_ALL_SUB_SERVICES",
     "RESTART_SUB_SERVICE",
     "SEARCH_LOGS",
+    "SEARCH_SPANS",
     "STARTING",
     "STOP_ALL_SUB_SERVICES",
     "STOP_SUB_SERVICE",
@@ -71,6 +72,8 @@ REGISTER_SUB_SERVICE = "RegisterSubService"
 UNREGISTER_SUB_SERVICE = "UnregisterSubService"
 HOST_STATS = "HostStats"
 SEARCH_LOGS = "SearchLogs"  # (observe hook) the host's JSON logs: skynet.observe.logsearch
+#: (trace) the spans of the host's children: skynet.observe.tracing.host_spans
+SEARCH_SPANS = "SearchSpans"
 
 DAEMON_METHODS = (
     DEPLOY,
@@ -83,6 +86,7 @@ DAEMON_METHODS = (
     STOP_SUB_SERVICE,
     UNREGISTER_SUB_SERVICE,
     SEARCH_LOGS,  # (observe hook)
+    SEARCH_SPANS,  # (trace)
 )
 
 #: The admin calls behind the operators' actions (restart has none: only a

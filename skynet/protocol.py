@@ -1054,6 +1054,15 @@ class AdminProtocol(FrameProtocol):
             self._reply(servicemethod, seq, "")
             self.target.admin_stop(bool(doc.get("waitforclients", False)))
             return
+        elif servicemethod == "Admin.Spans":
+            # (trace hook, issue 14: this process's spans, answered with a
+            # body; the query and its errors are skynet.observe.tracing's.)
+            from skynet.observe.tracing import admin_spans
+
+            answer, why = admin_spans(doc)
+            if self.transport is not None and not self._closing:
+                self.transport.write(encode_header(servicemethod, seq, why) + bson.encode(answer))
+            return
         elif servicemethod == "Admin.Ping":
             # (heal, issue 16: the daemon's liveness probe; an answer is all
             # it needs, so a Go service's "can't find method" does as well.)

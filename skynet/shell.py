@@ -148,6 +148,10 @@ Commands:
                  Requests, errors, rate, p50/p99 per service and method (from the buckets)
   logs [--grep REGEX] [--since 10m] [--level warn] [--request-id ID] [--uuid U] [--limit N] [-f]
                  Search the logs of the hosts that match the filters (through their SkynetDaemon)
+  call --trace SERVICE METHOD ['{"json": "params"}']
+                 The call's result, then its call tree through every service it reached
+  trace REQUEST_ID | trace --slowest N [--since 1h]
+                 The call tree of an earlier request; or the slowest recent calls, one per request
   python         A Python shell with registry, client and daemon bound (Ctrl-D returns)
   help           This help
   exit           Leave the shell (or Ctrl-D)

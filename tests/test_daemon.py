@@ -240,6 +240,7 @@ class DaemonUnitTests(SynchronousTestCase):
             ["Deploy", "HostStats", "ListSubServices", "RegisterSubService",
              "RestartAllSubServices", "RestartSubService",
              "SearchLogs",  # (observe) skynet.observe.logsearch
+             "SearchSpans",  # (trace) skynet.observe.tracing.host_spans
              "StopAllSubServices", "StopSubService", "UnregisterSubService"],
         )  # fmt: skip
 

@@ -759,6 +759,12 @@ def take_screenshot(path: str, seconds: float) -> None:
                     })()""",
                     timeout=30_000,
                 )
+                # The slowest call's waterfall, opened from the slow calls list.
+                page.click("#slow-refresh")
+                page.wait_for_selector("#slow-list [data-request]", timeout=30_000)
+                page.click("#slow-list li:first-child [data-request]")
+                page.wait_for_function("window.skynetTrace.bars() > 0", timeout=30_000)
+                page.evaluate("window.scrollTo(0, 0)")  # the sticky header at the top
                 page.wait_for_timeout(1500)
                 page.screenshot(path=path, full_page=True)
             finally:

@@ -681,6 +681,18 @@ class SkynetDaemon(Service):
 
         return search_logs(self.daemon.supervisor.log_dir, params, self.daemon.reactor)
 
+    async def SearchSpans(self, request_info: Any, params: dict[str, Any]) -> dict[str, Any]:
+        """
+        (trace hook) C{{request_id}} or C{{slowest[, since]}} -> C{{spans,
+        instances, errors}}: the spans of this host's children, asked of
+        their admin listeners (skynet.observe.tracing.host_spans).
+        """
+        from skynet.observe.tracing import host_spans
+
+        live = (self.daemon._live_instance(uuid) for uuid in sorted(self.daemon.store.deployments))
+        instances = [i for i in live if i is not None]
+        return await host_spans(self.daemon.reactor, instances, params, self.daemon.admin)
+
     def ListSubServices(self, request_info: Any, params: dict[str, Any]) -> dict[str, Any]:
         """
         C{{}} -> C{{services: {uuid: SubServiceStatus}}}.

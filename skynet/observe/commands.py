@@ -6,6 +6,9 @@ language (so C{sky}, C{sky cli} and the SSH shell have them alike):
                           p50 and p99 from the published buckets
     logs [filters] ...    live log search across the hosts' daemons
                           (L{skynet.observe.logsearch})
+    trace ID | trace --slowest N [--since 1h]
+                          a request's call tree, or the slowest recent
+                          calls (L{skynet.observe.tracing})
 
 L{dispatch} is called by L{skynet.shell.Shell} before its own parser (a
 one-line hook) and answers L{None} for every command it does not own.
@@ -21,7 +24,8 @@ from skynet.registry.base import parse_go_time
 
 #: Options of these commands that take no value / one value.
 FLAG_OPTIONS = ("--by-method", "--follow", "-f", "--trace")
-VALUE_OPTIONS = ("--grep", "--since", "--until", "--level", "--request-id", "--uuid", "--limit")
+VALUE_OPTIONS = ("--grep", "--since", "--until", "--level", "--request-id", "--uuid", "--limit",
+                 "--slowest")  # fmt: skip
 
 
 def by_method_rows(nodes: Iterable[tuple[str, Mapping[str, Any] | None]]) -> list[dict[str, Any]]:
@@ -154,9 +158,10 @@ async def dispatch(shell: Any, argv: list[str], io: Any) -> int | None:
         # (trace hook) sky call --trace, sky trace: skynet.observe.tracing
         from skynet.observe.tracing import run_trace_command
 
-        if set(options) - {"trace"}:
+        allowed = {"trace"} if inv.command == "call" else {"slowest", "since"}
+        if set(options) - allowed:
             raise UsageError(f"{inv.command} does not take {', '.join('--' + o for o in options)}")
-        return await run_trace_command(shell, filters, inv, io)
+        return await run_trace_command(shell, filters, inv, io, options)
     if inv.command == "stats":
         if set(options) - {"by-method"}:
             raise UsageError("stats takes --by-method (and filters, --json) only")

@@ -17,20 +17,27 @@ Links:
     started (one connection carries its requests in order).  No field is
     added to the wire: Go peers see the same bytes.
 
-Instances serve their ring as the remote method C{SkynetSpans
-{request_id}} (L{SPANS_METHOD}); L{collect} asks every instance of the
-registry and L{build_tree} joins the spans into the call tree.
+A ring answers two questions (L{SpansQuery}): the spans of one request,
+or the slowest recent calls.  Each instance answers them on its admin
+listener (C{Admin.Spans}, L{admin_spans}) and on its service port
+(C{SkynetSpans}, L{SPANS_METHOD}); each host's daemon answers for its
+children (C{SearchSpans}, L{host_spans}).  L{gather} asks every host's
+daemon and then only the instances no daemon answered for; L{build_tree}
+joins the spans into the call tree.
 """
 
 from __future__ import annotations
 
 import contextvars
+import heapq
 import itertools
 import os
 import uuid as _uuid
 from collections import deque
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
+
+import attr
 
 #: The remote method an instance serves its spans with.
 SPANS_METHOD = "SkynetSpans"
@@ -247,18 +254,159 @@ def _doc(span: tuple[Any, ...]) -> dict[str, Any]:
 
 # Serving and collecting
 
+#: The admin listener's call for the same questions (L{admin_spans}).
+ADMIN_SPANS = "Admin.Spans"
+
+#: Most spans one C{slowest} question is answered with.
+MAX_SLOWEST = 1000
+
+#: Seconds a daemon waits for one child's admin listener.
+CHILD_TIMEOUT = 2.0
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class SpansQuery:
+    """
+    One question to span rings, in either of two forms: C{{request_id}},
+    every span of that request; or C{{slowest: N[, since: S][, service:
+    NAME]}}, the C{N} slowest calls (root or server spans, at most one per
+    request: its longest), optionally only those that started in the last
+    C{S} seconds, only calls of service C{NAME}.
+    """
+
+    request_id: str | None = None
+    slowest: int = 0
+    since: float | None = None
+    service: str | None = None
+
+    @classmethod
+    def from_bson(cls, params: Any) -> SpansQuery:
+        """
+        @raise ValueError: naming what is wrong with C{params}.
+        """
+        if not isinstance(params, dict):
+            raise ValueError("the parameters must be a document")
+        request_id, slowest, since, service = (
+            params.get("request_id"),
+            params.get("slowest"),
+            params.get("since"),
+            params.get("service"),
+        )
+        if request_id is not None:
+            if slowest is not None or since is not None or service is not None:
+                raise ValueError(
+                    "give either 'request_id' or 'slowest' (and 'since', 'service'), not both"
+                )
+            if not isinstance(request_id, str) or not request_id:
+                raise ValueError("'request_id' must be a non-empty string")
+            return cls(request_id=request_id)
+        if slowest is None:
+            raise ValueError("needs a string 'request_id' or a number 'slowest'")
+        if isinstance(slowest, bool) or not isinstance(slowest, int):
+            raise ValueError(f"'slowest' must be a whole number, not {slowest!r}")
+        if not 1 <= slowest <= MAX_SLOWEST:
+            raise ValueError(f"'slowest' must be 1..{MAX_SLOWEST}, not {slowest}")
+        if since is not None:
+            if isinstance(since, bool) or not isinstance(since, (int, float)):
+                raise ValueError(f"'since' must be a number of seconds, not {since!r}")
+            if not since > 0:
+                raise ValueError(f"'since' must be more than 0 seconds, not {since}")
+            since = float(since)
+        if service is not None and (not isinstance(service, str) or not service):
+            raise ValueError(f"'service' must be a non-empty string, not {service!r}")
+        return cls(slowest=int(slowest), since=since, service=service)
+
+    def to_bson(self) -> dict[str, Any]:
+        if self.request_id is not None:
+            return {"request_id": self.request_id}
+        doc: dict[str, Any] = {"slowest": self.slowest}
+        if self.since is not None:
+            doc["since"] = self.since
+        if self.service is not None:
+            doc["service"] = self.service
+        return doc
+
+
+def slowest(
+    limit: int,
+    since: float | None = None,
+    now: float | None = None,
+    ring: Ring | None = None,
+    service: str | None = None,
+) -> list[dict[str, Any]]:
+    """
+    The C{limit} slowest calls in this process's ring, longest first: its
+    server spans and its root client spans (those made outside any remote
+    method), at most one per request id (its longest; spans without one
+    cannot be traced and are left out).
+
+    @param since: only spans that started in the last C{since} seconds
+        before C{now} (default: the reactor's time, the clock spans are
+        recorded on).
+    @param service: only calls of this service.
+    """
+    ring = RING if ring is None else ring
+    cutoff = None
+    if since is not None:
+        if now is None:
+            from skynet.config import default_reactor
+
+            now = default_reactor().seconds()
+        cutoff = now - since
+    best: dict[str, tuple[float, tuple[Any, ...]]] = {}
+    for span in ring.spans:
+        if span[0] == _SERVER:
+            start, duration = span[6], span[7]
+            if service is not None and span[3].service != service:
+                continue
+        elif span[8]:
+            continue  # a call made while serving: the server span it is part of counts
+        else:
+            start, duration = span[5], span[6]
+            if service is not None and span[3].query.service != service:
+                continue
+        request_id = span[2]
+        if not request_id or (cutoff is not None and start < cutoff):
+            continue
+        known = best.get(request_id)
+        if known is None or duration > known[0]:
+            best[request_id] = (duration, span)
+    top = heapq.nlargest(limit, best.values(), key=lambda pair: pair[0])
+    return [_doc(span) for _, span in top]
+
+
+def answer_query(query: SpansQuery, now: float | None = None) -> dict[str, Any]:
+    """
+    This process's answer to C{query}: C{{spans}}.
+    """
+    if query.request_id is not None:
+        return {"spans": RING.find(query.request_id)}
+    return {"spans": slowest(query.slowest, query.since, now, service=query.service)}
+
 
 def spans_method(request_info: Any, params: Any) -> dict[str, Any]:
     """
-    The remote method C{SkynetSpans {request_id}}: this process's spans of
-    that request.
+    The remote method C{SkynetSpans {request_id}} or C{SkynetSpans
+    {slowest[, since]}} (see L{SpansQuery}): this process's spans.
     """
-    request_id = params.get("request_id") if isinstance(params, dict) else None
-    if not isinstance(request_id, str) or not request_id:
+    try:
+        query = SpansQuery.from_bson(params)
+    except ValueError as e:
         from skynet.errors import ServiceError
 
-        raise ServiceError("SkynetSpans needs a string 'request_id'")
-    return {"spans": RING.find(request_id)}
+        raise ServiceError(f"{SPANS_METHOD}: {e}") from None
+    return answer_query(query)
+
+
+def admin_spans(params: Any) -> tuple[dict[str, Any], str]:
+    """
+    The admin listener's C{Admin.Spans}, the same questions as
+    L{spans_method}: C{(answer, "")}, or C{({}, error)} for a bad one.
+    """
+    try:
+        return answer_query(SpansQuery.from_bson(params)), ""
+    except ValueError as e:
+        return {}, f"{ADMIN_SPANS}: {e}"
 
 
 def find_method(name: str) -> Any:
@@ -269,39 +417,277 @@ def find_method(name: str) -> Any:
     return spans_method if name == SPANS_METHOD else None
 
 
+_NUMBER = (int, float)
+#: What the tree reads of a span from another process, and its types.
+_SPAN_FIELDS: dict[str, tuple[tuple[str, Any], ...]] = {
+    "server": (("id", str), ("request_id", str), ("service", str), ("method", str),
+               ("start", _NUMBER), ("duration", _NUMBER), ("outcome", str), ("uuid", str),
+               ("peer", str), ("retry", int)),
+    "client": (("id", str), ("request_id", str), ("service", str), ("method", str),
+               ("start", _NUMBER), ("duration", _NUMBER), ("outcome", str), ("parent", str),
+               ("attempts", int), ("tried", list), ("local", list), ("targets", list)),
+}  # fmt: skip
+
+
+def _sane(span: Any) -> bool:
+    """
+    Whether a span document from another process has every field the tree
+    reads, of its type (a peer's bad answer must not break a trace).
+    """
+    if not isinstance(span, dict):
+        return False
+    fields = _SPAN_FIELDS.get(span.get("kind"))  # type: ignore[arg-type]
+    if fields is None:
+        return False
+    for key, kind in fields:
+        value = span.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return False
+    return all(
+        isinstance(x, str) for key in ("tried", "local", "targets") for x in span.get(key, ())
+    )
+
+
+def _labelled(spans: Any, instance: Any) -> tuple[list[dict[str, Any]], int]:
+    """
+    The span documents of one instance's answer, each server span labelled
+    with the instance's C{host:port} (what the tree shows), and how many
+    were left out as malformed.
+
+    @raise ValueError: for an answer that holds no list of spans.
+    """
+    if not isinstance(spans, list):
+        raise ValueError(f"bad spans in the answer: {spans!r:.200}")
+    out = []
+    for span in spans:
+        if not _sane(span):
+            continue
+        if span["kind"] == "server":
+            span["address"] = f"{instance.host}:{instance.port}"
+        out.append(span)
+    return out, len(spans) - len(out)
+
+
+def _dropped(what: str, count: int) -> str:
+    return f"{what}: {count} malformed span(s) left out"
+
+
+def merge(query: SpansQuery, spans: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """
+    Spans of several answers as one: each span once (the first of an id);
+    for a C{slowest} question, the longest per request, longest first, at
+    most C{query.slowest}.
+    """
+    seen: set[str] = set()
+    unique = []
+    for span in spans:
+        if span["id"] not in seen:
+            seen.add(span["id"])
+            unique.append(span)
+    if query.request_id is not None:
+        return unique
+    best: dict[str, dict[str, Any]] = {}
+    for span in unique:
+        request_id, duration = span.get("request_id"), _duration(span)
+        if not isinstance(request_id, str) or not request_id:
+            continue
+        if request_id not in best or duration > _duration(best[request_id]):
+            best[request_id] = span
+    return heapq.nlargest(query.slowest, best.values(), key=_duration)
+
+
+def _duration(span: dict[str, Any]) -> float:
+    value = span.get("duration")
+    return float(value) if isinstance(value, (int, float)) else 0.0
+
+
+async def host_spans(
+    reactor: Any, instances: Iterable[Any], params: Any, admin: Any,
+    timeout: float = CHILD_TIMEOUT,
+) -> dict[str, Any]:  # fmt: skip
+    """
+    A daemon's C{SearchSpans} (L{skynet.control.SEARCH_SPANS}): the
+    question of L{SpansQuery} put to the admin listener of each of
+    C{instances} (its children in the registry) at once, the answers
+    merged.
+
+    @param admin: C{admin(address, servicemethod, params)} -> Deferred of
+        the answer's body (L{skynet.admin.admin_call}).
+    @return: C{{spans, instances, errors}}: the merged spans (server spans
+        labelled with their instance's C{host:port}), the uuids of the
+        instances that answered, and one line per instance that did not.
+    @raise ServiceError: for a bad question.
+    """
+    from twisted.internet.defer import DeferredList
+
+    from skynet.control import SEARCH_SPANS
+    from skynet.errors import ServiceError
+
+    try:
+        query = SpansQuery.from_bson(params)
+    except ValueError as e:
+        raise ServiceError(f"{SEARCH_SPANS}: {e}") from None
+    asked = query.to_bson()
+    targets = [i for i in instances if i.admin is not None]
+
+    def one(instance: Any) -> Any:
+        d = admin(instance.admin, ADMIN_SPANS, asked)
+        timer = reactor.callLater(timeout, d.cancel)
+
+        def done(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return d.addBoth(done)
+
+    results = await DeferredList([one(i) for i in targets], consumeErrors=True)
+    spans: list[dict[str, Any]] = []
+    answered: list[str] = []
+    errors: list[str] = []
+    for instance, (ok, value) in zip(targets, results, strict=True):
+        what = f"{instance.name} {instance.uuid} (admin {instance.admin})"
+        if not ok:
+            errors.append(f"{what}: {value.getErrorMessage() or value.type.__name__}")
+            continue
+        try:
+            good, dropped = _labelled(value.get("spans") if isinstance(value, dict) else None,
+                                      instance)  # fmt: skip
+        except ValueError as e:
+            errors.append(f"{what}: {e}")
+            continue
+        spans.extend(good)
+        if dropped:
+            errors.append(_dropped(what, dropped))
+        answered.append(instance.uuid)
+    return {"spans": merge(query, spans), "instances": answered, "errors": errors}
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Gathered:
+    """
+    The spans of a question, from every host (L{gather}).
+
+    @ivar spans: the merged spans (L{merge}).
+    @ivar errors: one line for each instance (or daemon) that could not be
+        asked, or answered badly.
+    """
+
+    spans: list[dict[str, Any]]
+    errors: list[str]
+
+
+async def gather(
+    reactor: Any,
+    instances: Iterable[Any],
+    params: Any,
+    timeout: float = 5.0,
+    connector: Any = None,
+    admin: Any = None,
+) -> Gathered:
+    """
+    Put a L{SpansQuery} to the whole cluster: one C{SearchSpans} call per
+    host's daemon (registered C{SkynetDaemon}s among C{instances}, asked
+    at once by L{skynet.observe.logsearch.fan_out}), then C{SkynetSpans}
+    to each instance that no daemon answered for (not supervised, its
+    daemon unreachable or older, its admin listener off), and
+    C{Admin.Spans} to those of them that refuse it but have an admin
+    listener on their address (an unregistered instance refuses new
+    clients); and this
+    process's own ring.
+
+    @param instances: the registry's instances.
+    @param connector: how to reach an instance (a client's C{connector}:
+        TLS when it has it; default TCP).
+    @param admin: C{admin(address, servicemethod, params)} -> Deferred of
+        the answer's body (default L{skynet.admin.admin_call}).
+    @raise ValueError: for a bad question.
+    """
+    from functools import partial
+
+    from twisted.internet.defer import Deferred, DeferredList
+
+    from skynet.admin import admin_call, call_instance
+    from skynet.control import DAEMON_SERVICE, SEARCH_SPANS
+    from skynet.observe.logsearch import fan_out
+
+    query = SpansQuery.from_bson(params)
+    asked = query.to_bson()
+    instances = list(instances)
+    daemons = [i for i in instances if i.name == DAEMON_SERVICE and i.registered and i.port]
+    covered: set[str] = set()
+
+    async def ask(daemon: Any, p: dict[str, Any]) -> dict[str, Any]:
+        answer = await call_instance(reactor, daemon, SEARCH_SPANS, p, timeout, connector)
+        found = answer.get("spans") if isinstance(answer, dict) else None
+        if not isinstance(found, list):
+            raise ValueError(f"bad answer to {SEARCH_SPANS}: {answer!r:.200}")
+        covered.update(u for u in answer.get("instances") or () if isinstance(u, str))
+        # The shape fan_out merges (it keeps the order: spans have no "time").
+        return {"events": found}
+
+    spans: list[dict[str, Any]] = []
+    errors: list[str] = []
+    if daemons:
+        answered = await fan_out(ask, daemons, asked, {d.uuid: None for d in daemons})
+        by_host: dict[str, int] = {}
+        for span, host in answered.events:
+            if _sane(span):
+                spans.append(span)
+            else:
+                by_host[host] = by_host.get(host, 0) + 1
+        errors.extend(_dropped(f"the daemon of host {h}", n) for h, n in sorted(by_host.items()))
+    rest = [i for i in instances
+            if i.name != DAEMON_SERVICE and i.port and i.uuid not in covered]  # fmt: skip
+    admin = admin or partial(admin_call, reactor, timeout=timeout)
+
+    async def direct(instance: Any) -> Any:
+        try:
+            return await call_instance(reactor, instance, SPANS_METHOD, asked, timeout, connector)
+        except Exception as e:
+            # Only an admin listener on the instance's own address: a
+            # loopback one advertised by another host is not its.
+            if instance.admin is None or instance.admin.ip_address != instance.host:
+                raise
+            try:
+                return await admin(instance.admin, ADMIN_SPANS, asked)
+            except Exception as again:
+                raise ConnectionError(f"{e}; admin {instance.admin}: {again}") from None
+
+    results = await DeferredList(
+        [Deferred.fromCoroutine(direct(i)) for i in rest], consumeErrors=True
+    )
+    for instance, (ok, value) in zip(rest, results, strict=True):
+        value = cast(Any, value)  # an answer, or a Failure when not ok
+        what = f"{instance.name} {instance.uuid} ({instance.host}:{instance.port})"
+        if not ok:  # a Go instance, or one that is gone: it has none for us
+            errors.append(f"{what}: {value.getErrorMessage()}")
+            continue
+        try:
+            good, dropped = _labelled(value.get("spans") if isinstance(value, dict) else None,
+                                      instance)  # fmt: skip
+        except ValueError as e:
+            errors.append(f"{what}: {e}")
+            continue
+        spans.extend(good)
+        if dropped:
+            errors.append(_dropped(what, dropped))
+    # Last, so that the labelled copies of spans recorded here come first.
+    spans.extend(answer_query(query)["spans"])
+    return Gathered(merge(query, spans), errors)
+
+
 async def collect(shell: Any, request_id: str, timeout: float = 5.0) -> list[dict[str, Any]]:
     """
-    The spans of C{request_id} from every registered instance (and this
-    process), each server span labelled with its instance's C{host:port}.
+    The spans of C{request_id} from every host (L{gather}), each server
+    span labelled with its instance's C{host:port}.
     """
-    from skynet.admin import call_instance
     from skynet.registry.base import Query
 
     instances = await shell.registry.query(Query())
-    spans = list(RING.find(request_id))
-    seen = {s["id"] for s in spans}
-    for instance in instances:
-        if instance.name == "SkynetDaemon" or not instance.port:
-            continue
-        try:
-            answer = await call_instance(
-                shell.reactor,
-                instance,
-                SPANS_METHOD,
-                {"request_id": request_id},
-                timeout,
-                connector=getattr(shell.client, "connector", None),  # TLS when the shell has it
-            )
-        except Exception:
-            continue  # a Go instance, or one that is gone: it has none for us
-        for span in answer.get("spans") or []:
-            if not isinstance(span, dict) or span.get("id") in seen:
-                continue
-            seen.add(span["id"])
-            if span.get("kind") == "server":
-                span["address"] = f"{instance.host}:{instance.port}"
-            spans.append(span)
-    return spans
+    connector = getattr(shell.client, "connector", None)  # TLS when the shell has it
+    found = await gather(shell.reactor, instances, {"request_id": request_id}, timeout, connector)
+    return found.spans
 
 
 # The tree
@@ -395,6 +781,17 @@ def tree_json(roots: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "retry": s.get("retry", 0) if s else 0,
             "client_span": c["id"] if c else None,
             "server_spans": [x["id"] for x in node["servers"]],
+            # Each attempt that arrived (a retry or a hedge makes several).
+            "arrived": [
+                {
+                    "address": x.get("address") or "",
+                    "start": float(x["start"]) - origin,
+                    "duration": x.get("duration"),
+                    "outcome": x.get("outcome"),
+                    "retry": x.get("retry", 0),
+                }
+                for x in node["servers"]
+            ],
             "children": [one(n) for n in node["children"]],
         }
 
@@ -426,13 +823,79 @@ def format_tree(roots: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+# The slow calls
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_window(value: str) -> float:
+    """
+    C{30s}, C{15m}, C{2h}, C{1d} or a number of seconds, as seconds.
+
+    @raise ValueError: for anything else.
+    """
+    text = value.strip().lower()
+    factor = _UNITS.get(text[-1:], None)
+    number = text[:-1] if factor is not None else text
+    try:
+        seconds = float(number) * (factor or 1.0)
+    except ValueError:
+        raise ValueError(f"since must be like 30s, 15m, 2h or 1d, not {value!r}") from None
+    if not 0 < seconds < float("inf"):
+        raise ValueError(f"since must be more than 0 seconds, not {value!r}")
+    return seconds
+
+
+def slow_entry(span: dict[str, Any]) -> dict[str, Any]:
+    """
+    One slow call, from a span of a C{slowest} answer: C{request_id,
+    service, method, address, start, duration, outcome, kind}.
+    """
+    address = span.get("address")
+    if not address and span.get("kind") == "client":
+        address = ",".join(str(t) for t in span.get("targets") or [])
+    return {
+        "request_id": span.get("request_id", ""),
+        "service": span.get("service", ""),
+        "method": span.get("method", ""),
+        "address": address or "",
+        "start": span.get("start"),
+        "duration": span.get("duration"),
+        "outcome": span.get("outcome", ""),
+        "kind": span.get("kind", ""),
+    }
+
+
+def format_slow(entries: list[dict[str, Any]]) -> list[str]:
+    """
+    Slow calls as text, one line each: C{duration service.method host:port
+    outcome request_id}.
+    """
+    lines = []
+    for e in entries:
+        duration = e["duration"]
+        took = "?" if not isinstance(duration, (int, float)) else f"{duration * 1000:.2f}ms"
+        lines.append(f"{took:>11} {e['service']}.{e['method']} {e['address'] or '?'}"
+                     f" {e['outcome']} {e['request_id']}")  # fmt: skip
+    return lines
+
+
 # The sky commands
 
 
-async def run_trace_command(shell: Any, filters: Any, inv: Any, io: Any) -> int:
+#: The slow list's length when C{--slowest} is not given a number.
+DEFAULT_SLOWEST = 20
+
+
+async def run_trace_command(
+    shell: Any, filters: Any, inv: Any, io: Any, options: dict[str, Any] | None = None
+) -> int:
     """
     C{call --trace SERVICE METHOD [JSON]}: the call, its result, then its
-    call tree; C{trace REQUEST_ID}: the tree of an earlier request.
+    call tree; C{trace REQUEST_ID}: the tree of an earlier request;
+    C{trace --slowest N [--since 1h]}: the slowest recent calls of the
+    cluster (of the filters' service, if any), one per request, longest
+    first.
     """
     import json
 
@@ -441,9 +904,14 @@ async def run_trace_command(shell: Any, filters: Any, inv: Any, io: Any) -> int:
     from skynet.protocol import RequestInfo, new_request_id
     from skynet.shell import ShellError, UsageError, to_json
 
+    options = options or {}
+    if inv.command == "trace" and ("slowest" in options or "since" in options):
+        if inv.args:
+            raise UsageError("Usage: trace --slowest N [--since 1h] [--json]")
+        return await _run_slowest(shell, filters, inv, options, io)
     if inv.command == "trace":
         if len(inv.args) != 1:
-            raise UsageError("Usage: trace REQUEST_ID [--json]")
+            raise UsageError("Usage: trace REQUEST_ID [--json] | trace --slowest N [--since 1h]")
         request_id = inv.args[0]
     else:
         if len(inv.args) not in (2, 3):
@@ -478,5 +946,41 @@ async def run_trace_command(shell: Any, filters: Any, inv: Any, io: Any) -> int:
     else:
         io.out(f"request {request_id}: {count_calls(roots)} call(s)")
         for line in format_tree(roots):
+            io.out(line)
+    return 0
+
+
+async def _run_slowest(shell: Any, filters: Any, inv: Any, options: dict[str, Any], io: Any) -> int:
+    from skynet.registry.base import Query
+    from skynet.shell import ShellError, UsageError, to_json
+
+    raw = options.get("slowest", str(DEFAULT_SLOWEST))
+    try:
+        limit = int(raw)
+    except ValueError:
+        raise UsageError(f"--slowest must be a whole number, not {raw!r}") from None
+    params: dict[str, Any] = {"slowest": limit}
+    if getattr(filters, "service", None):
+        params["service"] = filters.service
+    if "since" in options:
+        try:
+            params["since"] = parse_window(str(options["since"]))
+        except ValueError as e:
+            raise UsageError(f"--{e}") from None
+    try:
+        SpansQuery.from_bson(params)
+    except ValueError as e:
+        raise UsageError(f"trace --slowest: {e}") from None
+    instances = await shell.registry.query(Query())
+    connector = getattr(shell.client, "connector", None)
+    found = await gather(shell.reactor, instances, params, getattr(shell, "timeout", 5.0),
+                         connector)  # fmt: skip
+    entries = [slow_entry(span) for span in found.spans]
+    if inv.json:
+        io.out(to_json({"calls": entries, "errors": found.errors}))
+    elif not entries:
+        raise ShellError("no calls recorded" + (" in that window" if "since" in params else ""))
+    else:
+        for line in format_slow(entries):
             io.out(line)
     return 0

@@ -12,6 +12,8 @@ on one port.
     DELETE /api/session             end the session
     POST /api/instances/<uuid>/<action>   register, unregister, stop, restart
     GET  /api/logs?grep=RE&...      the logs view: the daemons' SearchLogs (skynet.web.logs)
+    GET  /api/trace/<request_id>    one request's call tree (skynet.web.traces)
+    GET  /api/slow?limit=N&since=S  the slowest recent calls of the cluster
     GET  /metrics                   Prometheus text format
 
 Actions need the configured token in an C{Authorization: Bearer <token>}
@@ -54,6 +56,7 @@ from skynet.web.actions import ACTIONS, ActionError, InstanceActions
 from skynet.web.logs import DashboardLogs
 from skynet.web.metrics import PROMETHEUS_CONTENT_TYPE, prometheus_text
 from skynet.web.model import DashboardModel
+from skynet.web.traces import DashboardTraces, TraceError
 
 #: Where the page's files are.
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -299,6 +302,7 @@ class DashboardApp:
         static_dir: Path = STATIC_DIR,
         allowed_hosts: Any = (),
         logs: DashboardLogs | None = None,
+        traces: DashboardTraces | None = None,
     ) -> None:
         self.model = model
         self.token = token or None
@@ -306,6 +310,7 @@ class DashboardApp:
         self.sessions = Sessions(model.reactor)
         self.actions = actions or InstanceActions(model, model.reactor)
         self.logs = logs or DashboardLogs(model, model.reactor)
+        self.traces = traces or DashboardTraces(model, model.reactor)
         self.static_dir = static_dir
         self.socket_factory = DashboardSocketFactory(self)
 
@@ -484,6 +489,35 @@ class DashboardApp:
         try:
             answer = await self.logs.search(args)
         except SearchError as e:
+            return _json(request, {"ok": False, "error": str(e)}, 400)
+        return _json(request, answer)
+
+    @app.route("/api/trace/<request_id>", methods=["GET"])
+    def trace(self, request: Any, request_id: str) -> Any:
+        # Read like /api/logs; the page sets every name in it as text.
+        return ensureDeferred(self._trace(request, request_id))
+
+    async def _trace(self, request: Any, request_id: str) -> bytes:
+        try:
+            answer = await self.traces.trace(request_id)
+        except TraceError as e:
+            return _json(request, {"ok": False, "error": str(e)}, 400)
+        if answer is None:
+            return _json(request, {"ok": False, "request_id": request_id,
+                                   "error": f"no spans of request {request_id} found"},
+                         404)  # fmt: skip
+        return _json(request, answer)
+
+    @app.route("/api/slow", methods=["GET"])
+    def slow(self, request: Any) -> Any:
+        args = {k.decode("utf-8", "replace"): v[0].decode("utf-8", "replace")
+                for k, v in request.args.items() if v}  # fmt: skip
+        return ensureDeferred(self._slow(request, args))
+
+    async def _slow(self, request: Any, args: dict[str, str]) -> bytes:
+        try:
+            answer = await self.traces.slow(args)
+        except TraceError as e:
             return _json(request, {"ok": False, "error": str(e)}, 400)
         return _json(request, answer)
 

@@ -4,7 +4,8 @@
 // misses nothing and shows nothing twice.
 //
 // The page's filters (service, region tab) are the view's too; a "logs"
-// button on an instance row or an event narrows it to that instance.
+// button on an instance row or an event narrows it to that instance; a
+// line's request id narrows it to that request and opens its trace.
 // Log text comes from the cluster: it is only ever set as textContent.
 (function () {
   "use strict";
@@ -90,7 +91,12 @@
         span("text", String(e.text === undefined ? "" : e.text)),
       );
       if (e.request_id) {
-        const rid = span("rid", "request " + e.request_id, "Every line of this request, on every host");
+        // A button, so that a keyboard reaches it too.
+        const rid = document.createElement("button");
+        rid.type = "button";
+        rid.className = "rid";
+        rid.textContent = "request " + e.request_id;
+        rid.title = "Its trace, and every line of this request on every host";
         rid.dataset.request = e.request_id;
         li.append(rid);
       }
@@ -210,6 +216,8 @@
       view.request = rid.dataset.request;
       $("log-grep").value = "";
       search();
+      // ...and its trace (trace.js), the waterfall of the calls it made.
+      if (window.skynetTrace) window.skynetTrace.open(rid.dataset.request);
     });
     // Captured before the row's own click (which would select it).
     document.addEventListener("click", (e) => {
