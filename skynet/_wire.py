@@ -688,16 +688,13 @@ def _probe_plain_tcp() -> tuple[type, ...]:
     return (tcp.Client, tcp.Server)
 
 
-def write_now(transport: Any, data: bytes) -> None:
+def _idle_plain_tcp(transport: Any) -> bool:
     """
-    Send C{data} at once when the transport holds nothing else to send (a
-    plain TCP connection), rather than queueing it for the reactor's next
-    round (which costs two epoll_ctl calls and a loop iteration on each side
-    of every call); what the socket does not take, and every other
-    transport, goes through C{transport.write}.
+    Whether C{transport} is a plain TCP connection, open, with nothing
+    waiting in Twisted's buffer: a write may go to its socket at once.
     """
     types = _plain_tcp_types if _plain_tcp_types is not None else plain_tcp()
-    if (
+    return bool(
         FAST
         and type(transport) in types
         and transport.connected
@@ -706,7 +703,18 @@ def write_now(transport: Any, data: bytes) -> None:
         and not transport._tempDataBuffer
         and transport.offset == len(transport.dataBuffer)
         and not transport._writeDisconnected
-    ):
+    )
+
+
+def write_now(transport: Any, data: bytes) -> None:
+    """
+    Send C{data} at once when the transport holds nothing else to send (a
+    plain TCP connection), rather than queueing it for the reactor's next
+    round (which costs two epoll_ctl calls and a loop iteration on each side
+    of every call); what the socket does not take, and every other
+    transport, goes through C{transport.write}.
+    """
+    if _idle_plain_tcp(transport):
         try:
             sent = transport.socket.send(data)
         except OSError:
@@ -789,18 +797,7 @@ def write_parts_now(transport: Any, parts: Sequence[Any]) -> None:
     not take is joined once (only that tail) into Twisted's buffer; every
     other transport gets C{writeSequence}.
     """
-    types = _plain_tcp_types if _plain_tcp_types is not None else plain_tcp()
-    if (
-        FAST
-        and type(transport) in types
-        and transport.connected
-        and not transport.disconnecting
-        and not transport.TLS
-        and not transport._tempDataBuffer
-        and transport.offset == len(transport.dataBuffer)
-        and not transport._writeDisconnected
-        and len(parts) <= 512
-    ):
+    if len(parts) <= 512 and _idle_plain_tcp(transport):
         try:
             sent = transport.socket.sendmsg(parts)
         except OSError:

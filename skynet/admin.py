@@ -152,7 +152,7 @@ async def _call_instance(
 
         connector = tcp_connector(reactor, timeout, DEFAULT_MAX_FRAME)
     try:
-        protocol = await _with_timeout(reactor, connector(instance), timeout)
+        protocol = await with_timeout(reactor, connector(instance), timeout)
     except CancelledError:
         raise ConnectionFailed(f"no handshake from {instance.address} in {timeout}s") from None
     except (ConnectError, OSError) as e:
@@ -160,7 +160,7 @@ async def _call_instance(
     try:
         d = protocol.call(method, params, RequestInfo(request_id=new_id()))
         try:
-            return await _with_timeout(reactor, d, timeout)
+            return await with_timeout(reactor, d, timeout)
         except CancelledError:
             raise ConnectionFailed(f"no answer from {instance.address} in {timeout}s") from None
     finally:
@@ -168,7 +168,10 @@ async def _call_instance(
         protocol.close_connection()
 
 
-def _with_timeout(reactor: Any, d: Deferred[Any], timeout: float) -> Deferred[Any]:
+def with_timeout(reactor: Any, d: Deferred[Any], timeout: float) -> Deferred[Any]:
+    """
+    C{d}, cancelled if it has not fired after C{timeout} seconds.
+    """
     timer = reactor.callLater(timeout, d.cancel)
 
     def done(result: Any) -> Any:

@@ -530,24 +530,33 @@ async def host_spans(
     asked = query.to_bson()
     targets = [i for i in instances if i.admin is not None]
 
-    def one(instance: Any) -> Any:
-        d = admin(instance.admin, ADMIN_SPANS, asked)
-        timer = reactor.callLater(timeout, d.cancel)
+    from skynet.admin import with_timeout
 
-        def done(result: Any) -> Any:
-            if timer.active():
-                timer.cancel()
-            return result
-
-        return d.addBoth(done)
-
-    results = await DeferredList([one(i) for i in targets], consumeErrors=True)
+    results = await DeferredList(
+        [with_timeout(reactor, admin(i.admin, ADMIN_SPANS, asked), timeout) for i in targets],
+        consumeErrors=True,
+    )
     spans: list[dict[str, Any]] = []
-    answered: list[str] = []
     errors: list[str] = []
-    for instance, (ok, value) in zip(targets, results, strict=True):
-        what = f"{instance.name} {instance.uuid} (admin {instance.admin})"
-        if not ok:
+    answered = _take_answers(
+        targets, results, spans, errors, lambda i: f"{i.name} {i.uuid} (admin {i.admin})"
+    )
+    return {"spans": merge(query, spans), "instances": answered, "errors": errors}
+
+
+def _take_answers(instances: list[Any], results: list[Any], spans: list[dict[str, Any]],
+                  errors: list[str], describe: Any) -> list[str]:  # fmt: skip
+    """
+    Add the checked, labelled spans of each instance's answer (C{results}
+    of a C{DeferredList}, in the order of C{instances}) to C{spans}, and a
+    line to C{errors} for each that failed or sent bad spans; return the
+    uuids of those that answered.
+    """
+    answered: list[str] = []
+    for instance, (ok, value) in zip(instances, results, strict=True):
+        value = cast(Any, value)  # an answer, or a Failure when not ok
+        what = describe(instance)
+        if not ok:  # a Go instance, or one that is gone: it has none for us
             errors.append(f"{what}: {value.getErrorMessage() or value.type.__name__}")
             continue
         try:
@@ -560,7 +569,7 @@ async def host_spans(
         if dropped:
             errors.append(_dropped(what, dropped))
         answered.append(instance.uuid)
-    return {"spans": merge(query, spans), "instances": answered, "errors": errors}
+    return answered
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -657,21 +666,8 @@ async def gather(
     results = await DeferredList(
         [Deferred.fromCoroutine(direct(i)) for i in rest], consumeErrors=True
     )
-    for instance, (ok, value) in zip(rest, results, strict=True):
-        value = cast(Any, value)  # an answer, or a Failure when not ok
-        what = f"{instance.name} {instance.uuid} ({instance.host}:{instance.port})"
-        if not ok:  # a Go instance, or one that is gone: it has none for us
-            errors.append(f"{what}: {value.getErrorMessage()}")
-            continue
-        try:
-            good, dropped = _labelled(value.get("spans") if isinstance(value, dict) else None,
-                                      instance)  # fmt: skip
-        except ValueError as e:
-            errors.append(f"{what}: {e}")
-            continue
-        spans.extend(good)
-        if dropped:
-            errors.append(_dropped(what, dropped))
+    _take_answers(rest, results, spans, errors,
+                  lambda i: f"{i.name} {i.uuid} ({i.host}:{i.port})")  # fmt: skip
     # Last, so that the labelled copies of spans recorded here come first.
     spans.extend(answer_query(query)["spans"])
     return Gathered(merge(query, spans), errors)
