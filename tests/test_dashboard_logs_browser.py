@@ -9,23 +9,18 @@ log line holding markup shown as text.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
 import uuid as uuid_module
-from pathlib import Path
 from typing import Any
 
 import pytest
 from twisted.logger import Logger
 
 from skynet.service import Service
-from tests.processes import ROOT, twistd
+from tests.dashboard_cluster import daemon_and_dashboard
+from tests.processes import ROOT
 from tests.test_dashboard_browser import (
-    TOKEN,
-    Process,
-    http,
     launch,
     require_browser,
     wait_until,
@@ -58,59 +53,10 @@ def say(registry: str, text: str) -> None:
 @pytest.fixture
 def cluster() -> Any:
     require_browser()
-    directory = Path(tempfile.mkdtemp(prefix="skynet-dashlogs-"))
-    logs = directory / "logs"
-    logs.mkdir()
-    registry = f"file://{directory / 'registry'}"
-    token_file = directory / "token"
-    token_file.write_text(TOKEN + "\n")
-    token_file.chmod(0o600)
-    args = "--listen tcp:0:interface=127.0.0.1 --stats-interval 0.5"
-    deploy = directory / "deploy.txt"
-    deploy.write_text(f"tests.test_dashboard_logs_browser:Chatty {args}\n" * 2)
-    processes = []
-    try:
-        processes.append(Process("daemon", [
-            twistd(), "-n", "--pidfile=", "skynet-daemon", "--registry", registry,
-            "--listen", "tcp:0:interface=127.0.0.1", "--deploy", str(deploy),
-            "--log-dir", str(logs), "--stats-interval", "0.5", "--stop-grace", "5",
-        ], directory, env={"SKYNET_HOME": str(directory)}))  # fmt: skip
-        dashboard = Process("dashboard", [
-            twistd(), "-n", "--pidfile=", "skynet-dashboard", "--registry", registry,
-            "--listen", "tcp:0:interface=127.0.0.1", "--token-file", str(token_file),
-            "--stats-interval", "0.5",
-        ], directory, env={"SKYNET_HOME": str(directory)})  # fmt: skip
-        processes.append(dashboard)
-        import re
-
-        found = wait_until(
-            lambda: re.search(r"skynet dashboard on (http://\S+/)", dashboard.output()), 30,
-            "the dashboard's URL",
-        )  # fmt: skip
-        url = found.group(1).rstrip("/")
-
-        def rows() -> list[dict[str, Any]]:
-            code, body = http(url + "/api/state")
-            assert code == 200, body
-            return body["rows"]
-
-        wait_until(
-            lambda: (
-                sorted(r["service"] for r in rows() if r["registered"])
-                == ["Chatty", "Chatty", "SkynetDaemon"]
-            ),
-            60,
-            "the daemon and two Chatty instances",
-        )
-        yield {"url": url, "registry": registry, "rows": rows, "processes": processes}
-    except BaseException:
-        for p in processes:
-            print(f"--- {p.name} ---\n{p.output()[-4000:]}")
-        raise
-    finally:
-        for p in reversed(processes):
-            p.stop()
-        shutil.rmtree(directory, ignore_errors=True)
+    with daemon_and_dashboard(
+        "skynet-dashlogs-", ["tests.test_dashboard_logs_browser:Chatty"] * 2
+    ) as c:
+        yield c
 
 
 def test_logs_view_search_instance_and_live_tail(cluster: dict[str, Any]) -> None:

@@ -10,11 +10,7 @@ opens it too; a failed call's markup-laden error is shown as text, marked.
 
 from __future__ import annotations
 
-import re
-import shutil
-import tempfile
 import uuid as uuid_module
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,8 +18,8 @@ from twisted.logger import Logger
 
 from skynet.errors import ServiceError
 from skynet.service import Service
-from tests.processes import twistd
-from tests.test_dashboard_browser import TOKEN, Process, http, launch, require_browser, wait_until
+from tests.dashboard_cluster import daemon_and_dashboard
+from tests.test_dashboard_browser import http, launch, require_browser, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -58,52 +54,9 @@ def _walk(calls: list[dict[str, Any]], depth: int = 0) -> list[tuple[int, dict[s
 @pytest.fixture
 def cluster() -> Any:
     require_browser()
-    directory = Path(tempfile.mkdtemp(prefix="skynet-dashtrace-"))
-    logs = directory / "logs"
-    logs.mkdir()
-    registry = f"file://{directory / 'registry'}"
-    token_file = directory / "token"
-    token_file.write_text(TOKEN + "\n")
-    token_file.chmod(0o600)
-    args = "--listen tcp:0:interface=127.0.0.1 --stats-interval 0.5"
-    deploy = directory / "deploy.txt"
-    deploy.write_text(f"tests.test_dashboard_trace_browser:Front {args}\n"
-                      + f"examples.fibonacci:Fibonacci {args}\n" * 2)  # fmt: skip
-    processes = []
-    try:
-        processes.append(Process("daemon", [
-            twistd(), "-n", "--pidfile=", "skynet-daemon", "--registry", registry,
-            "--listen", "tcp:0:interface=127.0.0.1", "--deploy", str(deploy),
-            "--log-dir", str(logs), "--stats-interval", "0.5", "--stop-grace", "5",
-        ], directory, env={"SKYNET_HOME": str(directory)}))  # fmt: skip
-        dashboard = Process("dashboard", [
-            twistd(), "-n", "--pidfile=", "skynet-dashboard", "--registry", registry,
-            "--listen", "tcp:0:interface=127.0.0.1", "--token-file", str(token_file),
-            "--stats-interval", "0.5",
-        ], directory, env={"SKYNET_HOME": str(directory)})  # fmt: skip
-        processes.append(dashboard)
-        found = wait_until(
-            lambda: re.search(r"skynet dashboard on (http://\S+/)", dashboard.output()), 30,
-            "the dashboard's URL",
-        )  # fmt: skip
-        url = found.group(1).rstrip("/")
-
-        def services() -> list[str]:
-            code, body = http(url + "/api/state")
-            assert code == 200, body
-            return sorted(r["service"] for r in body["rows"] if r["registered"])
-
-        wait_until(lambda: services() == ["Fibonacci", "Fibonacci", "Front", "SkynetDaemon"], 90,
-                   "the daemon, Front and two Fibonacci")  # fmt: skip
-        yield {"url": url, "registry": registry}
-    except BaseException:
-        for p in processes:
-            print(f"--- {p.name} ---\n{p.output()[-4000:]}")
-        raise
-    finally:
-        for p in reversed(processes):
-            p.stop()
-        shutil.rmtree(directory, ignore_errors=True)
+    services = ["tests.test_dashboard_trace_browser:Front"] + ["examples.fibonacci:Fibonacci"] * 2
+    with daemon_and_dashboard("skynet-dashtrace-", services) as c:
+        yield c
 
 
 def test_waterfall_from_the_logs_view_and_the_slow_list(cluster: dict[str, Any]) -> None:
