@@ -73,7 +73,7 @@ from typing import Any
 
 import psutil
 
-from benchmarks.peers import gathered, percentile
+from benchmarks.peers import gathered, percentile, size_label
 from skynet.service import Service
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -720,7 +720,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for system in systems:
                     figures = measure(servers[system], mode, args, payload)
                     results[system].setdefault(mode, {})[str(payload)] = figures
-                    print(f"  {mode:10} {_size(payload):>6} {LABELS[system]:7} "
+                    print(f"  {mode:10} {size_label(payload):>6} {LABELS[system]:7} "
                           f"{figures['calls_per_s']:9.0f} calls/s  p50 {figures['p50_ms']:.3f} ms"
                           f"  p99 {figures['p99_ms']:.3f} ms", flush=True)  # fmt: skip
     finally:
@@ -748,14 +748,6 @@ def machine() -> dict[str, Any]:
 
 
 # -- the tables
-
-
-def _size(n: int) -> str:
-    if n >= 1_000_000:
-        return f"{n / 1e6:g} MB"
-    if n >= 1000:
-        return f"{n / 1e3:g} KB"
-    return f"{n} B"
 
 
 def ratio_cell(mine: float, theirs: float, goal: float | None) -> str:
@@ -794,7 +786,7 @@ def tables(report: dict[str, Any]) -> str:
     results = report["results"]
     for payload in config["payloads"]:
         for mode in config["modes"]:
-            row = f"{mode:11}{_size(payload):>8}"
+            row = f"{mode:11}{size_label(payload):>8}"
             figures = {s: results[s][mode][str(payload)] for s in systems}
             row += "".join(f"{figures[s]['calls_per_s']:10,.0f}" for s in systems)
             if "skynet" in systems:
@@ -844,7 +836,7 @@ def _table(
         for mode in config["modes"]:
             row = {s: results[s][mode][str(payload)] for s in systems}
             extra = () if per_row is None else (per_row(row),)
-            lines.append(f"{mode:11}{_size(payload):>8}" + "".join(
+            lines.append(f"{mode:11}{size_label(payload):>8}" + "".join(
                 f"{cell(row[s], *extra):>18}" for s in systems))  # fmt: skip
     lines.append("")
     return lines

@@ -72,6 +72,17 @@ _length = struct.Struct("<I")
 # -- measuring (shared by every driver of the comparison)
 
 
+def size_label(n: int) -> str:
+    """
+    C{1 MB}, C{10 KB}, C{100 B}: a payload size as the tables print it.
+    """
+    if n >= 1_000_000:
+        return f"{n / 1e6:g} MB"
+    if n >= 1000:
+        return f"{n / 1e3:g} KB"
+    return f"{n} B"
+
+
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]

@@ -57,6 +57,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from benchmarks.peers import size_label
+
 ROOT = Path(__file__).resolve().parent.parent
 
 OPS = ["request encode", "request parse", "response encode", "response parse", "general decode"]
@@ -308,7 +310,7 @@ def e2e_table(report: dict[str, Any]) -> str:
              f"{'payload':>9}{'pure us':>11}{'compiled us':>13}{'ratio':>8}"]  # fmt: skip
     for payload in report["payloads"]:
         pure = e2e["pure"][str(payload)]
-        row = f"{_size(payload):>9}{pure:11.1f}"
+        row = f"{size_label(payload):>9}{pure:11.1f}"
         if "compiled" in e2e:
             compiled = e2e["compiled"][str(payload)]
             row += f"{compiled:13.1f}{compiled / pure:8.2f}"
@@ -346,20 +348,12 @@ def table(report: dict[str, Any]) -> str:
     for payload in report["payloads"]:
         for op in OPS:
             pure = figures["pure"][str(payload)][op]
-            row = f"{op:18}{_size(payload):>9}{pure:11.2f}"
+            row = f"{op:18}{size_label(payload):>9}{pure:11.2f}"
             if "compiled" in figures:
                 compiled = figures["compiled"][str(payload)][op]
                 row += f"{compiled:13.2f}{compiled / pure:8.2f}"
             lines.append(row)
     return "\n".join(lines)
-
-
-def _size(n: int) -> str:
-    if n >= 1_000_000:
-        return f"{n / 1e6:g} MB"
-    if n >= 1000:
-        return f"{n / 1e3:g} KB"
-    return f"{n} B"
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

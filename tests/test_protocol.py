@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import uuid
 from contextlib import contextmanager
+from typing import Any
 
 import bson
 from bson.code import Code
@@ -1398,7 +1399,11 @@ class WriteNowTests(TestCase):
     C{transport.write} otherwise.
     """
 
-    async def test_plain_tcp_sends_at_once(self) -> None:
+    async def sink_connection(self) -> tuple[Any, list[bytes]]:
+        """
+        A real TCP connection on loopback (its client transport) and the list
+        the other end appends what it receives to.
+        """
         from twisted.internet import reactor
         from twisted.internet.endpoints import (
             TCP4ClientEndpoint,
@@ -1420,7 +1425,12 @@ class WriteNowTests(TestCase):
         client = await connectProtocol(
             TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), Protocol()
         )
-        transport = client.transport
+        return client.transport, received
+
+    async def test_plain_tcp_sends_at_once(self) -> None:
+        from twisted.internet import reactor
+
+        transport, received = await self.sink_connection()
         self.assertIn(type(transport), _wire.plain_tcp())
         write_now(transport, b"now")
         # Sent already: nothing waits in Twisted's buffer for the reactor.
@@ -1546,27 +1556,8 @@ class WriteNowTests(TestCase):
         with later writes; other transports get C{writeSequence}.
         """
         from twisted.internet import reactor
-        from twisted.internet.endpoints import (
-            TCP4ClientEndpoint,
-            TCP4ServerEndpoint,
-            connectProtocol,
-        )
-        from twisted.internet.protocol import Factory, Protocol
 
-        received: list[bytes] = []
-
-        class Sink(Protocol):
-            def dataReceived(self, data: bytes) -> None:
-                received.append(data)
-
-        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-            Factory.forProtocol(Sink)
-        )
-        self.addCleanup(port.stopListening)
-        client = await connectProtocol(
-            TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), Protocol()
-        )
-        transport = client.transport
+        transport, received = await self.sink_connection()
         small = [b"head", memoryview(b"-view-")[1:5], b"tail"]
         _wire.write_parts_now(transport, small)
         self.assertEqual((transport.dataBuffer[transport.offset :], transport._tempDataBuffer),
