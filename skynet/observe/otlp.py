@@ -589,7 +589,9 @@ class OTLPExporter(Service):
 
             self._pool = HTTPConnectionPool(self.reactor, persistent=True)
             self._pool.maxPersistentPerHost = 1
-            self._pool._factory = _quiet_factory()  # no "Starting factory" line per try
+            quiet = _quiet_factory()
+            if quiet is not None:  # no "Starting factory" line per try
+                self._pool._factory = quiet
             self._agent = Agent(self.reactor, connectTimeout=self.timeout, pool=self._pool)
         return self._agent
 
@@ -616,7 +618,14 @@ class OTLPExporter(Service):
 
 
 def _quiet_factory() -> Any:
-    from twisted.web.client import _HTTP11ClientFactory
+    """
+    Twisted's (private) HTTP/1.1 client factory without its log lines, or
+    L{None} if this Twisted has no such class (the pool keeps its own).
+    """
+    try:
+        from twisted.web.client import _HTTP11ClientFactory
+    except ImportError:
+        return None
 
     class Quiet(_HTTP11ClientFactory):
         noisy = False
