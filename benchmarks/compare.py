@@ -51,6 +51,13 @@ virtualenv (C{--peers-venv}, default C{benchmarks/.venv}), created here on
 first use from PyPI.  When it cannot be created, the peers are left out and
 the table says why.
 
+The C allocator: glibc's defaults, except that skynet's servers tune theirs
+at start (L{skynet.config.tune_malloc}), as they do for users; with
+C{--malloc-tuned} every process, clients and peers included, runs with those
+settings, so that all run alike (1 MB payloads move several times faster for
+every system then: a fresh mmap()ed block per message costs a page fault per
+page).
+
 Memory: the RSS of each idle server (after answering one call on one
 connection), and its growth per idle client connection (C{--connections}
 more connections opened by one client process, divided by their number).
@@ -316,6 +323,26 @@ def run_raw_client(args: argparse.Namespace) -> None:
     report(result)
 
 
+def malloc_env(tuned: bool = False) -> dict[str, str]:
+    """
+    The C allocator's settings for every process of the comparison: by
+    default nothing (glibc's own; skynet's servers tune themselves at start,
+    as they do for users, and the clients do not); with C{tuned}, those
+    L{skynet.config.tune_malloc} gives (heap reuse for blocks up to 32 MiB)
+    for every process, clients and peers included, so that all run alike.
+    """
+    from skynet.config import MMAP_THRESHOLD, TRIM_THRESHOLD
+
+    if not tuned:
+        return {}
+    return {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
+            "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}  # fmt: skip
+
+
+#: Set by L{run} from C{--malloc-defaults}.
+_MALLOC: dict[str, str] = {}
+
+
 def _pythonpath() -> str:
     """
     This tree on the path of every process (after C{$PYTHONPATH}, if set).
@@ -544,7 +571,7 @@ class Server:
             assert peers_python is not None
             command = [peers_python, "-m", "benchmarks.peers", "serve", system, str(port_file)]
         command = _die_with_parent() + command
-        env = dict(os.environ, SKYNET_HOME=str(workdir), PYTHONPATH=_pythonpath(),
+        env = dict(os.environ, **_MALLOC, SKYNET_HOME=str(workdir), PYTHONPATH=_pythonpath(),
                    BENCH_PYRO_THREADS=str(pyro_threads))  # fmt: skip
         if system == "notrace":
             env["SKYNET_TRACE"] = "0"
@@ -597,7 +624,7 @@ class Clients:
 
     def __init__(self, server: Server, commands: list[list[str]]) -> None:
         self.server = server
-        env = dict(os.environ, PYTHONPATH=_pythonpath(), PYTHONUNBUFFERED="1")
+        env = dict(os.environ, **_MALLOC, PYTHONPATH=_pythonpath(), PYTHONUNBUFFERED="1")
         self.errors = [tempfile.TemporaryFile() for _ in commands]
         self.popens = [
             subprocess.Popen(
@@ -692,6 +719,8 @@ def measure_memory(server: Server, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    _MALLOC.clear()
+    _MALLOC.update(malloc_env(args.malloc_tuned))
     systems = list(args.systems)
     peers_python: str | None = args.peers_python
     skipped: dict[str, str] = {}
@@ -771,6 +800,10 @@ def tables(report: dict[str, Any]) -> str:
         f"concurrent = {config['concurrency']} in flight, processes = "
         f"{config['processes']} sequential clients"
     )
+    lines.append("every process (clients and peers too) with skynet's malloc settings "
+                 "(skynet.config.tune_malloc)" if config.get("malloc_tuned")
+                 else "glibc's malloc defaults, but skynet's servers tune theirs "
+                      "(skynet.config.tune_malloc)")  # fmt: skip
     for system, why in report["skipped"].items():
         lines.append(f"{LABELS[system]}: not measured: {why}")
     lines.append("")
@@ -864,6 +897,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--setup-peers", action="store_true",
                         help="only make the peers' environment")  # fmt: skip
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    parser.add_argument("--malloc-tuned", action="store_true",
+                        help="run every process (clients and peers too) with skynet's "
+                             "large-message malloc settings")  # fmt: skip
     parser.add_argument("--serve-bare", metavar="PORTFILE", help=argparse.SUPPRESS)
     parser.add_argument("--serve-raw", metavar="PORTFILE", help=argparse.SUPPRESS)
     parser.add_argument("--client", nargs=2, metavar=("KIND", "TARGET"), help=argparse.SUPPRESS)

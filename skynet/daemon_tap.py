@@ -18,7 +18,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from skynet import tls  # security hook (issue 12)
-from skynet.config import environment_defaults, skynet_path
+from skynet.config import environment_defaults, skynet_path, tune_malloc
 from skynet.daemon import (
     Daemon,
     GuardConfig,
@@ -272,6 +272,7 @@ def makeService(options: Options) -> MultiService:
     so that other services of this process (an SSH shell) can sit beside it
     and find it with C{parent.getServiceNamed("daemon")}.
     """
+    tune_malloc()  # large messages: heap reuse, not fresh pages
     from twisted.internet import reactor
 
     top = MultiService()

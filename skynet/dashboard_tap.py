@@ -25,6 +25,7 @@ from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
+from skynet.config import tune_malloc
 from skynet.taps import number, open_registry
 
 
@@ -156,6 +157,7 @@ def makeService(options: Options) -> MultiService:
     """
     The model, the web server and (if asked) the Graphite pusher.
     """
+    tune_malloc()  # large messages: heap reuse, not fresh pages
     import txaio
     from twisted.internet import reactor
 

@@ -35,7 +35,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from skynet import tls  # security hook (issue 12)
-from skynet.config import default_reactor, environment_defaults
+from skynet.config import default_reactor, environment_defaults, tune_malloc
 from skynet.service import Service, ServiceHost
 from skynet.taps import (
     ZK_SESSION_TIMEOUT_OPTION,
@@ -232,6 +232,7 @@ def makeService(options: Options) -> MultiService:
     """
     The service host (and, if supervised, the pipe watch) for twistd.
     """
+    tune_malloc()  # large messages: heap reuse, not fresh pages
     reactor = default_reactor()
     service = options.service_class()
     top = MultiService()

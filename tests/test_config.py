@@ -159,3 +159,62 @@ class LibraryIgnoresEnvironmentTests(SynchronousTestCase):
         self.addCleanup(told.close)
         self.assertEqual((client.region, client.host), ("Mars", "127.0.0.9"))
         self.assertEqual((told.region, told.host), ("Io", "h"))
+
+
+_FAULTS = """
+import resource
+from skynet.config import tune_malloc
+tuned = tune_malloc()
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+held = []
+for _ in range(5):  # warm up
+    bytes(bytearray(1 << 20))
+before = faults()
+for i in range(200):
+    # messages of 1-1.4 MiB arriving (written, as received bytes are) while
+    # the two before them are still in use
+    held.append(bytearray((1 << 20) + (i % 7) * 65536))
+    if len(held) > 2:
+        del held[0]
+print(tuned, faults() - before)
+"""
+
+
+class TuneMallocTests(SynchronousTestCase):
+    """
+    L{skynet.config.tune_malloc}: heap reuse for large blocks, shown by the
+    page faults of allocating and freeing 1 MiB 200 times, in a fresh
+    process each (the setting is per process).
+    """
+
+    def run_faults(self, **env: str) -> tuple[str, int]:
+        environ = {k: v for k, v in os.environ.items()
+                   if k not in ("SKYNET_TUNE_MALLOC", "MALLOC_MMAP_THRESHOLD_",
+                                "MALLOC_TRIM_THRESHOLD_")}  # fmt: skip
+        out = subprocess.run([sys.executable, "-c", _FAULTS], env={**environ, **env},
+                             capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+        tuned, faults = out.stdout.split()
+        return tuned, int(faults)
+
+    def test_tuned_blocks_are_reused(self) -> None:
+        tuned, faults = self.run_faults()
+        self.assertEqual(tuned, "True")
+        untuned, untuned_faults = self.run_faults(SKYNET_TUNE_MALLOC="0")
+        self.assertEqual(untuned, "False")
+        # glibc maps fresh pages for many of these blocks and unmaps them on
+        # free (a fault per 4 KiB page each time); the tuned heap reuses them
+        # (measured here: 608 against 2966).
+        self.assertLess(faults * 3, untuned_faults, (faults, untuned_faults))
+
+    def test_the_users_glibc_settings_stand(self) -> None:
+        tuned, _ = self.run_faults(MALLOC_MMAP_THRESHOLD_="131072")
+        self.assertEqual(tuned, "False")
+
+    def test_once_per_process(self) -> None:
+        import skynet.config as config
+
+        with mock.patch.object(config, "_malloc_tuned", None):
+            self.assertFalse(config.tune_malloc({"SKYNET_TUNE_MALLOC": "off"}))
+            # decided: a later call with another environment does not redo it
+            self.assertFalse(config.tune_malloc({}))
