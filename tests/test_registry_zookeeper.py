@@ -28,6 +28,8 @@ import attr
 import pytest
 from kazoo.client import KazooClient
 from kazoo.exceptions import ConnectionLoss, NoNodeError, UnimplementedError
+from kazoo.protocol.serialization import int_struct, multiheader_struct, stat_struct, write_string
+from kazoo.protocol.states import ZnodeStat
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import ProcessExitedAlready
@@ -48,9 +50,11 @@ from skynet.registry.base import (
     RegistryError,
 )
 from skynet.registry.zookeeper import (
+    _GET_CHILDREN,
     _GET_DATA,
     READ_BATCH,
     ZooKeeperRegistry,
+    _MultiRead,
     _ReadBatch,
 )
 from tests.registry_conformance import RegistryConformanceMixin
@@ -1185,6 +1189,28 @@ class ReadBatchTests(TestCase):
             [(p.encode(), None) for n, p in enumerate(paths) if n != 7],
         )
         self.assertEqual(self.zk.alone, [])
+
+    def test_multi_read_answer(self) -> None:
+        """
+        A multiRead answer, as ZooKeeper sends it, decodes into each read's
+        result: data and stat, children, an error, a node without data.
+        """
+        stat = ZnodeStat(*range(11))
+        buffer = bytearray()
+        buffer += multiheader_struct.pack(_GET_DATA, False, 0)
+        buffer += int_struct.pack(3) + b"abc" + stat_struct.pack(*stat)
+        buffer += multiheader_struct.pack(_GET_CHILDREN, False, 0)
+        buffer += int_struct.pack(2) + write_string("a") + write_string("b\u00e9")
+        buffer += multiheader_struct.pack(-1, False, 0) + int_struct.pack(NoNodeError.code)
+        buffer += multiheader_struct.pack(_GET_DATA, False, 0)
+        buffer += int_struct.pack(-1) + stat_struct.pack(*stat)
+        buffer += multiheader_struct.pack(-1, True, -1)
+        results = _MultiRead([]).deserialize(bytes(buffer), 0)
+        self.assertEqual(len(results), 4)
+        self.assertEqual(results[0], (b"abc", stat))
+        self.assertEqual(results[1], ["a", "b\u00e9"])
+        self.assertIsInstance(results[2], NoNodeError)
+        self.assertEqual(results[3], (None, stat))
 
     def test_empty_group(self) -> None:
         self.assertEqual(self.successResultOf(self.batch.read_many(_GET_DATA, [])), [])

@@ -91,7 +91,6 @@ from kazoo.protocol.serialization import (  # type: ignore[import-untyped]
     Watch,
     int_struct,
     multiheader_struct,
-    read_buffer,
     read_string,
     stat_struct,
     write_string,
@@ -389,27 +388,43 @@ class _MultiRead:
         return bytes(b + multiheader_struct.pack(-1, True, -1))
 
     def deserialize(self, buffer: bytes, offset: int) -> list[Any]:
+        # In kazoo's connection thread, for every answer of a snapshot's
+        # reads: the structs are unpacked here, without kazoo's per-field
+        # helpers and header tuples.
         results: list[Any] = []
-        header, offset = MultiHeader.deserialize(buffer, offset)
-        while not header.done:
-            if header.type == _GET_DATA:
-                data, offset = read_buffer(buffer, offset)
-                stat_ = ZnodeStat._make(stat_struct.unpack_from(buffer, offset))
-                offset += stat_struct.size
-                results.append((data, stat_))
-            elif header.type == _GET_CHILDREN:
-                count = int_struct.unpack_from(buffer, offset)[0]
-                offset += int_struct.size
+        header, header_size = multiheader_struct.unpack_from, multiheader_struct.size
+        integer, integer_size = int_struct.unpack_from, int_struct.size
+        unpack_stat, stat_size, make_stat = (
+            stat_struct.unpack_from,
+            stat_struct.size,
+            ZnodeStat._make,
+        )
+        kind, done, _ = header(buffer, offset)
+        offset += header_size
+        while done != 1:
+            if kind == _GET_DATA:
+                (length,) = integer(buffer, offset)
+                offset += integer_size
+                data = None
+                if length >= 0:
+                    data = buffer[offset : offset + length]
+                    offset += length
+                results.append((data, make_stat(unpack_stat(buffer, offset))))
+                offset += stat_size
+            elif kind == _GET_CHILDREN:
+                (count,) = integer(buffer, offset)
+                offset += integer_size
                 children = []
                 for _ in range(max(count, 0)):
                     child, offset = read_string(buffer, offset)
                     children.append(child)
                 results.append(children)
             else:
-                error = int_struct.unpack_from(buffer, offset)[0]
-                offset += int_struct.size
+                (error,) = integer(buffer, offset)
+                offset += integer_size
                 results.append(EXCEPTIONS[error]())
-            header, offset = MultiHeader.deserialize(buffer, offset)
+            kind, done, _ = header(buffer, offset)
+            offset += header_size
         return results
 
 
