@@ -73,15 +73,16 @@ BATCH = 250
 
 def make_instance(index: int, services: int, registered: bool = True) -> Instance:
     """
-    Instance C{index}: service C{S<index % services>}, on one of 20 hosts.
+    Instance C{index}: service C{S<index % services>}, on one of 20 hosts
+    (20 more for each further 50,000 instances, so that ports stay valid).
     """
     return Instance(
         uuid=f"bench-{index}",
         name=f"S{index % services}",
         version="1",
         region="Bench",
-        host=f"10.0.0.{index % 20 + 1}",
-        port=10000 + index,
+        host=f"10.{index // 50000}.0.{index % 20 + 1}",
+        port=10000 + index % 50000,
         registered=registered,
         pid=os.getpid(),
     )
