@@ -641,6 +641,8 @@ class _Scanner:
         #: Changes to C{_live} not yet delivered: (sequence, old, new).
         self._changes: list[tuple[int, Instance | None, Instance | None]] = []
         self._sequence = 0
+        #: Whether the scan under way keeps its changes for the watches.
+        self._recording = False
         self._delivery: Any = None
         #: Subtrees to rescan at the next scan.
         self._dirty: set[str] = set()
@@ -844,7 +846,11 @@ class _Scanner:
                             continue
                 scanned[rel] = entry
         covered = _covering(bases)
-        changes_before = len(self._changes)
+        sequence_before = self._sequence
+        # Changes are kept only for watches that have had their snapshot
+        # (the others get one from the live view): not for a first snapshot
+        # of 10,000 instances, nor forever when nobody watches (queries).
+        self._recording = any(w.diff.known is not None for w in self._watches)
         for rel in [r for r in self._cache if covered(r) and r not in scanned]:
             del self._cache[rel]
             self._dead.discard(rel)
@@ -863,7 +869,7 @@ class _Scanner:
                 self._dead.discard(rel)
                 self._set_live(rel, entry.instance)
         self._scanned_bases.update(bases)
-        changed = len(self._changes) > changes_before
+        changed = self._sequence > sequence_before
         if changed:
             self.generation += 1
             self._schedule_delivery()
@@ -883,7 +889,8 @@ class _Scanner:
                 del self._by_uuid[old.uuid]
             self._by_uuid[instance.uuid] = rel
         self._sequence += 1
-        self._changes.append((self._sequence, old, instance))
+        if self._recording:
+            self._changes.append((self._sequence, old, instance))
 
     def _covered(self, base: str) -> bool:
         """
