@@ -2099,9 +2099,27 @@ class _ZooKeeperWatch:
         watches, in one grouped request (one Deferred for all, not one
         each); else one read and watch each.
         """
-        if not self._persistent:
+        if self._persistent:
+            self._read_group(_GET_DATA, paths, self._leaf_read)
+        else:
             for path in paths:
                 self._read_leaf(path)
+
+    def _list_all(self, paths: list[str]) -> None:
+        """
+        List several interior nodes below one listed node, grouped as
+        L{_read_leaves} reads.
+        """
+        if self._persistent:
+            self._read_group(_GET_CHILDREN, paths, self._listed)
+        else:
+            for path in paths:
+                self._list(path)
+
+    def _read_group(
+        self, kind: int, paths: list[str], on_result: Callable[[str, Any], None]
+    ) -> None:
+        if not paths:
             return
         generation = self._generation
         self._pending += 1
@@ -2109,17 +2127,19 @@ class _ZooKeeperWatch:
         def results(values: list[Any]) -> None:
             if generation != self._generation or self._stopped:
                 return
-            self._pending -= 1
             answered = True
             for path, value in zip(paths, values, strict=True):
                 if isinstance(value, BaseException):
                     answered &= self._read_failed(path, Failure(value), self._drop)
                 else:
-                    self._leaf_read(path, value)
+                    on_result(path, value)
+            # Counted as answered only now: the reads the results above
+            # asked for are pending already, so the snapshot waits for them.
+            self._pending -= 1
             if answered:
                 self._check_synced()
 
-        d = self._context.read_many(_GET_DATA, paths)
+        d = self._context.read_many(kind, paths)
         d.addCallback(results)
         d.addErrback(lambda f: self.log.failure("watch of {path}", f, path=self._base))
 
@@ -2144,11 +2164,11 @@ class _ZooKeeperWatch:
         wanted = {c for c in children if _wanted(self._query, depth, c)}
         known = self._children.get(path, set())
         self._children[path] = wanted
+        new = [f"{path}/{name}" for name in sorted(wanted - known)]
         if depth == LEAF_DEPTH:
-            self._read_leaves([f"{path}/{name}" for name in sorted(wanted - known)])
-        else:
-            for name in sorted(wanted - known):
-                self._explore(f"{path}/{name}")
+            self._read_leaves(new)
+        elif new:
+            self._list_all(new)
         for name in known - wanted:
             self._drop(f"{path}/{name}")
 
