@@ -7,20 +7,25 @@ Registry benchmark: the embedded registry and ZooKeeper at scale.
 A writer process registers C{--instances} instances across C{--services}
 services through the registry API, with C{--writers} registry objects (so
 the nodes have several owners, as when many services register), and keeps
-them.  This process then measures, as a client would see it:
+them.  A measuring process (one per backend) then measures, as a client
+would see it:
 
   - snapshot, watch on everything: from C{watch(Query())} on a freshly
-    started registry to the listener's snapshot;
+    started registry to the listener's snapshot, and the CPU time the
+    measuring process spent meanwhile (all its threads: kazoo's too), a
+    figure that other work on the machine disturbs less;
   - snapshot, watch on one service: the same for C{Query(service="S0")}, on
     another fresh registry object;
   - change -> event: the writer flips the C{registered} flag of a random
     instance (C{update}); the time from just before its update call to the
     event at the listener of the watch on everything, C{--samples} times,
     one at a time (both processes read the same monotonic clock);
-  - client memory: the growth of this process's RSS from before the
-    registry object was made to after the watch on everything delivered its
-    snapshot (for ZooKeeper: the kazoo client, its threads and the watch's
-    mirror of the tree).  Modules are imported before the baseline.
+  - client memory: the growth of the measuring process's RSS from before
+    the registry object was made to after the watch on everything delivered
+    its snapshot (for ZooKeeper: the kazoo client, its threads and the
+    watch's mirror of the tree).  Modules are imported before the baseline,
+    and each backend is measured in a fresh process of its own (memory one
+    backend freed would otherwise hide the next one's growth).
 
 The embedded registry lives in a temporary directory.  For ZooKeeper
 (C{--zookeeper}), a standalone server is started from Debian's C{zookeeper}
@@ -47,6 +52,7 @@ import psutil
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater, react
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
@@ -67,15 +73,16 @@ BATCH = 250
 
 def make_instance(index: int, services: int, registered: bool = True) -> Instance:
     """
-    Instance C{index}: service C{S<index % services>}, on one of 20 hosts.
+    Instance C{index}: service C{S<index % services>}, on one of 20 hosts
+    (20 more for each further 50,000 instances, so that ports stay valid).
     """
     return Instance(
         uuid=f"bench-{index}",
         name=f"S{index % services}",
         version="1",
         region="Bench",
-        host=f"10.0.0.{index % 20 + 1}",
-        port=10000 + index,
+        host=f"10.{index // 50000}.0.{index % 20 + 1}",
+        port=10000 + index % 50000,
         registered=registered,
         pid=os.getpid(),
     )
@@ -244,8 +251,10 @@ async def _measure(
     await registry.start()
     listener = _Listener()
     started = time.monotonic()
+    cpu = time.process_time()
     watch = registry.watch(Query(), listener)
     figures["snapshot_all_s"] = await listener.snapshotted - started
+    figures["snapshot_all_cpu_s"] = time.process_time() - cpu
     figures["memory_bytes"] = _rss() - before
     figures["snapshot_all_count"] = len(listener.view)
 
@@ -303,6 +312,7 @@ def table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
     rows = [
         ("register all (writer process)", "register_s", _seconds),
         ("snapshot, watch on everything", "snapshot_all_s", _seconds),
+        ("  its CPU time (client process)", "snapshot_all_cpu_s", _seconds),
         (f"snapshot, watch on one service ({one})", "snapshot_one_s", _seconds),
         ("change -> event, median", "event_median_s", _seconds),
         ("change -> event, p99", "event_p99_s", _seconds),
@@ -322,11 +332,41 @@ def table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+async def measure_apart(reactor: Any, url: str, args: argparse.Namespace) -> dict[str, Any]:
+    """
+    L{measure} in a process of its own, so that one backend's memory
+    (freed, but kept by the allocator) does not hide the next one's growth.
+    """
+    with tempfile.TemporaryDirectory(prefix="skynet-bench-registry-") as directory:
+        out = Path(directory) / "figures.json"
+        command = [sys.executable, "-m", "benchmarks.registry", "--measure", url,
+                   "--json", str(out), "--instances", str(args.instances),
+                   "--services", str(args.services), "--writers", str(args.writers),
+                   "--samples", str(args.samples)]  # fmt: skip
+        output, errors, code = await getProcessOutputAndValue(
+            sys.executable, command[1:], env=dict(os.environ), path=str(ROOT), reactor=reactor
+        )
+        if code != 0:
+            raise RuntimeError(
+                f"measuring {url} failed ({code}):\n{output.decode()}{errors.decode()}"
+            )
+        figures: dict[str, Any] = json.loads(out.read_text())
+        return figures
+
+
+async def measure_here(reactor: Any, args: argparse.Namespace) -> None:
+    """
+    The child process of L{measure_apart}.
+    """
+    figures = await measure(reactor, args.measure, args)
+    Path(args.json).write_text(json.dumps(figures))
+
+
 async def main(reactor: Any, args: argparse.Namespace) -> None:
     results: dict[str, dict[str, Any]] = {}
     directory = tempfile.mkdtemp(prefix="skynet-bench-registry-")
     try:
-        results["embedded"] = await measure(reactor, f"file://{directory}/registry", args)
+        results["embedded"] = await measure_apart(reactor, f"file://{directory}/registry", args)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     if args.zk or args.zookeeper:
@@ -340,7 +380,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
             hosts = server.hosts
         top = f"/bench-{os.getpid()}-{int(time.time())}"
         try:
-            results["ZooKeeper"] = await measure(reactor, f"zk://{hosts}{top}/skynet", args)
+            results["ZooKeeper"] = await measure_apart(reactor, f"zk://{hosts}{top}/skynet", args)
         finally:
             delete_tree(hosts, top)
             if server is not None:
@@ -362,6 +402,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--zk", metavar="HOSTS", help="also ZooKeeper, this ensemble")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     parser.add_argument("--writer", metavar="URL", help=argparse.SUPPRESS)
+    parser.add_argument("--measure", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.instances < 1 or args.services < 1 or args.writers < 1 or args.samples < 0:
         parser.error("--instances, --services and --writers must be positive")
@@ -374,5 +415,7 @@ if __name__ == "__main__":
     arguments = parse()
     if arguments.writer:
         react(lambda reactor: ensureDeferred(_Writer(reactor, arguments).run()))
+    elif arguments.measure:
+        react(lambda reactor: ensureDeferred(measure_here(reactor, arguments)))
     else:
         react(lambda reactor: ensureDeferred(main(reactor, arguments)))

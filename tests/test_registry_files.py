@@ -725,6 +725,35 @@ class FileRegistryTests(FileTestMixin, TestCase):
         self.assertEqual(len(await registry.query(Query(registered=True))), 999)
         self.assertEqual(scanner.reads, 1001)
 
+    async def test_changes_are_kept_only_for_watches_with_a_snapshot(self) -> None:
+        """
+        A registry that only queries keeps no record of the changes it saw
+        (it would grow with the churn), nor does a watch's first scan (the
+        snapshot comes from the live view); a watch that has its snapshot
+        gets the changes after it.
+        """
+        registry = await self.started(FileRegistry(self.root, reactor=reactor))
+        owner = current_owner().to_json()
+        instances = [make_instance(name="S", port=10000 + n) for n in range(50)]
+        for instance in instances:
+            self.write_node(instance, owner)
+        scanner = registry._get_scanner()
+        for n in range(3):
+            for instance in instances[:10]:
+                self.write_node(attr.evolve(instance, registered=bool(n % 2)), owner)
+            self.assertEqual(len(await registry.query(Query())), 50)
+        self.assertEqual(scanner._changes, [])
+        listener = RecordingListener()
+        watch = registry.watch(Query(), listener)
+        self.addCleanup(watch.stop)
+        await self.wait_until(lambda: listener.events, "the snapshot")
+        self.assertEqual(len(listener.events[0][1]), 50)
+        self.assertEqual(scanner._changes, [])
+        changed = attr.evolve(instances[20], registered=False)
+        self.write_node(changed, owner)
+        await self.wait_until(lambda: len(listener.events) > 1, "the change")
+        self.assertEqual(listener.events[1:], [("updated", changed)])
+
     async def test_one_service_reads_only_its_subtree(self) -> None:
         """
         A watch or a query of one service reads that service's files only,

@@ -36,9 +36,11 @@ from skynet.registry.base import (
     NodeWarnings,
     Query,
     RegistryError,
+    parse_json_node,
+    parse_written_node,
     sort_instances,
 )
-from skynet.registry.files import FileRegistry, write_atomically
+from skynet.registry.files import FileRegistry, Owner, encode_node, write_atomically
 from skynet.registry.memory import MemoryRegistry
 from skynet.registry.zookeeper import ZooKeeperRegistry
 from tests.netns import SharedZooKeeper
@@ -605,3 +607,228 @@ class MemoryFuzzTests(SynchronousTestCase):
         self.assertEqual({i.path: i for i in found}, expected)
         # Assert that the fuzzer reaches valid nodes as well as bad ones.
         self.assertTrue(found)
+
+
+# The fast path for the nodes skynet writes, against the careful parser.
+
+
+def careful(data: bytes, rel: str | None) -> tuple[Instance, Owner | None] | None:
+    """
+    What the careful parser makes of a node, as the embedded registry reads
+    it (its C{"Owner"} record apart; ZooKeeper ignores that key): the
+    instance and owner, or L{None} if it refuses the node.
+    """
+    try:
+        doc = parse_json_node(data)
+        owner_data = doc.pop("Owner", None)
+        owner = Owner.from_json(owner_data) if owner_data is not None else None
+        instance = Instance.from_go(doc)
+    except RegistryError:
+        return None
+    if rel is not None and instance.path != rel:
+        return None
+    return instance, owner
+
+
+_names = st.one_of(
+    st.text(alphabet="abcXYZ019 .-_:~", min_size=1, max_size=6),
+    st.text(alphabet='abcXYZ019 .-_:/~\\"\u00e9\x00\x1f', min_size=0, max_size=6),
+)
+_words = st.text(alphabet="abcXYZ019_", min_size=1, max_size=6)
+_maybe_int = st.one_of(st.integers(-(2**64), 2**64), st.integers(-2, 70000))
+
+
+@st.composite
+def written_instances(draw: Any) -> Instance:
+    """
+    Instances as a service could write them, valid or not: odd names,
+    ports and counts in and out of range, admin addresses, extras.
+    """
+    extra = draw(
+        st.one_of(
+            st.just({}),
+            st.dictionaries(_words, st.booleans(), max_size=3),
+            st.dictionaries(_words, _json, max_size=2),
+        )
+    )
+    admin = draw(st.one_of(st.none(), st.builds(Address, _names, _maybe_int, _maybe_int)))
+    return Instance(
+        uuid=draw(_names),
+        name=draw(_names),
+        version=draw(st.one_of(st.just("1"), _names)),
+        region=draw(st.one_of(st.just("r"), _names)),
+        host=draw(st.one_of(st.just("10.0.0.1"), _names)),
+        port=draw(_maybe_int),
+        admin=admin,
+        registered=draw(st.booleans()),
+        critical_client_count=draw(st.one_of(st.just(100), _maybe_int)),
+        critical_average_response_time=draw(
+            st.one_of(st.just(5.0), st.floats(0, 2**54 / 1e9), st.floats(-1, 1))
+        ),
+        pid=draw(st.one_of(st.none(), _maybe_int)),
+        extra=extra,
+    )
+
+
+class WrittenNodeFastPathTests(SynchronousTestCase):
+    """
+    L{parse_written_node} reads the nodes skynet writes without the careful
+    parser's walk of the document; it must never accept a node the careful
+    parser refuses, nor read one differently.
+    """
+
+    def assert_agrees(self, data: bytes, rel: str | None) -> bool:
+        """
+        @return: whether the fast path read the node.
+        """
+        fast = parse_written_node(data, rel)
+        if fast is None:
+            return False
+        expected = careful(data, rel)
+        self.assertIsNotNone(expected, data)
+        assert expected is not None
+        instance, owner = fast
+        self.assertEqual(instance, expected[0], data)
+        self.assertEqual(instance.extra, expected[0].extra, data)
+        self.assertEqual(
+            type(instance.critical_average_response_time),
+            type(expected[0].critical_average_response_time),
+        )
+        self.assertEqual(None if owner is None else Owner(*owner), expected[1], data)
+        # Instance.from_json, which every backend uses, answers the same.
+        self.assertEqual(Instance.from_json(data, rel), expected[0])
+        return True
+
+    def test_what_we_write_takes_the_fast_path(self) -> None:
+        """
+        Every node a registry writes (L{Instance.checked_json}, and the
+        embedded registry's file with its owner record) of an instance
+        whose strings need no JSON escape is read by the fast path, as
+        the careful parser reads it; odd instances agree or fall back.
+        """
+        fast = written = 0
+
+        # Derandomized: the same examples every run, so that the counts
+        # asserted below do not depend on luck.
+        @settings(max_examples=1500, deadline=None, database=None, derandomize=True)
+        @given(written_instances(), st.sampled_from([None, "0123abcd", ""]))
+        def check(instance: Instance, token: str | None) -> None:
+            nonlocal fast, written
+            try:
+                data = instance.checked_json()
+                rel = instance.path
+            except (ValueError, TypeError):
+                data, rel = instance.to_json(), None
+            owner = Owner(os.getpid(), 1234567, token)
+            file_data = encode_node(json.loads(data), owner)
+            for node in (data, file_data):
+                took = self.assert_agrees(node, rel)
+                if rel is not None:
+                    # Where it does not claim to be, it is nobody.
+                    self.assertIsNone(parse_written_node(node, rel + "0"))
+                plain = all(
+                    s.isascii() and s.isprintable() and '"' not in s and "\\" not in s
+                    for s in (instance.uuid, instance.name, instance.version)
+                    + (instance.region, instance.host)
+                    + ((instance.admin.ip_address,) if instance.admin else ())
+                )
+                simple_extra = all(isinstance(v, bool) for v in instance.extra.values())
+                if rel is not None and plain and simple_extra:
+                    written += 1
+                    self.assertTrue(took, node)
+                fast += took
+
+        check()
+        # The generator reaches the fast path often, and not only there.
+        self.assertGreater(written, 100)
+        self.assertGreater(fast, 100)
+
+    def test_fuzzed_nodes_agree(self) -> None:
+        """
+        Mutations of a valid node, with and without an owner record: where
+        the fast path answers, it answers as the careful parser.
+        """
+        fast = 0
+        nodes = fuzzed_nodes(1500)
+        base = good_doc(7)
+        owner = {"Owner": {"pid": 1, "start_time": 2, "registry": "r"}}
+        nodes += [
+            mutate({**base, **owner}, [m])
+            for m in [
+                ("set", ("Owner",), None),
+                ("set", ("Config", "Name"), "."),
+                ("set", ("Config", "Name"), ".."),
+                ("set", ("Config", "UUID"), "a/b"),
+                ("set", ("Config", "ServiceAddr", "MaxPort"), -5),
+                ("set", ("Config", "CriticalAverageResponseTime"), 2**53),
+                ("set", ("Config", "CriticalAverageResponseTime"), 2**53 + 1),
+                ("set", ("Config", "CriticalClientCount"), -(2**63)),
+                ("set", ("Config", "CriticalClientCount"), 2**63),
+                ("set", ("PID",), 0),
+                ("set", ("PID",), 2**63 - 1),
+                ("set", ("Extra",), {"TLS": True, "AdminTLS": False}),
+                ("set", ("Extra",), {}),
+                ("set", ("Registered",), False),
+            ]
+        ]
+        # Every integer field at the edges of its range and beyond.
+        edges = [-(2**63) - 1, -(2**63), -1, 0, 1, 65535, 65536, 2**53, 2**53 + 1, 2**63 - 1]
+        integers = [f for f in _FIELDS if f[-1] in ("Port", "MaxPort", "PID")] + [
+            ("Config", "CriticalClientCount"),
+            ("Config", "CriticalAverageResponseTime"),
+        ]
+        nodes += [
+            mutate({**base, **owner}, [("set", field, value)])
+            for field in integers
+            for value in edges + [2**63]
+        ]
+        for data in nodes:
+            try:
+                rel = Instance.from_go(json.loads(data)).path
+            except Exception:  # noqa: BLE001 (fuzzed input)
+                rel = "/Bad/1/r/127.0.0.1/7"
+            fast += self.assert_agrees(data, rel)
+            self.assert_agrees(data, None)
+        self.assertGreater(fast, 100)
+
+    def test_other_shapes_go_to_the_careful_parser(self) -> None:
+        """
+        Valid nodes in another spelling (Go's compact JSON, escapes,
+        reordered keys, raw UTF-8, bytearray) and invalid ones in our
+        spelling: the fast path leaves them all to the careful parser,
+        which accepts the valid ones and refuses the rest.
+        """
+        doc = good_doc(7)
+        ours = json.dumps(doc).encode()
+        self.assertIsNotNone(parse_written_node(ours, "/Bad/1/r/127.0.0.1/7"))
+        valid = [
+            json.dumps(doc, separators=(",", ":")).encode(),
+            json.dumps(doc, indent=1).encode(),
+            ours.replace(b'"Name": "Bad"', b'"Name": "B\\u0061d"'),
+            json.dumps(good_doc(7, UUID="\u00e9")).encode(),
+            json.dumps(good_doc(7, UUID="\u00e9"), ensure_ascii=False).encode(),
+            json.dumps({"Registered": True, **doc}).encode(),
+            json.dumps({**doc, "PID": None}).encode(),
+            json.dumps({**doc, "Extra": {"TLS": 1}}).encode(),
+            json.dumps(good_doc(7, CriticalAverageResponseTime=5e9)).encode(),
+            b"\xef\xbb\xbf" + ours,
+            ours + b" ",
+        ]
+        for data in valid:
+            self.assertIsNone(parse_written_node(data, "/Bad/1/r/127.0.0.1/7"), data)
+            self.assertIsNotNone(careful(data, "/Bad/1/r/127.0.0.1/7"), data)
+        self.assertIsNone(parse_written_node(bytearray(ours)))
+        self.assertEqual(Instance.from_json(bytearray(ours)), Instance.from_go(doc))
+        invalid = [
+            ours.replace(b'"Name": "Bad"', b'"Name": "."'),
+            ours.replace(b'"Port": 7', b'"Port": 0'),
+            ours.replace(b'"Port": 7', b'"Port": 65536'),
+            ours.replace(b'"Port": 1007', b'"Port": 65536'),
+            ours.replace(b'"Port": 7', b'"Port": 99999999999999999999'),
+            ours.replace(b'"Registered": true', b'"Registered": true, "PID": 0'),
+            ours.replace(b'"UUID": "bad-7"', b'"UUID": ""'),
+            ours.replace(b'"Region": "r"', b'"Region": "r\x01"'),
+        ]
+        for data in invalid:
+            self.assertIsNone(parse_written_node(data), data)
+            self.assertIsNone(careful(data, None), data)

@@ -27,11 +27,14 @@ from typing import Any
 import attr
 import pytest
 from kazoo.client import KazooClient
+from kazoo.exceptions import ConnectionLoss, NoNodeError, UnimplementedError
+from kazoo.protocol.serialization import int_struct, multiheader_struct, stat_struct, write_string
+from kazoo.protocol.states import ZnodeStat
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
@@ -46,7 +49,14 @@ from skynet.registry.base import (
     Query,
     RegistryError,
 )
-from skynet.registry.zookeeper import ZooKeeperRegistry
+from skynet.registry.zookeeper import (
+    _GET_CHILDREN,
+    _GET_DATA,
+    READ_BATCH,
+    ZooKeeperRegistry,
+    _MultiRead,
+    _ReadBatch,
+)
 from tests.registry_conformance import RegistryConformanceMixin
 from tests.zkserver import ZooKeeperCluster, four_letter_word, hold_command
 
@@ -1103,6 +1113,137 @@ class OneShotWatchConformanceTests(ZooKeeperConformanceTests):
     async def started(self, **kwargs: Any) -> ZooKeeperRegistry:
         kwargs.setdefault("persistent_watches", False)
         return await super().started(**kwargs)
+
+
+class _FakeKazoo:
+    """
+    Just what L{_ReadBatch} uses of a kazoo client: the multiRead requests
+    it sends are recorded; single reads answer at once.
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[Any] = []
+        self.answers: list[Deferred] = []
+        self.alone: list[str] = []
+        self.handler = self
+
+    def async_result(self) -> object:
+        return object()
+
+    def _call(self, request: Any, result: object) -> None:
+        self.requests.append(request)
+
+    def get_async(self, path: str) -> Any:
+        self.alone.append(path)
+        return (path.encode(), None)
+
+    def call(self, method: Any, *args: Any) -> Deferred:
+        """
+        The registry's C{_call}: a multiRead's Deferred is the test's to
+        fire; a single read answers with the path as data.
+        """
+        if method == self.get_async:
+            return succeed(method(*args))
+        method()
+        d: Deferred = Deferred()
+        self.answers.append(d)
+        return d
+
+
+class ReadBatchTests(TestCase):
+    """
+    L{_ReadBatch}, without a server: reads of one reactor turn go out as
+    multiRead requests of at most L{READ_BATCH}, grouped reads fire once with
+    every result or error in order, and a server without multiRead gets one
+    read per node.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.zk = _FakeKazoo()
+        self.unsupported: list[bool] = []
+        self.batch = _ReadBatch(
+            self.zk, self.zk.call, self.clock, lambda: self.unsupported.append(True)
+        )
+
+    def test_grouped_reads_in_batches(self) -> None:
+        paths = [f"/s/{n}" for n in range(READ_BATCH * 2 + 3)]
+        single = self.batch.read(_GET_DATA, "/alone")
+        group = self.batch.read_many(_GET_DATA, paths)
+        self.clock.advance(0)
+        sizes = [len(r.operations) for r in self.zk.requests]
+        self.assertEqual(sizes, [READ_BATCH, READ_BATCH, 4])
+        sent = [path for r in self.zk.requests for _, path in r.operations]
+        self.assertEqual(sent, ["/alone"] + paths)
+        self.assertNoResult(group)
+        missing = NoNodeError()
+        for request, answer in zip(self.zk.requests, self.zk.answers, strict=True):
+            answer.callback(
+                [missing if p == "/s/7" else (p.encode(), None) for _, p in request.operations]
+            )
+        self.assertEqual(self.successResultOf(single), (b"/alone", None))
+        results = self.successResultOf(group)
+        self.assertIs(results[7], missing)
+        self.assertEqual(
+            [r for n, r in enumerate(results) if n != 7],
+            [(p.encode(), None) for n, p in enumerate(paths) if n != 7],
+        )
+        self.assertEqual(self.zk.alone, [])
+
+    def test_multi_read_answer(self) -> None:
+        """
+        A multiRead answer, as ZooKeeper sends it, decodes into each read's
+        result: data and stat, children, an error, a node without data.
+        """
+        stat = ZnodeStat(*range(11))
+        buffer = bytearray()
+        buffer += multiheader_struct.pack(_GET_DATA, False, 0)
+        buffer += int_struct.pack(3) + b"abc" + stat_struct.pack(*stat)
+        buffer += multiheader_struct.pack(_GET_CHILDREN, False, 0)
+        buffer += int_struct.pack(2) + write_string("a") + write_string("b\u00e9")
+        buffer += multiheader_struct.pack(-1, False, 0) + int_struct.pack(NoNodeError.code)
+        buffer += multiheader_struct.pack(_GET_DATA, False, 0)
+        buffer += int_struct.pack(-1) + stat_struct.pack(*stat)
+        buffer += multiheader_struct.pack(-1, True, -1)
+        results = _MultiRead([]).deserialize(bytes(buffer), 0)
+        self.assertEqual(len(results), 4)
+        self.assertEqual(results[0], (b"abc", stat))
+        self.assertEqual(results[1], ["a", "b\u00e9"])
+        self.assertIsInstance(results[2], NoNodeError)
+        self.assertEqual(results[3], (None, stat))
+
+    def test_empty_group(self) -> None:
+        self.assertEqual(self.successResultOf(self.batch.read_many(_GET_DATA, [])), [])
+        self.clock.advance(0)
+        self.assertEqual(self.zk.requests, [])
+
+    def test_connection_lost(self) -> None:
+        """
+        A multiRead that fails as a whole fails each of its reads: a single
+        read's Deferred, and a group's entries (the group itself fires).
+        """
+        single = self.batch.read(_GET_DATA, "/alone")
+        group = self.batch.read_many(_GET_DATA, ["/a", "/b"])
+        self.clock.advance(0)
+        lost = ConnectionLoss()
+        self.zk.answers[0].errback(lost)
+        self.failureResultOf(single, ConnectionLoss)
+        self.assertEqual(self.successResultOf(group), [lost, lost])
+
+    def test_server_without_multi_read(self) -> None:
+        single = self.batch.read(_GET_DATA, "/alone")
+        group = self.batch.read_many(_GET_DATA, ["/a", "/b"])
+        self.clock.advance(0)
+        self.zk.answers[0].errback(UnimplementedError())
+        self.assertEqual(self.unsupported, [True])
+        self.assertFalse(self.batch.supported)
+        self.assertEqual(self.successResultOf(single), (b"/alone", None))
+        self.assertEqual(self.successResultOf(group), [(b"/a", None), (b"/b", None)])
+        # From now on, one read per node, without waiting for the turn to end.
+        later = self.batch.read_many(_GET_DATA, ["/c"])
+        self.assertEqual(self.successResultOf(later), [(b"/c", None)])
+        self.assertEqual(self.zk.alone, ["/alone", "/a", "/b", "/c"])
+        self.assertEqual(len(self.zk.requests), 1)
 
 
 class URLTests(TestCase):

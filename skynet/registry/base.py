@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from collections.abc import Callable, Iterable
 from datetime import datetime
@@ -332,6 +333,9 @@ class Instance:
             is not a JSON object (nested too deep included) or
             L{from_go} refuses it; never anything else.
         """
+        fast = parse_written_node(data, path)
+        if fast is not None:
+            return fast[0]
         instance = cls.from_go(parse_json_node(data))
         if path is not None and instance.path != path:
             raise RegistryError(f"the node describes {instance.path}")
@@ -367,6 +371,107 @@ def parse_json_node(data: bytes) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise RegistryError(f"not a JSON object but {_describe(doc)}")
     return doc
+
+
+# The fast path: a node of exactly the shape skynet writes.
+
+#: Printable ASCII but C{"} and C{\\}: a JSON string's characters that need
+#: no escape, so the text between the quotes is the string itself.
+_TEXT = r"[ !#-\[\]-~]"
+#: The same without C{/}: a path component (C{.} and C{..} are checked after).
+_PART = r"[ !#-.0-\[\]-~]"
+#: A JSON integer that fits in 64 bits (more digits: the careful parser).
+_INT = r"-?(?:0|[1-9][0-9]{0,18})"
+_WRITTEN_NODE = re.compile(
+    rf'\{{"Config": \{{"UUID": "({_TEXT}+)", "Name": "({_PART}+)", "Version": "({_PART}+)",'
+    rf' "Region": "({_PART}+)", "ServiceAddr": \{{"IPAddress": "({_PART}+)", "Port": ({_INT}),'
+    rf' "MaxPort": {_INT}\}}, "AdminAddr": (?:null|\{{"IPAddress": "({_TEXT}+)", "Port": ({_INT}),'
+    rf' "MaxPort": ({_INT})\}}), "CriticalClientCount": ({_INT}),'
+    rf' "CriticalAverageResponseTime": ({_INT})\}}, "Registered": (true|false)'
+    rf'(?:, "PID": ({_INT}))?'
+    r'(?:, "Extra": \{((?:"\w+": (?:true|false), )*"\w+": (?:true|false))\})?'
+    rf'(?:, "Owner": \{{"pid": ({_INT}), "start_time": ({_INT}),'
+    rf' "registry": (?:null|"({_TEXT}*)")\}})?\}}',
+    re.ASCII,
+)
+_EXTRA_MEMBER = re.compile(r'"(\w+)": (true|false)', re.ASCII)
+_DOTS = (".", "..")
+_intern = sys.intern
+
+
+def parse_written_node(
+    data: Any, path: str | None = None
+) -> tuple[Instance, tuple[int, int, str | None] | None] | None:
+    """
+    The fast path of L{Instance.from_json}, for a node of exactly the shape
+    skynet writes (L{Instance.to_json}, with C{json.dumps}' separators and
+    ASCII escapes, and the embedded registry's C{"Owner"} record at the
+    end): one regular expression match instead of a parse and a walk of
+    the document.
+
+    It answers only when the careful parser would accept the node and build
+    the same instance; anything else (another shape, another spacing, an
+    escape in a string, a value out of range, an C{Extra} other than
+    booleans, a node not at C{path}) is L{None}, for the careful parser to
+    decide.  C{tests/test_registry_untrusted.py} checks this against the
+    careful parser on fuzzed nodes.
+
+    @param path: the node's path below C{/services}, if known: the node
+        must describe the instance at that path.
+    @return: the instance and the owner record's C{(pid, start_time,
+        registry)} (L{None} without one), or L{None}.
+    """
+    if type(data) is not bytes or len(data) > MAX_NODE_SIZE:
+        return None
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    match = _WRITTEN_NODE.fullmatch(text)
+    if match is None:
+        return None
+    (uuid, name, version, region, host, port_text, admin_ip, admin_port, admin_max,
+     count, response, registered, pid, extra, owner_pid, owner_start, owner_registry,
+     ) = match.groups()  # fmt: skip
+    if name in _DOTS or version in _DOTS or region in _DOTS or host in _DOTS:
+        return None
+    port = int(port_text)
+    if not 0 < port <= MAX_PORT:
+        return None
+    if path is not None and path != f"/{name}/{version}/{region}/{host}/{port}":
+        return None
+    admin = None
+    if admin_port is not None:
+        admin_number = int(admin_port)
+        if admin_number:
+            admin_top = int(admin_max)
+            if not 0 < admin_number <= MAX_PORT or not 0 <= admin_top <= MAX_PORT:
+                return None
+            admin = Address(admin_ip, admin_number, admin_top)
+    critical_count = int(count)
+    nanoseconds = int(response)
+    if not -(2**63) <= critical_count < 2**63 or not 0 <= nanoseconds <= 2**53:
+        return None
+    pid_number = None if pid is None else int(pid)
+    if pid_number is not None and not 0 < pid_number < 2**63:
+        return None
+    instance = Instance(
+        uuid=uuid,
+        name=_intern(name),
+        version=_intern(version),
+        region=_intern(region),
+        host=_intern(host),
+        port=port,
+        admin=admin,
+        registered=registered == "true",
+        critical_client_count=critical_count,
+        critical_average_response_time=nanoseconds / 1e9,
+        pid=pid_number,
+        extra={} if extra is None else {k: v == "true" for k, v in _EXTRA_MEMBER.findall(extra)},
+    )
+    if owner_pid is None:
+        return instance, None
+    return instance, (int(owner_pid), int(owner_start), owner_registry)
 
 
 def _describe(value: Any) -> str:

@@ -80,6 +80,7 @@ from skynet.registry.base import (
     data_node_name,
     key_of_data_node,
     parse_json_node,
+    parse_written_node,
     sort_instances,
 )
 
@@ -374,11 +375,23 @@ def _read_file(path: str) -> tuple[tuple[int, int, int], bytes] | None:
         if e.errno == errno.ELOOP:  # a symbolic link: not a node
             return None
         raise
-    with os.fdopen(fd, "rb") as f:
+    try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             return None
-        return (st.st_ino, st.st_mtime_ns, st.st_size), f.read(MAX_NODE_SIZE + 1)
+        # Plain os.read: no file object per node (a snapshot reads 10,000).
+        # One read returns the whole of a small regular file; more only if
+        # it is larger than it said or a read came back short.
+        limit = MAX_NODE_SIZE + 1
+        data = os.read(fd, limit)
+        while len(data) < limit and len(data) < st.st_size:
+            more = os.read(fd, limit - len(data))
+            if not more:
+                break
+            data += more
+        return (st.st_ino, st.st_mtime_ns, st.st_size), data
+    finally:
+        os.close(fd)
 
 
 def _parse_document(data: bytes) -> tuple[dict[str, Any], Owner | None]:
@@ -628,6 +641,8 @@ class _Scanner:
         #: Changes to C{_live} not yet delivered: (sequence, old, new).
         self._changes: list[tuple[int, Instance | None, Instance | None]] = []
         self._sequence = 0
+        #: Whether the scan under way keeps its changes for the watches.
+        self._recording = False
         self._delivery: Any = None
         #: Subtrees to rescan at the next scan.
         self._dirty: set[str] = set()
@@ -650,9 +665,9 @@ class _Scanner:
 
     # Scanning.
 
-    def _walk(self, base: str) -> Iterator[tuple[str, str, os.stat_result]]:
+    def _walk(self, base: str) -> Iterator[tuple[str, str, os.stat_result | None]]:
         """
-        Yield C{(relative path, path, stat)} of every file at instance depth
+        Yield C{(relative path, path, stat or None)} of every file at instance depth
         below C{services + base}, skipping dot files (temporary files),
         links and directories another user could write.  Each directory is
         watched before it is listed, so that nothing created in it
@@ -708,10 +723,11 @@ class _Scanner:
                             continue
                         if not entry.is_file(follow_symlinks=False):
                             continue
-                        st = entry.stat(follow_symlinks=False)
                     except OSError:
                         continue  # gone meanwhile, or not ours to see
-                    yield f"{rel}/{entry.name}", entry.path, st
+                    # The file's status only if the scan needs it: a file not
+                    # read before is read (and its status taken) at once.
+                    yield f"{rel}/{entry.name}", entry.path, None
 
     def _watch_directory(self, directory: str) -> None:
         if self.notifier is None:
@@ -745,21 +761,45 @@ class _Scanner:
         )
         return True
 
-    def _parse(self, rel: str, path: str, st: os.stat_result) -> _Entry | None:
+    def _parse(
+        self,
+        rel: str,
+        path: str,
+        st: os.stat_result | None,
+        owners: dict[tuple[int, int, str | None], Owner],
+    ) -> _Entry | None:
         """
         Parse one node file, as untrusted: whatever it holds, a bad node
         becomes an entry without an instance (kept until the file changes)
         and one warning naming it.
+
+        @param st: the file's status if known (else it is read from the
+            open file).
+        @param owners: the owner records read by this scan, so that the
+            nodes of one owner share one record.
         """
         try:
             found = _read_file(path)
         except OSError as e:
             self.bad_nodes.warn(path, f"cannot read it: {e}")
+            try:
+                st = st or os.stat(path, follow_symlinks=False)
+            except OSError:
+                return None
             return _Entry((st.st_ino, st.st_mtime_ns, st.st_size), None, None)
         if found is None:
             return None
         key, data = found
         self.reads += 1
+        written = parse_written_node(data, rel)
+        if written is not None:
+            instance, record = written
+            if record is None:
+                return _Entry(key, instance, None)
+            owner = owners.get(record)
+            if owner is None:
+                owner = owners[record] = Owner(*record)
+            return _Entry(key, instance, owner)
         try:
             doc, owner = _parse_document(data)
             instance = Instance.from_go(doc)
@@ -782,16 +822,35 @@ class _Scanner:
         """
         bases = _outermost(bases)
         scanned: dict[str, _Entry] = {}
+        owners: dict[tuple[int, int, str | None], Owner] = {}
+        cache = self._cache
         for base in bases:
             for rel, path, st in self._walk(base):
-                entry = self._cache.get(rel)
-                if entry is None or entry.key != (st.st_ino, st.st_mtime_ns, st.st_size):
-                    entry = self._parse(rel, path, st)
+                entry = cache.get(rel)
+                if entry is None:
+                    # Not read before: no need to stat it first.
+                    entry = self._parse(rel, path, None, owners)
                     if entry is None:
                         continue
+                else:
+                    if st is None:
+                        try:
+                            st = os.stat(path, follow_symlinks=False)
+                        except OSError:
+                            continue  # gone meanwhile
+                        if not stat.S_ISREG(st.st_mode):
+                            continue
+                    if entry.key != (st.st_ino, st.st_mtime_ns, st.st_size):
+                        entry = self._parse(rel, path, st, owners)
+                        if entry is None:
+                            continue
                 scanned[rel] = entry
         covered = _covering(bases)
-        changes_before = len(self._changes)
+        sequence_before = self._sequence
+        # Changes are kept only for watches that have had their snapshot
+        # (the others get one from the live view): not for a first snapshot
+        # of 10,000 instances, nor forever when nobody watches (queries).
+        self._recording = any(w.diff.known is not None for w in self._watches)
         for rel in [r for r in self._cache if covered(r) and r not in scanned]:
             del self._cache[rel]
             self._dead.discard(rel)
@@ -810,7 +869,7 @@ class _Scanner:
                 self._dead.discard(rel)
                 self._set_live(rel, entry.instance)
         self._scanned_bases.update(bases)
-        changed = len(self._changes) > changes_before
+        changed = self._sequence > sequence_before
         if changed:
             self.generation += 1
             self._schedule_delivery()
@@ -830,7 +889,8 @@ class _Scanner:
                 del self._by_uuid[old.uuid]
             self._by_uuid[instance.uuid] = rel
         self._sequence += 1
-        self._changes.append((self._sequence, old, instance))
+        if self._recording:
+            self._changes.append((self._sequence, old, instance))
 
     def _covered(self, base: str) -> bool:
         """

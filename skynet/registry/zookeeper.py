@@ -91,7 +91,6 @@ from kazoo.protocol.serialization import (  # type: ignore[import-untyped]
     Watch,
     int_struct,
     multiheader_struct,
-    read_buffer,
     read_string,
     stat_struct,
     write_string,
@@ -389,28 +388,64 @@ class _MultiRead:
         return bytes(b + multiheader_struct.pack(-1, True, -1))
 
     def deserialize(self, buffer: bytes, offset: int) -> list[Any]:
+        # In kazoo's connection thread, for every answer of a snapshot's
+        # reads: the structs are unpacked here, without kazoo's per-field
+        # helpers and header tuples.
         results: list[Any] = []
-        header, offset = MultiHeader.deserialize(buffer, offset)
-        while not header.done:
-            if header.type == _GET_DATA:
-                data, offset = read_buffer(buffer, offset)
-                stat_ = ZnodeStat._make(stat_struct.unpack_from(buffer, offset))
-                offset += stat_struct.size
-                results.append((data, stat_))
-            elif header.type == _GET_CHILDREN:
-                count = int_struct.unpack_from(buffer, offset)[0]
-                offset += int_struct.size
+        header, header_size = multiheader_struct.unpack_from, multiheader_struct.size
+        integer, integer_size = int_struct.unpack_from, int_struct.size
+        unpack_stat, stat_size, make_stat = (
+            stat_struct.unpack_from,
+            stat_struct.size,
+            ZnodeStat._make,
+        )
+        kind, done, _ = header(buffer, offset)
+        offset += header_size
+        while done != 1:
+            if kind == _GET_DATA:
+                (length,) = integer(buffer, offset)
+                offset += integer_size
+                data = None
+                if length >= 0:
+                    data = buffer[offset : offset + length]
+                    offset += length
+                results.append((data, make_stat(unpack_stat(buffer, offset))))
+                offset += stat_size
+            elif kind == _GET_CHILDREN:
+                (count,) = integer(buffer, offset)
+                offset += integer_size
                 children = []
                 for _ in range(max(count, 0)):
                     child, offset = read_string(buffer, offset)
                     children.append(child)
                 results.append(children)
             else:
-                error = int_struct.unpack_from(buffer, offset)[0]
-                offset += int_struct.size
+                (error,) = integer(buffer, offset)
+                offset += integer_size
                 results.append(EXCEPTIONS[error]())
-            header, offset = MultiHeader.deserialize(buffer, offset)
+            kind, done, _ = header(buffer, offset)
+            offset += header_size
         return results
+
+
+class _Group:
+    """
+    The reads of one L{_ReadBatch.read_many} call: their results, in order,
+    and the Deferred that fires with them once all are in.
+    """
+
+    __slots__ = ("d", "remaining", "results")
+
+    def __init__(self, count: int) -> None:
+        self.d: Deferred = Deferred()
+        self.remaining = count
+        self.results: list[Any] = [None] * count
+
+    def put(self, index: int, result: Any) -> None:
+        self.results[index] = result
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.d.callback(self.results)
 
 
 class _ReadBatch:
@@ -419,6 +454,9 @@ class _ReadBatch:
     L{READ_BATCH} reads: a snapshot of 10,000 instances is then tens of
     requests, not 15,000.  On a server without multiRead, each read goes
     alone (and C{on_unsupported} is told).
+
+    L{read_many} asks for many nodes with one Deferred (a snapshot's 10,000
+    instance reads would otherwise cost a Deferred and its callbacks each).
     """
 
     def __init__(
@@ -428,54 +466,94 @@ class _ReadBatch:
         self._call = call
         self._reactor = reactor
         self._on_unsupported = on_unsupported
-        self._queue: list[tuple[int, str, Deferred]] = []
+        #: (kind, path, the Deferred of a single read or the group, index).
+        self._queue: list[tuple[int, str, Deferred | _Group, int]] = []
         self._flush_call: Any = None
         self.supported = True
 
     def read(self, kind: int, path: str) -> Deferred:
-        d: Deferred = Deferred()
+        """
+        One read: a Deferred firing with its result (C{(data, stat)} or a
+        list of children) or failing with its error.
+        """
         if not self.supported:
             return self._alone(kind, path)
-        self._queue.append((kind, path, d))
+        d: Deferred = Deferred()
+        self._queue.append((kind, path, d, 0))
+        self._queued()
+        return d
+
+    def read_many(self, kind: int, paths: list[str]) -> Deferred:
+        """
+        Reads of the same kind of several nodes: a Deferred firing with a
+        list, in the order of C{paths}, of each read's result or its
+        exception (never failing itself).
+        """
+        group = _Group(len(paths))
+        if not paths:
+            group.d.callback([])
+        elif not self.supported:
+            for index, path in enumerate(paths):
+                self._read_alone_into(kind, path, group, index)
+        else:
+            self._queue.extend((kind, path, group, index) for index, path in enumerate(paths))
+            self._queued()
+        return group.d
+
+    def _queued(self) -> None:
         if len(self._queue) >= READ_BATCH:
             self._flush()
         elif self._flush_call is None:
             self._flush_call = self._reactor.callLater(0, self._flush)
-        return d
 
     def _alone(self, kind: int, path: str) -> Deferred:
         method = self._zk.get_async if kind == _GET_DATA else self._zk.get_children_async
         return self._call(method, path)
 
+    def _read_alone_into(self, kind: int, path: str, group: _Group, index: int) -> None:
+        self._alone(kind, path).addCallbacks(
+            lambda result: group.put(index, result),
+            lambda failure: group.put(index, failure.value),
+        )
+
     def _flush(self) -> None:
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._flush_call = None
-        items, self._queue = self._queue, []
-        if not items:
-            return
+        while self._queue:
+            items, self._queue = self._queue[:READ_BATCH], self._queue[READ_BATCH:]
+            self._send(items)
 
+    def _send(self, items: list[tuple[int, str, Deferred | _Group, int]]) -> None:
         def multi_read() -> Any:
             result = self._zk.handler.async_result()
-            self._zk._call(_MultiRead([(kind, path) for kind, path, _ in items]), result)
+            self._zk._call(_MultiRead([(kind, path) for kind, path, _, _ in items]), result)
             return result
 
         def answered(results: list[Any]) -> None:
-            for (_, _, d), result in zip(items, results, strict=True):
-                if isinstance(result, Exception):
-                    d.errback(Failure(result))
+            for (_, _, sink, index), result in zip(items, results, strict=True):
+                if isinstance(sink, _Group):
+                    sink.put(index, result)
+                elif isinstance(result, Exception):
+                    sink.errback(Failure(result))
                 else:
-                    d.callback(result)
+                    sink.callback(result)
 
         def failed(failure: Failure) -> None:
             if failure.check(UnimplementedError):
                 self.supported = False
                 self._on_unsupported()
-                for kind, path, d in items:
-                    self._alone(kind, path).chainDeferred(d)
+                for kind, path, sink, index in items:
+                    if isinstance(sink, _Group):
+                        self._read_alone_into(kind, path, sink, index)
+                    else:
+                        self._alone(kind, path).chainDeferred(sink)
                 return
-            for _, _, d in items:
-                d.errback(failure)
+            for _, _, sink, index in items:
+                if isinstance(sink, _Group):
+                    sink.put(index, failure.value)
+                else:
+                    sink.errback(failure)
 
         self._call(multi_read).addCallbacks(answered, failed)
 
@@ -517,6 +595,9 @@ class _WatchContext:
     unwatch_subtree: Callable[[str, Callable[[int, str], None]], None]
     #: C{read(kind, path)}: a batched read without a watch.
     read: Callable[[int, str], Deferred]
+    #: C{read_many(kind, paths)}: batched reads without a watch, one
+    #: Deferred firing with each one's result or exception, in order.
+    read_many: Callable[[int, list[str]], Deferred]
 
 
 @implementer(IRegistry)
@@ -656,6 +737,7 @@ class ZooKeeperRegistry(ListingMixin):
             watch_subtree=self._watch_subtree,
             unwatch_subtree=self._unwatch_subtree,
             read=lambda kind, path: self._reads.read(kind, path),
+            read_many=lambda kind, paths: self._reads.read_many(kind, paths),
         )
         self._started = False
         self._stopping = False
@@ -1985,20 +2067,80 @@ class _ZooKeeperWatch:
             if generation != self._generation or self._stopped:
                 return
             self._pending -= 1
-            if failure.check(*_CONNECTION_ERRORS):
-                # The reconnection's resync reads the subtree again.
-                return
-            if failure.check(KazooException) and not failure.check(NoNodeError):
-                self.log.warn(
-                    "Cannot read {path} from ZooKeeper: {error!r}", path=path, error=failure.value
-                )
-            elif not failure.check(NoNodeError):
-                self.log.failure("reading {path} from ZooKeeper", failure, path=path)
-            on_error(path)
-            self._check_synced()
+            if self._read_failed(path, failure, on_error):
+                self._check_synced()
 
         d = method(path, self._watcher)
         d.addCallbacks(result, error)
+        d.addErrback(lambda f: self.log.failure("watch of {path}", f, path=self._base))
+
+    def _read_failed(self, path: str, failure: Failure, on_error: Callable[[str], None]) -> bool:
+        """
+        A read of C{path} failed: log what is unexpected, and tell
+        C{on_error} unless the connection is gone (the reconnection's
+        resync reads the subtree again).
+
+        @return: whether the watch may count the read as answered.
+        """
+        if failure.check(*_CONNECTION_ERRORS):
+            return False
+        if failure.check(KazooException) and not failure.check(NoNodeError):
+            self.log.warn(
+                "Cannot read {path} from ZooKeeper: {error!r}", path=path, error=failure.value
+            )
+        elif not failure.check(NoNodeError):
+            self.log.failure("reading {path} from ZooKeeper", failure, path=path)
+        on_error(path)
+        return True
+
+    def _read_leaves(self, paths: list[str]) -> None:
+        """
+        Read several instance nodes below one listed node: with persistent
+        watches, in one grouped request (one Deferred for all, not one
+        each); else one read and watch each.
+        """
+        if self._persistent:
+            self._read_group(_GET_DATA, paths, self._leaf_read)
+        else:
+            for path in paths:
+                self._read_leaf(path)
+
+    def _list_all(self, paths: list[str]) -> None:
+        """
+        List several interior nodes below one listed node, grouped as
+        L{_read_leaves} reads.
+        """
+        if self._persistent:
+            self._read_group(_GET_CHILDREN, paths, self._listed)
+        else:
+            for path in paths:
+                self._list(path)
+
+    def _read_group(
+        self, kind: int, paths: list[str], on_result: Callable[[str, Any], None]
+    ) -> None:
+        if not paths:
+            return
+        generation = self._generation
+        self._pending += 1
+
+        def results(values: list[Any]) -> None:
+            if generation != self._generation or self._stopped:
+                return
+            answered = True
+            for path, value in zip(paths, values, strict=True):
+                if isinstance(value, BaseException):
+                    answered &= self._read_failed(path, Failure(value), self._drop)
+                else:
+                    on_result(path, value)
+            # Counted as answered only now: the reads the results above
+            # asked for are pending already, so the snapshot waits for them.
+            self._pending -= 1
+            if answered:
+                self._check_synced()
+
+        d = self._context.read_many(kind, paths)
+        d.addCallback(results)
         d.addErrback(lambda f: self.log.failure("watch of {path}", f, path=self._base))
 
     def _list(self, path: str, root: bool = False) -> None:
@@ -2022,8 +2164,11 @@ class _ZooKeeperWatch:
         wanted = {c for c in children if _wanted(self._query, depth, c)}
         known = self._children.get(path, set())
         self._children[path] = wanted
-        for name in sorted(wanted - known):
-            self._explore(f"{path}/{name}")
+        new = [f"{path}/{name}" for name in sorted(wanted - known)]
+        if depth == LEAF_DEPTH:
+            self._read_leaves(new)
+        elif new:
+            self._list_all(new)
         for name in known - wanted:
             self._drop(f"{path}/{name}")
 
