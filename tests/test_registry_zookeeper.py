@@ -57,6 +57,7 @@ from skynet.registry.zookeeper import (
     _MultiRead,
     _ReadBatch,
 )
+from tests.netns import SharedZooKeeper
 from tests.registry_conformance import RegistryConformanceMixin
 from tests.zkserver import ZooKeeperCluster, four_letter_word, hold_command
 
@@ -144,27 +145,11 @@ class Recorder:
 
 
 @pytest.mark.slow
-class _ZooKeeperTestCase(TestCase):
+class _ZooKeeperTestCase(SharedZooKeeper, TestCase):
     """
-    Shared servers for a class, a fresh chroot per test, and helpers that
-    stop every registry and client a test makes.
+    Shared servers for a class (L{SharedZooKeeper}), a fresh chroot per
+    test, and helpers that stop every registry and client a test makes.
     """
-
-    cluster: ZooKeeperCluster
-    size = 1
-
-    @classmethod
-    def setUpClass(cls) -> None:
-        cls.cluster = ZooKeeperCluster(cls.size)
-        try:
-            cls.cluster.start()
-        except BaseException:
-            cls.cluster.close()
-            raise
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        cls.cluster.close()
 
     def setUp(self) -> None:
         self.chroot = f"/test{next(_chroots)}/skynet"
@@ -839,7 +824,7 @@ class EnsembleTests(_ZooKeeperTestCase):
     every member running.
     """
 
-    size = 3
+    zookeeper_size = 3
 
     async def _write_pause(self, registry: ZooKeeperRegistry, target: Instance, n: int) -> float:
         started = time.monotonic()
