@@ -567,10 +567,7 @@ class ServiceClient:
         self._watch: Any = None
 
     def describe(self) -> str:
-        q = self.query
-        parts = [f"{k}={v}" for k, v in (("version", q.version), ("region", q.region),
-                                            ("host", q.host)) if v is not None]  # fmt: skip
-        return q.service + (f" ({', '.join(parts)})" if parts else "")  # type: ignore[operator]
+        return self.query.describe()
 
     # Discovery (in the reactor thread)
 

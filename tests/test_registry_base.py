@@ -99,3 +99,17 @@ class InstanceDiffTests(SynchronousTestCase):
         diff.change(instance("new"), None)
         self.assertEqual(events.events, [("snapshot", ["old"]), ("removed", "old"),
                                          ("added", "new"), ("removed", "new")])  # fmt: skip
+
+
+class QueryDescribeTests(SynchronousTestCase):
+    """
+    L{Query.describe}: what both clients' errors name.
+    """
+
+    def test_describe(self) -> None:
+        self.assertEqual(Query(service="Fibonacci").describe(), "Fibonacci")
+        self.assertEqual(
+            Query(service="Fibonacci", version="2", host="10.0.0.1", port=9).describe(),
+            "Fibonacci (version=2, host=10.0.0.1)",
+        )
+        self.assertEqual(Query(region="eu").describe(), "any service (region=eu)")

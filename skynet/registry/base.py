@@ -586,6 +586,15 @@ class Query:
     def filter(self, instances: Iterable[Instance]) -> list[Instance]:
         return [i for i in instances if self.matches(i)]
 
+    def describe(self) -> str:
+        """
+        The service and what narrows it, for messages: C{Fibonacci (version=1,
+        region=eu)}.
+        """
+        parts = [f"{k}={v}" for k, v in (("version", self.version), ("region", self.region),
+                                            ("host", self.host)) if v is not None]  # fmt: skip
+        return (self.service or "any service") + (f" ({', '.join(parts)})" if parts else "")
+
 
 class IInstanceListener(Interface):
     """
