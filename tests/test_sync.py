@@ -77,6 +77,25 @@ def start(services: list[ServiceProcess], registry: str, spec: str = FIBONACCI,
     return process
 
 
+def two_instances(services: list[ServiceProcess], registry: str,
+                  **options: Any) -> tuple[ServiceProcess, Client, Any]:  # fmt: skip
+    """
+    Two Fibonacci instances, and a client (with C{options}) that knows both:
+    the first instance's process, the client and its Fibonacci service.
+    """
+    first = start(services, registry)
+    start(services, registry)
+    client = Client(registry, **options)
+    fib = client.service("Fibonacci")
+    fib.call("Index", {"index": 1}, timeout=30)
+    for _ in range(300):
+        if len(fib.handles) == 2:
+            break
+        threading.Event().wait(0.1)
+    assert len(fib.handles) == 2
+    return first, client, fib
+
+
 def fibonacci(n: int) -> int:
     a, b = 0, 1
     for _ in range(n):
@@ -106,17 +125,7 @@ def test_call_and_errors(services: list[ServiceProcess], registry: str) -> None:
 def test_threads_share_one_client_and_both_instances(
     services: list[ServiceProcess], registry: str
 ) -> None:
-    start(services, registry)
-    start(services, registry)
-    client = Client(registry)
-    fib = client.service("Fibonacci")
-    fib.call("Index", {"index": 1}, timeout=30)
-    # Both instances known before the threads start.
-    for _ in range(300):
-        if len(fib.handles) == 2:
-            break
-        threading.Event().wait(0.1)
-    assert len(fib.handles) == 2
+    _, client, fib = two_instances(services, registry)  # both known before the threads start
     errors: list[BaseException] = []
     results: list[tuple[int, int]] = []
     ports: set[int] = set()
@@ -148,15 +157,7 @@ def test_threads_share_one_client_and_both_instances(
 def test_an_instance_killed_mid_run_fails_no_call(
     services: list[ServiceProcess], registry: str
 ) -> None:
-    victim = start(services, registry)
-    start(services, registry)
-    client = Client(registry)
-    fib = client.service("Fibonacci")
-    fib.call("Index", {"index": 1}, timeout=30)
-    for _ in range(300):
-        if len(fib.handles) == 2:
-            break
-        threading.Event().wait(0.1)
+    victim, client, fib = two_instances(services, registry)
     stop = threading.Event()
     errors: list[BaseException] = []
     counts = [0] * 4
@@ -193,15 +194,7 @@ def test_a_hung_instance_is_overtaken_by_a_retry(
     SIGSTOP one of two instances: a call that went to it gets its answer
     from the other after the retry interval, long before its timeout.
     """
-    hung = start(services, registry)
-    start(services, registry)
-    client = Client(registry, retry_interval=0.3)
-    fib = client.service("Fibonacci")
-    fib.call("Index", {"index": 1}, timeout=30)
-    for _ in range(300):
-        if len(fib.handles) == 2:
-            break
-        threading.Event().wait(0.1)
+    hung, client, fib = two_instances(services, registry, retry_interval=0.3)
     for _ in range(4):  # both instances in use
         fib.call("Index", {"index": 2})
     hung.kill(signal.SIGSTOP)
