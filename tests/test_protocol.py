@@ -1427,8 +1427,20 @@ class WriteNowTests(TestCase):
         )
         return client.transport, received
 
-    async def test_plain_tcp_sends_at_once(self) -> None:
+    async def assert_received(self, received: list[bytes], expected: bytes) -> None:
+        """
+        Wait (up to 10 s) until the sink has as many bytes as C{expected},
+        then check that they are exactly those.
+        """
         from twisted.internet import reactor
+
+        for _ in range(1000):
+            if sum(map(len, received)) >= len(expected):
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(b"".join(received), expected)
+
+    async def test_plain_tcp_sends_at_once(self) -> None:
 
         transport, received = await self.sink_connection()
         self.assertIn(type(transport), _wire.plain_tcp())
@@ -1440,11 +1452,7 @@ class WriteNowTests(TestCase):
         self.assertEqual(transport._tempDataBuffer, [b"queued"])
         write_now(transport, b"after")  # something is queued: keep the order
         self.assertEqual(transport._tempDataBuffer, [b"queued", b"after"])
-        for _ in range(100):
-            if b"".join(received) == b"nowqueuedafter":
-                break
-            await deferLater(reactor, 0.01, lambda: None)
-        self.assertEqual(b"".join(received), b"nowqueuedafter")
+        await self.assert_received(received, b"nowqueuedafter")
         transport.loseConnection()
 
     async def test_a_partly_sent_large_write_finishes_in_order(self) -> None:
@@ -1453,19 +1461,6 @@ class WriteNowTests(TestCase):
         order with later writes, and pauses a streaming producer as
         C{transport.write} would.
         """
-        from twisted.internet import reactor
-        from twisted.internet.endpoints import (
-            TCP4ClientEndpoint,
-            TCP4ServerEndpoint,
-            connectProtocol,
-        )
-        from twisted.internet.protocol import Factory, Protocol
-
-        received: list[bytes] = []
-
-        class Sink(Protocol):
-            def dataReceived(self, data: bytes) -> None:
-                received.append(data)
 
         class Producer:
             paused = 0
@@ -1479,14 +1474,7 @@ class WriteNowTests(TestCase):
             def stopProducing(self) -> None:
                 pass
 
-        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-            Factory.forProtocol(Sink)
-        )
-        self.addCleanup(port.stopListening)
-        client = await connectProtocol(
-            TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), Protocol()
-        )
-        transport = client.transport
+        transport, received = await self.sink_connection()
         producer = Producer()
         transport.registerProducer(producer, True)
         large = bytes(range(256)) * 40_000  # 10 MB: more than a socket buffer holds
@@ -1496,11 +1484,7 @@ class WriteNowTests(TestCase):
         write_now(transport, b"after")
         transport.write(b"end")
         expected = large + b"afterend"
-        for _ in range(1000):
-            if sum(map(len, received)) >= len(expected):
-                break
-            await deferLater(reactor, 0.01, lambda: None)
-        self.assertEqual(b"".join(received), expected)
+        await self.assert_received(received, expected)
         transport.unregisterProducer()
         transport.loseConnection()
 
@@ -1555,7 +1539,6 @@ class WriteNowTests(TestCase):
         socket does not take at once follows through the reactor, in order
         with later writes; other transports get C{writeSequence}.
         """
-        from twisted.internet import reactor
 
         transport, received = await self.sink_connection()
         small = [b"head", memoryview(b"-view-")[1:5], b"tail"]
@@ -1568,11 +1551,7 @@ class WriteNowTests(TestCase):
         _wire.write_parts_now(transport, [b"after", b"!"])  # queued behind: writeSequence
         write_now(transport, b"end")
         expected = b"headviewtail" + b"".join(large) + b"after!end"
-        for _ in range(1000):
-            if sum(map(len, received)) >= len(expected):
-                break
-            await deferLater(reactor, 0.01, lambda: None)
-        self.assertEqual(b"".join(received), expected)
+        await self.assert_received(received, expected)
         transport.loseConnection()
         other = StringTransport()
         _wire.write_parts_now(other, [b"a", memoryview(b"bc"), bytearray(b"d")])
