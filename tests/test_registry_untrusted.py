@@ -129,6 +129,17 @@ class _UntrustedNodesMixin:
             await deferLater(reactor, 0.025, lambda: None)
         self.fail(f"timed out waiting for {what}")  # type: ignore[attr-defined]
 
+    async def watched_snapshot(self, registry: Any) -> RecordingListener:
+        """
+        Watch everything on C{registry} until its snapshot has come; the
+        listener, its first event the snapshot.
+        """
+        listener = RecordingListener()
+        watch = registry.watch(Query(), listener)
+        self.addCleanup(watch.stop)  # type: ignore[attr-defined]
+        await self.wait_for(lambda: listener.events, "the snapshot")
+        return listener
+
     async def test_bad_nodes_beside_a_healthy_instance(self) -> None:
         """
         Each bad node is ignored with one warning naming it; queries and
@@ -145,10 +156,7 @@ class _UntrustedNodesMixin:
             self.assertEqual(await registry.query(Query()), [good])
             self.assertEqual(await registry.query(Query(service="Bad")), [])
             self.assertEqual(await registry.query(Query(registered=True)), [good])
-            listener = RecordingListener()
-            watch = registry.watch(Query(), listener)
-            self.addCleanup(watch.stop)  # type: ignore[attr-defined]
-            await self.wait_for(lambda: listener.events, "the snapshot")
+            listener = await self.watched_snapshot(registry)
             self.assertEqual(await registry.query(Query()), [good])
         self.assertEqual(listener.events, [("snapshot", [good])])
         warned = [
@@ -270,10 +278,7 @@ class FileUntrustedTests(_UntrustedNodesMixin, _Fuzz, TestCase):
         os.symlink(os.path.join(self.root, "services", "Loop"), os.path.join(loop, "r"))
         os.symlink(os.path.join(self.root, "services"), os.path.join(self.root, "services", "Up"))
         self.assertEqual(await registry.query(Query()), [good])
-        listener = RecordingListener()
-        watch = registry.watch(Query(), listener)
-        self.addCleanup(watch.stop)
-        await self.wait_for(lambda: listener.events, "the snapshot")
+        listener = await self.watched_snapshot(registry)
         self.assertEqual(listener.events, [("snapshot", [good])])
         # Another process's instance, seen through inotify or the poll.
         peer = FileRegistry(self.root, reactor=reactor)
@@ -302,10 +307,7 @@ class FileUntrustedTests(_UntrustedNodesMixin, _Fuzz, TestCase):
         os.mkfifo(os.path.join(linked_dir, "2"))
         os.makedirs(os.path.join(linked_dir, "3"))
         self.assertEqual(await registry.query(Query()), [good])
-        listener = RecordingListener()
-        watch = registry.watch(Query(), listener)
-        self.addCleanup(watch.stop)
-        await self.wait_for(lambda: listener.events, "the snapshot")
+        listener = await self.watched_snapshot(registry)
         self.assertEqual(listener.events, [("snapshot", [good])])
 
 
@@ -364,10 +366,7 @@ class ZooKeeperUntrustedTests(SharedZooKeeper, _UntrustedNodesMixin, _Fuzz, Test
         self.plant("Bad/1/r/127.0.0.1/9000/deeper/still", b"{}")
         self.plant("Bad/1/r/127.0.0.1", _dumps(good_doc(9000)))
         self.assertEqual(await registry.query(Query()), [good])
-        listener = RecordingListener()
-        watch = registry.watch(Query(), listener)
-        self.addCleanup(watch.stop)
-        await self.wait_for(lambda: listener.events, "the snapshot")
+        listener = await self.watched_snapshot(registry)
         self.assertEqual(listener.events, [("snapshot", [good])])
 
 
