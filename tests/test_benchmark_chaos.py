@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
-from tests.processes import ROOT, child_env
+from tests.processes import ROOT, child_env, missing_here
 
 
 class _Run(TestCase):
@@ -120,7 +120,7 @@ class DiscoveryTests(_Run):
         try:
             require_zookeeper()
         except ZooKeeperMissing as e:
-            raise SkipTest(str(e)) from None
+            missing_here(str(e))
         stdout, report = self.run_module(
             "benchmarks.discovery", "--rounds", "1", "--rate", "50", "--serve", "0.3",
             "--backends", "zookeeper", "--zk-session-timeout", "2",

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from benchmarks import peers
 from benchmarks.compare import DEFAULT_PEERS_VENV, MODES, ensure_peers
-from tests.processes import ROOT, child_env
+from tests.processes import ROOT, child_env, missing_here
 
 TINY = ["--seconds", "0.2", "--processes", "2", "--concurrency", "4", "--connections", "10"]
 
@@ -159,7 +159,7 @@ class CompareRun(TestCase):
     def test_real_peers_if_installed(self) -> None:
         python, why = ensure_peers(DEFAULT_PEERS_VENV, create=False)
         if python is None:
-            raise SkipTest(f"Pyro5 and grpc not set up: {why}")
+            missing_here(f"Pyro5 and grpc not set up: {why}")
         result, report = self.run_compare(
             "--systems", "pyro5,grpc", "--payloads", "100", "--peers-python", python
         )

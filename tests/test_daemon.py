@@ -25,7 +25,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import capturedLogs
 from twisted.python import usage
 from twisted.python.usage import UsageError
-from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from skynet.client import Client
@@ -71,6 +71,7 @@ from tests.processes import (
     ROOT,
     child_env,
     fibonacci_load,
+    missing_here,
     sleep,
     terminate,
     twistd,
@@ -2032,7 +2033,7 @@ class ZooKeeperDaemonTests(_DaemonHarness):
         try:
             cluster = ZooKeeperCluster(1)
         except ZooKeeperMissing as e:
-            raise SkipTest(str(e)) from None
+            missing_here(str(e))
         self.addCleanup(cluster.close)
         await deferToThread(cluster.start)
         url = cluster.url("/daemon-test", session_timeout=8)

@@ -45,6 +45,7 @@ from skynet.registry.files import (
     encode_node,
     write_atomically,
 )
+from tests.processes import missing_here
 from tests.registry_conformance import (
     RecordingListener,
     RegistryConformanceMixin,
@@ -395,7 +396,7 @@ class FileRegistryTests(FileTestMixin, TestCase):
         cannot add a node at all.
         """
         if os.geteuid() != 0:
-            self.skipTest("needs root to make files of another user (uid 65534)")
+            missing_here("needs root to make files of another user (uid 65534)")
         registry = await self.started(FileRegistry(self.root, reactor=reactor))
         good = make_instance(name="Good")
         await registry.add(good)
@@ -602,7 +603,7 @@ class FileRegistryTests(FileTestMixin, TestCase):
         and created again meanwhile.
         """
         if files.inotify is None:
-            self.skipTest("no inotify here")
+            missing_here("no inotify here")
         registry = await self.started(FileRegistry(self.root, reactor=reactor, poll_interval=60))
         listener = RecordingListener()
         watch = registry.watch(Query(), listener)
@@ -632,7 +633,7 @@ class FileRegistryTests(FileTestMixin, TestCase):
         and the scanner polls so that changes in it are seen.
         """
         if files.inotify is None:
-            self.skipTest("no inotify here")
+            missing_here("no inotify here")
         registry = await self.started(FileRegistry(self.root, reactor=reactor, poll_interval=0.1))
         listener = RecordingListener()
         watch = registry.watch(Query(), listener)
@@ -672,7 +673,7 @@ class FileRegistryTests(FileTestMixin, TestCase):
         changes with a scanner each (here, inotify: polling would take 30 s).
         """
         if files.inotify is None:
-            self.skipTest("no inotify here")
+            missing_here("no inotify here")
         await self.check_two_registries({"poll_interval": 30})
 
     async def check_two_registries(self, options: dict[str, Any]) -> None:

@@ -300,7 +300,7 @@ class NamespaceTests(TestCase):
     timeout = 180
 
     def setUp(self) -> None:
-        from tests.test_zookeeper_cluster import namespaces_unavailable
+        from tests.netns import namespaces_unavailable
 
         reason = namespaces_unavailable()
         if reason is not None:

@@ -48,7 +48,6 @@ from skynet.registry.files import FileRegistry
 from skynet.registry.memory import MemoryRegistry
 from skynet.registry.zookeeper import DEFAULT_SESSION_TIMEOUT, ZooKeeperRegistry
 from tests.netns import NamespaceTestCase, SharedZooKeeper
-from tests.netns import namespaces_unavailable as namespaces_unavailable  # test_tls_cluster's
 from tests.netns_caller import SteadyLoad
 from tests.processes import ROOT, ServiceProcess, child_env, sleep, twistd, wait_for
 from tests.zkserver import (
