@@ -24,6 +24,7 @@ from skynet.testing import LocalCluster
 from skynet.web.app import DashboardApp
 from skynet.web.model import DashboardModel
 from skynet.web.traces import DashboardTraces, TraceError, parse_window, slow_entry
+from tests.test_trace import fresh_ring
 from tests.test_web import TOKEN
 
 
@@ -37,9 +38,7 @@ def _walk(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 class DashboardTracesTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.saved = tracing.RING, tracing.ENABLED
-        tracing.configure(1000)
-        self.addCleanup(self.restore)
+        fresh_ring(self)
         self.cluster = LocalCluster()
         self.addCleanup(self.cluster.stop)
         # At the real time: an instance reads "since" on the reactor it runs
@@ -63,9 +62,6 @@ class DashboardTracesTests(SynchronousTestCase):
                            traces=traces)  # fmt: skip
         self.treq = StubTreq(app.resource())
         self.settle()
-
-    def restore(self) -> None:
-        tracing.RING, tracing.ENABLED = self.saved
 
     def settle(self) -> None:
         for _ in range(10):

@@ -19,6 +19,20 @@ from skynet.service import Service
 from skynet.testing import LocalCluster
 
 
+def fresh_ring(case: Any, size: int = 1000) -> None:
+    """
+    Record spans into a ring of C{size} of the test's own, and put the
+    process's ring back after it.
+    """
+    saved = tracing.RING, tracing.ENABLED
+
+    def restore() -> None:
+        tracing.RING, tracing.ENABLED = saved
+
+    tracing.configure(size)
+    case.addCleanup(restore)
+
+
 class Slow(Service):
     name = "Slow"
 
@@ -52,13 +66,8 @@ def _walk(nodes):
 
 class SpanRecordingTests(TestCase):
     def setUp(self) -> None:
-        self.saved = tracing.RING, tracing.ENABLED
-        tracing.configure(1000)
-        self.addCleanup(self.restore)
+        fresh_ring(self)
         self.cluster = LocalCluster()
-
-    def restore(self) -> None:
-        tracing.RING, tracing.ENABLED = self.saved
 
     def test_both_sides_recorded_with_timings_on_the_clock(self) -> None:
         self.cluster.add(Slow(self.cluster.clock))
@@ -224,12 +233,7 @@ class ShellTraceTests(TestCase):
     """
 
     def setUp(self) -> None:
-        self.saved = tracing.RING, tracing.ENABLED
-        tracing.configure(1000)
-        self.addCleanup(self.restore)
-
-    def restore(self) -> None:
-        tracing.RING, tracing.ENABLED = self.saved
+        fresh_ring(self)
 
     def run_line(self, shell, cluster, line):
         from skynet.shell import BufferIO
@@ -287,17 +291,12 @@ class ShellSlowestTests(TestCase):
 
         from skynet.shell import Shell
 
-        self.saved = tracing.RING, tracing.ENABLED
-        tracing.configure(1000)
-        self.addCleanup(self.restore)
+        fresh_ring(self)
         self.cluster = LocalCluster()
         self.addCleanup(self.cluster.stop)
         self.cluster.clock.advance(time.time())
         self.cluster.add(Slow(self.cluster.clock))
         self.shell = Shell(self.cluster.registry, self.cluster.client(), reactor=self.cluster.clock)
-
-    def restore(self) -> None:
-        tracing.RING, tracing.ENABLED = self.saved
 
     def run_line(self, line):
         from skynet.shell import BufferIO
@@ -379,15 +378,10 @@ class SlowestTests(TestCase):
     """
 
     def setUp(self) -> None:
-        self.saved = tracing.RING, tracing.ENABLED
-        tracing.configure(1000)
-        self.addCleanup(self.restore)
+        fresh_ring(self)
         self.cluster = LocalCluster()
         self.cluster.add(Slow(self.cluster.clock))
         self.cluster.add(Outer())
-
-    def restore(self) -> None:
-        tracing.RING, tracing.ENABLED = self.saved
 
     def run_call(self, service: str, method: str, params, request_id: str) -> None:
         d = self.cluster.client().service(service).call(method, params, RequestInfo(request_id))
@@ -603,12 +597,7 @@ class GatherTests(TestCase):
     """
 
     def setUp(self) -> None:
-        self.saved = tracing.RING, tracing.ENABLED
-        tracing.configure(1000)
-        self.addCleanup(self.restore)
-
-    def restore(self) -> None:
-        tracing.RING, tracing.ENABLED = self.saved
+        fresh_ring(self)
 
     def gather(self, broken: bool) -> tuple[tracing.Gathered, list[str], list]:
         import attr
