@@ -24,6 +24,7 @@ from skynet.observe.logsearch import (
     SearchError,
     decode_cursor,
     format_event,
+    parse_duration,
     parse_since,
 )
 from skynet.protocol import RequestInfo
@@ -200,6 +201,12 @@ class LogTests(SynchronousTestCase):
         line = format_event({"time": 0.25, "host": "", "service": "Svc", "uuid": "12345678-9",
                              "level": "warn", "text": "a\nb", "request_id": "r1"}, "h1")  # fmt: skip
         self.assertIn(" h1 Svc/12345678 WARN  a\\nb [request r1]", line)
+
+    def test_parse_duration(self) -> None:
+        self.assertEqual([parse_duration(v) for v in ("250ms", "30s", "10M", "2h", "1.5d")],
+                         [0.25, 30.0, 600.0, 7200.0, 129600.0])  # fmt: skip
+        for other in ("", "10", "-5m", "1w", "m", "10 m"):
+            self.assertIsNone(parse_duration(other), other)
 
     def test_parse_since(self) -> None:
         self.assertEqual(parse_since("10m", now=1000.0), 400.0)

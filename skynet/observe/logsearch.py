@@ -572,6 +572,19 @@ def _backwards(
         handle.close()
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: str) -> float | None:
+    """
+    C{250ms}, C{30s}, C{10m}, C{2h}, C{1d} as seconds; L{None} for text
+    of any other form.
+    """
+    m = _DURATION.fullmatch(value.strip().lower())
+    return float(m.group(1)) * _UNIT_SECONDS[m.group(2)] if m else None
+
+
 def parse_since(value: str, now: float | None = None) -> float:
     """
     C{10m}, C{30s}, C{2h}, C{1d} ago, or a POSIX time, or an ISO 8601 time.
@@ -579,10 +592,9 @@ def parse_since(value: str, now: float | None = None) -> float:
     @raise SearchError: for anything else.
     """
     now = time.time() if now is None else now
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)", value.strip())
-    if m:
-        unit = {"ms": 1e-3, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
-        return now - float(m.group(1)) * unit
+    ago = parse_duration(value)
+    if ago is not None:
+        return now - ago
     try:
         return float(value)
     except ValueError:
@@ -607,6 +619,7 @@ __all__ = [
     "encode_cursor",
     "fan_out",
     "parse_level",
+    "parse_duration",
     "parse_since",
 ]
 

@@ -821,22 +821,22 @@ def format_tree(roots: list[dict[str, Any]]) -> list[str]:
 
 # The slow calls
 
-_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
 
 def parse_window(value: str) -> float:
     """
-    C{30s}, C{15m}, C{2h}, C{1d} or a number of seconds, as seconds.
+    C{30s}, C{15m}, C{2h}, C{1d} (L{skynet.observe.logsearch.parse_duration})
+    or a number of seconds, as seconds.
 
     @raise ValueError: for anything else.
     """
-    text = value.strip().lower()
-    factor = _UNITS.get(text[-1:], None)
-    number = text[:-1] if factor is not None else text
-    try:
-        seconds = float(number) * (factor or 1.0)
-    except ValueError:
-        raise ValueError(f"since must be like 30s, 15m, 2h or 1d, not {value!r}") from None
+    from skynet.observe.logsearch import parse_duration
+
+    seconds = parse_duration(value)
+    if seconds is None:
+        try:
+            seconds = float(value.strip())
+        except ValueError:
+            raise ValueError(f"since must be like 30s, 15m, 2h or 1d, not {value!r}") from None
     if not 0 < seconds < float("inf"):
         raise ValueError(f"since must be more than 0 seconds, not {value!r}")
     return seconds
