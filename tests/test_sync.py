@@ -23,7 +23,7 @@ from typing import Any
 import bson
 import pytest
 
-from skynet import _wire
+from skynet import _wire, sync
 from skynet.errors import (
     ConnectionFailed,
     NoInstances,
@@ -540,14 +540,133 @@ def test_a_hung_instance_is_hedged_with_retrycount(scripted: Any) -> None:
         alone.call("Hang", {}, timeout=0.5)
 
 
-def test_a_connection_closed_mid_call(scripted: Any) -> None:
-    service = scripted(lambda *args: True)  # closes instead of answering
+@pytest.mark.parametrize("spin", [0.0, 2.0], ids=["sleeping", "polling"])
+def test_a_connection_closed_mid_call(scripted: Any, spin: float) -> None:
+    service = scripted(lambda *args: True, spin=spin)  # closes instead of answering
     with pytest.raises(ConnectionFailed, match="closed by the peer"):
         service.call_once("Anything", {}, timeout=5)
     # With retries, the call keeps trying (the instance is back in rotation
     # after its back-off) until it gives up.
     with pytest.raises(RequestTimeout, match="last error: connection to Scripted lost"):
         service.call("Anything", {}, timeout=1.5)
+
+
+class Waits:
+    """
+    How calls waited for their answers: each L{_Connection._spin} (its
+    budget and whether bytes came) and each sleeping receive.
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.spins: list[tuple[float, bool]] = []
+        self.receives = 0
+        spin, receive = sync._Connection._spin, sync._Connection._receive
+
+        def spying_spin(connection: Any, budget: float) -> bool:
+            came = spin(connection, budget)
+            self.spins.append((budget, came))
+            return came
+
+        def spying_receive(connection: Any) -> bool:
+            self.receives += 1
+            return receive(connection)
+
+        monkeypatch.setattr(sync._Connection, "_spin", spying_spin)
+        monkeypatch.setattr(sync._Connection, "_receive", spying_receive)
+        monkeypatch.setattr(sync, "_SPINNERS", 1)  # as on a machine of 2 CPUs
+
+    def clear(self) -> None:
+        self.spins.clear()
+        self.receives = 0
+
+
+def test_a_quick_answer_is_polled_for_a_slow_one_slept_for(
+    scripted: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    A call polls for its answer for the client's C{spin} before it sleeps
+    on the socket: a quick answer comes while polling (no sleeping receive),
+    a slower one after the poll gave up; and an instance that answers
+    slower than C{spin} on average is not polled for at all.
+    """
+    delay = {"seconds": 0.0}
+
+    def echo(connection: socket.socket, seq: int, method: str, params: Any) -> bool:
+        threading.Event().wait(delay["seconds"])
+        answer(connection, seq, {"n": params["n"]})
+        return False
+
+    waits = Waits(monkeypatch)
+    service = scripted(echo, spin=2.0)
+    assert service.call("Echo", {"n": -1}, timeout=10) == {"n": -1}  # connects
+    waits.clear()
+    for n in range(5):
+        assert service.call("Echo", {"n": n}, timeout=10) == {"n": n}
+    assert waits.spins == [(2.0, True)] * 5 and waits.receives == 0
+
+    slower = scripted(echo, spin=0.05)
+    delay["seconds"] = 0.2
+    assert slower.call("Echo", {"n": 1}, timeout=10) == {"n": 1}
+    # The handshake's receive, then one call's: its poll, in vain, first.
+    waits.clear()
+    assert slower.call("Echo", {"n": 2}, timeout=10) == {"n": 2}
+    assert waits.spins == [] and waits.receives >= 1  # 0.2 s on average > 0.05 s
+
+    fresh = scripted(echo, spin=0.05)
+    for _ in range(200):  # the fast path's first call: an instance in hand
+        if fresh.handles:
+            break
+        threading.Event().wait(0.05)
+    waits.clear()
+    fresh.call("Echo", {"n": 3}, timeout=10)
+    assert waits.spins == [(0.05, False)] and waits.receives >= 2
+
+    never = scripted(echo, spin=0)
+    delay["seconds"] = 0.0
+    waits.clear()
+    assert never.call("Echo", {"n": 4}, timeout=10) == {"n": 4}
+    assert waits.spins == [] and waits.receives >= 1
+
+
+def test_polling_is_one_thread_at_a_time_on_two_cpus(
+    scripted: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    While a thread polls, the others sleep on their sockets (so a service on
+    the same host keeps a CPU); every call is answered either way.
+    """
+    gate = threading.Event()
+
+    def echo(connection: socket.socket, seq: int, method: str, params: Any) -> bool:
+        if params["n"] >= 0:
+            gate.wait(10)
+        answer(connection, seq, {"n": params["n"]})
+        return False
+
+    waits = Waits(monkeypatch)
+    service = scripted(echo, spin=0.5)
+    results: list[Any] = []
+
+    def caller(n: int) -> None:
+        service.call("Echo", {"n": -1 - n}, timeout=10)  # its connection, no waiting
+        results.append(service.call("Echo", {"n": n}, timeout=10))
+
+    threads = [threading.Thread(target=caller, args=(n,)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    threading.Event().wait(0.2)
+    busy = len(sync._spinning)
+    gate.set()
+    for thread in threads:
+        thread.join(10)
+    assert busy == 1
+    assert sorted(r["n"] for r in results) == [0, 1, 2]
+    assert not sync._spinning
+
+
+def test_spin_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="spin is a number of seconds"):
+        Client("memory://never-used", spin=-1)
 
 
 def test_a_bad_frame_fails_the_connection(scripted: Any) -> None:
