@@ -48,7 +48,10 @@ def _bare_caller(port: int, payload: bytes) -> tuple[Callable[[], Any], Callable
         sock.sendall(request)
         n = 0
         while n < 4 or n < unpack(buf)[0]:
-            got = sock.recv_into(view[n:])
+            try:  # polls, as skynet.sync does
+                got = sock.recv_into(view[n:], 0, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
             if not got:
                 raise ConnectionError("the bare server closed the connection")
             n += got
@@ -79,7 +82,7 @@ def run(args: argparse.Namespace) -> dict[str, tuple[float, float]]:
 
         def direct() -> Any:
             seq = connection.send("Add", encoded, info)
-            done, result = connection.response(seq, time.monotonic() + 10)
+            done, result = connection.response(seq, time.monotonic() + 10, spin=client.spin)
             if not done:
                 raise TimeoutError("no answer in 10 s")
             return result

@@ -29,7 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from skynet import _wire
+from skynet import _wire, busypoll
 from skynet.config import default_reactor
 from skynet.errors import (
     ConnectionFailed,
@@ -938,6 +938,12 @@ class Client:
         L{Instance} and returning a Deferred firing with a ready
         L{ClientProtocol} (default TCP; L{skynet.testing} has an in-memory
         one).
+    @param busy_poll: how long the reactor polls for the next event before
+        it sleeps, while events come in quick succession, in seconds
+        (L{skynet.busypoll}; it is the reactor's setting, shared by all on
+        it).  L{None}: L{skynet.busypoll.DEFAULT_BUDGET}, unless set on this
+        reactor already (by C{twistd skynet-service --busy-poll}, say); 0:
+        never.  Only Twisted's epoll reactor polls.
     """
 
     log = Logger()
@@ -959,8 +965,12 @@ class Client:
         max_frame: int = DEFAULT_MAX_FRAME,
         sweep_interval: float = 5.0,
         connector: Callable[[Instance], Deferred] | None = None,
+        busy_poll: float | None = None,
     ) -> None:
         reactor = default_reactor(reactor)
+        if busy_poll is not None and not 0 <= busy_poll < math.inf:
+            raise ValueError(f"busy_poll is 0 or more seconds, not {busy_poll!r}")
+        self.busy_poll = busy_poll
         self.reactor = reactor
         self.own_registry = registry is None or isinstance(registry, str)
         if self.own_registry:
@@ -990,6 +1000,10 @@ class Client:
     def _start(self) -> None:
         if self._ready is not None:
             return
+        if self.busy_poll is None:
+            busypoll.install_default(self.reactor)
+        else:
+            busypoll.install(self.reactor, self.busy_poll)
         self._sweeper.start(self._sweep_interval, now=False)
         if self.own_registry:
             self._ready = maybeDeferred(self.registry.start)

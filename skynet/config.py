@@ -67,6 +67,8 @@ class EnvDefaults:
     @ivar max_port: C{SKYNET_MAX_PORT}, unparsed.
     @ivar otlp_endpoint: C{SKYNET_OTLP_ENDPOINT}, the OTLP/HTTP collector
         spans are exported to (L{skynet.observe.otlp}), unparsed.
+    @ivar busy_poll: C{SKYNET_BUSY_POLL}, microseconds a service's reactor
+        polls before it sleeps (L{skynet.busypoll}), unparsed.
     """
 
     version: str | None = None
@@ -76,6 +78,7 @@ class EnvDefaults:
     min_port: str | None = None
     max_port: str | None = None
     otlp_endpoint: str | None = None
+    busy_poll: str | None = None
 
 
 def environment_defaults(environ: Mapping[str, str] | None = None) -> EnvDefaults:
@@ -95,6 +98,7 @@ def environment_defaults(environ: Mapping[str, str] | None = None) -> EnvDefault
         min_port=get("SKYNET_MIN_PORT"),
         max_port=get("SKYNET_MAX_PORT"),
         otlp_endpoint=get("SKYNET_OTLP_ENDPOINT"),
+        busy_poll=get("SKYNET_BUSY_POLL"),
     )
 
 

@@ -29,6 +29,7 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from skynet import busypoll
 from skynet.config import EnvDefaults, default_reactor
 from skynet.observe import tracing  # (trace hook)
 from skynet.observe.histogram import MethodStats  # (observe hook)
@@ -643,6 +644,9 @@ class ServiceHost(MultiService):
         doc.update(self.method_stats.to_bson())  # (observe hook) Methods, LatencyBuckets
         if self._reactor_lag is not None:  # (heal, issue 16: Go readers ignore it)
             doc[REACTOR_LAG_KEY] = self._reactor_lag.lag
+        busy = busypoll.installed(self.reactor)
+        if busy is not None:  # Go readers ignore it too
+            doc["BusyPoll"] = {"Budget": busy.budget, "Polls": busy.polls, "Caught": busy.caught}
         try:
             extra = self.service.extra_statistics()
         except Exception:

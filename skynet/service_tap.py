@@ -34,7 +34,10 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python import usage
 
-from skynet import tls  # security hook (issue 12)
+from skynet import (
+    busypoll,
+    tls,  # security hook (issue 12)
+)
 from skynet.config import default_reactor, environment_defaults, tune_malloc
 from skynet.service import Service, ServiceHost
 from skynet.taps import (
@@ -105,6 +108,10 @@ class Options(usage.Options):
          "unregistration before the instance leaves (0: none).", number("linger")],
         ["stats-interval", None, 5.0, "Seconds between statistics updates in the registry.",
          number("stats-interval", positive=True)],
+        ["busy-poll", None, None,
+         "Microseconds the reactor polls for the next event before it sleeps, while events "
+         "come in quick succession (default $SKYNET_BUSY_POLL, else 200; 0: never).",
+         number("busy-poll")],
         ["otlp-endpoint", None, None,
          "Export spans to this OpenTelemetry collector, OTLP/HTTP JSON: http[s]://host:port"
          "[/path] (no path: /v1/traces; default $SKYNET_OTLP_ENDPOINT)."],
@@ -154,6 +161,23 @@ class Options(usage.Options):
         self.registry = open_registry(reactor, self["registry"], self["zk-session-timeout"])
         self.tls = tls.tap_tls(self, reactor)  # security hook (issue 12)
         self.otlp_endpoint = _otlp_endpoint(self)
+        self.busy_poll = _busy_poll(self)
+
+
+def _busy_poll(options: Options) -> float:
+    """
+    The busy-poll budget in seconds: C{--busy-poll}, else
+    C{$SKYNET_BUSY_POLL}, else L{skynet.busypoll.DEFAULT_BUDGET}.
+    """
+    if options["busy-poll"] is not None:
+        return float(options["busy-poll"]) / 1e6
+    value = environment_defaults().busy_poll
+    if value is None or not value.strip():
+        return busypoll.DEFAULT_BUDGET
+    try:
+        return float(number("busy-poll")(value)) / 1e6
+    except usage.UsageError as e:
+        raise usage.UsageError(f"$SKYNET_BUSY_POLL: {e}") from None
 
 
 def _otlp_endpoint(options: Options) -> str | None:
@@ -234,6 +258,7 @@ def makeService(options: Options) -> MultiService:
     """
     tune_malloc()  # large messages: heap reuse, not fresh pages
     reactor = default_reactor()
+    busypoll.install(reactor, options.busy_poll)  # no sleep between quick events
     service = options.service_class()
     top = MultiService()
     if options["supervised"]:
