@@ -33,6 +33,10 @@ The systems:
   - notrace: skynet with span recording off in the service and the
     client (C{SKYNET_TRACE=0}); skynet's ratio to it is the cost of tracing
     (issue 14: at most 5 % at 64 in flight), in a column of its own;
+  - nopoll, syncnopoll: skynet and sync without busy polling (the
+    service with C{SKYNET_BUSY_POLL=0}, the Twisted client with
+    C{busy_poll=0}, the sync client with C{spin=0}), what polling gains,
+    in columns of their own (not in the default run: C{--systems});
   - bare: a bare Twisted request/response loop over the same BSON framing
     (one document each way, no handshake, no registry: see
     L{benchmarks.bare}), the floor of this design;
@@ -98,6 +102,8 @@ LABELS = {
     "pyro5": "Pyro5",
     "grpc": "gRPC",
     "fake": "fake",
+    "nopoll": "nopoll",
+    "syncnopoll": "syncnopoll",
 }
 MODES = ["sequential", "concurrent", "processes"]
 
@@ -119,7 +125,10 @@ SYNC_GOALS = {"sequential": 1.5}
 TRACE_GOALS = {"concurrent": 0.95}
 
 #: The systems served by C{twistd skynet-service}.
-SKYNET_SERVED = ("skynet", "notrace", "sync")
+SKYNET_SERVED = ("skynet", "notrace", "sync", "nopoll", "syncnopoll")
+
+#: The systems without busy polling, and the one each is the baseline of.
+NO_POLL = {"nopoll": "skynet", "syncnopoll": "sync"}
 
 
 # -- the skynet service and the bare server
@@ -376,8 +385,9 @@ async def _twisted_client(reactor: Any, args: argparse.Namespace) -> None:
         from skynet.observe import tracing
 
         tracing.configure(0)
-    if args.kind in ("skynet", "notrace"):
-        call, connect, close = await _skynet_setup(reactor, args.target, payload)
+    if args.kind in ("skynet", "notrace", "nopoll"):
+        busy_poll = 0.0 if args.kind == "nopoll" else None
+        call, connect, close = await _skynet_setup(reactor, args.target, payload, busy_poll)
     else:
         call, connect, close = await _bare_setup(reactor, int(args.target), payload)
     if args.mode == "connections":
@@ -414,11 +424,12 @@ async def _loop(call: Any, seconds: float, width: int) -> dict[str, Any]:
     return await gathered(call, seconds, width, gather=on_reactor)
 
 
-async def _skynet_setup(reactor: Any, url: str, payload: bytes) -> tuple[Any, Any, Any]:
+async def _skynet_setup(reactor: Any, url: str, payload: bytes,
+                        busy_poll: float | None = None) -> tuple[Any, Any, Any]:  # fmt: skip
     from skynet.client import Client, tcp_connector
     from skynet.protocol import DEFAULT_MAX_FRAME
 
-    client = Client(registry=url, reactor=reactor)
+    client = Client(registry=url, reactor=reactor, busy_poll=busy_poll)
     adder = client.service("Adder")
     params = {"a": 1, "b": 2, "data": payload}
     first = await adder.call("Add", params, timeout=60)
@@ -456,10 +467,10 @@ def run_sync_client(args: argparse.Namespace) -> None:
     this thread.
     """
     from benchmarks.peers import ready_then_wait, report, sequential, threaded
-    from skynet.sync import Client, _Connection
+    from skynet.sync import DEFAULT_SPIN, Client, _Connection
 
     payload = b"x" * args.payload
-    client = Client(args.target)
+    client = Client(args.target, spin=0.0 if args.kind == "syncnopoll" else DEFAULT_SPIN)
     adder = client.service("Adder")
     params = {"a": 1, "b": 2, "data": payload}
     first = adder.call("Add", params, timeout=60)
@@ -575,6 +586,8 @@ class Server:
                    BENCH_PYRO_THREADS=str(pyro_threads))  # fmt: skip
         if system == "notrace":
             env["SKYNET_TRACE"] = "0"
+        if system in NO_POLL:
+            env["SKYNET_BUSY_POLL"] = "0"
         self.popen = subprocess.Popen(command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                                       stdout=self.log, stderr=subprocess.STDOUT)  # fmt: skip
         self.process = psutil.Process(self.popen.pid)
@@ -792,6 +805,7 @@ def tables(report: dict[str, Any]) -> str:
     others = [s for s in systems if s not in SKYNET_SERVED]
     sync_column = "sync" in systems and "pyro5" in systems
     trace_column = "skynet" in systems and "notrace" in systems
+    poll_columns = [(s, b) for s, b in NO_POLL.items() if s in systems and b in systems]
     lines = []
     m = report["machine"]
     lines.append(
@@ -815,6 +829,7 @@ def tables(report: dict[str, Any]) -> str:
         header += f"{'sync/Pyro5':>12}"
     if trace_column:
         header += f"{'/notrace':>12}"
+    header += "".join(f"{LABELS[b] + '/' + LABELS[s]:>18}" for s, b in poll_columns)
     lines.append(header)
     results = report["results"]
     for payload in config["payloads"]:
@@ -836,6 +851,10 @@ def tables(report: dict[str, Any]) -> str:
                 mine = figures["skynet"]["calls_per_s"]
                 theirs = figures["notrace"]["calls_per_s"]
                 row += f"{ratio_cell(mine, theirs, TRACE_GOALS.get(mode)):>12}"
+            row += "".join(
+                f"{ratio_cell(figures[b]['calls_per_s'], figures[s]['calls_per_s'], None):>18}"
+                for s, b in poll_columns
+            )
             lines.append(row)
     lines.append("")
     if "raw" in systems:
@@ -915,8 +934,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args.systems = [s for s in args.systems.split(",") if s]
     if bad := set(args.modes) - set(MODES):
         parser.error(f"unknown modes {sorted(bad)}; choose from {MODES}")
-    if bad := set(args.systems) - set(SYSTEMS) - PEERS:
-        parser.error(f"unknown systems {sorted(bad)}; choose from {SYSTEMS}")
+    if bad := set(args.systems) - set(SYSTEMS) - set(NO_POLL) - PEERS:
+        parser.error(f"unknown systems {sorted(bad)}; choose from {SYSTEMS + list(NO_POLL)}")
     if args.seconds <= 0 or args.concurrency < 1 or args.processes < 1 or args.connections < 1:
         parser.error("--seconds, --concurrency, --processes, --connections must be positive")
     return args
@@ -932,7 +951,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.client:
         args.kind, args.target = args.client
-        if args.kind == "sync":
+        if args.kind in ("sync", "syncnopoll"):
             run_sync_client(args)
         elif args.kind == "raw":
             run_raw_client(args)

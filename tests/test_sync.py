@@ -643,7 +643,7 @@ def test_polling_is_one_thread_at_a_time_on_two_cpus(
         answer(connection, seq, {"n": params["n"]})
         return False
 
-    waits = Waits(monkeypatch)
+    Waits(monkeypatch)  # for its _SPINNERS of 2 CPUs
     service = scripted(echo, spin=0.5)
     results: list[Any] = []
 
