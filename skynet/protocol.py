@@ -148,22 +148,33 @@ def new_id() -> str:
 def new_request_id() -> str:
     """
     A fresh unique request id in the shape of a UUID4 string, cheaper still
-    for the per-call path: 68 random bits per process (drawn again after a
-    fork) and a counter in the last 12 hex digits.  Unique, not secret.
+    for the per-call path: 68 random bits per process (drawn again in the
+    child after a fork) and a counter in the last 12 hex digits.  Unique,
+    not secret.
     """
-    global _id_pid, _id_prefix, _id_count
-    if _id_pid != os.getpid():
-        h = os.urandom(16).hex()
-        _id_prefix = f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-"
-        _id_count = int(h[20:], 16)
-        _id_pid = os.getpid()
+    global _id_count
+    if not _id_prefix:
+        _draw_id_prefix()
     _id_count = (_id_count + 1) & 0xFFFFFFFFFFFF
     return _id_prefix + format(_id_count, "012x")
 
 
-_id_pid = -1
+def _draw_id_prefix() -> None:
+    global _id_prefix, _id_count
+    h = os.urandom(16).hex()
+    _id_prefix = f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-"
+    _id_count = int(h[20:], 16)
+
+
+def _forget_id_prefix() -> None:
+    global _id_prefix
+    _id_prefix = ""
+
+
 _id_prefix = ""
 _id_count = 0
+# A child draws its own (a pid check per call would cost a system call).
+os.register_at_fork(after_in_child=_forget_id_prefix)
 
 
 _VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}

@@ -134,6 +134,34 @@ class CompareRun(TestCase):
         self.assertEqual(len(summary), 1, cost.stdout)
         self.assertRegex(summary[0], r"100 B  median \d\.\d{3}  range .* CPU per call [\d.]+ vs")
 
+    def test_busy_polling_gain(self) -> None:
+        """
+        The nopoll and syncnopoll systems (busy polling off on both sides)
+        have their columns, skynet / nopoll and sync / syncnopoll; and
+        L{benchmarks.busy_poll} alternates each pair and prints one line per
+        pair, mode and payload.
+        """
+        result, report = self.run_compare(
+            "--systems", "skynet,nopoll,sync,syncnopoll", "--payloads", "100"
+        )
+        self.check_figures(report, ["skynet", "nopoll", "sync", "syncnopoll"], [100])
+        header = next(ln for ln in result.stdout.splitlines() if ln.startswith("mode"))
+        self.assertEqual(header.split()[-2:], ["skynet/nopoll", "sync/syncnopoll"], header)
+        gain = subprocess.run(
+            [sys.executable, "-m", "benchmarks.busy_poll", "--rounds", "2", "--seconds", "0.2",
+             "--payloads", "100", "--modes", "sequential,concurrent", "--concurrency", "4"],
+            cwd=ROOT, capture_output=True, text=True, timeout=170, env=child_env(),
+        )  # fmt: skip
+        self.assertEqual(gain.returncode, 0, gain.stdout + gain.stderr)
+        lines = [ln for ln in gain.stdout.splitlines() if "median ratio" in ln]
+        self.assertEqual([ln.split()[:2] for ln in lines],
+                         [["skynet", "sequential"], ["sync", "sequential"],
+                          ["skynet", "concurrent"], ["sync", "concurrent"]], gain.stdout)  # fmt: skip
+        for line in lines:
+            self.assertRegex(
+                line, r"calls/s, median ratio \d+\.\d\d \(.*CPU per call \d+ vs \d+ us"
+            )
+
     def test_floors(self) -> None:
         """
         L{benchmarks.floors} makes its three sequential rows for real (each

@@ -6,6 +6,7 @@ input.
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
 from contextlib import contextmanager
@@ -1210,6 +1211,26 @@ class FastCodecTests(SynchronousTestCase):
             parsed = uuid.UUID(i)
             self.assertEqual((parsed.version, str(parsed)), (4, i))
             self.assertEqual(parsed.variant, uuid.RFC_4122)
+
+    def test_a_forked_child_draws_its_own_request_ids(self) -> None:
+        """
+        The parent's and the child's ids after a fork share no prefix (the
+        68 random bits), so they cannot collide.
+        """
+        before = new_request_id()
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report one id and leave at once
+            os.write(write, new_request_id().encode())
+            os._exit(0)
+        os.close(write)
+        child = os.read(read, 100).decode()
+        os.close(read)
+        os.waitpid(pid, 0)
+        after = new_request_id()
+        self.assertEqual(before[:24], after[:24])  # the parent keeps its own
+        self.assertNotEqual(child[:24], after[:24])
+        self.assertEqual(uuid.UUID(child).version, 4)
 
 
 def _request(clientid: str, method: str = "Echo", params: dict | None = None, seq: int = 0,
