@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.compare import MODES, NO_POLL, Server, measure, size_label
+from benchmarks.compare import MODES, NO_POLL, Server, measure, parse_lists, size_label
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -79,13 +79,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--processes", type=int, default=8)
     args = parser.parse_args(argv)
-    try:
-        args.payloads = [int(p) for p in args.payloads.split(",") if p]
-    except ValueError:
-        parser.error("--payloads: comma-separated byte counts")
-    args.modes = [m for m in args.modes.split(",") if m]
-    if set(args.modes) - set(MODES):
-        parser.error(f"--modes: choose from {MODES}")
+    parse_lists(parser, args)
     if args.rounds < 1 or args.seconds <= 0 or args.concurrency < 1 or args.processes < 1:
         parser.error("--rounds, --seconds, --concurrency and --processes must be positive")
     args.connections = 1  # what benchmarks.compare's client command line needs

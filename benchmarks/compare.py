@@ -898,6 +898,22 @@ def _ms(value: float) -> str:
     return f"{value:.3f}" if value < 10 else f"{value:.1f}"
 
 
+def parse_lists(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """
+    Turn C{args.payloads} (and C{args.modes}, where the script has it) from
+    comma-separated text into checked lists, as every benchmark here takes
+    them.
+    """
+    try:
+        args.payloads = [int(p) for p in args.payloads.split(",") if p]
+    except ValueError:
+        parser.error("--payloads: comma-separated byte counts")
+    if hasattr(args, "modes"):
+        args.modes = [m for m in args.modes.split(",") if m]
+        if bad := set(args.modes) - set(MODES):
+            parser.error(f"unknown modes {sorted(bad)}; choose from {MODES}")
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="RPC comparison: skynet, bare, Pyro5, gRPC.")
     parser.add_argument("--seconds", type=float, default=3.0, help="per figure")
@@ -926,14 +942,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--payload", type=int, default=100, help=argparse.SUPPRESS)
     parser.add_argument("--width", type=int, default=64, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    try:
-        args.payloads = [int(p) for p in args.payloads.split(",") if p]
-    except ValueError:
-        parser.error("--payloads: comma-separated byte counts")
-    args.modes = [m for m in args.modes.split(",") if m]
+    parse_lists(parser, args)
     args.systems = [s for s in args.systems.split(",") if s]
-    if bad := set(args.modes) - set(MODES):
-        parser.error(f"unknown modes {sorted(bad)}; choose from {MODES}")
     if bad := set(args.systems) - set(SYSTEMS) - set(NO_POLL) - PEERS:
         parser.error(f"unknown systems {sorted(bad)}; choose from {SYSTEMS + list(NO_POLL)}")
     if args.seconds <= 0 or args.concurrency < 1 or args.processes < 1 or args.connections < 1:

@@ -8,10 +8,16 @@ two rows of one run.
 
 The rows (every client is a blocking socket in this process's thread):
   - C{blocking -> bare}: a minimal client (one C{sendall} of a BSON
-    document, C{recv_into} a buffer) against L{benchmarks.compare}'s bare
-    Twisted server: the floor of any Twisted service;
+    document, C{recv_into} a buffer, sleeping until the answer comes)
+    against L{benchmarks.compare}'s bare Twisted server: the floor of any
+    Twisted service;
+  - C{polling -> bare}: the same client polling for the answer instead
+    (C{MSG_DONTWAIT}), as L{skynet.sync} does: the difference is the cost
+    of one wake-up;
   - C{connection -> skynet}: L{skynet.sync}'s connection alone (frames,
-    codec, no discovery, no balancing) against C{twistd skynet-service};
+    codec, no discovery, no balancing; polling as the client does) against
+    C{twistd skynet-service} (which polls between quick requests:
+    L{skynet.busypoll});
   - C{sync -> skynet}: L{skynet.sync.Client} as users call it.
 
 Each row runs C{--rounds} times, alternating with the others so that load
@@ -36,20 +42,22 @@ import bson
 from benchmarks.compare import Server
 
 
-def _bare_caller(port: int, payload: bytes) -> tuple[Callable[[], Any], Callable[[], None]]:
+def _bare_caller(port: int, payload: bytes,
+                 poll: bool) -> tuple[Callable[[], Any], Callable[[], None]]:  # fmt: skip
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     buf = bytearray(1 << 16)
     view = memoryview(buf)
     unpack = struct.Struct("<i").unpack_from
     request = bson.encode({"a": 1, "b": 2, "data": payload, "seq": 1})
+    flags = socket.MSG_DONTWAIT if poll else 0
 
     def call() -> Any:
         sock.sendall(request)
         n = 0
         while n < 4 or n < unpack(buf)[0]:
-            try:  # polls, as skynet.sync does
-                got = sock.recv_into(view[n:], 0, socket.MSG_DONTWAIT)
+            try:  # polling, as skynet.sync does, or sleeping until bytes come
+                got = sock.recv_into(view[n:], 0, flags)
             except BlockingIOError:
                 continue
             if not got:
@@ -70,8 +78,9 @@ def run(args: argparse.Namespace) -> dict[str, tuple[float, float]]:
     params = {"a": 1, "b": 2, "data": payload}
     client = Client(servers["skynet"].target)
     try:
-        bare, close_bare = _bare_caller(int(servers["bare"].target), payload)
-        if bare()["sum"] != 3:
+        bare, close_bare = _bare_caller(int(servers["bare"].target), payload, poll=False)
+        polling, close_polling = _bare_caller(int(servers["bare"].target), payload, poll=True)
+        if bare()["sum"] != 3 or polling()["sum"] != 3:
             raise AssertionError("the bare server answered wrongly")
         adder = client.service("Adder")
         if adder.call("Add", params, timeout=60) != {"sum": 3, "data": payload}:
@@ -89,6 +98,7 @@ def run(args: argparse.Namespace) -> dict[str, tuple[float, float]]:
 
         rows: dict[str, Callable[[], Any]] = {
             "blocking -> bare": bare,
+            "polling -> bare": polling,
             "connection -> skynet": direct,
             "sync -> skynet": lambda: adder.call("Add", params),
         }
@@ -103,6 +113,7 @@ def run(args: argparse.Namespace) -> dict[str, tuple[float, float]]:
                 if figure[0] > best.get(name, (0.0, 0.0))[0]:
                     best[name] = figure
         close_bare()
+        close_polling()
         return best
     finally:
         client.close()

@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.compare import Server, measure
+from benchmarks.compare import Server, measure, parse_lists
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -120,10 +120,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--payloads", default="100,10000")
     parser.add_argument("--concurrency", type=int, default=64)
     args = parser.parse_args(argv)
-    try:
-        args.payloads = [int(p) for p in args.payloads.split(",") if p]
-    except ValueError:
-        parser.error("--payloads: comma-separated byte counts")
+    parse_lists(parser, args)
     if args.rounds < 1 or args.seconds <= 0 or args.concurrency < 1:
         parser.error("--rounds, --seconds and --concurrency must be positive")
     # What benchmarks.compare's client command line needs.

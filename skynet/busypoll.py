@@ -11,14 +11,17 @@ between a call's request and its answer, or between one sequential
 client's calls, skips that wake-up; Go's scheduler does the same before it
 parks a thread.
 
-When: only while the gaps between events are short.  The reactor polls
-after a wait for I/O that ended within the budget (the next gap is
-predicted to be like the last); a wait that ran longer, or ended with a
-timer and no I/O, makes the next wait a plain sleep.  So an idle or
-lightly loaded process never polls, and a busy one spends at most one
-budget per gap that turned out long.  Between polls the thread yields its
-CPU (C{sched_yield}) to anything else runnable, and a timer due sooner
-than the budget ends the polling in time.
+When: while polling pays.  A wait for I/O starts by polling; a poll that
+runs out of budget with no event (the gap was long: the process is idle,
+or its events come further apart) is followed by plain sleeps, one after
+the first miss, then two, four, ... up to L{MAX_BACKOFF} waits, until a
+poll catches an event again.  So an idle or lightly loaded process spends
+at most one budget per L{MAX_BACKOFF} waits, while one whose events come
+in quick succession polls every time.  (A rule on the length of the last
+gap would be trapped: a gap measured through a sleep includes the wake-up
+that polling would have saved.)  Between polls the thread yields its CPU
+(C{sched_yield}) to anything else runnable, and a timer due sooner than the
+budget ends the polling in time.
 
 Only Twisted's C{EPollReactor} is supported (the default on Linux); on any
 other reactor L{install} does nothing and says so by returning L{None}.
@@ -36,10 +39,13 @@ from typing import Any
 
 from twisted.python import log
 
-__all__ = ["DEFAULT_BUDGET", "BusyPoll", "install", "install_default", "installed"]
+__all__ = ["DEFAULT_BUDGET", "MAX_BACKOFF", "BusyPoll", "install", "install_default", "installed"]
 
 #: How long a reactor polls before it sleeps, by default, in seconds.
 DEFAULT_BUDGET = 200e-6
+
+#: The most plain sleeps after a poll in vain, before polling again.
+MAX_BACKOFF = 64
 
 _yield = getattr(os, "sched_yield", lambda: None)
 
@@ -57,7 +63,8 @@ class BusyPoll:
         self.reactor = reactor
         self.budget = budget
         self.polls = self.caught = 0
-        self._last_gap = math.inf
+        self._backoff = 0  # sleeps after the last poll in vain
+        self._skip = 0  # sleeps left before the next poll
 
     def do_iteration(self, timeout: float | None) -> None:
         """
@@ -68,28 +75,30 @@ class BusyPoll:
         poll = reactor._poller.poll
         most = len(reactor._selectables)
         if timeout == 0:
-            events = poll(0, most)  # work pending: no wait, no gap
+            events = poll(0, most)  # work pending: no wait
+        elif self._skip:
+            self._skip -= 1
+            events = poll(-1.0 if timeout is None else timeout, most)
         else:
             start = time.perf_counter()
-            events = []
-            if self._last_gap < self.budget:
-                self.polls += 1
-                stop = start + (self.budget if timeout is None else min(self.budget, timeout))
-                while True:
-                    events = poll(0, most)
-                    if events:
-                        self.caught += 1
-                        break
-                    if time.perf_counter() >= stop:
-                        break
-                    _yield()
-            if not events:
-                if timeout is None:
-                    left = -1.0
-                else:
-                    left = max(0.0, timeout - (time.perf_counter() - start))
-                events = poll(left, most)
-            self._last_gap = time.perf_counter() - start if events else math.inf
+            stop = start + (self.budget if timeout is None else min(self.budget, timeout))
+            self.polls += 1
+            while True:
+                events = poll(0, most)
+                if events:
+                    self.caught += 1
+                    self._backoff = 0
+                    break
+                if time.perf_counter() >= stop:
+                    self._backoff = min(self._backoff * 2 or 1, MAX_BACKOFF)
+                    self._skip = self._backoff
+                    if timeout is None:
+                        left = -1.0
+                    else:
+                        left = max(0.0, timeout - (time.perf_counter() - start))
+                    events = poll(left, most)
+                    break
+                _yield()
         selectables = reactor._selectables
         dispatch = reactor._doReadOrWrite
         for fd, event in events:

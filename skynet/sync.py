@@ -83,9 +83,12 @@ __all__ = ["Client", "ServiceClient"]
 _SLICE = 1 / 32
 
 #: How long a call polls for its answer before it sleeps, by default, in
-#: seconds (L{Client}'s C{spin}); a call whose instance answers slower than
-#: this on average does not poll at all.
+#: seconds (L{Client}'s C{spin}).
 DEFAULT_SPIN = 200e-6
+
+#: The most calls on a connection that sleep for their answers after a poll
+#: in vain, before one polls again.
+MAX_SPIN_BACKOFF = 64
 
 # Threads of this process polling at once, at most one per CPU but one (so
 # a service on this host keeps a CPU); none on a single CPU.
@@ -296,6 +299,8 @@ class _Connection:
         self.next_seq = 0
         self.closed = False
         self._methods: dict[str, bytes] = {}
+        self._spin_backoff = 0  # calls that sleep after the last poll in vain
+        self._spin_skip = 0  # calls left that sleep before one polls again
         try:
             sock = socket.create_connection((instance.host, instance.port), connect_timeout)
         except OSError as e:
@@ -452,11 +457,12 @@ class _Connection:
         self.end = end + count
         return True
 
-    def _spin(self, budget: float) -> bool:
+    def _spin(self, budget: float) -> bool | None:
         """
         Wait for bytes without sleeping, for up to C{budget} seconds: poll
         the socket, yielding the CPU between polls to anything runnable;
-        C{False} if nothing came.  An answer expected within microseconds
+        C{False} if nothing came, L{None} if it did not poll (too many
+        threads polling already).  An answer expected within microseconds
         comes sooner this way than through a sleep in C{recv}: on these
         machines, waking a thread that sleeps on a socket costs tens of
         microseconds (and more CPU than the polls), the round trip's largest
@@ -466,7 +472,7 @@ class _Connection:
         """
         end = self.end
         if end == len(self.buf) or len(_spinning) >= _SPINNERS or not _DONTWAIT:
-            return False
+            return None
         view = self.view[end:]
         recv_into = self.sock.recv_into
         me = threading.get_ident()
@@ -515,7 +521,9 @@ class _Connection:
         not come before C{until} (with C{poll}: in what has arrived already,
         after one receive).  Answers to older requests are skipped.  With
         C{spin}, the first wait polls for that many seconds (L{_spin})
-        before it sleeps.
+        before it sleeps; after a poll in vain, the next call sleeps at
+        once, then the next two, four, ... up to L{MAX_SPIN_BACKOFF}, until
+        a poll catches its answer again.
 
         @raise ConnectionFailed: the connection is unusable.
         """
@@ -550,10 +558,19 @@ class _Connection:
             if (poll and received) or time.monotonic() >= until:
                 return False, None
             if spin:
-                spun, spin = self._spin(spin), 0.0
+                if self._spin_skip:
+                    self._spin_skip -= 1
+                    spun = None
+                else:
+                    spun = self._spin(spin)
+                spin = 0.0
                 if spun:
+                    self._spin_backoff = 0
                     received = True
                     continue
+                if spun is False:
+                    self._spin_backoff = min(self._spin_backoff * 2 or 1, MAX_SPIN_BACKOFF)
+                    self._spin_skip = self._spin_backoff
             received = self._receive() or received
 
     def _body_result(self, pos: int, length: int) -> Any:
@@ -742,11 +759,8 @@ class ServiceClient:
                 sent = time.monotonic()
                 handle.started()
                 try:
-                    spin = client.spin
-                    if handle.average_response_time > spin:
-                        spin = 0.0
                     done, result = connection.response(seq, min(deadline, next_hedge),
-                                                       spin=spin)  # fmt: skip
+                                                       spin=client.spin)  # fmt: skip
                 except _CONNECTION_ERRORS as e:
                     handle.ended()
                     last_error = self._failed(handle, e)
@@ -891,9 +905,10 @@ class Client:
     @param host: likewise the host (default: C{$SKYNET_BIND_IP}).
     @param spin: how long a call polls for its answer before its thread
         sleeps on the socket, in seconds (default L{DEFAULT_SPIN}, 200 us;
-        0: never poll).  Only calls to an instance whose average response
-        time is within it poll, one thread at a time per CPU but one, and
-        none on a machine with one CPU.
+        0: never poll).  A poll in vain makes the next calls on that
+        connection sleep at once (1, 2, 4, ... up to 64 of them) before one
+        polls again; one thread at a time per CPU but one polls, none on a
+        machine with one CPU.
     """
 
     def __init__(self, registry: str | None = None, *,

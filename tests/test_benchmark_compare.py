@@ -164,7 +164,7 @@ class CompareRun(TestCase):
 
     def test_floors(self) -> None:
         """
-        L{benchmarks.floors} makes its three sequential rows for real (each
+        L{benchmarks.floors} makes its four sequential rows for real (each
         client checks its answers) and prints calls/s and CPU for each.
         """
         result = subprocess.run(
@@ -179,7 +179,7 @@ class CompareRun(TestCase):
                 rows[m.group(1)] = (float(m.group(2).replace(",", "")), float(m.group(3)))
         self.assertEqual(
             list(rows),
-            ["blocking -> bare", "connection -> skynet", "sync -> skynet"],
+            ["blocking -> bare", "polling -> bare", "connection -> skynet", "sync -> skynet"],
             result.stdout,
         )
         self.assertTrue(all(rate > 0 and cpu > 0 for rate, cpu in rows.values()), rows)

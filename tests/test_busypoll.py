@@ -99,48 +99,56 @@ def test_only_an_epoll_reactor_polls(reactor: EPollReactor) -> None:
             busypoll.install(reactor, bad)
 
 
-def test_quick_events_are_polled_for_slow_ones_slept_for(
+def test_a_poll_in_vain_is_followed_by_sleeps(
     reactor: EPollReactor, pair: tuple[Reader, socket.socket]
 ) -> None:
     """
-    An event that ends a short wait makes the next wait poll; one that comes
-    while polling is caught there; a wait that ends with no event (the
-    timer's timeout) makes the next one sleep.
+    Each wait polls for the budget while polls catch events; one that runs
+    out (here: at a timer's timeout, far below the budget) makes the next
+    wait a plain sleep, after which polling resumes and a catch clears the
+    back-off.
     """
     reader, theirs = pair
     busy = busypoll.install(reactor, 5.0)
     assert busy is not None
     theirs.sendall(b"a")
-    busy.do_iteration(1.0)  # first wait: nothing to go by, it sleeps (and ends at once)
-    assert (reader.received, busy.polls, busy.caught) == (b"a", 0, 0)
+    busy.do_iteration(1.0)  # polls, and the event is there
+    assert (reader.received, busy.polls, busy.caught) == (b"a", 1, 1)
 
-    later(0.05, theirs.sendall, b"b").join(0)
-    busy.do_iteration(10.0)  # after a short gap: polls, and catches "b"
-    assert (reader.received, busy.polls, busy.caught) == (b"ab", 1, 1)
+    later(0.05, theirs.sendall, b"b")
+    busy.do_iteration(10.0)  # polls, and catches "b" on its way
+    assert (reader.received, busy.polls, busy.caught) == (b"ab", 2, 2)
 
     started = time.monotonic()
     busy.do_iteration(0.05)  # polls, but only until the timer's timeout
     assert time.monotonic() - started < 2.5  # far below the 5 s budget
-    assert (reader.received, busy.polls, busy.caught) == (b"ab", 2, 1)
+    assert (reader.received, busy.polls, busy.caught) == (b"ab", 3, 2)
 
     later(0.05, theirs.sendall, b"c")
-    busy.do_iteration(10.0)  # after a wait that found nothing: a plain sleep
-    assert (reader.received, busy.polls, busy.caught) == (b"abc", 2, 1)
+    busy.do_iteration(10.0)  # after a poll in vain: a plain sleep
+    assert (reader.received, busy.polls, busy.caught) == (b"abc", 3, 2)
+
+    busy.do_iteration(0)  # callLater(0) work: one look, neither a poll nor a sleep
+    later(0.05, theirs.sendall, b"d")
+    busy.do_iteration(10.0)  # polling again, and it catches
+    assert (reader.received, busy.polls, busy.caught) == (b"abcd", 4, 3)
 
 
-def test_work_pending_neither_waits_nor_forgets_the_gap(
-    reactor: EPollReactor, pair: tuple[Reader, socket.socket]
-) -> None:
-    reader, theirs = pair
-    busy = busypoll.install(reactor, 5.0)
+def test_an_idle_reactor_backs_off_to_one_poll_in_65_waits(reactor: EPollReactor) -> None:
+    """
+    Waits that end with no event at all (an idle process's timers): polls
+    at waits 1, 3, 6, 11, 20, 37, 70, then one every 65 (64 sleeps between).
+    """
+    busy = busypoll.install(reactor, 0.0002)
     assert busy is not None
-    theirs.sendall(b"a")
-    busy.do_iteration(1.0)
-    busy.do_iteration(0)  # callLater(0) work: one look, no polling
-    assert busy.polls == 0
-    later(0.05, theirs.sendall, b"b")
-    busy.do_iteration(10.0)  # still after a short gap: polls
-    assert (reader.received, busy.polls, busy.caught) == (b"ab", 1, 1)
+    polled = []
+    for wait in range(1, 271):
+        before = busy.polls
+        busy.do_iteration(0.0005)
+        if busy.polls > before:
+            polled.append(wait)
+    assert polled == [1, 3, 6, 11, 20, 37, 70, 135, 200, 265]
+    assert busy.caught == 0
 
 
 def test_dispatch_skips_the_removed_and_survives_a_failing_reader(

@@ -562,9 +562,10 @@ class Waits:
         self.receives = 0
         spin, receive = sync._Connection._spin, sync._Connection._receive
 
-        def spying_spin(connection: Any, budget: float) -> bool:
+        def spying_spin(connection: Any, budget: float) -> bool | None:
             came = spin(connection, budget)
-            self.spins.append((budget, came))
+            if came is not None:  # it polled
+                self.spins.append((budget, came))
             return came
 
         def spying_receive(connection: Any) -> bool:
@@ -580,14 +581,22 @@ class Waits:
         self.receives = 0
 
 
+def wait_for_handles(service: ServiceClient, count: int = 1) -> None:
+    for _ in range(200):  # the fast path's first call: an instance in hand
+        if len(service.handles) >= count:
+            return
+        threading.Event().wait(0.05)
+
+
 def test_a_quick_answer_is_polled_for_a_slow_one_slept_for(
     scripted: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """
     A call polls for its answer for the client's C{spin} before it sleeps
-    on the socket: a quick answer comes while polling (no sleeping receive),
-    a slower one after the poll gave up; and an instance that answers
-    slower than C{spin} on average is not polled for at all.
+    on the socket: a quick answer comes while polling (no sleeping
+    receive).  A slow one comes after the poll gave up, and then the next
+    call on that connection sleeps at once, the next two after the next
+    poll in vain, and so on; a poll that catches its answer again ends that.
     """
     delay = {"seconds": 0.0}
 
@@ -605,24 +614,19 @@ def test_a_quick_answer_is_polled_for_a_slow_one_slept_for(
     assert waits.spins == [(2.0, True)] * 5 and waits.receives == 0
 
     slower = scripted(echo, spin=0.05)
+    wait_for_handles(slower)
     delay["seconds"] = 0.2
-    assert slower.call("Echo", {"n": 1}, timeout=10) == {"n": 1}
-    # The handshake's receive, then one call's: its poll, in vain, first.
     waits.clear()
-    assert slower.call("Echo", {"n": 2}, timeout=10) == {"n": 2}
-    assert waits.spins == [] and waits.receives >= 1  # 0.2 s on average > 0.05 s
-
-    fresh = scripted(echo, spin=0.05)
-    for _ in range(200):  # the fast path's first call: an instance in hand
-        if fresh.handles:
-            break
-        threading.Event().wait(0.05)
+    for n in range(6):  # polls at calls 1, 3 and 6, in vain
+        assert slower.call("Echo", {"n": n}, timeout=10) == {"n": n}
+    assert waits.spins == [(0.05, False)] * 3 and waits.receives >= 6
+    delay["seconds"] = 0.0
     waits.clear()
-    fresh.call("Echo", {"n": 3}, timeout=10)
-    assert waits.spins == [(0.05, False)] and waits.receives >= 2
+    for n in range(6):  # four calls sleep, then polls catch again
+        assert slower.call("Echo", {"n": n}, timeout=10) == {"n": n}
+    assert waits.spins == [(0.05, True)] * 2
 
     never = scripted(echo, spin=0)
-    delay["seconds"] = 0.0
     waits.clear()
     assert never.call("Echo", {"n": 4}, timeout=10) == {"n": 4}
     assert waits.spins == [] and waits.receives >= 1
