@@ -1,7 +1,7 @@
 """
-Busy polling for Twisted's epoll reactor: when I/O has been coming in
-quick succession, the reactor polls for the next event for a short while
-before it sleeps in C{epoll_wait}.
+Busy polling for Twisted's epoll reactor: the reactor polls for the next
+event for a short while before it sleeps in C{epoll_wait}, as long as such
+polls keep catching events.
 
 Why: on these machines a thread that sleeps on a socket and is woken by
 the peer's answer costs tens of microseconds of wall time and CPU (a
@@ -118,8 +118,8 @@ _OFF = "off"
 
 def install(reactor: Any, budget: float = DEFAULT_BUDGET) -> BusyPoll | None:
     """
-    Make C{reactor} poll for up to C{budget} seconds before it sleeps,
-    while events come in quick succession; a budget of 0 turns it off (for
+    Make C{reactor} poll for up to C{budget} seconds before it sleeps
+    (backing off after polls in vain); a budget of 0 turns it off (for
     good: L{install_default} leaves it off).  Installed once per reactor: a
     second call sets the budget.
 

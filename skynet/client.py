@@ -939,7 +939,7 @@ class Client:
         L{ClientProtocol} (default TCP; L{skynet.testing} has an in-memory
         one).
     @param busy_poll: how long the reactor polls for the next event before
-        it sleeps, while events come in quick succession, in seconds
+        it sleeps (backing off after polls in vain), in seconds
         (L{skynet.busypoll}; it is the reactor's setting, shared by all on
         it).  L{None}: L{skynet.busypoll.DEFAULT_BUDGET}, unless set on this
         reactor already (by C{twistd skynet-service --busy-poll}, say); 0:

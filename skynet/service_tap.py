@@ -109,8 +109,8 @@ class Options(usage.Options):
         ["stats-interval", None, 5.0, "Seconds between statistics updates in the registry.",
          number("stats-interval", positive=True)],
         ["busy-poll", None, None,
-         "Microseconds the reactor polls for the next event before it sleeps, while events "
-         "come in quick succession (default $SKYNET_BUSY_POLL, else 200; 0: never).",
+         "Microseconds the reactor polls for the next event before it sleeps, backing off "
+         "after polls in vain (default $SKYNET_BUSY_POLL, else 200; 0: never).",
          number("busy-poll")],
         ["otlp-endpoint", None, None,
          "Export spans to this OpenTelemetry collector, OTLP/HTTP JSON: http[s]://host:port"
