@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from typing import Any
+from unittest import mock
 
 import attr
 import psutil
@@ -234,6 +235,29 @@ class DaemonUnitTests(SynchronousTestCase):
         self.settle(0.3 if method == "Deploy" else 0.0)
         return d
 
+    def deployed_env(self, guards: GuardConfig, environ: dict[str, str]) -> dict[str, str]:
+        with mock.patch.dict(os.environ, environ):
+            self.make(guards=guards)
+            self.successResultOf(self.call("Deploy", {"service": "examples.fibonacci:Fibonacci"}))
+        return self.clock.last().env  # type: ignore[no-any-return]
+
+    def test_children_under_a_cpu_guard_do_not_busy_poll(self) -> None:
+        """
+        Busy polling reads as CPU use and load, so with C{--child-max-cpu} or
+        C{--load-high} the children get C{SKYNET_BUSY_POLL=0}.
+        """
+        env = self.deployed_env(GuardConfig(sample_interval=1.0, child_max_cpu=80.0), {})
+        self.assertEqual(env["SKYNET_BUSY_POLL"], "0")
+
+    def test_children_under_a_load_guard_do_not_busy_poll(self) -> None:
+        env = self.deployed_env(GuardConfig(sample_interval=1.0, load_high=4.0), {})
+        self.assertEqual(env["SKYNET_BUSY_POLL"], "0")
+
+    def test_the_daemons_environment_decides_busy_polling_first(self) -> None:
+        guards = GuardConfig(sample_interval=1.0, child_max_cpu=80.0)
+        env = self.deployed_env(guards, {"SKYNET_BUSY_POLL": "50"})
+        self.assertEqual(env["SKYNET_BUSY_POLL"], "50")
+
     def test_remote_methods(self) -> None:
         self.make()
         self.assertEqual(
@@ -258,6 +282,7 @@ class DaemonUnitTests(SynchronousTestCase):
         self.assertEqual(process.env["SKYNET_UUID"], uuid)
         self.assertEqual(process.env["PYTHONUNBUFFERED"], "1")
         self.assertEqual(process.env["PATH"], os.environ["PATH"])
+        self.assertNotIn("SKYNET_BUSY_POLL", process.env)  # no guard: it polls
         self.settle(0.5)
         answer = self.successResultOf(self.call("ListSubServices"))
         self.assertEqual(sub_services_from_bson(answer)[uuid].pid, process.pid)

@@ -295,6 +295,11 @@ class Daemon(SequentialMultiService):
                    SKYNET_UUID=deployment.uuid)  # fmt: skip
         if self.supervisor.log_dir:  # (observe hook) children write JSON logs there
             env["SKYNET_LOG_DIR"] = self.supervisor.log_dir
+        if "SKYNET_BUSY_POLL" not in env and (self.guards.child_max_cpu or self.guards.load_high):
+            # A child's busy polling (skynet.busypoll) reads as CPU use and
+            # load: under a CPU or load guard, children do not poll unless
+            # the daemon's environment says so.
+            env["SKYNET_BUSY_POLL"] = "0"
         self.supervisor.add_child(deployment.uuid, self.command(deployment), env=env,
                                    cwd=self.cwd, label=deployment.label)  # fmt: skip
 
