@@ -22,6 +22,8 @@ import attr
 import bson
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.error import ConnectionDone
+from twisted.internet.main import CONNECTION_DONE as _CONNECTION_DONE
+from twisted.internet.main import CONNECTION_LOST as _CONNECTION_LOST
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -236,6 +238,9 @@ class BufferBudget:
 #: large frame.
 _READ_SIZE = 65536
 _LARGE_READ = 1 << 20
+#: Frames from this size on are read into a buffer of their own
+#: (L{FrameProtocol.read_into}).
+_INTO = 1 << 18
 
 
 class FrameProtocol(Protocol):
@@ -262,6 +267,10 @@ class FrameProtocol(Protocol):
     _buffer: Any = b""
     _needed = 0
     _closing = False
+    #: Read large frames straight into a buffer of their size (L{_read_into}),
+    #: on plain TCP, where no budget or frame timeout applies.
+    read_into = False
+    _into: tuple[bytearray, memoryview, int] | None = None
     _batch: list[bytes] | None = None
     _charged = 0
     _frame_timer: Any = None
@@ -352,10 +361,65 @@ class FrameProtocol(Protocol):
             self._buffer = buf
         else:
             self._buffer = bytearray(memoryview(data)[offset:])
+        if (
+            self.read_into
+            and needed >= _INTO
+            and self.budget is None
+            and not self.frame_timeout
+            and type(self.transport) in plain_tcp()
+        ):
+            self._start_into(needed)
+            return
         if self._buffer or self._frame_timer is not None:
             self._unfinished(offset > 0)
         if needed - len(self._buffer) > _READ_SIZE or self._large_reads:
             self._read_size(needed - len(self._buffer))
+
+    def _start_into(self, length: int) -> None:
+        """
+        Receive the rest of the frame of C{length} bytes whose start is in
+        L{_buffer} with C{recv_into} a buffer of its size, the transport's
+        C{doRead} replaced until it is complete: no allocation per read and
+        no copy of what came before.
+        """
+        frame = bytearray(length)
+        have = len(self._buffer)
+        frame[:have] = self._buffer
+        self._buffer = b""
+        self._into = (frame, memoryview(frame), have)
+        self.transport.doRead = self._read_into  # type: ignore[union-attr]
+
+    def _read_into(self) -> Any:
+        into, transport = self._into, self.transport
+        if into is None or self._closing or transport is None:
+            return None
+        frame, view, have = into
+        try:
+            count = transport.socket.recv_into(view[have:])  # type: ignore[attr-defined]
+        except BlockingIOError:
+            return None
+        except OSError:
+            return _CONNECTION_LOST
+        if not count:
+            return _CONNECTION_DONE
+        have += count
+        if have < len(frame):
+            self._into = (frame, view, have)
+            return None
+        self._into = None
+        del transport.doRead  # type: ignore[attr-defined]
+        view.release()
+        self._needed = 0
+        whole: Any = frame  # a bytearray, as large frames are handed over below too
+        if self._batch is not None:
+            self.frame_received(whole)
+            return None
+        self._batch = []
+        try:
+            self.frame_received(whole)
+        finally:
+            self.flush()
+        return None
 
     _large_reads = False
 
@@ -1121,6 +1185,12 @@ class ClientProtocol(FrameProtocol):
         was lost (a service closing an idle connection is no failure).
     """
 
+    # A service's answers are read into a buffer of their size as soon as
+    # their length has come (an instance the registry named may so make this
+    # connection allocate one frame of up to max_frame early); requests from
+    # peers are read as they come, under the service's budget.
+    read_into = True
+
     def __init__(self, service_name: str, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self.service_name = service_name
         self.max_frame = max_frame
@@ -1309,6 +1379,7 @@ class ClientProtocol(FrameProtocol):
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self.lost = True
         self._closing = True
+        self._into = None  # an unfinished large answer
         error = self._failure or ConnectionFailed(
             f"connection to {self.service_name} lost: {reason.getErrorMessage()}"
         )

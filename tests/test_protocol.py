@@ -27,7 +27,13 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from skynet import _wire
-from skynet.errors import ProtocolError, RemoteCallError, ServiceError, ServiceUnregistered
+from skynet.errors import (
+    ConnectionFailed,
+    ProtocolError,
+    RemoteCallError,
+    ServiceError,
+    ServiceUnregistered,
+)
 from skynet.protocol import (
     EMPTY_DOCUMENT,
     AdminProtocol,
@@ -1553,6 +1559,90 @@ class WriteNowTests(TestCase):
         client.transport.loseConnection()
         for server in servers:
             server.transport.loseConnection()
+
+    async def test_a_client_reads_large_answers_into_their_own_buffer(self) -> None:
+        """
+        Over real TCP a client connection receives each answer of 256 KiB or
+        more with C{recv_into} a buffer of its size (its transport's
+        C{doRead} replaced until the frame is whole, then put back); small
+        answers in between are read as usual, and every answer is whole.
+        """
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import (
+            TCP4ClientEndpoint,
+            TCP4ServerEndpoint,
+            connectProtocol,
+        )
+        from twisted.internet.protocol import Factory
+
+        host = make_host(clock=reactor)
+        into: list[int] = []
+
+        class Watched(ClientProtocol):
+            def _start_into(self, length: int) -> None:
+                into.append(length)
+                super()._start_into(length)
+
+        factory = Factory()
+        factory.buildProtocol = lambda _: ServerProtocol(host)  # type: ignore[method-assign]
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(port.stopListening)
+        client = await connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), Watched("Echo")
+        )
+        await client.ready
+        self.assertIn(type(client.transport), _wire.plain_tcp())
+        sizes = [3_000_000, 100, 1_000_000, 300_000, 200_000, 2_500_000]
+        for size in sizes:
+            data = os.urandom(size)
+            result = await client.call("Echo", {"data": data}, RequestInfo("r"))
+            self.assertEqual(result, {"data": data})
+            self.assertNotIn("doRead", client.transport.__dict__)  # put back
+        self.assertEqual(len(into), 4, into)  # the 3 MB, 1 MB, 300 KB and 2.5 MB answers
+        answers = [3_000_000, 1_000_000, 300_000, 2_500_000]
+        self.assertTrue(all(n > size for n, size in zip(into, answers, strict=True)), into)
+        client.transport.loseConnection()
+
+    async def test_a_large_answer_cut_short_fails_its_call(self) -> None:
+        """
+        A service that closes its connection in the middle of a large answer
+        fails the call waiting for it with L{ConnectionFailed}.
+        """
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import (
+            TCP4ClientEndpoint,
+            TCP4ServerEndpoint,
+            connectProtocol,
+        )
+        from twisted.internet.protocol import Factory, Protocol
+
+        body = encode_response_body(bson.encode({"data": b"x" * 2_000_000}), "")
+
+        class HalfAnswer(Protocol):
+            answered = False
+
+            def connectionMade(self) -> None:
+                self.transport.write(bson.encode({"name": "Echo", "registered": True,
+                                                  "clientid": "c"}))  # fmt: skip
+
+            def dataReceived(self, data: bytes) -> None:
+                if not self.answered and len(data) > 5:  # the request came
+                    self.answered = True
+                    self.transport.write(encode_header("Echo.Forward", 0, "")
+                                         + body[: len(body) // 2])  # fmt: skip
+                    reactor.callLater(0.2, self.transport.loseConnection)
+
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Factory.forProtocol(HalfAnswer)
+        )
+        self.addCleanup(port.stopListening)
+        client = await connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), ClientProtocol("Echo")
+        )
+        await client.ready
+        with self.assertRaises(ConnectionFailed):
+            await client.call("Echo", {"data": b"y"}, RequestInfo("r"))
+        self.assertIsNone(client._into)
 
     async def test_gathered_parts_over_tcp_in_order(self) -> None:
         """
