@@ -1528,6 +1528,20 @@ class DaemonProcess:
         self.log.close()
 
 
+def loopback_daemon(root: str, ip: str, spec: str, registry: str) -> DaemonProcess:
+    """
+    A daemon as one "host" on loopback address C{ip}, in C{root/ip}, deploying
+    C{spec} (a service class and its options) on that address; started.
+    """
+    directory = os.path.join(root, ip)
+    os.makedirs(directory)
+    deploy = os.path.join(directory, "deploy")
+    with open(deploy, "w") as f:
+        f.write(f"{spec} --listen tcp:0:interface={ip} --stats-interval 0.5\n")
+    return DaemonProcess(directory, "--deploy", deploy, "--listen", f"tcp:0:interface={ip}",
+                         registry=registry).start()  # fmt: skip
+
+
 def kill_strays(root: str) -> None:
     """
     Kill, by pid, any process still running whose command line names this

@@ -277,6 +277,19 @@ def launch(playwright: Any) -> Any:
     return playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
 
 
+def open_page(browser: Any, url: str, errors: list[str], width: int = 1600,
+              height: int = 1000) -> Any:  # fmt: skip
+    """
+    A page at C{url}, without the page's CSP (so that only the page's own
+    text rendering stands between the cluster's names and the DOM), its
+    script errors appended to C{errors}.
+    """
+    page = browser.new_page(viewport={"width": width, "height": height}, bypass_csp=True)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url)
+    return page
+
+
 def colored_pixels(page: Any, index: int = 0) -> int:
     """
     How many pixels of a chart's plot area (below its legend) are drawn in
@@ -336,11 +349,8 @@ def test_dashboard_in_chromium(cluster: Cluster) -> None:
 def run_browser_checks(cluster: Cluster, browser: Any, rows: dict[str, Any],
                        by_service: dict[str, list[dict[str, Any]]]) -> None:  # fmt: skip
     errors: list[str] = []
-    page = browser.new_page(viewport={"width": 1600, "height": 1000}, bypass_csp=True)
-    page.on("pageerror", lambda e: errors.append(str(e)))
-
     # Every instance is on the page, read-only without a token.
-    page.goto(cluster.url + "/")
+    page = open_page(browser, cluster.url + "/", errors)
     page.wait_for_function(f"window.skynetDashboard && "
                            f"window.skynetDashboard.stats().rows === {len(rows)}")  # fmt: skip
     for uuid, row in rows.items():

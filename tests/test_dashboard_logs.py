@@ -27,6 +27,26 @@ from tests.test_observe_logs import Writer
 from tests.test_web import TOKEN, make_instance
 
 
+def stub_get(case: SynchronousTestCase, treq: StubTreq, path: str, authority: str,
+             settle: Any = None, **args: str) -> tuple[int, Any]:  # fmt: skip
+    """
+    GET C{path} of the dashboard behind C{treq}: the status and the body,
+    decoded when it is JSON.  C{settle} (if given) runs between flushes, for
+    answers that wait on a cluster.
+    """
+    url = f"http://{authority}{path}" + ("?" + urlencode(args) if args else "")
+    d = treq.get(url)
+    for _ in range(5 if settle is not None else 1):
+        if settle is not None:
+            settle()
+        treq.flush()
+    response = case.successResultOf(d)
+    d = treq.content(response)
+    treq.flush()
+    body = case.successResultOf(d)
+    return response.code, json.loads(body) if body.startswith(b"{") else body
+
+
 class Host:
     """
     What L{Writer} needs of a service host.
@@ -90,14 +110,7 @@ class DashboardLogsTests(SynchronousTestCase):
         self.clock.advance(0.3)
 
     def get(self, path: str, authority: str = "dashboard.test", **args: str) -> tuple[int, Any]:
-        url = f"http://{authority}{path}" + ("?" + urlencode(args) if args else "")
-        d = self.treq.get(url)
-        self.treq.flush()
-        response = self.successResultOf(d)
-        d = self.treq.content(response)
-        self.treq.flush()
-        body = self.successResultOf(d)
-        return response.code, json.loads(body) if body.startswith(b"{") else body
+        return stub_get(self, self.treq, path, authority, **args)
 
     def test_search_across_hosts_merged_by_time(self) -> None:
         self.writers[0].log.info("order {n} reserved", n=1)

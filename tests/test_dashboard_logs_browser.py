@@ -22,6 +22,7 @@ from tests.dashboard_cluster import daemon_and_dashboard
 from tests.processes import ROOT
 from tests.test_dashboard_browser import (
     launch,
+    open_page,
     require_browser,
     wait_until,
 )
@@ -73,11 +74,7 @@ def test_logs_view_search_instance_and_live_tail(cluster: dict[str, Any]) -> Non
         browser = launch(playwright)
         try:
             errors: list[str] = []
-            # Without the page's CSP, so that only text rendering stands
-            # between a log line and the DOM.
-            page = browser.new_page(viewport={"width": 1600, "height": 1000}, bypass_csp=True)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(url + "/")
+            page = open_page(browser, url + "/", errors)
             page.wait_for_selector(f'tr[data-uuid="{chatty[0]}"] button[data-logs]')
 
             def lines() -> list[str]:

@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from skynet.errors import ServiceError
 from skynet.service import Service
 from tests.dashboard_cluster import daemon_and_dashboard
-from tests.test_dashboard_browser import http, launch, require_browser, wait_until
+from tests.test_dashboard_browser import http, launch, open_page, require_browser, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -91,11 +91,7 @@ def test_waterfall_from_the_logs_view_and_the_slow_list(cluster: dict[str, Any])
         browser = launch(playwright)
         try:
             errors: list[str] = []
-            # Without the page's CSP, so that only text rendering stands
-            # between the cluster's names and the DOM.
-            page = browser.new_page(viewport={"width": 1600, "height": 1000}, bypass_csp=True)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(url + "/")
+            page = open_page(browser, url + "/", errors)
 
             # The logs view: the line Front wrote inside the call, with its request id.
             page.fill("#log-grep", f"front asked {tag}")

@@ -7,10 +7,9 @@ what the page is refused.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, succeed
@@ -24,6 +23,7 @@ from skynet.testing import LocalCluster
 from skynet.web.app import DashboardApp
 from skynet.web.model import DashboardModel
 from skynet.web.traces import DashboardTraces, TraceError, parse_window, slow_entry
+from tests.test_dashboard_logs import stub_get
 from tests.test_trace import fresh_ring
 from tests.test_web import TOKEN
 
@@ -69,16 +69,7 @@ class DashboardTracesTests(SynchronousTestCase):
             self.cluster.settle()
 
     def get(self, path: str, authority: str = "dashboard.test", **args: str) -> tuple[int, Any]:
-        url = f"http://{authority}{path}" + ("?" + urlencode(args) if args else "")
-        d = self.treq.get(url)
-        for _ in range(5):
-            self.settle()
-            self.treq.flush()
-        response = self.successResultOf(d)
-        d = self.treq.content(response)
-        self.treq.flush()
-        body = self.successResultOf(d)
-        return response.code, json.loads(body) if body.startswith(b"{") else body
+        return stub_get(self, self.treq, path, authority, self.settle, **args)
 
     def fibonacci(self, index: int, request_id: str) -> int:
         d = (

@@ -169,7 +169,7 @@ class LogsAcrossHostsTests(TestCase):
     timeout = 180
 
     async def test_request_id_search_merges_hosts(self) -> None:
-        from tests.test_daemon import DaemonProcess, kill_strays
+        from tests.test_daemon import kill_strays, loopback_daemon
 
         root = tempfile.mkdtemp(prefix="skynet-observe-")
         self.addCleanup(kill_strays, root)
@@ -180,14 +180,7 @@ class LogsAcrossHostsTests(TestCase):
         client = Client(registry=registry, reactor=reactor)
         self.addCleanup(client.stop)
         for name, ip in (("Front", "127.0.0.1"), ("Back", "127.0.0.2")):
-            host_root = os.path.join(root, ip)
-            os.makedirs(host_root)
-            deploy = os.path.join(host_root, "deploy")
-            with open(deploy, "w") as f:
-                f.write(f"tests.test_observe_logs_cluster:{name} --listen tcp:0:interface={ip}"
-                        " --stats-interval 0.5\n")  # fmt: skip
-            daemon = DaemonProcess(host_root, "--deploy", deploy, "--listen",
-                                   f"tcp:0:interface={ip}", registry=url).start()  # fmt: skip
+            daemon = loopback_daemon(root, ip, f"tests.test_observe_logs_cluster:{name}", url)
             self.addCleanup(daemon.stop)
 
         async def up() -> bool:

@@ -26,7 +26,7 @@ from skynet.observe import tracing
 from skynet.protocol import DEFAULT_MAX_FRAME, RequestInfo
 from skynet.registry import Query
 from skynet.registry.files import FileRegistry
-from tests.processes import ROOT, child_env, terminate, twistd, wait_for
+from tests.processes import ROOT, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -169,7 +169,7 @@ class SpansThroughTheDaemonTests(TestCase):
         C{SearchSpans} call per host, each server span labelled with the
         host that served it.
         """
-        from tests.test_daemon import kill_strays
+        from tests.test_daemon import kill_strays, loopback_daemon
 
         root = tempfile.mkdtemp(prefix="skynet-trace-hosts-")
         self.addCleanup(kill_strays, root)
@@ -181,23 +181,8 @@ class SpansThroughTheDaemonTests(TestCase):
         self.addCleanup(client.stop)
         hosts = ["127.0.0.2", "127.0.0.3"]
         for host in hosts:
-            directory = os.path.join(root, host)
-            os.makedirs(directory)
-            deploy = os.path.join(directory, "deploy")
-            with open(deploy, "w") as f:
-                f.write(f"examples.fibonacci:Fibonacci --listen tcp:0:interface={host}"
-                        " --stats-interval 0.5\n")  # fmt: skip
-            log = open(os.path.join(directory, "daemon.log"), "ab")
-            self.addCleanup(log.close)
-            popen = subprocess.Popen(
-                [twistd(), "-n", "--pidfile=", "skynet-daemon", "--registry", url,
-                 "--listen", f"tcp:0:interface={host}", "--deploy", deploy,
-                 "--log-dir", os.path.join(directory, "logs"), "--stats-interval", "0.5",
-                 "--stop-grace", "5", "--kill-time", "2"],
-                cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=child_env(SKYNET_HOME=directory, SKYNET_BIND_IP=host),
-            )  # fmt: skip
-            self.addCleanup(terminate, popen, 30)
+            daemon = loopback_daemon(root, host, "examples.fibonacci:Fibonacci", url)
+            self.addCleanup(daemon.stop)
 
         async def up() -> list | None:
             found = await registry.query(Query(registered=True))
