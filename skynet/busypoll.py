@@ -39,7 +39,16 @@ from typing import Any
 
 from twisted.python import log
 
-__all__ = ["DEFAULT_BUDGET", "MAX_BACKOFF", "BusyPoll", "install", "install_default", "installed"]
+__all__ = [
+    "DEFAULT_BUDGET",
+    "MAX_BACKOFF",
+    "Backoff",
+    "BusyPoll",
+    "check_budget",
+    "install",
+    "install_default",
+    "installed",
+]
 
 #: How long a reactor polls before it sleeps, by default, in seconds.
 DEFAULT_BUDGET = 200e-6
@@ -48,6 +57,47 @@ DEFAULT_BUDGET = 200e-6
 MAX_BACKOFF = 64
 
 _yield = getattr(os, "sched_yield", lambda: None)
+
+
+def check_budget(seconds: float, name: str = "a busy-poll budget") -> float:
+    """
+    C{seconds}, if it is a polling budget (a finite number, 0 or more).
+
+    @raise ValueError: naming C{name}, if not.
+    """
+    if not isinstance(seconds, (int, float)) or not 0 <= seconds < math.inf:
+        raise ValueError(f"{name} is 0 or more seconds, not {seconds!r}")
+    return seconds
+
+
+class Backoff:
+    """
+    When to poll: every time, until a poll is in vain; then not for the
+    next 1, 2, 4, ... up to L{MAX_BACKOFF} chances, until a poll catches
+    again.  Shared by the reactor's waits and L{skynet.sync}'s calls.
+    """
+
+    __slots__ = ("_length", "_skip")
+
+    def __init__(self) -> None:
+        self._length = 0  # chances skipped after the last poll in vain
+        self._skip = 0  # chances left to skip
+
+    def ready(self) -> bool:
+        """
+        Whether to poll at this chance (a chance not taken counts down).
+        """
+        if self._skip:
+            self._skip -= 1
+            return False
+        return True
+
+    def caught(self) -> None:
+        self._length = 0
+
+    def missed(self) -> None:
+        self._length = min(self._length * 2 or 1, MAX_BACKOFF)
+        self._skip = self._length
 
 
 class BusyPoll:
@@ -63,8 +113,7 @@ class BusyPoll:
         self.reactor = reactor
         self.budget = budget
         self.polls = self.caught = 0
-        self._backoff = 0  # sleeps after the last poll in vain
-        self._skip = 0  # sleeps left before the next poll
+        self._backoff = Backoff()
 
     def do_iteration(self, timeout: float | None) -> None:
         """
@@ -76,8 +125,7 @@ class BusyPoll:
         most = len(reactor._selectables)
         if timeout == 0:
             events = poll(0, most)  # work pending: no wait
-        elif self._skip:
-            self._skip -= 1
+        elif not self._backoff.ready():
             events = poll(-1.0 if timeout is None else timeout, most)
         else:
             start = time.perf_counter()
@@ -87,11 +135,10 @@ class BusyPoll:
                 events = poll(0, most)
                 if events:
                     self.caught += 1
-                    self._backoff = 0
+                    self._backoff.caught()
                     break
                 if time.perf_counter() >= stop:
-                    self._backoff = min(self._backoff * 2 or 1, MAX_BACKOFF)
-                    self._skip = self._backoff
+                    self._backoff.missed()
                     if timeout is None:
                         left = -1.0
                     else:
@@ -126,8 +173,7 @@ def install(reactor: Any, budget: float = DEFAULT_BUDGET) -> BusyPoll | None:
     @return: the L{BusyPoll}, or L{None} for a budget of 0 or a reactor
         that is not Twisted's epoll reactor.
     """
-    if not isinstance(budget, (int, float)) or budget < 0 or not math.isfinite(budget):
-        raise ValueError(f"a busy-poll budget is 0 or more seconds, not {budget!r}")
+    check_budget(budget)
     current = installed(reactor)
     if budget == 0:
         if current is not None:

@@ -968,9 +968,9 @@ class Client:
         busy_poll: float | None = None,
     ) -> None:
         reactor = default_reactor(reactor)
-        if busy_poll is not None and not 0 <= busy_poll < math.inf:
-            raise ValueError(f"busy_poll is 0 or more seconds, not {busy_poll!r}")
-        self.busy_poll = busy_poll
+        self.busy_poll = (
+            None if busy_poll is None else busypoll.check_budget(busy_poll, "busy_poll")
+        )
         self.reactor = reactor
         self.own_registry = registry is None or isinstance(registry, str)
         if self.own_registry:

@@ -39,14 +39,14 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import bson
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from skynet import _wire
+from skynet import _wire, busypoll
 from skynet.client import (
     DEFAULT_GIVEUP_TIMEOUT,
     DEFAULT_RETRY_INTERVAL,
@@ -85,10 +85,6 @@ _SLICE = 1 / 32
 #: How long a call polls for its answer before it sleeps, by default, in
 #: seconds (L{Client}'s C{spin}).
 DEFAULT_SPIN = 200e-6
-
-#: The most calls on a connection that sleep for their answers after a poll
-#: in vain, before one polls again.
-MAX_SPIN_BACKOFF = 64
 
 # Threads of this process polling at once, at most one per CPU but one (so
 # a service on this host keeps a CPU); none on a single CPU.
@@ -299,8 +295,7 @@ class _Connection:
         self.next_seq = 0
         self.closed = False
         self._methods: dict[str, bytes] = {}
-        self._spin_backoff = 0  # calls that sleep after the last poll in vain
-        self._spin_skip = 0  # calls left that sleep before one polls again
+        self._backoff = busypoll.Backoff()  # which calls poll for their answers
         try:
             sock = socket.create_connection((instance.host, instance.port), connect_timeout)
         except OSError as e:
@@ -375,8 +370,7 @@ class _Connection:
         except OSError as e:
             # Part of the request may be out (SO_SNDTIMEO): the stream is
             # unusable.
-            self.close()
-            raise ConnectionFailed(f"connection to {self.instance.name} lost: {e}") from None
+            self._lost(str(e))
         return seq
 
     def _send_parts(self, parts: list[Any]) -> None:
@@ -449,13 +443,15 @@ class _Connection:
         except (BlockingIOError, TimeoutError):  # SO_RCVTIMEO, or the handshake's timeout
             return False
         except OSError as e:
-            self.close()
-            raise ConnectionFailed(f"connection to {self.instance.name} lost: {e}") from None
+            self._lost(str(e))
         if not count:
-            self.close()
-            raise ConnectionFailed(f"connection to {self.instance.name} lost: closed by the peer")
+            self._lost("closed by the peer")
         self.end = end + count
         return True
+
+    def _lost(self, why: str) -> NoReturn:
+        self.close()
+        raise ConnectionFailed(f"connection to {self.instance.name} lost: {why}") from None
 
     def _spin(self, budget: float) -> bool | None:
         """
@@ -488,13 +484,11 @@ class _Connection:
                         return False
                     _yield()
         except OSError as e:
-            self.close()
-            raise ConnectionFailed(f"connection to {self.instance.name} lost: {e}") from None
+            self._lost(str(e))
         finally:
             _spinning.discard(me)
         if not count:
-            self.close()
-            raise ConnectionFailed(f"connection to {self.instance.name} lost: closed by the peer")
+            self._lost("closed by the peer")
         self.end = end + count
         return True
 
@@ -522,8 +516,8 @@ class _Connection:
         after one receive).  Answers to older requests are skipped.  With
         C{spin}, the first wait polls for that many seconds (L{_spin})
         before it sleeps; after a poll in vain, the next call sleeps at
-        once, then the next two, four, ... up to L{MAX_SPIN_BACKOFF}, until
-        a poll catches its answer again.
+        once, then the next two, four, ... (L{busypoll.Backoff}), until a
+        poll catches its answer again.
 
         @raise ConnectionFailed: the connection is unusable.
         """
@@ -558,19 +552,14 @@ class _Connection:
             if (poll and received) or time.monotonic() >= until:
                 return False, None
             if spin:
-                if self._spin_skip:
-                    self._spin_skip -= 1
-                    spun = None
-                else:
-                    spun = self._spin(spin)
+                spun = self._spin(spin) if self._backoff.ready() else None
                 spin = 0.0
                 if spun:
-                    self._spin_backoff = 0
+                    self._backoff.caught()
                     received = True
                     continue
                 if spun is False:
-                    self._spin_backoff = min(self._spin_backoff * 2 or 1, MAX_SPIN_BACKOFF)
-                    self._spin_skip = self._spin_backoff
+                    self._backoff.missed()
             received = self._receive() or received
 
     def _body_result(self, pos: int, length: int) -> Any:
@@ -929,9 +918,7 @@ class Client:
         self.balancer_factory = balancer or (lambda: GoScoreBalancer(self.region, self.host))
         self.connect_timeout = connect_timeout
         self.max_frame = max_frame
-        if spin < 0:
-            raise ValueError("spin is a number of seconds, 0 or more")
-        self.spin = spin
+        self.spin = busypoll.check_budget(spin, "spin")
         self.services: dict[tuple[Query, float, float], ServiceClient] = {}
         self.stopped = False
         self._lock = threading.Lock()

@@ -669,7 +669,7 @@ def test_polling_is_one_thread_at_a_time_on_two_cpus(
 
 
 def test_spin_must_not_be_negative() -> None:
-    with pytest.raises(ValueError, match="spin is a number of seconds"):
+    with pytest.raises(ValueError, match="spin is 0 or more seconds"):
         Client("memory://never-used", spin=-1)
 
 
