@@ -559,12 +559,15 @@ class Waits:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.spins: list[tuple[float, bool]] = []
+        self.refused = 0  # polls not made: another thread was polling
         self.receives = 0
         spin, receive = sync._Connection._spin, sync._Connection._receive
 
         def spying_spin(connection: Any, budget: float) -> bool | None:
             came = spin(connection, budget)
-            if came is not None:  # it polled
+            if came is None:
+                self.refused += 1
+            else:
                 self.spins.append((budget, came))
             return came
 
@@ -647,8 +650,8 @@ def test_polling_is_one_thread_at_a_time_on_two_cpus(
         answer(connection, seq, {"n": params["n"]})
         return False
 
-    Waits(monkeypatch)  # for its _SPINNERS of 2 CPUs
-    service = scripted(echo, spin=0.5)
+    waits = Waits(monkeypatch)  # with _SPINNERS as on 2 CPUs
+    service = scripted(echo, spin=2.0)
     results: list[Any] = []
 
     def caller(n: int) -> None:
@@ -658,12 +661,20 @@ def test_polling_is_one_thread_at_a_time_on_two_cpus(
     threads = [threading.Thread(target=caller, args=(n,)) for n in range(3)]
     for thread in threads:
         thread.start()
-    threading.Event().wait(0.2)
-    busy = len(sync._spinning)
+    for _ in range(500):  # until a gated call polls
+        if sync._spinning:
+            break
+        threading.Event().wait(0.01)
+    most = 0
+    for _ in range(50):  # while it polls, for 0.25 s of its 2 s
+        most = max(most, len(sync._spinning))
+        threading.Event().wait(0.005)
     gate.set()
     for thread in threads:
         thread.join(10)
-    assert busy == 1
+    assert most == 1
+    # While one gated call polled, the other two were refused and slept.
+    assert waits.refused >= 2, (waits.refused, waits.spins)
     assert sorted(r["n"] for r in results) == [0, 1, 2]
     assert not sync._spinning
 
