@@ -1542,6 +1542,26 @@ def loopback_daemon(root: str, ip: str, spec: str, registry: str) -> DaemonProce
                          registry=registry).start()  # fmt: skip
 
 
+async def loopback_cluster(case: TestCase, prefix: str,
+                           hosts: list[tuple[str, str]]) -> tuple[str, FileRegistry, Client]:  # fmt: skip
+    """
+    An embedded registry in a temp dir of its own and a L{loopback_daemon}
+    per C{(ip, spec)} of C{hosts}, all stopped (and their strays killed)
+    when C{case} ends: the registry's URL, the registry, and a client.
+    """
+    root = tempfile.mkdtemp(prefix=prefix)
+    case.addCleanup(kill_strays, root)
+    url = f"file://{root}/registry"
+    registry = FileRegistry(os.path.join(root, "registry"), reactor=reactor)
+    await registry.start()
+    case.addCleanup(registry.stop)
+    client = Client(registry=registry, reactor=reactor)
+    case.addCleanup(client.stop)
+    for ip, spec in hosts:
+        case.addCleanup(loopback_daemon(root, ip, spec, url).stop)
+    return url, registry, client
+
+
 def kill_strays(root: str) -> None:
     """
     Kill, by pid, any process still running whose command line names this

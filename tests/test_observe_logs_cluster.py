@@ -169,19 +169,12 @@ class LogsAcrossHostsTests(TestCase):
     timeout = 180
 
     async def test_request_id_search_merges_hosts(self) -> None:
-        from tests.test_daemon import kill_strays, loopback_daemon
+        from tests.test_daemon import loopback_cluster
 
-        root = tempfile.mkdtemp(prefix="skynet-observe-")
-        self.addCleanup(kill_strays, root)
-        url = f"file://{root}/registry"
-        registry = FileRegistry(os.path.join(root, "registry"), reactor=reactor)
-        await registry.start()
-        self.addCleanup(registry.stop)
-        client = Client(registry=registry, reactor=reactor)
-        self.addCleanup(client.stop)
-        for name, ip in (("Front", "127.0.0.1"), ("Back", "127.0.0.2")):
-            daemon = loopback_daemon(root, ip, f"tests.test_observe_logs_cluster:{name}", url)
-            self.addCleanup(daemon.stop)
+        url, registry, client = await loopback_cluster(self, "skynet-observe-", [
+            ("127.0.0.1", "tests.test_observe_logs_cluster:Front"),
+            ("127.0.0.2", "tests.test_observe_logs_cluster:Back"),
+        ])  # fmt: skip
 
         async def up() -> bool:
             found = await registry.query(Query(registered=True))

@@ -169,20 +169,12 @@ class SpansThroughTheDaemonTests(TestCase):
         C{SearchSpans} call per host, each server span labelled with the
         host that served it.
         """
-        from tests.test_daemon import kill_strays, loopback_daemon
+        from tests.test_daemon import loopback_cluster
 
-        root = tempfile.mkdtemp(prefix="skynet-trace-hosts-")
-        self.addCleanup(kill_strays, root)
-        url = f"file://{root}/registry"
-        registry = FileRegistry(os.path.join(root, "registry"), reactor=reactor)
-        await registry.start()
-        self.addCleanup(registry.stop)
-        client = Client(registry=registry, reactor=reactor)
-        self.addCleanup(client.stop)
         hosts = ["127.0.0.2", "127.0.0.3"]
-        for host in hosts:
-            daemon = loopback_daemon(root, host, "examples.fibonacci:Fibonacci", url)
-            self.addCleanup(daemon.stop)
+        url, registry, client = await loopback_cluster(
+            self, "skynet-trace-hosts-", [(host, "examples.fibonacci:Fibonacci") for host in hosts]
+        )
 
         async def up() -> list | None:
             found = await registry.query(Query(registered=True))
