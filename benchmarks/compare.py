@@ -55,8 +55,8 @@ virtualenv (C{--peers-venv}, default C{benchmarks/.venv}), created here on
 first use from PyPI.  When it cannot be created, the peers are left out and
 the table says why.
 
-The C allocator: glibc's defaults, except that skynet's servers tune theirs
-at start (L{skynet.config.tune_malloc}), as they do for users; with
+The C allocator: glibc's defaults, except that skynet's servers and clients
+tune theirs (L{skynet.config.tune_malloc}), as they do for users; with
 C{--malloc-tuned} every process, clients and peers included, runs with those
 settings, so that all run alike (1 MB payloads move several times faster for
 every system then: a fresh mmap()ed block per message costs a page fault per
@@ -335,8 +335,9 @@ def run_raw_client(args: argparse.Namespace) -> None:
 def malloc_env(tuned: bool = False) -> dict[str, str]:
     """
     The C allocator's settings for every process of the comparison: by
-    default nothing (glibc's own; skynet's servers tune themselves at start,
-    as they do for users, and the clients do not); with C{tuned}, those
+    default nothing (glibc's own; skynet's servers and clients tune
+    themselves, as they do for users; the bare, raw and peer processes do
+    not); with C{tuned}, those
     L{skynet.config.tune_malloc} gives (heap reuse for blocks up to 32 MiB)
     for every process, clients and peers included, so that all run alike.
     """
@@ -816,7 +817,7 @@ def tables(report: dict[str, Any]) -> str:
     )
     lines.append("every process (clients and peers too) with skynet's malloc settings "
                  "(skynet.config.tune_malloc)" if config.get("malloc_tuned")
-                 else "glibc's malloc defaults, but skynet's servers tune theirs "
+                 else "glibc's malloc defaults, but skynet's servers and clients tune theirs "
                       "(skynet.config.tune_malloc)")  # fmt: skip
     for system, why in report["skipped"].items():
         lines.append(f"{LABELS[system]}: not measured: {why}")

@@ -25,12 +25,14 @@ C{bytes} parameter would refuse the latter).
 
 from __future__ import annotations
 
+import errno
 import struct
 from collections.abc import Sequence
 from typing import Any, ClassVar, Final
 
 import bson
 from bson.int64 import Int64
+from twisted.internet.main import CONNECTION_LOST as _CONNECTION_LOST
 
 #: The one switch: C{False} sends every document through pymongo.
 FAST = True
@@ -703,6 +705,7 @@ def _idle_plain_tcp(transport: Any) -> bool:
         and not transport._tempDataBuffer
         and transport.offset == len(transport.dataBuffer)
         and not transport._writeDisconnected
+        and "_skynet_queue" not in transport.__dict__
     )
 
 
@@ -711,25 +714,126 @@ def write_now(transport: Any, data: bytes) -> None:
     Send C{data} at once when the transport holds nothing else to send (a
     plain TCP connection), rather than queueing it for the reactor's next
     round (which costs two epoll_ctl calls and a loop iteration on each side
-    of every call); what the socket does not take, and every other
-    transport, goes through C{transport.write}.
+    of every call); what the socket does not take waits in the transport's
+    L{_Queue}, and every other transport gets C{transport.write}.
     """
     if _idle_plain_tcp(transport):
         try:
             sent = transport.socket.send(data)
         except OSError:
-            sent = 0  # full, or broken: the reactor's own write deals with it
+            sent = 0  # full, or broken: the queue's write finds out which
         if sent == len(data):
             return
-        if sent:
-            # The rest stays where it is, as Twisted's own buffer holds a
-            # partly sent string (no copy of a large answer's tail).
-            transport.dataBuffer = data
-            transport.offset = sent
-            transport._maybePauseProducer()
-            transport.startWriting()
-            return
-    transport.write(data)
+        _Queue.start(transport, [memoryview(data)[sent:] if sent else data])
+        return
+    if not _Queue.extend(transport, (data,)):
+        transport.write(data)
+
+
+class _Queue:
+    """
+    What a plain TCP transport has still to send of the frames written by
+    L{write_now} and L{write_parts_now}, as the pieces they came in: sent
+    with gathered C{sendmsg} calls as the socket takes them, ahead of
+    anything in Twisted's own buffer.
+
+    Twisted's buffer would join the pieces into one string, and join again
+    each write that comes while it waits (a copy of every large frame, and
+    of the tail of a partly sent one), and send it 128 KiB per reactor
+    round.  While a queue is there the transport's C{doWrite} is its
+    L{do_write}; once empty it hands over to Twisted's, which sends what
+    Twisted's buffer holds, stops writing, resumes a paused producer and
+    finishes a C{loseConnection}.  Writes stay in order: a write joins the
+    queue only while Twisted's buffer is empty, and Twisted's buffer is
+    sent after the queue.  A streaming producer is paused when the queue
+    holds more than the transport's C{bufferSize}, as Twisted's buffer
+    would pause it.
+    """
+
+    __slots__ = ("transport", "parts", "size")
+
+    #: Pieces per C{sendmsg} at most (Linux's IOV_MAX is 1024).
+    IOV = 512
+
+    def __init__(self, transport: Any, parts: list[Any]) -> None:
+        self.transport = transport
+        self.parts = parts
+        self.size = sum(map(len, parts))
+
+    @classmethod
+    def start(cls, transport: Any, parts: list[Any]) -> None:
+        queue = cls(transport, parts)
+        transport._skynet_queue = queue
+        transport.doWrite = queue.do_write
+        queue.push_back()
+        transport.startWriting()
+
+    @staticmethod
+    def extend(transport: Any, parts: Sequence[Any]) -> bool:
+        """
+        Queue C{parts} behind the transport's queue, if it has one and
+        Twisted's buffer is empty; L{False} if not queued.
+        """
+        queue = transport.__dict__.get("_skynet_queue") if FAST else None
+        if (
+            queue is None
+            or transport._tempDataBuffer
+            or transport.offset != len(transport.dataBuffer)
+            or not transport.connected
+        ):
+            return False
+        queue.parts.extend(parts)
+        queue.size += sum(map(len, parts))
+        queue.push_back()
+        return True
+
+    def push_back(self) -> None:
+        transport = self.transport
+        producer = transport.producer
+        if (
+            producer is not None
+            and transport.streamingProducer
+            and not transport.producerPaused
+            and self.size > transport.bufferSize
+        ):
+            transport.producerPaused = True
+            producer.pauseProducing()
+
+    def do_write(self) -> Any:
+        """
+        The transport's C{doWrite} while the queue holds something: send
+        what the socket takes; when all is sent, Twisted's own C{doWrite}.
+        """
+        transport, parts = self.transport, self.parts
+        while parts:
+            batch = parts if len(parts) <= self.IOV else parts[: self.IOV]
+            try:
+                sent = transport.socket.sendmsg(batch)
+            except BlockingIOError:
+                return None
+            except InterruptedError:
+                continue
+            except OSError as e:
+                if e.errno == errno.ENOBUFS:
+                    return None
+                return _CONNECTION_LOST
+            self.size -= sent
+            done = 0
+            for part in batch:
+                size = len(part)
+                if sent < size:
+                    break
+                sent -= size
+                done += 1
+            if done:
+                del parts[:done]
+            if sent:
+                parts[0] = memoryview(parts[0])[sent:]
+            if done < len(batch):
+                return None  # the socket is full: wait until it takes more
+        del transport.doWrite
+        del transport._skynet_queue
+        return transport.doWrite()
 
 
 class _CountingDocument(dict):  # type: ignore[type-arg]
@@ -794,14 +898,14 @@ def write_parts_now(transport: Any, parts: Sequence[Any]) -> None:
     C{sendmsg} when the transport holds nothing else to send (a plain TCP
     connection, as for L{write_now}): a large result goes from its encoded
     pieces to the socket without being joined first.  What the socket does
-    not take is joined once (only that tail) into Twisted's buffer; every
+    not take waits in the transport's L{_Queue}, still in pieces; every
     other transport gets C{writeSequence}.
     """
-    if len(parts) <= 512 and _idle_plain_tcp(transport):
+    if len(parts) <= _Queue.IOV and _idle_plain_tcp(transport):
         try:
             sent = transport.socket.sendmsg(parts)
         except OSError:
-            sent = 0  # full, or broken: the reactor's own write deals with it
+            sent = 0  # full, or broken: the queue's write finds out which
         rest: list[Any] = []
         for part in parts:
             size = len(part)
@@ -812,15 +916,11 @@ def write_parts_now(transport: Any, parts: Sequence[Any]) -> None:
                 sent = 0
             else:
                 rest.append(part)
-        if not rest:
-            return
-        transport.dataBuffer = rest[0] if len(rest) == 1 and type(rest[0]) is bytes else (
-            b"".join(rest))  # fmt: skip
-        transport.offset = 0
-        transport._maybePauseProducer()
-        transport.startWriting()
+        if rest:
+            _Queue.start(transport, rest)
         return
-    transport.writeSequence([p if type(p) is bytes else bytes(p) for p in parts])
+    if not _Queue.extend(transport, parts):
+        transport.writeSequence([p if type(p) is bytes else bytes(p) for p in parts])
 
 
 # A bound on the elements of a request, without reading every byte

@@ -46,7 +46,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from skynet import _wire, busypoll
+from skynet import _wire, busypoll, config
 from skynet.client import (
     DEFAULT_GIVEUP_TIMEOUT,
     DEFAULT_RETRY_INTERVAL,
@@ -898,6 +898,9 @@ class Client:
         connection sleep at once (1, 2, 4, ... up to 64 of them) before one
         polls again; one thread at a time per CPU but one polls, none on a
         machine with one CPU.
+    @param tune_malloc: make this process's C allocator reuse freed large
+        blocks, as L{skynet.client.Client} does (L{skynet.config.tune_malloc};
+        C{SKYNET_TUNE_MALLOC=0} says no).
     """
 
     def __init__(self, registry: str | None = None, *,
@@ -905,7 +908,8 @@ class Client:
                  giveup_timeout: float = DEFAULT_GIVEUP_TIMEOUT,
                  balancer: Callable[[], Any] | None = None, region: str | None = None,
                  host: str | None = None, connect_timeout: float = 2.0,
-                 max_frame: int = DEFAULT_MAX_FRAME, spin: float = DEFAULT_SPIN) -> None:  # fmt: skip
+                 max_frame: int = DEFAULT_MAX_FRAME, spin: float = DEFAULT_SPIN,
+                 tune_malloc: bool = True) -> None:  # fmt: skip
         if registry is not None and not isinstance(registry, str):
             raise TypeError("skynet.sync.Client takes a registry URL")
         self.registry_url = registry
@@ -919,6 +923,8 @@ class Client:
         self.connect_timeout = connect_timeout
         self.max_frame = max_frame
         self.spin = busypoll.check_budget(spin, "spin")
+        if tune_malloc:
+            config.tune_malloc()
         self.services: dict[tuple[Query, float, float], ServiceClient] = {}
         self.stopped = False
         self._lock = threading.Lock()

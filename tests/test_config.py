@@ -162,9 +162,22 @@ class LibraryIgnoresEnvironmentTests(SynchronousTestCase):
 
 
 _FAULTS = """
-import resource
-from skynet.config import tune_malloc
-tuned = tune_malloc()
+import resource, sys
+from skynet import config
+if sys.argv[1:] == ["client"]:  # a process that only makes a client
+    import skynet.client
+    skynet.client.Client(registry="file:///nonexistent/registry")
+    tuned = config._malloc_tuned
+elif sys.argv[1:] == ["client-untuned"]:
+    import skynet.client
+    skynet.client.Client(registry="file:///nonexistent/registry", tune_malloc=False)
+    tuned = config._malloc_tuned
+elif sys.argv[1:] == ["sync"]:
+    import skynet.sync
+    skynet.sync.Client("file:///nonexistent/registry").close()
+    tuned = config._malloc_tuned
+else:
+    tuned = config.tune_malloc()
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 held = []
@@ -188,11 +201,11 @@ class TuneMallocTests(SynchronousTestCase):
     process each (the setting is per process).
     """
 
-    def run_faults(self, **env: str) -> tuple[str, int]:
+    def run_faults(self, *argv: str, **env: str) -> tuple[str, int]:
         environ = {k: v for k, v in os.environ.items()
                    if k not in ("SKYNET_TUNE_MALLOC", "MALLOC_MMAP_THRESHOLD_",
                                 "MALLOC_TRIM_THRESHOLD_")}  # fmt: skip
-        out = subprocess.run([sys.executable, "-c", _FAULTS], env={**environ, **env},
+        out = subprocess.run([sys.executable, "-c", _FAULTS, *argv], env={**environ, **env},
                              capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
         tuned, faults = out.stdout.split()
         return tuned, int(faults)
@@ -206,6 +219,21 @@ class TuneMallocTests(SynchronousTestCase):
         # free (a fault per 4 KiB page each time); the tuned heap reuses them
         # (measured here: 608 against 2966).
         self.assertLess(faults * 3, untuned_faults, (faults, untuned_faults))
+
+    def test_clients_tune_their_process(self) -> None:
+        """
+        A process that makes a L{skynet.client.Client} or a
+        L{skynet.sync.Client} reuses large blocks as a service does, unless
+        told not to (C{tune_malloc=False}, or C{SKYNET_TUNE_MALLOC=0}).
+        """
+        untuned, untuned_faults = self.run_faults("client-untuned")
+        self.assertEqual(untuned, "None")  # not even decided
+        for kind in ("client", "sync"):
+            tuned, faults = self.run_faults(kind)
+            self.assertEqual(tuned, "True", kind)
+            self.assertLess(faults * 3, untuned_faults, (kind, faults, untuned_faults))
+            refused, _ = self.run_faults(kind, SKYNET_TUNE_MALLOC="0")
+            self.assertEqual(refused, "False", kind)
 
     def test_the_users_glibc_settings_stand(self) -> None:
         tuned, _ = self.run_faults(MALLOC_MMAP_THRESHOLD_="131072")

@@ -1506,14 +1506,67 @@ class WriteNowTests(TestCase):
         transport.registerProducer(producer, True)
         large = bytes(range(256)) * 40_000  # 10 MB: more than a socket buffer holds
         write_now(transport, large)
-        self.assertGreater(len(transport.dataBuffer) - transport.offset, 0)
+        queue = transport._skynet_queue
+        self.assertGreater(queue.size, 0)
+        self.assertEqual(transport.dataBuffer[transport.offset :], b"")  # not in Twisted's
         self.assertEqual(producer.paused, 1)
         write_now(transport, b"after")
+        self.assertEqual(queue.parts[-1], b"after")  # behind the rest, not joined to it
         transport.write(b"end")
         expected = large + b"afterend"
         await self.assert_received(received, expected)
+        self.assertNotIn("_skynet_queue", transport.__dict__)
+        self.assertNotIn("doWrite", transport.__dict__)  # Twisted's own again
         transport.unregisterProducer()
         transport.loseConnection()
+
+    async def test_a_queue_drains_before_the_connection_closes(self) -> None:
+        """
+        C{loseConnection} while a large frame waits in the queue sends all
+        of it first, then Twisted's buffer, then closes; a paused streaming
+        producer is resumed once everything is sent.
+        """
+
+        class Producer:
+            paused = resumed = 0
+
+            def pauseProducing(self) -> None:
+                self.paused += 1
+
+            def resumeProducing(self) -> None:
+                self.resumed += 1
+
+            def stopProducing(self) -> None:
+                pass
+
+        transport, received = await self.sink_connection()
+        producer = Producer()
+        transport.registerProducer(producer, True)
+        first = [b"<", bytes(range(256)) * 30_000, b">"]
+        _wire.write_parts_now(transport, first)
+        self.assertEqual(producer.paused, 1)
+        second = [b"[", bytes(range(255, -1, -1)) * 30_000, b"]"]
+        _wire.write_parts_now(transport, second)  # joins the queue, in pieces
+        self.assertEqual(transport._skynet_queue.parts[-3:], second)
+        transport.write(b"twisted")  # Twisted's buffer: after the queue
+        write_now(transport, b"last")  # Twisted's buffer holds something: after it
+        self.assertEqual(transport._tempDataBuffer, [b"twisted", b"last"])
+        sent = b"".join(first + second) + b"twistedlast"
+        await self.assert_received(received, sent)
+        self.assertEqual(producer.resumed, 1)
+        transport.unregisterProducer()
+        closing = bytes(range(256)) * 30_000
+        _wire.write_parts_now(transport, [b"(", closing, b")"])
+        self.assertIn("_skynet_queue", transport.__dict__)
+        transport.loseConnection()  # with most of it still queued
+        await self.assert_received(received, sent + b"(" + closing + b")")
+        from twisted.internet import reactor
+
+        for _ in range(1000):
+            if not transport.connected:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        self.assertFalse(transport.connected)
 
     async def test_large_frames_over_tcp_read_in_large_pieces(self) -> None:
         """
@@ -1658,8 +1711,8 @@ class WriteNowTests(TestCase):
                          (b"", []))  # fmt: skip
         large = [b"<", bytes(range(256)) * 20_000, bytearray(b"x" * 5_000_000), b">"]
         _wire.write_parts_now(transport, large)  # more than a socket buffer holds
-        self.assertGreater(len(transport.dataBuffer) - transport.offset, 0)
-        _wire.write_parts_now(transport, [b"after", b"!"])  # queued behind: writeSequence
+        self.assertGreater(transport._skynet_queue.size, 0)
+        _wire.write_parts_now(transport, [b"after", b"!"])  # queued behind
         write_now(transport, b"end")
         expected = b"headviewtail" + b"".join(large) + b"after!end"
         await self.assert_received(received, expected)
