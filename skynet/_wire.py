@@ -774,7 +774,7 @@ class _Queue:
         Queue C{parts} behind the transport's queue, if it has one and
         Twisted's buffer is empty; L{False} if not queued.
         """
-        queue = transport.__dict__.get("_skynet_queue") if FAST else None
+        queue = getattr(transport, "_skynet_queue", None) if FAST else None
         if (
             queue is None
             or transport._tempDataBuffer

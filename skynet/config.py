@@ -127,8 +127,9 @@ def tune_malloc(environ: Mapping[str, str] | None = None) -> bool:
     machine).  The price is up to L{TRIM_THRESHOLD} of free memory kept in
     the process after a burst of large messages.
 
-    Called by the twistd plugins (services, daemons, dashboards) at start;
-    a client process that moves large payloads may call it too.  Nothing is
+    Called by the twistd plugins (services, daemons, dashboards) at start,
+    and by L{skynet.client.Client} and L{skynet.sync.Client} when made
+    (unless given C{tune_malloc=False}).  Nothing is
     changed where the environment says otherwise: C{SKYNET_TUNE_MALLOC=0},
     or glibc's own C{MALLOC_MMAP_THRESHOLD_} / C{MALLOC_TRIM_THRESHOLD_}
     set (the user's choice stands); nor on a C library without
