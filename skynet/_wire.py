@@ -806,7 +806,7 @@ class _Queue:
         """
         transport, parts = self.transport, self.parts
         while parts:
-            batch = parts if len(parts) <= self.IOV else parts[: self.IOV]
+            batch = parts[: self.IOV]
             try:
                 sent = transport.socket.sendmsg(batch)
             except BlockingIOError:

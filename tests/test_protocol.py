@@ -1568,6 +1568,111 @@ class WriteNowTests(TestCase):
             await deferLater(reactor, 0.01, lambda: None)
         self.assertFalse(transport.connected)
 
+    async def test_a_peer_that_resets_while_frames_are_queued(self) -> None:
+        """
+        The peer resets the connection (RST) while megabytes wait in the
+        queue: the protocol hears the connection lost once, and nothing is
+        logged as an error (the reactor sees the hang-up without writing).
+        """
+        import socket
+        import struct
+
+        from twisted.internet import reactor
+        from twisted.internet.defer import Deferred
+        from twisted.internet.endpoints import (
+            TCP4ClientEndpoint,
+            TCP4ServerEndpoint,
+            connectProtocol,
+        )
+        from twisted.internet.protocol import Factory, Protocol
+
+        class Resetter(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                sock = self.transport.getHandle()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.transport.abortConnection()
+
+        lost: Deferred = Deferred()
+        reasons: list[Any] = []
+
+        class Writer(Protocol):
+            def connectionLost(self, reason: Any) -> None:
+                reasons.append(reason)
+                lost.callback(None)
+
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Factory.forProtocol(Resetter)
+        )
+        self.addCleanup(port.stopListening)
+        writer = await connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), Writer()
+        )
+        transport = writer.transport
+        transport.stopReading()
+        for _ in range(3):
+            _wire.write_parts_now(transport, [b"<", bytes(8_000_000), b">"])
+        self.assertIn("_skynet_queue", transport.__dict__)
+        await lost
+        self.assertEqual(len(reasons), 1)
+        self.assertFalse(transport.connected)
+
+    def test_the_queues_write_step_by_step(self) -> None:
+        """
+        L{_wire._Queue.do_write} against a socket that takes a few bytes at a
+        time, then is full, then fails: what was sent leaves the queue (a
+        piece cut where the socket stopped), a full socket waits, an error
+        is the connection lost, and once empty Twisted's C{doWrite} runs.
+        """
+        from twisted.internet.main import CONNECTION_LOST
+
+        class Socket:
+            def __init__(self) -> None:
+                self.plan: list[Any] = []
+                self.sent: list[bytes] = []
+
+            def sendmsg(self, parts: list[Any]) -> int:
+                step = self.plan.pop(0)
+                if isinstance(step, BaseException):
+                    raise step
+                data = b"".join(bytes(p) for p in parts)[:step]
+                self.sent.append(data)
+                return len(data)
+
+        class Transport:
+            producer = None
+            twisted_writes = 0
+
+            def __init__(self) -> None:
+                self.socket = Socket()
+
+            def startWriting(self) -> None:
+                pass
+
+            def doWrite(self) -> None:
+                self.twisted_writes += 1
+
+        transport = Transport()
+        transport.socket.plan = [4, BlockingIOError(), 3, 100]  # 100: never reached
+        _wire._Queue.start(transport, [b"abc", b"defg", memoryview(b"hij")])
+        queue = transport._skynet_queue  # type: ignore[attr-defined]
+        self.assertIsNone(transport.doWrite())  # 4 bytes, then full
+        self.assertEqual([bytes(p) for p in queue.parts], [b"efg", b"hij"])
+        self.assertEqual(queue.size, 6)
+        self.assertIsNone(transport.doWrite())  # full at once: nothing changes
+        self.assertEqual(queue.size, 6)
+        self.assertIsNone(transport.doWrite())  # 3 of 6: full again
+        self.assertEqual([bytes(p) for p in queue.parts], [b"hij"])
+        self.assertEqual(transport.socket.plan, [100])
+        self.assertIsNone(transport.doWrite())  # the rest: empty
+        self.assertEqual(b"".join(transport.socket.sent), b"abcdefghij")
+        self.assertNotIn("_skynet_queue", transport.__dict__)
+        self.assertEqual(transport.twisted_writes, 1)  # handed over to Twisted's
+
+        failing = Transport()
+        failing.socket.plan = [ConnectionResetError()]
+        _wire._Queue.start(failing, [b"x" * 10])
+        self.assertIs(failing.doWrite(), CONNECTION_LOST)
+
     async def test_large_frames_over_tcp_read_in_large_pieces(self) -> None:
         """
         Over real TCP a large request raises the service connection's read
