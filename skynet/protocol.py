@@ -347,6 +347,8 @@ class FrameProtocol(Protocol):
                 # A large frame that fills the buffer: handed over, not copied.
                 frame = buf
                 self._buffer = buf = b""
+            elif type(data) is bytes:
+                frame = data[offset : offset + length]
             else:
                 frame = bytes(memoryview(data)[offset : offset + length])
             offset += length
@@ -1318,14 +1320,9 @@ class ClientProtocol(FrameProtocol):
             if params[1] >= _GATHER:  # sent as they are, not joined
                 self.send_parts([self._request_header(seq), *body])
                 return seq
-        else:
-            body = request_body_parts(
-                layout.clientid_element,
-                method_element,
-                request_info,
-                params,  # type: ignore[arg-type]
-            )
-        self.send_bytes(b"".join((self._request_header(seq), *body)))
+            self.send_bytes(b"".join((self._request_header(seq), *body)))
+            return seq
+        self.send_bytes(layout.request(seq, method_element, request_info, params))  # type: ignore[arg-type]
         return seq
 
     def _method_element(self, method: str) -> bytes:

@@ -1159,6 +1159,29 @@ class FastCodecTests(SynchronousTestCase):
         self.assertEqual(encode_request_body(clientid, method, info, encoded), expected)
         self.assertEqual(*both_paths(encode_request_body, clientid, method, info, encoded))
 
+    @settings(max_examples=400, deadline=None)
+    @given(texts, texts, texts, st.one_of(st.uuids().map(str), texts), st.one_of(st.just(""), texts),
+           st.integers(-5, 2**31 + 5), int64s, documents)  # fmt: skip
+    def test_a_whole_request_in_one_piece(self, servicemethod, clientid, method, rid, origin,
+                                          retry, seq, params) -> None:  # fmt: skip
+        """
+        L{_wire.ClientLayout.request}, with the usual request info written in
+        place, is byte for byte the header and body pymongo makes (through
+        L{encode_header} and L{encode_request_body}, themselves checked
+        against pymongo above), for ids of any length and retry counts out
+        of range too.
+        """
+        info = RequestInfo(rid, retry, origin, "")
+        encoded = bson.encode(params)
+        expected = encode_header(servicemethod, seq) + encode_request_body(
+            clientid, method, info, encoded
+        )
+        layout = _wire.ClientLayout(servicemethod, clientid)
+        method_element = _wire.string_element(b"\x02method\x00", method)
+        self.assertEqual(layout.request(seq, method_element, info, encoded), expected)
+        off = _wire.ClientLayout(servicemethod, clientid, fast=False)
+        self.assertEqual(off.request(seq, method_element, info, encoded), expected)
+
     @settings(max_examples=500, deadline=None)
     @given(texts, int64s, st.one_of(st.none(), texts), st.booleans(), damages)
     def test_decode_headers_like_bson(self, sm, seq, error, as_int32, how) -> None:
