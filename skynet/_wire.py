@@ -131,6 +131,10 @@ def encode_header(servicemethod: str, seq: int, error: str | None = None) -> byt
     return document(elements)
 
 
+#: The end of a response body with an empty C{errstring}.
+_OK_TAIL: Final = string_element(_ERRSTRING, "") + b"\x00"
+
+
 def response_body_parts(out: bytes, errstring: str) -> tuple[bytes, ...]:
     """
     The pieces of a response body C{{out: binary, errstring}}, to be joined
@@ -138,7 +142,7 @@ def response_body_parts(out: bytes, errstring: str) -> tuple[bytes, ...]:
     """
     if not FAST:
         return (_encode({"out": out, "errstring": errstring}),)
-    tail = string_element(_ERRSTRING, errstring) + b"\x00"
+    tail = string_element(_ERRSTRING, errstring) + b"\x00" if errstring else _OK_TAIL
     return (_pack_i32(4 + 5 + len(OUT) + len(out) + len(tail)), OUT,
             _pack_i32(len(out)), b"\x00", out, tail)  # fmt: skip
 
@@ -226,6 +230,7 @@ _REQUESTINFO_EMPTY_ADDRESSES: Final = (
     + _pack_i32(37)
 )
 _END_ID: Final = b"\x00" + _RETRYCOUNT
+_EMPTY_ADDRESSES_LENGTH: Final = len(_REQUESTINFO_EMPTY_ADDRESSES)
 
 
 def request_body_parts(
@@ -517,6 +522,20 @@ class ServerLayout:
             return encode_header(self.forward, seq, "")
         return self._ok_prefix + _pack_i64(seq) + OK_HEADER_SUFFIX
 
+    def ok_response(self, seq: int, out: bytes) -> bytes:
+        """
+        L{ok_header} and the body C{{out, errstring: ""}} in one piece,
+        joined once.
+        """
+        if not self.fast:
+            return encode_header(self.forward, seq, "") + encode_response_body(out, "")
+        n = len(out)
+        return b"".join((
+            self._ok_prefix, _pack_i64(seq), OK_HEADER_SUFFIX,
+            _pack_i32(9 + len(OUT) + n + len(_OK_TAIL)), OUT, _pack_i32(n), b"\x00", out,
+            _OK_TAIL,
+        ))  # fmt: skip
+
     def read_body(self, frame: Frame) -> tuple[str, str, int, Frame] | None:
         """
         Read a request body in the exact layout our client and Go's write,
@@ -545,23 +564,34 @@ class ServerLayout:
             if frame[pos : pos + 8] != METHOD:
                 return None
             method, pos = _read_string(frame, pos + 8)
-            if frame[pos : pos + 13] != _REQUESTINFO:
-                return None
-            end = pos + 13 + unpack_length(frame, pos + 13)[0]
-            pos += 17
-            if frame[pos : pos + 15] != _ORIGINADDRESS:
-                return None
-            _, pos = _read_string(frame, pos + 15)
-            if frame[pos : pos + 19] != _CONNECTIONADDRESS:
-                return None
-            _, pos = _read_string(frame, pos + 19)
-            if frame[pos : pos + 11] != _REQUESTID:
-                return None
-            request_id, pos = _read_string(frame, pos + 11)
-            if frame[pos : pos + 12] != _RETRYCOUNT:
-                return None
-            retry_count = unpack_length(frame, pos + 12)[0]
-            pos += 16
+            if frame.startswith(_REQUESTINFO_EMPTY_ADDRESSES, pos):
+                # The request info our clients write (encode_request_info):
+                # no addresses and a 36-character id, at known places.
+                pos += _EMPTY_ADDRESSES_LENGTH
+                if not frame.startswith(_END_ID, pos + 36):
+                    return None
+                request_id = frame[pos : pos + 36].decode("utf-8")
+                pos += 36 + len(_END_ID)
+                end = pos + 5
+            else:
+                if frame[pos : pos + 13] != _REQUESTINFO:
+                    return None
+                end = pos + 13 + unpack_length(frame, pos + 13)[0]
+                pos += 17
+                if frame[pos : pos + 15] != _ORIGINADDRESS:
+                    return None
+                _, pos = _read_string(frame, pos + 15)
+                if frame[pos : pos + 19] != _CONNECTIONADDRESS:
+                    return None
+                _, pos = _read_string(frame, pos + 19)
+                if frame[pos : pos + 11] != _REQUESTID:
+                    return None
+                request_id, pos = _read_string(frame, pos + 11)
+                if frame[pos : pos + 12] != _RETRYCOUNT:
+                    return None
+                pos += 12
+            retry_count = unpack_length(frame, pos)[0]
+            pos += 4
             if pos + 1 != end or frame[pos] != 0 or frame[end : end + 4] != _IN:
                 return None
             n = unpack_length(frame, end + 4)[0]

@@ -689,6 +689,7 @@ class ServerProtocol(FrameProtocol):
         self._read_forward_header = self._layout.read_forward_header
         self._read_body = self._layout.read_body_span
         self._ok_header = self._layout.ok_header
+        self._ok_response = self._layout.ok_response
         self._max_elements = getattr(dispatcher, "max_request_elements", None)
 
     def connectionMade(self) -> None:
@@ -980,7 +981,9 @@ class ServerProtocol(FrameProtocol):
         self.in_flight += 1
         try:
             result = method(info, params)
-            if isinstance(result, Deferred) or hasattr(result, "__await__"):
+            if type(result) is not dict and (
+                isinstance(result, Deferred) or hasattr(result, "__await__")
+            ):
                 d = result if isinstance(result, Deferred) else ensureDeferred(result)
                 d.addCallbacks(
                     self._method_returned,
@@ -1051,6 +1054,9 @@ class ServerProtocol(FrameProtocol):
         self.in_flight -= 1
         try:
             if self._state != _CLOSED:
+                if not errstring and servicemethod == self._forward and type(out) is bytes:
+                    self.send_bytes(self._ok_response(seq, out))
+                    return
                 if servicemethod == self._forward:
                     header = self._ok_header(seq)
                 else:

@@ -1150,6 +1150,15 @@ class FastCodecTests(SynchronousTestCase):
         self.assertEqual(*both_paths(encode_response_body, out, errstring))
 
     @settings(max_examples=300, deadline=None)
+    @given(texts, int64s, st.binary(max_size=300))
+    def test_a_whole_ok_response_in_one_piece(self, service, seq, out) -> None:
+        expected = bson.encode({"servicemethod": f"{service}.Forward", "seq": Int64(seq),
+                                "error": ""}) + bson.encode({"out": out, "errstring": ""})  # fmt: skip
+        for fast in (True, False):
+            layout = _wire.ServerLayout(service, "c", fast=fast)
+            self.assertEqual(layout.ok_response(seq, out), expected)
+
+    @settings(max_examples=300, deadline=None)
     @given(texts, texts, texts, texts, st.integers(0, 2**31 - 1), documents)
     def test_encode_request_body(self, clientid, method, rid, origin, retry, params) -> None:
         info = RequestInfo(rid, retry, origin, "")

@@ -195,7 +195,8 @@ class MethodStats:
                 raise
             finally:
                 serving_reset(token)
-            if isinstance(result, Deferred):
+            # (a dict, the usual result, skips Deferred's ABC isinstance)
+            if type(result) is not dict and isinstance(result, Deferred):
 
                 def done(value: Any) -> Any:
                     finished(started, False, span, request_info)
