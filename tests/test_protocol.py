@@ -1463,13 +1463,7 @@ class WriteNowTests(TestCase):
         A real TCP connection on loopback (its client transport) and the list
         the other end appends what it receives to.
         """
-        from twisted.internet import reactor
-        from twisted.internet.endpoints import (
-            TCP4ClientEndpoint,
-            TCP4ServerEndpoint,
-            connectProtocol,
-        )
-        from twisted.internet.protocol import Factory, Protocol
+        from twisted.internet.protocol import Protocol
 
         received: list[bytes] = []
 
@@ -1477,14 +1471,29 @@ class WriteNowTests(TestCase):
             def dataReceived(self, data: bytes) -> None:
                 received.append(data)
 
+        client = await self.loopback_pair(Sink, Protocol())
+        return client.transport, received
+
+    async def loopback_pair(self, server: type, client: Any) -> Any:
+        """
+        C{client} (a protocol) connected over loopback TCP to a listener
+        serving C{server} (a protocol class); the listener stops at cleanup.
+        """
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import (
+            TCP4ClientEndpoint,
+            TCP4ServerEndpoint,
+            connectProtocol,
+        )
+        from twisted.internet.protocol import Factory
+
         port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-            Factory.forProtocol(Sink)
+            Factory.forProtocol(server)
         )
         self.addCleanup(port.stopListening)
-        client = await connectProtocol(
-            TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), Protocol()
+        return await connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), client
         )
-        return client.transport, received
 
     async def assert_received(self, received: list[bytes], expected: bytes) -> None:
         """
@@ -1609,14 +1618,8 @@ class WriteNowTests(TestCase):
         import socket
         import struct
 
-        from twisted.internet import reactor
         from twisted.internet.defer import Deferred
-        from twisted.internet.endpoints import (
-            TCP4ClientEndpoint,
-            TCP4ServerEndpoint,
-            connectProtocol,
-        )
-        from twisted.internet.protocol import Factory, Protocol
+        from twisted.internet.protocol import Protocol
 
         class Resetter(Protocol):
             def dataReceived(self, data: bytes) -> None:
@@ -1632,13 +1635,7 @@ class WriteNowTests(TestCase):
                 reasons.append(reason)
                 lost.callback(None)
 
-        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-            Factory.forProtocol(Resetter)
-        )
-        self.addCleanup(port.stopListening)
-        writer = await connectProtocol(
-            TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), Writer()
-        )
+        writer = await self.loopback_pair(Resetter, Writer())
         transport = writer.transport
         transport.stopReading()
         for _ in range(3):
