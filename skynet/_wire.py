@@ -884,22 +884,29 @@ class _Queue:
                     return None
                 return _CONNECTION_LOST
             self.size -= sent
-            done = 0
-            for part in batch:
-                size = len(part)
-                if sent < size:
-                    break
-                sent -= size
-                done += 1
-            if done:
-                del parts[:done]
-            if sent:
-                parts[0] = memoryview(parts[0])[sent:]
-            if done < len(batch):
+            _drop_sent(parts, sent)
+            if sent < sum(map(len, batch)):
                 return None  # the socket is full: wait until it takes more
         del transport.doWrite
         del transport._skynet_queue
         return transport.doWrite()
+
+
+def _drop_sent(parts: list[Any], sent: int) -> None:
+    """
+    Drop from the pieces C{parts}, in place, the first C{sent} bytes: the
+    pieces sent whole, and the sent start of the next (a view of its rest).
+    """
+    done = 0
+    for part in parts:
+        size = len(part)
+        if sent < size:
+            break
+        sent -= size
+        done += 1
+    del parts[:done]
+    if sent:
+        parts[0] = memoryview(parts[0])[sent:]
 
 
 class _CountingDocument(dict):  # type: ignore[type-arg]
@@ -972,16 +979,8 @@ def write_parts_now(transport: Any, parts: Sequence[Any]) -> None:
             sent = transport.socket.sendmsg(parts)
         except OSError:
             sent = 0  # full, or broken: the queue's write finds out which
-        rest: list[Any] = []
-        for part in parts:
-            size = len(part)
-            if sent >= size:
-                sent -= size
-            elif sent:
-                rest.append(memoryview(part)[sent:])
-                sent = 0
-            else:
-                rest.append(part)
+        rest = list(parts)
+        _drop_sent(rest, sent)
         if rest:
             _Queue.start(transport, rest)
         return
