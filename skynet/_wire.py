@@ -633,38 +633,26 @@ class ClientLayout:
         self._ok_header_seq_at = len(self._ok_header_prefix)
         self.clientid_element = string_element(CLIENTID, clientid)
         self._header_start = _pack_i32(len(self._header_prefix) + 13) + self._header_prefix
-        # The body's length but for its method element and parameters, when
-        # its request info has L{encode_request_info}'s usual shape.
-        self._body_fixed = (4 + len(self.clientid_element) + len(_REQUESTINFO_EMPTY_ADDRESSES)
-                            + 36 + len(_END_ID) + 5 + len(_IN) + 6)  # fmt: skip
+        # A body's length but for its method, request info and parameters.
+        self._body_fixed = 4 + len(self.clientid_element) + len(_IN) + 6
 
     def request(self, seq: int, method_element: bytes, info: Any, params: bytes) -> bytes:
         """
-        A whole request in one piece: L{request_header} for C{seq} and the
-        body of L{request_body_parts}, joined once (the usual request info,
-        a 36-character id and no addresses, written in place).
+        A whole request in one piece, joined once: L{request_header} for
+        C{seq} and the body of L{request_body_parts}.
         """
-        request_id = info.request_id
-        retry = info.retry_count
-        if (
-            self.fast
-            and not info.origin_address
-            and not info.connection_address
-            and len(request_id) == 36
-            and request_id.isascii()
-            and 0 <= retry <= _INT32_MAX
-        ):
-            n = len(params)
+        if not self.fast:
             return b"".join((
-                self._header_start, _pack_i64(seq), b"\x00",
-                _pack_i32(self._body_fixed + len(method_element) + n),
-                self.clientid_element, method_element, _REQUESTINFO_EMPTY_ADDRESSES,
-                request_id.encode(), _END_ID, _pack_i32(retry), b"\x00",
-                _IN, _pack_i32(n), b"\x00", params, b"\x00",
+                self.request_header(seq),
+                *request_body_parts(self.clientid_element, method_element, info, params),
             ))  # fmt: skip
+        requestinfo = encode_request_info(info)
+        n = len(params)
         return b"".join((
-            self.request_header(seq),
-            *request_body_parts(self.clientid_element, method_element, info, params),
+            self._header_start, _pack_i64(seq), b"\x00",
+            _pack_i32(self._body_fixed + len(method_element) + len(requestinfo) + n),
+            self.clientid_element, method_element, requestinfo,
+            _IN, _pack_i32(n), b"\x00", params, b"\x00",
         ))  # fmt: skip
 
     def request_header(self, seq: int) -> bytes:
