@@ -341,14 +341,12 @@ class FrameProtocol(Protocol):
             if remaining < length:
                 needed = length
                 break
-            if offset == 0 and length == end and type(data) is bytes:
-                frame = data
+            if type(data) is bytes:
+                frame = data[offset : offset + length]  # a read that is one frame: itself
             elif offset == 0 and length == end and data is buf and length >= 65536:
                 # A large frame that fills the buffer: handed over, not copied.
                 frame = buf
                 self._buffer = buf = b""
-            elif type(data) is bytes:
-                frame = data[offset : offset + length]
             else:
                 frame = bytes(memoryview(data)[offset : offset + length])
             offset += length
