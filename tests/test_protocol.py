@@ -1174,11 +1174,11 @@ class FastCodecTests(SynchronousTestCase):
     def test_a_whole_request_in_one_piece(self, servicemethod, clientid, method, rid, origin,
                                           retry, seq, params) -> None:  # fmt: skip
         """
-        L{_wire.ClientLayout.request}, with the usual request info written in
-        place, is byte for byte the header and body pymongo makes (through
-        L{encode_header} and L{encode_request_body}, themselves checked
-        against pymongo above), for ids of any length and retry counts out
-        of range too.
+        L{_wire.ClientLayout.request}, in one join, is byte for byte the
+        header and body pymongo makes (through L{encode_header} and
+        L{encode_request_body}, themselves checked against pymongo above),
+        for UUID ids and ids of any length, addresses or none, and retry
+        counts out of range too.
         """
         info = RequestInfo(rid, retry, origin, "")
         encoded = bson.encode(params)
