@@ -730,8 +730,10 @@ def plain_tcp() -> tuple[type, ...]:
 def _probe_plain_tcp() -> tuple[type, ...]:
     from twisted.internet import abstract, tcp
 
+    # What write_now and _Queue read, set and replace on the transport.
     needed = ("connected", "disconnecting", "offset", "dataBuffer", "_writeDisconnected",
-              "_maybePauseProducer", "startWriting")  # fmt: skip
+              "startWriting", "doWrite", "bufferSize", "producer", "streamingProducer",
+              "producerPaused")  # fmt: skip
     if not all(hasattr(abstract.FileDescriptor, name) for name in needed):
         return ()
     probe = abstract.FileDescriptor.__new__(abstract.FileDescriptor)
