@@ -108,6 +108,27 @@ class CompareRun(TestCase):
         self.assertEqual(report["results"]["fake"]["sequential"]["100"]["style"], "blocking")
         self.assertIn("/fake", result.stdout)
 
+    def test_raw_limit_and_every_ratio_to_it(self) -> None:
+        """
+        The raw system (a length and the bytes each way, blocking sockets,
+        no codec) is measured in every mode, for a small and a 1 MB payload,
+        and a table gives every system's calls/s over raw's in the same row:
+        raw's own 1.00, skynet's its figure over raw's.
+        """
+        result, report = self.run_compare("--systems", "skynet,raw", "--payloads", "100,1000000")
+        self.check_figures(report, ["skynet", "raw"], [100, 1000000])
+        lines = result.stdout.splitlines()
+        start = next(i for i, ln in enumerate(lines) if ln.startswith("calls/s / raw"))
+        self.assertEqual(lines[start + 1].split(), ["mode", "payload", "skynet", "raw"])
+        rows = lines[start + 2 : start + 2 + 2 * len(MODES)]
+        results = report["results"]
+        for row in rows:
+            mode, size, unit, skynet, raw = row.split()
+            payload = "100" if unit == "B" else "1000000"
+            self.assertEqual(raw, "1.00", row)
+            figures = {s: results[s][mode][payload]["calls_per_s"] for s in ("skynet", "raw")}
+            self.assertEqual(skynet, f"{figures['skynet'] / figures['raw']:.2f}", row)
+
     def test_tracing_cost(self) -> None:
         """
         The notrace system (skynet with span recording off) has its column,
