@@ -15,6 +15,7 @@ fails with L{RequestTimeout}.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -185,6 +186,12 @@ def tcp_connector(reactor: Any, connect_timeout: float, max_frame: int) -> Calla
     return connect
 
 
+#: The order of a call among all of this process's calls (L{InstanceHandle.last_used}).
+#: A counter, not a class attribute: writing to a class on every call would
+#: invalidate the interpreter's attribute caches for all its instances.
+_next_use = itertools.count(1).__next__
+
+
 class InstanceHandle:
     """
     A client's view of one instance: its pool of connections and what this
@@ -197,8 +204,6 @@ class InstanceHandle:
     @ivar last_used: the order of that call among all of this process's
         calls (a tie-breaker finer than the clock).
     """
-
-    _uses = 0
 
     log = Logger()
 
@@ -245,8 +250,7 @@ class InstanceHandle:
         self.last_request = attempt.started
         if self.probing and self.probe is None:
             self.probe = attempt
-        InstanceHandle._uses += 1
-        self.last_used = InstanceHandle._uses
+        self.last_used = _next_use()
         connection = self._pick_connection()
         if connection is not None:
             attempt.connection = connection

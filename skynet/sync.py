@@ -51,6 +51,7 @@ from skynet.client import (
     DEFAULT_GIVEUP_TIMEOUT,
     DEFAULT_RETRY_INTERVAL,
     GoScoreBalancer,
+    _next_use,
     pick_handle,
 )
 from skynet.config import environment_defaults
@@ -211,8 +212,6 @@ class _Handle:
     C{last_used}) and the eviction state, as in L{skynet.client}.
     """
 
-    _uses = 0
-
     def __init__(self, instance: Instance) -> None:
         self.instance = instance
         self.in_flight = 0
@@ -242,8 +241,7 @@ class _Handle:
             self.in_flight -= 1
 
     def used(self) -> None:
-        _Handle._uses += 1
-        self.last_used = _Handle._uses
+        self.last_used = _next_use()
 
     def evict(self, now: float) -> None:
         """
