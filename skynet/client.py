@@ -266,12 +266,14 @@ class InstanceHandle:
             return None
         limit = self.owner.client.max_in_flight_per_connection
         best = connections[0]
-        if best.in_flight < limit:
+        least = len(best.pending)  # (in_flight, without the property's call)
+        if least < limit:
             return best
         for c in connections[1:]:
-            if c.in_flight < best.in_flight:
-                best = c
-                if c.in_flight < limit:
+            n = len(c.pending)
+            if n < least:
+                best, least = c, n
+                if n < limit:
                     return c
         if len(connections) < self.owner.client.max_connections and self._connecting is None:
             self._connect()
@@ -564,10 +566,10 @@ class _Call:
     def _attempt(self) -> None:
         service = self.service
         now = service.client.reactor.seconds()
-        handle = service.pick(self.tried, now)
+        handle = pick_handle(service.handles, service.balancer, self.tried, now)
         if handle is None and self.tried:
-            busy = {a.handle.uuid for a in self.outstanding}
-            handle = service.pick(busy, now, fresh_only=True)
+            busy = {a.handle.instance.uuid for a in self.outstanding}
+            handle = pick_handle(service.handles, service.balancer, busy, now, fresh_only=True)
         if handle is None:
             if not self.outstanding and not self.waiting:
                 # Nothing to try now: look again soon, and at once on news.
@@ -579,7 +581,7 @@ class _Call:
                     self.timer = self.wheel.add(self, now + 0.1)
             return
         self.saw_instance = True
-        self.tried.add(handle.uuid)
+        self.tried.add(handle.instance.uuid)
         info = self.info
         if self.attempts:
             info = RequestInfo(

@@ -158,7 +158,7 @@ def new_request_id() -> str:
     if not _id_prefix:
         _draw_id_prefix()
     _id_count = (_id_count + 1) & 0xFFFFFFFFFFFF
-    return _id_prefix + format(_id_count, "012x")
+    return _id_prefix + _id_count.to_bytes(6, "big").hex()  # twice as fast as format
 
 
 def _draw_id_prefix() -> None:
