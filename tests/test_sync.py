@@ -455,6 +455,34 @@ def test_answers_to_older_requests_are_skipped(scripted: Any) -> None:
     assert [service.call("Echo", {"n": n}, timeout=5)["echo"] for n in range(5)] == list(range(5))
 
 
+def test_calls_write_no_class_state(scripted: Any) -> None:
+    """
+    As in the Twisted client: a call writes to its objects, never to
+    their classes (which would invalidate the interpreter's attribute
+    caches for every instance of them).
+    """
+    from skynet import sync
+
+    def script(connection: socket.socket, seq: int, method: str, params: Any) -> bool:
+        answer(connection, seq, {"echo": params["n"]})
+        return False
+
+    service = scripted(script)
+    service.call("Echo", {"n": 0}, timeout=5)
+    classes = {cls for name in dir(sync) for top in [getattr(sync, name)]
+               if isinstance(top, type) and top.__module__ == sync.__name__
+               for cls in top.__mro__ if cls is not object}  # fmt: skip
+    before = {cls: dict(vars(cls)) for cls in classes}
+    assert [service.call("Echo", {"n": n}, timeout=5)["echo"] for n in range(1, 6)] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+    ]
+    assert {cls: dict(vars(cls)) for cls in classes} == before
+
+
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "general"])
 def test_payloads_of_every_size_in_any_segmentation(
     scripted: Any, monkeypatch: pytest.MonkeyPatch, fast: bool
