@@ -85,7 +85,7 @@ from typing import Any
 import psutil
 
 from benchmarks.peers import gathered, percentile, size_label
-from skynet.service import Service
+from skynet.service import Service, binary_views
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PEERS_VENV = ROOT / "benchmarks" / ".venv"
@@ -104,6 +104,7 @@ LABELS = {
     "fake": "fake",
     "nopoll": "nopoll",
     "syncnopoll": "syncnopoll",
+    "views": "views",
 }
 MODES = ["sequential", "concurrent", "processes"]
 
@@ -125,7 +126,12 @@ SYNC_GOALS = {"sequential": 1.5}
 TRACE_GOALS = {"concurrent": 0.95}
 
 #: The systems served by C{twistd skynet-service}.
-SKYNET_SERVED = ("skynet", "notrace", "sync", "nopoll", "syncnopoll")
+SKYNET_SERVED = ("skynet", "notrace", "sync", "nopoll", "syncnopoll", "views")
+
+#: Systems measured only when named: skynet with large binaries as views
+#: (L{skynet.service.binary_views} in the service, C{binary_views=True} in
+#: the client), beside the systems of L{NO_POLL}.
+EXTRA = {"views"}
 
 #: The systems without busy polling, and the one each is the baseline of.
 NO_POLL = {"nopoll": "skynet", "syncnopoll": "sync"}
@@ -141,6 +147,16 @@ class Adder(Service):
 
     name = "Adder"
 
+    def Add(self, request_info: Any, params: dict[str, Any]) -> dict[str, Any]:
+        return {"sum": params["a"] + params["b"], "data": params.get("data", b"")}
+
+
+class ViewAdder(Adder):
+    """
+    L{Adder} taking its large C{data} as a view and answering with it.
+    """
+
+    @binary_views
     def Add(self, request_info: Any, params: dict[str, Any]) -> dict[str, Any]:
         return {"sum": params["a"] + params["b"], "data": params.get("data", b"")}
 
@@ -386,9 +402,10 @@ async def _twisted_client(reactor: Any, args: argparse.Namespace) -> None:
         from skynet.observe import tracing
 
         tracing.configure(0)
-    if args.kind in ("skynet", "notrace", "nopoll"):
+    if args.kind in ("skynet", "notrace", "nopoll", "views"):
         busy_poll = 0.0 if args.kind == "nopoll" else None
-        call, connect, close = await _skynet_setup(reactor, args.target, payload, busy_poll)
+        call, connect, close = await _skynet_setup(reactor, args.target, payload, busy_poll,
+                                                   views=args.kind == "views")  # fmt: skip
     else:
         call, connect, close = await _bare_setup(reactor, int(args.target), payload)
     if args.mode == "connections":
@@ -425,16 +442,18 @@ async def _loop(call: Any, seconds: float, width: int) -> dict[str, Any]:
     return await gathered(call, seconds, width, gather=on_reactor)
 
 
-async def _skynet_setup(reactor: Any, url: str, payload: bytes,
-                        busy_poll: float | None = None) -> tuple[Any, Any, Any]:  # fmt: skip
+async def _skynet_setup(reactor: Any, url: str, payload: bytes, busy_poll: float | None = None,
+                        views: bool = False) -> tuple[Any, Any, Any]:  # fmt: skip
     from skynet.client import Client, tcp_connector
     from skynet.protocol import DEFAULT_MAX_FRAME
 
     client = Client(registry=url, reactor=reactor, busy_poll=busy_poll)
-    adder = client.service("Adder")
+    adder = client.service("Adder", binary_views=views)
     params = {"a": 1, "b": 2, "data": payload}
     first = await adder.call("Add", params, timeout=60)
-    if first != {"sum": 3, "data": payload}:
+    if views and len(payload) >= 32768 and type(first.get("data")) is not memoryview:
+        raise AssertionError(f"views asked for, {type(first.get('data')).__name__} given")
+    if {**first, "data": bytes(first.get("data", b""))} != {"sum": 3, "data": payload}:
         raise AssertionError(f"wrong answer {first!r:.100}")
     instance = next(iter(adder.handles.values())).instance
     connector = tcp_connector(reactor, 30.0, DEFAULT_MAX_FRAME)
@@ -571,7 +590,8 @@ class Server:
             self.target = f"file://{workdir}/registry"
             twistd = str(Path(sys.executable).parent / "twistd")
             command = [twistd, "-n", "--pidfile=", "skynet-service",
-                       "--service", "benchmarks.compare:Adder", "--registry", self.target,
+                       "--service", f"benchmarks.compare:{'ViewAdder' if system == 'views' else 'Adder'}",
+                       "--registry", self.target,
                        "--listen", "tcp:0:interface=127.0.0.1",
                        # The memory figure opens --connections from one address.
                        "--max-connections-per-peer", str(connections + 100)]  # fmt: skip
@@ -945,8 +965,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     parse_lists(parser, args)
     args.systems = [s for s in args.systems.split(",") if s]
-    if bad := set(args.systems) - set(SYSTEMS) - set(NO_POLL) - PEERS:
-        parser.error(f"unknown systems {sorted(bad)}; choose from {SYSTEMS + list(NO_POLL)}")
+    if bad := set(args.systems) - set(SYSTEMS) - set(NO_POLL) - EXTRA - PEERS:
+        parser.error(f"unknown systems {sorted(bad)}; "
+                     f"choose from {SYSTEMS + list(NO_POLL) + sorted(EXTRA)}")  # fmt: skip
     if args.seconds <= 0 or args.concurrency < 1 or args.processes < 1 or args.connections < 1:
         parser.error("--seconds, --concurrency, --processes, --connections must be positive")
     return args

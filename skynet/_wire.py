@@ -292,14 +292,17 @@ def encode_parts(doc: Any) -> tuple[list[Any], int] | None:
     values as they are, uncopied) and their total length, byte for byte
     what C{bson.encode(doc)} makes; L{None} unless C{doc} is a plain dict
     with plain C{str} keys (no C{"_id"}, which pymongo moves first) whose
-    values are plain C{bytes}, C{int}, C{str}, C{float}, C{bool} or
-    L{None}, one of them a binary value of at least L{LARGE_BINARY} bytes:
-    anything else, and every small document, is pymongo's.
+    values are plain C{bytes}, C{int}, C{Int64}, C{str}, C{float}, C{bool}
+    or L{None}, one of them a binary value of at least L{LARGE_BINARY}
+    bytes: anything else, and every small document, is pymongo's.  A
+    C{memoryview} of bytes (one dimension, contiguous; L{decode_views} makes
+    them) is a binary value too, sent as it is, which pymongo cannot encode.
     """
     if not FAST or type(doc) is not dict:
         return None
     for value in doc.values():  # the usual small document: declined at once
-        if type(value) is bytes and len(value) >= LARGE_BINARY:
+        kind = type(value)
+        if (kind is bytes and len(value) >= LARGE_BINARY) or kind is memoryview:
             break
     else:
         return None
@@ -321,6 +324,10 @@ def _encode_parts(doc: dict[Any, Any]) -> tuple[list[Any], int] | None:
         if b"\x00" in name:
             return None
         kind = type(value)
+        if kind is memoryview:
+            if value.ndim != 1 or value.itemsize != 1 or not value.c_contiguous:
+                return None
+            kind = bytes
         if kind is bytes:
             head.append(b"\x05" + name + b"\x00" + _pack_i32(len(value)) + b"\x00")
             if len(value) >= 1024:
@@ -336,6 +343,10 @@ def _encode_parts(doc: dict[Any, Any]) -> tuple[list[Any], int] | None:
                 head.append(b"\x12" + name + b"\x00" + _pack_i64(value))
             else:
                 return None
+        elif kind is Int64:  # always 64 bits, as pymongo writes it
+            if not INT64_MIN <= value <= INT64_MAX:
+                return None
+            head.append(b"\x12" + name + b"\x00" + _pack_i64(value))
         elif kind is str:
             head.append(string_element(b"\x02" + name + b"\x00", value))
         elif kind is float:
@@ -353,6 +364,80 @@ def _encode_parts(doc: dict[Any, Any]) -> tuple[list[Any], int] | None:
     return parts, total
 
 
+_unpack_i32: Final = struct.Struct("<i").unpack_from
+_unpack_double: Final = struct.Struct("<d").unpack_from
+
+
+def decode_views(frame: Frame, start: int, stop: int) -> dict[str, Any] | None:
+    """
+    C{bson.decode(frame[start:stop])} for a flat document of binary
+    (subtype 0), string, int32, int64, double, boolean and null values,
+    with each binary value of at least L{LARGE_BINARY} bytes as a read-only
+    C{memoryview} of C{frame} instead of a copy; L{None} for anything else
+    (nested documents, other types, a damaged document), which is
+    pymongo's to decode or reject.  The views keep C{frame} alive.
+    """
+    if not FAST:
+        return None
+    try:
+        if stop - start < 5 or unpack_length(frame, start)[0] != stop - start:
+            return None
+        end = stop - 1
+        if frame[end] != 0:
+            return None
+        doc: dict[str, Any] = {}
+        view: memoryview | None = None
+        pos = start + 4
+        while pos < end:
+            kind = frame[pos]
+            nul = frame.index(0, pos + 1, end)
+            key = frame[pos + 1 : nul].decode("utf-8")
+            pos = nul + 1
+            value: Any
+            if kind == 0x05:
+                n = unpack_length(frame, pos)[0]
+                data = pos + 5
+                if n < 0 or data + n > end or frame[pos + 4] != 0:
+                    return None
+                if n >= LARGE_BINARY:
+                    if view is None:
+                        view = memoryview(frame).toreadonly()
+                    value = view[data : data + n]
+                else:
+                    value = bytes(frame[data : data + n])
+                pos = data + n
+            elif kind == 0x10:
+                value = _unpack_i32(frame, pos)[0]
+                pos += 4
+            elif kind == 0x02:
+                n = unpack_length(frame, pos)[0]
+                if n < 1 or pos + 4 + n > end or frame[pos + 3 + n] != 0:
+                    return None
+                value = frame[pos + 4 : pos + 3 + n].decode("utf-8")
+                pos += 4 + n
+            elif kind == 0x12:
+                value = Int64(_unpack_i64(frame, pos)[0])
+                pos += 8
+            elif kind == 0x01:
+                value = _unpack_double(frame, pos)[0]
+                pos += 8
+            elif kind == 0x08:
+                if frame[pos] > 1:
+                    return None
+                value = frame[pos] == 1
+                pos += 1
+            elif kind == 0x0A:
+                value = None
+            else:
+                return None
+            if pos > end:
+                return None
+            doc[key] = value
+        return doc if pos == end else None
+    except (*_DECLINE, ValueError):  # ValueError: a name without its NUL
+        return None
+
+
 def encode_for_send(doc: Any) -> bytes | tuple[list[Any], int]:
     """
     C{bson.encode(doc)}, or for a document with a large binary value the
@@ -360,7 +445,41 @@ def encode_for_send(doc: Any) -> bytes | tuple[list[Any], int]:
     rest of its message (L{request_body_parts_of}).
     """
     encoded = encode_parts(doc)
-    return _encode(doc) if encoded is None else encoded
+    return encode_document(doc) if encoded is None else encoded
+
+
+def encode_document(doc: Any) -> bytes:
+    """
+    C{bson.encode(doc)}, with the C{memoryview}s anywhere in it (as
+    L{decode_views} makes them) encoded as the binary values they show:
+    pymongo refuses them, so they are copied, only once it has.
+    """
+    try:
+        return _encode(doc)
+    except bson.errors.InvalidDocument:
+        plain = _views_as_bytes(doc)
+        if plain is doc:
+            raise
+        return _encode(plain)
+
+
+def _views_as_bytes(value: Any) -> Any:
+    """
+    C{value} with each C{memoryview} in its dicts, lists and tuples made
+    C{bytes}; C{value} itself if it holds none.
+    """
+    kind = type(value)
+    if kind is memoryview:
+        return value.tobytes()
+    if kind is dict:
+        items = {k: _views_as_bytes(v) for k, v in value.items()}
+        return value if all(items[k] is v for k, v in value.items()) else items
+    if kind is list or kind is tuple:
+        converted = [_views_as_bytes(v) for v in value]
+        if all(c is v for c, v in zip(converted, value, strict=True)):
+            return value
+        return converted if kind is list else tuple(converted)
+    return value
 
 
 def request_body_parts_of(

@@ -291,6 +291,7 @@ class InstanceHandle:
             self._fail_waiting(ConnectionFailed(f"{self.instance.address} left rotation"))
             return
         protocol.on_lost = self._lost
+        protocol.binary_views = self.owner.binary_views
         self.connections.append(protocol)
         self.backoff = 0.0
         waiting, self._waiting = self._waiting, []
@@ -739,6 +740,8 @@ class ServiceClient:
         self.waiters: list[Callable[[], None]] = []
         self.stopped = False
         self.has_snapshot = False
+        #: Set by L{Client.service}: see its C{binary_views}.
+        self.binary_views = False
         self._watch: Any = None
 
     def describe(self) -> str:
@@ -1005,7 +1008,7 @@ class Client:
         self.max_in_flight_per_connection = max_in_flight_per_connection
         self.connector = connector or tcp_connector(reactor, connect_timeout, max_frame)
         #: One service client (and registry watch) per query and intervals.
-        self.services: dict[tuple[Query, float, float], ServiceClient] = {}
+        self.services: dict[tuple[Query, float, float, bool], ServiceClient] = {}
         self.wheel = _Wheel(reactor)
         self._sweeper = LoopingCall(self._sweep)
         self._sweeper.clock = reactor
@@ -1040,30 +1043,36 @@ class Client:
         *,
         retry_interval: float | None = None,
         giveup_timeout: float | None = None,
+        binary_views: bool = False,
     ) -> ServiceClient:
         """
         A client for the registered instances of C{name} matching the other
         arguments (L{None}: any).  It does not fail when none exist yet:
         calls wait for one until they give up.
 
-        The same query with the same intervals gives the same service
-        client (one registry watch), however often it is asked for.
+        The same query with the same intervals and views gives the same
+        service client (one registry watch), however often it is asked for.
 
         @param retry_interval: seconds before a call is also sent to another
             instance (L{None}: the client's; C{0}: never on time, only
             after a failure).
         @param giveup_timeout: seconds before a call fails (L{None}: the
             client's).
+        @param binary_views: hand over each binary value of at least 32 KiB
+            in a result that is a flat document as a read-only
+            C{memoryview} of the answer as received, not a copy (as
+            L{skynet.service.binary_views} does for a service's parameters).
         """
         query = Query(service=name, version=version, region=region, host=host, registered=True)
         retry = self.retry_interval if retry_interval is None else retry_interval
         giveup = self.giveup_timeout if giveup_timeout is None else giveup_timeout
-        key = (query, retry, giveup)
+        key = (query, retry, giveup, binary_views)
         existing = self.services.get(key)
         if existing is not None:
             return existing
         self._start()
         sc = ServiceClient(self, query, retry, giveup, self.balancer_factory())
+        sc.binary_views = binary_views
         self.services[key] = sc
         self._ready.addCallback(lambda _: sc.start_watch())  # type: ignore[union-attr]
         return sc

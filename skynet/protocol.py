@@ -32,16 +32,17 @@ from skynet._wire import (
     EMPTY_DOCUMENT,
     INT64_MAX,
     INT64_MIN,
+    LARGE_BINARY,
     ClientLayout,
     ServerLayout,
     decode_header,
     decode_response_body,
     decode_response_header,
+    decode_views,
     document,
     element_bound,
     encode_for_send,
     encode_header,
-    encode_parts,
     encode_request_body,
     encode_request_info,
     encode_response_body,
@@ -548,6 +549,8 @@ class IDispatcher(TypingProtocol):
         may hold together, or L{None}.
     @ivar max_request_elements: the most BSON elements a request may hold,
         or L{None}.
+    @ivar view_methods: the names of the methods that take large binary
+        parameters as views (L{skynet.service.binary_views}).
     """
 
     service_name: str
@@ -558,6 +561,7 @@ class IDispatcher(TypingProtocol):
     frame_timeout: float | None
     buffer_budget: BufferBudget | None
     max_request_elements: int | None
+    view_methods: frozenset[str]
 
     def client_connected(self, protocol: "ServerProtocol") -> None: ...
 
@@ -867,10 +871,16 @@ class ServerProtocol(FrameProtocol):
             if fast_method is not None:
                 start, stop = fast[3], fast[4]  # type: ignore[misc]
                 try:
-                    # The parameters where they lie (a large slice is a copy).
-                    fast_params = _decode(
-                        frame[start:stop] if stop - start < 4096 else memoryview(frame)[start:stop]
-                    )
+                    fast_params = None
+                    if stop - start >= LARGE_BINARY and fast[0] in dispatcher.view_methods:
+                        fast_params = decode_views(frame, start, stop)
+                    if fast_params is None:
+                        # The parameters where they lie (a large slice is a copy).
+                        fast_params = _decode(
+                            frame[start:stop]
+                            if stop - start < 4096
+                            else memoryview(frame)[start:stop]
+                        )
                 except Exception as e:
                     self._send_error(servicemethod, seq, f"in: {e}")
                     return
@@ -900,7 +910,10 @@ class ServerProtocol(FrameProtocol):
             params: dict[str, Any] = {}
         elif isinstance(raw_in, bytes):
             try:
-                params = _decode(raw_in)
+                views = None
+                if len(raw_in) >= LARGE_BINARY and method_name in dispatcher.view_methods:
+                    views = decode_views(raw_in, 0, len(raw_in))
+                params = _decode(raw_in) if views is None else views
             except Exception as e:
                 self._send_error(servicemethod, seq, f"in: {e}")
                 return
@@ -1026,8 +1039,7 @@ class ServerProtocol(FrameProtocol):
         else:
             try:
                 # A large result in pieces: joined once, with the rest.
-                parts = encode_parts(result)
-                out = _encode(result) if parts is None else parts
+                out = encode_for_send(result)  # views in it taken as bytes
             except Exception as e:
                 self._respond(
                     servicemethod,
@@ -1189,7 +1201,12 @@ class ClientProtocol(FrameProtocol):
 
     @ivar lost_with_calls: whether calls were waiting when the connection
         was lost (a service closing an idle connection is no failure).
+    @ivar binary_views: whether the large binary values of answers that
+        are flat documents are handed over as read-only views of the
+        received frame (L{skynet._wire.decode_views}) rather than copies.
     """
+
+    binary_views = False
 
     # A service's answers are read into a buffer of their size as soon as
     # their length has come (an instance the registry named may so make this
@@ -1247,6 +1264,11 @@ class ClientProtocol(FrameProtocol):
             out: Any = None
             if span is not None:
                 start, stop = span
+                if self.binary_views and stop - start >= LARGE_BINARY:
+                    views = decode_views(frame, start, stop)
+                    if views is not None:
+                        d.callback(views)
+                        return
                 # The result where it lies (a large slice is a copy).
                 out = frame[start:stop] if stop - start < 4096 else memoryview(frame)[start:stop]
             try:

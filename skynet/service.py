@@ -126,6 +126,21 @@ def remote(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def binary_views(f: Callable[..., Any]) -> Callable[..., Any]:
+    """
+    Mark a remote method as taking large binary parameters uncopied: where
+    its parameters are a flat document (binary, string, number, boolean
+    and null values), each binary value of at least 32 KiB arrives as a
+    read-only C{memoryview} of the request as it was received, instead of
+    C{bytes} copied out of it.  Treat them as bytes-like (C{bytes(view)}
+    copies); they keep the request's buffer alive while held.  A view may be
+    returned in a flat result as it is: it is sent without a copy.  Smaller
+    binaries, and those of nested documents, are C{bytes} as usual.
+    """
+    f.__skynet_binary_views__ = True  # type: ignore[attr-defined]
+    return f
+
+
 def remote_method_names(cls: type) -> list[str]:
     """
     The names of the remote methods of a service class, as Go's net/rpc
@@ -525,6 +540,10 @@ class ServiceHost(MultiService):
         self.connections: dict[str, ServerProtocol] = {}
         self.stats = ServiceStats(reactor.seconds)
         self.methods = {n: getattr(service, n) for n in remote_method_names(cls)}
+        #: The names of the methods marked L{binary_views}.
+        self.view_methods = frozenset(
+            n for n, f in self.methods.items() if getattr(f, "__skynet_binary_views__", False)
+        )
         # (observe hook) per-method counts and latency histograms, and the
         # request's context for log events: see skynet.observe.histogram.
         self.method_stats = MethodStats(reactor.seconds)
