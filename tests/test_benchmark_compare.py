@@ -129,6 +129,18 @@ class CompareRun(TestCase):
             figures = {s: results[s][mode][payload]["calls_per_s"] for s in ("skynet", "raw")}
             self.assertEqual(skynet, f"{figures['skynet'] / figures['raw']:.2f}", row)
 
+    def test_the_views_system(self) -> None:
+        """
+        The views system (a service method marked binary_views, a client
+        asking for views) runs in every mode at 1 MB beside raw; its client
+        checks that the answer's data came as a view and whole, and fails
+        the run if not.
+        """
+        result, report = self.run_compare("--systems", "views,raw", "--payloads", "1000000")
+        self.check_figures(report, ["views", "raw"], [1000000])
+        row = self.table_row(result.stdout.split("calls/s / raw")[1], "sequential", "MB")
+        self.assertEqual(row[-1], "1.00", row)
+
     def test_tracing_cost(self) -> None:
         """
         The notrace system (skynet with span recording off) has its column,
