@@ -501,7 +501,7 @@ def encode_large(doc: Any) -> bytes:
     """
     encoded = encode_parts(doc)
     if encoded is None:
-        return _encode(doc)
+        return encode_document(doc)
     return b"".join(encoded[0])
 
 

@@ -194,3 +194,19 @@ class ServedViewsTests(TestCase):
             self.assertEqual(got["inner"], {"blob": blob})
 
         return ensureDeferred(check())
+
+
+def test_every_client_sends_views_as_parameters() -> None:
+    """
+    The encoders of both clients take views anywhere in the parameters: a
+    flat document's as they are, a nested one's as the bytes they show.
+    """
+    blob = os.urandom(LARGE + 1)
+    view = memoryview(bytearray(blob)).toreadonly()
+    for doc in ({"blob": view, "n": 1}, {"inner": {"blob": view}, "list": [view[:3]]}):
+        expected = bson.encode({"blob": blob, "n": 1} if "n" in doc
+                               else {"inner": {"blob": blob}, "list": [blob[:3]]})  # fmt: skip
+        sent = _wire.encode_for_send(doc)  # the Twisted client's
+        joined = sent if type(sent) is bytes else b"".join(bytes(p) for p in sent[0])
+        assert joined == expected
+        assert _wire.encode_large(doc) == expected  # skynet.sync's
