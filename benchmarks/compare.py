@@ -158,7 +158,7 @@ class ViewAdder(Adder):
 
     @binary_views
     def Add(self, request_info: Any, params: dict[str, Any]) -> dict[str, Any]:
-        return {"sum": params["a"] + params["b"], "data": params.get("data", b"")}
+        return super().Add(request_info, params)
 
 
 def _bare_protocols() -> tuple[type, type]:
