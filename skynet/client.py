@@ -729,6 +729,7 @@ class ServiceClient:
         retry_interval: float,
         giveup_timeout: float,
         balancer: ILoadBalancer,
+        binary_views: bool = False,
     ) -> None:
         self.client = client
         self.query = query
@@ -740,8 +741,8 @@ class ServiceClient:
         self.waiters: list[Callable[[], None]] = []
         self.stopped = False
         self.has_snapshot = False
-        #: Set by L{Client.service}: see its C{binary_views}.
-        self.binary_views = False
+        #: See L{Client.service}.
+        self.binary_views = binary_views
         self._watch: Any = None
 
     def describe(self) -> str:
@@ -1071,8 +1072,7 @@ class Client:
         if existing is not None:
             return existing
         self._start()
-        sc = ServiceClient(self, query, retry, giveup, self.balancer_factory())
-        sc.binary_views = binary_views
+        sc = ServiceClient(self, query, retry, giveup, self.balancer_factory(), binary_views)
         self.services[key] = sc
         self._ready.addCallback(lambda _: sc.start_watch())  # type: ignore[union-attr]
         return sc
