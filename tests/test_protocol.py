@@ -416,6 +416,11 @@ class FramingTests(SynchronousTestCase):
         self.assertEqual([bson.decode(f) for f in protocol.frames], docs)
 
     def test_large_frame_in_small_chunks(self) -> None:
+        """
+        A large frame's pieces are kept as they come and joined once, into
+        bytes (appended to a bytearray, they would be copied again each time
+        the allocator moved it).
+        """
         doc = {"blob": b"x" * (3 * 1024 * 1024)}
         data = bson.encode(doc)
         protocol = Collector()
@@ -423,6 +428,28 @@ class FramingTests(SynchronousTestCase):
         for i in range(0, len(data), 65536):
             protocol.dataReceived(data[i : i + 65536])
         self.assertEqual(protocol.frames, [data])
+        self.assertIs(type(protocol.frames[0]), bytes)
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.lists(st.integers(0, 400_000), min_size=1, max_size=5),
+           st.lists(st.integers(1, 300_000), max_size=12))  # fmt: skip
+    def test_large_frames_any_segmentation(self, sizes, cuts) -> None:
+        """
+        Large frames and small ones back to back come out whole and in
+        order however the stream is cut, a cut inside the last piece of a
+        large frame included (what follows it starts the next frame).
+        """
+        frames = [bson.encode({"n": i, "blob": bytes([i % 251]) * size})
+                  for i, size in enumerate(sizes)]  # fmt: skip
+        stream = b"".join(frames)
+        protocol = Collector()
+        protocol.makeConnection(StringTransport())
+        offset = 0
+        for cut in cuts:
+            protocol.dataReceived(stream[offset : offset + cut])
+            offset += cut
+        protocol.dataReceived(stream[offset:])
+        self.assertEqual(protocol.frames, frames)
 
     def test_bad_lengths_close_the_connection(self) -> None:
         for length in (-1, 0, 4, 2**31 - 1, (1 << 24) + 1):
