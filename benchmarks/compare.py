@@ -780,8 +780,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             memory[system] = measure_memory(servers[system], args)
         for payload in args.payloads:
             for mode in args.modes:
+                # On a machine whose speed drifts, systems measured in turn,
+                # several times, compare better than one after the other.
+                rounds: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
+                for n in range(args.rounds):
+                    for system in systems if n % 2 == 0 else systems[::-1]:
+                        rounds[system].append(measure(servers[system], mode, args, payload))
                 for system in systems:
-                    figures = measure(servers[system], mode, args, payload)
+                    runs = sorted(rounds[system], key=lambda f: f["calls_per_s"])
+                    figures = dict(runs[len(runs) // 2],
+                                   rounds=[f["calls_per_s"] for f in rounds[system]])  # fmt: skip
                     results[system].setdefault(mode, {})[str(payload)] = figures
                     print(f"  {mode:10} {size_label(payload):>6} {LABELS[system]:7} "
                           f"{figures['calls_per_s']:9.0f} calls/s  p50 {figures['p50_ms']:.3f} ms"
@@ -834,6 +842,11 @@ def tables(report: dict[str, Any]) -> str:
         f"{os.getloadavg()[0]:.2f}, {config['seconds']:g} s per figure, "
         f"concurrent = {config['concurrency']} in flight, processes = "
         f"{config['processes']} sequential clients"
+        + (
+            f", the median of {config['rounds']} rounds, systems in turn"
+            if config.get("rounds", 1) > 1
+            else ""
+        )  # fmt: skip
     )
     lines.append("every process (clients and peers too) with skynet's malloc settings "
                  "(skynet.config.tune_malloc)" if config.get("malloc_tuned")
@@ -938,6 +951,9 @@ def parse_lists(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="RPC comparison: skynet, bare, Pyro5, gRPC.")
     parser.add_argument("--seconds", type=float, default=3.0, help="per figure")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure each figure this many times, the systems in turn "
+                             "(forward, then backward), and keep the median")  # fmt: skip
     parser.add_argument("--payloads", default="100,10000,1000000",
                         help="bytes of data each way, comma-separated")  # fmt: skip
     parser.add_argument("--modes", default=",".join(MODES))
@@ -968,8 +984,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if bad := set(args.systems) - set(SYSTEMS) - set(NO_POLL) - EXTRA - PEERS:
         parser.error(f"unknown systems {sorted(bad)}; "
                      f"choose from {SYSTEMS + list(NO_POLL) + sorted(EXTRA)}")  # fmt: skip
-    if args.seconds <= 0 or args.concurrency < 1 or args.processes < 1 or args.connections < 1:
-        parser.error("--seconds, --concurrency, --processes, --connections must be positive")
+    if (args.seconds <= 0 or args.concurrency < 1 or args.processes < 1 or args.connections < 1
+            or args.rounds < 1):  # fmt: skip
+        parser.error("--seconds, --concurrency, --processes, --connections, --rounds "
+                     "must be positive")  # fmt: skip
     return args
 
 

@@ -141,6 +141,23 @@ class CompareRun(TestCase):
         row = self.table_row(result.stdout.split("calls/s / raw")[1], "sequential", "MB")
         self.assertEqual(row[-1], "1.00", row)
 
+    def test_rounds_in_turn_and_the_median_kept(self) -> None:
+        """
+        With --rounds, each figure is measured that many times, the systems
+        in turn, and the median round is the one reported (its calls/s
+        among the rounds', which the report keeps).
+        """
+        result, report = self.run_compare("--systems", "skynet,raw", "--payloads", "100",
+                                          "--modes", "sequential", "--rounds", "3")  # fmt: skip
+        self.assertIn("the median of 3 rounds, systems in turn", result.stdout)
+        for system in ("skynet", "raw"):
+            figures = report["results"][system]["sequential"]["100"]
+            rounds = figures["rounds"]
+            self.assertEqual(len(rounds), 3)
+            self.assertEqual(figures["calls_per_s"], sorted(rounds)[1])
+        progress = [ln.split()[:4] for ln in result.stdout.splitlines() if ln.startswith("  ")]
+        self.assertEqual(progress.count(["sequential", "100", "B", "skynet"]), 1)  # one figure
+
     def test_tracing_cost(self) -> None:
         """
         The notrace system (skynet with span recording off) has its column,
