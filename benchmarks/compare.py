@@ -587,7 +587,10 @@ class Server:
         self.log = open(workdir / f"{system}-server.log", "wb")
         port_file = workdir / f"{system}.port"
         if system in SKYNET_SERVED:
-            self.target = f"file://{workdir}/registry"
+            # A registry of its own: every skynet-served system registers an
+            # "Adder", and a shared registry would have each client balance
+            # over all their servers.
+            self.target = f"file://{workdir}/{system}-registry"
             twistd = str(Path(sys.executable).parent / "twistd")
             command = [twistd, "-n", "--pidfile=", "skynet-service",
                        "--service", f"benchmarks.compare:{'ViewAdder' if system == 'views' else 'Adder'}",

@@ -158,6 +158,33 @@ class CompareRun(TestCase):
         progress = [ln.split()[:4] for ln in result.stdout.splitlines() if ln.startswith("  ")]
         self.assertEqual(progress.count(["sequential", "100", "B", "skynet"]), 1)  # one figure
 
+    def test_each_skynet_system_is_reached_alone(self) -> None:
+        """
+        Every skynet-served system registers an Adder; each has a registry
+        of its own, so that its client calls its own server and no other.
+        """
+        from benchmarks.compare import Server
+        from skynet.sync import Client
+
+        directory = Path(tempfile.mkdtemp(prefix="skynet-compare-test-"))
+        self.addCleanup(shutil.rmtree, directory, True)
+        servers = [
+            Server(system, directory, None, connections=10) for system in ("skynet", "views")
+        ]
+        try:
+            ports = set()
+            for server in servers:
+                with Client(server.target) as client:
+                    adder = client.service("Adder")
+                    self.assertEqual(adder.call("Add", {"a": 1, "b": 2}, timeout=30)["sum"], 3)
+                    instances = [h.instance for h in adder.handles.values()]
+                    self.assertEqual(len(instances), 1, server.system)
+                    ports.add(instances[0].port)
+            self.assertEqual(len(ports), 2)
+        finally:
+            for server in servers:
+                server.stop()
+
     def test_tracing_cost(self) -> None:
         """
         The notrace system (skynet with span recording off) has its column,
