@@ -397,6 +397,21 @@ documents = st.dictionaries(
 )
 
 
+def cut_up(stream: bytes, cuts: list[int]) -> list[bytes]:
+    """
+    The frames a L{Collector} makes of C{stream} handed to it in pieces of
+    the lengths C{cuts}, then the rest.
+    """
+    protocol = Collector()
+    protocol.makeConnection(StringTransport())
+    offset = 0
+    for cut in cuts:
+        protocol.dataReceived(stream[offset : offset + cut])
+        offset += cut
+    protocol.dataReceived(stream[offset:])
+    return protocol.frames
+
+
 class FramingTests(SynchronousTestCase):
     @settings(max_examples=200, deadline=None)
     @given(st.lists(documents, max_size=8), st.lists(st.integers(1, 400), max_size=30))
@@ -405,15 +420,8 @@ class FramingTests(SynchronousTestCase):
         Documents written back to back come out whole and in order, however
         the stream is cut.
         """
-        stream = b"".join(bson.encode(d) for d in docs)
-        protocol = Collector()
-        protocol.makeConnection(StringTransport())
-        offset = 0
-        for cut in cuts:
-            protocol.dataReceived(stream[offset : offset + cut])
-            offset += cut
-        protocol.dataReceived(stream[offset:])
-        self.assertEqual([bson.decode(f) for f in protocol.frames], docs)
+        frames = cut_up(b"".join(bson.encode(d) for d in docs), cuts)
+        self.assertEqual([bson.decode(f) for f in frames], docs)
 
     def test_large_frame_in_small_chunks(self) -> None:
         """
@@ -441,15 +449,7 @@ class FramingTests(SynchronousTestCase):
         """
         frames = [bson.encode({"n": i, "blob": bytes([i % 251]) * size})
                   for i, size in enumerate(sizes)]  # fmt: skip
-        stream = b"".join(frames)
-        protocol = Collector()
-        protocol.makeConnection(StringTransport())
-        offset = 0
-        for cut in cuts:
-            protocol.dataReceived(stream[offset : offset + cut])
-            offset += cut
-        protocol.dataReceived(stream[offset:])
-        self.assertEqual(protocol.frames, frames)
+        self.assertEqual(cut_up(b"".join(frames), cuts), frames)
 
     def test_bad_lengths_close_the_connection(self) -> None:
         for length in (-1, 0, 4, 2**31 - 1, (1 << 24) + 1):
