@@ -499,9 +499,9 @@ def encode_large(doc: Any) -> bytes:
     C{bson.encode(doc)}, with one copy of its large binary values (see
     L{encode_parts}).
     """
-    encoded = encode_parts(doc)
-    if encoded is None:
-        return encode_document(doc)
+    encoded = encode_for_send(doc)
+    if isinstance(encoded, bytes):
+        return encoded
     return b"".join(encoded[0])
 
 
