@@ -444,6 +444,7 @@ async def _loop(call: Any, seconds: float, width: int) -> dict[str, Any]:
 
 async def _skynet_setup(reactor: Any, url: str, payload: bytes, busy_poll: float | None = None,
                         views: bool = False) -> tuple[Any, Any, Any]:  # fmt: skip
+    from skynet._wire import LARGE_BINARY
     from skynet.client import Client, tcp_connector
     from skynet.protocol import DEFAULT_MAX_FRAME
 
@@ -451,7 +452,7 @@ async def _skynet_setup(reactor: Any, url: str, payload: bytes, busy_poll: float
     adder = client.service("Adder", binary_views=views)
     params = {"a": 1, "b": 2, "data": payload}
     first = await adder.call("Add", params, timeout=60)
-    if views and len(payload) >= 32768 and type(first.get("data")) is not memoryview:
+    if views and len(payload) >= LARGE_BINARY and type(first.get("data")) is not memoryview:
         raise AssertionError(f"views asked for, {type(first.get('data')).__name__} given")
     if {**first, "data": bytes(first.get("data", b""))} != {"sum": 3, "data": payload}:
         raise AssertionError(f"wrong answer {first!r:.100}")
