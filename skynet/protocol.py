@@ -261,9 +261,10 @@ class _Pieces:
     def __len__(self) -> int:
         return self.size
 
-    def append(self, data: bytes) -> None:
+    def __iadd__(self, data: bytes) -> "_Pieces":
         self.pieces.append(data)
         self.size += len(data)
+        return self
 
     def take(self, n: int) -> tuple[bytes, Any]:
         """
@@ -356,10 +357,7 @@ class FrameProtocol(Protocol):
         buf = self._buffer
         completed = False
         if buf:
-            if type(buf) is _Pieces:
-                buf.append(data)
-            else:
-                buf += data
+            buf += data  # a bytearray grows; _Pieces keeps the piece
             # Still short of the frame being waited for: no re-scan, no copy.
             if len(buf) < self._needed:
                 self._buffer = buf
@@ -421,12 +419,13 @@ class FrameProtocol(Protocol):
         ):
             self._start_into(needed)
             return
-        if needed - len(self._buffer) > _READ_SIZE:
+        wanted = needed - len(self._buffer)
+        if wanted > _READ_SIZE:
             self._buffer = _Pieces(self._buffer)  # the rest of a large frame
         if self._buffer or self._frame_timer is not None:
             self._unfinished(offset > 0 or completed)
-        if needed - len(self._buffer) > _READ_SIZE or self._large_reads:
-            self._read_size(needed - len(self._buffer))
+        if wanted > _READ_SIZE or self._large_reads:
+            self._read_size(wanted)
 
     def _start_into(self, length: int) -> None:
         """
