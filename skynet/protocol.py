@@ -922,16 +922,7 @@ class ServerProtocol(FrameProtocol):
             if fast_method is not None:
                 start, stop = fast[3], fast[4]  # type: ignore[misc]
                 try:
-                    fast_params = None
-                    if stop - start >= LARGE_BINARY and fast[0] in dispatcher.view_methods:
-                        fast_params = decode_views(frame, start, stop)
-                    if fast_params is None:
-                        # The parameters where they lie (a large slice is a copy).
-                        fast_params = _decode(
-                            frame[start:stop]
-                            if stop - start < 4096
-                            else memoryview(frame)[start:stop]
-                        )
+                    fast_params = self._decode_params(fast[0], frame, start, stop)
                 except Exception as e:
                     self._send_error(servicemethod, seq, f"in: {e}")
                     return
@@ -961,10 +952,7 @@ class ServerProtocol(FrameProtocol):
             params: dict[str, Any] = {}
         elif isinstance(raw_in, bytes):
             try:
-                views = None
-                if len(raw_in) >= LARGE_BINARY and method_name in dispatcher.view_methods:
-                    views = decode_views(raw_in, 0, len(raw_in))
-                params = _decode(raw_in) if views is None else views
+                params = self._decode_params(method_name, raw_in, 0, len(raw_in))
             except Exception as e:
                 self._send_error(servicemethod, seq, f"in: {e}")
                 return
@@ -986,6 +974,20 @@ class ServerProtocol(FrameProtocol):
         else:
             info = RequestInfo("", 0, self._peer, self._peer)
         self._invoke(method, info, params, servicemethod, seq)
+
+    def _decode_params(self, method: str, data: bytes, start: int, stop: int) -> dict[str, Any]:
+        """
+        The parameters document at C{data[start:stop]}, decoded where it
+        lies (a large slice is a copy); a large one of a method marked
+        L{skynet.service.binary_views} with its large binaries as views.
+
+        @raise Exception: whatever C{bson.decode} raises for it.
+        """
+        if stop - start >= LARGE_BINARY and method in self.dispatcher.view_methods:
+            views = decode_views(data, start, stop)
+            if views is not None:
+                return views
+        return _decode(data[start:stop] if stop - start < 4096 else memoryview(data)[start:stop])
 
     def _check_elements(
         self, servicemethod: str, seq: int, frame: bytes, data: bytes, limit: int
